@@ -1,0 +1,488 @@
+//! The payment indexer: follows USDC `Transfer` logs to payTo into the store, reorg-aware.
+//!
+//! Each step reads the head, checks that the checkpoint is still canonical (else walks back to the fork point and
+//! orphans everything above it), then fetches the next range with `eth_getLogs` in an adaptive size. Headers of
+//! the recent window are fetched and linked by parent hash, every log's block hash is checked against the header
+//! of its block, and the range is written with its checkpoint in one transaction.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256, U256, b256};
+use backon::{BackoffBuilder, ExponentialBuilder};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::rpc::{RawLog, Rpc, RpcError, suggested_range};
+use super::status::StatusHandle;
+use crate::config::ChainSettings;
+use crate::store::transfers::{Checkpoint, NewTransfer, RangeUpdate, Transfer};
+use crate::store::{Store, StoreError};
+use crate::usdc::Usdc;
+
+/// `keccak256("Transfer(address,address,uint256)")`.
+pub const TRANSFER_TOPIC: B256 = b256!("ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef");
+
+/// How often a progress line is printed while backfilling.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+/// Why the indexer stopped or a step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexerError {
+    #[error("RPC: {0}")]
+    Rpc(#[from] RpcError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error(
+        "deep reorg: block {number} changed and no common ancestor was found within the {window}-block window; \
+         indexing stopped. Check the RPC endpoints, then restart (a larger chain.reorg_window, or re-indexing into a new database, may be needed)"
+    )]
+    DeepReorg { number: u64, window: u64 },
+    #[error("the RPC endpoint serves chain id {found}, but the config says {expected}")]
+    WrongChain { found: u64, expected: u64 },
+    #[error("the chain moved while a range was fetched ({0}); retrying")]
+    Inconsistent(String),
+}
+
+impl IndexerError {
+    /// Errors that stop indexing for good (until an operator acts).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, IndexerError::DeepReorg { .. } | IndexerError::WrongChain { .. } | IndexerError::Store(_))
+    }
+}
+
+/// What a step achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Indexed up to the head.
+    CaughtUp,
+    /// More blocks are waiting: step again at once.
+    MoreToDo,
+}
+
+/// The indexer; `run` drives it until shutdown.
+pub struct Indexer {
+    settings: ChainSettings,
+    rpc: Rpc,
+    store: Store,
+    status: StatusHandle,
+    wake: Arc<Notify>,
+    topics: Value,
+    range: u64,
+    checkpoint: Option<Checkpoint>,
+    follow_mode: bool,
+    last_pending: HashMap<i64, u64>,
+    progress: Progress,
+}
+
+struct Progress {
+    last_print: Instant,
+    started: Instant,
+    first_block: Option<u64>,
+    transfers: usize,
+}
+
+impl Indexer {
+    pub fn new(settings: ChainSettings, store: Store, status: StatusHandle) -> Result<Indexer, IndexerError> {
+        let rpc = Rpc::new(&settings.rpc_http, settings.rpc_timeout)?;
+        let pay_to_topic = B256::left_padding_from(settings.pay_to.as_slice());
+        let topics = json!([TRANSFER_TOPIC, Value::Null, pay_to_topic]);
+        let range = settings.max_block_range;
+        Ok(Indexer {
+            settings,
+            rpc,
+            store,
+            status,
+            wake: Arc::new(Notify::new()),
+            topics,
+            range,
+            checkpoint: None,
+            follow_mode: false,
+            last_pending: HashMap::new(),
+            progress: Progress { last_print: Instant::now(), started: Instant::now(), first_block: None, transfers: 0 },
+        })
+    }
+
+    /// A handle that makes the indexer poll at once (used by the WebSocket wake-up).
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Checks the node's chain id and binds the database to this chain, token and payTo.
+    pub async fn prepare(&mut self) -> Result<(), IndexerError> {
+        let found = self.rpc.chain_id().await?;
+        let expected = self.settings.network.chain_id;
+        if found != expected {
+            return Err(IndexerError::WrongChain { found, expected });
+        }
+        self.store
+            .bind_chain(expected, format!("{:#x}", self.settings.network.token), format!("{:#x}", self.settings.pay_to))
+            .await?;
+        self.checkpoint = self.store.checkpoint().await?;
+        self.status.update(|s| s.indexed_head = self.checkpoint.as_ref().map(|c| c.number));
+        Ok(())
+    }
+
+    /// Indexes until `shutdown` fires or a fatal error (then `/healthz` turns unhealthy and the error is returned).
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), IndexerError> {
+        let result = self.run_inner(&shutdown, false).await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "indexer stopped");
+            self.status.update(|s| s.fatal = Some(e.to_string()));
+        }
+        result
+    }
+
+    /// Indexes up to the current head, then returns (for `index --once`, benchmarks and tests).
+    pub async fn run_until_synced(mut self, shutdown: CancellationToken) -> Result<(), IndexerError> {
+        self.run_inner(&shutdown, true).await
+    }
+
+    async fn run_inner(&mut self, shutdown: &CancellationToken, until_synced: bool) -> Result<(), IndexerError> {
+        let mut prepared = false;
+        let mut failures = 0usize;
+        let mut backoff = retry_backoff();
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let outcome = if prepared {
+                self.step().await
+            } else {
+                self.prepare().await.map(|()| {
+                    prepared = true;
+                    Step::MoreToDo
+                })
+            };
+            match outcome {
+                Ok(Step::MoreToDo) => {
+                    failures = 0;
+                    backoff = retry_backoff();
+                    tokio::task::yield_now().await;
+                }
+                Ok(Step::CaughtUp) => {
+                    failures = 0;
+                    backoff = retry_backoff();
+                    self.status.update(|s| s.last_error = None);
+                    if until_synced {
+                        return Ok(());
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                        _ = self.wake.notified() => {}
+                    }
+                }
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    failures += 1;
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    tracing::warn!(error = %e, attempt = failures, "indexer step failed; retrying in {delay:?}");
+                    self.status.update(|s| {
+                        s.last_error = Some(e.to_string());
+                        s.rpc_errors += 1;
+                    });
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One step: reorg check, then the next range.
+    pub async fn step(&mut self) -> Result<Step, IndexerError> {
+        let head = self.rpc.block_number().await?;
+        self.status.update(|s| s.chain_head = Some(head));
+
+        if let Some(cp) = self.checkpoint.clone() {
+            if cp.number > head {
+                // The head went backwards: a lagging node or a shorter chain. Roll back only what is proven gone.
+                if let Some(stored) = self.store.recent_block(head).await? {
+                    let now = self.rpc.headers(&[head]).await?.remove(0);
+                    if now.hash != stored.hash {
+                        self.handle_reorg(head).await?;
+                    }
+                }
+                return Ok(Step::CaughtUp);
+            }
+            let canonical = self.rpc.headers(&[cp.number]).await?.remove(0);
+            if canonical.hash != cp.hash {
+                self.handle_reorg(cp.number).await?;
+                return Ok(Step::MoreToDo);
+            }
+        }
+
+        let from = self.checkpoint.as_ref().map_or(self.settings.start_block, |c| c.number + 1);
+        if from > head {
+            self.follow_mode = true;
+            return Ok(Step::CaughtUp);
+        }
+        let to = head.min(from.saturating_add(self.range - 1));
+        let window_start = head.saturating_sub(self.settings.reorg_window) + 1;
+
+        // Headers for the part of the range inside the reorg window, linked by parent hash.
+        let window_numbers: Vec<u64> = (from.max(window_start)..=to).collect();
+        let mut headers = if window_numbers.is_empty() { Vec::new() } else { self.rpc.headers(&window_numbers).await? };
+        for pair in headers.windows(2) {
+            if pair[1].parent_hash != pair[0].hash {
+                return Err(IndexerError::Inconsistent(format!("block {} does not link to {}", pair[1].number, pair[0].number)));
+            }
+        }
+        if let (Some(first), Some(cp)) = (headers.first(), self.checkpoint.as_ref())
+            && first.number == cp.number + 1
+            && first.parent_hash != cp.hash
+        {
+            self.handle_reorg(cp.number).await?;
+            return Ok(Step::MoreToDo);
+        }
+
+        let (logs, to_header) = match self.rpc.logs_with_header(self.settings.network.token, &self.topics, from, to).await {
+            Ok(v) => v,
+            Err(RpcError::Node { message, code, .. }) if to > from => {
+                let old = self.range;
+                self.range = shrink_range(to - from + 1, &message, from);
+                tracing::info!(code, message = %message, "eth_getLogs range of {} blocks refused; now {} (was {old})", to - from + 1, self.range);
+                return Ok(Step::MoreToDo);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(h) = headers.iter().find(|h| h.number == to)
+            && h.hash != to_header.hash
+        {
+            return Err(IndexerError::Inconsistent(format!("block {to} changed during the fetch")));
+        }
+        if headers.last().map(|h| h.number) != Some(to) {
+            headers.push(to_header);
+        }
+
+        // Every log must sit in the block we hold the header of; fetch headers for blocks outside the window.
+        let mut by_number: HashMap<u64, String> = headers.iter().map(|h| (h.number, h.hash.clone())).collect();
+        let missing: Vec<u64> = logs
+            .iter()
+            .filter_map(|l| l.block_number.map(|n| n.to::<u64>()))
+            .filter(|n| !by_number.contains_key(n))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !missing.is_empty() {
+            for h in self.rpc.headers(&missing).await? {
+                by_number.insert(h.number, h.hash);
+            }
+        }
+        let mut transfers = Vec::with_capacity(logs.len());
+        for log in &logs {
+            if let Some(t) = self.decode(log, from, to, &by_number)? {
+                transfers.push(t);
+            }
+        }
+
+        let count = transfers.len();
+        let outcome = self
+            .store
+            .apply_range(RangeUpdate {
+                from,
+                to,
+                transfers,
+                headers,
+                confirmations: self.settings.confirmations,
+                reorg_window: self.settings.reorg_window,
+            })
+            .await?;
+        self.checkpoint = self.store.checkpoint().await?;
+        let grown = self.range.saturating_add(self.range / 4 + 1).min(self.settings.max_block_range);
+        self.range = grown;
+        self.status.update(|s| {
+            s.indexed_head = Some(to);
+            s.transfers_indexed += count as u64;
+        });
+        self.report(from, to, head, count, &outcome);
+        Ok(if to >= head { Step::CaughtUp } else { Step::MoreToDo })
+    }
+
+    fn decode(
+        &self,
+        log: &RawLog,
+        from: u64,
+        to: u64,
+        headers: &HashMap<u64, String>,
+    ) -> Result<Option<NewTransfer>, IndexerError> {
+        let Some(t) = transfer_from_log(log, self.settings.network.token, self.settings.pay_to)
+            .map_err(|e| IndexerError::Inconsistent(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        if t.block_number < from || t.block_number > to {
+            return Err(IndexerError::Inconsistent(format!("log in block {} outside the range {from}-{to}", t.block_number)));
+        }
+        if headers.get(&t.block_number) != Some(&t.block_hash) {
+            return Err(IndexerError::Inconsistent(format!(
+                "log block hash differs from the header of block {}",
+                t.block_number
+            )));
+        }
+        Ok(Some(t))
+    }
+
+    /// Walks back from `suspect` to the highest block whose stored hash is still canonical and rolls back to it.
+    async fn handle_reorg(&mut self, suspect: u64) -> Result<(), IndexerError> {
+        let old_head = self.checkpoint.as_ref().map_or(suspect, |c| c.number);
+        let lowest = suspect.saturating_sub(self.settings.reorg_window);
+        let mut n = suspect;
+        loop {
+            let Some(stored) = self.store.recent_block(n).await? else {
+                return Err(IndexerError::DeepReorg { number: suspect, window: self.settings.reorg_window });
+            };
+            let canonical = self.rpc.headers(&[n]).await?.remove(0);
+            if canonical.hash == stored.hash {
+                let orphaned = self.store.rollback_to(stored, old_head).await?;
+                tracing::warn!(
+                    fork_block = n,
+                    depth = old_head - n,
+                    orphaned = orphaned.len(),
+                    "reorg detected: rolled back to block {n}"
+                );
+                for t in &orphaned {
+                    tracing::warn!(tx = %t.tx_hash, from = %t.from, amount = %t.value, block = t.block_number, "payment orphaned by reorg");
+                }
+                self.checkpoint = self.store.checkpoint().await?;
+                self.status.update(|s| {
+                    s.reorgs += 1;
+                    s.indexed_head = self.checkpoint.as_ref().map(|c| c.number);
+                });
+                return Ok(());
+            }
+            if n == 0 || n <= lowest {
+                return Err(IndexerError::DeepReorg { number: suspect, window: self.settings.reorg_window });
+            }
+            n -= 1;
+        }
+    }
+
+    fn report(&mut self, from: u64, to: u64, head: u64, count: usize, outcome: &crate::store::transfers::RangeOutcome) {
+        let needed = self.settings.confirmations;
+        let backfilling = head.saturating_sub(to) > self.settings.reorg_window;
+        self.progress.transfers += count;
+        let first = *self.progress.first_block.get_or_insert(from);
+        if backfilling || !self.follow_mode {
+            if self.progress.last_print.elapsed() >= PROGRESS_EVERY || to >= head {
+                let done = to.saturating_sub(first) + 1;
+                let total = head.saturating_sub(first) + 1;
+                let rate = done as f64 / self.progress.started.elapsed().as_secs_f64().max(0.001);
+                tracing::info!(
+                    "backfill: block {to} of {head} ({:.1}%), {} transfers, {:.0} blocks/s, range {} blocks",
+                    100.0 * done as f64 / total as f64,
+                    self.progress.transfers,
+                    rate,
+                    self.range
+                );
+                self.progress.last_print = Instant::now();
+            }
+            if to >= head {
+                self.follow_mode = true;
+                tracing::info!(head, "caught up; following the chain");
+            }
+        }
+        for t in &outcome.orphaned {
+            tracing::warn!(tx = %t.tx_hash, amount = %t.value, "announced payment is not in the canonical chain: orphaned");
+        }
+        for t in &outcome.reappeared {
+            tracing::info!(tx = %t.tx_hash, amount = %t.value, block = t.block_number, "payment is canonical again");
+        }
+        if self.follow_mode && !backfilling {
+            for t in &outcome.pending {
+                let conf = t.confirmations(Some(to));
+                if self.last_pending.get(&t.id) != Some(&conf) {
+                    tracing::info!(tx = %t.tx_hash, from = %t.from, amount = %t.value, "payment seen: {conf}/{needed} confirmations");
+                    self.last_pending.insert(t.id, conf);
+                }
+            }
+            for t in &outcome.newly_confirmed {
+                self.last_pending.remove(&t.id);
+                log_confirmed(t, needed);
+            }
+        } else if !outcome.newly_confirmed.is_empty() {
+            tracing::debug!(count = outcome.newly_confirmed.len(), "transfers confirmed during backfill");
+        }
+    }
+}
+
+/// The payment in `log`, if it is a USDC `Transfer` to `pay_to`. Errors on a log that lacks its block,
+/// transaction or index (a pending log, which is never indexed).
+pub fn transfer_from_log(log: &RawLog, token: Address, pay_to: Address) -> Result<Option<NewTransfer>, &'static str> {
+    if log.removed || log.address != token || log.topics.first() != Some(&TRANSFER_TOPIC) {
+        return Ok(None);
+    }
+    let (Some(number), Some(block_hash), Some(tx_hash), Some(log_index)) =
+        (log.block_number, log.block_hash, log.transaction_hash, log.log_index)
+    else {
+        return Err("a log without block, transaction or index");
+    };
+    let [_, from_topic, to_topic] = log.topics.as_slice() else {
+        return Ok(None); // Not the ERC-20 shape (ERC-721 has a fourth topic).
+    };
+    let to_address = Address::from_word(*to_topic);
+    if to_address != pay_to || log.data.len() != 32 {
+        return Ok(None);
+    }
+    let value = U256::from_be_slice(&log.data);
+    let Ok(atomic) = i64::try_from(value) else {
+        tracing::error!(tx = %tx_hash, %value, "transfer value does not fit in 64 bits; not recorded");
+        return Ok(None);
+    };
+    Ok(Some(NewTransfer {
+        tx_hash: format!("{tx_hash:#x}"),
+        log_index: log_index.to::<u64>(),
+        block_number: number.to::<u64>(),
+        block_hash: format!("{block_hash:#x}"),
+        block_time: None,
+        from: format!("{:#x}", Address::from_word(*from_topic)),
+        to: format!("{to_address:#x}"),
+        value: Usdc(atomic),
+    }))
+}
+
+fn log_confirmed(t: &Transfer, needed: u64) {
+    tracing::info!(tx = %t.tx_hash, from = %t.from, amount = %t.value, block = t.block_number, "payment confirmed ({needed}/{needed})");
+}
+
+fn retry_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// The next range size after a provider refused `attempted` blocks starting at `from`: its hint when it names a
+/// smaller range, else half. Never the same size again (base/base#2421 names the very range that failed).
+pub fn shrink_range(attempted: u64, message: &str, from: u64) -> u64 {
+    let hinted = suggested_range(message).and_then(|(a, b)| {
+        let size = b.saturating_sub(a.max(from)) + 1;
+        (a <= from.max(a) && size < attempted && b >= from).then_some(size)
+    });
+    hinted.unwrap_or(attempted / 2).clamp(1, attempted.saturating_sub(1).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shrinks_by_hint_or_half_and_never_retries_the_same_range() {
+        assert_eq!(shrink_range(2000, "block range too large", 100), 1000);
+        assert_eq!(shrink_range(2000, "Try with this block range [0x64, 0x1f3]", 100), 400);
+        // A hint naming the very range that failed is ignored.
+        assert_eq!(shrink_range(2000, "retry with the range 100-2099", 100), 1000);
+        assert_eq!(shrink_range(2, "too big", 5), 1);
+    }
+
+    #[test]
+    fn transfer_topic_is_keccak_of_the_signature() {
+        assert_eq!(TRANSFER_TOPIC, alloy::primitives::keccak256("Transfer(address,address,uint256)"));
+    }
+}

@@ -1,0 +1,29 @@
+//! The chain side: JSON-RPC access, the payment indexer, its WebSocket wake-up and its live status.
+
+pub mod indexer;
+pub mod rpc;
+pub mod status;
+pub mod ws;
+
+pub use indexer::{Indexer, IndexerError, Step};
+pub use rpc::{Rpc, RpcError};
+pub use status::{IndexerStatus, StatusHandle};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ChainSettings;
+use crate::store::Store;
+
+/// Starts the indexer (and the WebSocket wake-up when `rpc_ws` is set) as background tasks.
+pub fn spawn(
+    settings: ChainSettings,
+    store: Store,
+    status: StatusHandle,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<Result<(), IndexerError>>, IndexerError> {
+    let indexer = Indexer::new(settings.clone(), store.clone(), status.clone())?;
+    if let Some(url) = settings.rpc_ws.clone() {
+        tokio::spawn(ws::follow(url, settings, store, indexer.waker(), status, shutdown.clone()));
+    }
+    Ok(tokio::spawn(indexer.run(shutdown)))
+}

@@ -1,0 +1,356 @@
+//! JSON-RPC over HTTP with failover, retries and error classification.
+//!
+//! Endpoints are tried in the configured order; the one that last answered is tried first next time. Transport
+//! faults (refused or cut connections, timeouts, HTTP 429/5xx, malformed JSON, a node that does not know a block)
+//! are retried with exponential backoff and jitter and fail over to the next endpoint. Node errors (a JSON-RPC
+//! `error` object) are returned to the caller, which knows whether they mean "range too large".
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256, Bytes, U64};
+use alloy::rpc::client::RpcClient;
+use alloy::transports::http::{Http, reqwest};
+use alloy::transports::{RpcError as AlloyRpcError, TransportErrorKind};
+use backon::{ExponentialBuilder, Retryable};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::config::redact_url;
+use crate::store::transfers::BlockRef;
+
+/// Largest number of requests put in one JSON-RPC batch.
+const MAX_BATCH: usize = 100;
+
+/// A failed RPC call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RpcError {
+    /// The endpoint could not be reached or answered garbage; worth retrying elsewhere.
+    #[error("{endpoint}: {message}")]
+    Transport { endpoint: String, message: String },
+    /// The node answered with a JSON-RPC error.
+    #[error("{endpoint}: node error {code}: {message}")]
+    Node { endpoint: String, code: i64, message: String },
+}
+
+impl RpcError {
+    pub fn is_transport(&self) -> bool {
+        matches!(self, RpcError::Transport { .. })
+    }
+}
+
+/// A block header as the indexer needs it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawHeader {
+    number: U64,
+    hash: B256,
+    parent_hash: B256,
+    timestamp: U64,
+}
+
+impl From<RawHeader> for BlockRef {
+    fn from(h: RawHeader) -> BlockRef {
+        BlockRef {
+            number: h.number.to::<u64>(),
+            hash: format!("{:#x}", h.hash),
+            parent_hash: format!("{:#x}", h.parent_hash),
+            timestamp: h.timestamp.to::<u64>(),
+        }
+    }
+}
+
+/// An `eth_getLogs` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawLog {
+    pub address: Address,
+    pub topics: Vec<B256>,
+    pub data: Bytes,
+    pub block_number: Option<U64>,
+    pub block_hash: Option<B256>,
+    pub transaction_hash: Option<B256>,
+    pub log_index: Option<U64>,
+    #[serde(default)]
+    pub removed: bool,
+}
+
+#[derive(Clone)]
+struct Endpoint {
+    label: String,
+    client: RpcClient,
+}
+
+/// A set of JSON-RPC endpoints used as one.
+pub struct Rpc {
+    endpoints: Vec<Endpoint>,
+    preferred: AtomicUsize,
+    retries: usize,
+}
+
+impl Rpc {
+    /// Builds clients for `urls`; `timeout` bounds each HTTP request.
+    pub fn new(urls: &[String], timeout: Duration) -> Result<Rpc, RpcError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(timeout)
+            .build()
+            .map_err(|e| RpcError::Transport { endpoint: "http client".into(), message: e.to_string() })?;
+        let endpoints = urls
+            .iter()
+            .map(|url| {
+                let parsed = url.parse().map_err(|e| RpcError::Transport {
+                    endpoint: redact_url(url),
+                    message: format!("invalid URL: {e}"),
+                })?;
+                let transport = Http::with_client(http.clone(), parsed);
+                let is_local = url.contains("127.0.0.1") || url.contains("localhost");
+                Ok(Endpoint { label: redact_url(url), client: RpcClient::new(transport, is_local) })
+            })
+            .collect::<Result<Vec<_>, RpcError>>()?;
+        Ok(Rpc { endpoints, preferred: AtomicUsize::new(0), retries: 4 })
+    }
+
+    /// Sets how many times a round over all endpoints is retried after transport faults.
+    pub fn with_retries(mut self, retries: usize) -> Rpc {
+        self.retries = retries;
+        self
+    }
+
+    /// Runs `op` against the endpoints in failover order, with backoff between rounds. Node errors are final.
+    async fn with_failover<T, F, Fut>(&self, what: &str, op: F) -> Result<T, RpcError>
+    where
+        F: Fn(Endpoint) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RpcError>>,
+    {
+        let round = || async {
+            let start = self.preferred.load(Ordering::Relaxed);
+            let mut last = None;
+            for k in 0..self.endpoints.len() {
+                let i = (start + k) % self.endpoints.len();
+                let endpoint = &self.endpoints[i];
+                match op(endpoint.clone()).await {
+                    Ok(v) => {
+                        if i != start {
+                            tracing::warn!(endpoint = %endpoint.label, "RPC failover: now using this endpoint");
+                        }
+                        self.preferred.store(i, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Err(e) if e.is_transport() => {
+                        if self.endpoints.len() > 1 {
+                            tracing::warn!(error = %e, "{what} failed on this endpoint; trying the next");
+                        }
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| RpcError::Transport {
+                endpoint: "(none)".into(),
+                message: "no RPC endpoints configured".into(),
+            }))
+        };
+        round
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_max_times(self.retries)
+                    .with_jitter(),
+            )
+            .when(RpcError::is_transport)
+            .notify(|e, delay| tracing::warn!(error = %e, "{what}: retrying in {delay:?}"))
+            .await
+    }
+
+    async fn request<T: serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + Unpin + 'static>(
+        &self,
+        method: &'static str,
+        params: Value,
+    ) -> Result<T, RpcError> {
+        self.with_failover(method, |ep| {
+            let params = params.clone();
+            async move { ep.client.request::<_, T>(method, params).await.map_err(|e| classify(&ep.label, e)) }
+        })
+        .await
+    }
+
+    /// The chain id the node reports.
+    pub async fn chain_id(&self) -> Result<u64, RpcError> {
+        let id: U64 = self.request("eth_chainId", json!([])).await?;
+        Ok(id.to::<u64>())
+    }
+
+    /// The latest block number.
+    pub async fn block_number(&self) -> Result<u64, RpcError> {
+        let n: U64 = self.request("eth_blockNumber", json!([])).await?;
+        Ok(n.to::<u64>())
+    }
+
+    /// Headers of `numbers`, in the same order, fetched in JSON-RPC batches from one endpoint. A block the node
+    /// does not know (a lagging backend) is a transport error, so another endpoint or a later retry is used.
+    pub async fn headers(&self, numbers: &[u64]) -> Result<Vec<BlockRef>, RpcError> {
+        let mut out = Vec::with_capacity(numbers.len());
+        for chunk in numbers.chunks(MAX_BATCH) {
+            let got = self
+                .with_failover("eth_getBlockByNumber", |ep| async move {
+                    let mut batch = ep.client.new_batch();
+                    let mut waiters = Vec::with_capacity(chunk.len());
+                    for n in chunk {
+                        let w = batch
+                            .add_call::<_, Option<RawHeader>>("eth_getBlockByNumber", &(U64::from(*n), false))
+                            .map_err(|e| classify(&ep.label, e))?;
+                        waiters.push(w);
+                    }
+                    batch.send().await.map_err(|e| classify(&ep.label, e))?;
+                    let mut headers = Vec::with_capacity(chunk.len());
+                    for (w, n) in waiters.into_iter().zip(chunk) {
+                        match w.await.map_err(|e| classify(&ep.label, e))? {
+                            Some(h) => headers.push(BlockRef::from(h)),
+                            None => {
+                                return Err(RpcError::Transport {
+                                    endpoint: ep.label.clone(),
+                                    message: format!("node does not know block {n} yet"),
+                                });
+                            }
+                        }
+                    }
+                    Ok(headers)
+                })
+                .await?;
+            out.extend(got);
+        }
+        Ok(out)
+    }
+
+    /// `eth_getLogs` for `filter` over `[from, to]`, batched with the header of `to` so both answers come from the
+    /// same backend: a lagging node that does not know `to` yet cannot pass off an empty list as the truth.
+    pub async fn logs_with_header(
+        &self,
+        token: Address,
+        topics: &Value,
+        from: u64,
+        to: u64,
+    ) -> Result<(Vec<RawLog>, BlockRef), RpcError> {
+        let filter = json!({
+            "address": token,
+            "topics": topics,
+            "fromBlock": format!("{from:#x}"),
+            "toBlock": format!("{to:#x}"),
+        });
+        self.with_failover("eth_getLogs", |ep| {
+            let filter = filter.clone();
+            async move {
+                let mut batch = ep.client.new_batch();
+                let logs = batch
+                    .add_call::<_, Vec<RawLog>>("eth_getLogs", &[filter])
+                    .map_err(|e| classify(&ep.label, e))?;
+                let header = batch
+                    .add_call::<_, Option<RawHeader>>("eth_getBlockByNumber", &(U64::from(to), false))
+                    .map_err(|e| classify(&ep.label, e))?;
+                batch.send().await.map_err(|e| classify(&ep.label, e))?;
+                let logs = logs.await.map_err(|e| classify(&ep.label, e))?;
+                let header = header.await.map_err(|e| classify(&ep.label, e))?.ok_or_else(|| {
+                    RpcError::Transport { endpoint: ep.label.clone(), message: format!("node does not know block {to} yet") }
+                })?;
+                Ok((logs, BlockRef::from(header)))
+            }
+        })
+        .await
+    }
+
+    /// `eth_call` of `data` to `to` at the latest block.
+    pub async fn call(&self, to: Address, data: Bytes) -> Result<Bytes, RpcError> {
+        self.request("eth_call", json!([{ "to": to, "data": data }, "latest"])).await
+    }
+
+    /// Code at `address` (empty for an externally owned account).
+    pub async fn code(&self, address: Address) -> Result<Bytes, RpcError> {
+        self.request("eth_getCode", json!([address, "latest"])).await
+    }
+}
+
+fn classify(endpoint: &str, e: AlloyRpcError<TransportErrorKind>) -> RpcError {
+    let endpoint = endpoint.to_string();
+    match e {
+        AlloyRpcError::ErrorResp(payload) => {
+            RpcError::Node { endpoint, code: payload.code, message: payload.message.to_string() }
+        }
+        AlloyRpcError::NullResp => RpcError::Transport { endpoint, message: "null response".into() },
+        AlloyRpcError::DeserError { err, text } => {
+            let snippet: String = text.chars().take(120).collect();
+            RpcError::Transport { endpoint, message: format!("malformed response ({err}): {snippet}") }
+        }
+        AlloyRpcError::Transport(TransportErrorKind::HttpError(http)) => {
+            let snippet: String = http.body.chars().take(200).collect();
+            // Some providers send "range too large" as an HTTP 4xx with a JSON-RPC body; keep it a node error.
+            if let Ok(v) = serde_json::from_str::<Value>(&http.body)
+                && let Some(err) = v.get("error")
+            {
+                return RpcError::Node {
+                    endpoint,
+                    code: err.get("code").and_then(Value::as_i64).unwrap_or(0),
+                    message: err.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
+                };
+            }
+            RpcError::Transport { endpoint, message: format!("HTTP {}: {snippet}", http.status) }
+        }
+        other => RpcError::Transport { endpoint, message: other.to_string() },
+    }
+}
+
+/// The range a provider suggests in a "range too large" message, if it names one:
+/// `this block range should work: [0x1, 0x7d0]`, `try with this block range [1, 2000]`,
+/// `retry with the range 100-199`.
+pub fn suggested_range(message: &str) -> Option<(u64, u64)> {
+    fn number(s: &str) -> Option<u64> {
+        let s = s.trim().trim_matches(|c: char| c == '"' || c == '\'');
+        match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => s.parse().ok(),
+        }
+    }
+    if let Some(open) = message.find('[')
+        && let Some(close) = message[open..].find(']')
+    {
+        let inner = &message[open + 1..open + close];
+        let mut parts = inner.split(',');
+        if let (Some(a), Some(b), None) = (parts.next(), parts.next(), parts.next())
+            && let (Some(a), Some(b)) = (number(a), number(b))
+            && a <= b
+        {
+            return Some((a, b));
+        }
+    }
+    let lower = message.to_ascii_lowercase();
+    if let Some(pos) = lower.find("range ") {
+        let rest = &message[pos + "range ".len()..];
+        let token: String =
+            rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect::<String>();
+        if let Some((a, b)) = token.split_once('-')
+            && let (Some(a), Some(b)) = (number(a), number(b))
+            && a <= b
+        {
+            return Some((a, b));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_provider_range_hints() {
+        assert_eq!(
+            suggested_range("query returned more than 10000 results. Try with this block range [0x1, 0x7D0]."),
+            Some((1, 2000))
+        );
+        assert_eq!(suggested_range("this block range should work: [100, 150]"), Some((100, 150)));
+        assert_eq!(suggested_range("please retry with the range 5000-5999"), Some((5000, 5999)));
+        assert_eq!(suggested_range("block range too large"), None);
+        assert_eq!(suggested_range("range [9, 3] is weird"), None);
+    }
+}

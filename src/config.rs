@@ -1,0 +1,423 @@
+//! The operator's TOML configuration: parsing, defaults, validation and network presets.
+//!
+//! Unknown keys are errors that name the key (serde `deny_unknown_fields`), so a typo never silently falls back to
+//! a default. Secrets never live in the file: an RPC URL written as `"$NAME"` is read from the environment variable
+//! `NAME` (provider URLs often embed an API key).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use alloy::primitives::Address;
+use serde::Deserialize;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), message: message.into() }
+}
+
+/// The whole configuration file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub chain: ChainConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP server binds, e.g. `127.0.0.1:8402` (`:0` picks a free port).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The URL agents reach this gateway at (used in catalogs and agent cards).
+    #[serde(default)]
+    pub public_url: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { listen: default_listen(), public_url: None }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8402))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    /// `base`, `base-sepolia`, or `custom` (then `chain_id`, `token_address`, `token_name`, `token_version`).
+    pub network: String,
+    pub chain_id: Option<u64>,
+    pub token_address: Option<String>,
+    pub token_name: Option<String>,
+    pub token_version: Option<String>,
+    /// JSON-RPC HTTP endpoints, tried in order: the second takes over when the first fails.
+    pub rpc_http: Vec<String>,
+    /// Optional WebSocket endpoint, used only as a wake-up signal (block ranges stay the truth).
+    #[serde(default)]
+    pub rpc_ws: Option<String>,
+    /// The operator's address that receives payments.
+    pub pay_to: String,
+    /// Depth at which a transfer counts as paid: confirmations = indexed head − block + 1.
+    #[serde(default = "default_confirmations")]
+    pub confirmations: u64,
+    /// First block to index when the database is new.
+    #[serde(default)]
+    pub start_block: u64,
+    /// How often the head is polled, in milliseconds.
+    #[serde(default = "default_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    /// Largest `eth_getLogs` range tried, in blocks (the indexer shrinks it when the provider objects).
+    #[serde(default = "default_max_block_range")]
+    pub max_block_range: u64,
+    /// Recent blocks kept for reorg detection; defaults to max(2 × confirmations, 64).
+    #[serde(default)]
+    pub reorg_window: Option<u64>,
+    /// Per-request timeout for RPC calls, in milliseconds.
+    #[serde(default = "default_rpc_timeout_ms")]
+    pub rpc_timeout_ms: u64,
+}
+
+fn default_confirmations() -> u64 {
+    12
+}
+fn default_poll_interval_ms() -> u64 {
+    2_000
+}
+fn default_max_block_range() -> u64 {
+    2_000
+}
+fn default_rpc_timeout_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// SQLite file; relative paths are relative to the config file's folder.
+    #[serde(default = "default_db_path")]
+    pub path: PathBuf,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig { path: default_db_path() }
+    }
+}
+
+fn default_db_path() -> PathBuf {
+    PathBuf::from("x402-gateway.db")
+}
+
+/// A network's fixed facts: where USDC lives and its EIP-712 domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    /// Short name as written in the config (`base`, `base-sepolia`, `custom`).
+    pub name: String,
+    pub chain_id: u64,
+    pub token: Address,
+    pub token_name: String,
+    pub token_version: String,
+}
+
+impl Network {
+    /// CAIP-2 identifier, e.g. `eip155:8453`.
+    pub fn caip2(&self) -> String {
+        format!("eip155:{}", self.chain_id)
+    }
+}
+
+/// Base mainnet USDC.
+pub const BASE_USDC: &str = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913";
+/// Base Sepolia USDC.
+pub const BASE_SEPOLIA_USDC: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
+
+/// Everything the indexer needs, validated and resolved (env secrets read, presets applied).
+#[derive(Debug, Clone)]
+pub struct ChainSettings {
+    pub network: Network,
+    pub rpc_http: Vec<String>,
+    pub rpc_ws: Option<String>,
+    pub pay_to: Address,
+    pub confirmations: u64,
+    pub start_block: u64,
+    pub poll_interval: Duration,
+    pub max_block_range: u64,
+    pub reorg_window: u64,
+    pub rpc_timeout: Duration,
+}
+
+/// A configuration ready to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub public_url: Option<String>,
+    pub chain: ChainSettings,
+    pub database_path: PathBuf,
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: e.to_string() })
+    }
+
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let config = Config::parse(&text, path)?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        config.resolve(base_dir, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates and resolves presets and secrets. `env` looks up environment variables (injected for tests).
+    pub fn resolve(&self, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+        let chain = &self.chain;
+        let custom_keys = [
+            ("chain.chain_id", chain.chain_id.is_some()),
+            ("chain.token_address", chain.token_address.is_some()),
+            ("chain.token_name", chain.token_name.is_some()),
+            ("chain.token_version", chain.token_version.is_some()),
+        ];
+        let network = match chain.network.as_str() {
+            "base" | "base-sepolia" => {
+                if let Some((key, _)) = custom_keys.iter().find(|(_, set)| *set) {
+                    return Err(invalid(
+                        key,
+                        format!("only allowed with network = \"custom\" (network `{}` is a preset)", chain.network),
+                    ));
+                }
+                let (chain_id, token, token_name) = if chain.network == "base" {
+                    (8453, BASE_USDC, "USD Coin")
+                } else {
+                    (84532, BASE_SEPOLIA_USDC, "USDC")
+                };
+                Network {
+                    name: chain.network.clone(),
+                    chain_id,
+                    token: parse_address("chain.network", token)?,
+                    token_name: token_name.to_string(),
+                    token_version: "2".to_string(),
+                }
+            }
+            "custom" => {
+                let need = |key: &str, v: &Option<String>| {
+                    v.clone().ok_or_else(|| invalid(key, "required when network = \"custom\""))
+                };
+                let chain_id =
+                    chain.chain_id.ok_or_else(|| invalid("chain.chain_id", "required when network = \"custom\""))?;
+                if chain_id == 0 {
+                    return Err(invalid("chain.chain_id", "must be a positive chain id"));
+                }
+                Network {
+                    name: "custom".to_string(),
+                    chain_id,
+                    token: parse_address("chain.token_address", &need("chain.token_address", &chain.token_address)?)?,
+                    token_name: need("chain.token_name", &chain.token_name)?,
+                    token_version: need("chain.token_version", &chain.token_version)?,
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "chain.network",
+                    format!("unknown network `{other}`; expected \"base\", \"base-sepolia\" or \"custom\""),
+                ));
+            }
+        };
+
+        if chain.rpc_http.is_empty() {
+            return Err(invalid("chain.rpc_http", "needs at least one JSON-RPC URL"));
+        }
+        let rpc_http = chain
+            .rpc_http
+            .iter()
+            .enumerate()
+            .map(|(i, url)| resolve_url(&format!("chain.rpc_http[{i}]"), url, &["http://", "https://"], env))
+            .collect::<Result<Vec<_>, _>>()?;
+        let rpc_ws = match chain.rpc_ws.as_deref() {
+            None | Some("") => None,
+            Some(url) => Some(resolve_url("chain.rpc_ws", url, &["ws://", "wss://"], env)?),
+        };
+        let pay_to = parse_address("chain.pay_to", &chain.pay_to)?;
+        if pay_to == Address::ZERO {
+            return Err(invalid("chain.pay_to", "the zero address cannot receive payments"));
+        }
+        if chain.confirmations == 0 {
+            return Err(invalid("chain.confirmations", "must be at least 1 (1 = the block that mined it)"));
+        }
+        if chain.poll_interval_ms == 0 {
+            return Err(invalid("chain.poll_interval_ms", "must be positive"));
+        }
+        if chain.max_block_range == 0 {
+            return Err(invalid("chain.max_block_range", "must be positive"));
+        }
+        if chain.rpc_timeout_ms == 0 {
+            return Err(invalid("chain.rpc_timeout_ms", "must be positive"));
+        }
+        let min_window = chain.confirmations.saturating_mul(2);
+        let reorg_window = match chain.reorg_window {
+            None => min_window.max(64),
+            Some(w) if w < min_window => {
+                return Err(invalid(
+                    "chain.reorg_window",
+                    format!("must be at least 2 × confirmations = {min_window}"),
+                ));
+            }
+            Some(w) => w,
+        };
+
+        let database_path = if self.database.path.is_absolute() {
+            self.database.path.clone()
+        } else {
+            base_dir.join(&self.database.path)
+        };
+
+        if let Some(url) = &self.server.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid("server.public_url", "must start with http:// or https://"));
+        }
+
+        Ok(Settings {
+            listen: self.server.listen,
+            public_url: self.server.public_url.clone().map(|u| u.trim_end_matches('/').to_string()),
+            chain: ChainSettings {
+                network,
+                rpc_http,
+                rpc_ws,
+                pay_to,
+                confirmations: chain.confirmations,
+                start_block: chain.start_block,
+                poll_interval: Duration::from_millis(chain.poll_interval_ms),
+                max_block_range: chain.max_block_range,
+                reorg_window,
+                rpc_timeout: Duration::from_millis(chain.rpc_timeout_ms),
+            },
+            database_path,
+        })
+    }
+}
+
+fn parse_address(key: &str, raw: &str) -> Result<Address, ConfigError> {
+    raw.trim()
+        .parse::<Address>()
+        .map_err(|e| invalid(key, format!("`{raw}` is not an address (0x + 40 hex digits): {e}")))
+}
+
+fn resolve_url(
+    key: &str,
+    raw: &str,
+    schemes: &[&str],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let url = match raw.strip_prefix('$') {
+        Some(var) => env(var).ok_or_else(|| invalid(key, format!("environment variable `{var}` is not set")))?,
+        None => raw.to_string(),
+    };
+    if !schemes.iter().any(|s| url.starts_with(s)) {
+        return Err(invalid(key, format!("URL must start with {}", schemes.join(" or "))));
+    }
+    Ok(url)
+}
+
+/// The URL without any path, query or credentials, safe to print in logs.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit('@').next().unwrap_or(host);
+    let has_more = rest.len() > host.len();
+    format!("{scheme}://{host}{}", if has_more { "/…" } else { "" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[chain]
+network = "base"
+rpc_http = ["https://mainnet.base.org"]
+pay_to = "0x1111111111111111111111111111111111111111"
+"#;
+
+    fn resolve(text: &str) -> Result<Settings, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))?.resolve(Path::new("/srv"), &|name| {
+            (name == "RPC_SECRET").then(|| "https://rpc.example/key123".to_string())
+        })
+    }
+
+    #[test]
+    fn preset_fills_network_facts_and_defaults() {
+        let s = resolve(MINIMAL).unwrap();
+        assert_eq!(s.chain.network.chain_id, 8453);
+        assert_eq!(s.chain.network.token, BASE_USDC.parse::<Address>().unwrap());
+        assert_eq!(s.chain.network.token_name, "USD Coin");
+        assert_eq!(s.chain.confirmations, 12);
+        assert_eq!(s.chain.reorg_window, 64);
+        assert_eq!(s.database_path, PathBuf::from("/srv/x402-gateway.db"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = resolve(&format!("{MINIMAL}confirmatons = 3\n")).unwrap_err().to_string();
+        assert!(err.contains("confirmatons"), "{err}");
+        let err = resolve(&format!("{MINIMAL}[surprise]\nx = 1\n")).unwrap_err().to_string();
+        assert!(err.contains("surprise"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let err = resolve(&MINIMAL.replace("0x1111111111111111111111111111111111111111", "0x12")).unwrap_err();
+        assert!(err.to_string().contains("chain.pay_to"), "{err}");
+        let err = resolve(&MINIMAL.replace("\"base\"", "\"base-mainnet\"")).unwrap_err();
+        assert!(err.to_string().contains("chain.network"), "{err}");
+        let err = resolve(&format!("{MINIMAL}token_name = \"X\"\n")).unwrap_err();
+        assert!(err.to_string().contains("chain.token_name"), "{err}");
+        let err = resolve(&format!("{MINIMAL}confirmations = 10\nreorg_window = 5\n")).unwrap_err();
+        assert!(err.to_string().contains("chain.reorg_window"), "{err}");
+    }
+
+    #[test]
+    fn custom_network_and_env_secrets() {
+        let text = r#"
+[chain]
+network = "custom"
+chain_id = 31337
+token_address = "0x2222222222222222222222222222222222222222"
+token_name = "USDC"
+token_version = "2"
+rpc_http = ["$RPC_SECRET", "http://127.0.0.1:8545"]
+pay_to = "0x1111111111111111111111111111111111111111"
+"#;
+        let s = resolve(text).unwrap();
+        assert_eq!(s.chain.network.chain_id, 31337);
+        assert_eq!(s.chain.rpc_http[0], "https://rpc.example/key123");
+        let err = resolve(&text.replace("$RPC_SECRET", "$MISSING")).unwrap_err().to_string();
+        assert!(err.contains("MISSING") && err.contains("chain.rpc_http[0]"), "{err}");
+        let err = resolve(&text.replace("chain_id = 31337\n", "")).unwrap_err().to_string();
+        assert!(err.contains("chain.chain_id"), "{err}");
+    }
+
+    #[test]
+    fn redacts_secrets_in_urls() {
+        assert_eq!(redact_url("https://base-mainnet.g.alchemy.com/v2/SECRET"), "https://base-mainnet.g.alchemy.com/…");
+        assert_eq!(redact_url("http://user:pw@127.0.0.1:8545"), "http://127.0.0.1:8545");
+    }
+}

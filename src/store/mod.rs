@@ -1,0 +1,281 @@
+//! The SQLite store: one writer thread, a pool of readers, and the schema from `schema.sql`.
+//!
+//! Every write runs on the single writer thread inside `BEGIN IMMEDIATE` (a deferred transaction in WAL mode can
+//! fail with `SQLITE_BUSY` at once, ignoring the busy timeout). The journal is WAL with `synchronous=FULL`: an
+//! acknowledged commit — an issued key, a debit, a checkpoint — survives a power cut. Reads run on blocking-pool
+//! threads with their own read-only connections and never wait for the writer.
+//!
+//! The SQL of each concern lives in a submodule (`transfers` for the indexer); this file owns connections,
+//! transactions and migrations.
+
+pub mod transfers;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+/// The whole schema, embedded at build time.
+pub const SCHEMA_SQL: &str = include_str!("../../schema.sql");
+
+/// Queued writes before callers wait: bounds memory when the disk is slow.
+const WRITE_QUEUE: usize = 1024;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot open database {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("schema.sql: {0}")]
+    Schema(String),
+    #[error("database {path} is at schema version {found}, newer than this binary knows ({known}); upgrade the binary")]
+    TooNew { path: PathBuf, found: u32, known: u32 },
+    #[error(
+        "database {path} indexes {found}, but the config says {expected}; use another database file for another chain, token or payTo"
+    )]
+    BindingMismatch { path: PathBuf, found: String, expected: String },
+    #[error("the database writer has stopped")]
+    WriterGone,
+    #[error("a database task failed: {0}")]
+    Task(String),
+}
+
+type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// A handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: mpsc::Sender<WriteJob>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+/// Current unix time in seconds.
+pub fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database, applies pending migrations and starts the writer thread.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Open { path: path.to_path_buf(), message: e.to_string() })?;
+        }
+        let mut conn = Connection::open(path)
+            .map_err(|e| StoreError::Open { path: path.to_path_buf(), message: e.to_string() })?;
+        configure(&conn)?;
+        migrate(&mut conn, path)?;
+
+        let (tx, mut rx) = mpsc::channel::<WriteJob>(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || {
+                while let Some(job) = rx.blocking_recv() {
+                    job(&mut conn);
+                }
+            })
+            .map_err(|e| StoreError::Open { path: path.to_path_buf(), message: e.to_string() })?;
+
+        Ok(Store { inner: Arc::new(Inner { path: path.to_path_buf(), writer: tx, readers: Mutex::new(Vec::new()) }) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer thread; commits if it returns `Ok`.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
+    {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn: &mut Connection| {
+            let result = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+                Err(e) => Err(E::from(StoreError::from(e))),
+                Ok(tx) => match f(&tx) {
+                    Ok(value) => tx.commit().map(|()| value).map_err(|e| E::from(StoreError::from(e))),
+                    Err(e) => Err(e),
+                },
+            };
+            let _ = reply_tx.send(result);
+        });
+        self.inner.writer.send(job).await.map_err(|_| E::from(StoreError::WriterGone))?;
+        reply_rx.await.map_err(|_| E::from(StoreError::WriterGone))?
+    }
+
+    /// Runs `f` with a read-only connection on the blocking pool.
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match inner.readers.lock().map(|mut pool| pool.pop()) {
+                Ok(Some(conn)) => conn,
+                _ => open_reader(&inner.path).map_err(E::from)?,
+            };
+            let result = f(&conn);
+            if let Ok(mut pool) = inner.readers.lock() {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| E::from(StoreError::Task(e.to_string())))?
+    }
+}
+
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(())
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| StoreError::Open { path: path.to_path_buf(), message: e.to_string() })?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+/// One migration of `schema.sql`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Migration {
+    pub version: u32,
+    pub name: String,
+    pub sql: String,
+}
+
+/// Splits `schema.sql` at its `-- migration: N name` lines; versions must run 1, 2, 3 … without gaps.
+pub fn migrations(schema: &str) -> Result<Vec<Migration>, StoreError> {
+    let mut out: Vec<Migration> = Vec::new();
+    for line in schema.lines() {
+        if let Some(rest) = line.strip_prefix("-- migration:") {
+            let mut parts = rest.trim().splitn(2, ' ');
+            let version: u32 = parts
+                .next()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| StoreError::Schema(format!("bad migration line `{line}`")))?;
+            let expected = out.len() as u32 + 1;
+            if version != expected {
+                return Err(StoreError::Schema(format!("migration {version} found where {expected} was expected")));
+            }
+            out.push(Migration {
+                version,
+                name: parts.next().unwrap_or("").trim().to_string(),
+                sql: String::new(),
+            });
+        } else if let Some(current) = out.last_mut() {
+            current.sql.push_str(line);
+            current.sql.push('\n');
+        }
+    }
+    if out.is_empty() {
+        return Err(StoreError::Schema("no `-- migration: N` sections".into()));
+    }
+    Ok(out)
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let all = migrations(SCHEMA_SQL)?;
+    let known = all.len() as u32;
+    let current: u32 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if current > known {
+        return Err(StoreError::TooNew { path: path.to_path_buf(), found: current, known });
+    }
+    for migration in all.into_iter().filter(|m| m.version > current) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(&migration.sql)
+            .map_err(|e| StoreError::Schema(format!("migration {} ({}): {e}", migration.version, migration.name)))?;
+        tx.pragma_update(None, "user_version", migration.version)?;
+        tx.commit()?;
+        tracing::info!(version = migration.version, name = %migration.name, "applied database migration");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_splits_into_numbered_migrations() {
+        let all = migrations(SCHEMA_SQL).unwrap();
+        assert_eq!(all[0].version, 1);
+        assert!(all[0].sql.contains("CREATE TABLE transfers"));
+        assert!(migrations("-- migration: 2 skip\nSELECT 1;").is_err());
+    }
+
+    #[tokio::test]
+    async fn opens_migrates_writes_and_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/x.db");
+        let store = Store::open(&path).unwrap();
+        let n: i64 = store
+            .write(|tx| -> Result<i64, StoreError> {
+                tx.execute(
+                    "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 7, '0xab', 0)",
+                    [],
+                )?;
+                Ok(tx.last_insert_rowid())
+            })
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        let got: i64 = store
+            .read(|c| -> Result<i64, StoreError> {
+                Ok(c.query_row("SELECT block_number FROM checkpoint", [], |r| r.get(0))?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, 7);
+        drop(store);
+        // Re-opening applies nothing new and keeps the data.
+        let store = Store::open(&path).unwrap();
+        let mode: String = store
+            .read(|c| -> Result<String, StoreError> { Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?) })
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[tokio::test]
+    async fn failed_write_rolls_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("x.db")).unwrap();
+        let result: Result<(), StoreError> = store
+            .write(|tx| {
+                tx.execute(
+                    "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 7, '0xab', 0)",
+                    [],
+                )?;
+                Err(StoreError::Schema("boom".into()))
+            })
+            .await;
+        assert!(result.is_err());
+        let count: i64 = store
+            .read(|c| -> Result<i64, StoreError> {
+                Ok(c.query_row("SELECT count(*) FROM checkpoint", [], |r| r.get(0))?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(count, 0);
+    }
+}

@@ -1,0 +1,404 @@
+//! Indexer persistence: the chain binding, the checkpoint, the recent-block window and the transfers.
+//!
+//! A range of blocks is applied in ONE transaction — its transfers, its headers and the new checkpoint — so a crash
+//! leaves either all of it or none of it, and a restart resumes at checkpoint + 1 with no gap and no duplicate.
+
+use std::collections::HashSet;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::Serialize;
+
+use super::{Store, StoreError, now_unix};
+use crate::usdc::Usdc;
+
+/// Where a transfer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferStatus {
+    /// Mined, fewer confirmations than required.
+    Seen,
+    /// At or past the required depth: it can be claimed.
+    Confirmed,
+    /// Its block left the canonical chain.
+    Orphaned,
+}
+
+impl TransferStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransferStatus::Seen => "seen",
+            TransferStatus::Confirmed => "confirmed",
+            TransferStatus::Orphaned => "orphaned",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TransferStatus> {
+        match s {
+            "seen" => Some(TransferStatus::Seen),
+            "confirmed" => Some(TransferStatus::Confirmed),
+            "orphaned" => Some(TransferStatus::Orphaned),
+            _ => None,
+        }
+    }
+}
+
+/// A block header of the canonical chain as the indexer saw it. Hashes are lower-case 0x-hex.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRef {
+    pub number: u64,
+    pub hash: String,
+    pub parent_hash: String,
+    pub timestamp: u64,
+}
+
+/// A Transfer log to payTo, as fetched from the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTransfer {
+    pub tx_hash: String,
+    pub log_index: u64,
+    pub block_number: u64,
+    pub block_hash: String,
+    pub block_time: Option<u64>,
+    pub from: String,
+    pub to: String,
+    pub value: Usdc,
+}
+
+/// A stored transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub id: i64,
+    pub tx_hash: String,
+    pub log_index: u64,
+    pub block_number: u64,
+    pub block_hash: String,
+    pub block_time: Option<u64>,
+    pub from: String,
+    pub to: String,
+    pub value: Usdc,
+    pub status: TransferStatus,
+    pub first_seen_at: i64,
+    pub confirmed_at: Option<i64>,
+    pub orphaned_at: Option<i64>,
+}
+
+impl Transfer {
+    /// Confirmations against the indexed head: the block that mined it counts as one; orphaned counts zero.
+    pub fn confirmations(&self, indexed_head: Option<u64>) -> u64 {
+        match (self.status, indexed_head) {
+            (TransferStatus::Orphaned, _) | (_, None) => 0,
+            (_, Some(head)) if head >= self.block_number => head - self.block_number + 1,
+            _ => 0,
+        }
+    }
+}
+
+/// The last fully indexed block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub number: u64,
+    pub hash: String,
+}
+
+/// One range of blocks to apply atomically.
+#[derive(Debug, Clone)]
+pub struct RangeUpdate {
+    pub from: u64,
+    pub to: u64,
+    /// Every Transfer log to payTo in `[from, to]`, already checked against the headers.
+    pub transfers: Vec<NewTransfer>,
+    /// Headers to keep for reorg detection (always includes `to`).
+    pub headers: Vec<BlockRef>,
+    pub confirmations: u64,
+    pub reorg_window: u64,
+}
+
+/// What changed when a range was applied, for status lines and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct RangeOutcome {
+    pub inserted: usize,
+    pub reappeared: Vec<Transfer>,
+    pub newly_confirmed: Vec<Transfer>,
+    pub orphaned: Vec<Transfer>,
+    /// Transfers still below the required depth, with the new head.
+    pub pending: Vec<Transfer>,
+}
+
+const TRANSFER_COLUMNS: &str = "id, tx_hash, log_index, block_number, block_hash, block_time, from_address, \
+     to_address, value_atomic, status, first_seen_at, confirmed_at, orphaned_at";
+
+fn transfer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Transfer> {
+    let status: String = row.get(9)?;
+    Ok(Transfer {
+        id: row.get(0)?,
+        tx_hash: row.get(1)?,
+        log_index: row.get::<_, i64>(2)? as u64,
+        block_number: row.get::<_, i64>(3)? as u64,
+        block_hash: row.get(4)?,
+        block_time: row.get::<_, Option<i64>>(5)?.map(|t| t as u64),
+        from: row.get(6)?,
+        to: row.get(7)?,
+        value: Usdc(row.get(8)?),
+        status: TransferStatus::parse(&status).unwrap_or(TransferStatus::Orphaned),
+        first_seen_at: row.get(10)?,
+        confirmed_at: row.get(11)?,
+        orphaned_at: row.get(12)?,
+    })
+}
+
+fn record_status(
+    tx: &Transaction<'_>,
+    transfer_id: i64,
+    status: TransferStatus,
+    head: u64,
+    reason: &str,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO transfer_status_history (transfer_id, status, at, head_block, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![transfer_id, status.as_str(), now_unix(), head as i64, reason],
+    )?;
+    Ok(())
+}
+
+fn select_transfers(conn: &Connection, where_clause: &str, args: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<Transfer>> {
+    let sql = format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE {where_clause}");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(args, transfer_from_row)?;
+    rows.collect()
+}
+
+/// Inserts a transfer as `seen` unless that (block hash, log index) is already stored. Returns its id when new.
+fn insert_seen(tx: &Transaction<'_>, t: &NewTransfer, head: u64, reason: &str) -> rusqlite::Result<Option<i64>> {
+    let changed = tx.prepare_cached(
+        "INSERT OR IGNORE INTO transfers (tx_hash, log_index, block_number, block_hash, block_time, from_address, \
+         to_address, value_atomic, status, first_seen_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'seen', ?9)",
+    )?
+    .execute(params![
+        t.tx_hash,
+        t.log_index as i64,
+        t.block_number as i64,
+        t.block_hash,
+        t.block_time.map(|v| v as i64),
+        t.from,
+        t.to,
+        t.value.atomic(),
+        now_unix(),
+    ])?;
+    if changed == 0 {
+        return Ok(None);
+    }
+    let id = tx.last_insert_rowid();
+    record_status(tx, id, TransferStatus::Seen, head, reason)?;
+    Ok(Some(id))
+}
+
+impl Store {
+    /// Ties the database to one chain, token and payTo on first use; refuses a different one afterwards.
+    pub async fn bind_chain(&self, chain_id: u64, token: String, pay_to: String) -> Result<(), StoreError> {
+        let path = self.path().to_path_buf();
+        self.write(move |tx| {
+            let existing: Option<(i64, String, String)> = tx
+                .query_row("SELECT chain_id, token_address, pay_to FROM chain_binding WHERE id = 1", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()?;
+            let expected = format!("chain {chain_id}, token {token}, payTo {pay_to}");
+            match existing {
+                None => {
+                    tx.execute(
+                        "INSERT INTO chain_binding (id, chain_id, token_address, pay_to, created_at) VALUES (1, ?1, ?2, ?3, ?4)",
+                        params![chain_id as i64, token, pay_to, now_unix()],
+                    )?;
+                    Ok(())
+                }
+                Some((c, t, p)) if c as u64 == chain_id && t == token && p == pay_to => Ok(()),
+                Some((c, t, p)) => Err(StoreError::BindingMismatch {
+                    path,
+                    found: format!("chain {c}, token {t}, payTo {p}"),
+                    expected,
+                }),
+            }
+        })
+        .await
+    }
+
+    pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.read(|c| read_checkpoint(c)).await
+    }
+
+    /// The stored canonical hash of block `number`, if it is in the window.
+    pub async fn recent_block(&self, number: u64) -> Result<Option<BlockRef>, StoreError> {
+        self.read(move |c| -> Result<_, StoreError> {
+            Ok(c.query_row(
+                "SELECT number, hash, parent_hash, timestamp FROM recent_blocks WHERE number = ?1",
+                [number as i64],
+                |r| {
+                    Ok(BlockRef {
+                        number: r.get::<_, i64>(0)? as u64,
+                        hash: r.get(1)?,
+                        parent_hash: r.get(2)?,
+                        timestamp: r.get::<_, i64>(3)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    /// Applies one fetched range atomically; see [`RangeUpdate`].
+    pub async fn apply_range(&self, update: RangeUpdate) -> Result<RangeOutcome, StoreError> {
+        self.write(move |tx| {
+            let mut outcome = RangeOutcome::default();
+            let head = update.to;
+            let fetched: HashSet<(&str, u64)> =
+                update.transfers.iter().map(|t| (t.block_hash.as_str(), t.log_index)).collect();
+
+            for t in &update.transfers {
+                if insert_seen(tx, t, head, "indexed from eth_getLogs")?.is_some() {
+                    outcome.inserted += 1;
+                    continue;
+                }
+                // Already stored: a WebSocket announcement, or a block that comes back after a reorg.
+                let back = select_transfers(
+                    tx,
+                    "block_hash = ?1 AND log_index = ?2 AND status = 'orphaned'",
+                    &[&t.block_hash, &(t.log_index as i64)],
+                )?;
+                for row in back {
+                    tx.execute("UPDATE transfers SET status = 'seen', orphaned_at = NULL WHERE id = ?1", [row.id])?;
+                    record_status(tx, row.id, TransferStatus::Seen, head, "block is canonical again")?;
+                    outcome.reappeared.push(row);
+                }
+            }
+
+            // Rows announced over WebSocket whose block the canonical range does not contain were reorged away.
+            let stale = select_transfers(
+                tx,
+                "status = 'seen' AND block_number BETWEEN ?1 AND ?2",
+                &[&(update.from as i64), &(update.to as i64)],
+            )?;
+            for row in stale.into_iter().filter(|r| !fetched.contains(&(r.block_hash.as_str(), r.log_index))) {
+                tx.execute("UPDATE transfers SET status = 'orphaned', orphaned_at = ?2 WHERE id = ?1", params![
+                    row.id,
+                    now_unix()
+                ])?;
+                record_status(tx, row.id, TransferStatus::Orphaned, head, "block not in the canonical chain")?;
+                outcome.orphaned.push(row);
+            }
+
+            {
+                let mut put = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO recent_blocks (number, hash, parent_hash, timestamp) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for h in &update.headers {
+                    put.execute(params![h.number as i64, h.hash, h.parent_hash, h.timestamp as i64])?;
+                }
+            }
+            let keep_from = update.to.saturating_sub(update.reorg_window) as i64;
+            tx.execute("DELETE FROM recent_blocks WHERE number < ?1", [keep_from])?;
+            let to_hash = update
+                .headers
+                .iter()
+                .find(|h| h.number == update.to)
+                .map(|h| h.hash.clone())
+                .ok_or_else(|| StoreError::Schema(format!("range update without the header of block {}", update.to)))?;
+            tx.execute(
+                "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, ?1, ?2, ?3) \
+                 ON CONFLICT(id) DO UPDATE SET block_number = excluded.block_number, block_hash = excluded.block_hash, \
+                 updated_at = excluded.updated_at",
+                params![update.to as i64, to_hash, now_unix()],
+            )?;
+
+            // Depth reached: confirmations = head − block + 1 ≥ N  ⇔  block ≤ head + 1 − N.
+            let confirm_upto = (head + 1).checked_sub(update.confirmations).map(|v| v as i64).unwrap_or(-1);
+            let newly = select_transfers(tx, "status = 'seen' AND block_number <= ?1", &[&confirm_upto])?;
+            let now = now_unix();
+            for mut row in newly {
+                tx.execute("UPDATE transfers SET status = 'confirmed', confirmed_at = ?2 WHERE id = ?1", params![
+                    row.id, now
+                ])?;
+                record_status(tx, row.id, TransferStatus::Confirmed, head, "required confirmations reached")?;
+                row.status = TransferStatus::Confirmed;
+                row.confirmed_at = Some(now);
+                outcome.newly_confirmed.push(row);
+            }
+            outcome.pending = select_transfers(tx, "status = 'seen' ORDER BY block_number, log_index", &[])?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    /// Rolls the index back to `fork` (the highest block still canonical): everything above it is orphaned.
+    pub async fn rollback_to(&self, fork: BlockRef, old_head: u64) -> Result<Vec<Transfer>, StoreError> {
+        self.write(move |tx| {
+            let gone = select_transfers(tx, "block_number > ?1 AND status != 'orphaned'", &[&(fork.number as i64)])?;
+            let now = now_unix();
+            for row in &gone {
+                tx.execute("UPDATE transfers SET status = 'orphaned', orphaned_at = ?2 WHERE id = ?1", params![
+                    row.id, now
+                ])?;
+                record_status(tx, row.id, TransferStatus::Orphaned, fork.number, "reorg: block left the canonical chain")?;
+            }
+            tx.execute("DELETE FROM recent_blocks WHERE number > ?1", [fork.number as i64])?;
+            tx.execute(
+                "UPDATE checkpoint SET block_number = ?1, block_hash = ?2, updated_at = ?3 WHERE id = 1",
+                params![fork.number as i64, fork.hash, now],
+            )?;
+            tx.execute(
+                "INSERT INTO reorgs (detected_at, fork_block, old_head, depth, orphaned_transfers) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![now, fork.number as i64, old_head as i64, old_head.saturating_sub(fork.number) as i64, gone.len() as i64],
+            )?;
+            Ok(gone)
+        })
+        .await
+    }
+
+    /// Records a transfer announced by a WebSocket subscription as `seen`, unless its block is already indexed
+    /// (then the range fetch owns it). Returns whether a row was added.
+    pub async fn record_announced(&self, t: NewTransfer) -> Result<bool, StoreError> {
+        self.write(move |tx| {
+            let checkpoint = read_checkpoint(tx)?;
+            if checkpoint.as_ref().is_some_and(|c| t.block_number <= c.number) {
+                return Ok(false);
+            }
+            let head = checkpoint.map_or(t.block_number, |c| c.number);
+            Ok(insert_seen(tx, &t, head, "announced by WebSocket subscription")?.is_some())
+        })
+        .await
+    }
+
+    /// Transfers in block order, optionally of one status.
+    pub async fn list_transfers(&self, status: Option<TransferStatus>) -> Result<Vec<Transfer>, StoreError> {
+        self.read(move |c| -> Result<_, StoreError> {
+            Ok(match status {
+                Some(s) => select_transfers(c, "status = ?1 ORDER BY block_number, log_index, id", &[&s.as_str()])?,
+                None => select_transfers(c, "1 = 1 ORDER BY block_number, log_index, id", &[])?,
+            })
+        })
+        .await
+    }
+
+    /// All stored transfers of one transaction.
+    pub async fn transfers_of_tx(&self, tx_hash: String) -> Result<Vec<Transfer>, StoreError> {
+        self.read(move |c| -> Result<_, StoreError> {
+            Ok(select_transfers(c, "tx_hash = ?1 ORDER BY block_number, log_index, id", &[&tx_hash])?)
+        })
+        .await
+    }
+
+    /// How many reorgs have been handled.
+    pub async fn reorg_count(&self) -> Result<u64, StoreError> {
+        self.read(|c| -> Result<_, StoreError> {
+            Ok(c.query_row("SELECT count(*) FROM reorgs", [], |r| r.get::<_, i64>(0))? as u64)
+        })
+        .await
+    }
+}
+
+fn read_checkpoint(c: &Connection) -> Result<Option<Checkpoint>, StoreError> {
+    Ok(c.query_row("SELECT block_number, block_hash FROM checkpoint WHERE id = 1", [], |r| {
+        Ok(Checkpoint { number: r.get::<_, i64>(0)? as u64, hash: r.get(1)? })
+    })
+    .optional()?)
+}
