@@ -340,9 +340,9 @@ fn resolve_url(
 /// The URL without any path, query or credentials, safe to print in logs.
 pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let host = rest.split(['/', '?']).next().unwrap_or("");
-    let host = host.rsplit('@').next().unwrap_or(host);
-    let has_more = rest.len() > host.len();
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host = authority.rsplit('@').next().unwrap_or(authority);
+    let has_more = rest.len() > authority.len();
     format!("{scheme}://{host}{}", if has_more { "/…" } else { "" })
 }
 
