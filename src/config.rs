@@ -15,7 +15,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
@@ -23,7 +26,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_string(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
 }
 
 /// The whole configuration file as written.
@@ -50,7 +56,10 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), public_url: None }
+        ServerConfig {
+            listen: default_listen(),
+            public_url: None,
+        }
     }
 }
 
@@ -117,7 +126,9 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { path: default_db_path() }
+        DatabaseConfig {
+            path: default_db_path(),
+        }
     }
 }
 
@@ -175,20 +186,29 @@ pub struct Settings {
 impl Config {
     /// Parses TOML text; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let config = Config::parse(&text, path)?;
         let base_dir = path.parent().unwrap_or(Path::new("."));
         config.resolve(base_dir, &|name| std::env::var(name).ok())
     }
 
     /// Validates and resolves presets and secrets. `env` looks up environment variables (injected for tests).
-    pub fn resolve(&self, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+    pub fn resolve(
+        &self,
+        base_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
         let chain = &self.chain;
         let custom_keys = [
             ("chain.chain_id", chain.chain_id.is_some()),
@@ -201,7 +221,10 @@ impl Config {
                 if let Some((key, _)) = custom_keys.iter().find(|(_, set)| *set) {
                     return Err(invalid(
                         key,
-                        format!("only allowed with network = \"custom\" (network `{}` is a preset)", chain.network),
+                        format!(
+                            "only allowed with network = \"custom\" (network `{}` is a preset)",
+                            chain.network
+                        ),
                     ));
                 }
                 let (chain_id, token, token_name) = if chain.network == "base" {
@@ -219,17 +242,22 @@ impl Config {
             }
             "custom" => {
                 let need = |key: &str, v: &Option<String>| {
-                    v.clone().ok_or_else(|| invalid(key, "required when network = \"custom\""))
+                    v.clone()
+                        .ok_or_else(|| invalid(key, "required when network = \"custom\""))
                 };
-                let chain_id =
-                    chain.chain_id.ok_or_else(|| invalid("chain.chain_id", "required when network = \"custom\""))?;
+                let chain_id = chain.chain_id.ok_or_else(|| {
+                    invalid("chain.chain_id", "required when network = \"custom\"")
+                })?;
                 if chain_id == 0 {
                     return Err(invalid("chain.chain_id", "must be a positive chain id"));
                 }
                 Network {
                     name: "custom".to_string(),
                     chain_id,
-                    token: parse_address("chain.token_address", &need("chain.token_address", &chain.token_address)?)?,
+                    token: parse_address(
+                        "chain.token_address",
+                        &need("chain.token_address", &chain.token_address)?,
+                    )?,
                     token_name: need("chain.token_name", &chain.token_name)?,
                     token_version: need("chain.token_version", &chain.token_version)?,
                 }
@@ -237,7 +265,9 @@ impl Config {
             other => {
                 return Err(invalid(
                     "chain.network",
-                    format!("unknown network `{other}`; expected \"base\", \"base-sepolia\" or \"custom\""),
+                    format!(
+                        "unknown network `{other}`; expected \"base\", \"base-sepolia\" or \"custom\""
+                    ),
                 ));
             }
         };
@@ -249,7 +279,14 @@ impl Config {
             .rpc_http
             .iter()
             .enumerate()
-            .map(|(i, url)| resolve_url(&format!("chain.rpc_http[{i}]"), url, &["http://", "https://"], env))
+            .map(|(i, url)| {
+                resolve_url(
+                    &format!("chain.rpc_http[{i}]"),
+                    url,
+                    &["http://", "https://"],
+                    env,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let rpc_ws = match chain.rpc_ws.as_deref() {
             None | Some("") => None,
@@ -257,10 +294,16 @@ impl Config {
         };
         let pay_to = parse_address("chain.pay_to", &chain.pay_to)?;
         if pay_to == Address::ZERO {
-            return Err(invalid("chain.pay_to", "the zero address cannot receive payments"));
+            return Err(invalid(
+                "chain.pay_to",
+                "the zero address cannot receive payments",
+            ));
         }
         if chain.confirmations == 0 {
-            return Err(invalid("chain.confirmations", "must be at least 1 (1 = the block that mined it)"));
+            return Err(invalid(
+                "chain.confirmations",
+                "must be at least 1 (1 = the block that mined it)",
+            ));
         }
         if chain.poll_interval_ms == 0 {
             return Err(invalid("chain.poll_interval_ms", "must be positive"));
@@ -292,12 +335,19 @@ impl Config {
         if let Some(url) = &self.server.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            return Err(invalid("server.public_url", "must start with http:// or https://"));
+            return Err(invalid(
+                "server.public_url",
+                "must start with http:// or https://",
+            ));
         }
 
         Ok(Settings {
             listen: self.server.listen,
-            public_url: self.server.public_url.clone().map(|u| u.trim_end_matches('/').to_string()),
+            public_url: self
+                .server
+                .public_url
+                .clone()
+                .map(|u| u.trim_end_matches('/').to_string()),
             chain: ChainSettings {
                 network,
                 rpc_http,
@@ -316,9 +366,12 @@ impl Config {
 }
 
 fn parse_address(key: &str, raw: &str) -> Result<Address, ConfigError> {
-    raw.trim()
-        .parse::<Address>()
-        .map_err(|e| invalid(key, format!("`{raw}` is not an address (0x + 40 hex digits): {e}")))
+    raw.trim().parse::<Address>().map_err(|e| {
+        invalid(
+            key,
+            format!("`{raw}` is not an address (0x + 40 hex digits): {e}"),
+        )
+    })
 }
 
 fn resolve_url(
@@ -328,11 +381,15 @@ fn resolve_url(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigError> {
     let url = match raw.strip_prefix('$') {
-        Some(var) => env(var).ok_or_else(|| invalid(key, format!("environment variable `{var}` is not set")))?,
+        Some(var) => env(var)
+            .ok_or_else(|| invalid(key, format!("environment variable `{var}` is not set")))?,
         None => raw.to_string(),
     };
     if !schemes.iter().any(|s| url.starts_with(s)) {
-        return Err(invalid(key, format!("URL must start with {}", schemes.join(" or "))));
+        return Err(invalid(
+            key,
+            format!("URL must start with {}", schemes.join(" or ")),
+        ));
     }
     Ok(url)
 }
@@ -376,15 +433,20 @@ pay_to = "0x1111111111111111111111111111111111111111"
 
     #[test]
     fn unknown_key_is_named() {
-        let err = resolve(&format!("{MINIMAL}confirmatons = 3\n")).unwrap_err().to_string();
+        let err = resolve(&format!("{MINIMAL}confirmatons = 3\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("confirmatons"), "{err}");
-        let err = resolve(&format!("{MINIMAL}[surprise]\nx = 1\n")).unwrap_err().to_string();
+        let err = resolve(&format!("{MINIMAL}[surprise]\nx = 1\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("surprise"), "{err}");
     }
 
     #[test]
     fn invalid_values_name_the_key() {
-        let err = resolve(&MINIMAL.replace("0x1111111111111111111111111111111111111111", "0x12")).unwrap_err();
+        let err = resolve(&MINIMAL.replace("0x1111111111111111111111111111111111111111", "0x12"))
+            .unwrap_err();
         assert!(err.to_string().contains("chain.pay_to"), "{err}");
         let err = resolve(&MINIMAL.replace("\"base\"", "\"base-mainnet\"")).unwrap_err();
         assert!(err.to_string().contains("chain.network"), "{err}");
@@ -409,15 +471,28 @@ pay_to = "0x1111111111111111111111111111111111111111"
         let s = resolve(text).unwrap();
         assert_eq!(s.chain.network.chain_id, 31337);
         assert_eq!(s.chain.rpc_http[0], "https://rpc.example/key123");
-        let err = resolve(&text.replace("$RPC_SECRET", "$MISSING")).unwrap_err().to_string();
-        assert!(err.contains("MISSING") && err.contains("chain.rpc_http[0]"), "{err}");
-        let err = resolve(&text.replace("chain_id = 31337\n", "")).unwrap_err().to_string();
+        let err = resolve(&text.replace("$RPC_SECRET", "$MISSING"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("MISSING") && err.contains("chain.rpc_http[0]"),
+            "{err}"
+        );
+        let err = resolve(&text.replace("chain_id = 31337\n", ""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("chain.chain_id"), "{err}");
     }
 
     #[test]
     fn redacts_secrets_in_urls() {
-        assert_eq!(redact_url("https://base-mainnet.g.alchemy.com/v2/SECRET"), "https://base-mainnet.g.alchemy.com/…");
-        assert_eq!(redact_url("http://user:pw@127.0.0.1:8545"), "http://127.0.0.1:8545");
+        assert_eq!(
+            redact_url("https://base-mainnet.g.alchemy.com/v2/SECRET"),
+            "https://base-mainnet.g.alchemy.com/…"
+        );
+        assert_eq!(
+            redact_url("http://user:pw@127.0.0.1:8545"),
+            "http://127.0.0.1:8545"
+        );
     }
 }

@@ -88,7 +88,9 @@ impl From<StatusArg> for TransferStatus {
 
 fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).context("invalid --log filter")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -106,14 +108,15 @@ fn cancel_on_signal(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -144,13 +147,19 @@ async fn main() -> Result<()> {
             let status = StatusHandle::default();
             let chain_settings = settings.chain.clone();
             if once {
-                Indexer::new(chain_settings, store, status)?.run_until_synced(shutdown).await?;
+                Indexer::new(chain_settings, store, status)?
+                    .run_until_synced(shutdown)
+                    .await?;
             } else {
                 chain::spawn(chain_settings, store, status, shutdown)?.await??;
             }
             Ok(())
         }
-        Command::Payments { config, status, json } => {
+        Command::Payments {
+            config,
+            status,
+            json,
+        } => {
             let settings = load(&config)?;
             payments(&settings, status.map(Into::into), json).await
         }
@@ -196,7 +205,12 @@ async fn payments(settings: &Settings, status: Option<TransferStatus>, json: boo
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no transfers indexed{}", status.map(|s| format!(" with status {}", s.as_str())).unwrap_or_default());
+        println!(
+            "no transfers indexed{}",
+            status
+                .map(|s| format!(" with status {}", s.as_str()))
+                .unwrap_or_default()
+        );
         return Ok(());
     }
     println!(
@@ -217,6 +231,10 @@ async fn payments(settings: &Settings, status: Option<TransferStatus>, json: boo
             t.confirmations(head)
         );
     }
-    println!("{} transfers; indexed head {}", rows.len(), head.map_or("none".to_string(), |h| h.to_string()));
+    println!(
+        "{} transfers; indexed head {}",
+        rows.len(),
+        head.map_or("none".to_string(), |h| h.to_string())
+    );
     Ok(())
 }

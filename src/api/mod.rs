@@ -28,10 +28,16 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then finishes in-flight requests.
-pub async fn run(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!("listening on http://{addr}");
-    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 /// Why the gateway stopped.
@@ -46,11 +52,24 @@ pub enum ServeError {
 }
 
 /// Runs the whole gateway — indexer and HTTP server — on `listener` until `shutdown`.
-pub async fn serve(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     let store = Store::open(&settings.database_path)?;
     let status = StatusHandle::default();
-    let indexer = crate::chain::spawn(settings.chain.clone(), store.clone(), status.clone(), shutdown.clone())?;
-    let state = AppState { settings: Arc::new(settings), store, indexer: status };
+    let indexer = crate::chain::spawn(
+        settings.chain.clone(),
+        store.clone(),
+        status.clone(),
+        shutdown.clone(),
+    )?;
+    let state = AppState {
+        settings: Arc::new(settings),
+        store,
+        indexer: status,
+    };
     let served = run(listener, router(state), shutdown.clone()).await;
     shutdown.cancel();
     if let Ok(Err(e)) = indexer.await {
