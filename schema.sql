@@ -56,7 +56,8 @@ CREATE INDEX transfers_tx_hash ON transfers (tx_hash);
 CREATE INDEX transfers_status_block ON transfers (status, block_number);
 CREATE INDEX transfers_from ON transfers (from_address);
 
--- Every status a transfer has had, for auditors.
+-- Every status change of a transfer after it was first recorded, for auditors. The transfers row is the first
+-- entry: recorded at first_seen_at, as `confirmed` when confirmed_at = first_seen_at (found at depth), else `seen`.
 CREATE TABLE transfer_status_history (
     id          INTEGER PRIMARY KEY,
     transfer_id INTEGER NOT NULL REFERENCES transfers (id),

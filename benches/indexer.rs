@@ -6,7 +6,8 @@
 //! 3. SQLite: writes 100,000 synthetic transfers through the store in indexer-sized batches (1,000 per range
 //!    transaction) and prints transfers/s.
 //!
-//! Environment: `BENCH_BLOCKS` (default 1000) and `BENCH_PER_BLOCK` (default 10) change the chain's size.
+//! Environment: `BENCH_BLOCKS` (default 1000) and `BENCH_PER_BLOCK` (default 10) change the chain's size;
+//! `BENCH_LOG=x402_gateway=debug` shows the indexer's per-range timings.
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,10 @@ use x402_gateway::store::transfers::{BlockRef, NewTransfer, RangeUpdate};
 use x402_gateway::usdc::Usdc;
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::main]
@@ -40,7 +44,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for a in &chain.agents {
         wallet.register_signer(a.clone());
     }
-    let provider = ProviderBuilder::new().wallet(wallet).connect_http(chain.anvil.endpoint_url());
+    let provider = ProviderBuilder::new()
+        .wallet(wallet)
+        .connect_http(chain.anvil.endpoint_url());
     provider.anvil_set_auto_mine(false).await?;
     let senders: Vec<_> = chain.agents.iter().map(|a| a.address()).collect();
     let mut nonces = Vec::new();
@@ -53,7 +59,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut txs = Vec::new();
         for k in 0..per_block {
             let who = ((b * per_block + k) % senders.len() as u64) as usize;
-            let call = TestUSDC::transferCall { to: chain.pay_to, value: U256::from(1_000 + b * per_block + k) };
+            let call = TestUSDC::transferCall {
+                to: chain.pay_to,
+                value: U256::from(1_000 + b * per_block + k),
+            };
             let tx = alloy::rpc::types::TransactionRequest::default()
                 .from(senders[who])
                 .to(chain.token)
@@ -65,10 +74,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             nonces[who] += 1;
             txs.push(tx);
         }
-        let sent: Vec<_> = futures::stream::iter(txs.into_iter().map(|tx| provider.send_transaction(tx)))
-            .buffered(16)
-            .collect()
-            .await;
+        let sent: Vec<_> =
+            futures::stream::iter(txs.into_iter().map(|tx| provider.send_transaction(tx)))
+                .buffered(16)
+                .collect()
+                .await;
         for s in sent {
             drop(s?);
         }
@@ -121,7 +131,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let indexer_started = Instant::now();
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
-        .args(["index", "--once", "--log", "warn", "--config"])
+        .args(["index", "--once", "--log"])
+        .arg(std::env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+        .arg("--config")
         .arg(&config)
         .status()?;
     let indexer = indexer_started.elapsed();
@@ -135,11 +147,26 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!();
     println!("x402-gateway indexer benchmark");
-    println!("  chain: {} transfers to payTo over {blocks} blocks (anvil 1.7.1, local HTTP)", blocks * per_block);
-    println!("  bare eth_getLogs (2,000-block ranges) : {:>9.1} ms  ({bare_logs} logs)", ms(bare));
-    println!("  indexer backfill (`index --once`)    : {:>9.1} ms  ({indexed} transfers written)", ms(indexer));
-    println!("  ratio indexer / bare eth_getLogs     : {:>9.2}", indexer.as_secs_f64() / bare.as_secs_f64());
-    println!("  indexer peak RSS                     : {:>9.1} MiB", peak_rss_kib as f64 / 1024.0);
+    println!(
+        "  chain: {} transfers to payTo over {blocks} blocks (anvil 1.7.1, local HTTP)",
+        blocks * per_block
+    );
+    println!(
+        "  bare eth_getLogs (2,000-block ranges) : {:>9.1} ms  ({bare_logs} logs)",
+        ms(bare)
+    );
+    println!(
+        "  indexer backfill (`index --once`)    : {:>9.1} ms  ({indexed} transfers written)",
+        ms(indexer)
+    );
+    println!(
+        "  ratio indexer / bare eth_getLogs     : {:>9.2}",
+        indexer.as_secs_f64() / bare.as_secs_f64()
+    );
+    println!(
+        "  indexer peak RSS                     : {:>9.1} MiB",
+        peak_rss_kib as f64 / 1024.0
+    );
     println!(
         "  SQLite writes (1,000 per transaction) : {:>9.0} transfers/s  ({rows} rows in {:.1} ms, synchronous=FULL)",
         rows as f64 / write_time.as_secs_f64(),
@@ -164,7 +191,10 @@ fn children_peak_rss_kib() -> i64 {
     unsafe { usage.assume_init() }.ru_maxrss
 }
 
-async fn sqlite_write_rate(total: u64, per_range: u64) -> Result<(u64, Duration), Box<dyn std::error::Error>> {
+async fn sqlite_write_rate(
+    total: u64,
+    per_range: u64,
+) -> Result<(u64, Duration), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let store = Store::open(&dir.path().join("writes.db"))?;
     let mut updates = Vec::new();
@@ -187,7 +217,12 @@ async fn sqlite_write_rate(total: u64, per_range: u64) -> Result<(u64, Duration)
             from: block,
             to: block,
             transfers,
-            headers: vec![BlockRef { number: block, hash, parent_hash: format!("{:#066x}", block - 1), timestamp: 0 }],
+            headers: vec![BlockRef {
+                number: block,
+                hash,
+                parent_hash: format!("{:#066x}", block - 1),
+                timestamp: 0,
+            }],
             confirmations: 1,
             reorg_window: 64,
         });

@@ -489,9 +489,14 @@ pay_to = "0x1111111111111111111111111111111111111111"
         let text = include_str!("../fixtures/example-config.toml");
         let s = Config::parse(text, Path::new("example-config.toml"))
             .unwrap()
-            .resolve(Path::new("/srv"), &|name| (name == "BASE_RPC_URL").then(|| "https://rpc.example/k".to_string()))
+            .resolve(Path::new("/srv"), &|name| {
+                (name == "BASE_RPC_URL").then(|| "https://rpc.example/k".to_string())
+            })
             .unwrap();
-        assert_eq!(s.chain.rpc_http, vec!["https://rpc.example/k", "https://mainnet.base.org"]);
+        assert_eq!(
+            s.chain.rpc_http,
+            vec!["https://rpc.example/k", "https://mainnet.base.org"]
+        );
         assert_eq!(s.chain.network.chain_id, 8453);
     }
 

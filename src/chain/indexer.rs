@@ -222,6 +222,7 @@ impl Indexer {
 
     /// One step: reorg check, then the next range.
     pub async fn step(&mut self) -> Result<Step, IndexerError> {
+        let step_started = Instant::now();
         let head = self.rpc.block_number().await?;
         self.status.update(|s| s.chain_head = Some(head));
 
@@ -324,6 +325,7 @@ impl Indexer {
             }
         }
 
+        let fetched = step_started.elapsed();
         let count = transfers.len();
         let outcome = self
             .store
@@ -336,6 +338,14 @@ impl Indexer {
                 reorg_window: self.settings.reorg_window,
             })
             .await?;
+        tracing::debug!(
+            from,
+            to,
+            transfers = count,
+            extra_headers = missing.len(),
+            "range fetched in {fetched:?}, written in {:?}",
+            step_started.elapsed() - fetched
+        );
         self.checkpoint = self.store.checkpoint().await?;
         let grown = self
             .range
@@ -372,13 +382,19 @@ impl Indexer {
                 t.block_number
             )));
         }
-        let Some(header) = headers.get(&t.block_number).filter(|h| h.hash == t.block_hash) else {
+        let Some(header) = headers
+            .get(&t.block_number)
+            .filter(|h| h.hash == t.block_hash)
+        else {
             return Err(IndexerError::Inconsistent(format!(
                 "log block hash differs from the header of block {}",
                 t.block_number
             )));
         };
-        Ok(Some(NewTransfer { block_time: Some(header.timestamp), ..t }))
+        Ok(Some(NewTransfer {
+            block_time: Some(header.timestamp),
+            ..t
+        }))
     }
 
     /// Walks back from `suspect` to the highest block whose stored hash is still canonical and rolls back to it.
@@ -431,7 +447,9 @@ impl Indexer {
         outcome: &crate::store::transfers::RangeOutcome,
     ) {
         let needed = self.settings.confirmations;
-        let backfilling = head.saturating_sub(to) > self.settings.reorg_window;
+        // Per-payment lines only while following: a backfill reports progress instead.
+        let following = self.follow_mode;
+        let backfilling = !following || head.saturating_sub(to) > self.settings.reorg_window;
         self.progress.transfers += count;
         let first = *self.progress.first_block.get_or_insert(from);
         if backfilling || !self.follow_mode {
@@ -459,7 +477,7 @@ impl Indexer {
         for t in &outcome.reappeared {
             tracing::info!(tx = %t.tx_hash, amount = %t.value, block = t.block_number, "payment is canonical again");
         }
-        if self.follow_mode && !backfilling {
+        if !backfilling {
             for t in &outcome.pending {
                 let conf = t.confirmations(Some(to));
                 if self.last_pending.get(&t.id) != Some(&conf) {

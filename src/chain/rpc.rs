@@ -21,6 +21,8 @@ use crate::store::transfers::BlockRef;
 
 /// Largest number of requests put in one JSON-RPC batch.
 const MAX_BATCH: usize = 100;
+/// Header batches sent at once.
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// A failed RPC call.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -213,39 +215,47 @@ impl Rpc {
     /// does not know (a lagging backend) is a transport error, so another endpoint or a later retry is used.
     pub async fn headers(&self, numbers: &[u64]) -> Result<Vec<BlockRef>, RpcError> {
         let mut out = Vec::with_capacity(numbers.len());
-        for chunk in numbers.chunks(MAX_BATCH) {
-            let got = self
-                .with_failover("eth_getBlockByNumber", |ep| async move {
-                    let mut batch = ep.client.new_batch();
-                    let mut waiters = Vec::with_capacity(chunk.len());
-                    for n in chunk {
-                        let w = batch
-                            .add_call::<_, Option<RawHeader>>(
-                                "eth_getBlockByNumber",
-                                &(U64::from(*n), false),
-                            )
-                            .map_err(|e| classify(&ep.label, e))?;
-                        waiters.push(w);
-                    }
-                    batch.send().await.map_err(|e| classify(&ep.label, e))?;
-                    let mut headers = Vec::with_capacity(chunk.len());
-                    for (w, n) in waiters.into_iter().zip(chunk) {
-                        match w.await.map_err(|e| classify(&ep.label, e))? {
-                            Some(h) => headers.push(BlockRef::from(h)),
-                            None => {
-                                return Err(RpcError::Transport {
-                                    endpoint: ep.label.clone(),
-                                    message: format!("node does not know block {n} yet"),
-                                });
-                            }
-                        }
-                    }
-                    Ok(headers)
-                })
-                .await?;
-            out.extend(got);
+        for group in numbers.chunks(MAX_BATCH * BATCHES_IN_FLIGHT) {
+            let batches: Vec<_> = group
+                .chunks(MAX_BATCH)
+                .map(|chunk| self.header_batch(chunk))
+                .collect();
+            for batch in futures::future::try_join_all(batches).await? {
+                out.extend(batch);
+            }
         }
         Ok(out)
+    }
+
+    async fn header_batch(&self, chunk: &[u64]) -> Result<Vec<BlockRef>, RpcError> {
+        self.with_failover("eth_getBlockByNumber", |ep| async move {
+            let mut batch = ep.client.new_batch();
+            let mut waiters = Vec::with_capacity(chunk.len());
+            for n in chunk {
+                let w = batch
+                    .add_call::<_, Option<RawHeader>>(
+                        "eth_getBlockByNumber",
+                        &(U64::from(*n), false),
+                    )
+                    .map_err(|e| classify(&ep.label, e))?;
+                waiters.push(w);
+            }
+            batch.send().await.map_err(|e| classify(&ep.label, e))?;
+            let mut headers = Vec::with_capacity(chunk.len());
+            for (w, n) in waiters.into_iter().zip(chunk) {
+                match w.await.map_err(|e| classify(&ep.label, e))? {
+                    Some(h) => headers.push(BlockRef::from(h)),
+                    None => {
+                        return Err(RpcError::Transport {
+                            endpoint: ep.label.clone(),
+                            message: format!("node does not know block {n} yet"),
+                        });
+                    }
+                }
+            }
+            Ok(headers)
+        })
+        .await
     }
 
     /// `eth_getLogs` for `filter` over `[from, to]`, batched with the header of `to` so both answers come from the

@@ -153,10 +153,10 @@ fn record_status(
     head: u64,
     reason: &str,
 ) -> rusqlite::Result<()> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO transfer_status_history (transfer_id, status, at, head_block, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![transfer_id, status.as_str(), now_unix(), head as i64, reason],
-    )?;
+    )?
+    .execute(params![transfer_id, status.as_str(), now_unix(), head as i64, reason])?;
     Ok(())
 }
 
@@ -171,34 +171,60 @@ fn select_transfers(
     rows.collect()
 }
 
-/// Inserts a transfer as `seen` unless that (block hash, log index) is already stored. Returns its id when new.
-fn insert_seen(
+/// Inserts a transfer unless that (block hash, log index) is already stored: `confirmed` at once when its block
+/// is at or below `confirm_upto` (found at depth, e.g. during backfill), `seen` otherwise. Returns the new row.
+/// The row itself is the first entry of its history (`first_seen_at`, and `confirmed_at` equal to it when it was
+/// found confirmed); `transfer_status_history` records the changes after that.
+fn insert_new(
     tx: &Transaction<'_>,
     t: &NewTransfer,
-    head: u64,
-    reason: &str,
-) -> rusqlite::Result<Option<i64>> {
-    let changed = tx.prepare_cached(
-        "INSERT OR IGNORE INTO transfers (tx_hash, log_index, block_number, block_hash, block_time, from_address, \
-         to_address, value_atomic, status, first_seen_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'seen', ?9)",
-    )?
-    .execute(params![
-        t.tx_hash,
-        t.log_index as i64,
-        t.block_number as i64,
-        t.block_hash,
-        t.block_time.map(|v| v as i64),
-        t.from,
-        t.to,
-        t.value.atomic(),
-        now_unix(),
-    ])?;
+    confirm_upto: i64,
+) -> rusqlite::Result<Option<Transfer>> {
+    let now = now_unix();
+    let status = if (t.block_number as i64) <= confirm_upto {
+        TransferStatus::Confirmed
+    } else {
+        TransferStatus::Seen
+    };
+    let confirmed_at = (status == TransferStatus::Confirmed).then_some(now);
+    let changed = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO transfers (tx_hash, log_index, block_number, block_hash, block_time, from_address, \
+             to_address, value_atomic, status, first_seen_at, confirmed_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?
+        .execute(params![
+            t.tx_hash,
+            t.log_index as i64,
+            t.block_number as i64,
+            t.block_hash,
+            t.block_time.map(|v| v as i64),
+            t.from,
+            t.to,
+            t.value.atomic(),
+            status.as_str(),
+            now,
+            confirmed_at,
+        ])?;
     if changed == 0 {
         return Ok(None);
     }
     let id = tx.last_insert_rowid();
-    record_status(tx, id, TransferStatus::Seen, head, reason)?;
-    Ok(Some(id))
+    Ok(Some(Transfer {
+        id,
+        tx_hash: t.tx_hash.clone(),
+        log_index: t.log_index,
+        block_number: t.block_number,
+        block_hash: t.block_hash.clone(),
+        block_time: t.block_time,
+        from: t.from.clone(),
+        to: t.to.clone(),
+        value: t.value,
+        status,
+        first_seen_at: now,
+        confirmed_at,
+        orphaned_at: None,
+    }))
 }
 
 impl Store {
@@ -268,9 +294,14 @@ impl Store {
             let fetched: HashSet<(&str, u64)> =
                 update.transfers.iter().map(|t| (t.block_hash.as_str(), t.log_index)).collect();
 
+            // Depth reached: confirmations = head − block + 1 ≥ N  ⇔  block ≤ head + 1 − N.
+            let confirm_upto = (head + 1).checked_sub(update.confirmations).map(|v| v as i64).unwrap_or(-1);
             for t in &update.transfers {
-                if insert_seen(tx, t, head, "indexed from eth_getLogs")?.is_some() {
+                if let Some(row) = insert_new(tx, t, confirm_upto)? {
                     outcome.inserted += 1;
+                    if row.status == TransferStatus::Confirmed {
+                        outcome.newly_confirmed.push(row);
+                    }
                     continue;
                 }
                 // Already stored: a WebSocket announcement, or a block that comes back after a reorg.
@@ -324,8 +355,6 @@ impl Store {
                 params![update.to as i64, to_hash, now_unix()],
             )?;
 
-            // Depth reached: confirmations = head − block + 1 ≥ N  ⇔  block ≤ head + 1 − N.
-            let confirm_upto = (head + 1).checked_sub(update.confirmations).map(|v| v as i64).unwrap_or(-1);
             let newly = select_transfers(tx, "status = 'seen' AND block_number <= ?1", &[&confirm_upto])?;
             let now = now_unix();
             for mut row in newly {
@@ -383,8 +412,7 @@ impl Store {
             {
                 return Ok(false);
             }
-            let head = checkpoint.map_or(t.block_number, |c| c.number);
-            Ok(insert_seen(tx, &t, head, "announced by WebSocket subscription")?.is_some())
+            Ok(insert_new(tx, &t, -1)?.is_some())
         })
         .await
     }
