@@ -8,6 +8,7 @@
 //! The SQL of each concern lives in a submodule (`transfers` for the indexer); this file owns connections,
 //! transactions and migrations.
 
+pub mod billing;
 pub mod transfers;
 
 use std::path::{Path, PathBuf};
