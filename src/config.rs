@@ -17,7 +17,10 @@ use crate::usdc::Usdc;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config key `{key}`: {message}")]
@@ -25,7 +28,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_string(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
 }
 
 /// The whole configuration file as written.
@@ -89,7 +95,9 @@ pub struct CreditsConfig {
 
 impl Default for CreditsConfig {
     fn default() -> Self {
-        CreditsConfig { min_topup_usdc: default_min_topup() }
+        CreditsConfig {
+            min_topup_usdc: default_min_topup(),
+        }
     }
 }
 
@@ -115,7 +123,11 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        AuthConfig { claims_require_signature: true, admin_token_env: None, auditor_token_env: None }
+        AuthConfig {
+            claims_require_signature: true,
+            admin_token_env: None,
+            auditor_token_env: None,
+        }
     }
 }
 
@@ -142,7 +154,12 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), public_url: None, docs_url: None, facilitator: None }
+        ServerConfig {
+            listen: default_listen(),
+            public_url: None,
+            docs_url: None,
+            facilitator: None,
+        }
     }
 }
 
@@ -209,7 +226,9 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { path: default_db_path() }
+        DatabaseConfig {
+            path: default_db_path(),
+        }
     }
 }
 
@@ -325,20 +344,29 @@ pub struct Auth {
 impl Config {
     /// Parses TOML text; `origin` names the file in errors.
     pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_path_buf(), message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let config = Config::parse(&text, path)?;
         let base_dir = path.parent().unwrap_or(Path::new("."));
         config.resolve(base_dir, &|name| std::env::var(name).ok())
     }
 
     /// Validates and resolves presets and secrets. `env` looks up environment variables (injected for tests).
-    pub fn resolve(&self, base_dir: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+    pub fn resolve(
+        &self,
+        base_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Settings, ConfigError> {
         let chain = &self.chain;
         let custom_keys = [
             ("chain.chain_id", chain.chain_id.is_some()),
@@ -351,7 +379,10 @@ impl Config {
                 if let Some((key, _)) = custom_keys.iter().find(|(_, set)| *set) {
                     return Err(invalid(
                         key,
-                        format!("only allowed with network = \"custom\" (network `{}` is a preset)", chain.network),
+                        format!(
+                            "only allowed with network = \"custom\" (network `{}` is a preset)",
+                            chain.network
+                        ),
                     ));
                 }
                 let (chain_id, token, token_name) = if chain.network == "base" {
@@ -369,17 +400,22 @@ impl Config {
             }
             "custom" => {
                 let need = |key: &str, v: &Option<String>| {
-                    v.clone().ok_or_else(|| invalid(key, "required when network = \"custom\""))
+                    v.clone()
+                        .ok_or_else(|| invalid(key, "required when network = \"custom\""))
                 };
-                let chain_id =
-                    chain.chain_id.ok_or_else(|| invalid("chain.chain_id", "required when network = \"custom\""))?;
+                let chain_id = chain.chain_id.ok_or_else(|| {
+                    invalid("chain.chain_id", "required when network = \"custom\"")
+                })?;
                 if chain_id == 0 {
                     return Err(invalid("chain.chain_id", "must be a positive chain id"));
                 }
                 Network {
                     name: "custom".to_string(),
                     chain_id,
-                    token: parse_address("chain.token_address", &need("chain.token_address", &chain.token_address)?)?,
+                    token: parse_address(
+                        "chain.token_address",
+                        &need("chain.token_address", &chain.token_address)?,
+                    )?,
                     token_name: need("chain.token_name", &chain.token_name)?,
                     token_version: need("chain.token_version", &chain.token_version)?,
                 }
@@ -387,7 +423,9 @@ impl Config {
             other => {
                 return Err(invalid(
                     "chain.network",
-                    format!("unknown network `{other}`; expected \"base\", \"base-sepolia\" or \"custom\""),
+                    format!(
+                        "unknown network `{other}`; expected \"base\", \"base-sepolia\" or \"custom\""
+                    ),
                 ));
             }
         };
@@ -399,7 +437,14 @@ impl Config {
             .rpc_http
             .iter()
             .enumerate()
-            .map(|(i, url)| resolve_url(&format!("chain.rpc_http[{i}]"), url, &["http://", "https://"], env))
+            .map(|(i, url)| {
+                resolve_url(
+                    &format!("chain.rpc_http[{i}]"),
+                    url,
+                    &["http://", "https://"],
+                    env,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let rpc_ws = match chain.rpc_ws.as_deref() {
             None | Some("") => None,
@@ -407,10 +452,16 @@ impl Config {
         };
         let pay_to = parse_address("chain.pay_to", &chain.pay_to)?;
         if pay_to == Address::ZERO {
-            return Err(invalid("chain.pay_to", "the zero address cannot receive payments"));
+            return Err(invalid(
+                "chain.pay_to",
+                "the zero address cannot receive payments",
+            ));
         }
         if chain.confirmations == 0 {
-            return Err(invalid("chain.confirmations", "must be at least 1 (1 = the block that mined it)"));
+            return Err(invalid(
+                "chain.confirmations",
+                "must be at least 1 (1 = the block that mined it)",
+            ));
         }
         if chain.poll_interval_ms == 0 {
             return Err(invalid("chain.poll_interval_ms", "must be positive"));
@@ -442,10 +493,16 @@ impl Config {
         if let Some(url) = &self.server.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            return Err(invalid("server.public_url", "must start with http:// or https://"));
+            return Err(invalid(
+                "server.public_url",
+                "must start with http:// or https://",
+            ));
         }
 
-        for (key, url) in [("server.docs_url", &self.server.docs_url), ("server.facilitator", &self.server.facilitator)] {
+        for (key, url) in [
+            ("server.docs_url", &self.server.docs_url),
+            ("server.facilitator", &self.server.facilitator),
+        ] {
             if let Some(url) = url
                 && !(url.starts_with("http://") || url.starts_with("https://"))
             {
@@ -462,7 +519,10 @@ impl Config {
                 None => Ok(None),
                 Some(name) => match env(name) {
                     Some(v) if !v.trim().is_empty() => Ok(Some(v)),
-                    _ => Err(invalid(key, format!("environment variable `{name}` is not set"))),
+                    _ => Err(invalid(
+                        key,
+                        format!("environment variable `{name}` is not set"),
+                    )),
                 },
             }
         };
@@ -479,7 +539,11 @@ impl Config {
             credits: Credits { min_topup },
             auth,
             listen: self.server.listen,
-            public_url: self.server.public_url.clone().map(|u| u.trim_end_matches('/').to_string()),
+            public_url: self
+                .server
+                .public_url
+                .clone()
+                .map(|u| u.trim_end_matches('/').to_string()),
             chain: ChainSettings {
                 network,
                 rpc_http,
@@ -504,7 +568,8 @@ fn parse_usdc(key: &str, raw: &str) -> Result<Usdc, ConfigError> {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// `"HH:MM"` → minutes of the day (`24:00` allowed as an end).
@@ -528,13 +593,19 @@ fn resolve_pools(pools: &[PoolConfig]) -> Result<Vec<Pool>, ConfigError> {
             return Err(invalid(&key("slug"), "must be 1-64 of a-z, 0-9, `-`, `_`"));
         }
         if out.iter().any(|o| o.slug == p.slug) {
-            return Err(invalid(&key("slug"), format!("`{}` is used by another pool", p.slug)));
+            return Err(invalid(
+                &key("slug"),
+                format!("`{}` is used by another pool", p.slug),
+            ));
         }
         if p.name.trim().is_empty() {
             return Err(invalid(&key("name"), "must not be empty"));
         }
         if p.models.is_empty() || p.models.iter().any(|m| m.trim().is_empty()) {
-            return Err(invalid(&key("models"), "needs at least one non-empty model id"));
+            return Err(invalid(
+                &key("models"),
+                "needs at least one non-empty model id",
+            ));
         }
         if p.duration_days == 0 || p.duration_days > 3650 {
             return Err(invalid(&key("duration_days"), "must be between 1 and 3650"));
@@ -549,18 +620,35 @@ fn resolve_pools(pools: &[PoolConfig]) -> Result<Vec<Pool>, ConfigError> {
                 return Err(invalid(&bkey("name"), "must be 1-64 of a-z, 0-9, `-`, `_`"));
             }
             if blocks.iter().any(|o| o.name == b.name) {
-                return Err(invalid(&bkey("name"), format!("`{}` is used by another block of this pool", b.name)));
+                return Err(invalid(
+                    &bkey("name"),
+                    format!("`{}` is used by another block of this pool", b.name),
+                ));
             }
             let (start, end) = b
                 .hours_utc
                 .split_once('-')
                 .and_then(|(a, z)| Some((parse_hm(a)?, parse_hm(z)?)))
-                .ok_or_else(|| invalid(&bkey("hours_utc"), format!("`{}` is not `HH:MM-HH:MM`", b.hours_utc)))?;
+                .ok_or_else(|| {
+                    invalid(
+                        &bkey("hours_utc"),
+                        format!("`{}` is not `HH:MM-HH:MM`", b.hours_utc),
+                    )
+                })?;
             if start >= end || start >= 24 * 60 {
-                return Err(invalid(&bkey("hours_utc"), format!("`{}`: the start must be before the end", b.hours_utc)));
+                return Err(invalid(
+                    &bkey("hours_utc"),
+                    format!("`{}`: the start must be before the end", b.hours_utc),
+                ));
             }
-            if let Some(o) = blocks.iter().find(|o| start < o.end_minute && o.start_minute < end) {
-                return Err(invalid(&bkey("hours_utc"), format!("`{}` overlaps block `{}`", b.hours_utc, o.name)));
+            if let Some(o) = blocks
+                .iter()
+                .find(|o| start < o.end_minute && o.start_minute < end)
+            {
+                return Err(invalid(
+                    &bkey("hours_utc"),
+                    format!("`{}` overlaps block `{}`", b.hours_utc, o.name),
+                ));
             }
             let price = parse_usdc(&bkey("price_usdc"), &b.price_usdc)?;
             if price == Usdc::ZERO {
@@ -569,7 +657,13 @@ fn resolve_pools(pools: &[PoolConfig]) -> Result<Vec<Pool>, ConfigError> {
             if b.seats == 0 {
                 return Err(invalid(&bkey("seats"), "must be at least 1"));
             }
-            blocks.push(Block { name: b.name.clone(), start_minute: start, end_minute: end, price, seats: b.seats });
+            blocks.push(Block {
+                name: b.name.clone(),
+                start_minute: start,
+                end_minute: end,
+                price,
+                seats: b.seats,
+            });
         }
         out.push(Pool {
             slug: p.slug.clone(),
@@ -583,9 +677,12 @@ fn resolve_pools(pools: &[PoolConfig]) -> Result<Vec<Pool>, ConfigError> {
 }
 
 fn parse_address(key: &str, raw: &str) -> Result<Address, ConfigError> {
-    raw.trim()
-        .parse::<Address>()
-        .map_err(|e| invalid(key, format!("`{raw}` is not an address (0x + 40 hex digits): {e}")))
+    raw.trim().parse::<Address>().map_err(|e| {
+        invalid(
+            key,
+            format!("`{raw}` is not an address (0x + 40 hex digits): {e}"),
+        )
+    })
 }
 
 fn resolve_url(
@@ -595,11 +692,15 @@ fn resolve_url(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<String, ConfigError> {
     let url = match raw.strip_prefix('$') {
-        Some(var) => env(var).ok_or_else(|| invalid(key, format!("environment variable `{var}` is not set")))?,
+        Some(var) => env(var)
+            .ok_or_else(|| invalid(key, format!("environment variable `{var}` is not set")))?,
         None => raw.to_string(),
     };
     if !schemes.iter().any(|s| url.starts_with(s)) {
-        return Err(invalid(key, format!("URL must start with {}", schemes.join(" or "))));
+        return Err(invalid(
+            key,
+            format!("URL must start with {}", schemes.join(" or ")),
+        ));
     }
     Ok(url)
 }
@@ -643,15 +744,20 @@ pay_to = "0x1111111111111111111111111111111111111111"
 
     #[test]
     fn unknown_key_is_named() {
-        let err = resolve(&format!("{MINIMAL}confirmatons = 3\n")).unwrap_err().to_string();
+        let err = resolve(&format!("{MINIMAL}confirmatons = 3\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("confirmatons"), "{err}");
-        let err = resolve(&format!("{MINIMAL}[surprise]\nx = 1\n")).unwrap_err().to_string();
+        let err = resolve(&format!("{MINIMAL}[surprise]\nx = 1\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("surprise"), "{err}");
     }
 
     #[test]
     fn invalid_values_name_the_key() {
-        let err = resolve(&MINIMAL.replace("0x1111111111111111111111111111111111111111", "0x12")).unwrap_err();
+        let err = resolve(&MINIMAL.replace("0x1111111111111111111111111111111111111111", "0x12"))
+            .unwrap_err();
         assert!(err.to_string().contains("chain.pay_to"), "{err}");
         let err = resolve(&MINIMAL.replace("\"base\"", "\"base-mainnet\"")).unwrap_err();
         assert!(err.to_string().contains("chain.network"), "{err}");
@@ -676,9 +782,16 @@ pay_to = "0x1111111111111111111111111111111111111111"
         let s = resolve(text).unwrap();
         assert_eq!(s.chain.network.chain_id, 31337);
         assert_eq!(s.chain.rpc_http[0], "https://rpc.example/key123");
-        let err = resolve(&text.replace("$RPC_SECRET", "$MISSING")).unwrap_err().to_string();
-        assert!(err.contains("MISSING") && err.contains("chain.rpc_http[0]"), "{err}");
-        let err = resolve(&text.replace("chain_id = 31337\n", "")).unwrap_err().to_string();
+        let err = resolve(&text.replace("$RPC_SECRET", "$MISSING"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("MISSING") && err.contains("chain.rpc_http[0]"),
+            "{err}"
+        );
+        let err = resolve(&text.replace("chain_id = 31337\n", ""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("chain.chain_id"), "{err}");
     }
 
@@ -703,28 +816,57 @@ blocks = [
         assert_eq!(s.credits.min_topup, Usdc::whole(10));
         assert!(s.auth.claims_require_signature);
         for (from, to, key) in [
-            ("\"00:00-08:00\"", "\"08:00-07:00\"", "pools[0].blocks[0].hours_utc"),
-            ("\"16:00-24:00\"", "\"07:00-24:00\"", "pools[0].blocks[1].hours_utc"),
+            (
+                "\"00:00-08:00\"",
+                "\"08:00-07:00\"",
+                "pools[0].blocks[0].hours_utc",
+            ),
+            (
+                "\"16:00-24:00\"",
+                "\"07:00-24:00\"",
+                "pools[0].blocks[1].hours_utc",
+            ),
             ("\"00:00-08:00\"", "\"0-8\"", "pools[0].blocks[0].hours_utc"),
-            ("name = \"americas\"", "name = \"asia\"", "pools[0].blocks[1].name"),
+            (
+                "name = \"americas\"",
+                "name = \"asia\"",
+                "pools[0].blocks[1].name",
+            ),
             ("\"39.00\"", "\"3.9.0\"", "pools[0].blocks[0].price_usdc"),
             ("seats = 2", "seats = 0", "pools[0].blocks[1].seats"),
             ("slug = \"kimi26\"", "slug = \"Kimi 26\"", "pools[0].slug"),
         ] {
-            let err = resolve(&format!("{MINIMAL}{}", POOL.replace(from, to))).unwrap_err().to_string();
+            let err = resolve(&format!("{MINIMAL}{}", POOL.replace(from, to)))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(key), "{to}: {err}");
         }
-        let err = resolve(&format!("{MINIMAL}{POOL}{POOL}")).unwrap_err().to_string();
+        let err = resolve(&format!("{MINIMAL}{POOL}{POOL}"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pools[1].slug"), "{err}");
-        let err = resolve(&format!("{MINIMAL}[credits]\nmin_topup = \"1\"\n")).unwrap_err().to_string();
+        let err = resolve(&format!("{MINIMAL}[credits]\nmin_topup = \"1\"\n"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("min_topup"), "{err}");
-        let err = resolve(&format!("{MINIMAL}[auth]\nadmin_token_env = \"NOPE\"\n")).unwrap_err().to_string();
-        assert!(err.contains("auth.admin_token_env") && err.contains("NOPE"), "{err}");
+        let err = resolve(&format!("{MINIMAL}[auth]\nadmin_token_env = \"NOPE\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.admin_token_env") && err.contains("NOPE"),
+            "{err}"
+        );
     }
 
     #[test]
     fn redacts_secrets_in_urls() {
-        assert_eq!(redact_url("https://base-mainnet.g.alchemy.com/v2/SECRET"), "https://base-mainnet.g.alchemy.com/…");
-        assert_eq!(redact_url("http://user:pw@127.0.0.1:8545"), "http://127.0.0.1:8545");
+        assert_eq!(
+            redact_url("https://base-mainnet.g.alchemy.com/v2/SECRET"),
+            "https://base-mainnet.g.alchemy.com/…"
+        );
+        assert_eq!(
+            redact_url("http://user:pw@127.0.0.1:8545"),
+            "http://127.0.0.1:8545"
+        );
     }
 }

@@ -24,7 +24,9 @@ pub struct NewKey {
 
 impl std::fmt::Debug for NewKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewKey").field("public_id", &self.public_id).finish_non_exhaustive()
+        f.debug_struct("NewKey")
+            .field("public_id", &self.public_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -35,7 +37,9 @@ pub struct KeyGenError(String);
 
 fn random<const N: usize>() -> Result<[u8; N], KeyGenError> {
     let mut buf = [0u8; N];
-    rand::rngs::OsRng.try_fill_bytes(&mut buf).map_err(|e| KeyGenError(e.to_string()))?;
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut buf)
+        .map_err(|e| KeyGenError(e.to_string()))?;
     Ok(buf)
 }
 
@@ -44,7 +48,11 @@ pub fn generate() -> Result<NewKey, KeyGenError> {
     let public_id = alloy::hex::encode(random::<PUBLIC_ID_BYTES>()?);
     let secret = alloy::hex::encode(random::<SECRET_BYTES>()?);
     let secret_hash = hash_secret(&secret);
-    Ok(NewKey { full: format!("{PREFIX}{public_id}-{secret}"), public_id, secret_hash })
+    Ok(NewKey {
+        full: format!("{PREFIX}{public_id}-{secret}"),
+        public_id,
+        secret_hash,
+    })
 }
 
 /// SHA-256 of the secret part.
@@ -62,8 +70,13 @@ pub struct ParsedKey<'a> {
 pub fn parse(key: &str) -> Option<ParsedKey<'_>> {
     let rest = key.strip_prefix(PREFIX)?;
     let (public_id, secret) = rest.split_once('-')?;
-    let hex = |s: &str, n: usize| s.len() == n * 2 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    (hex(public_id, PUBLIC_ID_BYTES) && hex(secret, SECRET_BYTES)).then_some(ParsedKey { public_id, secret })
+    let hex = |s: &str, n: usize| {
+        s.len() == n * 2
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    (hex(public_id, PUBLIC_ID_BYTES) && hex(secret, SECRET_BYTES))
+        .then_some(ParsedKey { public_id, secret })
 }
 
 /// Whether `secret` hashes to `stored`, compared in constant time.
@@ -92,13 +105,22 @@ mod tests {
         assert!(secret_matches(parsed.secret, &k.secret_hash));
         let other = generate().unwrap();
         assert_ne!(other.public_id, k.public_id);
-        assert!(!secret_matches(parse(&other.full).unwrap().secret, &k.secret_hash));
+        assert!(!secret_matches(
+            parse(&other.full).unwrap().secret,
+            &k.secret_hash
+        ));
         assert!(!secret_matches(parsed.secret, &k.secret_hash[..31]));
     }
 
     #[test]
     fn rejects_what_is_not_a_key() {
-        for bad in ["", "sk-", "sk-abc-def", "pk-0123456789abcdef-00", "sk-0123456789ABCDEF-".repeat(2).as_str()] {
+        for bad in [
+            "",
+            "sk-",
+            "sk-abc-def",
+            "pk-0123456789abcdef-00",
+            "sk-0123456789ABCDEF-".repeat(2).as_str(),
+        ] {
             assert!(parse(bad).is_none(), "{bad}");
         }
         assert_eq!(from_bearer("Bearer sk-x"), Some("sk-x"));

@@ -2,17 +2,17 @@
 
 use std::path::PathBuf;
 
+use alloy::primitives::Address;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
+use x402_gateway::billing;
 use x402_gateway::chain::{self, Indexer, StatusHandle};
 use x402_gateway::config::{Config, Settings};
-use alloy::primitives::Address;
-use x402_gateway::billing;
 use x402_gateway::store::billing as billing_store;
+use x402_gateway::store::transfers::TransferStatus;
 use x402_gateway::store::{Store, now_unix};
 use x402_gateway::usdc::Usdc;
-use x402_gateway::store::transfers::TransferStatus;
 use x402_gateway::{api, dev};
 
 /// Self-hosted x402 payment gateway for AI inference.
@@ -145,7 +145,9 @@ impl From<StatusArg> for TransferStatus {
 
 fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).context("invalid --log filter")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -163,14 +165,15 @@ fn cancel_on_signal(token: CancellationToken) {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    token.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        token.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -201,19 +204,32 @@ async fn main() -> Result<()> {
             let status = StatusHandle::default();
             let chain_settings = settings.chain.clone();
             if once {
-                Indexer::new(chain_settings, store, status)?.run_until_synced(shutdown).await?;
+                Indexer::new(chain_settings, store, status)?
+                    .run_until_synced(shutdown)
+                    .await?;
             } else {
                 chain::spawn(chain_settings, store, status, shutdown)?.await??;
             }
             Ok(())
         }
-        Command::Payments { config, status, json } => {
+        Command::Payments {
+            config,
+            status,
+            json,
+        } => {
             let settings = load(&config)?;
             payments(&settings, status.map(Into::into), json).await
         }
         Command::Dev(args) => dev::run(args, shutdown).await,
         Command::Keys { command } => keys_command(command).await,
-        Command::Accounts { command: AccountsCommand::Show { config, address, json } } => {
+        Command::Accounts {
+            command:
+                AccountsCommand::Show {
+                    config,
+                    address,
+                    json,
+                },
+        } => {
             let store = Store::open(&load(&config)?.database_path)?;
             let view = billing::account_view(&store, address).await?;
             if json {
@@ -221,10 +237,16 @@ async fn main() -> Result<()> {
                 return Ok(());
             }
             if !view.exists {
-                println!("no account {} (it has never claimed a payment or received a grant)", view.address);
+                println!(
+                    "no account {} (it has never claimed a payment or received a grant)",
+                    view.address
+                );
                 return Ok(());
             }
-            println!("account {}\nbalance {} USDC (ledger sum {})", view.address, view.balance_usdc, view.ledger_sum_usdc);
+            println!(
+                "account {}\nbalance {} USDC (ledger sum {})",
+                view.address, view.balance_usdc, view.ledger_sum_usdc
+            );
             println!("\nledger:");
             for r in &view.ledger {
                 println!(
@@ -246,7 +268,10 @@ async fn main() -> Result<()> {
                     c.paid_usdc,
                     c.price_usdc,
                     c.surplus_usdc,
-                    c.pool.as_ref().map(|p| format!("{p} {:?}", c.blocks.clone().unwrap_or_default())).unwrap_or_default()
+                    c.pool
+                        .as_ref()
+                        .map(|p| format!("{p} {:?}", c.blocks.clone().unwrap_or_default()))
+                        .unwrap_or_default()
                 );
             }
             println!("\nkeys:");
@@ -263,11 +288,22 @@ fn print_keys(keys: &[billing_store::KeyRecord]) {
             k.public_id,
             k.kind,
             k.account,
-            k.pool.as_ref().map(|p| format!("{p} {:?} until {}", k.blocks.clone().unwrap_or_default(), k.expires_at.map(billing::rfc3339).unwrap_or_default())).unwrap_or_default(),
+            k.pool
+                .as_ref()
+                .map(|p| format!(
+                    "{p} {:?} until {}",
+                    k.blocks.clone().unwrap_or_default(),
+                    k.expires_at.map(billing::rfc3339).unwrap_or_default()
+                ))
+                .unwrap_or_default(),
             billing::rfc3339(k.created_at),
             k.created_by,
             match (k.revoked_at, &k.revoked_reason) {
-                (Some(at), reason) => format!("REVOKED {} ({})", billing::rfc3339(at), reason.as_deref().unwrap_or("")),
+                (Some(at), reason) => format!(
+                    "REVOKED {} ({})",
+                    billing::rfc3339(at),
+                    reason.as_deref().unwrap_or("")
+                ),
                 (None, _) => "live".to_string(),
             }
         );
@@ -276,7 +312,11 @@ fn print_keys(keys: &[billing_store::KeyRecord]) {
 
 async fn keys_command(command: KeysCommand) -> Result<()> {
     match command {
-        KeysCommand::List { config, account, json } => {
+        KeysCommand::List {
+            config,
+            account,
+            json,
+        } => {
             let store = Store::open(&load(&config)?.database_path)?;
             let keys = billing::list_keys(&store, account.map(|a| format!("{a:#x}"))).await?;
             if json {
@@ -290,7 +330,12 @@ async fn keys_command(command: KeysCommand) -> Result<()> {
         }
         KeysCommand::Revoke { config, public_id } => {
             let store = Store::open(&load(&config)?.database_path)?;
-            let id = public_id.trim_start_matches("sk-").split('-').next().unwrap_or("").to_string();
+            let id = public_id
+                .trim_start_matches("sk-")
+                .split('-')
+                .next()
+                .unwrap_or("")
+                .to_string();
             if billing::revoke_key(&store, id.clone(), now_unix()).await? {
                 println!("revoked sk-{id}-…");
                 Ok(())
@@ -298,7 +343,12 @@ async fn keys_command(command: KeysCommand) -> Result<()> {
                 anyhow::bail!("no live key with public id `{id}`")
             }
         }
-        KeysCommand::Grant { config, address, amount, note } => {
+        KeysCommand::Grant {
+            config,
+            address,
+            amount,
+            note,
+        } => {
             anyhow::ensure!(amount > Usdc::ZERO, "the amount must be positive");
             let store = Store::open(&load(&config)?.database_path)?;
             let (balance, key) = billing::grant(&store, address, amount, note, now_unix()).await?;
@@ -349,7 +399,12 @@ async fn payments(settings: &Settings, status: Option<TransferStatus>, json: boo
         return Ok(());
     }
     if rows.is_empty() {
-        println!("no transfers indexed{}", status.map(|s| format!(" with status {}", s.as_str())).unwrap_or_default());
+        println!(
+            "no transfers indexed{}",
+            status
+                .map(|s| format!(" with status {}", s.as_str()))
+                .unwrap_or_default()
+        );
         return Ok(());
     }
     println!(
@@ -370,6 +425,10 @@ async fn payments(settings: &Settings, status: Option<TransferStatus>, json: boo
             t.confirmations(head)
         );
     }
-    println!("{} transfers; indexed head {}", rows.len(), head.map_or("none".to_string(), |h| h.to_string()));
+    println!(
+        "{} transfers; indexed head {}",
+        rows.len(),
+        head.map_or("none".to_string(), |h| h.to_string())
+    );
     Ok(())
 }

@@ -20,7 +20,9 @@ pub struct Usdc(pub i64);
 pub enum ParseUsdcError {
     #[error("empty amount")]
     Empty,
-    #[error("`{0}` is not a decimal amount (expected digits with an optional `.` and up to 6 decimals, e.g. \"39.00\")")]
+    #[error(
+        "`{0}` is not a decimal amount (expected digits with an optional `.` and up to 6 decimals, e.g. \"39.00\")"
+    )]
     Malformed(String),
     #[error("`{0}` has more than 6 decimals; USDC has 6")]
     TooPrecise(String),
@@ -83,7 +85,10 @@ impl FromStr for Usdc {
         };
         let mut frac_value: i64 = 0;
         for i in 0..DECIMALS as usize {
-            let digit = frac_part.as_bytes().get(i).map_or(0, |b| i64::from(b - b'0'));
+            let digit = frac_part
+                .as_bytes()
+                .get(i)
+                .map_or(0, |b| i64::from(b - b'0'));
             frac_value = frac_value * 10 + digit;
         }
         int_value
@@ -137,11 +142,26 @@ mod tests {
     #[test]
     fn rejects_what_is_not_an_amount() {
         assert!(matches!("".parse::<Usdc>(), Err(ParseUsdcError::Empty)));
-        assert!(matches!("1.2345678".parse::<Usdc>(), Err(ParseUsdcError::TooPrecise(_))));
-        assert!(matches!("-1".parse::<Usdc>(), Err(ParseUsdcError::Negative(_))));
-        assert!(matches!("1e3".parse::<Usdc>(), Err(ParseUsdcError::Malformed(_))));
-        assert!(matches!(".".parse::<Usdc>(), Err(ParseUsdcError::Malformed(_))));
-        assert!(matches!("1.2.3".parse::<Usdc>(), Err(ParseUsdcError::Malformed(_))));
+        assert!(matches!(
+            "1.2345678".parse::<Usdc>(),
+            Err(ParseUsdcError::TooPrecise(_))
+        ));
+        assert!(matches!(
+            "-1".parse::<Usdc>(),
+            Err(ParseUsdcError::Negative(_))
+        ));
+        assert!(matches!(
+            "1e3".parse::<Usdc>(),
+            Err(ParseUsdcError::Malformed(_))
+        ));
+        assert!(matches!(
+            ".".parse::<Usdc>(),
+            Err(ParseUsdcError::Malformed(_))
+        ));
+        assert!(matches!(
+            "1.2.3".parse::<Usdc>(),
+            Err(ParseUsdcError::Malformed(_))
+        ));
         assert!(matches!(
             "99999999999999999999".parse::<Usdc>(),
             Err(ParseUsdcError::TooLarge(_))

@@ -15,7 +15,9 @@ use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
 use super::AppState;
-use crate::billing::{ClaimError, ClaimRequest, Claimed, Product, RotateError, RotateRequest, rfc3339};
+use crate::billing::{
+    ClaimError, ClaimRequest, Claimed, Product, RotateError, RotateRequest, rfc3339,
+};
 use crate::usdc::Usdc;
 
 /// Largest accepted request body on `/api/agent/*`.
@@ -43,7 +45,13 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), extra: Map::new(), retry_after: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: Map::new(),
+            retry_after: None,
+        }
     }
 
     fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
@@ -64,7 +72,11 @@ impl ApiError {
 
     fn internal(e: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %e, "agent request failed");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; try again later")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; try again later",
+        )
     }
 }
 
@@ -74,7 +86,8 @@ impl IntoResponse for ApiError {
         error.insert("code".into(), self.code.into());
         error.insert("message".into(), self.message.into());
         error.extend(self.extra);
-        let mut response = (self.status, Json(json!({"success": false, "error": error}))).into_response();
+        let mut response =
+            (self.status, Json(json!({"success": false, "error": error}))).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(secs) = self.retry_after
@@ -87,7 +100,11 @@ impl IntoResponse for ApiError {
 }
 
 fn success(data: Value) -> Response {
-    ([(header::CACHE_CONTROL, "no-store")], Json(json!({"success": true, "data": data}))).into_response()
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({"success": true, "data": data})),
+    )
+        .into_response()
 }
 
 /// A JSON object body whose rejections (too large, not JSON, not an object) are [`ApiError`]s.
@@ -105,25 +122,43 @@ impl<S: Send + Sync> FromRequest<S> for JsonObject {
                     format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
                 )
             } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", rejection.body_text())
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    rejection.body_text(),
+                )
             }
         })?;
         match serde_json::from_slice::<Value>(&bytes) {
             Ok(Value::Object(map)) => Ok(JsonObject(map)),
-            Ok(_) => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", "the body must be a JSON object")),
-            Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("the body is not valid JSON: {e}"))),
+            Ok(_) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "the body must be a JSON object",
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON: {e}"),
+            )),
         }
     }
 }
 
 fn only_fields(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
     match body.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::field(k, format!("unknown field; expected {}", allowed.join(", ")))),
+        Some(k) => Err(ApiError::field(
+            k,
+            format!("unknown field; expected {}", allowed.join(", ")),
+        )),
         None => Ok(()),
     }
 }
 
-fn string_field<'a>(body: &'a Map<String, Value>, field: &str) -> Result<Option<&'a str>, ApiError> {
+fn string_field<'a>(
+    body: &'a Map<String, Value>,
+    field: &str,
+) -> Result<Option<&'a str>, ApiError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.as_str())),
@@ -143,15 +178,27 @@ fn is_hex(s: &str) -> bool {
 fn tx_hash(body: &Map<String, Value>) -> Result<String, ApiError> {
     let raw = required_string(body, "txHash")?;
     match raw.strip_prefix("0x").or_else(|| raw.strip_prefix("0X")) {
-        Some(hex) if hex.len() == 64 && is_hex(hex) => Ok(format!("0x{}", hex.to_ascii_lowercase())),
-        _ => Err(ApiError::field("txHash", "must be a transaction hash: 0x followed by 64 hex digits")),
+        Some(hex) if hex.len() == 64 && is_hex(hex) => {
+            Ok(format!("0x{}", hex.to_ascii_lowercase()))
+        }
+        _ => Err(ApiError::field(
+            "txHash",
+            "must be a transaction hash: 0x followed by 64 hex digits",
+        )),
     }
 }
 
 /// `signature`: 0x-hex bytes (65 for an ECDSA signature; contract wallets may use other lengths).
 fn signature(body: &Map<String, Value>) -> Result<Option<Vec<u8>>, ApiError> {
-    let Some(raw) = string_field(body, "signature")? else { return Ok(None) };
-    let bad = || ApiError::field("signature", "must be 0x-prefixed hex bytes (65 bytes for personal_sign)");
+    let Some(raw) = string_field(body, "signature")? else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::field(
+            "signature",
+            "must be 0x-prefixed hex bytes (65 bytes for personal_sign)",
+        )
+    };
     let hex = raw.strip_prefix("0x").ok_or_else(bad)?;
     if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 8192 || !is_hex(hex) {
         return Err(bad());
@@ -163,14 +210,28 @@ fn signature(body: &Map<String, Value>) -> Result<Option<Vec<u8>>, ApiError> {
 fn amount(body: &Map<String, Value>) -> Result<Usdc, ApiError> {
     let parsed = match body.get("amount") {
         None | Some(Value::Null) => return Err(ApiError::field("amount", "is required")),
-        Some(Value::String(s)) => s.parse::<Usdc>().map_err(|e| ApiError::field("amount", e.to_string()))?,
-        Some(Value::Number(n)) => match n.as_u64().and_then(|v| i64::try_from(v).ok()).and_then(|v| v.checked_mul(1_000_000)) {
+        Some(Value::String(s)) => s
+            .parse::<Usdc>()
+            .map_err(|e| ApiError::field("amount", e.to_string()))?,
+        Some(Value::Number(n)) => match n
+            .as_u64()
+            .and_then(|v| i64::try_from(v).ok())
+            .and_then(|v| v.checked_mul(1_000_000))
+        {
             Some(atomic) => Usdc(atomic),
             None => {
-                return Err(ApiError::field("amount", "must be a decimal string such as \"50.00\" (or a whole number)"));
+                return Err(ApiError::field(
+                    "amount",
+                    "must be a decimal string such as \"50.00\" (or a whole number)",
+                ));
             }
         },
-        Some(_) => return Err(ApiError::field("amount", "must be a decimal string such as \"50.00\"")),
+        Some(_) => {
+            return Err(ApiError::field(
+                "amount",
+                "must be a decimal string such as \"50.00\"",
+            ));
+        }
     };
     Ok(parsed)
 }
@@ -215,9 +276,12 @@ async fn v1(State(state): State<AppState>, headers: HeaderMap) -> Response {
         }
     }
     match state.billing.catalog().await {
-        Ok(catalog) => {
-            (StatusCode::PAYMENT_REQUIRED, [(header::CACHE_CONTROL, "no-store")], Json(catalog)).into_response()
-        }
+        Ok(catalog) => (
+            StatusCode::PAYMENT_REQUIRED,
+            [(header::CACHE_CONTROL, "no-store")],
+            Json(catalog),
+        )
+            .into_response(),
         Err(e) => ApiError::internal(e).into_response(),
     }
 }
@@ -242,23 +306,35 @@ async fn subscribe_pool(State(state): State<AppState>, JsonObject(body): JsonObj
         let mut blocks: Vec<String> = Vec::with_capacity(names.len());
         for item in names {
             let Value::String(name) = item else {
-                return Err(ApiError::field("blocks", "must be an array of block names (strings)"));
+                return Err(ApiError::field(
+                    "blocks",
+                    "must be an array of block names (strings)",
+                ));
             };
             if pool.block(name).is_none() {
                 let known: Vec<&str> = pool.blocks.iter().map(|b| b.name.as_str()).collect();
                 return Err(ApiError::field(
                     "blocks",
-                    format!("pool `{slug}` has no block `{name}` (blocks: {})", known.join(", ")),
+                    format!(
+                        "pool `{slug}` has no block `{name}` (blocks: {})",
+                        known.join(", ")
+                    ),
                 ));
             }
             if blocks.contains(name) {
-                return Err(ApiError::field("blocks", format!("block `{name}` is named twice")));
+                return Err(ApiError::field(
+                    "blocks",
+                    format!("block `{name}` is named twice"),
+                ));
             }
             blocks.push(name.clone());
         }
         Ok(ClaimRequest {
             tx_hash,
-            product: Product::Pool { slug: slug.to_string(), blocks },
+            product: Product::Pool {
+                slug: slug.to_string(),
+                blocks,
+            },
             signature: signature(&body)?,
         })
     };
@@ -276,9 +352,16 @@ async fn topup(State(state): State<AppState>, JsonObject(body): JsonObject) -> R
         let amount = amount(&body)?;
         let min = state.billing.settings().credits.min_topup;
         if amount < min {
-            return Err(ApiError::field("amount", format!("the minimum top-up is {min} USDC")));
+            return Err(ApiError::field(
+                "amount",
+                format!("the minimum top-up is {min} USDC"),
+            ));
         }
-        Ok(ClaimRequest { tx_hash, product: Product::Topup { amount }, signature: signature(&body)? })
+        Ok(ClaimRequest {
+            tx_hash,
+            product: Product::Topup { amount },
+            signature: signature(&body)?,
+        })
     };
     let req = match parse() {
         Ok(r) => r,
@@ -381,17 +464,32 @@ async fn rotate(State(state): State<AppState>, JsonObject(body): JsonObject) -> 
                 .to_ascii_lowercase()
                 .parse()
                 .map_err(|_| ApiError::field("address", "must be 0x followed by 40 hex digits"))?,
-            _ => return Err(ApiError::field("address", "must be 0x followed by 40 hex digits")),
+            _ => {
+                return Err(ApiError::field(
+                    "address",
+                    "must be 0x followed by 40 hex digits",
+                ));
+            }
         };
         let signed_at = match body.get("signedAt") {
-            Some(Value::Number(n)) => n.as_i64().ok_or_else(|| ApiError::field("signedAt", "must be unix seconds"))?,
-            Some(Value::String(s)) => s.parse().map_err(|_| ApiError::field("signedAt", "must be unix seconds"))?,
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .ok_or_else(|| ApiError::field("signedAt", "must be unix seconds"))?,
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|_| ApiError::field("signedAt", "must be unix seconds"))?,
             None | Some(Value::Null) => return Err(ApiError::field("signedAt", "is required")),
             Some(_) => return Err(ApiError::field("signedAt", "must be unix seconds")),
         };
-        let signature = signature(&body)?.ok_or_else(|| ApiError::field("signature", "is required"))?;
+        let signature =
+            signature(&body)?.ok_or_else(|| ApiError::field("signature", "is required"))?;
         let key_id = string_field(&body, "keyId")?.map(str::to_string);
-        Ok(RotateRequest { address, signed_at, signature, key_id })
+        Ok(RotateRequest {
+            address,
+            signed_at,
+            signature,
+            key_id,
+        })
     };
     let req = match parse() {
         Ok(r) => r,
@@ -403,14 +501,27 @@ async fn rotate(State(state): State<AppState>, JsonObject(body): JsonObject) -> 
             let message = e.to_string();
             let err = match e {
                 RotateError::InvalidField { field, message } => ApiError::field(field, message),
-                RotateError::Expired { .. } => ApiError::new(StatusCode::UNAUTHORIZED, "signature_expired", message),
-                RotateError::BadSignature(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", message),
-                RotateError::Replayed => ApiError::new(StatusCode::UNAUTHORIZED, "signature_replayed", message),
-                RotateError::UnknownAccount(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_account", message),
-                RotateError::UnknownKey(_) => ApiError::new(StatusCode::NOT_FOUND, "unknown_key", message),
-                RotateError::NothingToRotate => ApiError::new(StatusCode::NOT_FOUND, "no_live_keys", message),
+                RotateError::Expired { .. } => {
+                    ApiError::new(StatusCode::UNAUTHORIZED, "signature_expired", message)
+                }
+                RotateError::BadSignature(_) => {
+                    ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", message)
+                }
+                RotateError::Replayed => {
+                    ApiError::new(StatusCode::UNAUTHORIZED, "signature_replayed", message)
+                }
+                RotateError::UnknownAccount(_) => {
+                    ApiError::new(StatusCode::NOT_FOUND, "unknown_account", message)
+                }
+                RotateError::UnknownKey(_) => {
+                    ApiError::new(StatusCode::NOT_FOUND, "unknown_key", message)
+                }
+                RotateError::NothingToRotate => {
+                    ApiError::new(StatusCode::NOT_FOUND, "no_live_keys", message)
+                }
                 RotateError::Rpc(_) => {
-                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "rpc_unavailable", message).retry_after(5)
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "rpc_unavailable", message)
+                        .retry_after(5)
                 }
                 RotateError::Store(e) => ApiError::internal(e),
                 RotateError::KeyGen(e) => ApiError::internal(e),

@@ -28,24 +28,43 @@ pub struct AppState {
 
 impl AppState {
     /// The state for `settings` on `store`, with `clock` as "now" for seats and rotations.
-    pub fn new(settings: Settings, store: Store, indexer: StatusHandle, clock: Clock) -> Result<AppState, ServeError> {
+    pub fn new(
+        settings: Settings,
+        store: Store,
+        indexer: StatusHandle,
+        clock: Clock,
+    ) -> Result<AppState, ServeError> {
         let settings = Arc::new(settings);
         let billing = Billing::new(settings.clone(), store.clone(), indexer.clone(), clock)
             .map_err(|e| ServeError::Config(e.to_string()))?;
-        Ok(AppState { settings, store, indexer, billing })
+        Ok(AppState {
+            settings,
+            store,
+            indexer,
+            billing,
+        })
     }
 }
 
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
-    Router::new().merge(ops::router()).merge(agent::router()).with_state(state)
+    Router::new()
+        .merge(ops::router())
+        .merge(agent::router())
+        .with_state(state)
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then finishes in-flight requests.
-pub async fn run(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn run(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!("listening on http://{addr}");
-    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
 
 /// Why the gateway stopped.
@@ -62,7 +81,11 @@ pub enum ServeError {
 }
 
 /// Runs the whole gateway — indexer and HTTP server — on `listener` until `shutdown`.
-pub async fn serve(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
+pub async fn serve(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
     serve_with_clock(settings, listener, shutdown, crate::billing::system_clock()).await
 }
 
@@ -81,7 +104,12 @@ pub async fn serve_with_clock(
     }
     let store = Store::open(&settings.database_path)?;
     let status = StatusHandle::default();
-    let indexer = crate::chain::spawn(settings.chain.clone(), store.clone(), status.clone(), shutdown.clone())?;
+    let indexer = crate::chain::spawn(
+        settings.chain.clone(),
+        store.clone(),
+        status.clone(),
+        shutdown.clone(),
+    )?;
     let state = AppState::new(settings, store, status, clock)?;
     let served = run(listener, router(state), shutdown.clone()).await;
     shutdown.cancel();

@@ -33,6 +33,14 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         "chainId": state.settings.chain.network.chain_id,
         "payTo": format!("{:#x}", state.settings.chain.pay_to),
     });
-    let code = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, [(axum::http::header::CACHE_CONTROL, "no-store")], Json(body))
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        Json(body),
+    )
 }

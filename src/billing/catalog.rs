@@ -12,7 +12,8 @@ use crate::config::Settings;
 /// `{txHash}` is replaced by the transaction hash, lower-case 0x-hex.
 pub const CLAIM_TEXT_TEMPLATE: &str = "x402-gateway: claim payment {txHash} on chain {chainId}";
 /// `{address}` lower-case 0x-hex, `{signedAt}` unix seconds.
-pub const ROTATE_TEXT_TEMPLATE: &str = "x402-gateway: rotate key for {address} on chain {chainId} at {signedAt}";
+pub const ROTATE_TEXT_TEMPLATE: &str =
+    "x402-gateway: rotate key for {address} on chain {chainId} at {signedAt}";
 /// How far a rotation's `signedAt` may be from the gateway's clock.
 pub const ROTATION_MAX_SKEW_SECS: i64 = 300;
 
@@ -41,7 +42,10 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
                 .blocks
                 .iter()
                 .map(|b| {
-                    let used = taken.get(&(pool.slug.clone(), b.name.clone())).copied().unwrap_or(0);
+                    let used = taken
+                        .get(&(pool.slug.clone(), b.name.clone()))
+                        .copied()
+                        .unwrap_or(0);
                     json!({
                         "block": b.name,
                         "hoursUtc": format!("{} UTC", b.hours()),
@@ -51,7 +55,11 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
                     })
                 })
                 .collect();
-            let first = pool.blocks.first().map(|b| b.name.clone()).unwrap_or_default();
+            let first = pool
+                .blocks
+                .first()
+                .map(|b| b.name.clone())
+                .unwrap_or_default();
             json!({
                 "type": "subscription",
                 "pool": pool.slug,

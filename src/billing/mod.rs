@@ -20,7 +20,9 @@ use serde_json::Value;
 use crate::chain::{Rpc, RpcError, StatusHandle};
 use crate::config::{Pool, Settings};
 use crate::keys::{self, KeyGenError, NewKey};
-use crate::store::billing::{self as sql, ClaimRecord, KeyRecord, LedgerError, LedgerKind, LedgerRow};
+use crate::store::billing::{
+    self as sql, ClaimRecord, KeyRecord, LedgerError, LedgerKind, LedgerRow,
+};
 use crate::store::transfers::TransferStatus;
 use crate::store::{Store, StoreError};
 use crate::usdc::Usdc;
@@ -56,12 +58,17 @@ pub struct ClaimRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
     #[error("{field}: {message}")]
-    InvalidField { field: &'static str, message: String },
+    InvalidField {
+        field: &'static str,
+        message: String,
+    },
     #[error("a signature by the paying address is required: personal_sign of \"{text}\"")]
     SignatureRequired { text: String },
     #[error("the signature does not prove the payer: {0}")]
     BadSignature(String),
-    #[error("transaction {tx_hash} is not indexed (yet): no USDC transfer to payTo in it is known{head}")]
+    #[error(
+        "transaction {tx_hash} is not indexed (yet): no USDC transfer to payTo in it is known{head}"
+    )]
     NotIndexed { tx_hash: String, head: String },
     #[error("payment pending: {confirmations} of {required} confirmations")]
     Pending { confirmations: u64, required: u64 },
@@ -70,14 +77,24 @@ pub enum ClaimError {
          transaction is mined again"
     )]
     Orphaned,
-    #[error("the transaction pays payTo from several addresses ({0}); it cannot be claimed by one payer")]
+    #[error(
+        "the transaction pays payTo from several addresses ({0}); it cannot be claimed by one payer"
+    )]
     MultiplePayers(String),
     #[error("this transaction was already claimed ({})", describe(.0))]
     AlreadyClaimed(Box<ClaimRecord>),
-    #[error("block `{block}` of pool `{pool}` is sold out; the payment stays claimable (for example as credits)")]
+    #[error(
+        "block `{block}` of pool `{pool}` is sold out; the payment stays claimable (for example as credits)"
+    )]
     SoldOut { pool: String, block: String },
-    #[error("underpaid: paid {paid} USDC, the price is {price} USDC (short by {shortfall}); the payment stays claimable")]
-    Underpaid { paid: Usdc, price: Usdc, shortfall: Usdc },
+    #[error(
+        "underpaid: paid {paid} USDC, the price is {price} USDC (short by {shortfall}); the payment stays claimable"
+    )]
+    Underpaid {
+        paid: Usdc,
+        price: Usdc,
+        shortfall: Usdc,
+    },
     #[error("the payment changed while it was being claimed (reorg?); try again")]
     PaymentChanged,
     #[error("cannot check the contract wallet's signature right now: {0}")]
@@ -91,7 +108,12 @@ pub enum ClaimError {
 fn describe(c: &ClaimRecord) -> String {
     match (&c.pool, &c.blocks) {
         (Some(pool), Some(blocks)) => {
-            format!("pool `{pool}` blocks {} for {} USDC, by {}", blocks.join(","), c.price_usdc, c.account)
+            format!(
+                "pool `{pool}` blocks {} for {} USDC, by {}",
+                blocks.join(","),
+                c.price_usdc,
+                c.account
+            )
         }
         _ => format!("{} USDC of credits, by {}", c.price_usdc, c.account),
     }
@@ -187,8 +209,13 @@ pub struct RotateRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum RotateError {
     #[error("{field}: {message}")]
-    InvalidField { field: &'static str, message: String },
-    #[error("signedAt {signed_at} is more than {max} seconds away from the gateway's clock ({now}); sign a fresh message")]
+    InvalidField {
+        field: &'static str,
+        message: String,
+    },
+    #[error(
+        "signedAt {signed_at} is more than {max} seconds away from the gateway's clock ({now}); sign a fresh message"
+    )]
     Expired { signed_at: i64, now: i64, max: i64 },
     #[error("the signature does not prove the account: {0}")]
     BadSignature(String),
@@ -257,14 +284,30 @@ pub fn rfc3339(ts: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 impl Billing {
-    pub fn new(settings: Arc<Settings>, store: Store, indexer: StatusHandle, clock: Clock) -> Result<Billing, RpcError> {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        indexer: StatusHandle,
+        clock: Clock,
+    ) -> Result<Billing, RpcError> {
         // A claim waits for at most one retry round: the agent can retry itself.
         let rpc = Rpc::new(&settings.chain.rpc_http, settings.chain.rpc_timeout)?.with_retries(1);
-        Ok(Billing { settings, store, rpc: Arc::new(rpc), indexer, clock })
+        Ok(Billing {
+            settings,
+            store,
+            rpc: Arc::new(rpc),
+            indexer,
+            clock,
+        })
     }
 
     pub fn settings(&self) -> &Settings {
@@ -278,8 +321,12 @@ impl Billing {
     /// The live catalog.
     pub async fn catalog(&self) -> Result<Value, StoreError> {
         let now = self.now();
-        let taken = self.store.read(move |c| -> Result<_, StoreError> { Ok(sql::all_seats_taken(c, now)?) }).await?;
-        let taken: HashMap<(String, String), u32> = taken.into_iter().map(|(p, b, n)| ((p, b), n)).collect();
+        let taken = self
+            .store
+            .read(move |c| -> Result<_, StoreError> { Ok(sql::all_seats_taken(c, now)?) })
+            .await?;
+        let taken: HashMap<(String, String), u32> =
+            taken.into_iter().map(|(p, b, n)| ((p, b), n)).collect();
         Ok(catalog::catalog(&self.settings, &taken))
     }
 
@@ -302,17 +349,34 @@ impl Billing {
             let head = self.indexer.snapshot().indexed_head;
             return Err(ClaimError::NotIndexed {
                 tx_hash: req.tx_hash,
-                head: head.map(|h| format!(" (indexed up to block {h})")).unwrap_or_default(),
+                head: head
+                    .map(|h| format!(" (indexed up to block {h})"))
+                    .unwrap_or_default(),
             });
         }
-        let live: Vec<_> = rows.iter().filter(|t| t.status != TransferStatus::Orphaned).collect();
+        let live: Vec<_> = rows
+            .iter()
+            .filter(|t| t.status != TransferStatus::Orphaned)
+            .collect();
         if live.is_empty() {
             return Err(ClaimError::Orphaned);
         }
         if live.iter().any(|t| t.status == TransferStatus::Seen) {
-            let head = self.indexer.snapshot().indexed_head.or(self.store.checkpoint().await?.map(|c| c.number));
-            let confirmations = live.iter().map(|t| t.confirmations(head)).min().unwrap_or(0).min(required - 1);
-            return Err(ClaimError::Pending { confirmations, required });
+            let head = self.indexer.snapshot().indexed_head.or(self
+                .store
+                .checkpoint()
+                .await?
+                .map(|c| c.number));
+            let confirmations = live
+                .iter()
+                .map(|t| t.confirmations(head))
+                .min()
+                .unwrap_or(0)
+                .min(required - 1);
+            return Err(ClaimError::Pending {
+                confirmations,
+                required,
+            });
         }
         let mut payers: Vec<&str> = live.iter().map(|t| t.from.as_str()).collect();
         payers.sort_unstable();
@@ -327,7 +391,9 @@ impl Billing {
         if let Some(sig) = &req.signature
             && self.settings.auth.claims_require_signature
         {
-            let signer: Address = payer.parse().map_err(|_| ClaimError::BadSignature("stored payer".into()))?;
+            let signer: Address = payer
+                .parse()
+                .map_err(|_| ClaimError::BadSignature("stored payer".into()))?;
             match proof::verify(&self.rpc, signer, &text, sig).await {
                 Ok(()) => {}
                 Err(proof::ProofError::WrongSigner(who)) => {
@@ -363,23 +429,36 @@ impl Billing {
             Product::Topup { amount } => {
                 let min = self.settings.credits.min_topup;
                 if paid < min {
-                    return Err(ClaimError::Underpaid { paid, price: min, shortfall: Usdc(min.0 - paid.0) });
+                    return Err(ClaimError::Underpaid {
+                        paid,
+                        price: min,
+                        shortfall: Usdc(min.0 - paid.0),
+                    });
                 }
                 if *amount > paid {
                     return Err(ClaimError::InvalidField {
                         field: "amount",
-                        message: format!("{amount} USDC is more than the transaction paid ({paid} USDC)"),
+                        message: format!(
+                            "{amount} USDC is more than the transaction paid ({paid} USDC)"
+                        ),
                     });
                 }
                 (None, *amount)
             }
         };
         if paid < price {
-            return Err(ClaimError::Underpaid { paid, price, shortfall: Usdc(price.0 - paid.0) });
+            return Err(ClaimError::Underpaid {
+                paid,
+                price,
+                shortfall: Usdc(price.0 - paid.0),
+            });
         }
 
         let key = keys::generate()?;
-        let signature = req.signature.as_ref().map(|s| format!("0x{}", alloy::hex::encode(s)));
+        let signature = req
+            .signature
+            .as_ref()
+            .map(|s| format!("0x{}", alloy::hex::encode(s)));
         let tx_hash = req.tx_hash.clone();
         let product = req.product.clone();
         self.store
@@ -518,14 +597,24 @@ impl Billing {
         let now = self.now();
         let max = catalog::ROTATION_MAX_SKEW_SECS;
         if (now - req.signed_at).abs() > max {
-            return Err(RotateError::Expired { signed_at: req.signed_at, now, max });
+            return Err(RotateError::Expired {
+                signed_at: req.signed_at,
+                now,
+                max,
+            });
         }
         let account = format!("{:#x}", req.address);
-        let text = catalog::rotate_text(&account, self.settings.chain.network.chain_id, req.signed_at);
+        let text = catalog::rotate_text(
+            &account,
+            self.settings.chain.network.chain_id,
+            req.signed_at,
+        );
         match proof::verify(&self.rpc, req.address, &text, &req.signature).await {
             Ok(()) => {}
             Err(proof::ProofError::WrongSigner(who)) => {
-                return Err(RotateError::BadSignature(format!("it is not a signature by {who} of \"{text}\"")));
+                return Err(RotateError::BadSignature(format!(
+                    "it is not a signature by {who} of \"{text}\""
+                )));
             }
             Err(proof::ProofError::Rpc(e)) => return Err(RotateError::Rpc(e)),
         }
@@ -567,7 +656,15 @@ impl Billing {
                 let mut out = Vec::new();
                 for old in &live {
                     let Some(key) = fresh.next() else { break };
-                    let id = sql::insert_key(tx, &key, &old.kind, &account, old.subscription_id, "rotation", now)?;
+                    let id = sql::insert_key(
+                        tx,
+                        &key,
+                        &old.kind,
+                        &account,
+                        old.subscription_id,
+                        "rotation",
+                        now,
+                    )?;
                     sql::revoke_key(tx, old.id, "rotated", Some(id), now)?;
                     out.push(RotatedKey {
                         api_key: key.full.clone(),
@@ -607,13 +704,17 @@ impl Billing {
     /// The key behind `Authorization: Bearer …`, if it is valid now (exists, secret matches, not revoked, its
     /// subscription not expired).
     pub async fn authorize(&self, presented: &str) -> Result<Option<AuthorizedKey>, StoreError> {
-        let Some(parsed) = keys::parse(presented) else { return Ok(None) };
+        let Some(parsed) = keys::parse(presented) else {
+            return Ok(None);
+        };
         let public_id = parsed.public_id.to_string();
         let secret = parsed.secret.to_string();
         let now = self.now();
         self.store
             .read(move |c| -> Result<_, StoreError> {
-                let Some((record, hash)) = sql::key_by_public_id(c, &public_id)? else { return Ok(None) };
+                let Some((record, hash)) = sql::key_by_public_id(c, &public_id)? else {
+                    return Ok(None);
+                };
                 let ok = keys::secret_matches(&secret, &hash)
                     && record.revoked_at.is_none()
                     && record.expires_at.is_none_or(|e| e > now);
@@ -624,16 +725,29 @@ impl Billing {
 }
 
 /// Operator: all keys (or one account's), newest first.
-pub async fn list_keys(store: &Store, account: Option<String>) -> Result<Vec<KeyRecord>, StoreError> {
-    store.read(move |c| -> Result<_, StoreError> { Ok(sql::list_keys(c, account.as_deref())?) }).await
+pub async fn list_keys(
+    store: &Store,
+    account: Option<String>,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    store
+        .read(move |c| -> Result<_, StoreError> { Ok(sql::list_keys(c, account.as_deref())?) })
+        .await
 }
 
 /// Operator: revokes a key by public id; `false` when there is no such live key.
 pub async fn revoke_key(store: &Store, public_id: String, now: i64) -> Result<bool, StoreError> {
     store
         .write(move |tx| -> Result<bool, StoreError> {
-            let Some((record, _)) = sql::key_by_public_id(tx, &public_id)? else { return Ok(false) };
-            Ok(sql::revoke_key(tx, record.id, "revoked by the operator", None, now)?)
+            let Some((record, _)) = sql::key_by_public_id(tx, &public_id)? else {
+                return Ok(false);
+            };
+            Ok(sql::revoke_key(
+                tx,
+                record.id,
+                "revoked by the operator",
+                None,
+                now,
+            )?)
         })
         .await
 }
@@ -651,11 +765,20 @@ pub async fn grant(
     store
         .write(move |tx| -> Result<_, StoreError> {
             sql::ensure_account(tx, &account, now)?;
-            let balance = sql::append_ledger(tx, &account, LedgerKind::Grant, amount, None, None, note.as_deref(), now)
-                .map_err(|e| match e {
-                    LedgerError::Sqlite(e) => StoreError::Sqlite(e),
-                    other => StoreError::Task(other.to_string()),
-                })?;
+            let balance = sql::append_ledger(
+                tx,
+                &account,
+                LedgerKind::Grant,
+                amount,
+                None,
+                None,
+                note.as_deref(),
+                now,
+            )
+            .map_err(|e| match e {
+                LedgerError::Sqlite(e) => StoreError::Sqlite(e),
+                other => StoreError::Task(other.to_string()),
+            })?;
             let minted = match sql::live_credit_key(tx, &account)? {
                 Some(_) => None,
                 None => {

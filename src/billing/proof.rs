@@ -31,7 +31,10 @@ pub enum ProofError {
 
 /// The EIP-191 signer of `text`, if `sig` is a well-formed 65-byte ECDSA signature.
 pub fn recover(text: &str, sig: &[u8]) -> Option<Address> {
-    Signature::from_raw(sig).ok()?.recover_address_from_msg(text.as_bytes()).ok()
+    Signature::from_raw(sig)
+        .ok()?
+        .recover_address_from_msg(text.as_bytes())
+        .ok()
 }
 
 /// Checks that `signer` signed `text` (EOA or ERC-1271 contract wallet).
@@ -43,7 +46,10 @@ pub async fn verify(rpc: &Rpc, signer: Address, text: &str, sig: &[u8]) -> Resul
     if code.is_empty() {
         return Err(ProofError::WrongSigner(format!("{signer:#x}")));
     }
-    let call = IERC1271::isValidSignatureCall { hash: eip191_hash_message(text), signature: Bytes::copy_from_slice(sig) };
+    let call = IERC1271::isValidSignatureCall {
+        hash: eip191_hash_message(text),
+        signature: Bytes::copy_from_slice(sig),
+    };
     let answer = match rpc.call(signer, Bytes::from(call.abi_encode())).await {
         Ok(a) => a,
         // A revert is a "no" (many wallets revert on a malformed signature).

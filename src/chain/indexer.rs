@@ -23,7 +23,8 @@ use crate::store::{Store, StoreError};
 use crate::usdc::Usdc;
 
 /// `keccak256("Transfer(address,address,uint256)")`.
-pub const TRANSFER_TOPIC: B256 = b256!("ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef");
+pub const TRANSFER_TOPIC: B256 =
+    b256!("ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef");
 
 /// How often a progress line is printed while backfilling.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
@@ -49,7 +50,12 @@ pub enum IndexerError {
 impl IndexerError {
     /// Errors that stop indexing for good (until an operator acts).
     pub fn is_fatal(&self) -> bool {
-        matches!(self, IndexerError::DeepReorg { .. } | IndexerError::WrongChain { .. } | IndexerError::Store(_))
+        matches!(
+            self,
+            IndexerError::DeepReorg { .. }
+                | IndexerError::WrongChain { .. }
+                | IndexerError::Store(_)
+        )
     }
 }
 
@@ -85,7 +91,11 @@ struct Progress {
 }
 
 impl Indexer {
-    pub fn new(settings: ChainSettings, store: Store, status: StatusHandle) -> Result<Indexer, IndexerError> {
+    pub fn new(
+        settings: ChainSettings,
+        store: Store,
+        status: StatusHandle,
+    ) -> Result<Indexer, IndexerError> {
         let rpc = Rpc::new(&settings.rpc_http, settings.rpc_timeout)?;
         let pay_to_topic = B256::left_padding_from(settings.pay_to.as_slice());
         let topics = json!([TRANSFER_TOPIC, Value::Null, pay_to_topic]);
@@ -101,7 +111,12 @@ impl Indexer {
             checkpoint: None,
             follow_mode: false,
             last_pending: HashMap::new(),
-            progress: Progress { last_print: Instant::now(), started: Instant::now(), first_block: None, transfers: 0 },
+            progress: Progress {
+                last_print: Instant::now(),
+                started: Instant::now(),
+                first_block: None,
+                transfers: 0,
+            },
         })
     }
 
@@ -118,10 +133,15 @@ impl Indexer {
             return Err(IndexerError::WrongChain { found, expected });
         }
         self.store
-            .bind_chain(expected, format!("{:#x}", self.settings.network.token), format!("{:#x}", self.settings.pay_to))
+            .bind_chain(
+                expected,
+                format!("{:#x}", self.settings.network.token),
+                format!("{:#x}", self.settings.pay_to),
+            )
             .await?;
         self.checkpoint = self.store.checkpoint().await?;
-        self.status.update(|s| s.indexed_head = self.checkpoint.as_ref().map(|c| c.number));
+        self.status
+            .update(|s| s.indexed_head = self.checkpoint.as_ref().map(|c| c.number));
         Ok(())
     }
 
@@ -136,11 +156,18 @@ impl Indexer {
     }
 
     /// Indexes up to the current head, then returns (for `index --once`, benchmarks and tests).
-    pub async fn run_until_synced(mut self, shutdown: CancellationToken) -> Result<(), IndexerError> {
+    pub async fn run_until_synced(
+        mut self,
+        shutdown: CancellationToken,
+    ) -> Result<(), IndexerError> {
         self.run_inner(&shutdown, true).await
     }
 
-    async fn run_inner(&mut self, shutdown: &CancellationToken, until_synced: bool) -> Result<(), IndexerError> {
+    async fn run_inner(
+        &mut self,
+        shutdown: &CancellationToken,
+        until_synced: bool,
+    ) -> Result<(), IndexerError> {
         let mut prepared = false;
         let mut failures = 0usize;
         let mut backoff = retry_backoff();
@@ -216,7 +243,10 @@ impl Indexer {
             }
         }
 
-        let from = self.checkpoint.as_ref().map_or(self.settings.start_block, |c| c.number + 1);
+        let from = self
+            .checkpoint
+            .as_ref()
+            .map_or(self.settings.start_block, |c| c.number + 1);
         if from > head {
             self.follow_mode = true;
             return Ok(Step::CaughtUp);
@@ -226,10 +256,17 @@ impl Indexer {
 
         // Headers for the part of the range inside the reorg window, linked by parent hash.
         let window_numbers: Vec<u64> = (from.max(window_start)..=to).collect();
-        let mut headers = if window_numbers.is_empty() { Vec::new() } else { self.rpc.headers(&window_numbers).await? };
+        let mut headers = if window_numbers.is_empty() {
+            Vec::new()
+        } else {
+            self.rpc.headers(&window_numbers).await?
+        };
         for pair in headers.windows(2) {
             if pair[1].parent_hash != pair[0].hash {
-                return Err(IndexerError::Inconsistent(format!("block {} does not link to {}", pair[1].number, pair[0].number)));
+                return Err(IndexerError::Inconsistent(format!(
+                    "block {} does not link to {}",
+                    pair[1].number, pair[0].number
+                )));
             }
         }
         if let (Some(first), Some(cp)) = (headers.first(), self.checkpoint.as_ref())
@@ -240,7 +277,11 @@ impl Indexer {
             return Ok(Step::MoreToDo);
         }
 
-        let (logs, to_header) = match self.rpc.logs_with_header(self.settings.network.token, &self.topics, from, to).await {
+        let (logs, to_header) = match self
+            .rpc
+            .logs_with_header(self.settings.network.token, &self.topics, from, to)
+            .await
+        {
             Ok(v) => v,
             Err(RpcError::Node { message, code, .. }) if to > from => {
                 let old = self.range;
@@ -253,14 +294,17 @@ impl Indexer {
         if let Some(h) = headers.iter().find(|h| h.number == to)
             && h.hash != to_header.hash
         {
-            return Err(IndexerError::Inconsistent(format!("block {to} changed during the fetch")));
+            return Err(IndexerError::Inconsistent(format!(
+                "block {to} changed during the fetch"
+            )));
         }
         if headers.last().map(|h| h.number) != Some(to) {
             headers.push(to_header);
         }
 
         // Every log must sit in the block we hold the header of; fetch headers for blocks outside the window.
-        let mut by_number: HashMap<u64, String> = headers.iter().map(|h| (h.number, h.hash.clone())).collect();
+        let mut by_number: HashMap<u64, String> =
+            headers.iter().map(|h| (h.number, h.hash.clone())).collect();
         let missing: Vec<u64> = logs
             .iter()
             .filter_map(|l| l.block_number.map(|n| n.to::<u64>()))
@@ -293,14 +337,21 @@ impl Indexer {
             })
             .await?;
         self.checkpoint = self.store.checkpoint().await?;
-        let grown = self.range.saturating_add(self.range / 4 + 1).min(self.settings.max_block_range);
+        let grown = self
+            .range
+            .saturating_add(self.range / 4 + 1)
+            .min(self.settings.max_block_range);
         self.range = grown;
         self.status.update(|s| {
             s.indexed_head = Some(to);
             s.transfers_indexed += count as u64;
         });
         self.report(from, to, head, count, &outcome);
-        Ok(if to >= head { Step::CaughtUp } else { Step::MoreToDo })
+        Ok(if to >= head {
+            Step::CaughtUp
+        } else {
+            Step::MoreToDo
+        })
     }
 
     fn decode(
@@ -316,7 +367,10 @@ impl Indexer {
             return Ok(None);
         };
         if t.block_number < from || t.block_number > to {
-            return Err(IndexerError::Inconsistent(format!("log in block {} outside the range {from}-{to}", t.block_number)));
+            return Err(IndexerError::Inconsistent(format!(
+                "log in block {} outside the range {from}-{to}",
+                t.block_number
+            )));
         }
         if headers.get(&t.block_number) != Some(&t.block_hash) {
             return Err(IndexerError::Inconsistent(format!(
@@ -334,7 +388,10 @@ impl Indexer {
         let mut n = suspect;
         loop {
             let Some(stored) = self.store.recent_block(n).await? else {
-                return Err(IndexerError::DeepReorg { number: suspect, window: self.settings.reorg_window });
+                return Err(IndexerError::DeepReorg {
+                    number: suspect,
+                    window: self.settings.reorg_window,
+                });
             };
             let canonical = self.rpc.headers(&[n]).await?.remove(0);
             if canonical.hash == stored.hash {
@@ -356,13 +413,23 @@ impl Indexer {
                 return Ok(());
             }
             if n == 0 || n <= lowest {
-                return Err(IndexerError::DeepReorg { number: suspect, window: self.settings.reorg_window });
+                return Err(IndexerError::DeepReorg {
+                    number: suspect,
+                    window: self.settings.reorg_window,
+                });
             }
             n -= 1;
         }
     }
 
-    fn report(&mut self, from: u64, to: u64, head: u64, count: usize, outcome: &crate::store::transfers::RangeOutcome) {
+    fn report(
+        &mut self,
+        from: u64,
+        to: u64,
+        head: u64,
+        count: usize,
+        outcome: &crate::store::transfers::RangeOutcome,
+    ) {
         let needed = self.settings.confirmations;
         let backfilling = head.saturating_sub(to) > self.settings.reorg_window;
         self.progress.transfers += count;
@@ -405,20 +472,30 @@ impl Indexer {
                 log_confirmed(t, needed);
             }
         } else if !outcome.newly_confirmed.is_empty() {
-            tracing::debug!(count = outcome.newly_confirmed.len(), "transfers confirmed during backfill");
+            tracing::debug!(
+                count = outcome.newly_confirmed.len(),
+                "transfers confirmed during backfill"
+            );
         }
     }
 }
 
 /// The payment in `log`, if it is a USDC `Transfer` to `pay_to`. Errors on a log that lacks its block,
 /// transaction or index (a pending log, which is never indexed).
-pub fn transfer_from_log(log: &RawLog, token: Address, pay_to: Address) -> Result<Option<NewTransfer>, &'static str> {
+pub fn transfer_from_log(
+    log: &RawLog,
+    token: Address,
+    pay_to: Address,
+) -> Result<Option<NewTransfer>, &'static str> {
     if log.removed || log.address != token || log.topics.first() != Some(&TRANSFER_TOPIC) {
         return Ok(None);
     }
-    let (Some(number), Some(block_hash), Some(tx_hash), Some(log_index)) =
-        (log.block_number, log.block_hash, log.transaction_hash, log.log_index)
-    else {
+    let (Some(number), Some(block_hash), Some(tx_hash), Some(log_index)) = (
+        log.block_number,
+        log.block_hash,
+        log.transaction_hash,
+        log.log_index,
+    ) else {
         return Err("a log without block, transaction or index");
     };
     let [_, from_topic, to_topic] = log.topics.as_slice() else {
@@ -465,7 +542,9 @@ pub fn shrink_range(attempted: u64, message: &str, from: u64) -> u64 {
         let size = b.saturating_sub(a.max(from)) + 1;
         (a <= from.max(a) && size < attempted && b >= from).then_some(size)
     });
-    hinted.unwrap_or(attempted / 2).clamp(1, attempted.saturating_sub(1).max(1))
+    hinted
+        .unwrap_or(attempted / 2)
+        .clamp(1, attempted.saturating_sub(1).max(1))
 }
 
 #[cfg(test)]
@@ -475,14 +554,23 @@ mod tests {
     #[test]
     fn shrinks_by_hint_or_half_and_never_retries_the_same_range() {
         assert_eq!(shrink_range(2000, "block range too large", 100), 1000);
-        assert_eq!(shrink_range(2000, "Try with this block range [0x64, 0x1f3]", 100), 400);
+        assert_eq!(
+            shrink_range(2000, "Try with this block range [0x64, 0x1f3]", 100),
+            400
+        );
         // A hint naming the very range that failed is ignored.
-        assert_eq!(shrink_range(2000, "retry with the range 100-2099", 100), 1000);
+        assert_eq!(
+            shrink_range(2000, "retry with the range 100-2099", 100),
+            1000
+        );
         assert_eq!(shrink_range(2, "too big", 5), 1);
     }
 
     #[test]
     fn transfer_topic_is_keccak_of_the_signature() {
-        assert_eq!(TRANSFER_TOPIC, alloy::primitives::keccak256("Transfer(address,address,uint256)"));
+        assert_eq!(
+            TRANSFER_TOPIC,
+            alloy::primitives::keccak256("Transfer(address,address,uint256)")
+        );
     }
 }

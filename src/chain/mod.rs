@@ -23,7 +23,14 @@ pub fn spawn(
 ) -> Result<tokio::task::JoinHandle<Result<(), IndexerError>>, IndexerError> {
     let indexer = Indexer::new(settings.clone(), store.clone(), status.clone())?;
     if let Some(url) = settings.rpc_ws.clone() {
-        tokio::spawn(ws::follow(url, settings, store, indexer.waker(), status, shutdown.clone()));
+        tokio::spawn(ws::follow(
+            url,
+            settings,
+            store,
+            indexer.waker(),
+            status,
+            shutdown.clone(),
+        ));
     }
     Ok(tokio::spawn(indexer.run(shutdown)))
 }

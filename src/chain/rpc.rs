@@ -30,7 +30,11 @@ pub enum RpcError {
     Transport { endpoint: String, message: String },
     /// The node answered with a JSON-RPC error.
     #[error("{endpoint}: node error {code}: {message}")]
-    Node { endpoint: String, code: i64, message: String },
+    Node {
+        endpoint: String,
+        code: i64,
+        message: String,
+    },
 }
 
 impl RpcError {
@@ -95,7 +99,10 @@ impl Rpc {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .timeout(timeout)
             .build()
-            .map_err(|e| RpcError::Transport { endpoint: "http client".into(), message: e.to_string() })?;
+            .map_err(|e| RpcError::Transport {
+                endpoint: "http client".into(),
+                message: e.to_string(),
+            })?;
         let endpoints = urls
             .iter()
             .map(|url| {
@@ -105,10 +112,17 @@ impl Rpc {
                 })?;
                 let transport = Http::with_client(http.clone(), parsed);
                 let is_local = url.contains("127.0.0.1") || url.contains("localhost");
-                Ok(Endpoint { label: redact_url(url), client: RpcClient::new(transport, is_local) })
+                Ok(Endpoint {
+                    label: redact_url(url),
+                    client: RpcClient::new(transport, is_local),
+                })
             })
             .collect::<Result<Vec<_>, RpcError>>()?;
-        Ok(Rpc { endpoints, preferred: AtomicUsize::new(0), retries: 4 })
+        Ok(Rpc {
+            endpoints,
+            preferred: AtomicUsize::new(0),
+            retries: 4,
+        })
     }
 
     /// Sets how many times a round over all endpoints is retried after transport faults.
@@ -164,14 +178,21 @@ impl Rpc {
             .await
     }
 
-    async fn request<T: serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + Unpin + 'static>(
+    async fn request<
+        T: serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + Unpin + 'static,
+    >(
         &self,
         method: &'static str,
         params: Value,
     ) -> Result<T, RpcError> {
         self.with_failover(method, |ep| {
             let params = params.clone();
-            async move { ep.client.request::<_, T>(method, params).await.map_err(|e| classify(&ep.label, e)) }
+            async move {
+                ep.client
+                    .request::<_, T>(method, params)
+                    .await
+                    .map_err(|e| classify(&ep.label, e))
+            }
         })
         .await
     }
@@ -199,7 +220,10 @@ impl Rpc {
                     let mut waiters = Vec::with_capacity(chunk.len());
                     for n in chunk {
                         let w = batch
-                            .add_call::<_, Option<RawHeader>>("eth_getBlockByNumber", &(U64::from(*n), false))
+                            .add_call::<_, Option<RawHeader>>(
+                                "eth_getBlockByNumber",
+                                &(U64::from(*n), false),
+                            )
                             .map_err(|e| classify(&ep.label, e))?;
                         waiters.push(w);
                     }
@@ -247,13 +271,20 @@ impl Rpc {
                     .add_call::<_, Vec<RawLog>>("eth_getLogs", &[filter])
                     .map_err(|e| classify(&ep.label, e))?;
                 let header = batch
-                    .add_call::<_, Option<RawHeader>>("eth_getBlockByNumber", &(U64::from(to), false))
+                    .add_call::<_, Option<RawHeader>>(
+                        "eth_getBlockByNumber",
+                        &(U64::from(to), false),
+                    )
                     .map_err(|e| classify(&ep.label, e))?;
                 batch.send().await.map_err(|e| classify(&ep.label, e))?;
                 let logs = logs.await.map_err(|e| classify(&ep.label, e))?;
-                let header = header.await.map_err(|e| classify(&ep.label, e))?.ok_or_else(|| {
-                    RpcError::Transport { endpoint: ep.label.clone(), message: format!("node does not know block {to} yet") }
-                })?;
+                let header = header
+                    .await
+                    .map_err(|e| classify(&ep.label, e))?
+                    .ok_or_else(|| RpcError::Transport {
+                        endpoint: ep.label.clone(),
+                        message: format!("node does not know block {to} yet"),
+                    })?;
                 Ok((logs, BlockRef::from(header)))
             }
         })
@@ -262,25 +293,35 @@ impl Rpc {
 
     /// `eth_call` of `data` to `to` at the latest block.
     pub async fn call(&self, to: Address, data: Bytes) -> Result<Bytes, RpcError> {
-        self.request("eth_call", json!([{ "to": to, "data": data }, "latest"])).await
+        self.request("eth_call", json!([{ "to": to, "data": data }, "latest"]))
+            .await
     }
 
     /// Code at `address` (empty for an externally owned account).
     pub async fn code(&self, address: Address) -> Result<Bytes, RpcError> {
-        self.request("eth_getCode", json!([address, "latest"])).await
+        self.request("eth_getCode", json!([address, "latest"]))
+            .await
     }
 }
 
 fn classify(endpoint: &str, e: AlloyRpcError<TransportErrorKind>) -> RpcError {
     let endpoint = endpoint.to_string();
     match e {
-        AlloyRpcError::ErrorResp(payload) => {
-            RpcError::Node { endpoint, code: payload.code, message: payload.message.to_string() }
-        }
-        AlloyRpcError::NullResp => RpcError::Transport { endpoint, message: "null response".into() },
+        AlloyRpcError::ErrorResp(payload) => RpcError::Node {
+            endpoint,
+            code: payload.code,
+            message: payload.message.to_string(),
+        },
+        AlloyRpcError::NullResp => RpcError::Transport {
+            endpoint,
+            message: "null response".into(),
+        },
         AlloyRpcError::DeserError { err, text } => {
             let snippet: String = text.chars().take(120).collect();
-            RpcError::Transport { endpoint, message: format!("malformed response ({err}): {snippet}") }
+            RpcError::Transport {
+                endpoint,
+                message: format!("malformed response ({err}): {snippet}"),
+            }
         }
         AlloyRpcError::Transport(TransportErrorKind::HttpError(http)) => {
             let snippet: String = http.body.chars().take(200).collect();
@@ -291,12 +332,22 @@ fn classify(endpoint: &str, e: AlloyRpcError<TransportErrorKind>) -> RpcError {
                 return RpcError::Node {
                     endpoint,
                     code: err.get("code").and_then(Value::as_i64).unwrap_or(0),
-                    message: err.get("message").and_then(Value::as_str).unwrap_or("").to_string(),
+                    message: err
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string(),
                 };
             }
-            RpcError::Transport { endpoint, message: format!("HTTP {}: {snippet}", http.status) }
+            RpcError::Transport {
+                endpoint,
+                message: format!("HTTP {}: {snippet}", http.status),
+            }
         }
-        other => RpcError::Transport { endpoint, message: other.to_string() },
+        other => RpcError::Transport {
+            endpoint,
+            message: other.to_string(),
+        },
     }
 }
 
@@ -326,8 +377,10 @@ pub fn suggested_range(message: &str) -> Option<(u64, u64)> {
     let lower = message.to_ascii_lowercase();
     if let Some(pos) = lower.find("range ") {
         let rest = &message[pos + "range ".len()..];
-        let token: String =
-            rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect::<String>();
+        let token: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect::<String>();
         if let Some((a, b)) = token.split_once('-')
             && let (Some(a), Some(b)) = (number(a), number(b))
             && a <= b
@@ -345,11 +398,19 @@ mod tests {
     #[test]
     fn reads_provider_range_hints() {
         assert_eq!(
-            suggested_range("query returned more than 10000 results. Try with this block range [0x1, 0x7D0]."),
+            suggested_range(
+                "query returned more than 10000 results. Try with this block range [0x1, 0x7D0]."
+            ),
             Some((1, 2000))
         );
-        assert_eq!(suggested_range("this block range should work: [100, 150]"), Some((100, 150)));
-        assert_eq!(suggested_range("please retry with the range 5000-5999"), Some((5000, 5999)));
+        assert_eq!(
+            suggested_range("this block range should work: [100, 150]"),
+            Some((100, 150))
+        );
+        assert_eq!(
+            suggested_range("please retry with the range 5000-5999"),
+            Some((5000, 5999))
+        );
         assert_eq!(suggested_range("block range too large"), None);
         assert_eq!(suggested_range("range [9, 3] is weird"), None);
     }

@@ -50,8 +50,12 @@ pub async fn follow(
         wake.notify_one();
         let delay = backoff.next().unwrap_or(Duration::from_secs(30));
         match session {
-            Ok(()) => tracing::warn!(endpoint = %label, "WebSocket subscription ended; reconnecting in {delay:?}"),
-            Err(e) => tracing::warn!(endpoint = %label, error = %e, "WebSocket failed; reconnecting in {delay:?}"),
+            Ok(()) => {
+                tracing::warn!(endpoint = %label, "WebSocket subscription ended; reconnecting in {delay:?}")
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %label, error = %e, "WebSocket failed; reconnecting in {delay:?}")
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -67,7 +71,16 @@ async fn session(
     wake: &Notify,
     status: &StatusHandle,
 ) -> Result<(), String> {
-    let provider = ProviderBuilder::new().connect_ws(WsConnect::new(url)).await.map_err(|e| e.to_string())?;
+    // One quiet reconnect attempt at most: past that the streams end and this module reconnects itself, so it
+    // knows to wake the indexer for the gap. (A quiet reconnect that succeeds is followed by `newHeads`, which
+    // wake it anyway.)
+    let connect = WsConnect::new(url)
+        .with_max_retries(1)
+        .with_retry_interval(Duration::from_millis(200));
+    let provider = ProviderBuilder::new()
+        .connect_ws(connect)
+        .await
+        .map_err(|e| e.to_string())?;
     let filter = json!({
         "address": settings.network.token,
         "topics": [TRANSFER_TOPIC, Value::Null, alloy::primitives::B256::left_padding_from(settings.pay_to.as_slice())],
@@ -83,6 +96,8 @@ async fn session(
         .await
         .map_err(|e| e.to_string())?;
     status.update(|s| s.ws_connected = true);
+    // Anything announced while we were not subscribed is fetched by range now.
+    wake.notify_one();
     tracing::info!(endpoint = %redact_url(url), "WebSocket subscriptions live (newHeads, Transfer logs)");
     let mut heads = heads.into_stream();
     let mut logs = logs.into_stream();

@@ -50,14 +50,19 @@ pub struct DevArgs {
 /// Why the dev stack could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
-    #[error("anvil not found (looked for {0}); run `npm ci` in the project folder, or pass --anvil PATH")]
+    #[error(
+        "anvil not found (looked for {0}); run `npm ci` in the project folder, or pass --anvil PATH"
+    )]
     AnvilMissing(String),
     #[error("{step}: {message}")]
     Step { step: &'static str, message: String },
 }
 
 fn step<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> DevError {
-    move |e| DevError::Step { step, message: e.to_string() }
+    move |e| DevError::Step {
+        step,
+        message: e.to_string(),
+    }
 }
 
 /// Where the project's npm install puts anvil, relative to a project folder.
@@ -67,7 +72,11 @@ pub const ANVIL_RELATIVE: &str = "node_modules/@foundry-rs/anvil-linux-amd64/bin
 /// (`target/{debug,release}/x402-gateway` sits two levels below the project), then `anvil` on PATH.
 pub fn find_anvil(explicit: Option<&Path>) -> Result<PathBuf, DevError> {
     if let Some(p) = explicit {
-        return if p.is_file() { Ok(p.to_path_buf()) } else { Err(DevError::AnvilMissing(p.display().to_string())) };
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(DevError::AnvilMissing(p.display().to_string()))
+        };
     }
     let mut candidates = vec![PathBuf::from(ANVIL_RELATIVE)];
     if let Ok(exe) = std::env::current_exe() {
@@ -86,7 +95,13 @@ pub fn find_anvil(explicit: Option<&Path>) -> Result<PathBuf, DevError> {
             }
         }
     }
-    Err(DevError::AnvilMissing(candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")))
+    Err(DevError::AnvilMissing(
+        candidates
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    ))
 }
 
 /// A running dev chain with the test USDC deployed and wallets funded.
@@ -102,7 +117,11 @@ pub struct DevChain {
 }
 
 /// Starts anvil and deploys the token; `block_time` 0 means mine on every transaction.
-pub async fn start_chain(anvil_path: &Path, block_time: u64, agent_funds: Usdc) -> Result<DevChain, DevError> {
+pub async fn start_chain(
+    anvil_path: &Path,
+    block_time: u64,
+    agent_funds: Usdc,
+) -> Result<DevChain, DevError> {
     let mut builder = Anvil::at(anvil_path).chain_id(DEV_CHAIN_ID).port(0u16);
     if block_time > 0 {
         builder = builder.block_time(block_time);
@@ -113,7 +132,10 @@ pub async fn start_chain(anvil_path: &Path, block_time: u64, agent_funds: Usdc) 
         keys.get(i)
             .cloned()
             .map(PrivateKeySigner::from)
-            .ok_or_else(|| DevError::Step { step: "reading anvil accounts", message: format!("no account {i}") })
+            .ok_or_else(|| DevError::Step {
+                step: "reading anvil accounts",
+                message: format!("no account {i}"),
+            })
     };
     let deployer = signer(0)?;
     let pay_to = signer(1)?.address();
@@ -135,7 +157,13 @@ pub async fn start_chain(anvil_path: &Path, block_time: u64, agent_funds: Usdc) 
             .await
             .map_err(step("funding agent wallets"))?;
     }
-    Ok(DevChain { anvil, token: token_address, deployer, pay_to, agents })
+    Ok(DevChain {
+        anvil,
+        token: token_address,
+        deployer,
+        pay_to,
+        agents,
+    })
 }
 
 /// The config text the dev stack runs on.
@@ -197,16 +225,30 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     }
     std::fs::create_dir_all(&args.data_dir).map_err(step("creating the data folder"))?;
     let config_path = args.data_dir.join("config.toml");
-    std::fs::write(&config_path, dev_config(&chain, args.port, args.confirmations))
-        .map_err(step("writing the dev config"))?;
+    std::fs::write(
+        &config_path,
+        dev_config(&chain, args.port, args.confirmations),
+    )
+    .map_err(step("writing the dev config"))?;
     let settings = Config::load(&config_path)?;
-    let listener = tokio::net::TcpListener::bind(settings.listen).await.map_err(step("binding the HTTP port"))?;
-    let addr = listener.local_addr().map_err(step("binding the HTTP port"))?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(step("binding the HTTP port"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(step("binding the HTTP port"))?;
 
     print_banner(&chain, &config_path, addr);
 
     if args.demo_payments > 0 {
-        tokio::spawn(demo_payments(chain.anvil.endpoint_url(), chain.token, chain.agents[0].clone(), chain.pay_to, Duration::from_secs(args.demo_payments), shutdown.clone()));
+        tokio::spawn(demo_payments(
+            chain.anvil.endpoint_url(),
+            chain.token,
+            chain.agents[0].clone(),
+            chain.pay_to,
+            Duration::from_secs(args.demo_payments),
+            shutdown.clone(),
+        ));
     }
     crate::api::serve(settings, listener, shutdown).await?;
     drop(chain);
@@ -218,13 +260,22 @@ fn print_banner(chain: &DevChain, config: &Path, addr: std::net::SocketAddr) {
     let mut out = String::new();
     out.push_str("\n=== x402-gateway dev stack ===\n");
     out.push_str(&format!("gateway      http://{addr}   (GET /healthz)\n"));
-    out.push_str(&format!("chain        {}  (anvil, chain id {DEV_CHAIN_ID})\n", chain.anvil.endpoint()));
+    out.push_str(&format!(
+        "chain        {}  (anvil, chain id {DEV_CHAIN_ID})\n",
+        chain.anvil.endpoint()
+    ));
     out.push_str(&format!("test USDC    {:#x}\n", chain.token));
     out.push_str(&format!("payTo        {:#x}\n", chain.pay_to));
     out.push_str(&format!("config       {}\n", config.display()));
-    out.push_str("\nThrowaway dev wallets (anvil's well-known keys; NEVER use them on a real network):\n");
+    out.push_str(
+        "\nThrowaway dev wallets (anvil's well-known keys; NEVER use them on a real network):\n",
+    );
     for agent in &chain.agents {
-        out.push_str(&format!("  {:#x}  key 0x{}  (1000.00 test USDC)\n", agent.address(), alloy::hex::encode(agent.to_bytes())));
+        out.push_str(&format!(
+            "  {:#x}  key 0x{}  (1000.00 test USDC)\n",
+            agent.address(),
+            alloy::hex::encode(agent.to_bytes())
+        ));
     }
     out.push_str(&format!(
         "\nTry:\n  curl -s http://{addr}/healthz\n  x402-gateway payments --config {}\n\nCtrl-C stops everything.\n",
@@ -241,15 +292,23 @@ async fn demo_payments(
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let provider = ProviderBuilder::new().wallet(EthereumWallet::from(agent)).connect_http(rpc);
+    let provider = ProviderBuilder::new()
+        .wallet(EthereumWallet::from(agent))
+        .connect_http(rpc);
     let token = TestUSDC::new(token, &provider);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        match token.transfer(pay_to, U256::from(1_000_000u64)).send().await {
-            Ok(pending) => tracing::info!(tx = %pending.tx_hash(), "demo agent paid 1.00 USDC to payTo"),
+        match token
+            .transfer(pay_to, U256::from(1_000_000u64))
+            .send()
+            .await
+        {
+            Ok(pending) => {
+                tracing::info!(tx = %pending.tx_hash(), "demo agent paid 1.00 USDC to payTo")
+            }
             Err(e) => tracing::warn!(error = %e, "demo payment failed"),
         }
         let _ = provider.get_block_number().await;

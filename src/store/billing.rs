@@ -51,7 +51,9 @@ pub fn ensure_account(c: &Connection, address: &str, now: i64) -> rusqlite::Resu
 /// The account's balance: the running total of its last ledger row (equal to the sum of all its rows).
 pub fn balance(c: &Connection, address: &str) -> rusqlite::Result<Usdc> {
     let b: Option<i64> = c
-        .prepare_cached("SELECT balance_after FROM ledger WHERE account = ?1 ORDER BY id DESC LIMIT 1")?
+        .prepare_cached(
+            "SELECT balance_after FROM ledger WHERE account = ?1 ORDER BY id DESC LIMIT 1",
+        )?
         .query_row([address], |r| r.get(0))
         .optional()?;
     Ok(Usdc(b.unwrap_or(0)))
@@ -71,7 +73,10 @@ pub fn append_ledger(
     let before = balance(c, address)?;
     let after = before.0.checked_add(amount.0).unwrap_or(-1);
     if after < 0 {
-        return Err(LedgerError::Insufficient { balance: before, needed: Usdc(-amount.0) });
+        return Err(LedgerError::Insufficient {
+            balance: before,
+            needed: Usdc(-amount.0),
+        });
     }
     c.prepare_cached(
         "INSERT INTO ledger (account, kind, amount_atomic, balance_after, tx_hash, key_id, note, created_at) \
@@ -83,16 +88,21 @@ pub fn append_ledger(
 
 /// Seats of `pool`/`block` held by subscriptions that have not expired at `now`.
 pub fn seats_taken(c: &Connection, pool: &str, block: &str, now: i64) -> rusqlite::Result<u32> {
-    c.prepare_cached("SELECT count(*) FROM seats WHERE pool = ?1 AND block = ?2 AND expires_at > ?3")?
-        .query_row(params![pool, block, now], |r| r.get::<_, i64>(0))
-        .map(|n| n as u32)
+    c.prepare_cached(
+        "SELECT count(*) FROM seats WHERE pool = ?1 AND block = ?2 AND expires_at > ?3",
+    )?
+    .query_row(params![pool, block, now], |r| r.get::<_, i64>(0))
+    .map(|n| n as u32)
 }
 
 /// Seats held at `now`, per (pool, block).
 pub fn all_seats_taken(c: &Connection, now: i64) -> rusqlite::Result<Vec<(String, String, u32)>> {
-    let mut stmt =
-        c.prepare_cached("SELECT pool, block, count(*) FROM seats WHERE expires_at > ?1 GROUP BY pool, block")?;
-    let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u32)))?;
+    let mut stmt = c.prepare_cached(
+        "SELECT pool, block, count(*) FROM seats WHERE expires_at > ?1 GROUP BY pool, block",
+    )?;
+    let rows = stmt.query_map([now], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u32))
+    })?;
     rows.collect()
 }
 
@@ -172,7 +182,10 @@ pub fn claim_of(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<ClaimR
 }
 
 /// Confirmed value of a transaction per payer: `(from, sum)`, ordered by payer.
-pub fn confirmed_value_by_payer(c: &Connection, tx_hash: &str) -> rusqlite::Result<Vec<(String, Usdc)>> {
+pub fn confirmed_value_by_payer(
+    c: &Connection,
+    tx_hash: &str,
+) -> rusqlite::Result<Vec<(String, Usdc)>> {
     let mut stmt = c.prepare_cached(
         "SELECT from_address, sum(value_atomic) FROM transfers WHERE tx_hash = ?1 AND status = 'confirmed' \
          GROUP BY from_address ORDER BY from_address",
@@ -258,15 +271,22 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
 
 /// Keys, newest first, optionally of one account.
 pub fn list_keys(c: &Connection, account: Option<&str>) -> rusqlite::Result<Vec<KeyRecord>> {
-    let mut stmt = c.prepare_cached(&format!("{KEY_SELECT} WHERE ?1 IS NULL OR k.account = ?1 ORDER BY k.id DESC"))?;
+    let mut stmt = c.prepare_cached(&format!(
+        "{KEY_SELECT} WHERE ?1 IS NULL OR k.account = ?1 ORDER BY k.id DESC"
+    ))?;
     let rows = stmt.query_map([account], key_from_row)?;
     rows.collect()
 }
 
 /// A key by public id, with its stored hash.
-pub fn key_by_public_id(c: &Connection, public_id: &str) -> rusqlite::Result<Option<(KeyRecord, Vec<u8>)>> {
+pub fn key_by_public_id(
+    c: &Connection,
+    public_id: &str,
+) -> rusqlite::Result<Option<(KeyRecord, Vec<u8>)>> {
     c.prepare_cached(&format!("{KEY_SELECT} WHERE k.public_id = ?1"))?
-        .query_row([public_id], |r| Ok((key_from_row(r)?, r.get::<_, Vec<u8>>(12)?)))
+        .query_row([public_id], |r| {
+            Ok((key_from_row(r)?, r.get::<_, Vec<u8>>(12)?))
+        })
         .optional()
 }
 
@@ -320,8 +340,11 @@ pub fn ledger_of(c: &Connection, account: &str) -> rusqlite::Result<Vec<LedgerRo
 /// Claims of an account, oldest first.
 pub fn claims_of_account(c: &Connection, account: &str) -> rusqlite::Result<Vec<ClaimRecord>> {
     let hashes: Vec<String> = {
-        let mut stmt = c.prepare_cached("SELECT tx_hash FROM claims WHERE account = ?1 ORDER BY claimed_at, rowid")?;
-        stmt.query_map([account], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+        let mut stmt = c.prepare_cached(
+            "SELECT tx_hash FROM claims WHERE account = ?1 ORDER BY claimed_at, rowid",
+        )?;
+        stmt.query_map([account], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?
     };
     let mut out = Vec::with_capacity(hashes.len());
     for h in hashes {
@@ -333,11 +356,17 @@ pub fn claims_of_account(c: &Connection, account: &str) -> rusqlite::Result<Vec<
 }
 
 pub fn account_exists(c: &Connection, address: &str) -> rusqlite::Result<bool> {
-    c.prepare_cached("SELECT 1 FROM accounts WHERE address = ?1")?.exists([address])
+    c.prepare_cached("SELECT 1 FROM accounts WHERE address = ?1")?
+        .exists([address])
 }
 
 /// Records a used rotation message; `false` when (account, signed_at) was used before.
-pub fn use_rotation_nonce(c: &Connection, account: &str, signed_at: i64, now: i64) -> rusqlite::Result<bool> {
+pub fn use_rotation_nonce(
+    c: &Connection,
+    account: &str,
+    signed_at: i64,
+    now: i64,
+) -> rusqlite::Result<bool> {
     let n = c.execute(
         "INSERT INTO rotation_nonces (account, signed_at, used_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
         params![account, signed_at, now],

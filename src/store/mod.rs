@@ -33,12 +33,22 @@ pub enum StoreError {
     Open { path: PathBuf, message: String },
     #[error("schema.sql: {0}")]
     Schema(String),
-    #[error("database {path} is at schema version {found}, newer than this binary knows ({known}); upgrade the binary")]
-    TooNew { path: PathBuf, found: u32, known: u32 },
+    #[error(
+        "database {path} is at schema version {found}, newer than this binary knows ({known}); upgrade the binary"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
     #[error(
         "database {path} indexes {found}, but the config says {expected}; use another database file for another chain, token or payTo"
     )]
-    BindingMismatch { path: PathBuf, found: String, expected: String },
+    BindingMismatch {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("the database writer has stopped")]
     WriterGone,
     #[error("a database task failed: {0}")]
@@ -61,7 +71,10 @@ struct Inner {
 
 /// Current unix time in seconds.
 pub fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl Store {
@@ -70,11 +83,15 @@ impl Store {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Open { path: path.to_path_buf(), message: e.to_string() })?;
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
         }
-        let mut conn = Connection::open(path)
-            .map_err(|e| StoreError::Open { path: path.to_path_buf(), message: e.to_string() })?;
+        let mut conn = Connection::open(path).map_err(|e| StoreError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         configure(&conn)?;
         migrate(&mut conn, path)?;
 
@@ -86,9 +103,18 @@ impl Store {
                     job(&mut conn);
                 }
             })
-            .map_err(|e| StoreError::Open { path: path.to_path_buf(), message: e.to_string() })?;
+            .map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
 
-        Ok(Store { inner: Arc::new(Inner { path: path.to_path_buf(), writer: tx, readers: Mutex::new(Vec::new()) }) })
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                writer: tx,
+                readers: Mutex::new(Vec::new()),
+            }),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -107,14 +133,23 @@ impl Store {
             let result = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
                 Err(e) => Err(E::from(StoreError::from(e))),
                 Ok(tx) => match f(&tx) {
-                    Ok(value) => tx.commit().map(|()| value).map_err(|e| E::from(StoreError::from(e))),
+                    Ok(value) => tx
+                        .commit()
+                        .map(|()| value)
+                        .map_err(|e| E::from(StoreError::from(e))),
                     Err(e) => Err(e),
                 },
             };
             let _ = reply_tx.send(result);
         });
-        self.inner.writer.send(job).await.map_err(|_| E::from(StoreError::WriterGone))?;
-        reply_rx.await.map_err(|_| E::from(StoreError::WriterGone))?
+        self.inner
+            .writer
+            .send(job)
+            .await
+            .map_err(|_| E::from(StoreError::WriterGone))?;
+        reply_rx
+            .await
+            .map_err(|_| E::from(StoreError::WriterGone))?
     }
 
     /// Runs `f` with a read-only connection on the blocking pool.
@@ -150,8 +185,14 @@ fn configure(conn: &Connection) -> Result<(), StoreError> {
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| StoreError::Open { path: path.to_path_buf(), message: e.to_string() })?;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StoreError::Open {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     conn.busy_timeout(std::time::Duration::from_secs(10))?;
     Ok(conn)
 }
@@ -176,7 +217,9 @@ pub fn migrations(schema: &str) -> Result<Vec<Migration>, StoreError> {
                 .ok_or_else(|| StoreError::Schema(format!("bad migration line `{line}`")))?;
             let expected = out.len() as u32 + 1;
             if version != expected {
-                return Err(StoreError::Schema(format!("migration {version} found where {expected} was expected")));
+                return Err(StoreError::Schema(format!(
+                    "migration {version} found where {expected} was expected"
+                )));
             }
             out.push(Migration {
                 version,
@@ -199,12 +242,20 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let known = all.len() as u32;
     let current: u32 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if current > known {
-        return Err(StoreError::TooNew { path: path.to_path_buf(), found: current, known });
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: current,
+            known,
+        });
     }
     for migration in all.into_iter().filter(|m| m.version > current) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(&migration.sql)
-            .map_err(|e| StoreError::Schema(format!("migration {} ({}): {e}", migration.version, migration.name)))?;
+        tx.execute_batch(&migration.sql).map_err(|e| {
+            StoreError::Schema(format!(
+                "migration {} ({}): {e}",
+                migration.version, migration.name
+            ))
+        })?;
         tx.pragma_update(None, "user_version", migration.version)?;
         tx.commit()?;
         tracing::info!(version = migration.version, name = %migration.name, "applied database migration");
@@ -251,7 +302,9 @@ mod tests {
         // Re-opening applies nothing new and keeps the data.
         let store = Store::open(&path).unwrap();
         let mode: String = store
-            .read(|c| -> Result<String, StoreError> { Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?) })
+            .read(|c| -> Result<String, StoreError> {
+                Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?)
+            })
             .await
             .unwrap();
         assert_eq!(mode, "wal");

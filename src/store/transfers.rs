@@ -160,7 +160,11 @@ fn record_status(
     Ok(())
 }
 
-fn select_transfers(conn: &Connection, where_clause: &str, args: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<Transfer>> {
+fn select_transfers(
+    conn: &Connection,
+    where_clause: &str,
+    args: &[&dyn rusqlite::ToSql],
+) -> rusqlite::Result<Vec<Transfer>> {
     let sql = format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE {where_clause}");
     let mut stmt = conn.prepare_cached(&sql)?;
     let rows = stmt.query_map(args, transfer_from_row)?;
@@ -168,7 +172,12 @@ fn select_transfers(conn: &Connection, where_clause: &str, args: &[&dyn rusqlite
 }
 
 /// Inserts a transfer as `seen` unless that (block hash, log index) is already stored. Returns its id when new.
-fn insert_seen(tx: &Transaction<'_>, t: &NewTransfer, head: u64, reason: &str) -> rusqlite::Result<Option<i64>> {
+fn insert_seen(
+    tx: &Transaction<'_>,
+    t: &NewTransfer,
+    head: u64,
+    reason: &str,
+) -> rusqlite::Result<Option<i64>> {
     let changed = tx.prepare_cached(
         "INSERT OR IGNORE INTO transfers (tx_hash, log_index, block_number, block_hash, block_time, from_address, \
          to_address, value_atomic, status, first_seen_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'seen', ?9)",
@@ -194,7 +203,12 @@ fn insert_seen(tx: &Transaction<'_>, t: &NewTransfer, head: u64, reason: &str) -
 
 impl Store {
     /// Ties the database to one chain, token and payTo on first use; refuses a different one afterwards.
-    pub async fn bind_chain(&self, chain_id: u64, token: String, pay_to: String) -> Result<(), StoreError> {
+    pub async fn bind_chain(
+        &self,
+        chain_id: u64,
+        token: String,
+        pay_to: String,
+    ) -> Result<(), StoreError> {
         let path = self.path().to_path_buf();
         self.write(move |tx| {
             let existing: Option<(i64, String, String)> = tx
@@ -223,7 +237,7 @@ impl Store {
     }
 
     pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
-        self.read(|c| read_checkpoint(c)).await
+        self.read(read_checkpoint).await
     }
 
     /// The stored canonical hash of block `number`, if it is in the window.
@@ -330,7 +344,11 @@ impl Store {
     }
 
     /// Rolls the index back to `fork` (the highest block still canonical): everything above it is orphaned.
-    pub async fn rollback_to(&self, fork: BlockRef, old_head: u64) -> Result<Vec<Transfer>, StoreError> {
+    pub async fn rollback_to(
+        &self,
+        fork: BlockRef,
+        old_head: u64,
+    ) -> Result<Vec<Transfer>, StoreError> {
         self.write(move |tx| {
             let gone = select_transfers(tx, "block_number > ?1 AND status != 'orphaned'", &[&(fork.number as i64)])?;
             let now = now_unix();
@@ -359,7 +377,10 @@ impl Store {
     pub async fn record_announced(&self, t: NewTransfer) -> Result<bool, StoreError> {
         self.write(move |tx| {
             let checkpoint = read_checkpoint(tx)?;
-            if checkpoint.as_ref().is_some_and(|c| t.block_number <= c.number) {
+            if checkpoint
+                .as_ref()
+                .is_some_and(|c| t.block_number <= c.number)
+            {
                 return Ok(false);
             }
             let head = checkpoint.map_or(t.block_number, |c| c.number);
@@ -369,10 +390,17 @@ impl Store {
     }
 
     /// Transfers in block order, optionally of one status.
-    pub async fn list_transfers(&self, status: Option<TransferStatus>) -> Result<Vec<Transfer>, StoreError> {
+    pub async fn list_transfers(
+        &self,
+        status: Option<TransferStatus>,
+    ) -> Result<Vec<Transfer>, StoreError> {
         self.read(move |c| -> Result<_, StoreError> {
             Ok(match status {
-                Some(s) => select_transfers(c, "status = ?1 ORDER BY block_number, log_index, id", &[&s.as_str()])?,
+                Some(s) => select_transfers(
+                    c,
+                    "status = ?1 ORDER BY block_number, log_index, id",
+                    &[&s.as_str()],
+                )?,
                 None => select_transfers(c, "1 = 1 ORDER BY block_number, log_index, id", &[])?,
             })
         })
@@ -382,7 +410,11 @@ impl Store {
     /// All stored transfers of one transaction.
     pub async fn transfers_of_tx(&self, tx_hash: String) -> Result<Vec<Transfer>, StoreError> {
         self.read(move |c| -> Result<_, StoreError> {
-            Ok(select_transfers(c, "tx_hash = ?1 ORDER BY block_number, log_index, id", &[&tx_hash])?)
+            Ok(select_transfers(
+                c,
+                "tx_hash = ?1 ORDER BY block_number, log_index, id",
+                &[&tx_hash],
+            )?)
         })
         .await
     }
@@ -397,8 +429,15 @@ impl Store {
 }
 
 fn read_checkpoint(c: &Connection) -> Result<Option<Checkpoint>, StoreError> {
-    Ok(c.query_row("SELECT block_number, block_hash FROM checkpoint WHERE id = 1", [], |r| {
-        Ok(Checkpoint { number: r.get::<_, i64>(0)? as u64, hash: r.get(1)? })
-    })
+    Ok(c.query_row(
+        "SELECT block_number, block_hash FROM checkpoint WHERE id = 1",
+        [],
+        |r| {
+            Ok(Checkpoint {
+                number: r.get::<_, i64>(0)? as u64,
+                hash: r.get(1)?,
+            })
+        },
+    )
     .optional()?)
 }

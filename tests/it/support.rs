@@ -1,0 +1,430 @@
+//! Test support: a real anvil chain with the test USDC, an in-process indexer on a temp SQLite file, fault-injecting
+//! proxies for RPC outages and provider range limits, and polling with a deadline (never fixed sleeps).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use alloy::eips::Encodable2718;
+use alloy::network::{Ethereum, EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::ext::AnvilApi;
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::rpc::types::TransactionRequest;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol_types::SolCall;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use x402_gateway::chain::{Indexer, IndexerError, StatusHandle};
+use x402_gateway::config::{ChainSettings, Network};
+use x402_gateway::dev::{self, DevChain, contracts::TestUSDC};
+use x402_gateway::store::Store;
+use x402_gateway::store::transfers::{Transfer, TransferStatus};
+use x402_gateway::usdc::Usdc;
+
+/// How long any condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// anvil from the project's npm install.
+pub fn anvil_path() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(dev::ANVIL_RELATIVE);
+    assert!(
+        p.is_file(),
+        "anvil not found at {}; run `npm ci` (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `check` until it yields `Some`, failing the test with `what` after [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A real anvil chain (mining on every transaction) with the test USDC and funded payers.
+pub struct TestChain {
+    pub dev: DevChain,
+    pub provider: DynProvider,
+}
+
+impl TestChain {
+    pub async fn start() -> TestChain {
+        let dev = dev::start_chain(&anvil_path(), 0, Usdc::whole(1_000_000))
+            .await
+            .expect("dev chain starts");
+        let mut wallet = EthereumWallet::from(dev.deployer.clone());
+        for agent in &dev.agents {
+            wallet.register_signer(agent.clone());
+        }
+        let provider = ProviderBuilder::new()
+            .wallet(wallet)
+            .connect_http(dev.anvil.endpoint_url())
+            .erased();
+        TestChain { dev, provider }
+    }
+
+    pub fn token(&self) -> Address {
+        self.dev.token
+    }
+
+    pub fn pay_to(&self) -> Address {
+        self.dev.pay_to
+    }
+
+    pub fn payer(&self, i: usize) -> &PrivateKeySigner {
+        &self.dev.agents[i]
+    }
+
+    pub fn rpc_url(&self) -> String {
+        self.dev.anvil.endpoint()
+    }
+
+    /// Indexer settings against this chain: `confirmations` deep, polling every 50 ms.
+    pub fn settings(&self, confirmations: u64) -> ChainSettings {
+        ChainSettings {
+            network: Network {
+                name: "custom".into(),
+                chain_id: dev::DEV_CHAIN_ID,
+                token: self.token(),
+                token_name: "USDC".into(),
+                token_version: "2".into(),
+            },
+            rpc_http: vec![self.rpc_url()],
+            rpc_ws: None,
+            pay_to: self.pay_to(),
+            confirmations,
+            start_block: 0,
+            poll_interval: Duration::from_millis(50),
+            max_block_range: 2_000,
+            reorg_window: (confirmations * 2).max(64),
+            rpc_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Sends `amount` of `token` from `from` to `to`; returns (tx hash, block number).
+    pub async fn transfer_token(
+        &self,
+        token: Address,
+        from: Address,
+        to: Address,
+        amount: Usdc,
+    ) -> (String, u64) {
+        let receipt = TestUSDC::new(token, &self.provider)
+            .transfer(to, U256::from(amount.atomic() as u64))
+            .from(from)
+            .send()
+            .await
+            .expect("transfer sent")
+            .get_receipt()
+            .await
+            .expect("transfer mined");
+        assert!(receipt.status(), "transfer reverted");
+        (
+            format!("{:#x}", receipt.transaction_hash),
+            receipt.block_number.expect("mined"),
+        )
+    }
+
+    /// Payer `i` pays `amount` test USDC to payTo.
+    pub async fn pay(&self, i: usize, amount: Usdc) -> (String, u64) {
+        self.transfer_token(self.token(), self.payer(i).address(), self.pay_to(), amount)
+            .await
+    }
+
+    /// A signed, not yet sent payment from payer `i` (to send now, or to place into a reorg).
+    pub async fn signed_payment(&self, i: usize, amount: Usdc) -> (B256, Bytes) {
+        let from = self.payer(i).address();
+        let nonce = self
+            .provider
+            .get_transaction_count(from)
+            .pending()
+            .await
+            .expect("nonce");
+        let call = TestUSDC::transferCall {
+            to: self.pay_to(),
+            value: U256::from(amount.atomic() as u64),
+        };
+        let tx = TransactionRequest::default()
+            .with_from(from)
+            .with_to(self.token())
+            .with_input(call.abi_encode())
+            .with_nonce(nonce)
+            .with_chain_id(dev::DEV_CHAIN_ID)
+            .with_gas_limit(200_000)
+            .with_max_fee_per_gas(20_000_000_000)
+            .with_max_priority_fee_per_gas(1_000_000_000);
+        let wallet = EthereumWallet::from(self.payer(i).clone());
+        let envelope =
+            <TransactionRequest as NetworkTransactionBuilder<Ethereum>>::build(tx, &wallet)
+                .await
+                .expect("signs");
+        let hash = *envelope.tx_hash();
+        (hash, Bytes::from(envelope.encoded_2718()))
+    }
+
+    pub async fn head(&self) -> u64 {
+        self.provider.get_block_number().await.expect("head")
+    }
+
+    pub async fn mine(&self, blocks: u64) {
+        self.provider
+            .anvil_mine(Some(blocks), None)
+            .await
+            .expect("mines");
+    }
+
+    /// Deploys a second token, to check that its Transfer events are ignored.
+    pub async fn other_token(&self) -> Address {
+        let token = TestUSDC::deploy(&self.provider, "Other".to_string(), "1".to_string())
+            .await
+            .expect("deploys");
+        let addr = *token.address();
+        for agent in &self.dev.agents {
+            token
+                .mint(agent.address(), U256::from(1_000_000_000_000u64))
+                .send()
+                .await
+                .unwrap()
+                .get_receipt()
+                .await
+                .unwrap();
+        }
+        addr
+    }
+}
+
+/// An indexer running in this process on its own SQLite file.
+pub struct RunningIndexer {
+    pub store: Store,
+    pub status: StatusHandle,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), IndexerError>>,
+}
+
+impl RunningIndexer {
+    pub fn start(settings: ChainSettings, db: &Path) -> RunningIndexer {
+        let store = Store::open(db).expect("store opens");
+        let status = StatusHandle::default();
+        let shutdown = CancellationToken::new();
+        let task =
+            x402_gateway::chain::spawn(settings, store.clone(), status.clone(), shutdown.clone())
+                .expect("indexer starts");
+        RunningIndexer {
+            store,
+            status,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Stops the indexer and returns how it ended.
+    pub async fn stop(self) -> Result<(), IndexerError> {
+        self.shutdown.cancel();
+        self.task.await.expect("indexer task joins")
+    }
+
+    /// Waits until blocks up to `block` are indexed.
+    pub async fn wait_indexed(&self, block: u64) {
+        let status = self.status.clone();
+        wait_for(&format!("indexed head ≥ {block}"), || {
+            let s = status.snapshot();
+            async move { s.indexed_head.filter(|h| *h >= block) }
+        })
+        .await;
+    }
+
+    pub async fn transfers_of(&self, tx: &str) -> Vec<Transfer> {
+        self.store
+            .transfers_of_tx(tx.to_string())
+            .await
+            .expect("reads")
+    }
+
+    pub async fn all(&self) -> Vec<Transfer> {
+        self.store.list_transfers(None).await.expect("reads")
+    }
+
+    /// Waits until `tx` has a row with `status`, and returns that row.
+    pub async fn wait_status(&self, tx: &str, status: TransferStatus) -> Transfer {
+        wait_for(&format!("{tx} to be {status:?}"), || async {
+            self.transfers_of(tx)
+                .await
+                .into_iter()
+                .find(|t| t.status == status)
+        })
+        .await
+    }
+}
+
+/// Indexes `settings` until synced with the head, in this task.
+pub async fn index_once(settings: ChainSettings, store: &Store) -> Result<(), IndexerError> {
+    Indexer::new(settings, store.clone(), StatusHandle::default())?
+        .run_until_synced(CancellationToken::new())
+        .await
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A TCP proxy that can cut every connection and refuse new ones (an RPC outage), or delay traffic.
+
+#[derive(Clone)]
+pub struct TcpFaultProxy {
+    pub addr: std::net::SocketAddr,
+    down: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+    cut: watch::Sender<u64>,
+    pub connections: Arc<AtomicUsize>,
+}
+
+impl TcpFaultProxy {
+    pub async fn start(target: std::net::SocketAddr) -> TcpFaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (cut, _) = watch::channel(0u64);
+        let proxy = TcpFaultProxy {
+            addr: listener.local_addr().unwrap(),
+            down: Arc::new(AtomicBool::new(false)),
+            delay_ms: Arc::new(AtomicU64::new(0)),
+            cut,
+            connections: Arc::new(AtomicUsize::new(0)),
+        };
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if p.down.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                p.connections.fetch_add(1, Ordering::SeqCst);
+                let p = p.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let mut cut = p.cut.subscribe();
+                    let delay = Duration::from_millis(p.delay_ms.load(Ordering::SeqCst));
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut cr, &mut sw) => {}
+                        _ = tokio::io::copy(&mut sr, &mut cw) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        proxy
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Cuts every open connection and refuses new ones until [`TcpFaultProxy::up`].
+    pub fn down(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.cut.send_modify(|g| *g += 1);
+    }
+
+    pub fn up(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// A JSON-RPC proxy that refuses `eth_getLogs` spans above a limit the way providers do.
+
+#[derive(Clone)]
+pub struct RangeLimitProxy {
+    pub addr: std::net::SocketAddr,
+    pub refused: Arc<AtomicUsize>,
+    pub largest_served: Arc<AtomicU64>,
+}
+
+impl RangeLimitProxy {
+    /// `hint`: whether the error names a range that would work (Alchemy style) or not.
+    pub async fn start(target: String, max_span: u64, hint: bool) -> RangeLimitProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = RangeLimitProxy {
+            addr: listener.local_addr().unwrap(),
+            refused: Arc::new(AtomicUsize::new(0)),
+            largest_served: Arc::new(AtomicU64::new(0)),
+        };
+        let p = proxy.clone();
+        let client = alloy::transports::http::reqwest::Client::new();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let p = p.clone();
+                let client = client.clone();
+                let target = target.clone();
+                async move {
+                    let answer = |req: Value| {
+                        let p = p.clone();
+                        let client = client.clone();
+                        let target = target.clone();
+                        async move {
+                            if req["method"] == "eth_getLogs" {
+                                let num = |v: &Value| u64::from_str_radix(v.as_str().unwrap_or("0x0").trim_start_matches("0x"), 16).unwrap_or(0);
+                                let (from, to) = (num(&req["params"][0]["fromBlock"]), num(&req["params"][0]["toBlock"]));
+                                let span = to.saturating_sub(from) + 1;
+                                if span > max_span {
+                                    p.refused.fetch_add(1, Ordering::SeqCst);
+                                    let message = if hint {
+                                        format!("query exceeds max results. Try with this block range [{:#x}, {:#x}].", from, from + max_span - 1)
+                                    } else {
+                                        "block range too large".to_string()
+                                    };
+                                    return json!({"jsonrpc": "2.0", "id": req["id"], "error": {"code": -32005, "message": message}});
+                                }
+                                p.largest_served.fetch_max(span, Ordering::SeqCst);
+                            }
+                            client.post(&target).json(&req).send().await.unwrap().json::<Value>().await.unwrap()
+                        }
+                    };
+                    let out = match body {
+                        Value::Array(reqs) => {
+                            let mut out = Vec::new();
+                            for r in reqs {
+                                out.push(answer(r).await);
+                            }
+                            Value::Array(out)
+                        }
+                        single => answer(single).await,
+                    };
+                    axum::Json(out)
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        proxy
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
