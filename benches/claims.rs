@@ -25,7 +25,10 @@ const PAY_TO: &str = "0x70997970c51812dc3a010c7d01b50e0d17dc79c8";
 const CHAIN_ID: u64 = 31337;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[tokio::main]
@@ -50,7 +53,8 @@ path = "{}"
 "#,
         db.display()
     );
-    let settings = Config::parse(&config, std::path::Path::new("bench.toml"))?.resolve(dir.path(), &|_| None)?;
+    let settings = Config::parse(&config, std::path::Path::new("bench.toml"))?
+        .resolve(dir.path(), &|_| None)?;
 
     // Synthetic confirmed transfers and their signed claims.
     let payers: Vec<PrivateKeySigner> = (0..64).map(|_| PrivateKeySigner::random()).collect();
@@ -89,19 +93,27 @@ path = "{}"
         tx.commit()?;
     }
 
-    let state = AppState::new(settings, store.clone(), StatusHandle::default(), system_clock())?;
+    let state = AppState::new(
+        settings,
+        store.clone(),
+        StatusHandle::default(),
+        system_clock(),
+    )?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}/api/agent/topup", listener.local_addr()?);
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(api::run(listener, api::router(state), shutdown.clone()));
 
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
     let bodies = Arc::new(bodies);
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (client, url, bodies, next) = (client.clone(), url.clone(), bodies.clone(), next.clone());
+            let (client, url, bodies, next) =
+                (client.clone(), url.clone(), bodies.clone(), next.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut failures = 0usize;
@@ -137,12 +149,23 @@ path = "{}"
     shutdown.cancel();
     let _ = server.await;
 
-    let claimed: i64 = rusqlite::Connection::open(&db)?.query_row("SELECT count(*) FROM claims", [], |r| r.get(0))?;
+    let claimed: i64 =
+        rusqlite::Connection::open(&db)?
+            .query_row("SELECT count(*) FROM claims", [], |r| r.get(0))?;
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    println!("claims: {n} distinct confirmed transfers, {concurrency} concurrent clients, {} CPUs", num_cpus());
-    println!("elapsed: {:.2} s, failures: {failures}, claims rows: {claimed}", elapsed.as_secs_f64());
-    println!("throughput: {:.0} claims/s", n as f64 / elapsed.as_secs_f64());
+    println!(
+        "claims: {n} distinct confirmed transfers, {concurrency} concurrent clients, {} CPUs",
+        num_cpus()
+    );
+    println!(
+        "elapsed: {:.2} s, failures: {failures}, claims rows: {claimed}",
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "throughput: {:.0} claims/s",
+        n as f64 / elapsed.as_secs_f64()
+    );
     println!(
         "latency: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         pct(0.50).as_secs_f64() * 1e3,
@@ -150,10 +173,15 @@ path = "{}"
         pct(0.99).as_secs_f64() * 1e3,
         latencies[latencies.len() - 1].as_secs_f64() * 1e3
     );
-    anyhow::ensure!(failures == 0 && claimed as usize == n, "not every claim succeeded");
+    anyhow::ensure!(
+        failures == 0 && claimed as usize == n,
+        "not every claim succeeded"
+    );
     Ok(())
 }
 
 fn num_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }

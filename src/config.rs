@@ -859,6 +859,22 @@ blocks = [
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../fixtures/example-config.toml");
+        let s = Config::parse(text, Path::new("example-config.toml"))
+            .unwrap()
+            .resolve(Path::new("/srv"), &|name| {
+                (name == "BASE_RPC_URL").then(|| "https://rpc.example/k".to_string())
+            })
+            .unwrap();
+        assert_eq!(
+            s.chain.rpc_http,
+            vec!["https://rpc.example/k", "https://mainnet.base.org"]
+        );
+        assert_eq!(s.chain.network.chain_id, 8453);
+    }
+
+    #[test]
     fn redacts_secrets_in_urls() {
         assert_eq!(
             redact_url("https://base-mainnet.g.alchemy.com/v2/SECRET"),

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::rpc::{RawLog, Rpc, RpcError, suggested_range};
 use super::status::StatusHandle;
 use crate::config::ChainSettings;
-use crate::store::transfers::{Checkpoint, NewTransfer, RangeUpdate, Transfer};
+use crate::store::transfers::{BlockRef, Checkpoint, NewTransfer, RangeUpdate, Transfer};
 use crate::store::{Store, StoreError};
 use crate::usdc::Usdc;
 
@@ -303,8 +303,8 @@ impl Indexer {
         }
 
         // Every log must sit in the block we hold the header of; fetch headers for blocks outside the window.
-        let mut by_number: HashMap<u64, String> =
-            headers.iter().map(|h| (h.number, h.hash.clone())).collect();
+        let mut by_number: HashMap<u64, BlockRef> =
+            headers.iter().map(|h| (h.number, h.clone())).collect();
         let missing: Vec<u64> = logs
             .iter()
             .filter_map(|l| l.block_number.map(|n| n.to::<u64>()))
@@ -314,7 +314,7 @@ impl Indexer {
             .collect();
         if !missing.is_empty() {
             for h in self.rpc.headers(&missing).await? {
-                by_number.insert(h.number, h.hash);
+                by_number.insert(h.number, h);
             }
         }
         let mut transfers = Vec::with_capacity(logs.len());
@@ -359,7 +359,7 @@ impl Indexer {
         log: &RawLog,
         from: u64,
         to: u64,
-        headers: &HashMap<u64, String>,
+        headers: &HashMap<u64, BlockRef>,
     ) -> Result<Option<NewTransfer>, IndexerError> {
         let Some(t) = transfer_from_log(log, self.settings.network.token, self.settings.pay_to)
             .map_err(|e| IndexerError::Inconsistent(e.to_string()))?
@@ -372,13 +372,19 @@ impl Indexer {
                 t.block_number
             )));
         }
-        if headers.get(&t.block_number) != Some(&t.block_hash) {
+        let Some(header) = headers
+            .get(&t.block_number)
+            .filter(|h| h.hash == t.block_hash)
+        else {
             return Err(IndexerError::Inconsistent(format!(
                 "log block hash differs from the header of block {}",
                 t.block_number
             )));
-        }
-        Ok(Some(t))
+        };
+        Ok(Some(NewTransfer {
+            block_time: Some(header.timestamp),
+            ..t
+        }))
     }
 
     /// Walks back from `suspect` to the highest block whose stored hash is still canonical and rolls back to it.

@@ -111,7 +111,7 @@ async fn session(
                 Some(log) => {
                     if let Ok(Some(t)) = transfer_from_log(&log, settings.network.token, settings.pay_to) {
                         match store.record_announced(t.clone()).await {
-                            Ok(true) => tracing::info!(tx = %t.tx_hash, from = %t.from, amount = %t.value, "payment announced: seen (0 confirmations checked)"),
+                            Ok(true) => tracing::info!(tx = %t.tx_hash, from = %t.from, amount = %t.value, "payment announced over WebSocket: seen"),
                             Ok(false) => {}
                             Err(e) => tracing::warn!(error = %e, "could not record an announced payment; the range fetch will"),
                         }

@@ -60,6 +60,7 @@ pub fn balance(c: &Connection, address: &str) -> rusqlite::Result<Usdc> {
 }
 
 /// Appends a ledger row; refuses one that would take the balance below zero. Returns the new balance.
+#[allow(clippy::too_many_arguments)]
 pub fn append_ledger(
     c: &Connection,
     address: &str,

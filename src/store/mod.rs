@@ -144,23 +144,21 @@ impl Store {
         F: FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
     {
         let (reply_tx, reply_rx) = oneshot::channel();
-        let job: WriteJob = Box::new(move |tx: &Transaction<'_>| {
-            match f(tx) {
-                Ok(value) => {
-                    let finish: Finish = Box::new(move |commit_error| {
-                        let _ = reply_tx.send(match commit_error {
-                            None => Ok(value),
-                            Some(reason) => Err(E::from(StoreError::Commit(reason))),
-                        });
+        let job: WriteJob = Box::new(move |tx: &Transaction<'_>| match f(tx) {
+            Ok(value) => {
+                let finish: Finish = Box::new(move |commit_error| {
+                    let _ = reply_tx.send(match commit_error {
+                        None => Ok(value),
+                        Some(reason) => Err(E::from(StoreError::Commit(reason))),
                     });
-                    (true, finish)
-                }
-                Err(e) => {
-                    let finish: Finish = Box::new(move |_| {
-                        let _ = reply_tx.send(Err(e));
-                    });
-                    (false, finish)
-                }
+                });
+                (true, finish)
+            }
+            Err(e) => {
+                let finish: Finish = Box::new(move |_| {
+                    let _ = reply_tx.send(Err(e));
+                });
+                (false, finish)
             }
         });
         self.inner
@@ -225,7 +223,11 @@ fn run_batch(conn: &mut Connection, batch: Vec<WriteJob>) {
             continue;
         }
         let (ok, finish) = job(&tx);
-        let end = if ok { tx.execute_batch("RELEASE job") } else { tx.execute_batch("ROLLBACK TO job; RELEASE job") };
+        let end = if ok {
+            tx.execute_batch("RELEASE job")
+        } else {
+            tx.execute_batch("ROLLBACK TO job; RELEASE job")
+        };
         if let Err(e) = end {
             broken = Some(format!("ending a savepoint: {e}"));
         }
