@@ -77,3 +77,97 @@ CREATE TABLE reorgs (
     depth            INTEGER NOT NULL,
     orphaned_transfers INTEGER NOT NULL
 );
+
+-- migration: 2 checkout
+-- Agent checkout: accounts (payer addresses), their append-only credit ledger, claims of confirmed transfers,
+-- pool subscriptions with their seats, API keys (hashes only) and used key-rotation messages.
+
+-- An account is a payer address (lower-case 0x-hex).
+CREATE TABLE accounts (
+    address    TEXT    PRIMARY KEY,
+    created_at INTEGER NOT NULL
+);
+
+-- One row per claimed transaction: the PRIMARY KEY is the at-most-once guarantee. Inserted in the same
+-- transaction that mints the key and writes the ledger rows.
+CREATE TABLE claims (
+    tx_hash         TEXT    PRIMARY KEY,
+    account         TEXT    NOT NULL REFERENCES accounts (address),
+    kind            TEXT    NOT NULL CHECK (kind IN ('subscription', 'topup')),
+    paid_atomic     INTEGER NOT NULL CHECK (paid_atomic >= 0),
+    price_atomic    INTEGER NOT NULL CHECK (price_atomic >= 0),
+    surplus_atomic  INTEGER NOT NULL CHECK (surplus_atomic >= 0),
+    subscription_id INTEGER REFERENCES subscriptions (id),
+    key_id          INTEGER REFERENCES api_keys (id),
+    signature       TEXT,
+    claimed_at      INTEGER NOT NULL,
+    CHECK (paid_atomic = price_atomic + surplus_atomic)
+);
+CREATE INDEX claims_account ON claims (account);
+
+CREATE TABLE subscriptions (
+    id           INTEGER PRIMARY KEY,
+    account      TEXT    NOT NULL REFERENCES accounts (address),
+    pool         TEXT    NOT NULL,
+    blocks       TEXT    NOT NULL, -- JSON array of block names, in the order bought
+    price_atomic INTEGER NOT NULL CHECK (price_atomic >= 0),
+    tx_hash      TEXT    NOT NULL UNIQUE,
+    starts_at    INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL
+);
+CREATE INDEX subscriptions_account ON subscriptions (account);
+
+-- A subscription holds one seat in each bought block from its claim to its expiry.
+CREATE TABLE seats (
+    subscription_id INTEGER NOT NULL REFERENCES subscriptions (id),
+    pool            TEXT    NOT NULL,
+    block           TEXT    NOT NULL,
+    expires_at      INTEGER NOT NULL,
+    PRIMARY KEY (subscription_id, block)
+);
+CREATE INDEX seats_live ON seats (pool, block, expires_at);
+
+-- Credits: append-only; the balance of an account is the sum of its rows (and equals the last balance_after).
+CREATE TABLE ledger (
+    id            INTEGER PRIMARY KEY,
+    account       TEXT    NOT NULL REFERENCES accounts (address),
+    kind          TEXT    NOT NULL CHECK (kind IN ('topup', 'surplus', 'grant', 'debit', 'refund')),
+    amount_atomic INTEGER NOT NULL,
+    balance_after INTEGER NOT NULL CHECK (balance_after >= 0),
+    tx_hash       TEXT,
+    key_id        INTEGER,
+    note          TEXT,
+    created_at    INTEGER NOT NULL,
+    CHECK ((kind = 'debit') = (amount_atomic < 0) OR amount_atomic = 0)
+);
+CREATE INDEX ledger_account ON ledger (account, id);
+CREATE TRIGGER ledger_append_only_update BEFORE UPDATE ON ledger
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+CREATE TRIGGER ledger_append_only_delete BEFORE DELETE ON ledger
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+
+-- API keys `sk-<public_id>-<secret>`: only SHA-256(secret) is stored.
+CREATE TABLE api_keys (
+    id              INTEGER PRIMARY KEY,
+    public_id       TEXT    NOT NULL UNIQUE,
+    secret_hash     BLOB    NOT NULL,
+    kind            TEXT    NOT NULL CHECK (kind IN ('subscription', 'credit')),
+    account         TEXT    NOT NULL REFERENCES accounts (address),
+    subscription_id INTEGER REFERENCES subscriptions (id),
+    created_at      INTEGER NOT NULL,
+    created_by      TEXT    NOT NULL, -- claim, rotation, operator
+    revoked_at      INTEGER,
+    revoked_reason  TEXT,
+    replaced_by     INTEGER REFERENCES api_keys (id),
+    CHECK ((kind = 'subscription') = (subscription_id IS NOT NULL))
+);
+CREATE INDEX api_keys_account ON api_keys (account);
+
+-- Key-rotation messages already used: (address, signed_at) can rotate once, so a captured signature (or a
+-- re-encoded copy of it) cannot be replayed.
+CREATE TABLE rotation_nonces (
+    account   TEXT    NOT NULL,
+    signed_at INTEGER NOT NULL,
+    used_at   INTEGER NOT NULL,
+    PRIMARY KEY (account, signed_at)
+);

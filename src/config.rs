@@ -11,6 +11,8 @@ use std::time::Duration;
 use alloy::primitives::Address;
 use serde::Deserialize;
 
+use crate::usdc::Usdc;
+
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,6 +43,96 @@ pub struct Config {
     pub chain: ChainConfig,
     #[serde(default)]
     pub database: DatabaseConfig,
+    /// Pool subscriptions sold by 8-hour (or any) daily UTC blocks.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+    #[serde(default)]
+    pub credits: CreditsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// A pool subscription product: `[[pools]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Identifier agents send as `poolSlug` (lower-case letters, digits, `-`, `_`).
+    pub slug: String,
+    /// Display name.
+    pub name: String,
+    /// Model ids a key of this pool may call.
+    pub models: Vec<String>,
+    /// How long a subscription lasts from its claim.
+    #[serde(default = "default_duration_days")]
+    pub duration_days: u32,
+    pub blocks: Vec<BlockConfig>,
+}
+
+fn default_duration_days() -> u32 {
+    30
+}
+
+/// One daily block of a pool: `{ name = "asia", hours_utc = "00:00-08:00", price_usdc = "39.00", seats = 100 }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockConfig {
+    pub name: String,
+    /// Daily UTC window `HH:MM-HH:MM` (end may be `24:00`).
+    pub hours_utc: String,
+    /// Price of the block for one subscription period, a decimal string.
+    pub price_usdc: String,
+    /// Subscriptions that may hold this block at the same time.
+    pub seats: u32,
+}
+
+/// `[credits]`: pay-as-you-go balances.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditsConfig {
+    #[serde(default = "default_min_topup")]
+    pub min_topup_usdc: String,
+}
+
+impl Default for CreditsConfig {
+    fn default() -> Self {
+        CreditsConfig {
+            min_topup_usdc: default_min_topup(),
+        }
+    }
+}
+
+fn default_min_topup() -> String {
+    "10.00".to_string()
+}
+
+/// `[auth]`: who may claim, and the operator's tokens (read from the environment).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Require the payer's signature on claims. Turning it off lets anyone who sees a txHash claim it (seed-000
+    /// compatibility only); the gateway warns at start-up.
+    #[serde(default = "default_true")]
+    pub claims_require_signature: bool,
+    /// Environment variable holding the admin token.
+    #[serde(default)]
+    pub admin_token_env: Option<String>,
+    /// Environment variable holding the read-only auditor token.
+    #[serde(default)]
+    pub auditor_token_env: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            claims_require_signature: true,
+            admin_token_env: None,
+            auditor_token_env: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +144,12 @@ pub struct ServerConfig {
     /// The URL agents reach this gateway at (used in catalogs and agent cards).
     #[serde(default)]
     pub public_url: Option<String>,
+    /// Documentation link shown in the 402 catalog.
+    #[serde(default)]
+    pub docs_url: Option<String>,
+    /// x402 facilitator URL shown in the 402 catalog, if one is used.
+    #[serde(default)]
+    pub facilitator: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +157,8 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: default_listen(),
             public_url: None,
+            docs_url: None,
+            facilitator: None,
         }
     }
 }
@@ -181,6 +281,64 @@ pub struct Settings {
     pub public_url: Option<String>,
     pub chain: ChainSettings,
     pub database_path: PathBuf,
+    pub docs_url: Option<String>,
+    pub facilitator: Option<String>,
+    pub pools: Vec<Pool>,
+    pub credits: Credits,
+    pub auth: Auth,
+}
+
+/// A validated pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub slug: String,
+    pub name: String,
+    pub models: Vec<String>,
+    pub duration_days: u32,
+    pub blocks: Vec<Block>,
+}
+
+impl Pool {
+    pub fn block(&self, name: &str) -> Option<&Block> {
+        self.blocks.iter().find(|b| b.name == name)
+    }
+
+    /// Subscription length in seconds.
+    pub fn duration_secs(&self) -> i64 {
+        i64::from(self.duration_days) * 86_400
+    }
+}
+
+/// A validated daily block: `[start_minute, end_minute)` of the UTC day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    pub name: String,
+    pub start_minute: u32,
+    pub end_minute: u32,
+    pub price: Usdc,
+    pub seats: u32,
+}
+
+impl Block {
+    /// `"00:00-08:00"`.
+    pub fn hours(&self) -> String {
+        let hm = |m: u32| format!("{:02}:{:02}", m / 60, m % 60);
+        format!("{}-{}", hm(self.start_minute), hm(self.end_minute))
+    }
+}
+
+/// Validated credit settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credits {
+    pub min_topup: Usdc,
+}
+
+/// Validated auth settings (tokens already read from the environment).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    pub claims_require_signature: bool,
+    pub admin_token: Option<String>,
+    pub auditor_token: Option<String>,
 }
 
 impl Config {
@@ -341,7 +499,45 @@ impl Config {
             ));
         }
 
+        for (key, url) in [
+            ("server.docs_url", &self.server.docs_url),
+            ("server.facilitator", &self.server.facilitator),
+        ] {
+            if let Some(url) = url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return Err(invalid(key, "must start with http:// or https://"));
+            }
+        }
+        let pools = resolve_pools(&self.pools)?;
+        let min_topup = parse_usdc("credits.min_topup_usdc", &self.credits.min_topup_usdc)?;
+        if min_topup == Usdc::ZERO {
+            return Err(invalid("credits.min_topup_usdc", "must be positive"));
+        }
+        let token = |key: &str, var: &Option<String>| -> Result<Option<String>, ConfigError> {
+            match var {
+                None => Ok(None),
+                Some(name) => match env(name) {
+                    Some(v) if !v.trim().is_empty() => Ok(Some(v)),
+                    _ => Err(invalid(
+                        key,
+                        format!("environment variable `{name}` is not set"),
+                    )),
+                },
+            }
+        };
+        let auth = Auth {
+            claims_require_signature: self.auth.claims_require_signature,
+            admin_token: token("auth.admin_token_env", &self.auth.admin_token_env)?,
+            auditor_token: token("auth.auditor_token_env", &self.auth.auditor_token_env)?,
+        };
+
         Ok(Settings {
+            docs_url: self.server.docs_url.clone(),
+            facilitator: self.server.facilitator.clone(),
+            pools,
+            credits: Credits { min_topup },
+            auth,
             listen: self.server.listen,
             public_url: self
                 .server
@@ -363,6 +559,121 @@ impl Config {
             database_path,
         })
     }
+}
+
+fn parse_usdc(key: &str, raw: &str) -> Result<Usdc, ConfigError> {
+    raw.parse::<Usdc>().map_err(|e| invalid(key, e.to_string()))
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// `"HH:MM"` → minutes of the day (`24:00` allowed as an end).
+fn parse_hm(s: &str) -> Option<u32> {
+    let (h, m) = s.trim().split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    if m >= 60 || h > 24 || (h == 24 && m != 0) {
+        return None;
+    }
+    Some(h * 60 + m)
+}
+
+fn resolve_pools(pools: &[PoolConfig]) -> Result<Vec<Pool>, ConfigError> {
+    let mut out: Vec<Pool> = Vec::new();
+    for (i, p) in pools.iter().enumerate() {
+        let key = |field: &str| format!("pools[{i}].{field}");
+        if !valid_name(&p.slug) {
+            return Err(invalid(&key("slug"), "must be 1-64 of a-z, 0-9, `-`, `_`"));
+        }
+        if out.iter().any(|o| o.slug == p.slug) {
+            return Err(invalid(
+                &key("slug"),
+                format!("`{}` is used by another pool", p.slug),
+            ));
+        }
+        if p.name.trim().is_empty() {
+            return Err(invalid(&key("name"), "must not be empty"));
+        }
+        if p.models.is_empty() || p.models.iter().any(|m| m.trim().is_empty()) {
+            return Err(invalid(
+                &key("models"),
+                "needs at least one non-empty model id",
+            ));
+        }
+        if p.duration_days == 0 || p.duration_days > 3650 {
+            return Err(invalid(&key("duration_days"), "must be between 1 and 3650"));
+        }
+        if p.blocks.is_empty() {
+            return Err(invalid(&key("blocks"), "needs at least one block"));
+        }
+        let mut blocks: Vec<Block> = Vec::new();
+        for (j, b) in p.blocks.iter().enumerate() {
+            let bkey = |field: &str| format!("pools[{i}].blocks[{j}].{field}");
+            if !valid_name(&b.name) {
+                return Err(invalid(&bkey("name"), "must be 1-64 of a-z, 0-9, `-`, `_`"));
+            }
+            if blocks.iter().any(|o| o.name == b.name) {
+                return Err(invalid(
+                    &bkey("name"),
+                    format!("`{}` is used by another block of this pool", b.name),
+                ));
+            }
+            let (start, end) = b
+                .hours_utc
+                .split_once('-')
+                .and_then(|(a, z)| Some((parse_hm(a)?, parse_hm(z)?)))
+                .ok_or_else(|| {
+                    invalid(
+                        &bkey("hours_utc"),
+                        format!("`{}` is not `HH:MM-HH:MM`", b.hours_utc),
+                    )
+                })?;
+            if start >= end || start >= 24 * 60 {
+                return Err(invalid(
+                    &bkey("hours_utc"),
+                    format!("`{}`: the start must be before the end", b.hours_utc),
+                ));
+            }
+            if let Some(o) = blocks
+                .iter()
+                .find(|o| start < o.end_minute && o.start_minute < end)
+            {
+                return Err(invalid(
+                    &bkey("hours_utc"),
+                    format!("`{}` overlaps block `{}`", b.hours_utc, o.name),
+                ));
+            }
+            let price = parse_usdc(&bkey("price_usdc"), &b.price_usdc)?;
+            if price == Usdc::ZERO {
+                return Err(invalid(&bkey("price_usdc"), "must be positive"));
+            }
+            if b.seats == 0 {
+                return Err(invalid(&bkey("seats"), "must be at least 1"));
+            }
+            blocks.push(Block {
+                name: b.name.clone(),
+                start_minute: start,
+                end_minute: end,
+                price,
+                seats: b.seats,
+            });
+        }
+        out.push(Pool {
+            slug: p.slug.clone(),
+            name: p.name.clone(),
+            models: p.models.clone(),
+            duration_days: p.duration_days,
+            blocks,
+        });
+    }
+    Ok(out)
 }
 
 fn parse_address(key: &str, raw: &str) -> Result<Address, ConfigError> {
@@ -482,6 +793,69 @@ pay_to = "0x1111111111111111111111111111111111111111"
             .unwrap_err()
             .to_string();
         assert!(err.contains("chain.chain_id"), "{err}");
+    }
+
+    const POOL: &str = r#"
+[[pools]]
+slug = "kimi26"
+name = "Kimi"
+models = ["kimi-k2.6"]
+blocks = [
+  { name = "asia", hours_utc = "00:00-08:00", price_usdc = "39.00", seats = 100 },
+  { name = "americas", hours_utc = "16:00-24:00", price_usdc = "45.5", seats = 2 },
+]
+"#;
+
+    #[test]
+    fn pools_credits_and_auth() {
+        let s = resolve(&format!("{MINIMAL}{POOL}")).unwrap();
+        let pool = &s.pools[0];
+        assert_eq!(pool.duration_days, 30);
+        assert_eq!(pool.blocks[1].hours(), "16:00-24:00");
+        assert_eq!(pool.blocks[1].price, Usdc(45_500_000));
+        assert_eq!(s.credits.min_topup, Usdc::whole(10));
+        assert!(s.auth.claims_require_signature);
+        for (from, to, key) in [
+            (
+                "\"00:00-08:00\"",
+                "\"08:00-07:00\"",
+                "pools[0].blocks[0].hours_utc",
+            ),
+            (
+                "\"16:00-24:00\"",
+                "\"07:00-24:00\"",
+                "pools[0].blocks[1].hours_utc",
+            ),
+            ("\"00:00-08:00\"", "\"0-8\"", "pools[0].blocks[0].hours_utc"),
+            (
+                "name = \"americas\"",
+                "name = \"asia\"",
+                "pools[0].blocks[1].name",
+            ),
+            ("\"39.00\"", "\"3.9.0\"", "pools[0].blocks[0].price_usdc"),
+            ("seats = 2", "seats = 0", "pools[0].blocks[1].seats"),
+            ("slug = \"kimi26\"", "slug = \"Kimi 26\"", "pools[0].slug"),
+        ] {
+            let err = resolve(&format!("{MINIMAL}{}", POOL.replace(from, to)))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{to}: {err}");
+        }
+        let err = resolve(&format!("{MINIMAL}{POOL}{POOL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pools[1].slug"), "{err}");
+        let err = resolve(&format!("{MINIMAL}[credits]\nmin_topup = \"1\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("min_topup"), "{err}");
+        let err = resolve(&format!("{MINIMAL}[auth]\nadmin_token_env = \"NOPE\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.admin_token_env") && err.contains("NOPE"),
+            "{err}"
+        );
     }
 
     #[test]

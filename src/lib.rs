@@ -6,8 +6,10 @@
 //! a real anvil chain.
 
 pub mod api;
+pub mod billing;
 pub mod chain;
 pub mod config;
 pub mod dev;
+pub mod keys;
 pub mod store;
 pub mod usdc;

@@ -2,13 +2,17 @@
 
 use std::path::PathBuf;
 
+use alloy::primitives::Address;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
+use x402_gateway::billing;
 use x402_gateway::chain::{self, Indexer, StatusHandle};
 use x402_gateway::config::{Config, Settings};
-use x402_gateway::store::Store;
+use x402_gateway::store::billing as billing_store;
 use x402_gateway::store::transfers::TransferStatus;
+use x402_gateway::store::{Store, now_unix};
+use x402_gateway::usdc::Usdc;
 use x402_gateway::{api, dev};
 
 /// Self-hosted x402 payment gateway for AI inference.
@@ -67,6 +71,59 @@ enum Command {
     /// Run everything locally: anvil (from node_modules), a test USDC, the indexer and the server, with a generated
     /// config in the data folder. Prints the endpoints and throwaway dev wallets. Ctrl-C stops it all.
     Dev(dev::DevArgs),
+    /// Operator key management: list, revoke, grant credits.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Accounts (payer addresses): balance, ledger, claims and keys.
+    Accounts {
+        #[command(subcommand)]
+        command: AccountsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// List keys (public ids only; secrets are never stored).
+    List {
+        #[arg(long, short, env = "X402_CONFIG")]
+        config: PathBuf,
+        /// Only the keys of this account (payer address).
+        #[arg(long)]
+        account: Option<Address>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by its public id (the part after `sk-`, before the second `-`).
+    Revoke {
+        #[arg(long, short, env = "X402_CONFIG")]
+        config: PathBuf,
+        public_id: String,
+    },
+    /// Grant credits to an account (a `grant` ledger entry). Prints a new credit key if the account has none.
+    Grant {
+        #[arg(long, short, env = "X402_CONFIG")]
+        config: PathBuf,
+        address: Address,
+        /// Amount in USDC, e.g. "25.00".
+        amount: Usdc,
+        /// Why (kept in the ledger).
+        #[arg(long)]
+        note: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountsCommand {
+    /// Show an account's balance, ledger, claims and keys.
+    Show {
+        #[arg(long, short, env = "X402_CONFIG")]
+        config: PathBuf,
+        address: Address,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -164,6 +221,143 @@ async fn main() -> Result<()> {
             payments(&settings, status.map(Into::into), json).await
         }
         Command::Dev(args) => dev::run(args, shutdown).await,
+        Command::Keys { command } => keys_command(command).await,
+        Command::Accounts {
+            command:
+                AccountsCommand::Show {
+                    config,
+                    address,
+                    json,
+                },
+        } => {
+            let store = Store::open(&load(&config)?.database_path)?;
+            let view = billing::account_view(&store, address).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+                return Ok(());
+            }
+            if !view.exists {
+                println!(
+                    "no account {} (it has never claimed a payment or received a grant)",
+                    view.address
+                );
+                return Ok(());
+            }
+            println!(
+                "account {}\nbalance {} USDC (ledger sum {})",
+                view.address, view.balance_usdc, view.ledger_sum_usdc
+            );
+            println!("\nledger:");
+            for r in &view.ledger {
+                println!(
+                    "  #{:<6} {:<8} {:>14} → {:>14}  {}  {}",
+                    r.id,
+                    r.kind,
+                    r.amount_usdc.to_string(),
+                    r.balance_after_usdc.to_string(),
+                    r.tx_hash.as_deref().unwrap_or("-"),
+                    r.note.as_deref().unwrap_or("")
+                );
+            }
+            println!("\nclaims:");
+            for c in &view.claims {
+                println!(
+                    "  {}  {:<12} paid {} price {} surplus {}  {}",
+                    c.tx_hash,
+                    c.kind,
+                    c.paid_usdc,
+                    c.price_usdc,
+                    c.surplus_usdc,
+                    c.pool
+                        .as_ref()
+                        .map(|p| format!("{p} {:?}", c.blocks.clone().unwrap_or_default()))
+                        .unwrap_or_default()
+                );
+            }
+            println!("\nkeys:");
+            print_keys(&view.keys);
+            Ok(())
+        }
+    }
+}
+
+fn print_keys(keys: &[billing_store::KeyRecord]) {
+    for k in keys {
+        println!(
+            "  sk-{}-…  {:<12} {}  {}  created {} by {}  {}",
+            k.public_id,
+            k.kind,
+            k.account,
+            k.pool
+                .as_ref()
+                .map(|p| format!(
+                    "{p} {:?} until {}",
+                    k.blocks.clone().unwrap_or_default(),
+                    k.expires_at.map(billing::rfc3339).unwrap_or_default()
+                ))
+                .unwrap_or_default(),
+            billing::rfc3339(k.created_at),
+            k.created_by,
+            match (k.revoked_at, &k.revoked_reason) {
+                (Some(at), reason) => format!(
+                    "REVOKED {} ({})",
+                    billing::rfc3339(at),
+                    reason.as_deref().unwrap_or("")
+                ),
+                (None, _) => "live".to_string(),
+            }
+        );
+    }
+}
+
+async fn keys_command(command: KeysCommand) -> Result<()> {
+    match command {
+        KeysCommand::List {
+            config,
+            account,
+            json,
+        } => {
+            let store = Store::open(&load(&config)?.database_path)?;
+            let keys = billing::list_keys(&store, account.map(|a| format!("{a:#x}"))).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            } else if keys.is_empty() {
+                println!("no keys");
+            } else {
+                print_keys(&keys);
+            }
+            Ok(())
+        }
+        KeysCommand::Revoke { config, public_id } => {
+            let store = Store::open(&load(&config)?.database_path)?;
+            let id = public_id
+                .trim_start_matches("sk-")
+                .split('-')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            if billing::revoke_key(&store, id.clone(), now_unix()).await? {
+                println!("revoked sk-{id}-…");
+                Ok(())
+            } else {
+                anyhow::bail!("no live key with public id `{id}`")
+            }
+        }
+        KeysCommand::Grant {
+            config,
+            address,
+            amount,
+            note,
+        } => {
+            anyhow::ensure!(amount > Usdc::ZERO, "the amount must be positive");
+            let store = Store::open(&load(&config)?.database_path)?;
+            let (balance, key) = billing::grant(&store, address, amount, note, now_unix()).await?;
+            println!("granted {amount} USDC to {address:#x}; balance {balance} USDC");
+            if let Some(key) = key {
+                println!("new credit key (shown once): {}", key.full);
+            }
+            Ok(())
+        }
     }
 }
 

@@ -1,7 +1,9 @@
 //! The HTTP surface: one axum router per audience, assembled here, and `run(listener, shutdown)`.
 //!
-//! For now it serves operations (`/healthz`); the agent, x402 and audit routers join it as they are built.
+//! It serves operations (`/healthz`) and the agent checkout (`/api/agent/*`, the keyless `/v1/*` 402); the x402
+//! and audit routers join it as they are built.
 
+pub mod agent;
 mod ops;
 
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::billing::{Billing, Clock};
 use crate::chain::StatusHandle;
 use crate::config::Settings;
 use crate::store::Store;
@@ -20,11 +23,35 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: Store,
     pub indexer: StatusHandle,
+    pub billing: Billing,
+}
+
+impl AppState {
+    /// The state for `settings` on `store`, with `clock` as "now" for seats and rotations.
+    pub fn new(
+        settings: Settings,
+        store: Store,
+        indexer: StatusHandle,
+        clock: Clock,
+    ) -> Result<AppState, ServeError> {
+        let settings = Arc::new(settings);
+        let billing = Billing::new(settings.clone(), store.clone(), indexer.clone(), clock)
+            .map_err(|e| ServeError::Config(e.to_string()))?;
+        Ok(AppState {
+            settings,
+            store,
+            indexer,
+            billing,
+        })
+    }
 }
 
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
-    Router::new().merge(ops::router()).with_state(state)
+    Router::new()
+        .merge(ops::router())
+        .merge(agent::router())
+        .with_state(state)
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then finishes in-flight requests.
@@ -49,6 +76,8 @@ pub enum ServeError {
     Indexer(#[from] crate::chain::IndexerError),
     #[error("HTTP server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Runs the whole gateway — indexer and HTTP server — on `listener` until `shutdown`.
@@ -57,6 +86,22 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    serve_with_clock(settings, listener, shutdown, crate::billing::system_clock()).await
+}
+
+/// [`serve`] with an injected clock (tests move time to expire seats).
+pub async fn serve_with_clock(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    clock: Clock,
+) -> Result<(), ServeError> {
+    if !settings.auth.claims_require_signature {
+        tracing::warn!(
+            "auth.claims_require_signature = false: ANYONE who sees a payment's txHash can claim it before the payer \
+             does. Use this only for seed-000 client compatibility."
+        );
+    }
     let store = Store::open(&settings.database_path)?;
     let status = StatusHandle::default();
     let indexer = crate::chain::spawn(
@@ -65,11 +110,7 @@ pub async fn serve(
         status.clone(),
         shutdown.clone(),
     )?;
-    let state = AppState {
-        settings: Arc::new(settings),
-        store,
-        indexer: status,
-    };
+    let state = AppState::new(settings, store, status, clock)?;
     let served = run(listener, router(state), shutdown.clone()).await;
     shutdown.cancel();
     if let Ok(Err(e)) = indexer.await {

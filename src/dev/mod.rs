@@ -187,6 +187,23 @@ poll_interval_ms = 500
 
 [database]
 path = "x402-gateway.db"
+
+[[pools]]
+slug = "kimi26"
+name = "Kimi K2.6, GLM 4.7"
+models = ["kimi-k2.6", "glm-4.7"]
+duration_days = 30
+blocks = [
+  {{ name = "asia", hours_utc = "00:00-08:00", price_usdc = "39.00", seats = 100 }},
+  {{ name = "europe", hours_utc = "08:00-16:00", price_usdc = "49.00", seats = 100 }},
+  {{ name = "americas", hours_utc = "16:00-24:00", price_usdc = "45.00", seats = 100 }},
+]
+
+[credits]
+min_topup_usdc = "10.00"
+
+[auth]
+claims_require_signature = true
 "#,
         chain_id = DEV_CHAIN_ID,
         token = chain.token,

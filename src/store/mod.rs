@@ -8,6 +8,7 @@
 //! The SQL of each concern lives in a submodule (`transfers` for the indexer); this file owns connections,
 //! transactions and migrations.
 
+pub mod billing;
 pub mod transfers;
 
 use std::path::{Path, PathBuf};
@@ -50,11 +51,19 @@ pub enum StoreError {
     },
     #[error("the database writer has stopped")]
     WriterGone,
+    #[error("the write was not committed: {0}")]
+    Commit(String),
     #[error("a database task failed: {0}")]
     Task(String),
 }
 
-type WriteJob = Box<dyn FnOnce(&mut Connection) + Send>;
+/// Delivers a job's result once the batch it ran in has committed (`None`) or failed to (`Some(reason)`).
+type Finish = Box<dyn FnOnce(Option<String>) + Send>;
+/// Runs inside a savepoint of the batch's transaction; says whether it succeeded (keep its changes).
+type WriteJob = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Finish) + Send>;
+
+/// Most jobs committed together by one `COMMIT` (group commit).
+const MAX_BATCH: usize = 256;
 
 /// A handle to the database; cheap to clone.
 #[derive(Clone)]
@@ -98,8 +107,15 @@ impl Store {
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
-                while let Some(job) = rx.blocking_recv() {
-                    job(&mut conn);
+                while let Some(first) = rx.blocking_recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    run_batch(&mut conn, batch);
                 }
             })
             .map_err(|e| StoreError::Open {
@@ -128,18 +144,22 @@ impl Store {
         F: FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
     {
         let (reply_tx, reply_rx) = oneshot::channel();
-        let job: WriteJob = Box::new(move |conn: &mut Connection| {
-            let result = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-                Err(e) => Err(E::from(StoreError::from(e))),
-                Ok(tx) => match f(&tx) {
-                    Ok(value) => tx
-                        .commit()
-                        .map(|()| value)
-                        .map_err(|e| E::from(StoreError::from(e))),
-                    Err(e) => Err(e),
-                },
-            };
-            let _ = reply_tx.send(result);
+        let job: WriteJob = Box::new(move |tx: &Transaction<'_>| match f(tx) {
+            Ok(value) => {
+                let finish: Finish = Box::new(move |commit_error| {
+                    let _ = reply_tx.send(match commit_error {
+                        None => Ok(value),
+                        Some(reason) => Err(E::from(StoreError::Commit(reason))),
+                    });
+                });
+                (true, finish)
+            }
+            Err(e) => {
+                let finish: Finish = Box::new(move |_| {
+                    let _ = reply_tx.send(Err(e));
+                });
+                (false, finish)
+            }
         });
         self.inner
             .writer
@@ -172,6 +192,60 @@ impl Store {
         })
         .await
         .map_err(|e| E::from(StoreError::Task(e.to_string())))?
+    }
+}
+
+/// Group commit: runs queued jobs in ONE `BEGIN IMMEDIATE` transaction, each inside its own savepoint (a job that
+/// fails is rolled back alone), then commits once and only then answers every job. Each job is still atomic and
+/// isolated (jobs run one after another on this thread), and nobody hears "done" before the fsync: one fsync is
+/// shared by the batch instead of paid per job.
+fn run_batch(conn: &mut Connection, batch: Vec<WriteJob>) {
+    let mut finishers: Vec<Finish> = Vec::with_capacity(batch.len());
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            // The jobs never ran; dropping them drops their reply senders, so each caller gets `WriterGone`.
+            tracing::error!(error = %e, "cannot begin a write transaction; {} writes dropped", batch.len());
+            return;
+        }
+    };
+    let mut broken: Option<String> = None;
+    for job in batch {
+        if let Some(reason) = &broken {
+            // Not run: the transaction is gone; dropping the job drops its reply sender (`WriterGone`).
+            tracing::error!("write skipped: {reason}");
+            drop(job);
+            continue;
+        }
+        if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+            broken = Some(format!("savepoint: {e}"));
+            drop(job);
+            continue;
+        }
+        let (ok, finish) = job(&tx);
+        let end = if ok {
+            tx.execute_batch("RELEASE job")
+        } else {
+            tx.execute_batch("ROLLBACK TO job; RELEASE job")
+        };
+        if let Err(e) = end {
+            broken = Some(format!("ending a savepoint: {e}"));
+        }
+        // Some errors (disk full, I/O) make SQLite roll back the whole transaction on its own.
+        if tx.is_autocommit() {
+            broken = Some("the transaction was rolled back by SQLite after an error".to_string());
+        }
+        finishers.push(finish);
+    }
+    let commit_error = match broken {
+        Some(reason) => {
+            let _ = tx.rollback();
+            Some(reason)
+        }
+        None => tx.commit().err().map(|e| e.to_string()),
+    };
+    for finish in finishers {
+        finish(commit_error.clone());
     }
 }
 

@@ -1,0 +1,532 @@
+//! Agent routes: the catalog (`GET /api/agent/plans`), claims (`POST /api/agent/subscribe-pool`,
+//! `POST /api/agent/topup`), key rotation (`POST /api/agent/keys/rotate`) and the keyless `/v1/*` fallback (402 with
+//! the catalog).
+//!
+//! Every answer of `/api/agent/*` is `{"success": true, "data": …}` or `{"success": false, "error": {"code",
+//! "message", …}}` — including malformed JSON (400) and oversized bodies (413). Input fields are checked one by one
+//! so the message names the field.
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use serde_json::{Map, Value, json};
+
+use super::AppState;
+use crate::billing::{
+    ClaimError, ClaimRequest, Claimed, Product, RotateError, RotateRequest, rfc3339,
+};
+use crate::usdc::Usdc;
+
+/// Largest accepted request body on `/api/agent/*`.
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+pub fn router() -> Router<AppState> {
+    let agent = Router::new()
+        .route("/api/agent/plans", get(plans))
+        .route("/api/agent/subscribe-pool", post(subscribe_pool))
+        .route("/api/agent/topup", post(topup))
+        .route("/api/agent/keys/rotate", post(rotate))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    agent.route("/v1", any(v1)).route("/v1/{*rest}", any(v1))
+}
+
+/// An error in the seed's `{success: false, error}` shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Map<String, Value>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: Map::new(),
+            retry_after: None,
+        }
+    }
+
+    fn with(mut self, key: &str, value: impl Into<Value>) -> ApiError {
+        self.extra.insert(key.to_string(), value.into());
+        self
+    }
+
+    fn retry_after(mut self, secs: u64) -> ApiError {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// 400 naming the field.
+    fn field(field: &str, message: impl Into<String>) -> ApiError {
+        let message = format!("{field}: {}", message.into());
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", message).with("field", field)
+    }
+
+    fn internal(e: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %e, "agent request failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; try again later",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = Map::new();
+        error.insert("code".into(), self.code.into());
+        error.insert("message".into(), self.message.into());
+        error.extend(self.extra);
+        let mut response =
+            (self.status, Json(json!({"success": false, "error": error}))).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            headers.insert(header::RETRY_AFTER, v);
+        }
+        response
+    }
+}
+
+fn success(data: Value) -> Response {
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Json(json!({"success": true, "data": data})),
+    )
+        .into_response()
+}
+
+/// A JSON object body whose rejections (too large, not JSON, not an object) are [`ApiError`]s.
+pub struct JsonObject(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for JsonObject {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    rejection.body_text(),
+                )
+            }
+        })?;
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(JsonObject(map)),
+            Ok(_) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "the body must be a JSON object",
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON: {e}"),
+            )),
+        }
+    }
+}
+
+fn only_fields(body: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+    match body.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::field(
+            k,
+            format!("unknown field; expected {}", allowed.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn string_field<'a>(
+    body: &'a Map<String, Value>,
+    field: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(ApiError::field(field, "must be a string")),
+    }
+}
+
+fn required_string<'a>(body: &'a Map<String, Value>, field: &str) -> Result<&'a str, ApiError> {
+    string_field(body, field)?.ok_or_else(|| ApiError::field(field, "is required"))
+}
+
+fn is_hex(s: &str) -> bool {
+    s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `txHash`: 0x + 64 hex digits, returned lower-case.
+fn tx_hash(body: &Map<String, Value>) -> Result<String, ApiError> {
+    let raw = required_string(body, "txHash")?;
+    match raw.strip_prefix("0x").or_else(|| raw.strip_prefix("0X")) {
+        Some(hex) if hex.len() == 64 && is_hex(hex) => {
+            Ok(format!("0x{}", hex.to_ascii_lowercase()))
+        }
+        _ => Err(ApiError::field(
+            "txHash",
+            "must be a transaction hash: 0x followed by 64 hex digits",
+        )),
+    }
+}
+
+/// `signature`: 0x-hex bytes (65 for an ECDSA signature; contract wallets may use other lengths).
+fn signature(body: &Map<String, Value>) -> Result<Option<Vec<u8>>, ApiError> {
+    let Some(raw) = string_field(body, "signature")? else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::field(
+            "signature",
+            "must be 0x-prefixed hex bytes (65 bytes for personal_sign)",
+        )
+    };
+    let hex = raw.strip_prefix("0x").ok_or_else(bad)?;
+    if hex.is_empty() || hex.len() % 2 != 0 || hex.len() > 8192 || !is_hex(hex) {
+        return Err(bad());
+    }
+    alloy::hex::decode(hex).map(Some).map_err(|_| bad())
+}
+
+/// `amount`: a decimal string (`"50.00"`) or, for seed compatibility, a whole JSON number (`50`).
+fn amount(body: &Map<String, Value>) -> Result<Usdc, ApiError> {
+    let parsed = match body.get("amount") {
+        None | Some(Value::Null) => return Err(ApiError::field("amount", "is required")),
+        Some(Value::String(s)) => s
+            .parse::<Usdc>()
+            .map_err(|e| ApiError::field("amount", e.to_string()))?,
+        Some(Value::Number(n)) => match n
+            .as_u64()
+            .and_then(|v| i64::try_from(v).ok())
+            .and_then(|v| v.checked_mul(1_000_000))
+        {
+            Some(atomic) => Usdc(atomic),
+            None => {
+                return Err(ApiError::field(
+                    "amount",
+                    "must be a decimal string such as \"50.00\" (or a whole number)",
+                ));
+            }
+        },
+        Some(_) => {
+            return Err(ApiError::field(
+                "amount",
+                "must be a decimal string such as \"50.00\"",
+            ));
+        }
+    };
+    Ok(parsed)
+}
+
+async fn plans(State(state): State<AppState>) -> Response {
+    match state.billing.catalog().await {
+        Ok(catalog) => ([(header::CACHE_CONTROL, "no-store")], Json(catalog)).into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+/// Any `/v1/*` request: 402 with the catalog unless it carries a valid key.
+async fn v1(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::keys::from_bearer)
+        .map(str::to_string);
+    if let Some(key) = presented {
+        match state.billing.authorize(&key).await {
+            Ok(Some(_)) => {
+                return (
+                    StatusCode::NOT_IMPLEMENTED,
+                    Json(json!({"error": {
+                        "message": "this key is valid, but the inference proxy is not built yet",
+                        "type": "not_implemented",
+                        "param": null,
+                        "code": "proxy_not_built",
+                    }})),
+                )
+                    .into_response();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "key lookup failed");
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(json!({"error": {"message": "internal error", "type": "server_error", "param": null, "code": null}})),
+                )
+                    .into_response();
+            }
+        }
+    }
+    match state.billing.catalog().await {
+        Ok(catalog) => (
+            StatusCode::PAYMENT_REQUIRED,
+            [(header::CACHE_CONTROL, "no-store")],
+            Json(catalog),
+        )
+            .into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
+async fn subscribe_pool(State(state): State<AppState>, JsonObject(body): JsonObject) -> Response {
+    let parse = || -> Result<ClaimRequest, ApiError> {
+        only_fields(&body, &["txHash", "poolSlug", "blocks", "signature"])?;
+        let tx_hash = tx_hash(&body)?;
+        let slug = required_string(&body, "poolSlug")?;
+        let pool = state
+            .billing
+            .pool(slug)
+            .ok_or_else(|| ApiError::field("poolSlug", format!("unknown pool `{slug}`")))?;
+        let names = match body.get("blocks") {
+            None | Some(Value::Null) => return Err(ApiError::field("blocks", "is required")),
+            Some(Value::Array(items)) => items,
+            Some(_) => return Err(ApiError::field("blocks", "must be an array of block names")),
+        };
+        if names.is_empty() {
+            return Err(ApiError::field("blocks", "must name at least one block"));
+        }
+        let mut blocks: Vec<String> = Vec::with_capacity(names.len());
+        for item in names {
+            let Value::String(name) = item else {
+                return Err(ApiError::field(
+                    "blocks",
+                    "must be an array of block names (strings)",
+                ));
+            };
+            if pool.block(name).is_none() {
+                let known: Vec<&str> = pool.blocks.iter().map(|b| b.name.as_str()).collect();
+                return Err(ApiError::field(
+                    "blocks",
+                    format!(
+                        "pool `{slug}` has no block `{name}` (blocks: {})",
+                        known.join(", ")
+                    ),
+                ));
+            }
+            if blocks.contains(name) {
+                return Err(ApiError::field(
+                    "blocks",
+                    format!("block `{name}` is named twice"),
+                ));
+            }
+            blocks.push(name.clone());
+        }
+        Ok(ClaimRequest {
+            tx_hash,
+            product: Product::Pool {
+                slug: slug.to_string(),
+                blocks,
+            },
+            signature: signature(&body)?,
+        })
+    };
+    let req = match parse() {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    claim(state, req).await
+}
+
+async fn topup(State(state): State<AppState>, JsonObject(body): JsonObject) -> Response {
+    let parse = || -> Result<ClaimRequest, ApiError> {
+        only_fields(&body, &["txHash", "amount", "signature"])?;
+        let tx_hash = tx_hash(&body)?;
+        let amount = amount(&body)?;
+        let min = state.billing.settings().credits.min_topup;
+        if amount < min {
+            return Err(ApiError::field(
+                "amount",
+                format!("the minimum top-up is {min} USDC"),
+            ));
+        }
+        Ok(ClaimRequest {
+            tx_hash,
+            product: Product::Topup { amount },
+            signature: signature(&body)?,
+        })
+    };
+    let req = match parse() {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    claim(state, req).await
+}
+
+async fn claim(state: AppState, req: ClaimRequest) -> Response {
+    match state.billing.claim(req).await {
+        Ok(Claimed::Subscription(s)) => {
+            let mut data = json!({
+                "apiKey": s.api_key,
+                "keyId": s.key_id,
+                "pool": s.pool,
+                "blocks": s.blocks,
+                "amountUsdc": s.price,
+                "paidUsdc": s.paid,
+                "expiresAt": rfc3339(s.expires_at),
+                "account": s.account,
+            });
+            if let Some(surplus) = s.surplus {
+                data["surplus"] = json!(surplus);
+            }
+            success(data)
+        }
+        Ok(Claimed::Topup(t)) => {
+            let mut data = json!({
+                "credited": true,
+                "amountUsdc": t.amount,
+                "paidUsdc": t.paid,
+                "newBalance": t.new_balance,
+                "account": t.account,
+            });
+            if let Some((key, id)) = t.api_key {
+                data["apiKey"] = json!(key);
+                data["keyId"] = json!(id);
+            }
+            if t.surplus > Usdc::ZERO {
+                data["surplusUsdc"] = json!(t.surplus);
+            }
+            success(data)
+        }
+        Err(e) => claim_error(e).into_response(),
+    }
+}
+
+fn claim_error(e: ClaimError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        ClaimError::InvalidField { field, message } => ApiError::field(field, message),
+        ClaimError::SignatureRequired { text } => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "signature_required", message).with("messageToSign", text)
+        }
+        ClaimError::BadSignature(_) => ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", message),
+        ClaimError::NotIndexed { .. } => ApiError::new(StatusCode::NOT_FOUND, "not_indexed", message)
+            .with(
+                "hint",
+                "if the transaction was just sent, wait for it to be mined and retry; it must transfer USDC to payTo \
+                 on this chain",
+            )
+            .retry_after(5),
+        ClaimError::Pending { confirmations, required } => {
+            ApiError::new(StatusCode::ACCEPTED, "pending", message)
+                .with("confirmations", confirmations)
+                .with("required", required)
+                .retry_after((required - confirmations).clamp(1, 30) * 2)
+        }
+        ClaimError::Orphaned => ApiError::new(StatusCode::GONE, "payment_orphaned", message),
+        ClaimError::MultiplePayers(_) => ApiError::new(StatusCode::CONFLICT, "multiple_payers", message),
+        ClaimError::AlreadyClaimed(record) => {
+            ApiError::new(StatusCode::CONFLICT, "already_claimed", message).with("claimed", json!(record))
+        }
+        ClaimError::SoldOut { pool, block } => {
+            ApiError::new(StatusCode::CONFLICT, "sold_out", message).with("pool", pool).with("block", block)
+        }
+        ClaimError::Underpaid { paid, price, shortfall } => {
+            ApiError::new(StatusCode::PAYMENT_REQUIRED, "underpaid", message)
+                .with("paidUsdc", json!(paid))
+                .with("priceUsdc", json!(price))
+                .with("shortfallUsdc", json!(shortfall))
+        }
+        ClaimError::PaymentChanged => {
+            ApiError::new(StatusCode::CONFLICT, "payment_changed", message).retry_after(2)
+        }
+        ClaimError::Rpc(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "rpc_unavailable", message).retry_after(5)
+        }
+        ClaimError::Store(e) => ApiError::internal(e),
+        ClaimError::KeyGen(e) => ApiError::internal(e),
+    }
+}
+
+async fn rotate(State(state): State<AppState>, JsonObject(body): JsonObject) -> Response {
+    let parse = || -> Result<RotateRequest, ApiError> {
+        only_fields(&body, &["address", "signedAt", "signature", "keyId"])?;
+        let address = required_string(&body, "address")?;
+        let address = match address.strip_prefix("0x") {
+            Some(hex) if hex.len() == 40 && is_hex(hex) => address
+                .to_ascii_lowercase()
+                .parse()
+                .map_err(|_| ApiError::field("address", "must be 0x followed by 40 hex digits"))?,
+            _ => {
+                return Err(ApiError::field(
+                    "address",
+                    "must be 0x followed by 40 hex digits",
+                ));
+            }
+        };
+        let signed_at = match body.get("signedAt") {
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .ok_or_else(|| ApiError::field("signedAt", "must be unix seconds"))?,
+            Some(Value::String(s)) => s
+                .parse()
+                .map_err(|_| ApiError::field("signedAt", "must be unix seconds"))?,
+            None | Some(Value::Null) => return Err(ApiError::field("signedAt", "is required")),
+            Some(_) => return Err(ApiError::field("signedAt", "must be unix seconds")),
+        };
+        let signature =
+            signature(&body)?.ok_or_else(|| ApiError::field("signature", "is required"))?;
+        let key_id = string_field(&body, "keyId")?.map(str::to_string);
+        Ok(RotateRequest {
+            address,
+            signed_at,
+            signature,
+            key_id,
+        })
+    };
+    let req = match parse() {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match state.billing.rotate(req).await {
+        Ok(keys) => success(json!({"keys": keys})),
+        Err(e) => {
+            let message = e.to_string();
+            let err = match e {
+                RotateError::InvalidField { field, message } => ApiError::field(field, message),
+                RotateError::Expired { .. } => {
+                    ApiError::new(StatusCode::UNAUTHORIZED, "signature_expired", message)
+                }
+                RotateError::BadSignature(_) => {
+                    ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", message)
+                }
+                RotateError::Replayed => {
+                    ApiError::new(StatusCode::UNAUTHORIZED, "signature_replayed", message)
+                }
+                RotateError::UnknownAccount(_) => {
+                    ApiError::new(StatusCode::NOT_FOUND, "unknown_account", message)
+                }
+                RotateError::UnknownKey(_) => {
+                    ApiError::new(StatusCode::NOT_FOUND, "unknown_key", message)
+                }
+                RotateError::NothingToRotate => {
+                    ApiError::new(StatusCode::NOT_FOUND, "no_live_keys", message)
+                }
+                RotateError::Rpc(_) => {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "rpc_unavailable", message)
+                        .retry_after(5)
+                }
+                RotateError::Store(e) => ApiError::internal(e),
+                RotateError::KeyGen(e) => ApiError::internal(e),
+            };
+            err.into_response()
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The 402 product catalog: what an agent can buy, how to pay, and how to claim.
+//!
+//! Same shape as seed 000's body (`{error, message, x402: {version, network, asset, payTo, facilitator, products,
+//! docs}}`), plus what the claim-by-txHash flow needs: the exact text to sign, the chain id and the confirmations.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use crate::config::Settings;
+
+/// `{txHash}` is replaced by the transaction hash, lower-case 0x-hex.
+pub const CLAIM_TEXT_TEMPLATE: &str = "x402-gateway: claim payment {txHash} on chain {chainId}";
+/// `{address}` lower-case 0x-hex, `{signedAt}` unix seconds.
+pub const ROTATE_TEXT_TEMPLATE: &str =
+    "x402-gateway: rotate key for {address} on chain {chainId} at {signedAt}";
+/// How far a rotation's `signedAt` may be from the gateway's clock.
+pub const ROTATION_MAX_SKEW_SECS: i64 = 300;
+
+/// The text a payer signs to claim `tx_hash` (lower-case 0x-hex).
+pub fn claim_text(tx_hash: &str, chain_id: u64) -> String {
+    format!("x402-gateway: claim payment {tx_hash} on chain {chain_id}")
+}
+
+/// The text an account signs to rotate its keys.
+pub fn rotate_text(address: &str, chain_id: u64, signed_at: i64) -> String {
+    format!("x402-gateway: rotate key for {address} on chain {chain_id} at {signed_at}")
+}
+
+fn endpoint(settings: &Settings, path: &str) -> String {
+    format!("{}{path}", settings.public_url.as_deref().unwrap_or(""))
+}
+
+/// The catalog body. `taken` holds the seats in use per (pool, block) right now.
+pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> Value {
+    let chain_id = settings.chain.network.chain_id;
+    let mut products: Vec<Value> = settings
+        .pools
+        .iter()
+        .map(|pool| {
+            let blocks: Vec<Value> = pool
+                .blocks
+                .iter()
+                .map(|b| {
+                    let used = taken
+                        .get(&(pool.slug.clone(), b.name.clone()))
+                        .copied()
+                        .unwrap_or(0);
+                    json!({
+                        "block": b.name,
+                        "hoursUtc": format!("{} UTC", b.hours()),
+                        "priceUsdc": b.price,
+                        "seats": b.seats,
+                        "availableSeats": b.seats.saturating_sub(used),
+                    })
+                })
+                .collect();
+            let first = pool
+                .blocks
+                .first()
+                .map(|b| b.name.clone())
+                .unwrap_or_default();
+            json!({
+                "type": "subscription",
+                "pool": pool.slug,
+                "name": pool.name,
+                "models": pool.models,
+                "currency": "USDC",
+                "duration": format!("{} days", pool.duration_days),
+                "durationDays": pool.duration_days,
+                "blocks": blocks,
+                "agentCheckout": {
+                    "endpoint": endpoint(settings, "/api/agent/subscribe-pool"),
+                    "method": "POST",
+                    "body": {
+                        "txHash": "<USDC_TX_HASH>",
+                        "poolSlug": pool.slug,
+                        "blocks": [first],
+                        "signature": "<PAYER_SIGNATURE_OF_CLAIM_MESSAGE>",
+                    },
+                },
+            })
+        })
+        .collect();
+    products.push(json!({
+        "type": "credits",
+        "minAmount": settings.credits.min_topup,
+        "currency": "USDC",
+        "description": "Pay-as-you-go credits, never expire",
+        "agentTopup": {
+            "endpoint": endpoint(settings, "/api/agent/topup"),
+            "method": "POST",
+            "body": {
+                "txHash": "<USDC_TX_HASH>",
+                "amount": "<AMOUNT_USDC>",
+                "signature": "<PAYER_SIGNATURE_OF_CLAIM_MESSAGE>",
+            },
+        },
+    }));
+    let require = settings.auth.claims_require_signature;
+    json!({
+        "error": "Payment Required",
+        "message": "Subscribe or purchase credits to access AI inference. Pay USDC to payTo, wait for the \
+                    confirmations, then claim with the endpoints below (signed by the paying address) to get an API key.",
+        "x402": {
+            "version": 2,
+            "network": settings.chain.network.name,
+            "chainId": chain_id,
+            "caip2": settings.chain.network.caip2(),
+            "asset": "USDC",
+            "assetAddress": format!("{:#x}", settings.chain.network.token),
+            "payTo": format!("{:#x}", settings.chain.pay_to),
+            "facilitator": settings.facilitator,
+            "products": products,
+            "claim": {
+                "signatureRequired": require,
+                "message": CLAIM_TEXT_TEMPLATE.replace("{chainId}", &chain_id.to_string()),
+                "signing": "EIP-191 personal_sign of `message` with {txHash} replaced by the transaction hash in \
+                            lower-case 0x-hex, by the address that sent the USDC; a contract wallet answers \
+                            ERC-1271 isValidSignature(eip191Hash(message), signature)",
+                "signatureField": "signature",
+                "chainId": chain_id,
+                "confirmations": settings.chain.confirmations,
+                "payment": "the claim is worth the sum of the USDC transfers to payTo in the transaction; any \
+                            value beyond the product's price becomes credits of the paying address",
+            },
+            "keyRotation": {
+                "endpoint": endpoint(settings, "/api/agent/keys/rotate"),
+                "method": "POST",
+                "message": ROTATE_TEXT_TEMPLATE.replace("{chainId}", &chain_id.to_string()),
+                "maxClockSkewSeconds": ROTATION_MAX_SKEW_SECS,
+                "body": {
+                    "address": "<PAYER_ADDRESS>",
+                    "signedAt": "<UNIX_SECONDS>",
+                    "signature": "<SIGNATURE_OF_ROTATION_MESSAGE>",
+                },
+            },
+            "docs": settings.docs_url.clone().unwrap_or_else(|| endpoint(settings, "/api/agent/plans")),
+        },
+    })
+}

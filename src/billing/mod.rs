@@ -1,0 +1,823 @@
+//! Billing: the product catalog, claims of confirmed payments, accounts and their ledger, seats, keys.
+//!
+//! A claim names a transaction; its worth is the sum of the **confirmed** USDC transfers to payTo in it, which must
+//! all come from one payer, and the claim must carry that payer's signature over
+//! [`catalog::claim_text`]. All checks that depend on state (not claimed yet, seats left, the transfers still
+//! confirmed) and all effects (claim row, subscription, seats, key, ledger rows) run in ONE `BEGIN IMMEDIATE`
+//! transaction on the store's writer, and the claim row's primary key is the tx hash: a payment is claimed at most
+//! once under any concurrency and across restarts. A failed claim changes nothing, so the payment stays claimable.
+
+pub mod catalog;
+pub mod proof;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use alloy::primitives::Address;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::chain::{Rpc, RpcError, StatusHandle};
+use crate::config::{Pool, Settings};
+use crate::keys::{self, KeyGenError, NewKey};
+use crate::store::billing::{
+    self as sql, ClaimRecord, KeyRecord, LedgerError, LedgerKind, LedgerRow,
+};
+use crate::store::transfers::TransferStatus;
+use crate::store::{Store, StoreError};
+use crate::usdc::Usdc;
+
+/// Unix seconds "now"; injected so tests can move time (seat expiry, rotation windows).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(crate::store::now_unix)
+}
+
+/// What a claim buys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Product {
+    /// Blocks of a pool, by name (validated: known, no repeats).
+    Pool { slug: String, blocks: Vec<String> },
+    /// Credits.
+    Topup { amount: Usdc },
+}
+
+/// A validated claim request.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// Lower-case 0x-hex.
+    pub tx_hash: String,
+    pub product: Product,
+    /// Raw signature bytes, if sent.
+    pub signature: Option<Vec<u8>>,
+}
+
+/// Why a claim failed. Every variant leaves the database as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    #[error("{field}: {message}")]
+    InvalidField {
+        field: &'static str,
+        message: String,
+    },
+    #[error("a signature by the paying address is required: personal_sign of \"{text}\"")]
+    SignatureRequired { text: String },
+    #[error("the signature does not prove the payer: {0}")]
+    BadSignature(String),
+    #[error(
+        "transaction {tx_hash} is not indexed (yet): no USDC transfer to payTo in it is known{head}"
+    )]
+    NotIndexed { tx_hash: String, head: String },
+    #[error("payment pending: {confirmations} of {required} confirmations")]
+    Pending { confirmations: u64, required: u64 },
+    #[error(
+        "the block with this transaction left the canonical chain (reorg); the payment does not count unless the \
+         transaction is mined again"
+    )]
+    Orphaned,
+    #[error(
+        "the transaction pays payTo from several addresses ({0}); it cannot be claimed by one payer"
+    )]
+    MultiplePayers(String),
+    #[error("this transaction was already claimed ({})", describe(.0))]
+    AlreadyClaimed(Box<ClaimRecord>),
+    #[error(
+        "block `{block}` of pool `{pool}` is sold out; the payment stays claimable (for example as credits)"
+    )]
+    SoldOut { pool: String, block: String },
+    #[error(
+        "underpaid: paid {paid} USDC, the price is {price} USDC (short by {shortfall}); the payment stays claimable"
+    )]
+    Underpaid {
+        paid: Usdc,
+        price: Usdc,
+        shortfall: Usdc,
+    },
+    #[error("the payment changed while it was being claimed (reorg?); try again")]
+    PaymentChanged,
+    #[error("cannot check the contract wallet's signature right now: {0}")]
+    Rpc(RpcError),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("key generation: {0}")]
+    KeyGen(#[from] KeyGenError),
+}
+
+fn describe(c: &ClaimRecord) -> String {
+    match (&c.pool, &c.blocks) {
+        (Some(pool), Some(blocks)) => {
+            format!(
+                "pool `{pool}` blocks {} for {} USDC, by {}",
+                blocks.join(","),
+                c.price_usdc,
+                c.account
+            )
+        }
+        _ => format!("{} USDC of credits, by {}", c.price_usdc, c.account),
+    }
+}
+
+impl From<rusqlite::Error> for ClaimError {
+    fn from(e: rusqlite::Error) -> Self {
+        ClaimError::Store(StoreError::Sqlite(e))
+    }
+}
+
+impl From<LedgerError> for ClaimError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::Sqlite(e) => e.into(),
+            // Claims only add to balances.
+            other => ClaimError::Store(StoreError::Task(other.to_string())),
+        }
+    }
+}
+
+/// Credits that the surplus of a payment became.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Surplus {
+    pub credited_usdc: Usdc,
+    pub new_balance: Usdc,
+    pub account: String,
+}
+
+/// A successful pool subscription.
+#[derive(Debug, Clone)]
+pub struct Subscribed {
+    pub api_key: String,
+    pub key_id: String,
+    pub pool: String,
+    pub blocks: Vec<String>,
+    pub price: Usdc,
+    pub paid: Usdc,
+    pub expires_at: i64,
+    pub account: String,
+    pub surplus: Option<Surplus>,
+}
+
+/// A successful top-up.
+#[derive(Debug, Clone)]
+pub struct ToppedUp {
+    pub amount: Usdc,
+    pub paid: Usdc,
+    pub new_balance: Usdc,
+    pub account: String,
+    /// Set when this top-up minted the account's credit key.
+    pub api_key: Option<(String, String)>,
+    /// Paid beyond `amount`, also credited.
+    pub surplus: Usdc,
+}
+
+/// A successful claim.
+#[derive(Debug, Clone)]
+pub enum Claimed {
+    Subscription(Subscribed),
+    Topup(ToppedUp),
+}
+
+/// A key handed out by a rotation.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RotatedKey {
+    pub api_key: String,
+    pub key_id: String,
+    pub kind: String,
+    /// Public id of the revoked key it replaces (none for a newly minted credit key).
+    pub replaces: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// A validated rotation request.
+#[derive(Debug, Clone)]
+pub struct RotateRequest {
+    pub address: Address,
+    pub signed_at: i64,
+    pub signature: Vec<u8>,
+    /// Rotate only this key (public id); all live keys otherwise.
+    pub key_id: Option<String>,
+}
+
+/// Why a rotation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RotateError {
+    #[error("{field}: {message}")]
+    InvalidField {
+        field: &'static str,
+        message: String,
+    },
+    #[error(
+        "signedAt {signed_at} is more than {max} seconds away from the gateway's clock ({now}); sign a fresh message"
+    )]
+    Expired { signed_at: i64, now: i64, max: i64 },
+    #[error("the signature does not prove the account: {0}")]
+    BadSignature(String),
+    #[error("this rotation message was already used; sign a fresh one (new signedAt)")]
+    Replayed,
+    #[error("no account {0}: it has never claimed a payment")]
+    UnknownAccount(String),
+    #[error("no live key {0} of this account")]
+    UnknownKey(String),
+    #[error("the account has no live key to rotate")]
+    NothingToRotate,
+    #[error("cannot check the contract wallet's signature right now: {0}")]
+    Rpc(RpcError),
+    #[error("database: {0}")]
+    Store(#[from] StoreError),
+    #[error("key generation: {0}")]
+    KeyGen(#[from] KeyGenError),
+}
+
+impl From<rusqlite::Error> for RotateError {
+    fn from(e: rusqlite::Error) -> Self {
+        RotateError::Store(StoreError::Sqlite(e))
+    }
+}
+
+/// A key presented on `/v1/*` that is valid now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorizedKey {
+    pub record: KeyRecord,
+}
+
+/// An account as the operator sees it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountView {
+    pub address: String,
+    pub exists: bool,
+    pub balance_usdc: Usdc,
+    pub ledger_sum_usdc: Usdc,
+    pub ledger: Vec<LedgerRow>,
+    pub claims: Vec<ClaimRecord>,
+    pub keys: Vec<KeyRecord>,
+}
+
+/// Billing services shared by the HTTP handlers.
+#[derive(Clone)]
+pub struct Billing {
+    settings: Arc<Settings>,
+    store: Store,
+    rpc: Arc<Rpc>,
+    indexer: StatusHandle,
+    clock: Clock,
+}
+
+/// `"2026-12-21T08:00:00Z"`.
+pub fn rfc3339(ts: i64) -> String {
+    let days = ts.div_euclid(86_400);
+    let secs = ts.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+impl Billing {
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Store,
+        indexer: StatusHandle,
+        clock: Clock,
+    ) -> Result<Billing, RpcError> {
+        // A claim waits for at most one retry round: the agent can retry itself.
+        let rpc = Rpc::new(&settings.chain.rpc_http, settings.chain.rpc_timeout)?.with_retries(1);
+        Ok(Billing {
+            settings,
+            store,
+            rpc: Arc::new(rpc),
+            indexer,
+            clock,
+        })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    /// The live catalog.
+    pub async fn catalog(&self) -> Result<Value, StoreError> {
+        let now = self.now();
+        let taken = self
+            .store
+            .read(move |c| -> Result<_, StoreError> { Ok(sql::all_seats_taken(c, now)?) })
+            .await?;
+        let taken: HashMap<(String, String), u32> =
+            taken.into_iter().map(|(p, b, n)| ((p, b), n)).collect();
+        Ok(catalog::catalog(&self.settings, &taken))
+    }
+
+    pub fn pool(&self, slug: &str) -> Option<&Pool> {
+        self.settings.pools.iter().find(|p| p.slug == slug)
+    }
+
+    /// Claims a confirmed payment; see the module documentation.
+    pub async fn claim(&self, req: ClaimRequest) -> Result<Claimed, ClaimError> {
+        let chain_id = self.settings.chain.network.chain_id;
+        let required = self.settings.chain.confirmations;
+        let text = catalog::claim_text(&req.tx_hash, chain_id);
+        if self.settings.auth.claims_require_signature && req.signature.is_none() {
+            return Err(ClaimError::SignatureRequired { text });
+        }
+
+        // What the index knows about the transaction.
+        let rows = self.store.transfers_of_tx(req.tx_hash.clone()).await?;
+        if rows.is_empty() {
+            let head = self.indexer.snapshot().indexed_head;
+            return Err(ClaimError::NotIndexed {
+                tx_hash: req.tx_hash,
+                head: head
+                    .map(|h| format!(" (indexed up to block {h})"))
+                    .unwrap_or_default(),
+            });
+        }
+        let live: Vec<_> = rows
+            .iter()
+            .filter(|t| t.status != TransferStatus::Orphaned)
+            .collect();
+        if live.is_empty() {
+            return Err(ClaimError::Orphaned);
+        }
+        if live.iter().any(|t| t.status == TransferStatus::Seen) {
+            let head = self.indexer.snapshot().indexed_head.or(self
+                .store
+                .checkpoint()
+                .await?
+                .map(|c| c.number));
+            let confirmations = live
+                .iter()
+                .map(|t| t.confirmations(head))
+                .min()
+                .unwrap_or(0)
+                .min(required - 1);
+            return Err(ClaimError::Pending {
+                confirmations,
+                required,
+            });
+        }
+        let mut payers: Vec<&str> = live.iter().map(|t| t.from.as_str()).collect();
+        payers.sort_unstable();
+        payers.dedup();
+        if payers.len() > 1 {
+            return Err(ClaimError::MultiplePayers(payers.join(", ")));
+        }
+        let payer = payers[0].to_string();
+        let paid = Usdc(live.iter().map(|t| t.value.0).sum());
+
+        // Only the payer can claim.
+        if let Some(sig) = &req.signature
+            && self.settings.auth.claims_require_signature
+        {
+            let signer: Address = payer
+                .parse()
+                .map_err(|_| ClaimError::BadSignature("stored payer".into()))?;
+            match proof::verify(&self.rpc, signer, &text, sig).await {
+                Ok(()) => {}
+                Err(proof::ProofError::WrongSigner(who)) => {
+                    return Err(ClaimError::BadSignature(format!(
+                        "it is not a signature by the payer {who} of \"{text}\""
+                    )));
+                }
+                Err(proof::ProofError::Rpc(e)) => return Err(ClaimError::Rpc(e)),
+            }
+        }
+
+        // Static checks that need no state.
+        let now = self.now();
+        let (pool, price) = match &req.product {
+            Product::Pool { slug, blocks } => {
+                let pool = self
+                    .pool(slug)
+                    .ok_or_else(|| ClaimError::InvalidField {
+                        field: "poolSlug",
+                        message: format!("unknown pool `{slug}`"),
+                    })?
+                    .clone();
+                let mut price = Usdc::ZERO;
+                for b in blocks {
+                    let block = pool.block(b).ok_or_else(|| ClaimError::InvalidField {
+                        field: "blocks",
+                        message: format!("pool `{slug}` has no block `{b}`"),
+                    })?;
+                    price = Usdc(price.0 + block.price.0);
+                }
+                (Some(pool), price)
+            }
+            Product::Topup { amount } => {
+                let min = self.settings.credits.min_topup;
+                if paid < min {
+                    return Err(ClaimError::Underpaid {
+                        paid,
+                        price: min,
+                        shortfall: Usdc(min.0 - paid.0),
+                    });
+                }
+                if *amount > paid {
+                    return Err(ClaimError::InvalidField {
+                        field: "amount",
+                        message: format!(
+                            "{amount} USDC is more than the transaction paid ({paid} USDC)"
+                        ),
+                    });
+                }
+                (None, *amount)
+            }
+        };
+        if paid < price {
+            return Err(ClaimError::Underpaid {
+                paid,
+                price,
+                shortfall: Usdc(price.0 - paid.0),
+            });
+        }
+
+        let key = keys::generate()?;
+        let signature = req
+            .signature
+            .as_ref()
+            .map(|s| format!("0x{}", alloy::hex::encode(s)));
+        let tx_hash = req.tx_hash.clone();
+        let product = req.product.clone();
+        self.store
+            .write(move |tx| -> Result<Claimed, ClaimError> {
+                if let Some(existing) = sql::claim_of(tx, &tx_hash)? {
+                    return Err(ClaimError::AlreadyClaimed(Box::new(existing)));
+                }
+                // The transfers must still be what was checked above.
+                if sql::confirmed_value_by_payer(tx, &tx_hash)? != vec![(payer.clone(), paid)] {
+                    return Err(ClaimError::PaymentChanged);
+                }
+                sql::ensure_account(tx, &payer, now)?;
+                let surplus = Usdc(paid.0 - price.0);
+                match (product, pool) {
+                    (Product::Pool { slug, blocks }, Some(pool)) => {
+                        for b in &blocks {
+                            let seats = pool.block(b).map_or(0, |x| x.seats);
+                            if sql::seats_taken(tx, &slug, b, now)? >= seats {
+                                return Err(ClaimError::SoldOut { pool: slug.clone(), block: b.clone() });
+                            }
+                        }
+                        let expires_at = now + pool.duration_secs();
+                        let blocks_json = serde_json::to_string(&blocks).unwrap_or_else(|_| "[]".into());
+                        tx.prepare_cached(
+                            "INSERT INTO subscriptions (account, pool, blocks, price_atomic, tx_hash, starts_at, \
+                             expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        )?
+                        .execute(rusqlite::params![payer, slug, blocks_json, price.0, tx_hash, now, expires_at])?;
+                        let sub_id = tx.last_insert_rowid();
+                        for b in &blocks {
+                            tx.prepare_cached(
+                                "INSERT INTO seats (subscription_id, pool, block, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                            )?
+                            .execute(rusqlite::params![sub_id, slug, b, expires_at])?;
+                        }
+                        let key_id = sql::insert_key(tx, &key, "subscription", &payer, Some(sub_id), "claim", now)?;
+                        let surplus_view = if surplus > Usdc::ZERO {
+                            let new_balance = sql::append_ledger(
+                                tx,
+                                &payer,
+                                LedgerKind::Surplus,
+                                surplus,
+                                Some(&tx_hash),
+                                None,
+                                Some("paid beyond the subscription's price"),
+                                now,
+                            )?;
+                            Some(Surplus { credited_usdc: surplus, new_balance, account: payer.clone() })
+                        } else {
+                            None
+                        };
+                        if !sql::insert_claim(
+                            tx,
+                            &tx_hash,
+                            &payer,
+                            "subscription",
+                            paid,
+                            price,
+                            Some(sub_id),
+                            Some(key_id),
+                            signature.as_deref(),
+                            now,
+                        )? {
+                            return Err(ClaimError::PaymentChanged);
+                        }
+                        Ok(Claimed::Subscription(Subscribed {
+                            api_key: key.full.clone(),
+                            key_id: key.public_id.clone(),
+                            pool: slug,
+                            blocks,
+                            price,
+                            paid,
+                            expires_at,
+                            account: payer,
+                            surplus: surplus_view,
+                        }))
+                    }
+                    (Product::Topup { amount }, _) => {
+                        let minted = match sql::live_credit_key(tx, &payer)? {
+                            Some(_) => None,
+                            None => Some(sql::insert_key(tx, &key, "credit", &payer, None, "claim", now)?),
+                        };
+                        let mut new_balance = sql::append_ledger(
+                            tx,
+                            &payer,
+                            LedgerKind::Topup,
+                            amount,
+                            Some(&tx_hash),
+                            None,
+                            None,
+                            now,
+                        )?;
+                        if surplus > Usdc::ZERO {
+                            new_balance = sql::append_ledger(
+                                tx,
+                                &payer,
+                                LedgerKind::Surplus,
+                                surplus,
+                                Some(&tx_hash),
+                                None,
+                                Some("paid beyond the requested top-up amount"),
+                                now,
+                            )?;
+                        }
+                        if !sql::insert_claim(
+                            tx,
+                            &tx_hash,
+                            &payer,
+                            "topup",
+                            paid,
+                            amount,
+                            None,
+                            minted,
+                            signature.as_deref(),
+                            now,
+                        )? {
+                            return Err(ClaimError::PaymentChanged);
+                        }
+                        Ok(Claimed::Topup(ToppedUp {
+                            amount,
+                            paid,
+                            new_balance,
+                            account: payer,
+                            api_key: minted.map(|_| (key.full.clone(), key.public_id.clone())),
+                            surplus,
+                        }))
+                    }
+                    (Product::Pool { .. }, None) => Err(ClaimError::PaymentChanged),
+                }
+            })
+            .await
+    }
+
+    /// Rotates the account's keys after checking a fresh, unused signature by the account.
+    pub async fn rotate(&self, req: RotateRequest) -> Result<Vec<RotatedKey>, RotateError> {
+        let now = self.now();
+        let max = catalog::ROTATION_MAX_SKEW_SECS;
+        if (now - req.signed_at).abs() > max {
+            return Err(RotateError::Expired {
+                signed_at: req.signed_at,
+                now,
+                max,
+            });
+        }
+        let account = format!("{:#x}", req.address);
+        let text = catalog::rotate_text(
+            &account,
+            self.settings.chain.network.chain_id,
+            req.signed_at,
+        );
+        match proof::verify(&self.rpc, req.address, &text, &req.signature).await {
+            Ok(()) => {}
+            Err(proof::ProofError::WrongSigner(who)) => {
+                return Err(RotateError::BadSignature(format!(
+                    "it is not a signature by {who} of \"{text}\""
+                )));
+            }
+            Err(proof::ProofError::Rpc(e)) => return Err(RotateError::Rpc(e)),
+        }
+        // Keys for all live keys (and perhaps a credit key), generated outside the writer.
+        let live: Vec<KeyRecord> = {
+            let account = account.clone();
+            self.store
+                .read(move |c| -> Result<_, StoreError> { Ok(sql::list_keys(c, Some(&account))?) })
+                .await?
+                .into_iter()
+                .filter(|k| k.revoked_at.is_none())
+                .collect()
+        };
+        let mut fresh = Vec::with_capacity(live.len() + 1);
+        for _ in 0..=live.len() {
+            fresh.push(keys::generate()?);
+        }
+        let signed_at = req.signed_at;
+        let only = req.key_id.clone();
+        self.store
+            .write(move |tx| -> Result<Vec<RotatedKey>, RotateError> {
+                if !sql::account_exists(tx, &account)? {
+                    return Err(RotateError::UnknownAccount(account));
+                }
+                if !sql::use_rotation_nonce(tx, &account, signed_at, now)? {
+                    return Err(RotateError::Replayed);
+                }
+                let live: Vec<KeyRecord> = sql::list_keys(tx, Some(&account))?
+                    .into_iter()
+                    .filter(|k| k.revoked_at.is_none())
+                    .filter(|k| only.as_ref().is_none_or(|id| &k.public_id == id))
+                    .collect();
+                if let Some(id) = &only
+                    && live.is_empty()
+                {
+                    return Err(RotateError::UnknownKey(id.clone()));
+                }
+                let mut fresh = fresh.into_iter();
+                let mut out = Vec::new();
+                for old in &live {
+                    let Some(key) = fresh.next() else { break };
+                    let id = sql::insert_key(
+                        tx,
+                        &key,
+                        &old.kind,
+                        &account,
+                        old.subscription_id,
+                        "rotation",
+                        now,
+                    )?;
+                    sql::revoke_key(tx, old.id, "rotated", Some(id), now)?;
+                    out.push(RotatedKey {
+                        api_key: key.full.clone(),
+                        key_id: key.public_id.clone(),
+                        kind: old.kind.clone(),
+                        replaces: Some(old.public_id.clone()),
+                        pool: old.pool.clone(),
+                        blocks: old.blocks.clone(),
+                        expires_at: old.expires_at.map(rfc3339),
+                    });
+                }
+                // Credits without a key (a subscription's surplus, an operator grant) get one.
+                if only.is_none()
+                    && sql::live_credit_key(tx, &account)?.is_none()
+                    && sql::balance(tx, &account)? > Usdc::ZERO
+                    && let Some(key) = fresh.next()
+                {
+                    sql::insert_key(tx, &key, "credit", &account, None, "rotation", now)?;
+                    out.push(RotatedKey {
+                        api_key: key.full.clone(),
+                        key_id: key.public_id.clone(),
+                        kind: "credit".into(),
+                        replaces: None,
+                        pool: None,
+                        blocks: None,
+                        expires_at: None,
+                    });
+                }
+                if out.is_empty() {
+                    return Err(RotateError::NothingToRotate);
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// The key behind `Authorization: Bearer …`, if it is valid now (exists, secret matches, not revoked, its
+    /// subscription not expired).
+    pub async fn authorize(&self, presented: &str) -> Result<Option<AuthorizedKey>, StoreError> {
+        let Some(parsed) = keys::parse(presented) else {
+            return Ok(None);
+        };
+        let public_id = parsed.public_id.to_string();
+        let secret = parsed.secret.to_string();
+        let now = self.now();
+        self.store
+            .read(move |c| -> Result<_, StoreError> {
+                let Some((record, hash)) = sql::key_by_public_id(c, &public_id)? else {
+                    return Ok(None);
+                };
+                let ok = keys::secret_matches(&secret, &hash)
+                    && record.revoked_at.is_none()
+                    && record.expires_at.is_none_or(|e| e > now);
+                Ok(ok.then_some(AuthorizedKey { record }))
+            })
+            .await
+    }
+}
+
+/// Operator: all keys (or one account's), newest first.
+pub async fn list_keys(
+    store: &Store,
+    account: Option<String>,
+) -> Result<Vec<KeyRecord>, StoreError> {
+    store
+        .read(move |c| -> Result<_, StoreError> { Ok(sql::list_keys(c, account.as_deref())?) })
+        .await
+}
+
+/// Operator: revokes a key by public id; `false` when there is no such live key.
+pub async fn revoke_key(store: &Store, public_id: String, now: i64) -> Result<bool, StoreError> {
+    store
+        .write(move |tx| -> Result<bool, StoreError> {
+            let Some((record, _)) = sql::key_by_public_id(tx, &public_id)? else {
+                return Ok(false);
+            };
+            Ok(sql::revoke_key(
+                tx,
+                record.id,
+                "revoked by the operator",
+                None,
+                now,
+            )?)
+        })
+        .await
+}
+
+/// Operator-issued credits: a `grant` ledger row. Mints a credit key when the account has no live one.
+pub async fn grant(
+    store: &Store,
+    account: Address,
+    amount: Usdc,
+    note: Option<String>,
+    now: i64,
+) -> Result<(Usdc, Option<NewKey>), StoreError> {
+    let account = format!("{account:#x}");
+    let key = keys::generate().map_err(|e| StoreError::Task(e.to_string()))?;
+    store
+        .write(move |tx| -> Result<_, StoreError> {
+            sql::ensure_account(tx, &account, now)?;
+            let balance = sql::append_ledger(
+                tx,
+                &account,
+                LedgerKind::Grant,
+                amount,
+                None,
+                None,
+                note.as_deref(),
+                now,
+            )
+            .map_err(|e| match e {
+                LedgerError::Sqlite(e) => StoreError::Sqlite(e),
+                other => StoreError::Task(other.to_string()),
+            })?;
+            let minted = match sql::live_credit_key(tx, &account)? {
+                Some(_) => None,
+                None => {
+                    sql::insert_key(tx, &key, "credit", &account, None, "operator", now)?;
+                    Some(key)
+                }
+            };
+            Ok((balance, minted))
+        })
+        .await
+}
+
+/// Operator: an account's balance, ledger, claims and keys.
+pub async fn account_view(store: &Store, account: Address) -> Result<AccountView, StoreError> {
+    let address = format!("{account:#x}");
+    store
+        .read(move |c| -> Result<_, StoreError> {
+            let ledger = sql::ledger_of(c, &address)?;
+            Ok(AccountView {
+                exists: sql::account_exists(c, &address)?,
+                balance_usdc: sql::balance(c, &address)?,
+                ledger_sum_usdc: Usdc(ledger.iter().map(|r| r.amount_usdc.0).sum()),
+                ledger,
+                claims: sql::claims_of_account(c, &address)?,
+                keys: sql::list_keys(c, Some(&address))?,
+                address,
+            })
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
+    }
+}

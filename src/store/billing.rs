@@ -1,0 +1,376 @@
+//! Checkout persistence: accounts, the append-only ledger, claims, subscriptions, seats, API keys and rotation
+//! nonces. Every function that changes state takes the writer's `BEGIN IMMEDIATE` transaction, so a claim's
+//! checks (not claimed yet, seats left) and its effects (claim row, subscription, seats, key, ledger rows) commit
+//! together or not at all.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::keys::NewKey;
+use crate::usdc::Usdc;
+
+/// Kinds of ledger entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerKind {
+    Topup,
+    Surplus,
+    Grant,
+    Debit,
+    Refund,
+}
+
+impl LedgerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerKind::Topup => "topup",
+            LedgerKind::Surplus => "surplus",
+            LedgerKind::Grant => "grant",
+            LedgerKind::Debit => "debit",
+            LedgerKind::Refund => "refund",
+        }
+    }
+}
+
+/// Why a ledger entry cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("insufficient balance: {balance} available, {needed} needed")]
+    Insufficient { balance: Usdc, needed: Usdc },
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// Creates the account row if it is new.
+pub fn ensure_account(c: &Connection, address: &str, now: i64) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT OR IGNORE INTO accounts (address, created_at) VALUES (?1, ?2)")?
+        .execute(params![address, now])?;
+    Ok(())
+}
+
+/// The account's balance: the running total of its last ledger row (equal to the sum of all its rows).
+pub fn balance(c: &Connection, address: &str) -> rusqlite::Result<Usdc> {
+    let b: Option<i64> = c
+        .prepare_cached(
+            "SELECT balance_after FROM ledger WHERE account = ?1 ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row([address], |r| r.get(0))
+        .optional()?;
+    Ok(Usdc(b.unwrap_or(0)))
+}
+
+/// Appends a ledger row; refuses one that would take the balance below zero. Returns the new balance.
+#[allow(clippy::too_many_arguments)]
+pub fn append_ledger(
+    c: &Connection,
+    address: &str,
+    kind: LedgerKind,
+    amount: Usdc,
+    tx_hash: Option<&str>,
+    key_id: Option<i64>,
+    note: Option<&str>,
+    now: i64,
+) -> Result<Usdc, LedgerError> {
+    let before = balance(c, address)?;
+    let after = before.0.checked_add(amount.0).unwrap_or(-1);
+    if after < 0 {
+        return Err(LedgerError::Insufficient {
+            balance: before,
+            needed: Usdc(-amount.0),
+        });
+    }
+    c.prepare_cached(
+        "INSERT INTO ledger (account, kind, amount_atomic, balance_after, tx_hash, key_id, note, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![address, kind.as_str(), amount.0, after, tx_hash, key_id, note, now])?;
+    Ok(Usdc(after))
+}
+
+/// Seats of `pool`/`block` held by subscriptions that have not expired at `now`.
+pub fn seats_taken(c: &Connection, pool: &str, block: &str, now: i64) -> rusqlite::Result<u32> {
+    c.prepare_cached(
+        "SELECT count(*) FROM seats WHERE pool = ?1 AND block = ?2 AND expires_at > ?3",
+    )?
+    .query_row(params![pool, block, now], |r| r.get::<_, i64>(0))
+    .map(|n| n as u32)
+}
+
+/// Seats held at `now`, per (pool, block).
+pub fn all_seats_taken(c: &Connection, now: i64) -> rusqlite::Result<Vec<(String, String, u32)>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT pool, block, count(*) FROM seats WHERE expires_at > ?1 GROUP BY pool, block",
+    )?;
+    let rows = stmt.query_map([now], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u32))
+    })?;
+    rows.collect()
+}
+
+/// Stores a new key; returns its row id.
+pub fn insert_key(
+    c: &Connection,
+    key: &NewKey,
+    kind: &str,
+    account: &str,
+    subscription_id: Option<i64>,
+    created_by: &str,
+    now: i64,
+) -> rusqlite::Result<i64> {
+    c.prepare_cached(
+        "INSERT INTO api_keys (public_id, secret_hash, kind, account, subscription_id, created_at, created_by) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![key.public_id, key.secret_hash.as_slice(), kind, account, subscription_id, now, created_by])?;
+    Ok(c.last_insert_rowid())
+}
+
+/// The id of the account's live credit key, if it has one.
+pub fn live_credit_key(c: &Connection, account: &str) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached(
+        "SELECT id FROM api_keys WHERE account = ?1 AND kind = 'credit' AND revoked_at IS NULL ORDER BY id DESC LIMIT 1",
+    )?
+    .query_row([account], |r| r.get(0))
+    .optional()
+}
+
+/// What a claimed transaction bought.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClaimRecord {
+    pub tx_hash: String,
+    pub account: String,
+    /// `subscription` or `topup`.
+    pub kind: String,
+    pub paid_usdc: Usdc,
+    pub price_usdc: Usdc,
+    pub surplus_usdc: Usdc,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    pub claimed_at: i64,
+}
+
+pub fn claim_of(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<ClaimRecord>> {
+    c.prepare_cached(
+        "SELECT c.tx_hash, c.account, c.kind, c.paid_atomic, c.price_atomic, c.surplus_atomic, s.pool, s.blocks, \
+         s.expires_at, k.public_id, c.claimed_at FROM claims c \
+         LEFT JOIN subscriptions s ON s.id = c.subscription_id LEFT JOIN api_keys k ON k.id = c.key_id \
+         WHERE c.tx_hash = ?1",
+    )?
+    .query_row([tx_hash], |r| {
+        let blocks: Option<String> = r.get(7)?;
+        Ok(ClaimRecord {
+            tx_hash: r.get(0)?,
+            account: r.get(1)?,
+            kind: r.get(2)?,
+            paid_usdc: Usdc(r.get(3)?),
+            price_usdc: Usdc(r.get(4)?),
+            surplus_usdc: Usdc(r.get(5)?),
+            pool: r.get(6)?,
+            blocks: blocks.and_then(|b| serde_json::from_str(&b).ok()),
+            expires_at: r.get(8)?,
+            key_id: r.get(9)?,
+            claimed_at: r.get(10)?,
+        })
+    })
+    .optional()
+}
+
+/// Confirmed value of a transaction per payer: `(from, sum)`, ordered by payer.
+pub fn confirmed_value_by_payer(
+    c: &Connection,
+    tx_hash: &str,
+) -> rusqlite::Result<Vec<(String, Usdc)>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT from_address, sum(value_atomic) FROM transfers WHERE tx_hash = ?1 AND status = 'confirmed' \
+         GROUP BY from_address ORDER BY from_address",
+    )?;
+    let rows = stmt.query_map([tx_hash], |r| Ok((r.get(0)?, Usdc(r.get(1)?))))?;
+    rows.collect()
+}
+
+/// The claim row itself: inserted last in a claim's transaction; `false` when the transaction is already claimed.
+#[allow(clippy::too_many_arguments)]
+pub fn insert_claim(
+    c: &Connection,
+    tx_hash: &str,
+    account: &str,
+    kind: &str,
+    paid: Usdc,
+    price: Usdc,
+    subscription_id: Option<i64>,
+    key_id: Option<i64>,
+    signature: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<bool> {
+    let changed = c
+        .prepare_cached(
+            "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, \
+             key_id, signature, claimed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+             ON CONFLICT (tx_hash) DO NOTHING",
+        )?
+        .execute(params![
+            tx_hash,
+            account,
+            kind,
+            paid.0,
+            price.0,
+            paid.0 - price.0,
+            subscription_id,
+            key_id,
+            signature,
+            now
+        ])?;
+    Ok(changed == 1)
+}
+
+/// A key as operators and audits see it (never its secret or hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRecord {
+    pub id: i64,
+    pub public_id: String,
+    pub kind: String,
+    pub account: String,
+    pub subscription_id: Option<i64>,
+    pub pool: Option<String>,
+    pub blocks: Option<Vec<String>>,
+    pub expires_at: Option<i64>,
+    pub created_at: i64,
+    pub created_by: String,
+    pub revoked_at: Option<i64>,
+    pub revoked_reason: Option<String>,
+}
+
+const KEY_SELECT: &str = "SELECT k.id, k.public_id, k.kind, k.account, k.subscription_id, s.pool, s.blocks, \
+     s.expires_at, k.created_at, k.created_by, k.revoked_at, k.revoked_reason, k.secret_hash FROM api_keys k \
+     LEFT JOIN subscriptions s ON s.id = k.subscription_id";
+
+fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
+    let blocks: Option<String> = r.get(6)?;
+    Ok(KeyRecord {
+        id: r.get(0)?,
+        public_id: r.get(1)?,
+        kind: r.get(2)?,
+        account: r.get(3)?,
+        subscription_id: r.get(4)?,
+        pool: r.get(5)?,
+        blocks: blocks.and_then(|b| serde_json::from_str(&b).ok()),
+        expires_at: r.get(7)?,
+        created_at: r.get(8)?,
+        created_by: r.get(9)?,
+        revoked_at: r.get(10)?,
+        revoked_reason: r.get(11)?,
+    })
+}
+
+/// Keys, newest first, optionally of one account.
+pub fn list_keys(c: &Connection, account: Option<&str>) -> rusqlite::Result<Vec<KeyRecord>> {
+    let mut stmt = c.prepare_cached(&format!(
+        "{KEY_SELECT} WHERE ?1 IS NULL OR k.account = ?1 ORDER BY k.id DESC"
+    ))?;
+    let rows = stmt.query_map([account], key_from_row)?;
+    rows.collect()
+}
+
+/// A key by public id, with its stored hash.
+pub fn key_by_public_id(
+    c: &Connection,
+    public_id: &str,
+) -> rusqlite::Result<Option<(KeyRecord, Vec<u8>)>> {
+    c.prepare_cached(&format!("{KEY_SELECT} WHERE k.public_id = ?1"))?
+        .query_row([public_id], |r| {
+            Ok((key_from_row(r)?, r.get::<_, Vec<u8>>(12)?))
+        })
+        .optional()
+}
+
+/// Revokes a live key; `false` when it does not exist or is already revoked.
+pub fn revoke_key(
+    c: &Connection,
+    id: i64,
+    reason: &str,
+    replaced_by: Option<i64>,
+    now: i64,
+) -> rusqlite::Result<bool> {
+    let n = c.execute(
+        "UPDATE api_keys SET revoked_at = ?2, revoked_reason = ?3, replaced_by = ?4 WHERE id = ?1 AND revoked_at IS NULL",
+        params![id, now, reason, replaced_by],
+    )?;
+    Ok(n == 1)
+}
+
+/// One row of an account's ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerRow {
+    pub id: i64,
+    pub kind: String,
+    pub amount_usdc: Usdc,
+    pub balance_after_usdc: Usdc,
+    pub tx_hash: Option<String>,
+    pub note: Option<String>,
+    pub created_at: i64,
+}
+
+pub fn ledger_of(c: &Connection, account: &str) -> rusqlite::Result<Vec<LedgerRow>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT id, kind, amount_atomic, balance_after, tx_hash, note, created_at FROM ledger WHERE account = ?1 \
+         ORDER BY id",
+    )?;
+    let rows = stmt.query_map([account], |r| {
+        Ok(LedgerRow {
+            id: r.get(0)?,
+            kind: r.get(1)?,
+            amount_usdc: Usdc(r.get(2)?),
+            balance_after_usdc: Usdc(r.get(3)?),
+            tx_hash: r.get(4)?,
+            note: r.get(5)?,
+            created_at: r.get(6)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Claims of an account, oldest first.
+pub fn claims_of_account(c: &Connection, account: &str) -> rusqlite::Result<Vec<ClaimRecord>> {
+    let hashes: Vec<String> = {
+        let mut stmt = c.prepare_cached(
+            "SELECT tx_hash FROM claims WHERE account = ?1 ORDER BY claimed_at, rowid",
+        )?;
+        stmt.query_map([account], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    let mut out = Vec::with_capacity(hashes.len());
+    for h in hashes {
+        if let Some(c) = claim_of(c, &h)? {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+pub fn account_exists(c: &Connection, address: &str) -> rusqlite::Result<bool> {
+    c.prepare_cached("SELECT 1 FROM accounts WHERE address = ?1")?
+        .exists([address])
+}
+
+/// Records a used rotation message; `false` when (account, signed_at) was used before.
+pub fn use_rotation_nonce(
+    c: &Connection,
+    account: &str,
+    signed_at: i64,
+    now: i64,
+) -> rusqlite::Result<bool> {
+    let n = c.execute(
+        "INSERT INTO rotation_nonces (account, signed_at, used_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+        params![account, signed_at, now],
+    )?;
+    Ok(n == 1)
+}
