@@ -11,3 +11,4 @@ pub mod config;
 pub mod dev;
 pub mod store;
 pub mod usdc;
+pub mod x402;
