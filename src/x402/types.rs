@@ -69,6 +69,20 @@ pub mod decimal_u256 {
     }
 }
 
+/// Addresses written EIP-55 checksummed (as official clients write them); read in any case.
+pub mod checksummed {
+    use alloy::primitives::Address;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &Address, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&a.to_checksum(None))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Address, D::Error> {
+        Address::deserialize(d)
+    }
+}
+
 /// `extra` of the exact EVM scheme: the token's EIP-712 domain (clients throw without it). Other keys are kept.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extra {
@@ -101,7 +115,9 @@ pub struct PaymentRequirements {
     /// Atomic units.
     #[serde(with = "decimal_u256")]
     pub amount: U256,
+    #[serde(with = "checksummed")]
     pub asset: Address,
+    #[serde(with = "checksummed")]
     pub pay_to: Address,
     pub max_timeout_seconds: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,7 +141,9 @@ pub struct PaymentRequired {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Authorization {
+    #[serde(with = "checksummed")]
     pub from: Address,
+    #[serde(with = "checksummed")]
     pub to: Address,
     #[serde(with = "decimal_u256")]
     pub value: U256,
@@ -169,8 +187,10 @@ pub struct PaymentRequirementsV1 {
     pub resource: String,
     pub description: String,
     pub mime_type: String,
+    #[serde(with = "checksummed")]
     pub pay_to: Address,
     pub max_timeout_seconds: u64,
+    #[serde(with = "checksummed")]
     pub asset: Address,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extra: Option<Extra>,
