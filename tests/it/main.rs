@@ -4,3 +4,4 @@
 mod cli;
 mod indexer;
 mod support;
+mod x402;
