@@ -20,12 +20,15 @@ use x402_gateway::dev;
 use x402_gateway::usdc::Usdc;
 use x402_gateway::x402::types::{Authorization, ExactEvmPayload};
 use x402_gateway::x402::{
-    AnyPaymentPayload, ManualClock, PaymentPayload, PaymentRequired, ResourceInfo, SelfSettler, X402, eip3009,
-    requirements,
+    AnyPaymentPayload, ManualClock, PaymentPayload, PaymentRequired, ResourceInfo, SelfSettler,
+    X402, eip3009, requirements,
 };
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -66,7 +69,10 @@ fn sign(
         x402_version: 2,
         resource: None,
         accepted: offer.accepts[0].clone(),
-        payload: ExactEvmPayload { signature, authorization },
+        payload: ExactEvmPayload {
+            signature,
+            authorization,
+        },
         extensions: None,
     }))
 }
@@ -90,16 +96,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         token_name: "USDC".into(),
         token_version: "2".into(),
     };
-    let rpc = Arc::new(Rpc::new(&[chain.anvil.endpoint()], Duration::from_secs(10))?);
+    let rpc = Arc::new(Rpc::new(
+        &[chain.anvil.endpoint()],
+        Duration::from_secs(10),
+    )?);
     let hot_wallet = PrivateKeySigner::from(chain.anvil.keys()[5].clone());
-    let settler = SelfSettler::new(rpc, network.clone(), hot_wallet).with_receipt_timeout(Duration::from_secs(30));
-    let engine = X402::new(network.clone(), Arc::new(settler), Arc::new(ManualClock::new(now)));
+    let settler = SelfSettler::new(rpc, network.clone(), hot_wallet)
+        .with_receipt_timeout(Duration::from_secs(30));
+    let engine = X402::new(
+        network.clone(),
+        Arc::new(settler),
+        Arc::new(ManualClock::new(now)),
+    );
     let offer = requirements::payment_required(
-        ResourceInfo { url: "http://127.0.0.1/x402/bench".into(), description: None, mime_type: None },
-        vec![requirements::exact_requirements(&network, chain.pay_to, Usdc(10_000), 300)?],
+        ResourceInfo {
+            url: "http://127.0.0.1/x402/bench".into(),
+            description: None,
+            mime_type: None,
+        },
+        vec![requirements::exact_requirements(
+            &network,
+            chain.pay_to,
+            Usdc(10_000),
+            300,
+        )?],
         None,
     );
-    println!("x402 benchmark: anvil automine, {n} payments per phase, payTo {:#x}", chain.pay_to);
+    println!(
+        "x402 benchmark: anvil automine, {n} payments per phase, payTo {:#x}",
+        chain.pay_to
+    );
 
     // 1. verify only
     let payments = (0..n)

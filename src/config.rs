@@ -684,12 +684,20 @@ pay_to = "0x1111111111111111111111111111111111111111"
 
     #[test]
     fn x402_self_settlement_needs_a_key_in_the_environment() {
-        let err = resolve_x402("settler_key_env = \"HOT\"\n", &[]).unwrap_err().to_string();
-        assert!(err.contains("x402.settler_key_env") && err.contains("HOT"), "{err}");
+        let err = resolve_x402("settler_key_env = \"HOT\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x402.settler_key_env") && err.contains("HOT"),
+            "{err}"
+        );
         let err = resolve_x402("settler_key_env = \"HOT\"\n", &[("HOT", "nope")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("x402.settler_key_env") && !err.contains("nope"), "{err}");
+        assert!(
+            err.contains("x402.settler_key_env") && !err.contains("nope"),
+            "{err}"
+        );
         for pasted in [KEY, &KEY[2..]] {
             let err = resolve_x402(&format!("settler_key_env = \"{pasted}\"\n"), &[])
                 .unwrap_err()
@@ -722,7 +730,9 @@ pay_to = "0x1111111111111111111111111111111111111111"
         );
         assert_eq!(x.max_timeout_seconds, 60);
         assert!(x.settler_key(&|_| None).unwrap().is_none());
-        let err = resolve_x402("settlement = \"facilitator\"\n", &[]).unwrap_err().to_string();
+        let err = resolve_x402("settlement = \"facilitator\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("x402.facilitator_url"), "{err}");
         let err = resolve_x402(
             "settlement = \"facilitator\"\nfacilitator_url = \"ftp://x\"\n",
@@ -731,16 +741,17 @@ pay_to = "0x1111111111111111111111111111111111111111"
         .unwrap_err()
         .to_string();
         assert!(err.contains("x402.facilitator_url"), "{err}");
-        let err = resolve_x402("settlement = \"somebody\"\n", &[]).unwrap_err().to_string();
+        let err = resolve_x402("settlement = \"somebody\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("somebody"), "{err}");
-        let err = resolve_x402("setlement = \"self\"\n", &[]).unwrap_err().to_string();
+        let err = resolve_x402("setlement = \"self\"\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("setlement"), "{err}");
-        let err = resolve_x402(
-            "max_timeout_seconds = 0\n",
-            &[("X402_SETTLER_KEY", KEY)],
-        )
-        .unwrap_err()
-        .to_string();
+        let err = resolve_x402("max_timeout_seconds = 0\n", &[("X402_SETTLER_KEY", KEY)])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("x402.max_timeout_seconds"), "{err}");
     }
 

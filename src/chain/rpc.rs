@@ -337,7 +337,12 @@ impl Rpc {
     }
 
     /// Gas `data` to `to` from `from` would use (a node error if it would revert).
-    pub async fn estimate_gas(&self, from: Address, to: Address, data: Bytes) -> Result<u64, RpcError> {
+    pub async fn estimate_gas(
+        &self,
+        from: Address,
+        to: Address,
+        data: Bytes,
+    ) -> Result<u64, RpcError> {
         let gas: U64 = self
             .request(
                 "eth_estimateGas",

@@ -103,7 +103,8 @@ impl Rsv {
 
     /// The address that signed `digest`, if the signature is well formed.
     pub fn recover(&self, digest: &B256) -> Option<Address> {
-        let sig = alloy::primitives::Signature::from_scalars_and_parity(self.r, self.s, self.v == 28);
+        let sig =
+            alloy::primitives::Signature::from_scalars_and_parity(self.r, self.s, self.v == 28);
         sig.recover_address_from_prehash(digest).ok()
     }
 
@@ -262,7 +263,11 @@ mod tests {
     #[test]
     fn erc6492_unwraps() {
         let inner = Bytes::from(vec![7u8; 65]);
-        let mut sig = (Address::repeat_byte(9), Bytes::from(vec![1, 2, 3]), inner.clone())
+        let mut sig = (
+            Address::repeat_byte(9),
+            Bytes::from(vec![1, 2, 3]),
+            inner.clone(),
+        )
             .abi_encode_params();
         sig.extend_from_slice(ERC6492_MAGIC.as_slice());
         let w = unwrap_erc6492(&sig).unwrap().unwrap();

@@ -125,7 +125,12 @@ impl X402 {
         let auth = &req.payload.exact().authorization;
         let claim = self
             .in_flight
-            .try_claim(auth.from, auth.nonce, verified.valid_before, self.clock.now())
+            .try_claim(
+                auth.from,
+                auth.nonce,
+                verified.valid_before,
+                self.clock.now(),
+            )
             .ok_or(PaymentError::Rejected(Reason::Duplicate))?;
         Ok(Reservation {
             settler: self.settler.clone(),

@@ -100,7 +100,9 @@ impl PaymentError {
     pub fn code(&self) -> &str {
         match self {
             PaymentError::Rejected(r) => r.code(),
-            PaymentError::Unavailable { what, .. } if what.contains("settle") => "unexpected_settle_error",
+            PaymentError::Unavailable { what, .. } if what.contains("settle") => {
+                "unexpected_settle_error"
+            }
             PaymentError::Unavailable { .. } => "unexpected_verify_error",
             PaymentError::OutcomeUnknown { .. } => "unexpected_settle_error",
         }

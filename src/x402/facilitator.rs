@@ -39,7 +39,11 @@ impl std::fmt::Debug for FacilitatorSettler {
 
 impl FacilitatorSettler {
     /// `timeout` bounds each request (settlement waits for a block on the facilitator's side: allow ~30 s).
-    pub fn new(url: &str, network: Network, timeout: Duration) -> Result<FacilitatorSettler, PaymentError> {
+    pub fn new(
+        url: &str,
+        network: Network,
+        timeout: Duration,
+    ) -> Result<FacilitatorSettler, PaymentError> {
         let client = reqwest::Client::builder()
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .timeout(timeout)
@@ -57,9 +61,11 @@ impl FacilitatorSettler {
 
     fn body(&self, req: &PaymentRequest) -> FacilitatorRequest {
         let requirements = match &req.payload {
-            AnyPaymentPayload::V1(_) => {
-                serde_json::to_value(to_v1(&req.requirements, &req.resource, self.network.chain_id))
-            }
+            AnyPaymentPayload::V1(_) => serde_json::to_value(to_v1(
+                &req.requirements,
+                &req.resource,
+                self.network.chain_id,
+            )),
             AnyPaymentPayload::V2(_) => serde_json::to_value(&req.requirements),
         }
         .unwrap_or(Value::Null);
@@ -89,10 +95,13 @@ impl FacilitatorSettler {
 
     async fn verify_inner(&self, req: &PaymentRequest, now: u64) -> Result<Verified, PaymentError> {
         let amount = check_offline(req, &self.network, now)?;
-        let (status, body) = self.post("verify", req).await.map_err(|e| PaymentError::Unavailable {
-            what: "facilitator verify",
-            message: redact(&e),
-        })?;
+        let (status, body) =
+            self.post("verify", req)
+                .await
+                .map_err(|e| PaymentError::Unavailable {
+                    what: "facilitator verify",
+                    message: redact(&e),
+                })?;
         let parsed = body.and_then(|b| serde_json::from_value::<VerifyResponse>(b).ok());
         match parsed {
             Some(v) if v.is_valid && status.is_success() => {
@@ -109,7 +118,9 @@ impl FacilitatorSettler {
                 })
             }
             Some(v) if !v.is_valid => Err(Reason::Facilitator {
-                code: v.invalid_reason.unwrap_or_else(|| "invalid_payment".to_string()),
+                code: v
+                    .invalid_reason
+                    .unwrap_or_else(|| "invalid_payment".to_string()),
                 message: None,
             }
             .into()),
@@ -120,7 +131,11 @@ impl FacilitatorSettler {
         }
     }
 
-    async fn settle_inner(&self, req: &PaymentRequest, verified: &Verified) -> Result<Settlement, PaymentError> {
+    async fn settle_inner(
+        &self,
+        req: &PaymentRequest,
+        verified: &Verified,
+    ) -> Result<Settlement, PaymentError> {
         let (status, body) = match self.post("settle", req).await {
             Ok(answer) => answer,
             Err(e) if e.is_connect() => {
@@ -155,7 +170,10 @@ impl FacilitatorSettler {
             }
             .into());
         }
-        let transaction = body.get("transaction").and_then(Value::as_str).unwrap_or("");
+        let transaction = body
+            .get("transaction")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if !status.is_success() || success != Some(true) || transaction.is_empty() {
             return Err(PaymentError::OutcomeUnknown {
                 what: "facilitator settle",
@@ -165,11 +183,13 @@ impl FacilitatorSettler {
                 tx: None,
             });
         }
-        let tx: B256 = transaction.parse().map_err(|_| PaymentError::OutcomeUnknown {
-            what: "facilitator settle",
-            message: format!("transaction `{transaction}` is not a transaction hash"),
-            tx: None,
-        })?;
+        let tx: B256 = transaction
+            .parse()
+            .map_err(|_| PaymentError::OutcomeUnknown {
+                what: "facilitator settle",
+                message: format!("transaction `{transaction}` is not a transaction hash"),
+                tx: None,
+            })?;
         Ok(Settlement {
             transaction: tx,
             network: self.network.caip2(),
@@ -189,7 +209,11 @@ fn redact(e: &reqwest::Error) -> String {
 }
 
 impl Settler for FacilitatorSettler {
-    fn verify<'a>(&'a self, req: &'a PaymentRequest, now: u64) -> BoxFuture<'a, Result<Verified, PaymentError>> {
+    fn verify<'a>(
+        &'a self,
+        req: &'a PaymentRequest,
+        now: u64,
+    ) -> BoxFuture<'a, Result<Verified, PaymentError>> {
         Box::pin(self.verify_inner(req, now))
     }
 

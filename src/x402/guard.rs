@@ -42,7 +42,13 @@ impl InFlight {
 
     /// Claims `(from, nonce)`; `None` if it is already claimed or settled. `expires_at` is the authorization's
     /// `validBefore` (unix seconds); `now` prunes settled entries that can no longer be replayed.
-    pub fn try_claim(&self, from: Address, nonce: B256, expires_at: u64, now: u64) -> Option<Claim> {
+    pub fn try_claim(
+        &self,
+        from: Address,
+        nonce: B256,
+        expires_at: u64,
+        now: u64,
+    ) -> Option<Claim> {
         let mut map = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         map.retain(|_, e| e.state == State::InFlight || e.expires_at >= now);
         let key = (from, nonce);
@@ -97,7 +103,11 @@ impl Claim {
     /// blocked until it expires.
     pub fn settled(mut self) {
         self.finished = true;
-        let mut map = self.set.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .set
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(e) = map.get_mut(&self.key) {
             e.state = State::Done;
         }
@@ -130,8 +140,14 @@ mod tests {
         drop(c);
         let c = set.try_claim(a, n, 100, 10).unwrap();
         c.settled();
-        assert!(set.try_claim(a, n, 100, 50).is_none(), "settled stays blocked");
-        assert!(set.try_claim(a, n, 100, 101).is_some(), "pruned after validBefore");
+        assert!(
+            set.try_claim(a, n, 100, 50).is_none(),
+            "settled stays blocked"
+        );
+        assert!(
+            set.try_claim(a, n, 100, 101).is_some(),
+            "pruned after validBefore"
+        );
     }
 
     #[test]

@@ -65,7 +65,11 @@ pub fn payment_required(
 }
 
 /// The legacy v1 form of one requirement (for the 402 body of v1 clients).
-pub fn to_v1(req: &PaymentRequirements, resource: &ResourceInfo, chain_id: u64) -> PaymentRequirementsV1 {
+pub fn to_v1(
+    req: &PaymentRequirements,
+    resource: &ResourceInfo,
+    chain_id: u64,
+) -> PaymentRequirementsV1 {
     PaymentRequirementsV1 {
         scheme: req.scheme.clone(),
         network: v1_network_name(chain_id)
@@ -113,7 +117,10 @@ pub fn accepted_matches(accepted: &PaymentRequirements, offered: &PaymentRequire
         _ => true,
     };
     accepted.scheme.eq_ignore_ascii_case(&offered.scheme)
-        && accepted.network.trim().eq_ignore_ascii_case(offered.network.trim())
+        && accepted
+            .network
+            .trim()
+            .eq_ignore_ascii_case(offered.network.trim())
         && accepted.amount == offered.amount
         && accepted.asset == offered.asset
         && accepted.pay_to == offered.pay_to
@@ -178,7 +185,10 @@ mod tests {
         let v1 = serde_json::to_value(payment_required_v1(&req, 8453)).unwrap();
         assert_eq!(v1["accepts"][0]["network"], "base");
         assert_eq!(v1["accepts"][0]["maxAmountRequired"], "10000");
-        assert_eq!(v1["accepts"][0]["resource"], "https://api.example.com/x402/credits");
+        assert_eq!(
+            v1["accepts"][0]["resource"],
+            "https://api.example.com/x402/credits"
+        );
         assert_eq!(v1["accepts"][0]["mimeType"], "application/json");
         assert!(v1["accepts"][0].get("outputSchema").is_none());
         assert!(exact_requirements(&base(), pay_to, Usdc(-1), 300).is_err());
@@ -186,7 +196,8 @@ mod tests {
 
     #[test]
     fn matches_by_value() {
-        let offered = exact_requirements(&base(), Address::repeat_byte(0xab), Usdc(10_000), 300).unwrap();
+        let offered =
+            exact_requirements(&base(), Address::repeat_byte(0xab), Usdc(10_000), 300).unwrap();
         // Lower-case addresses, zero-padded amount, no extra (Python SDK): still ours.
         let echoed: PaymentRequirements = serde_json::from_value(json!({
             "scheme": "exact", "network": "eip155:8453", "amount": "0010000",

@@ -45,7 +45,11 @@ impl Settlement {
 }
 
 /// The `PAYMENT-RESPONSE` body of a failed payment.
-pub fn failure_response(err: &PaymentError, network: &str, payer: Option<Address>) -> SettleResponse {
+pub fn failure_response(
+    err: &PaymentError,
+    network: &str,
+    payer: Option<Address>,
+) -> SettleResponse {
     SettleResponse {
         success: false,
         error_reason: Some(err.code().to_string()),
@@ -143,7 +147,9 @@ impl SelfSettler {
                     });
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, tx = %tx_hash, "settlement receipt poll failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, tx = %tx_hash, "settlement receipt poll failed")
+                }
             }
             if started.elapsed() >= self.receipt_timeout {
                 // The transaction may be dropped: learn the nonce afresh next time.
@@ -194,7 +200,10 @@ impl SelfSettler {
                 }
                 Err(e) => return Err(before_send("settle: estimate gas")(e)),
             };
-            let gas_price = rpc.gas_price().await.map_err(before_send("settle: gas price"))?;
+            let gas_price = rpc
+                .gas_price()
+                .await
+                .map_err(before_send("settle: gas price"))?;
             let tip = rpc.max_priority_fee().await.unwrap_or(0);
             let max_fee = gas_price.saturating_mul(2).max(tip);
             let mut tx = TxEip1559 {
@@ -207,13 +216,12 @@ impl SelfSettler {
                 input: data.clone(),
                 ..Default::default()
             };
-            let signature = self
-                .signer
-                .sign_transaction_sync(&mut tx)
-                .map_err(|e| PaymentError::Unavailable {
+            let signature = self.signer.sign_transaction_sync(&mut tx).map_err(|e| {
+                PaymentError::Unavailable {
                     what: "settle: signing",
                     message: e.to_string(),
-                })?;
+                }
+            })?;
             let envelope = TxEnvelope::from(tx.into_signed(signature));
             let hash = *envelope.tx_hash();
             let raw = Bytes::from(envelope.encoded_2718());

@@ -117,7 +117,9 @@ fn check_scheme_and_network(req: &PaymentRequest, network: &Network) -> Result<(
         return Err(Reason::InvalidScheme(req.payload.scheme().to_string()));
     }
     let extra = r.extra.as_ref();
-    if extra.and_then(|e| e.name.as_ref()).is_none() || extra.and_then(|e| e.version.as_ref()).is_none() {
+    if extra.and_then(|e| e.name.as_ref()).is_none()
+        || extra.and_then(|e| e.version.as_ref()).is_none()
+    {
         return Err(Reason::MissingEip712Domain);
     }
     if !network_matches(network, req.payload.network()) || !network_matches(network, &r.network) {
@@ -234,7 +236,10 @@ impl Verifier {
         let extra = req.requirements.extra.clone().unwrap_or_default();
         let domain = eip3009::domain(
             extra.name.as_deref().unwrap_or(&self.network.token_name),
-            extra.version.as_deref().unwrap_or(&self.network.token_version),
+            extra
+                .version
+                .as_deref()
+                .unwrap_or(&self.network.token_version),
             self.network.chain_id,
             req.requirements.asset,
         );
@@ -250,7 +255,11 @@ impl Verifier {
             let wrapped = wrapped.map_err(|e| {
                 Reason::InvalidSignature(format!("malformed ERC-6492 signature: {e}"))
             })?;
-            let code = self.rpc.code(from).await.map_err(unavailable("eth_getCode"))?;
+            let code = self
+                .rpc
+                .code(from)
+                .await
+                .map_err(unavailable("eth_getCode"))?;
             if code.is_empty() {
                 return Err(Reason::Erc6492Undeployed.into());
             }
@@ -262,7 +271,11 @@ impl Verifier {
         {
             return Ok(SignerKind::Eoa(rsv));
         }
-        let code = self.rpc.code(from).await.map_err(unavailable("eth_getCode"))?;
+        let code = self
+            .rpc
+            .code(from)
+            .await
+            .map_err(unavailable("eth_getCode"))?;
         if code.is_empty() {
             let why = if sig.len() == 65 {
                 "it does not recover to authorization.from (or has a high s / bad v)"
@@ -305,7 +318,11 @@ impl Verifier {
         }
     }
 
-    async fn simulate(&self, req: &PaymentRequest, signer: &SignerKind) -> Result<(), PaymentError> {
+    async fn simulate(
+        &self,
+        req: &PaymentRequest,
+        signer: &SignerKind,
+    ) -> Result<(), PaymentError> {
         let token = req.requirements.asset;
         let call = Verifier::settlement_call(req, signer);
         match self.rpc.call_from(self.simulate_from, token, call).await {

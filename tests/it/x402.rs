@@ -79,8 +79,12 @@ impl Fixture {
     }
 
     fn self_settler(&self) -> SelfSettler {
-        SelfSettler::new(self.rpc.clone(), self.network.clone(), self.hot_wallet.clone())
-            .with_receipt_timeout(Duration::from_secs(20))
+        SelfSettler::new(
+            self.rpc.clone(),
+            self.network.clone(),
+            self.hot_wallet.clone(),
+        )
+        .with_receipt_timeout(Duration::from_secs(20))
     }
 
     fn engine(&self) -> X402 {
@@ -92,9 +96,8 @@ impl Fixture {
     }
 
     fn offer(&self, amount: Usdc) -> PaymentRequired {
-        let req =
-            requirements::exact_requirements(&self.network, self.chain.pay_to(), amount, 300)
-                .unwrap();
+        let req = requirements::exact_requirements(&self.network, self.chain.pay_to(), amount, 300)
+            .unwrap();
         requirements::payment_required(
             ResourceInfo {
                 url: "http://127.0.0.1/x402/credits".into(),
@@ -144,7 +147,11 @@ impl Fixture {
     }
 }
 
-fn v2(offer: &PaymentRequired, authorization: Authorization, signature: Bytes) -> AnyPaymentPayload {
+fn v2(
+    offer: &PaymentRequired,
+    authorization: Authorization,
+    signature: Bytes,
+) -> AnyPaymentPayload {
     AnyPaymentPayload::V2(PaymentPayload {
         x402_version: 2,
         resource: Some(offer.resource.clone()),
@@ -209,12 +216,21 @@ async fn x402_valid_payment_verifies_and_self_settles() {
     assert_eq!(verified.amount, usdc("0.25"));
     assert!(matches!(verified.signer, x402::SignerKind::Eoa(_)));
 
-    let (pay_to_before, payer_before) = (f.balance(f.chain.pay_to()).await, f.balance(payer.address()).await);
+    let (pay_to_before, payer_before) = (
+        f.balance(f.chain.pay_to()).await,
+        f.balance(payer.address()).await,
+    );
     let settlement = engine.pay(decoded, &offer).await.unwrap();
     assert_eq!(settlement.payer, payer.address());
     assert_eq!(settlement.network, "eip155:31337");
-    assert_eq!(f.balance(f.chain.pay_to()).await - pay_to_before, U256::from(250_000));
-    assert_eq!(payer_before - f.balance(payer.address()).await, U256::from(250_000));
+    assert_eq!(
+        f.balance(f.chain.pay_to()).await - pay_to_before,
+        U256::from(250_000)
+    );
+    assert_eq!(
+        payer_before - f.balance(payer.address()).await,
+        U256::from(250_000)
+    );
 
     // Sent by the hot wallet with the (v, r, s) overload; the Transfer log is there for the indexer.
     let tx = f
@@ -262,9 +278,13 @@ async fn x402_valid_payment_verifies_and_self_settles() {
     assert_eq!(rows[0].from, format!("{:#x}", payer.address()));
 
     // PAYMENT-RESPONSE
-    let response: x402::SettleResponse = header::decode(&header::encode(&settlement.response())).unwrap();
+    let response: x402::SettleResponse =
+        header::decode(&header::encode(&settlement.response())).unwrap();
     assert!(response.success);
-    assert_eq!(response.transaction, format!("{:#x}", settlement.transaction));
+    assert_eq!(
+        response.transaction,
+        format!("{:#x}", settlement.transaction)
+    );
     assert_eq!(response.payer, Some(format!("{:#x}", payer.address())));
 }
 
@@ -297,7 +317,10 @@ async fn x402_same_header_twice_concurrently_settles_once() {
             );
         }
     }
-    assert_eq!(f.balance(f.chain.pay_to()).await - before, U256::from(1_000_000));
+    assert_eq!(
+        f.balance(f.chain.pay_to()).await - before,
+        U256::from(1_000_000)
+    );
 
     // Later, to the same process: still refused.
     assert_eq!(
@@ -310,7 +333,10 @@ async fn x402_same_header_twice_concurrently_settles_once() {
         rejected_code(other.pay(payment, &offer).await),
         "nonce_already_used"
     );
-    assert_eq!(f.balance(f.chain.pay_to()).await - before, U256::from(1_000_000));
+    assert_eq!(
+        f.balance(f.chain.pay_to()).await - before,
+        U256::from(1_000_000)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,30 +352,38 @@ async fn x402_invalid_payments_get_the_right_reason_and_no_transfer() {
     let mut cases: Vec<(&str, AnyPaymentPayload)> = vec![
         (
             "invalid_exact_evm_payload_authorization_valid_before",
-            f.payment(&payer, &offer, |a| a.valid_before = U256::from(now + 5)).await,
+            f.payment(&payer, &offer, |a| a.valid_before = U256::from(now + 5))
+                .await,
         ),
         (
             "invalid_exact_evm_payload_authorization_valid_after",
-            f.payment(&payer, &offer, |a| a.valid_after = U256::from(now + 60)).await,
+            f.payment(&payer, &offer, |a| a.valid_after = U256::from(now + 60))
+                .await,
         ),
         (
             "invalid_exact_evm_payload_authorization_value",
-            f.payment(&payer, &offer, |a| a.value = U256::from(1_999_999)).await,
+            f.payment(&payer, &offer, |a| a.value = U256::from(1_999_999))
+                .await,
         ),
         (
             "invalid_exact_evm_payload_authorization_value",
-            f.payment(&payer, &offer, |a| a.value = U256::from(2_000_001)).await,
+            f.payment(&payer, &offer, |a| a.value = U256::from(2_000_001))
+                .await,
         ),
         (
             "invalid_exact_evm_payload_recipient_mismatch",
-            f.payment(&payer, &offer, |a| a.to = Address::repeat_byte(0x77)).await,
+            f.payment(&payer, &offer, |a| a.to = Address::repeat_byte(0x77))
+                .await,
         ),
     ];
 
     // Signed by someone else.
     let auth = f.authorization(payer.address(), &offer);
     let forged = f.sign(f.chain.payer(0), &auth).await;
-    cases.push(("invalid_exact_evm_payload_signature", v2(&offer, auth.clone(), forged)));
+    cases.push((
+        "invalid_exact_evm_payload_signature",
+        v2(&offer, auth.clone(), forged),
+    ));
     // Not a signature at all.
     cases.push((
         "invalid_exact_evm_payload_signature",
@@ -359,7 +393,10 @@ async fn x402_invalid_payments_get_the_right_reason_and_no_transfer() {
     let signature = f.sign(&payer, &auth).await;
     let mut tampered = auth.clone();
     tampered.valid_before += U256::from(1);
-    cases.push(("invalid_exact_evm_payload_signature", v2(&offer, tampered, signature)));
+    cases.push((
+        "invalid_exact_evm_payload_signature",
+        v2(&offer, tampered, signature),
+    ));
 
     // Wrong network, wrong scheme.
     let mut wrong_network = f.payment(&payer, &offer, |_| {}).await;
@@ -375,7 +412,10 @@ async fn x402_invalid_payments_get_the_right_reason_and_no_transfer() {
 
     // A payer without the funds (a fresh key: valid signature, empty balance).
     let broke = PrivateKeySigner::random();
-    cases.push(("insufficient_funds", f.payment(&broke, &offer, |_| {}).await));
+    cases.push((
+        "insufficient_funds",
+        f.payment(&broke, &offer, |_| {}).await,
+    ));
 
     for (expected, payment) in cases {
         let got = rejected_code(engine.pay(payment.clone(), &offer).await);
@@ -383,7 +423,10 @@ async fn x402_invalid_payments_get_the_right_reason_and_no_transfer() {
     }
     assert_eq!(f.balance(f.chain.pay_to()).await, pay_to_before);
     assert_eq!(f.balance(payer.address()).await, payer_before);
-    assert!(engine.in_flight().is_empty(), "refused payments hold nothing");
+    assert!(
+        engine.in_flight().is_empty(),
+        "refused payments hold nothing"
+    );
 
     // A nonce already used on chain (by another authorization with the same nonce).
     let first = f.payment(&payer, &offer, |_| {}).await;
@@ -440,7 +483,10 @@ async fn x402_contract_wallet_payer_settles_via_bytes_overload() {
     assert!(matches!(verified.signer, x402::SignerKind::Contract(_)));
     let settlement = engine.pay(payment, &offer).await.unwrap();
     assert_eq!(settlement.payer, wallet);
-    assert_eq!(f.balance(f.chain.pay_to()).await - before, U256::from(3_000_000));
+    assert_eq!(
+        f.balance(f.chain.pay_to()).await - before,
+        U256::from(3_000_000)
+    );
     assert_eq!(f.balance(wallet).await, U256::from(7_000_000));
     let tx = f
         .chain
@@ -459,19 +505,31 @@ async fn x402_contract_wallet_payer_settles_via_bytes_overload() {
     let mut auth = f.authorization(wallet, &offer);
     auth.value = offer.accepts[0].amount;
     let inner = f.sign(&owner, &auth).await;
-    let mut wrapped = (Address::repeat_byte(0xfa), Bytes::from(vec![1, 2, 3]), inner).abi_encode_params();
+    let mut wrapped = (
+        Address::repeat_byte(0xfa),
+        Bytes::from(vec![1, 2, 3]),
+        inner,
+    )
+        .abi_encode_params();
     wrapped.extend_from_slice(x402::eip3009::ERC6492_MAGIC.as_slice());
     engine
         .pay(v2(&offer, auth, Bytes::from(wrapped.clone())), &offer)
         .await
         .unwrap();
-    assert_eq!(f.balance(f.chain.pay_to()).await - before, U256::from(6_000_000));
+    assert_eq!(
+        f.balance(f.chain.pay_to()).await - before,
+        U256::from(6_000_000)
+    );
 
     // ERC-6492 for a wallet that is not deployed: refused with its own reason.
     let undeployed = Address::repeat_byte(0x5e);
     let auth = f.authorization(undeployed, &offer);
     assert_eq!(
-        rejected_code(engine.pay(v2(&offer, auth, Bytes::from(wrapped)), &offer).await),
+        rejected_code(
+            engine
+                .pay(v2(&offer, auth, Bytes::from(wrapped)), &offer)
+                .await
+        ),
         "invalid_exact_evm_payload_undeployed_smart_wallet"
     );
 }
@@ -497,7 +555,10 @@ async fn x402_v1_x_payment_settles() {
     assert!(matches!(decoded, AnyPaymentPayload::V1(_)));
     let before = f.balance(f.chain.pay_to()).await;
     engine.pay(decoded, &offer).await.unwrap();
-    assert_eq!(f.balance(f.chain.pay_to()).await - before, U256::from(500_000));
+    assert_eq!(
+        f.balance(f.chain.pay_to()).await - before,
+        U256::from(500_000)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -510,21 +571,33 @@ async fn x402_headers_round_trip_and_malformed_headers_are_typed_errors() {
     assert_eq!(back, offer);
     // The JSON is the reference shape.
     let json = header::decode_json(&required).unwrap();
-    assert_eq!(json["accepts"][0]["extra"], json!({"name": "USDC", "version": "2"}));
+    assert_eq!(
+        json["accepts"][0]["extra"],
+        json!({"name": "USDC", "version": "2"})
+    );
     assert_eq!(json["accepts"][0]["amount"], "1000000");
 
     let payment = f.payment(f.chain.payer(0), &offer, |_| {}).await;
-    let AnyPaymentPayload::V2(p) = &payment else { unreachable!() };
+    let AnyPaymentPayload::V2(p) = &payment else {
+        unreachable!()
+    };
     let encoded = header::encode(p);
     // Unknown keys are tolerated; a client's lower-case addresses decode to the same payment.
     let mut j = header::decode_json(&encoded).unwrap();
     j["somethingNew"] = json!({"x": 1});
-    j["payload"]["authorization"]["to"] =
-        Value::String(j["payload"]["authorization"]["to"].as_str().unwrap().to_lowercase());
+    j["payload"]["authorization"]["to"] = Value::String(
+        j["payload"]["authorization"]["to"]
+            .as_str()
+            .unwrap()
+            .to_lowercase(),
+    );
     let reencoded = base64_std(&serde_json::to_vec(&j).unwrap());
     assert_eq!(header::decode_payment(&reencoded).unwrap(), payment);
     // Unpadded input is accepted too.
-    assert_eq!(header::decode_payment(encoded.trim_end_matches('=')).unwrap(), payment);
+    assert_eq!(
+        header::decode_payment(encoded.trim_end_matches('=')).unwrap(),
+        payment
+    );
 
     for bad in [
         "".to_string(),
@@ -722,5 +795,8 @@ async fn x402_concurrent_distinct_payments_all_settle() {
         hashes.insert(r.unwrap().unwrap().transaction);
     }
     assert_eq!(hashes.len(), 9);
-    assert_eq!(f.balance(f.chain.pay_to()).await - before, U256::from(900_000));
+    assert_eq!(
+        f.balance(f.chain.pay_to()).await - before,
+        U256::from(900_000)
+    );
 }
