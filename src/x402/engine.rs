@@ -189,3 +189,87 @@ impl Reservation {
         result
     }
 }
+
+/// Why the x402 engine could not be built from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Rpc(#[from] crate::chain::RpcError),
+    #[error(transparent)]
+    Settler(#[from] PaymentError),
+}
+
+/// The engine for `[x402]` on `chain`: self settlement reads the hot wallet's key from `env` (the variable named
+/// in the config), facilitator settlement talks to the configured URL. Uses the system clock.
+pub fn from_settings(
+    x402: &crate::config::X402Settings,
+    chain: &crate::config::ChainSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<X402, SetupError> {
+    use crate::config::Settlement as Mode;
+    let settler: Arc<dyn Settler> = match &x402.settlement {
+        Mode::SelfSettle { .. } => {
+            let key =
+                x402.settler_key(env)?
+                    .ok_or_else(|| crate::config::ConfigError::Invalid {
+                        key: "x402.settler_key_env".into(),
+                        message: "self settlement needs a key".into(),
+                    })?;
+            let rpc = Arc::new(crate::chain::Rpc::new(&chain.rpc_http, chain.rpc_timeout)?);
+            // A settlement waits for its receipt: allow a few blocks beyond the authorization's lifetime budget.
+            let timeout = std::time::Duration::from_secs(x402.max_timeout_seconds.min(120));
+            Arc::new(
+                super::settle::SelfSettler::new(rpc, chain.network.clone(), key)
+                    .with_receipt_timeout(timeout),
+            )
+        }
+        Mode::Facilitator { url } => Arc::new(super::facilitator::FacilitatorSettler::new(
+            url,
+            chain.network.clone(),
+            std::time::Duration::from_secs(60),
+        )?),
+    };
+    Ok(X402::new(
+        chain.network.clone(),
+        settler,
+        Arc::new(SystemClock),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    const KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+
+    fn settings(x402: &str) -> crate::config::Settings {
+        let text = format!(
+            "[chain]\nnetwork = \"base-sepolia\"\nrpc_http = [\"http://127.0.0.1:1\"]\npay_to = \"0x1111111111111111111111111111111111111111\"\n[x402]\n{x402}"
+        );
+        Config::parse(&text, Path::new("t.toml"))
+            .unwrap()
+            .resolve(Path::new("/"), &|n| (n == "HOT").then(|| KEY.to_string()))
+            .unwrap()
+    }
+
+    #[test]
+    fn builds_from_settings() {
+        let s = settings("settler_key_env = \"HOT\"\n");
+        let engine = from_settings(s.x402.as_ref().unwrap(), &s.chain, &|n| {
+            (n == "HOT").then(|| KEY.to_string())
+        })
+        .unwrap();
+        assert_eq!(engine.network().chain_id, 84532);
+        // Debug output never carries the key.
+        assert!(!format!("{engine:?}").contains(&KEY[2..]));
+        let err = from_settings(s.x402.as_ref().unwrap(), &s.chain, &|_| None).unwrap_err();
+        assert!(err.to_string().contains("HOT"), "{err}");
+
+        let s = settings("settlement = \"facilitator\"\nfacilitator_url = \"https://f.example\"\n");
+        assert!(from_settings(s.x402.as_ref().unwrap(), &s.chain, &|_| None).is_ok());
+    }
+}

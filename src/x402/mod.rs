@@ -30,7 +30,7 @@ pub mod settle;
 pub mod types;
 pub mod verify;
 
-pub use engine::{Clock, ManualClock, Reservation, SystemClock, X402};
+pub use engine::{Clock, ManualClock, Reservation, SetupError, SystemClock, X402, from_settings};
 pub use error::{PaymentError, Reason};
 pub use facilitator::FacilitatorSettler;
 pub use guard::InFlight;
