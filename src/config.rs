@@ -50,6 +50,9 @@ pub struct Config {
     pub credits: CreditsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// Standard x402 payments (`PAYMENT-SIGNATURE`); absent = not offered.
+    #[serde(default)]
+    pub x402: Option<X402Config>,
 }
 
 /// A pool subscription product: `[[pools]]`.
@@ -236,6 +239,84 @@ fn default_db_path() -> PathBuf {
     PathBuf::from("x402-gateway.db")
 }
 
+/// How x402 payments are settled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SettlementMode {
+    /// The gateway submits `transferWithAuthorization` from its own hot wallet (pays gas in ETH).
+    #[default]
+    #[serde(rename = "self")]
+    SelfSettle,
+    /// A facilitator verifies and settles (`POST {facilitator_url}/verify` and `/settle`).
+    Facilitator,
+}
+
+/// `[x402]` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X402Config {
+    #[serde(default)]
+    pub settlement: SettlementMode,
+    /// Name of the environment variable holding the hot wallet's private key (self settlement only).
+    #[serde(default)]
+    pub settler_key_env: Option<String>,
+    /// Facilitator base URL (facilitator settlement only); `"$NAME"` reads it from the environment.
+    #[serde(default)]
+    pub facilitator_url: Option<String>,
+    /// How long a signed authorization may take to settle; clients sign `validBefore = now + this`.
+    #[serde(default = "default_max_timeout_seconds")]
+    pub max_timeout_seconds: u64,
+}
+
+fn default_max_timeout_seconds() -> u64 {
+    300
+}
+
+/// Default name of the environment variable with the settlement hot wallet's key.
+pub const DEFAULT_SETTLER_KEY_ENV: &str = "X402_SETTLER_KEY";
+
+/// Resolved settlement: the key itself is never stored here, only where to read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    SelfSettle { key_env: String },
+    Facilitator { url: String },
+}
+
+/// `[x402]` validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X402Settings {
+    pub settlement: Settlement,
+    pub max_timeout_seconds: u64,
+}
+
+impl X402Settings {
+    /// Reads the settlement hot wallet's key from the environment (self settlement only). Errors name the
+    /// variable, never its value.
+    pub fn settler_key(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<alloy::signers::local::PrivateKeySigner>, ConfigError> {
+        let Settlement::SelfSettle { key_env } = &self.settlement else {
+            return Ok(None);
+        };
+        let raw = env(key_env).ok_or_else(|| {
+            invalid(
+                "x402.settler_key_env",
+                format!("environment variable `{key_env}` (the settlement wallet's private key) is not set"),
+            )
+        })?;
+        raw.trim()
+            .parse::<alloy::signers::local::PrivateKeySigner>()
+            .map(Some)
+            .map_err(|_| {
+                invalid(
+                    "x402.settler_key_env",
+                    format!("environment variable `{key_env}` is not a hex private key (32 bytes)"),
+                )
+            })
+    }
+}
+
 /// A network's fixed facts: where USDC lives and its EIP-712 domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Network {
@@ -286,6 +367,7 @@ pub struct Settings {
     pub pools: Vec<Pool>,
     pub credits: Credits,
     pub auth: Auth,
+    pub x402: Option<X402Settings>,
 }
 
 /// A validated pool.
@@ -557,6 +639,7 @@ impl Config {
                 rpc_timeout: Duration::from_millis(chain.rpc_timeout_ms),
             },
             database_path,
+            x402: self.x402.as_ref().map(|x| x.resolve(env)).transpose()?,
         })
     }
 }
@@ -674,6 +757,73 @@ fn resolve_pools(pools: &[PoolConfig]) -> Result<Vec<Pool>, ConfigError> {
         });
     }
     Ok(out)
+}
+
+impl X402Config {
+    fn resolve(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<X402Settings, ConfigError> {
+        if !(10..=86_400).contains(&self.max_timeout_seconds) {
+            return Err(invalid(
+                "x402.max_timeout_seconds",
+                "must be between 10 and 86400 seconds",
+            ));
+        }
+        let settlement = match self.settlement {
+            SettlementMode::SelfSettle => {
+                if self.facilitator_url.is_some() {
+                    return Err(invalid(
+                        "x402.facilitator_url",
+                        "only used with settlement = \"facilitator\"",
+                    ));
+                }
+                let key_env = self
+                    .settler_key_env
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_SETTLER_KEY_ENV.to_string());
+                let hex = key_env.trim_start_matches("0x");
+                let looks_like_key = hex.len() >= 64 && hex.bytes().all(|b| b.is_ascii_hexdigit());
+                let valid_name = !looks_like_key
+                    && key_env
+                        .bytes()
+                        .next()
+                        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                    && key_env
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if !valid_name {
+                    return Err(invalid(
+                        "x402.settler_key_env",
+                        "must be the NAME of an environment variable (letters, digits, `_`), not a key",
+                    ));
+                }
+                Settlement::SelfSettle { key_env }
+            }
+            SettlementMode::Facilitator => {
+                if self.settler_key_env.is_some() {
+                    return Err(invalid(
+                        "x402.settler_key_env",
+                        "only used with settlement = \"self\"",
+                    ));
+                }
+                let raw = self.facilitator_url.as_deref().ok_or_else(|| {
+                    invalid(
+                        "x402.facilitator_url",
+                        "required when settlement = \"facilitator\"",
+                    )
+                })?;
+                let url = resolve_url("x402.facilitator_url", raw, &["http://", "https://"], env)?;
+                Settlement::Facilitator {
+                    url: url.trim_end_matches('/').to_string(),
+                }
+            }
+        };
+        let settings = X402Settings {
+            settlement,
+            max_timeout_seconds: self.max_timeout_seconds,
+        };
+        // Fail at start-up, not at the first payment.
+        settings.settler_key(env)?;
+        Ok(settings)
+    }
 }
 
 fn parse_address(key: &str, raw: &str) -> Result<Address, ConfigError> {
@@ -872,6 +1022,116 @@ blocks = [
             vec!["https://rpc.example/k", "https://mainnet.base.org"]
         );
         assert_eq!(s.chain.network.chain_id, 8453);
+    }
+
+    const KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+
+    fn resolve_x402(section: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let text = format!("{MINIMAL}\n[x402]\n{section}");
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::parse(&text, Path::new("test.toml"))?.resolve(Path::new("/srv"), &|name| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn x402_section_is_optional_and_defaults_to_self_settlement() {
+        assert!(resolve(MINIMAL).unwrap().x402.is_none());
+        let s = resolve_x402("", &[("X402_SETTLER_KEY", KEY)]).unwrap();
+        let x = s.x402.unwrap();
+        assert_eq!(
+            x.settlement,
+            Settlement::SelfSettle {
+                key_env: "X402_SETTLER_KEY".into()
+            }
+        );
+        assert_eq!(x.max_timeout_seconds, 300);
+        let key = x
+            .settler_key(&|n| (n == "X402_SETTLER_KEY").then(|| KEY.to_string()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            format!("{:#x}", key.address()),
+            "0xf39fd6e51aad88f6f4ce6ab8827279cfffb92266"
+        );
+        // The debug form of the settings never holds the key.
+        assert!(!format!("{x:?}").contains(&KEY[2..]));
+    }
+
+    #[test]
+    fn x402_self_settlement_needs_a_key_in_the_environment() {
+        let err = resolve_x402("settler_key_env = \"HOT\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x402.settler_key_env") && err.contains("HOT"),
+            "{err}"
+        );
+        let err = resolve_x402("settler_key_env = \"HOT\"\n", &[("HOT", "nope")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x402.settler_key_env") && !err.contains("nope"),
+            "{err}"
+        );
+        for pasted in [KEY, &KEY[2..]] {
+            let err = resolve_x402(&format!("settler_key_env = \"{pasted}\"\n"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("NAME of an environment variable"), "{err}");
+            assert!(!err.contains(&KEY[2..]), "the key is echoed: {err}");
+        }
+        let err = resolve_x402(
+            "facilitator_url = \"https://f.example\"\n",
+            &[("X402_SETTLER_KEY", KEY)],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("x402.facilitator_url"), "{err}");
+    }
+
+    #[test]
+    fn x402_facilitator_mode_needs_a_url() {
+        let s = resolve_x402(
+            "settlement = \"facilitator\"\nfacilitator_url = \"$FAC\"\nmax_timeout_seconds = 60\n",
+            &[("FAC", "https://x402.example/facilitator/")],
+        )
+        .unwrap();
+        let x = s.x402.unwrap();
+        assert_eq!(
+            x.settlement,
+            Settlement::Facilitator {
+                url: "https://x402.example/facilitator".into()
+            }
+        );
+        assert_eq!(x.max_timeout_seconds, 60);
+        assert!(x.settler_key(&|_| None).unwrap().is_none());
+        let err = resolve_x402("settlement = \"facilitator\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x402.facilitator_url"), "{err}");
+        let err = resolve_x402(
+            "settlement = \"facilitator\"\nfacilitator_url = \"ftp://x\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("x402.facilitator_url"), "{err}");
+        let err = resolve_x402("settlement = \"somebody\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("somebody"), "{err}");
+        let err = resolve_x402("setlement = \"self\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("setlement"), "{err}");
+        let err = resolve_x402("max_timeout_seconds = 0\n", &[("X402_SETTLER_KEY", KEY)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x402.max_timeout_seconds"), "{err}");
     }
 
     #[test]

@@ -13,3 +13,4 @@ pub mod dev;
 pub mod keys;
 pub mod store;
 pub mod usdc;
+pub mod x402;

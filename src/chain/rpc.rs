@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, Bytes, U64};
+use alloy::primitives::{Address, B256, Bytes, U64, U128};
 use alloy::rpc::client::RpcClient;
 use alloy::transports::http::{Http, reqwest};
 use alloy::transports::{RpcError as AlloyRpcError, TransportErrorKind};
@@ -79,6 +79,25 @@ pub struct RawLog {
     pub log_index: Option<U64>,
     #[serde(default)]
     pub removed: bool,
+}
+
+/// An `eth_getTransactionReceipt` answer, as far as settlement needs it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RawReceipt {
+    pub transaction_hash: B256,
+    pub block_number: Option<U64>,
+    pub block_hash: Option<B256>,
+    /// `0x1` success, `0x0` reverted.
+    pub status: Option<U64>,
+    #[serde(default)]
+    pub logs: Vec<RawLog>,
+}
+
+impl RawReceipt {
+    pub fn succeeded(&self) -> bool {
+        self.status.is_some_and(|s| s == U64::from(1))
+    }
 }
 
 #[derive(Clone)]
@@ -311,6 +330,66 @@ impl Rpc {
     pub async fn code(&self, address: Address) -> Result<Bytes, RpcError> {
         self.request("eth_getCode", json!([address, "latest"]))
             .await
+    }
+
+    /// `eth_call` of `data` to `to` at the latest block, sent as `from` (when given).
+    pub async fn call_from(
+        &self,
+        from: Option<Address>,
+        to: Address,
+        data: Bytes,
+    ) -> Result<Bytes, RpcError> {
+        let mut tx = json!({ "to": to, "data": data });
+        if let Some(from) = from {
+            tx["from"] = json!(from);
+        }
+        self.request("eth_call", json!([tx, "latest"])).await
+    }
+
+    /// Gas `data` to `to` from `from` would use (a node error if it would revert).
+    pub async fn estimate_gas(
+        &self,
+        from: Address,
+        to: Address,
+        data: Bytes,
+    ) -> Result<u64, RpcError> {
+        let gas: U64 = self
+            .request(
+                "eth_estimateGas",
+                json!([{ "from": from, "to": to, "data": data }]),
+            )
+            .await?;
+        Ok(gas.to::<u64>())
+    }
+
+    /// The next nonce of `address`, counting its pending transactions.
+    pub async fn pending_nonce(&self, address: Address) -> Result<u64, RpcError> {
+        let n: U64 = self
+            .request("eth_getTransactionCount", json!([address, "pending"]))
+            .await?;
+        Ok(n.to::<u64>())
+    }
+
+    /// The node's gas price suggestion (base fee + tip), in wei.
+    pub async fn gas_price(&self) -> Result<u128, RpcError> {
+        let p: U128 = self.request("eth_gasPrice", json!([])).await?;
+        Ok(p.to::<u128>())
+    }
+
+    /// The node's priority fee suggestion, in wei.
+    pub async fn max_priority_fee(&self) -> Result<u128, RpcError> {
+        let p: U128 = self.request("eth_maxPriorityFeePerGas", json!([])).await?;
+        Ok(p.to::<u128>())
+    }
+
+    /// Submits a signed transaction; returns the hash the node reports.
+    pub async fn send_raw_transaction(&self, raw: Bytes) -> Result<B256, RpcError> {
+        self.request("eth_sendRawTransaction", json!([raw])).await
+    }
+
+    /// The receipt of `tx`, `None` while it is not mined.
+    pub async fn receipt(&self, tx: B256) -> Result<Option<RawReceipt>, RpcError> {
+        self.request("eth_getTransactionReceipt", json!([tx])).await
     }
 }
 

@@ -323,6 +323,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     }
     for migration in all.into_iter().filter(|m| m.version > current) {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Another process may have applied it while we waited for the write lock.
+        let applied: u32 = tx.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if applied >= migration.version {
+            continue;
+        }
         tx.execute_batch(&migration.sql).map_err(|e| {
             StoreError::Schema(format!(
                 "migration {} ({}): {e}",

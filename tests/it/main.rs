@@ -5,3 +5,4 @@ mod checkout;
 mod cli;
 mod indexer;
 mod support;
+mod x402;

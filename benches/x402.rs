@@ -1,0 +1,157 @@
+//! x402 benchmark (`cargo bench --bench x402`): prints figures, asserts nothing about time.
+//!
+//! On a real anvil chain that mines each transaction at once (so block time is not counted):
+//! 1. verify only: `X402::verify` of pre-signed EIP-3009 payments (signature recovery + `eth_call` simulation);
+//! 2. verify + self-settle: `X402::pay` (verification, in-flight guard, `eth_estimateGas`, send, receipt).
+//!
+//! Signing happens before timing starts. Environment: `BENCH_PAYMENTS` (default 300) payments per phase.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::eips::BlockNumberOrTag;
+use alloy::primitives::{B256, Bytes, U256};
+use alloy::providers::{Provider, ProviderBuilder};
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use x402_gateway::chain::Rpc;
+use x402_gateway::config::Network;
+use x402_gateway::dev;
+use x402_gateway::usdc::Usdc;
+use x402_gateway::x402::types::{Authorization, ExactEvmPayload};
+use x402_gateway::x402::{
+    AnyPaymentPayload, ManualClock, PaymentPayload, PaymentRequired, ResourceInfo, SelfSettler,
+    X402, eip3009, requirements,
+};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn report(what: &str, mut samples: Vec<Duration>, total: Duration) {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{what:<22} n={:<4} p50={:>7.2} ms  p99={:>7.2} ms  max={:>7.2} ms  ({:.0}/s sequential)",
+        samples.len(),
+        ms(percentile(&samples, 0.50)),
+        ms(percentile(&samples, 0.99)),
+        ms(*samples.last().unwrap_or(&Duration::ZERO)),
+        samples.len() as f64 / total.as_secs_f64(),
+    );
+}
+
+fn sign(
+    key: &PrivateKeySigner,
+    network: &Network,
+    offer: &PaymentRequired,
+    now: u64,
+) -> Result<AnyPaymentPayload, Box<dyn std::error::Error>> {
+    let authorization = Authorization {
+        from: key.address(),
+        to: offer.accepts[0].pay_to,
+        value: offer.accepts[0].amount,
+        valid_after: U256::from(now - 600),
+        valid_before: U256::from(now + 3_600),
+        nonce: B256::from(rand::random::<[u8; 32]>()),
+    };
+    let digest = eip3009::digest(&authorization, &eip3009::network_domain(network));
+    let signature = Bytes::from(key.sign_hash_sync(&digest)?.as_bytes().to_vec());
+    Ok(AnyPaymentPayload::V2(PaymentPayload {
+        x402_version: 2,
+        resource: None,
+        accepted: offer.accepts[0].clone(),
+        payload: ExactEvmPayload {
+            signature,
+            authorization,
+        },
+        extensions: None,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let n = env_u64("BENCH_PAYMENTS", 300) as usize;
+    let anvil = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dev::ANVIL_RELATIVE);
+    let chain = dev::start_chain(&anvil, 0, Usdc::whole(1_000_000)).await?;
+    let provider = ProviderBuilder::new().connect_http(chain.anvil.endpoint_url());
+    let now = provider
+        .get_block_by_number(BlockNumberOrTag::Latest)
+        .await?
+        .ok_or("no latest block")?
+        .header
+        .timestamp;
+    let network = Network {
+        name: "custom".into(),
+        chain_id: dev::DEV_CHAIN_ID,
+        token: chain.token,
+        token_name: "USDC".into(),
+        token_version: "2".into(),
+    };
+    let rpc = Arc::new(Rpc::new(
+        &[chain.anvil.endpoint()],
+        Duration::from_secs(10),
+    )?);
+    let hot_wallet = PrivateKeySigner::from(chain.anvil.keys()[5].clone());
+    let settler = SelfSettler::new(rpc, network.clone(), hot_wallet)
+        .with_receipt_timeout(Duration::from_secs(30));
+    let engine = X402::new(
+        network.clone(),
+        Arc::new(settler),
+        Arc::new(ManualClock::new(now)),
+    );
+    let offer = requirements::payment_required(
+        ResourceInfo {
+            url: "http://127.0.0.1/x402/bench".into(),
+            description: None,
+            mime_type: None,
+        },
+        vec![requirements::exact_requirements(
+            &network,
+            chain.pay_to,
+            Usdc(10_000),
+            300,
+        )?],
+        None,
+    );
+    println!(
+        "x402 benchmark: anvil automine, {n} payments per phase, payTo {:#x}",
+        chain.pay_to
+    );
+
+    // 1. verify only
+    let payments = (0..n)
+        .map(|i| sign(&chain.agents[i % chain.agents.len()], &network, &offer, now))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut samples = Vec::with_capacity(n);
+    let started = Instant::now();
+    for p in payments {
+        let t = Instant::now();
+        let req = engine.request(p, &offer)?;
+        engine.verify(&req).await?;
+        samples.push(t.elapsed());
+    }
+    report("verify", samples, started.elapsed());
+
+    // 2. verify + self-settle
+    let payments = (0..n)
+        .map(|i| sign(&chain.agents[i % chain.agents.len()], &network, &offer, now))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut samples = Vec::with_capacity(n);
+    let started = Instant::now();
+    for p in payments {
+        let t = Instant::now();
+        engine.pay(p, &offer).await?;
+        samples.push(t.elapsed());
+    }
+    report("verify + self-settle", samples, started.elapsed());
+    Ok(())
+}

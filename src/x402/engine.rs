@@ -1,0 +1,275 @@
+//! The engine routes call: decode nothing, trust nothing. It pairs a payment with the offer it pays for, verifies
+//! it with the configured [`Settler`] at the [`Clock`]'s time, reserves the authorization in the in-flight guard
+//! and settles it at most once.
+//!
+//! Two ways to use it:
+//! - [`X402::pay`]: verify + settle in one call (buying credits or a subscription, then minting a key);
+//! - [`X402::reserve`] then [`Reservation::settle`]: verify and hold the authorization, do the work (e.g. run the
+//!   inference), then settle; dropping the reservation releases the authorization unsettled.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use alloy::primitives::Address;
+
+use super::error::{PaymentError, Reason};
+use super::guard::{Claim, InFlight};
+use super::settle::{Settlement, Settler};
+use super::types::{AnyPaymentPayload, PaymentRequired};
+use super::verify::{PaymentRequest, Verified, select_offer};
+use crate::config::Network;
+
+/// The time verification checks `validAfter`/`validBefore` against (unix seconds).
+pub trait Clock: Send + Sync {
+    fn now(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+}
+
+/// A clock set by hand (tests, benchmarks, or following the chain's block time).
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    pub fn new(now: u64) -> ManualClock {
+        ManualClock(AtomicU64::new(now))
+    }
+
+    pub fn set(&self, now: u64) {
+        self.0.store(now, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Verifies and settles x402 payments for one network.
+#[derive(Clone)]
+pub struct X402 {
+    network: Network,
+    settler: Arc<dyn Settler>,
+    clock: Arc<dyn Clock>,
+    in_flight: InFlight,
+}
+
+impl std::fmt::Debug for X402 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("X402")
+            .field("network", &self.network)
+            .field("in_flight", &self.in_flight.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl X402 {
+    pub fn new(network: Network, settler: Arc<dyn Settler>, clock: Arc<dyn Clock>) -> X402 {
+        X402 {
+            network,
+            settler,
+            clock,
+            in_flight: InFlight::new(),
+        }
+    }
+
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    /// The in-flight guard (shared by clones of this engine).
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
+    }
+
+    /// Pairs `payload` with the offer in `offered` it pays for.
+    pub fn request(
+        &self,
+        payload: AnyPaymentPayload,
+        offered: &PaymentRequired,
+    ) -> Result<PaymentRequest, PaymentError> {
+        Ok(select_offer(payload, offered, &self.network)?)
+    }
+
+    /// Verifies without reserving or settling (e.g. to answer a facilitator-style `/verify`).
+    pub async fn verify(&self, req: &PaymentRequest) -> Result<Verified, PaymentError> {
+        self.settler.verify(req, self.clock.now()).await
+    }
+
+    /// Verifies `payload` against `offered` and reserves its authorization. A second reservation of the same
+    /// authorization fails with [`Reason::Duplicate`] while this one lives, and after it settled.
+    pub async fn reserve(
+        &self,
+        payload: AnyPaymentPayload,
+        offered: &PaymentRequired,
+    ) -> Result<Reservation, PaymentError> {
+        let req = self.request(payload, offered)?;
+        let auth = &req.payload.exact().authorization;
+        let now = self.clock.now();
+        if self.in_flight.contains(auth.from, auth.nonce) {
+            return Err(Reason::Duplicate.into());
+        }
+        let verified = self.settler.verify(&req, now).await?;
+        let auth = &req.payload.exact().authorization;
+        let claim = self
+            .in_flight
+            .try_claim(
+                auth.from,
+                auth.nonce,
+                verified.valid_before,
+                self.clock.now(),
+            )
+            .ok_or(PaymentError::Rejected(Reason::Duplicate))?;
+        Ok(Reservation {
+            settler: self.settler.clone(),
+            req,
+            verified,
+            claim,
+        })
+    }
+
+    /// Verifies and settles: `Ok` means the USDC reached payTo in the returned transaction.
+    pub async fn pay(
+        &self,
+        payload: AnyPaymentPayload,
+        offered: &PaymentRequired,
+    ) -> Result<Settlement, PaymentError> {
+        self.reserve(payload, offered).await?.settle().await
+    }
+}
+
+/// A verified payment whose authorization is held by this process until settled or dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    settler: Arc<dyn Settler>,
+    req: PaymentRequest,
+    verified: Verified,
+    claim: Claim,
+}
+
+impl std::fmt::Debug for dyn Settler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Settler")
+    }
+}
+
+impl Reservation {
+    pub fn payer(&self) -> Address {
+        self.verified.payer
+    }
+
+    pub fn verified(&self) -> &Verified {
+        &self.verified
+    }
+
+    pub fn request(&self) -> &PaymentRequest {
+        &self.req
+    }
+
+    /// Settles. On a definite failure (refused, reverted, or not sent) the authorization is released so the
+    /// client may retry; when the outcome is unknown, or on success, it stays blocked.
+    pub async fn settle(self) -> Result<Settlement, PaymentError> {
+        let result = self.settler.settle(&self.req, &self.verified).await;
+        match &result {
+            Ok(_) | Err(PaymentError::OutcomeUnknown { .. }) => self.claim.settled(),
+            Err(_) => drop(self.claim),
+        }
+        result
+    }
+}
+
+/// Why the x402 engine could not be built from the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Rpc(#[from] crate::chain::RpcError),
+    #[error(transparent)]
+    Settler(#[from] PaymentError),
+}
+
+/// The engine for `[x402]` on `chain`: self settlement reads the hot wallet's key from `env` (the variable named
+/// in the config), facilitator settlement talks to the configured URL. Uses the system clock.
+pub fn from_settings(
+    x402: &crate::config::X402Settings,
+    chain: &crate::config::ChainSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<X402, SetupError> {
+    use crate::config::Settlement as Mode;
+    let settler: Arc<dyn Settler> = match &x402.settlement {
+        Mode::SelfSettle { .. } => {
+            let key =
+                x402.settler_key(env)?
+                    .ok_or_else(|| crate::config::ConfigError::Invalid {
+                        key: "x402.settler_key_env".into(),
+                        message: "self settlement needs a key".into(),
+                    })?;
+            let rpc = Arc::new(crate::chain::Rpc::new(&chain.rpc_http, chain.rpc_timeout)?);
+            // A settlement waits for its receipt: allow a few blocks beyond the authorization's lifetime budget.
+            let timeout = std::time::Duration::from_secs(x402.max_timeout_seconds.min(120));
+            Arc::new(
+                super::settle::SelfSettler::new(rpc, chain.network.clone(), key)
+                    .with_receipt_timeout(timeout),
+            )
+        }
+        Mode::Facilitator { url } => Arc::new(super::facilitator::FacilitatorSettler::new(
+            url,
+            chain.network.clone(),
+            std::time::Duration::from_secs(60),
+        )?),
+    };
+    Ok(X402::new(
+        chain.network.clone(),
+        settler,
+        Arc::new(SystemClock),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    const KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
+
+    fn settings(x402: &str) -> crate::config::Settings {
+        let text = format!(
+            "[chain]\nnetwork = \"base-sepolia\"\nrpc_http = [\"http://127.0.0.1:1\"]\npay_to = \"0x1111111111111111111111111111111111111111\"\n[x402]\n{x402}"
+        );
+        Config::parse(&text, Path::new("t.toml"))
+            .unwrap()
+            .resolve(Path::new("/"), &|n| (n == "HOT").then(|| KEY.to_string()))
+            .unwrap()
+    }
+
+    #[test]
+    fn builds_from_settings() {
+        let s = settings("settler_key_env = \"HOT\"\n");
+        let engine = from_settings(s.x402.as_ref().unwrap(), &s.chain, &|n| {
+            (n == "HOT").then(|| KEY.to_string())
+        })
+        .unwrap();
+        assert_eq!(engine.network().chain_id, 84532);
+        // Debug output never carries the key.
+        assert!(!format!("{engine:?}").contains(&KEY[2..]));
+        let err = from_settings(s.x402.as_ref().unwrap(), &s.chain, &|_| None).unwrap_err();
+        assert!(err.to_string().contains("HOT"), "{err}");
+
+        let s = settings("settlement = \"facilitator\"\nfacilitator_url = \"https://f.example\"\n");
+        assert!(from_settings(s.x402.as_ref().unwrap(), &s.chain, &|_| None).is_ok());
+    }
+}
