@@ -33,7 +33,8 @@ pub fn router() -> Router<AppState> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/usage", get(key_usage))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // The chat route reads its body itself, so an oversized one gets an OpenAI-shaped 413.
+        .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
 /// An OpenAI-shaped error.
@@ -143,15 +144,40 @@ fn price_of(model: &crate::config::Model) -> Prices {
 async fn chat_completions(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let started = Instant::now();
     let request_id = new_request_id();
-    let response = match chat(&state, &headers, body, started, &request_id).await {
-        Ok(r) => r,
-        Err(r) => r,
+    let response = match read_body(&headers, body).await {
+        Err(e) => e.into_response(),
+        Ok(body) => match chat(&state, &headers, body, started, &request_id).await {
+            Ok(r) => r,
+            Err(r) => r,
+        },
     };
     with_request_id(response, &request_id)
+}
+
+/// The request body, refused as soon as its declared or actual size passes [`MAX_BODY_BYTES`].
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, OpenAiError> {
+    let too_large = || {
+        OpenAiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| too_large())
 }
 
 async fn chat(

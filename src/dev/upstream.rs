@@ -279,6 +279,8 @@ async fn chat(State(state): State<DemoState>, headers: HeaderMap, body: Bytes) -
             }
         }
         if cut {
+            // Let the last token leave before the connection dies, as it would from a real upstream.
+            tokio::time::sleep(delay.max(std::time::Duration::from_millis(5))).await;
             // An error ends the body abruptly: the connection closes mid-stream, like an upstream that died.
             let _ = tx
                 .send(Err(std::io::Error::other("demo upstream cut the stream")))

@@ -4,5 +4,6 @@
 mod checkout;
 mod cli;
 mod indexer;
+mod proxy;
 mod support;
 mod x402;

@@ -440,6 +440,7 @@ pub struct Gateway {
     task: tokio::task::JoinHandle<()>,
     pub config: String,
     pub db: std::path::PathBuf,
+    env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -458,9 +459,25 @@ impl Gateway {
         db: std::path::PathBuf,
         clock: Arc<AtomicI64>,
     ) -> Gateway {
+        Gateway::start_with_env(config, db, clock, &[]).await
+    }
+
+    /// [`Gateway::start_with`] with environment variables for the config's `*_env` keys.
+    pub async fn start_with_env(
+        config: String,
+        db: std::path::PathBuf,
+        clock: Arc<AtomicI64>,
+        env: &[(&str, &str)],
+    ) -> Gateway {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let settings = Config::parse(&config, std::path::Path::new("test.toml"))
             .unwrap()
-            .resolve(std::path::Path::new("/"), &|_| None)
+            .resolve(std::path::Path::new("/"), &|name| {
+                env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            })
             .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -487,6 +504,7 @@ impl Gateway {
             task,
             config,
             db,
+            env,
         };
         // Ready (database migrated) once /healthz answers.
         wait_for("the gateway answers /healthz", || async {
@@ -506,7 +524,18 @@ impl Gateway {
     pub async fn restart(self) -> Gateway {
         self.shutdown.cancel();
         self.task.await.unwrap();
-        Gateway::start_with(self.config, self.db, self.clock).await
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Gateway::start_with_env(
+            self.config.clone(),
+            self.db.clone(),
+            self.clock.clone(),
+            &env,
+        )
+        .await
     }
 
     pub async fn get(
