@@ -6,11 +6,13 @@
 //! a real anvil chain.
 
 pub mod api;
+pub mod audit;
 pub mod billing;
 pub mod chain;
 pub mod config;
 pub mod dev;
 pub mod keys;
+pub mod metrics;
 pub mod store;
 pub mod usdc;
 pub mod x402;
