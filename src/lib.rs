@@ -12,6 +12,7 @@ pub mod chain;
 pub mod config;
 pub mod dev;
 pub mod keys;
+pub mod logs;
 pub mod metrics;
 pub mod store;
 pub mod usdc;

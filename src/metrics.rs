@@ -102,13 +102,29 @@ fn describe() {
     describe_counter!(RPC_ERRORS, "Indexer steps failed by RPC errors.");
     describe_counter!(RPC_RETRIES, "RPC calls retried after a transport fault.");
     describe_counter!(RPC_FAILOVERS, "RPC failovers to another endpoint.");
-    describe_gauge!(INDEXER_UP, "1 while the indexer runs, 0 after a fatal error.");
+    describe_gauge!(
+        INDEXER_UP,
+        "1 while the indexer runs, 0 after a fatal error."
+    );
     describe_counter!(CLAIMS, "Claims of payments by route and outcome.");
     describe_gauge!(KEYS, "API keys by kind and state.");
-    describe_counter!(PROXY_REQUESTS, "Proxied inference requests by model and HTTP status.");
-    describe_counter!(PROXY_TOKENS, "Tokens by model and type (prompt, completion).");
-    describe_counter!(PROXY_SPEND, "Spend debited by model, in USDC atomic units (1e-6 USDC).");
-    describe_histogram!(PROXY_OVERHEAD, Unit::Seconds, "Gateway overhead per proxied request.");
+    describe_counter!(
+        PROXY_REQUESTS,
+        "Proxied inference requests by model and HTTP status."
+    );
+    describe_counter!(
+        PROXY_TOKENS,
+        "Tokens by model and type (prompt, completion)."
+    );
+    describe_counter!(
+        PROXY_SPEND,
+        "Spend debited by model, in USDC atomic units (1e-6 USDC)."
+    );
+    describe_histogram!(
+        PROXY_OVERHEAD,
+        Unit::Seconds,
+        "Gateway overhead per proxied request."
+    );
     describe_gauge!(PROXY_IN_FLIGHT, "Requests being proxied now.");
 }
 

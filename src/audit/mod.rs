@@ -57,7 +57,9 @@ pub enum Dataset {
         to_time: Option<i64>,
     },
     /// Keys, optionally of one account.
-    Keys { account: Option<String> },
+    Keys {
+        account: Option<String>,
+    },
 }
 
 pub const PAYMENT_COLUMNS: &[&str] = &[
@@ -260,10 +262,7 @@ impl Dataset {
                             .unwrap_or(Value::Null),
                     );
                     o.insert("expiresAt".into(), time(r.get(9)?));
-                    o.insert(
-                        "keyPublicId".into(),
-                        json!(r.get::<_, Option<String>>(10)?),
-                    );
+                    o.insert("keyPublicId".into(), json!(r.get::<_, Option<String>>(10)?));
                     o.insert("claimedAt".into(), time(r.get(11)?));
                     Ok((id, Value::Object(o)))
                 })?;
@@ -662,7 +661,8 @@ mod tests {
 
     #[test]
     fn csv_quotes_and_defuses_formulas() {
-        let row = json!({"a": "x,y", "b": "=cmd()", "c": "-1.50", "d": null, "e": 3, "f": "say \"hi\""});
+        let row =
+            json!({"a": "x,y", "b": "=cmd()", "c": "-1.50", "d": null, "e": 3, "f": "say \"hi\""});
         assert_eq!(
             csv_line(&["a", "b", "c", "d", "e", "f"], &row),
             "\"x,y\",'=cmd(),-1.50,,3,\"say \"\"hi\"\"\"\r\n"

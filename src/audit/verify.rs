@@ -97,7 +97,9 @@ pub async fn verify(
     report.chain_head = head;
 
     // 1. Transfers against the chain.
-    let confirmed = store.list_transfers(Some(TransferStatus::Confirmed)).await?;
+    let confirmed = store
+        .list_transfers(Some(TransferStatus::Confirmed))
+        .await?;
     progress(&format!(
         "[1/4] transfers: re-reading {} confirmed transfers from the chain (head {head})",
         confirmed.len()
@@ -118,7 +120,9 @@ pub async fn verify(
             let parsed: Result<B256, _> = hash.parse();
             let receipt = match parsed {
                 Ok(h) => rpc.receipt(h).await.map_err(anyhow::Error::from),
-                Err(e) => Err(anyhow::anyhow!("stored tx hash `{hash}` is not a hash: {e}")),
+                Err(e) => Err(anyhow::anyhow!(
+                    "stored tx hash `{hash}` is not a hash: {e}"
+                )),
             };
             (hash, rows, receipt)
         }
@@ -142,7 +146,11 @@ pub async fn verify(
                 continue;
             }
             Err(e) if e.to_string().contains("is not a hash") => {
-                report.discrepancies.push(d("transfers", format!("transaction {hash}"), e.to_string()));
+                report.discrepancies.push(d(
+                    "transfers",
+                    format!("transaction {hash}"),
+                    e.to_string(),
+                ));
                 continue;
             }
             Err(e) => return Err(e.context(format!("reading the receipt of {hash}"))),
@@ -152,12 +160,16 @@ pub async fn verify(
         for t in rows {
             let subject = format!("transfer {}:{}", t.tx_hash, t.log_index);
             if !receipt.succeeded() {
-                report
-                    .discrepancies
-                    .push(d("transfers", &subject, "the transaction reverted on chain"));
+                report.discrepancies.push(d(
+                    "transfers",
+                    &subject,
+                    "the transaction reverted on chain",
+                ));
                 continue;
             }
-            if onchain_block != Some(t.block_number) || onchain_hash.as_deref() != Some(t.block_hash.as_str()) {
+            if onchain_block != Some(t.block_number)
+                || onchain_hash.as_deref() != Some(t.block_hash.as_str())
+            {
                 report.discrepancies.push(d(
                     "transfers",
                     &subject,
@@ -180,7 +192,10 @@ pub async fn verify(
                 None => report.discrepancies.push(d(
                     "transfers",
                     &subject,
-                    format!("log {} of the transaction is not a USDC transfer to payTo", t.log_index),
+                    format!(
+                        "log {} of the transaction is not a USDC transfer to payTo",
+                        t.log_index
+                    ),
                 )),
                 Some(onchain) => {
                     let mut diffs = Vec::new();
@@ -191,13 +206,21 @@ pub async fn verify(
                         ));
                     }
                     if onchain.from != t.from {
-                        diffs.push(format!("from on chain {}, in the database {}", onchain.from, t.from));
+                        diffs.push(format!(
+                            "from on chain {}, in the database {}",
+                            onchain.from, t.from
+                        ));
                     }
                     if onchain.to != t.to {
-                        diffs.push(format!("to on chain {}, in the database {}", onchain.to, t.to));
+                        diffs.push(format!(
+                            "to on chain {}, in the database {}",
+                            onchain.to, t.to
+                        ));
                     }
                     if !diffs.is_empty() {
-                        report.discrepancies.push(d("transfers", &subject, diffs.join("; ")));
+                        report
+                            .discrepancies
+                            .push(d("transfers", &subject, diffs.join("; ")));
                     }
                 }
             }
@@ -287,7 +310,15 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
     )?;
     let claims: Vec<(String, String, String, i64, i64, i64, Option<i64>)> = stmt
         .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
         })?
         .collect::<rusqlite::Result<_>>()?;
     let mut seen: HashMap<String, String> = HashMap::new();
@@ -308,9 +339,17 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
         let payers: Vec<(String, i64)> = by_payer
             .query_map([tx], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<rusqlite::Result<_>>()?;
-        let from_account: i64 = payers.iter().filter(|(p, _)| p == account).map(|(_, v)| v).sum();
+        let from_account: i64 = payers
+            .iter()
+            .filter(|(p, _)| p == account)
+            .map(|(_, v)| v)
+            .sum();
         if payers.is_empty() {
-            out.push(d("claims", &subject, "no confirmed transfer backs this claim"));
+            out.push(d(
+                "claims",
+                &subject,
+                "no confirmed transfer backs this claim",
+            ));
         } else if from_account != *paid {
             out.push(d(
                 "claims",
@@ -323,13 +362,22 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
             ));
         }
         if payers.iter().any(|(p, _)| p != account) {
-            out.push(d("claims", &subject, "the transaction also has transfers from other payers"));
+            out.push(d(
+                "claims",
+                &subject,
+                "the transaction also has transfers from other payers",
+            ));
         }
         if price + surplus != *paid {
             out.push(d(
                 "claims",
                 &subject,
-                format!("price {} + surplus {} ≠ paid {}", Usdc(*price), Usdc(*surplus), Usdc(*paid)),
+                format!(
+                    "price {} + surplus {} ≠ paid {}",
+                    Usdc(*price),
+                    Usdc(*surplus),
+                    Usdc(*paid)
+                ),
             ));
         }
         let credited = |k: &str| -> rusqlite::Result<(i64, i64)> {
@@ -353,25 +401,41 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
             out.push(d(
                 "ledger",
                 &subject,
-                format!("top-up credited {} USDC, the claim says {}", Usdc(topup_sum), Usdc(expected_topup)),
+                format!(
+                    "top-up credited {} USDC, the claim says {}",
+                    Usdc(topup_sum),
+                    Usdc(expected_topup)
+                ),
             ));
         }
         if surplus_sum != *surplus {
             out.push(d(
                 "ledger",
                 &subject,
-                format!("surplus credited {} USDC, the claim says {}", Usdc(surplus_sum), Usdc(*surplus)),
+                format!(
+                    "surplus credited {} USDC, the claim says {}",
+                    Usdc(surplus_sum),
+                    Usdc(*surplus)
+                ),
             ));
         }
         if kind == "subscription" {
             let sub_tx: Option<String> = match sub {
                 Some(id) => c
-                    .query_row("SELECT tx_hash FROM subscriptions WHERE id = ?1", [id], |r| r.get(0))
+                    .query_row(
+                        "SELECT tx_hash FROM subscriptions WHERE id = ?1",
+                        [id],
+                        |r| r.get(0),
+                    )
                     .ok(),
                 None => None,
             };
             if sub_tx.as_deref().map(str::to_ascii_lowercase) != Some(tx.to_ascii_lowercase()) {
-                out.push(d("claims", &subject, "subscription claim without its subscription"));
+                out.push(d(
+                    "claims",
+                    &subject,
+                    "subscription claim without its subscription",
+                ));
             }
         }
     }
@@ -381,11 +445,17 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
          AND NOT EXISTS (SELECT 1 FROM claims c WHERE lower(c.tx_hash) = lower(l.tx_hash))",
     )?;
     for tx in stmt.query_map([], |r| r.get::<_, String>(0))? {
-        out.push(d("ledger", format!("transaction {}", tx?), "credited in the ledger without a claim"));
+        out.push(d(
+            "ledger",
+            format!("transaction {}", tx?),
+            "credited in the ledger without a claim",
+        ));
     }
 
     // Ledger: running balances and totals.
-    let mut stmt = c.prepare("SELECT id, account, amount_atomic, balance_after FROM ledger ORDER BY account, id")?;
+    let mut stmt = c.prepare(
+        "SELECT id, account, amount_atomic, balance_after FROM ledger ORDER BY account, id",
+    )?;
     let rows: Vec<(i64, String, i64, i64)> = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
         .collect::<rusqlite::Result<_>>()?;
@@ -419,11 +489,19 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
             out.push(d(
                 "ledger",
                 format!("account {account}"),
-                format!("balance {} USDC ≠ sum of its ledger {} USDC", Usdc(balance), Usdc(sum)),
+                format!(
+                    "balance {} USDC ≠ sum of its ledger {} USDC",
+                    Usdc(balance),
+                    Usdc(sum)
+                ),
             ));
         }
         if sum < 0 {
-            out.push(d("ledger", format!("account {account}"), "negative balance"));
+            out.push(d(
+                "ledger",
+                format!("account {account}"),
+                "negative balance",
+            ));
         }
     }
 
@@ -432,31 +510,66 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
         "SELECT st.subscription_id, st.pool, st.block, st.expires_at, s.id, s.pool, s.blocks, s.expires_at \
          FROM seats st LEFT JOIN subscriptions s ON s.id = st.subscription_id ORDER BY st.subscription_id, st.block",
     )?;
-    type SeatRow = (i64, String, String, i64, Option<i64>, Option<String>, Option<String>, Option<i64>);
+    type SeatRow = (
+        i64,
+        String,
+        String,
+        i64,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+    );
     let seats: Vec<SeatRow> = stmt
         .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
         })?
         .collect::<rusqlite::Result<_>>()?;
     for (sub_id, pool, block, expires, s_id, s_pool, s_blocks, s_expires) in seats {
         counts.seats += 1;
         let subject = format!("seat {pool}/{block} of subscription {sub_id}");
         if s_id.is_none() {
-            out.push(d("seats", &subject, "held by a subscription that does not exist"));
+            out.push(d(
+                "seats",
+                &subject,
+                "held by a subscription that does not exist",
+            ));
             continue;
         }
-        let blocks: Vec<String> = s_blocks.and_then(|b| serde_json::from_str(&b).ok()).unwrap_or_default();
+        let blocks: Vec<String> = s_blocks
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or_default();
         if s_pool.as_deref() != Some(pool.as_str()) {
-            out.push(d("seats", &subject, format!("the subscription is of pool {}", s_pool.unwrap_or_default())));
+            out.push(d(
+                "seats",
+                &subject,
+                format!("the subscription is of pool {}", s_pool.unwrap_or_default()),
+            ));
         }
         if !blocks.contains(&block) {
-            out.push(d("seats", &subject, format!("the subscription bought blocks {blocks:?}, not {block}")));
+            out.push(d(
+                "seats",
+                &subject,
+                format!("the subscription bought blocks {blocks:?}, not {block}"),
+            ));
         }
         if s_expires != Some(expires) {
             out.push(d(
                 "seats",
                 &subject,
-                format!("expires at {expires}, the subscription at {}", s_expires.unwrap_or_default()),
+                format!(
+                    "expires at {expires}, the subscription at {}",
+                    s_expires.unwrap_or_default()
+                ),
             ));
         }
     }
@@ -465,11 +578,18 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
          EXISTS (SELECT 1 FROM claims c WHERE lower(c.tx_hash) = lower(s.tx_hash)) FROM subscriptions s ORDER BY s.id",
     )?;
     for row in stmt.query_map([], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?))
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, bool>(3)?,
+        ))
     })? {
         let (id, blocks, held, claimed) = row?;
         counts.subscriptions += 1;
-        let n = serde_json::from_str::<Vec<String>>(&blocks).map(|b| b.len() as i64).unwrap_or(-1);
+        let n = serde_json::from_str::<Vec<String>>(&blocks)
+            .map(|b| b.len() as i64)
+            .unwrap_or(-1);
         if n != held {
             out.push(d(
                 "seats",
@@ -478,7 +598,11 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
             ));
         }
         if !claimed {
-            out.push(d("claims", format!("subscription {id}"), "no claim paid for this subscription"));
+            out.push(d(
+                "claims",
+                format!("subscription {id}"),
+                "no claim paid for this subscription",
+            ));
         }
     }
     Ok((out, counts))
