@@ -14,6 +14,7 @@ pub mod dev;
 pub mod keys;
 pub mod logs;
 pub mod metrics;
+pub mod proxy;
 pub mod store;
 pub mod usdc;
 pub mod x402;

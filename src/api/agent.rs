@@ -243,8 +243,8 @@ async fn plans(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Any `/v1/*` request: 402 with the catalog unless it carries a valid key.
-async fn v1(State(state): State<AppState>, headers: HeaderMap) -> Response {
+/// Any other `/v1/*` request: 402 with the catalog unless it carries a valid key; with one, the path is not served.
+async fn v1(State(state): State<AppState>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -254,12 +254,12 @@ async fn v1(State(state): State<AppState>, headers: HeaderMap) -> Response {
         match state.billing.authorize(&key).await {
             Ok(Some(_)) => {
                 return (
-                    StatusCode::NOT_IMPLEMENTED,
+                    StatusCode::NOT_FOUND,
                     Json(json!({"error": {
-                        "message": "this key is valid, but the inference proxy is not built yet",
-                        "type": "not_implemented",
+                        "message": format!("`{}` is not served here; this gateway serves POST /v1/chat/completions, GET /v1/models and GET /v1/usage", uri.path()),
+                        "type": "invalid_request_error",
                         "param": null,
-                        "code": "proxy_not_built",
+                        "code": "unknown_endpoint",
                     }})),
                 )
                     .into_response();
@@ -275,13 +275,23 @@ async fn v1(State(state): State<AppState>, headers: HeaderMap) -> Response {
             }
         }
     }
+    payment_required(&state, None).await
+}
+
+/// 402 with the live catalog (`Cache-Control: no-store`); `message` replaces the catalog's generic message.
+pub async fn payment_required(state: &AppState, message: Option<String>) -> Response {
     match state.billing.catalog().await {
-        Ok(catalog) => (
-            StatusCode::PAYMENT_REQUIRED,
-            [(header::CACHE_CONTROL, "no-store")],
-            Json(catalog),
-        )
-            .into_response(),
+        Ok(mut catalog) => {
+            if let Some(message) = message {
+                catalog["message"] = json!(message);
+            }
+            (
+                StatusCode::PAYMENT_REQUIRED,
+                [(header::CACHE_CONTROL, "no-store")],
+                Json(catalog),
+            )
+                .into_response()
+        }
         Err(e) => ApiError::internal(e).into_response(),
     }
 }

@@ -6,6 +6,7 @@
 mod admin;
 pub mod agent;
 pub mod audit;
+pub mod openai;
 pub mod openapi;
 mod ops;
 
@@ -27,6 +28,7 @@ pub struct AppState {
     pub store: Store,
     pub indexer: StatusHandle,
     pub billing: Billing,
+    pub proxy: Arc<crate::proxy::Proxy>,
 }
 
 impl AppState {
@@ -40,11 +42,14 @@ impl AppState {
         let settings = Arc::new(settings);
         let billing = Billing::new(settings.clone(), store.clone(), indexer.clone(), clock)
             .map_err(|e| ServeError::Config(e.to_string()))?;
+        let proxy = crate::proxy::Proxy::new(&settings)
+            .map_err(|e| ServeError::Config(format!("upstream HTTP client: {e}")))?;
         Ok(AppState {
             settings,
             store,
             indexer,
             billing,
+            proxy: Arc::new(proxy),
         })
     }
 }
@@ -55,6 +60,7 @@ pub fn router(state: AppState) -> Router {
     crate::metrics::handle();
     Router::new()
         .merge(ops::router())
+        .merge(openai::router())
         .merge(agent::router())
         .merge(audit::router())
         .merge(admin::router())
@@ -120,6 +126,19 @@ pub async fn serve_with_clock(
         );
     }
     let store = Store::open(&settings.database_path)?;
+    let now = (clock)();
+    let recovered = store
+        .write(move |tx| {
+            crate::store::usage::recover_in_flight(tx, now)
+                .map_err(|e| crate::store::StoreError::Task(e.to_string()))
+        })
+        .await?;
+    if recovered > 0 {
+        tracing::warn!(
+            requests = recovered,
+            "refunded the reservations of requests interrupted by the last stop"
+        );
+    }
     let status = StatusHandle::default();
     let indexer = crate::chain::spawn(
         settings.chain.clone(),

@@ -308,7 +308,8 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
         "SELECT tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id FROM claims \
          ORDER BY rowid",
     )?;
-    let claims: Vec<(String, String, String, i64, i64, i64, Option<i64>)> = stmt
+    type ClaimRow = (String, String, String, i64, i64, i64, Option<i64>);
+    let claims: Vec<ClaimRow> = stmt
         .query_map([], |r| {
             Ok((
                 r.get(0)?,
