@@ -125,6 +125,27 @@ pub const ROUTES: &[RouteDoc] = &[
         Access::Public,
     ),
     r(
+        "post",
+        "/v1/chat/completions",
+        "inference",
+        "OpenAI chat completions (JSON or SSE stream), metered per token for credit keys",
+        Access::ApiKey,
+    ),
+    r(
+        "get",
+        "/v1/models",
+        "inference",
+        "The models this key may call (OpenAI shape)",
+        Access::ApiKey,
+    ),
+    r(
+        "get",
+        "/v1/usage",
+        "inference",
+        "The key's type, plan, blocks, expiry, balance and recent usage",
+        Access::ApiKey,
+    ),
+    r(
         "get",
         "/v1",
         "inference",

@@ -58,6 +58,16 @@ poll_interval_ms = 50
 [database]
 path = "gateway.db"
 
+[[upstreams]]
+name = "none"
+base_url = "http://127.0.0.1:9/v1"
+
+[[models]]
+id = "kimi-k2.6"
+upstream = "none"
+input_usdc_per_mtok = "0.60"
+output_usdc_per_mtok = "2.50"
+
 [[pools]]
 slug = "kimi26"
 name = "Kimi K2.6"
@@ -193,6 +203,13 @@ fn visible_text(dom: &str) -> String {
         .join(" ")
 }
 
+/// With `X402_README_SAMPLES=DIR`, keeps what the run saw (README examples come from there).
+fn sample(name: &str, text: &str) {
+    if let Ok(dir) = std::env::var("X402_README_SAMPLES") {
+        std::fs::write(Path::new(&dir).join(name), text).unwrap();
+    }
+}
+
 struct Client {
     http: reqwest::Client,
     base: String,
@@ -311,6 +328,10 @@ async fn auditor_api_operations_and_verify() {
 
     // Payments, filters, pagination.
     let (status, all) = c.json("/api/audit/payments", Some(AUDITOR)).await;
+    sample(
+        "payments.json",
+        &serde_json::to_string_pretty(&all).unwrap(),
+    );
     assert_eq!(status, StatusCode::OK);
     let rows = all["data"].as_array().unwrap();
     assert_eq!(rows.len(), 3, "{all}");
@@ -399,6 +420,7 @@ async fn auditor_api_operations_and_verify() {
 
     // CSV, by query and by Accept header.
     let (status, headers, csv) = c.get("/api/audit/payments?format=csv", Some(AUDITOR)).await;
+    sample("payments.csv", &csv);
     assert_eq!(status, StatusCode::OK);
     assert!(
         headers["content-type"]
@@ -439,6 +461,10 @@ async fn auditor_api_operations_and_verify() {
         .json(&format!("/api/audit/payments/{sub_tx}"), Some(AUDITOR))
         .await;
     assert_eq!(status, StatusCode::OK, "{detail}");
+    sample(
+        "payment.json",
+        &serde_json::to_string_pretty(&detail).unwrap(),
+    );
     assert_eq!(detail["transfers"][0]["valueUsdc"], "39.50");
     let history = detail["transfers"][0]["history"].as_array().unwrap();
     assert_eq!(history.last().unwrap()["status"], "confirmed", "{detail}");
@@ -487,6 +513,11 @@ async fn auditor_api_operations_and_verify() {
         && k["expiresAt"].is_string()));
     assert!(!Value::Array(keys.clone()).to_string().contains(&credit_key));
     let (_, revenue) = c.json("/api/audit/revenue", Some(AUDITOR)).await;
+    sample(
+        "revenue.json",
+        &serde_json::to_string_pretty(&revenue).unwrap(),
+    );
+    sample("keys.json", &serde_json::to_string_pretty(&keys).unwrap());
     let day = &revenue["data"][0];
     assert_eq!(day["receivedUsdc"], "65.75", "{revenue}");
     assert_eq!(day["subscriptionsUsdc"], "39.00");
@@ -495,6 +526,7 @@ async fn auditor_api_operations_and_verify() {
 
     // --- Operations: metrics, readiness, OpenAPI.
     let (status, _, metrics) = c.get("/metrics", None).await;
+    sample("metrics.txt", &metrics);
     assert_eq!(status, StatusCode::OK);
     for line in [
         format!("x402_indexer_indexed_head {}", head),
@@ -522,7 +554,7 @@ async fn auditor_api_operations_and_verify() {
         let concrete = path
             .replace("{txHash}", &sub_tx)
             .replace("{address}", &a0)
-            .replace("{rest}", "models");
+            .replace("{rest}", "embeddings");
         for method in item.as_object().unwrap().keys() {
             let req = c.http.request(
                 method.to_uppercase().parse().unwrap(),
@@ -560,6 +592,7 @@ async fn auditor_api_operations_and_verify() {
         .unwrap();
     let dom = render_dom(&format!("{base}/admin?token={ADMIN}"));
     let seen = visible_text(&dom);
+    sample("admin.txt", &seen);
     assert!(seen.contains("x402-gateway status"), "{seen}");
     assert!(seen.contains("Indexer State running"), "{seen}");
     assert!(
@@ -685,6 +718,7 @@ async fn auditor_api_operations_and_verify() {
         .unwrap();
     let report = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{report}");
+    sample("verify-clean.txt", &report);
     assert!(
         report.contains("OK: no discrepancies") && report.contains("checked 3 confirmed transfers"),
         "{report}"
