@@ -208,6 +208,10 @@ pub struct ServerConfig {
     /// x402 facilitator URL shown in the 402 catalog, if one is used.
     #[serde(default)]
     pub facilitator: Option<String>,
+    /// `GET /readyz` answers 503 when the indexer lags the chain head by more blocks than this
+    /// (default 3 × `chain.confirmations`).
+    #[serde(default)]
+    pub ready_max_lag_blocks: Option<u64>,
 }
 
 impl Default for ServerConfig {
@@ -217,6 +221,7 @@ impl Default for ServerConfig {
             public_url: None,
             docs_url: None,
             facilitator: None,
+            ready_max_lag_blocks: None,
         }
     }
 }
@@ -423,6 +428,8 @@ pub struct Settings {
     pub credits: Credits,
     pub auth: Auth,
     pub x402: Option<X402Settings>,
+    /// Largest indexer lag (blocks) at which `/readyz` still answers 200.
+    pub ready_max_lag_blocks: u64,
     pub upstreams: Vec<Upstream>,
     pub models: Vec<Model>,
 }
@@ -719,6 +726,10 @@ impl Config {
         }
 
         Ok(Settings {
+            ready_max_lag_blocks: self
+                .server
+                .ready_max_lag_blocks
+                .unwrap_or(chain.confirmations.saturating_mul(3)),
             upstreams,
             models,
             docs_url: self.server.docs_url.clone(),

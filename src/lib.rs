@@ -6,11 +6,14 @@
 //! a real anvil chain.
 
 pub mod api;
+pub mod audit;
 pub mod billing;
 pub mod chain;
 pub mod config;
 pub mod dev;
 pub mod keys;
+pub mod logs;
+pub mod metrics;
 pub mod proxy;
 pub mod store;
 pub mod usdc;

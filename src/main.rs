@@ -81,6 +81,64 @@ enum Command {
         #[command(subcommand)]
         command: AccountsCommand,
     },
+    /// Audit: reconcile the database against the chain, export records for accountants.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Reconcile the database against the chain: every confirmed transfer re-read and checked canonical and
+    /// identical, every claim backed by confirmed transfers, no transfer claimed twice, every balance equal to the
+    /// sum of its ledger, seats consistent with subscriptions. Exits non-zero on any discrepancy, naming it.
+    Verify {
+        #[arg(long, short, env = "X402_CONFIG")]
+        config: PathBuf,
+        /// Print the report as JSON on stdout (progress still goes to stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export records in a time range, as CSV or JSON (money as decimal strings and atomic integers).
+    Export {
+        #[arg(long, short, env = "X402_CONFIG")]
+        config: PathBuf,
+        /// Start (inclusive): YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or unix seconds (UTC).
+        #[arg(long)]
+        from: Option<String>,
+        /// End (exclusive), same forms.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
+        format: ExportFormat,
+        /// What to export.
+        #[arg(long, value_enum, default_value_t = ExportWhat::Payments)]
+        what: ExportWhat,
+        /// Write to this file instead of stdout.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    Csv,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportWhat {
+    /// Transfers to payTo (every status), by block time.
+    Payments,
+    /// Claims, by claim time.
+    Claims,
+    /// Ledger entries of every account, by entry time.
+    Ledger,
+    /// Revenue per UTC day.
+    Revenue,
+    /// API keys (public ids only; the time range is ignored).
+    Keys,
 }
 
 #[derive(Subcommand)]
@@ -144,15 +202,8 @@ impl From<StatusArg> for TransferStatus {
 }
 
 fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("invalid --log filter")?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
+    x402_gateway::logs::init(matches!(format, LogFormat::Json), filter)
+        .map_err(|e| anyhow::anyhow!("--log: {e}"))
 }
 
 fn load(path: &std::path::Path) -> Result<Settings> {
@@ -221,6 +272,7 @@ async fn main() -> Result<()> {
             payments(&settings, status.map(Into::into), json).await
         }
         Command::Dev(args) => dev::run(args, shutdown).await,
+        Command::Audit { command } => audit_command(command).await,
         Command::Keys { command } => keys_command(command).await,
         Command::Accounts {
             command:
@@ -355,6 +407,149 @@ async fn keys_command(command: KeysCommand) -> Result<()> {
             println!("granted {amount} USDC to {address:#x}; balance {balance} USDC");
             if let Some(key) = key {
                 println!("new credit key (shown once): {}", key.full);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn audit_command(command: AuditCommand) -> Result<()> {
+    match command {
+        AuditCommand::Verify { config, json } => {
+            let settings = load(&config)?;
+            let store = Store::open(&settings.database_path)?;
+            eprintln!(
+                "audit verify: database {}, chain {}, payTo {:#x}",
+                settings.database_path.display(),
+                settings.chain.network.chain_id,
+                settings.chain.pay_to
+            );
+            let report = x402_gateway::audit::verify::verify(&settings, &store, &mut |line| {
+                eprintln!("{line}")
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            eprintln!(
+                "checked {} confirmed transfers against the chain (head {}), {} claims, {} ledger rows of {} accounts, \
+                 {} seats of {} subscriptions",
+                report.transfers_checked,
+                report.chain_head,
+                report.claims_checked,
+                report.ledger_rows_checked,
+                report.accounts_checked,
+                report.seats_checked,
+                report.subscriptions_checked
+            );
+            if report.is_clean() {
+                eprintln!("OK: no discrepancies");
+                return Ok(());
+            }
+            for d in &report.discrepancies {
+                eprintln!("DISCREPANCY {d}");
+            }
+            anyhow::bail!("{} discrepancies found", report.discrepancies.len())
+        }
+        AuditCommand::Export {
+            config,
+            from,
+            to,
+            format,
+            what,
+            out,
+        } => {
+            use std::io::Write;
+            use x402_gateway::audit::{self, ClaimFilter, Dataset, PaymentFilter};
+            let time = |name: &str, v: &Option<String>| -> Result<Option<i64>> {
+                v.as_deref()
+                    .map(|s| {
+                        audit::parse_time(s).with_context(|| {
+                            format!("--{name} `{s}`: expected YYYY-MM-DD, YYYY-MM-DDTHH:MM:SSZ or unix seconds")
+                        })
+                    })
+                    .transpose()
+            };
+            let (from, to) = (time("from", &from)?, time("to", &to)?);
+            let store = Store::open(&load(&config)?.database_path)?;
+            let mut w: Box<dyn Write> = match &out {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            let csv = matches!(format, ExportFormat::Csv);
+            let dataset = match what {
+                ExportWhat::Revenue => {
+                    let rows = store
+                        .read(move |c| -> Result<_, x402_gateway::store::StoreError> {
+                            Ok(audit::revenue(c, from, to)?)
+                        })
+                        .await?;
+                    if csv {
+                        write!(w, "{}", audit::csv_header(audit::REVENUE_COLUMNS))?;
+                        for r in &rows {
+                            write!(w, "{}", audit::csv_line(audit::REVENUE_COLUMNS, r))?;
+                        }
+                    } else {
+                        serde_json::to_writer_pretty(&mut w, &rows)?;
+                        writeln!(w)?;
+                    }
+                    w.flush()?;
+                    return Ok(());
+                }
+                ExportWhat::Payments => Dataset::Payments(PaymentFilter {
+                    from_time: from,
+                    to_time: to,
+                    ..Default::default()
+                }),
+                ExportWhat::Claims => Dataset::Claims(ClaimFilter {
+                    from_time: from,
+                    to_time: to,
+                    ..Default::default()
+                }),
+                ExportWhat::Ledger => Dataset::Ledger {
+                    account: None,
+                    from_time: from,
+                    to_time: to,
+                },
+                ExportWhat::Keys => Dataset::Keys { account: None },
+            };
+            let columns = dataset.columns();
+            if csv {
+                write!(w, "{}", audit::csv_header(columns))?;
+            } else {
+                write!(w, "[")?;
+            }
+            let mut after = 0;
+            let mut n = 0u64;
+            loop {
+                let page =
+                    audit::read_page(&store, dataset.clone(), after, audit::MAX_LIMIT, now_unix())
+                        .await?;
+                let Some((last, _)) = page.last() else { break };
+                after = *last;
+                for (_, row) in &page {
+                    if csv {
+                        write!(w, "{}", audit::csv_line(columns, row))?;
+                    } else {
+                        write!(
+                            w,
+                            "{}\n  {}",
+                            if n == 0 { "" } else { "," },
+                            serde_json::to_string(row)?
+                        )?;
+                    }
+                    n += 1;
+                }
+            }
+            if !csv {
+                writeln!(w, "{}]", if n == 0 { "" } else { "\n" })?;
+            }
+            w.flush()?;
+            if out.is_some() {
+                eprintln!("exported {n} rows");
             }
             Ok(())
         }

@@ -352,7 +352,7 @@ async fn subscribe_pool(State(state): State<AppState>, JsonObject(body): JsonObj
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    claim(state, req).await
+    claim(state, req, "subscribe-pool").await
 }
 
 async fn topup(State(state): State<AppState>, JsonObject(body): JsonObject) -> Response {
@@ -377,11 +377,23 @@ async fn topup(State(state): State<AppState>, JsonObject(body): JsonObject) -> R
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    claim(state, req).await
+    claim(state, req, "topup").await
 }
 
-async fn claim(state: AppState, req: ClaimRequest) -> Response {
-    match state.billing.claim(req).await {
+async fn claim(state: AppState, req: ClaimRequest, route: &'static str) -> Response {
+    let result = state.billing.claim(req).await;
+    let result = match result {
+        Ok(c) => {
+            crate::metrics::record_claim(route, "ok");
+            Ok(c)
+        }
+        Err(e) => {
+            let err = claim_error(e);
+            crate::metrics::record_claim(route, err.code);
+            return err.into_response();
+        }
+    };
+    match result {
         Ok(Claimed::Subscription(s)) => {
             let mut data = json!({
                 "apiKey": s.api_key,
@@ -415,7 +427,7 @@ async fn claim(state: AppState, req: ClaimRequest) -> Response {
             }
             success(data)
         }
-        Err(e) => claim_error(e).into_response(),
+        Err(e) => e,
     }
 }
 

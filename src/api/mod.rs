@@ -3,8 +3,11 @@
 //! It serves operations (`/healthz`) and the agent checkout (`/api/agent/*`, the keyless `/v1/*` 402); the x402
 //! and audit routers join it as they are built.
 
+mod admin;
 pub mod agent;
+pub mod audit;
 pub mod openai;
+pub mod openapi;
 mod ops;
 
 use std::sync::Arc;
@@ -53,11 +56,25 @@ impl AppState {
 
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
+    // Install the metrics recorder before anything records.
+    crate::metrics::handle();
     Router::new()
         .merge(ops::router())
         .merge(openai::router())
         .merge(agent::router())
+        .merge(audit::router())
+        .merge(admin::router())
+        .fallback(no_route)
         .with_state(state)
+}
+
+/// 404 for paths no route serves (the OpenAPI test tells it from a handler's own 404 by the code).
+async fn no_route(uri: axum::http::Uri) -> axum::response::Response {
+    audit::error(
+        axum::http::StatusCode::NOT_FOUND,
+        "no_route",
+        format!("no route {}; see /openapi.json", uri.path()),
+    )
 }
 
 /// Serves `router` on `listener` until `shutdown` fires, then finishes in-flight requests.

@@ -168,6 +168,7 @@ impl Rpc {
                     Ok(v) => {
                         if i != start {
                             tracing::warn!(endpoint = %endpoint.label, "RPC failover: now using this endpoint");
+                            crate::metrics::record_rpc_failover();
                         }
                         self.preferred.store(i, Ordering::Relaxed);
                         return Ok(v);
@@ -195,7 +196,10 @@ impl Rpc {
                     .with_jitter(),
             )
             .when(RpcError::is_transport)
-            .notify(|e, delay| tracing::warn!(error = %e, "{what}: retrying in {delay:?}"))
+            .notify(|e, delay| {
+                crate::metrics::record_rpc_retry(what);
+                tracing::warn!(error = %e, "{what}: retrying in {delay:?}")
+            })
             .await
     }
 

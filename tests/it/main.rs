@@ -1,6 +1,7 @@
 //! The one integration-test binary (one link instead of one per file). Every test runs against a real anvil
 //! chain from the project's npm install and a real SQLite file; servers bind 127.0.0.1:0.
 
+mod audit;
 mod checkout;
 mod cli;
 mod indexer;

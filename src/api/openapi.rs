@@ -1,0 +1,395 @@
+//! The OpenAPI 3.1 document served at `/openapi.json`, built from [`ROUTES`]: one entry per (method, path) the
+//! router serves. A test compares this list with the `.route(…)` registrations in `src/api/` and probes every
+//! documented path on a live server, so a route cannot be added without being documented.
+
+use serde_json::{Map, Value, json};
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    /// An API key (`Authorization: Bearer sk-…`), or none to get the 402 catalog.
+    ApiKey,
+    /// The auditor or the admin token.
+    Auditor,
+    /// The admin token (header, or `?token=` for a browser).
+    Admin,
+}
+
+/// One documented route.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteDoc {
+    /// Lower-case HTTP method.
+    pub method: &'static str,
+    /// OpenAPI path (`{name}` parameters).
+    pub path: &'static str,
+    pub tag: &'static str,
+    pub summary: &'static str,
+    pub access: Access,
+    /// Query parameters: (name, description).
+    pub query: &'static [(&'static str, &'static str)],
+    /// Whether the route answers CSV too.
+    pub csv: bool,
+}
+
+const PAGE: &[(&str, &str)] = &[
+    ("cursor", "opaque cursor: the previous page's nextCursor"),
+    ("limit", "rows per page, 1-1000 (default 100)"),
+    (
+        "format",
+        "json (default) or csv; `Accept: text/csv` also selects CSV, streamed over the whole filtered range",
+    ),
+];
+
+const fn r(
+    method: &'static str,
+    path: &'static str,
+    tag: &'static str,
+    summary: &'static str,
+    access: Access,
+) -> RouteDoc {
+    RouteDoc {
+        method,
+        path,
+        tag,
+        summary,
+        access,
+        query: &[],
+        csv: false,
+    }
+}
+
+/// Every route the gateway serves.
+pub const ROUTES: &[RouteDoc] = &[
+    r(
+        "get",
+        "/healthz",
+        "operations",
+        "Liveness with the indexer's progress (503 once the indexer stopped for good)",
+        Access::Public,
+    ),
+    r(
+        "get",
+        "/readyz",
+        "operations",
+        "Readiness: indexer running, lag within server.ready_max_lag_blocks, database writable",
+        Access::Public,
+    ),
+    r(
+        "get",
+        "/metrics",
+        "operations",
+        "Prometheus metrics",
+        Access::Public,
+    ),
+    r(
+        "get",
+        "/openapi.json",
+        "operations",
+        "This document",
+        Access::Public,
+    ),
+    r(
+        "get",
+        "/admin",
+        "operations",
+        "Operator status page (HTML): indexer, recent payments, revenue, seats, keys, recent errors",
+        Access::Admin,
+    ),
+    r(
+        "get",
+        "/api/agent/plans",
+        "agent",
+        "The live catalog (pools, blocks, seats, prices, credits)",
+        Access::Public,
+    ),
+    r(
+        "post",
+        "/api/agent/subscribe-pool",
+        "agent",
+        "Claim a confirmed payment for pool blocks: {txHash, poolSlug, blocks, signature}",
+        Access::Public,
+    ),
+    r(
+        "post",
+        "/api/agent/topup",
+        "agent",
+        "Claim a confirmed payment as credits: {txHash, amount, signature}",
+        Access::Public,
+    ),
+    r(
+        "post",
+        "/api/agent/keys/rotate",
+        "agent",
+        "Rotate lost keys with the payer's signature: {address, signedAt, signature, keyId?}",
+        Access::Public,
+    ),
+    r(
+        "post",
+        "/v1/chat/completions",
+        "inference",
+        "OpenAI chat completions (JSON or SSE stream), metered per token for credit keys",
+        Access::ApiKey,
+    ),
+    r(
+        "get",
+        "/v1/models",
+        "inference",
+        "The models this key may call (OpenAI shape)",
+        Access::ApiKey,
+    ),
+    r(
+        "get",
+        "/v1/usage",
+        "inference",
+        "The key's type, plan, blocks, expiry, balance and recent usage",
+        Access::ApiKey,
+    ),
+    r(
+        "get",
+        "/v1",
+        "inference",
+        "OpenAI-compatible API root; without a valid key: 402 with the catalog",
+        Access::ApiKey,
+    ),
+    r(
+        "post",
+        "/v1",
+        "inference",
+        "OpenAI-compatible API root; without a valid key: 402 with the catalog",
+        Access::ApiKey,
+    ),
+    r(
+        "get",
+        "/v1/{rest}",
+        "inference",
+        "OpenAI-compatible API (e.g. /v1/models); without a valid key: 402 with the catalog",
+        Access::ApiKey,
+    ),
+    r(
+        "post",
+        "/v1/{rest}",
+        "inference",
+        "OpenAI-compatible API (e.g. /v1/chat/completions); without a valid key: 402 with the catalog",
+        Access::ApiKey,
+    ),
+    RouteDoc {
+        query: &[
+            ("status", "seen, confirmed or orphaned"),
+            ("payer", "payer address"),
+            ("fromBlock", "first block (inclusive)"),
+            ("toBlock", "last block (inclusive)"),
+            (
+                "from",
+                "block time from (inclusive): unix seconds, YYYY-MM-DD or RFC 3339 UTC",
+            ),
+            ("to", "block time to (exclusive)"),
+            ("minAmount", "minimum value in USDC, e.g. \"10.00\""),
+            PAGE[0],
+            PAGE[1],
+            PAGE[2],
+        ],
+        csv: true,
+        ..r(
+            "get",
+            "/api/audit/payments",
+            "audit",
+            "Transfers to payTo with confirmations and whether they were claimed",
+            Access::Auditor,
+        )
+    },
+    r(
+        "get",
+        "/api/audit/payments/{txHash}",
+        "audit",
+        "One transaction: transfers, confirmations, status history, what it bought, key public id, ledger rows",
+        Access::Auditor,
+    ),
+    RouteDoc {
+        query: &[
+            ("account", "payer address"),
+            ("kind", "subscription or topup"),
+            ("from", "claim time from (inclusive)"),
+            ("to", "claim time to (exclusive)"),
+            PAGE[0],
+            PAGE[1],
+            PAGE[2],
+        ],
+        csv: true,
+        ..r(
+            "get",
+            "/api/audit/claims",
+            "audit",
+            "Claims: what each payment bought",
+            Access::Auditor,
+        )
+    },
+    RouteDoc {
+        query: &[
+            ("account", "payer address"),
+            ("from", "entry time from (inclusive)"),
+            ("to", "entry time to (exclusive)"),
+            PAGE[0],
+            PAGE[1],
+            PAGE[2],
+        ],
+        csv: true,
+        ..r(
+            "get",
+            "/api/audit/ledger",
+            "audit",
+            "The credit ledger of every account (append-only, with running balances)",
+            Access::Auditor,
+        )
+    },
+    RouteDoc {
+        query: &[
+            ("from", "entry time from (inclusive)"),
+            ("to", "entry time to (exclusive)"),
+            PAGE[0],
+            PAGE[1],
+            PAGE[2],
+        ],
+        csv: true,
+        ..r(
+            "get",
+            "/api/audit/accounts/{address}/ledger",
+            "audit",
+            "One account's ledger",
+            Access::Auditor,
+        )
+    },
+    RouteDoc {
+        query: &[("account", "payer address"), PAGE[0], PAGE[1], PAGE[2]],
+        csv: true,
+        ..r(
+            "get",
+            "/api/audit/keys",
+            "audit",
+            "API keys: public ids, kind, state, expiry (never secrets)",
+            Access::Auditor,
+        )
+    },
+    RouteDoc {
+        query: &[
+            ("from", "day from (inclusive)"),
+            ("to", "day to (exclusive)"),
+            ("format", "json (default) or csv"),
+        ],
+        csv: true,
+        ..r(
+            "get",
+            "/api/audit/revenue",
+            "audit",
+            "Revenue per UTC day: confirmed payments received, claims by product, surplus",
+            Access::Auditor,
+        )
+    },
+];
+
+/// The OpenAPI document.
+pub fn document(public_url: Option<&str>) -> Value {
+    let mut paths: Map<String, Value> = Map::new();
+    for route in ROUTES {
+        let mut op = Map::new();
+        op.insert("tags".into(), json!([route.tag]));
+        op.insert("summary".into(), json!(route.summary));
+        op.insert(
+            "operationId".into(),
+            json!(format!(
+                "{}_{}",
+                route.method,
+                route
+                    .path
+                    .trim_matches('/')
+                    .replace(['/', '{', '}', '.', '-'], "_")
+            )),
+        );
+        let mut params: Vec<Value> = route
+            .path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        params.extend(route.query.iter().map(|(name, desc)| {
+            json!({"name": name, "in": "query", "required": false, "description": desc, "schema": {"type": "string"}})
+        }));
+        if !params.is_empty() {
+            op.insert("parameters".into(), Value::Array(params));
+        }
+        let security = match route.access {
+            Access::Public => None,
+            Access::ApiKey => Some(json!([{"apiKey": []}, {}])),
+            Access::Auditor => Some(json!([{"auditorToken": []}, {"adminToken": []}])),
+            Access::Admin => Some(json!([{"adminToken": []}])),
+        };
+        if let Some(s) = security {
+            op.insert("security".into(), s);
+        }
+        let mut content = Map::new();
+        let ok_type = if route.path == "/admin" {
+            "text/html"
+        } else if route.path == "/metrics" {
+            "text/plain"
+        } else {
+            "application/json"
+        };
+        content.insert(ok_type.into(), json!({}));
+        if route.csv {
+            content.insert("text/csv".into(), json!({}));
+        }
+        let mut responses = Map::new();
+        responses.insert(
+            "200".into(),
+            json!({"description": "OK", "content": content}),
+        );
+        match route.access {
+            Access::Auditor | Access::Admin => {
+                responses.insert(
+                    "401".into(),
+                    json!({"description": "missing or wrong token"}),
+                );
+                responses.insert(
+                    "503".into(),
+                    json!({"description": "no token configured: the route is off"}),
+                );
+            }
+            Access::ApiKey => {
+                responses.insert(
+                    "402".into(),
+                    json!({"description": "payment required: the catalog"}),
+                );
+            }
+            Access::Public => {}
+        }
+        if route.method == "post" || !route.query.is_empty() || route.path.contains('{') {
+            responses.insert(
+                "400".into(),
+                json!({"description": "invalid input, naming the field"}),
+            );
+        }
+        op.insert("responses".into(), Value::Object(responses));
+        let entry = paths
+            .entry(route.path.to_string())
+            .or_insert_with(|| json!({}));
+        entry[route.method] = Value::Object(op);
+    }
+    let mut doc = json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "x402-gateway",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Self-hosted x402 payment gateway for AI inference: USDC on Base in, OpenAI-compatible API keys out.",
+        },
+        "paths": paths,
+        "components": {"securitySchemes": {
+            "apiKey": {"type": "http", "scheme": "bearer", "description": "an API key sk-…"},
+            "auditorToken": {"type": "http", "scheme": "bearer", "description": "the read-only auditor token"},
+            "adminToken": {"type": "http", "scheme": "bearer", "description": "the operator's admin token"},
+        }},
+    });
+    if let Some(url) = public_url {
+        doc["servers"] = json!([{"url": url}]);
+    }
+    doc
+}

@@ -1,0 +1,610 @@
+//! `audit verify`: reconciles the database against the chain and against itself.
+//!
+//! Checks, in order:
+//! 1. **transfers** — every `confirmed` transfer is re-read from the chain (`eth_getTransactionReceipt`): the
+//!    transaction succeeded, in the stored block (number and hash); the log at the stored index is a USDC `Transfer`
+//!    with the stored from, to and value; the stored block is canonical (`eth_getBlockByNumber`) and deep enough.
+//! 2. **claims** — every claim is backed by confirmed transfers from its account worth exactly what it paid, and
+//!    its price and surplus add up; no transaction is claimed twice (case-insensitive), sold twice as a
+//!    subscription, or credited twice in the ledger.
+//! 3. **ledger** — every row's running balance follows from the previous one, and each account's balance equals
+//!    the sum of its ledger; each top-up claim credited its price and its surplus.
+//! 4. **seats** — every seat belongs to an existing subscription of the same pool, one of its blocks, with the same
+//!    expiry; every subscription holds exactly one seat per block it bought.
+//!
+//! Each discrepancy names the check, the row and what differs. The run prints a progress line every 2 s.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::B256;
+use futures::StreamExt;
+use rusqlite::{Connection, params};
+use serde::Serialize;
+
+use crate::chain::Rpc;
+use crate::chain::indexer::transfer_from_log;
+use crate::config::Settings;
+use crate::store::transfers::{Transfer, TransferStatus};
+use crate::store::{Store, StoreError};
+use crate::usdc::Usdc;
+
+/// One thing that does not reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Discrepancy {
+    /// `transfers`, `claims`, `ledger` or `seats`.
+    pub check: &'static str,
+    /// The row: `transfer 0x…:3`, `claim 0x…`, `account 0x…`, `seat 12/asia` …
+    pub subject: String,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Discrepancy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}] {}: {}", self.check, self.subject, self.detail)
+    }
+}
+
+/// What was checked and what was found.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub transfers_checked: u64,
+    pub claims_checked: u64,
+    pub accounts_checked: u64,
+    pub ledger_rows_checked: u64,
+    pub seats_checked: u64,
+    pub subscriptions_checked: u64,
+    pub chain_head: u64,
+    pub discrepancies: Vec<Discrepancy>,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.discrepancies.is_empty()
+    }
+}
+
+fn d(check: &'static str, subject: impl Into<String>, detail: impl Into<String>) -> Discrepancy {
+    Discrepancy {
+        check,
+        subject: subject.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Receipts fetched at once.
+const CONCURRENCY: usize = 8;
+
+/// Runs every check. `progress` receives human-readable lines (a line per phase, and a progress line at most every
+/// 2 s during the chain re-read). Errors are reserved for failures to check (RPC down, unreadable database); what
+/// does not reconcile is in the report.
+pub async fn verify(
+    settings: &Settings,
+    store: &Store,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> anyhow::Result<Report> {
+    let mut report = Report::default();
+    let chain = &settings.chain;
+    let rpc = Rpc::new(&chain.rpc_http, chain.rpc_timeout)?;
+    let chain_id = rpc.chain_id().await?;
+    anyhow::ensure!(
+        chain_id == chain.network.chain_id,
+        "the RPC serves chain {chain_id}, the config says {}",
+        chain.network.chain_id
+    );
+    let head = rpc.block_number().await?;
+    report.chain_head = head;
+
+    // 1. Transfers against the chain.
+    let confirmed = store
+        .list_transfers(Some(TransferStatus::Confirmed))
+        .await?;
+    progress(&format!(
+        "[1/4] transfers: re-reading {} confirmed transfers from the chain (head {head})",
+        confirmed.len()
+    ));
+    let mut by_tx: BTreeMap<String, Vec<Transfer>> = BTreeMap::new();
+    for t in confirmed {
+        by_tx.entry(t.tx_hash.clone()).or_default().push(t);
+    }
+    let total = by_tx.values().map(Vec::len).sum::<usize>();
+    let started = Instant::now();
+    let mut last_line = Instant::now();
+    let token = chain.network.token;
+    let pay_to = chain.pay_to;
+    let mut blocks_needed: BTreeMap<u64, Vec<Transfer>> = BTreeMap::new();
+    let mut fetches = futures::stream::iter(by_tx.into_iter().map(|(hash, rows)| {
+        let rpc = &rpc;
+        async move {
+            let parsed: Result<B256, _> = hash.parse();
+            let receipt = match parsed {
+                Ok(h) => rpc.receipt(h).await.map_err(anyhow::Error::from),
+                Err(e) => Err(anyhow::anyhow!(
+                    "stored tx hash `{hash}` is not a hash: {e}"
+                )),
+            };
+            (hash, rows, receipt)
+        }
+    }))
+    .buffer_unordered(CONCURRENCY);
+    while let Some((hash, rows, receipt)) = fetches.next().await {
+        report.transfers_checked += rows.len() as u64;
+        let receipt = match receipt {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                for t in &rows {
+                    report.discrepancies.push(d(
+                        "transfers",
+                        format!("transfer {}:{}", t.tx_hash, t.log_index),
+                        format!(
+                            "confirmed in the database (block {}), but the chain has no such transaction",
+                            t.block_number
+                        ),
+                    ));
+                }
+                continue;
+            }
+            Err(e) if e.to_string().contains("is not a hash") => {
+                report.discrepancies.push(d(
+                    "transfers",
+                    format!("transaction {hash}"),
+                    e.to_string(),
+                ));
+                continue;
+            }
+            Err(e) => return Err(e.context(format!("reading the receipt of {hash}"))),
+        };
+        let onchain_block = receipt.block_number.map(|n| n.to::<u64>());
+        let onchain_hash = receipt.block_hash.map(|h| format!("{h:#x}"));
+        for t in rows {
+            let subject = format!("transfer {}:{}", t.tx_hash, t.log_index);
+            if !receipt.succeeded() {
+                report.discrepancies.push(d(
+                    "transfers",
+                    &subject,
+                    "the transaction reverted on chain",
+                ));
+                continue;
+            }
+            if onchain_block != Some(t.block_number)
+                || onchain_hash.as_deref() != Some(t.block_hash.as_str())
+            {
+                report.discrepancies.push(d(
+                    "transfers",
+                    &subject,
+                    format!(
+                        "stored in block {} {}, but the chain mined it in block {} {}",
+                        t.block_number,
+                        t.block_hash,
+                        onchain_block.map(|n| n.to_string()).unwrap_or("?".into()),
+                        onchain_hash.clone().unwrap_or("?".into())
+                    ),
+                ));
+                continue;
+            }
+            let log = receipt
+                .logs
+                .iter()
+                .find(|l| l.log_index.map(|i| i.to::<u64>()) == Some(t.log_index));
+            let found = log.and_then(|l| transfer_from_log(l, token, pay_to).ok().flatten());
+            match found {
+                None => report.discrepancies.push(d(
+                    "transfers",
+                    &subject,
+                    format!(
+                        "log {} of the transaction is not a USDC transfer to payTo",
+                        t.log_index
+                    ),
+                )),
+                Some(onchain) => {
+                    let mut diffs = Vec::new();
+                    if onchain.value != t.value {
+                        diffs.push(format!(
+                            "value on chain {} USDC, in the database {} USDC",
+                            onchain.value, t.value
+                        ));
+                    }
+                    if onchain.from != t.from {
+                        diffs.push(format!(
+                            "from on chain {}, in the database {}",
+                            onchain.from, t.from
+                        ));
+                    }
+                    if onchain.to != t.to {
+                        diffs.push(format!(
+                            "to on chain {}, in the database {}",
+                            onchain.to, t.to
+                        ));
+                    }
+                    if !diffs.is_empty() {
+                        report
+                            .discrepancies
+                            .push(d("transfers", &subject, diffs.join("; ")));
+                    }
+                }
+            }
+            let depth = (head + 1).saturating_sub(t.block_number);
+            if depth < chain.confirmations {
+                report.discrepancies.push(d(
+                    "transfers",
+                    &subject,
+                    format!(
+                        "confirmed in the database, but only {depth} of {} confirmations on chain",
+                        chain.confirmations
+                    ),
+                ));
+            }
+            blocks_needed.entry(t.block_number).or_default().push(t);
+        }
+        if last_line.elapsed() >= Duration::from_secs(2) {
+            last_line = Instant::now();
+            progress(&format!(
+                "      {}/{total} transfers re-read ({:.0?} elapsed)",
+                report.transfers_checked,
+                started.elapsed()
+            ));
+        }
+    }
+    drop(fetches);
+    let numbers: Vec<u64> = blocks_needed.keys().copied().collect();
+    for (header, number) in rpc.headers(&numbers).await?.into_iter().zip(&numbers) {
+        for t in &blocks_needed[number] {
+            if header.hash != t.block_hash {
+                report.discrepancies.push(d(
+                    "transfers",
+                    format!("transfer {}:{}", t.tx_hash, t.log_index),
+                    format!(
+                        "block {} {} is not canonical: the chain's block {} is {}",
+                        t.block_number, t.block_hash, number, header.hash
+                    ),
+                ));
+            }
+        }
+    }
+    progress(&format!(
+        "      {} transfers re-read in {:.1?}",
+        report.transfers_checked,
+        started.elapsed()
+    ));
+
+    // 2-4. The database against itself.
+    progress("[2/4] claims: backed by confirmed transfers, claimed once");
+    let (found, counts) = store
+        .read(|c| -> Result<_, StoreError> { Ok(check_database(c)?) })
+        .await?;
+    report.claims_checked = counts.claims;
+    report.accounts_checked = counts.accounts;
+    report.ledger_rows_checked = counts.ledger_rows;
+    report.seats_checked = counts.seats;
+    report.subscriptions_checked = counts.subscriptions;
+    progress(&format!(
+        "[3/4] ledger: {} rows of {} accounts",
+        counts.ledger_rows, counts.accounts
+    ));
+    progress(&format!(
+        "[4/4] seats: {} seats of {} subscriptions",
+        counts.seats, counts.subscriptions
+    ));
+    report.discrepancies.extend(found);
+    Ok(report)
+}
+
+#[derive(Default)]
+struct Counts {
+    claims: u64,
+    accounts: u64,
+    ledger_rows: u64,
+    seats: u64,
+    subscriptions: u64,
+}
+
+fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)> {
+    let mut out = Vec::new();
+    let mut counts = Counts::default();
+
+    // Claims.
+    let mut stmt = c.prepare(
+        "SELECT tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id FROM claims \
+         ORDER BY rowid",
+    )?;
+    type ClaimRow = (String, String, String, i64, i64, i64, Option<i64>);
+    let claims: Vec<ClaimRow> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for (tx, account, kind, paid, price, surplus, sub) in &claims {
+        counts.claims += 1;
+        let subject = format!("claim {tx}");
+        if let Some(first) = seen.insert(tx.to_ascii_lowercase(), tx.clone()) {
+            out.push(d(
+                "claims",
+                &subject,
+                format!("transaction claimed twice (also as {first})"),
+            ));
+        }
+        let mut by_payer = c.prepare_cached(
+            "SELECT from_address, sum(value_atomic) FROM transfers WHERE lower(tx_hash) = lower(?1) \
+             AND status = 'confirmed' GROUP BY from_address",
+        )?;
+        let payers: Vec<(String, i64)> = by_payer
+            .query_map([tx], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let from_account: i64 = payers
+            .iter()
+            .filter(|(p, _)| p == account)
+            .map(|(_, v)| v)
+            .sum();
+        if payers.is_empty() {
+            out.push(d(
+                "claims",
+                &subject,
+                "no confirmed transfer backs this claim",
+            ));
+        } else if from_account != *paid {
+            out.push(d(
+                "claims",
+                &subject,
+                format!(
+                    "paid {} USDC by {account}, but confirmed transfers from it total {} USDC",
+                    Usdc(*paid),
+                    Usdc(from_account)
+                ),
+            ));
+        }
+        if payers.iter().any(|(p, _)| p != account) {
+            out.push(d(
+                "claims",
+                &subject,
+                "the transaction also has transfers from other payers",
+            ));
+        }
+        if price + surplus != *paid {
+            out.push(d(
+                "claims",
+                &subject,
+                format!(
+                    "price {} + surplus {} ≠ paid {}",
+                    Usdc(*price),
+                    Usdc(*surplus),
+                    Usdc(*paid)
+                ),
+            ));
+        }
+        let credited = |k: &str| -> rusqlite::Result<(i64, i64)> {
+            c.prepare_cached(
+                "SELECT count(*), coalesce(sum(amount_atomic), 0) FROM ledger WHERE lower(tx_hash) = lower(?1) \
+                 AND kind = ?2",
+            )?
+            .query_row(params![tx, k], |r| Ok((r.get(0)?, r.get(1)?)))
+        };
+        let (topups, topup_sum) = credited("topup")?;
+        let (surpluses, surplus_sum) = credited("surplus")?;
+        if topups > 1 || surpluses > 1 {
+            out.push(d(
+                "claims",
+                &subject,
+                format!("credited more than once in the ledger ({topups} top-up rows, {surpluses} surplus rows)"),
+            ));
+        }
+        let expected_topup = if kind == "topup" { *price } else { 0 };
+        if topup_sum != expected_topup {
+            out.push(d(
+                "ledger",
+                &subject,
+                format!(
+                    "top-up credited {} USDC, the claim says {}",
+                    Usdc(topup_sum),
+                    Usdc(expected_topup)
+                ),
+            ));
+        }
+        if surplus_sum != *surplus {
+            out.push(d(
+                "ledger",
+                &subject,
+                format!(
+                    "surplus credited {} USDC, the claim says {}",
+                    Usdc(surplus_sum),
+                    Usdc(*surplus)
+                ),
+            ));
+        }
+        if kind == "subscription" {
+            let sub_tx: Option<String> = match sub {
+                Some(id) => c
+                    .query_row(
+                        "SELECT tx_hash FROM subscriptions WHERE id = ?1",
+                        [id],
+                        |r| r.get(0),
+                    )
+                    .ok(),
+                None => None,
+            };
+            if sub_tx.as_deref().map(str::to_ascii_lowercase) != Some(tx.to_ascii_lowercase()) {
+                out.push(d(
+                    "claims",
+                    &subject,
+                    "subscription claim without its subscription",
+                ));
+            }
+        }
+    }
+    // Ledger credits of transactions that were never claimed.
+    let mut stmt = c.prepare(
+        "SELECT DISTINCT l.tx_hash FROM ledger l WHERE l.tx_hash IS NOT NULL AND l.kind IN ('topup', 'surplus') \
+         AND NOT EXISTS (SELECT 1 FROM claims c WHERE lower(c.tx_hash) = lower(l.tx_hash))",
+    )?;
+    for tx in stmt.query_map([], |r| r.get::<_, String>(0))? {
+        out.push(d(
+            "ledger",
+            format!("transaction {}", tx?),
+            "credited in the ledger without a claim",
+        ));
+    }
+
+    // Ledger: running balances and totals.
+    let mut stmt = c.prepare(
+        "SELECT id, account, amount_atomic, balance_after FROM ledger ORDER BY account, id",
+    )?;
+    let rows: Vec<(i64, String, i64, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut running: BTreeMap<String, i64> = BTreeMap::new();
+    let mut last_after: BTreeMap<String, i64> = BTreeMap::new();
+    for (id, account, amount, after) in rows {
+        counts.ledger_rows += 1;
+        let sum = running.entry(account.clone()).or_insert(0);
+        *sum += amount;
+        if *sum != after {
+            out.push(d(
+                "ledger",
+                format!("ledger row #{id} of {account}"),
+                format!(
+                    "balance after is {} USDC, but the rows so far sum to {} USDC",
+                    Usdc(after),
+                    Usdc(*sum)
+                ),
+            ));
+            // Carry on from the stated balance so one bad row is reported once.
+            *sum = after;
+        }
+        last_after.insert(account, after);
+    }
+    let mut stmt = c.prepare("SELECT account, sum(amount_atomic) FROM ledger GROUP BY account")?;
+    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (account, sum) = row?;
+        counts.accounts += 1;
+        let balance = last_after.get(&account).copied().unwrap_or(0);
+        if balance != sum {
+            out.push(d(
+                "ledger",
+                format!("account {account}"),
+                format!(
+                    "balance {} USDC ≠ sum of its ledger {} USDC",
+                    Usdc(balance),
+                    Usdc(sum)
+                ),
+            ));
+        }
+        if sum < 0 {
+            out.push(d(
+                "ledger",
+                format!("account {account}"),
+                "negative balance",
+            ));
+        }
+    }
+
+    // Seats against subscriptions.
+    let mut stmt = c.prepare(
+        "SELECT st.subscription_id, st.pool, st.block, st.expires_at, s.id, s.pool, s.blocks, s.expires_at \
+         FROM seats st LEFT JOIN subscriptions s ON s.id = st.subscription_id ORDER BY st.subscription_id, st.block",
+    )?;
+    type SeatRow = (
+        i64,
+        String,
+        String,
+        i64,
+        Option<i64>,
+        Option<String>,
+        Option<String>,
+        Option<i64>,
+    );
+    let seats: Vec<SeatRow> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    for (sub_id, pool, block, expires, s_id, s_pool, s_blocks, s_expires) in seats {
+        counts.seats += 1;
+        let subject = format!("seat {pool}/{block} of subscription {sub_id}");
+        if s_id.is_none() {
+            out.push(d(
+                "seats",
+                &subject,
+                "held by a subscription that does not exist",
+            ));
+            continue;
+        }
+        let blocks: Vec<String> = s_blocks
+            .and_then(|b| serde_json::from_str(&b).ok())
+            .unwrap_or_default();
+        if s_pool.as_deref() != Some(pool.as_str()) {
+            out.push(d(
+                "seats",
+                &subject,
+                format!("the subscription is of pool {}", s_pool.unwrap_or_default()),
+            ));
+        }
+        if !blocks.contains(&block) {
+            out.push(d(
+                "seats",
+                &subject,
+                format!("the subscription bought blocks {blocks:?}, not {block}"),
+            ));
+        }
+        if s_expires != Some(expires) {
+            out.push(d(
+                "seats",
+                &subject,
+                format!(
+                    "expires at {expires}, the subscription at {}",
+                    s_expires.unwrap_or_default()
+                ),
+            ));
+        }
+    }
+    let mut stmt = c.prepare(
+        "SELECT s.id, s.blocks, (SELECT count(*) FROM seats st WHERE st.subscription_id = s.id), \
+         EXISTS (SELECT 1 FROM claims c WHERE lower(c.tx_hash) = lower(s.tx_hash)) FROM subscriptions s ORDER BY s.id",
+    )?;
+    for row in stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, bool>(3)?,
+        ))
+    })? {
+        let (id, blocks, held, claimed) = row?;
+        counts.subscriptions += 1;
+        let n = serde_json::from_str::<Vec<String>>(&blocks)
+            .map(|b| b.len() as i64)
+            .unwrap_or(-1);
+        if n != held {
+            out.push(d(
+                "seats",
+                format!("subscription {id}"),
+                format!("bought {n} blocks but holds {held} seats"),
+            ));
+        }
+        if !claimed {
+            out.push(d(
+                "claims",
+                format!("subscription {id}"),
+                "no claim paid for this subscription",
+            ));
+        }
+    }
+    Ok((out, counts))
+}

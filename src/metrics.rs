@@ -1,0 +1,198 @@
+//! Prometheus metrics: the names (one place), the process-wide recorder, and helpers the proxy and the claim routes
+//! call. `GET /metrics` renders them; indexer and database gauges are refreshed at scrape time (cheap queries), so
+//! nothing polls in the background.
+//!
+//! Money is never a float here either: spend is counted in USDC atomic units (1 = 0.000001 USDC).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+// Indexer (refreshed at scrape time from the indexer status and the database).
+/// Gauge: last block whose logs are written.
+pub const INDEXED_HEAD: &str = "x402_indexer_indexed_head";
+/// Gauge: latest block the RPC reported.
+pub const CHAIN_HEAD: &str = "x402_indexer_chain_head";
+/// Gauge: chain head − indexed head, in blocks.
+pub const INDEXER_LAG: &str = "x402_indexer_lag_blocks";
+/// Gauge `{status="seen|confirmed|orphaned"}`: stored transfers to payTo by status.
+pub const TRANSFERS: &str = "x402_transfers";
+/// Counter: reorgs handled (from the database, so it survives restarts).
+pub const REORGS: &str = "x402_reorgs_total";
+/// Counter: failed indexer steps caused by RPC errors (since start).
+pub const RPC_ERRORS: &str = "x402_rpc_errors_total";
+/// Counter `{method}`: RPC calls retried after a transport fault.
+pub const RPC_RETRIES: &str = "x402_rpc_retries_total";
+/// Counter: RPC failovers to another endpoint.
+pub const RPC_FAILOVERS: &str = "x402_rpc_failovers_total";
+/// Gauge: 1 while the indexer runs, 0 once it stopped for good.
+pub const INDEXER_UP: &str = "x402_indexer_up";
+
+// Checkout.
+/// Counter `{route="subscribe-pool|topup", outcome="ok|pending|underpaid|already_claimed|…"}`.
+pub const CLAIMS: &str = "x402_claims_total";
+/// Gauge `{kind="subscription|credit", state="live|revoked|expired"}`.
+pub const KEYS: &str = "x402_keys";
+
+// Inference proxy (names follow what LiteLLM users know: requests, tokens, spend, overhead, in-flight).
+/// Counter `{model, status}`: proxied requests by model and HTTP status.
+pub const PROXY_REQUESTS: &str = "x402_proxy_total_requests";
+/// Counter `{model, type="prompt|completion"}`: tokens.
+pub const PROXY_TOKENS: &str = "x402_total_tokens";
+/// Counter `{model}`: spend debited, in USDC atomic units.
+pub const PROXY_SPEND: &str = "x402_spend_usdc_atomic";
+/// Histogram `{model}`: gateway overhead per request (time not spent waiting for the upstream), seconds.
+pub const PROXY_OVERHEAD: &str = "x402_overhead_latency_seconds";
+/// Gauge: requests being proxied right now.
+pub const PROXY_IN_FLIGHT: &str = "x402_in_flight_requests";
+
+/// Every metric name, for docs and tests.
+pub const ALL: &[&str] = &[
+    INDEXED_HEAD,
+    CHAIN_HEAD,
+    INDEXER_LAG,
+    TRANSFERS,
+    REORGS,
+    RPC_ERRORS,
+    RPC_RETRIES,
+    RPC_FAILOVERS,
+    INDEXER_UP,
+    CLAIMS,
+    KEYS,
+    PROXY_REQUESTS,
+    PROXY_TOKENS,
+    PROXY_SPEND,
+    PROXY_OVERHEAD,
+    PROXY_IN_FLIGHT,
+];
+
+/// Overhead buckets: 100 µs … 1 s.
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The process-wide recorder's handle, installing the recorder on first use. Safe to call from every server in a
+/// process (tests run several): they share one registry.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let builder = || {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(PROXY_OVERHEAD.to_string()), OVERHEAD_BUCKETS)
+                .expect("non-empty buckets")
+        };
+        let handle = match builder().install_recorder() {
+            Ok(h) => h,
+            // Someone else installed a global recorder: keep a private one so /metrics still renders.
+            Err(_) => builder().build_recorder().handle(),
+        };
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(INDEXED_HEAD, "Last block whose logs are written.");
+    describe_gauge!(CHAIN_HEAD, "Latest block the RPC reported.");
+    describe_gauge!(INDEXER_LAG, "Chain head minus indexed head, in blocks.");
+    describe_gauge!(TRANSFERS, "Stored USDC transfers to payTo by status.");
+    describe_counter!(REORGS, "Reorgs handled.");
+    describe_counter!(RPC_ERRORS, "Indexer steps failed by RPC errors.");
+    describe_counter!(RPC_RETRIES, "RPC calls retried after a transport fault.");
+    describe_counter!(RPC_FAILOVERS, "RPC failovers to another endpoint.");
+    describe_gauge!(
+        INDEXER_UP,
+        "1 while the indexer runs, 0 after a fatal error."
+    );
+    describe_counter!(CLAIMS, "Claims of payments by route and outcome.");
+    describe_gauge!(KEYS, "API keys by kind and state.");
+    describe_counter!(
+        PROXY_REQUESTS,
+        "Proxied inference requests by model and HTTP status."
+    );
+    describe_counter!(
+        PROXY_TOKENS,
+        "Tokens by model and type (prompt, completion)."
+    );
+    describe_counter!(
+        PROXY_SPEND,
+        "Spend debited by model, in USDC atomic units (1e-6 USDC)."
+    );
+    describe_histogram!(
+        PROXY_OVERHEAD,
+        Unit::Seconds,
+        "Gateway overhead per proxied request."
+    );
+    describe_gauge!(PROXY_IN_FLIGHT, "Requests being proxied now.");
+}
+
+/// Records one finished proxied request. `spend_atomic` is what was debited (0 for subscription keys);
+/// `overhead_seconds` is the time the gateway added (total minus upstream wait).
+pub fn record_proxy_request(
+    model: &str,
+    status: u16,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    spend_atomic: u64,
+    overhead_seconds: f64,
+) {
+    let model = model.to_string();
+    metrics::counter!(PROXY_REQUESTS, "model" => model.clone(), "status" => status.to_string())
+        .increment(1);
+    if prompt_tokens > 0 {
+        metrics::counter!(PROXY_TOKENS, "model" => model.clone(), "type" => "prompt")
+            .increment(prompt_tokens);
+    }
+    if completion_tokens > 0 {
+        metrics::counter!(PROXY_TOKENS, "model" => model.clone(), "type" => "completion")
+            .increment(completion_tokens);
+    }
+    if spend_atomic > 0 {
+        metrics::counter!(PROXY_SPEND, "model" => model.clone()).increment(spend_atomic);
+    }
+    metrics::histogram!(PROXY_OVERHEAD, "model" => model).record(overhead_seconds.max(0.0));
+}
+
+/// One more request in flight.
+pub fn in_flight_inc() {
+    metrics::gauge!(PROXY_IN_FLIGHT).increment(1.0);
+}
+
+/// One request fewer in flight.
+pub fn in_flight_dec() {
+    metrics::gauge!(PROXY_IN_FLIGHT).decrement(1.0);
+}
+
+/// Counts a request as in flight until dropped (also on early returns and cancelled streams).
+#[must_use = "the request counts as in flight only while the guard lives"]
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        in_flight_inc();
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        in_flight_dec();
+    }
+}
+
+/// Records a claim's outcome (`ok` or the error code the agent saw).
+pub fn record_claim(route: &'static str, outcome: &str) {
+    metrics::counter!(CLAIMS, "route" => route, "outcome" => outcome.to_string()).increment(1);
+}
+
+/// Records an RPC retry of `method`.
+pub fn record_rpc_retry(method: &str) {
+    metrics::counter!(RPC_RETRIES, "method" => method.to_string()).increment(1);
+}
+
+/// Records a failover to another RPC endpoint.
+pub fn record_rpc_failover() {
+    metrics::counter!(RPC_FAILOVERS).increment(1);
+}
