@@ -15,9 +15,7 @@ use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
 use super::AppState;
-use crate::billing::{
-    ClaimError, ClaimRequest, Claimed, Product, RotateError, RotateRequest, rfc3339,
-};
+use crate::billing::{ClaimError, ClaimRequest, Product, RotateError, RotateRequest};
 use crate::usdc::Usdc;
 
 /// Largest accepted request body on `/api/agent/*`.
@@ -276,12 +274,24 @@ async fn v1(State(state): State<AppState>, headers: HeaderMap) -> Response {
         }
     }
     match state.billing.catalog().await {
-        Ok(catalog) => (
-            StatusCode::PAYMENT_REQUIRED,
-            [(header::CACHE_CONTROL, "no-store")],
-            Json(catalog),
-        )
-            .into_response(),
+        Ok(catalog) => {
+            let mut response = (
+                StatusCode::PAYMENT_REQUIRED,
+                [(header::CACHE_CONTROL, "no-store")],
+                Json(catalog),
+            )
+                .into_response();
+            // Standard x402 clients: the minimum credit top-up at /x402/credits/{min}.
+            if let Some(v) = super::x402::v1_challenge_header(&state, &headers) {
+                let h = response.headers_mut();
+                h.insert(crate::x402::header::PAYMENT_REQUIRED, v);
+                h.insert(
+                    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                    HeaderValue::from_static(super::x402::EXPOSE_HEADERS),
+                );
+            }
+            response
+        }
         Err(e) => ApiError::internal(e).into_response(),
     }
 }
@@ -372,39 +382,7 @@ async fn topup(State(state): State<AppState>, JsonObject(body): JsonObject) -> R
 
 async fn claim(state: AppState, req: ClaimRequest) -> Response {
     match state.billing.claim(req).await {
-        Ok(Claimed::Subscription(s)) => {
-            let mut data = json!({
-                "apiKey": s.api_key,
-                "keyId": s.key_id,
-                "pool": s.pool,
-                "blocks": s.blocks,
-                "amountUsdc": s.price,
-                "paidUsdc": s.paid,
-                "expiresAt": rfc3339(s.expires_at),
-                "account": s.account,
-            });
-            if let Some(surplus) = s.surplus {
-                data["surplus"] = json!(surplus);
-            }
-            success(data)
-        }
-        Ok(Claimed::Topup(t)) => {
-            let mut data = json!({
-                "credited": true,
-                "amountUsdc": t.amount,
-                "paidUsdc": t.paid,
-                "newBalance": t.new_balance,
-                "account": t.account,
-            });
-            if let Some((key, id)) = t.api_key {
-                data["apiKey"] = json!(key);
-                data["keyId"] = json!(id);
-            }
-            if t.surplus > Usdc::ZERO {
-                data["surplusUsdc"] = json!(t.surplus);
-            }
-            success(data)
-        }
+        Ok(claimed) => success(super::x402::claimed_data(claimed)),
         Err(e) => claim_error(e).into_response(),
     }
 }

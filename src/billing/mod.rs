@@ -359,6 +359,34 @@ impl Billing {
         self.settings.pools.iter().find(|p| p.slug == slug)
     }
 
+    /// The first of `blocks` of pool `slug` with no seat left now, if any.
+    pub async fn seats_left(
+        &self,
+        slug: &str,
+        blocks: &[String],
+    ) -> Result<Option<String>, StoreError> {
+        let Some(pool) = self.pool(slug).cloned() else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let blocks = blocks.to_vec();
+        self.store
+            .read(move |c| -> Result<_, StoreError> {
+                for b in &blocks {
+                    let seats = pool.block(b).map_or(0, |x| x.seats);
+                    if sql::seats_taken(c, &pool.slug, b, now)? >= seats {
+                        return Ok(Some(b.clone()));
+                    }
+                }
+                Ok(None)
+            })
+            .await
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Claims a confirmed payment; see the module documentation.
     pub async fn claim(&self, req: ClaimRequest) -> Result<Claimed, ClaimError> {
         let chain_id = self.settings.chain.network.chain_id;

@@ -200,3 +200,15 @@ pub fn store_idempotent_answer(
         .execute(params![id_hash, payload_hash, response, now])?;
     Ok(n == 1)
 }
+
+/// Links another transaction of the same payment to its claim: a copy of `old`'s claim row keyed by `new`, so the
+/// re-submitted transfer can never be claimed by txHash either. `false` when `new` already has a claim.
+pub fn link_claim(c: &Connection, old: &str, new: &str, now: i64) -> rusqlite::Result<bool> {
+    let n = c.execute(
+        "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, \
+         key_id, signature, claimed_at) SELECT ?2, account, kind, paid_atomic, price_atomic, surplus_atomic, \
+         subscription_id, key_id, signature, ?3 FROM claims WHERE tx_hash = ?1 ON CONFLICT (tx_hash) DO NOTHING",
+        params![old, new, now],
+    )?;
+    Ok(n == 1)
+}

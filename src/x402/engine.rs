@@ -150,6 +150,21 @@ impl X402 {
     }
 }
 
+impl X402 {
+    /// Verifies and settles a payment that was settled before and whose transaction a reorg dropped: the same
+    /// authorization, bypassing the in-flight guard (which holds it as settled). Only for recorded settlements; the
+    /// chain's `authorizationState` still refuses it if the first transaction comes back.
+    pub async fn resettle(&self, req: &PaymentRequest) -> Result<Settlement, PaymentError> {
+        let verified = self.settler.verify(req, self.clock.now()).await?;
+        self.settler.settle(req, &verified).await
+    }
+
+    /// The engine's "now" (unix seconds).
+    pub fn now(&self) -> u64 {
+        self.clock.now()
+    }
+}
+
 /// A verified payment whose authorization is held by this process until settled or dropped.
 #[derive(Debug)]
 pub struct Reservation {
