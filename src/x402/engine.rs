@@ -155,6 +155,8 @@ impl X402 {
     /// authorization, bypassing the in-flight guard (which holds it as settled). Only for recorded settlements; the
     /// chain's `authorizationState` still refuses it if the first transaction comes back.
     pub async fn resettle(&self, req: &PaymentRequest) -> Result<Settlement, PaymentError> {
+        // The reorg may have dropped our own transactions: learn the hot wallet's nonce afresh.
+        self.settler.forget_pending().await;
         let verified = self.settler.verify(req, self.clock.now()).await?;
         self.settler.settle(req, &verified).await
     }

@@ -6,3 +6,4 @@ mod cli;
 mod indexer;
 mod support;
 mod x402;
+mod x402_routes;
