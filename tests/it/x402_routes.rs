@@ -289,7 +289,8 @@ async fn x402_routes_challenge_buy_credits_and_pool_one_ledger() {
         headers["access-control-expose-headers"]
             .to_str()
             .unwrap()
-            .contains("PAYMENT-REQUIRED")
+            .to_ascii_lowercase()
+            .contains("payment-required")
     );
     let raw = header::decode_json(headers["payment-required"].to_str().unwrap()).unwrap();
     assert_eq!(raw["x402Version"], 2);
@@ -758,6 +759,8 @@ async fn x402_routes_reorged_settlement_is_resubmitted_or_suspended() {
 
     // Reorged out, and the payer's funds moved in the new chain: the re-submission fails, the key is suspended.
     let payer = chain.payer(1).clone();
+    // Everything the payer holds before paying: in the new chain it all goes elsewhere.
+    let all = balance(&chain, payer.address()).await;
     let pay = pay_header(&gw, &chain, &payer, path, |_| {}).await;
     let (status, headers, body) = gw.post(path, &[("PAYMENT-SIGNATURE", pay)]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -771,7 +774,6 @@ async fn x402_routes_reorged_settlement_is_resubmitted_or_suspended() {
         async move { (!f.await.is_empty()).then_some(()) }
     })
     .await;
-    let all = balance(&chain, payer.address()).await;
     let amount = Usdc(i64::try_from(all).unwrap());
     let (_, raw) = chain
         .signed_payment_to(1, Address::repeat_byte(0x99), amount)
