@@ -172,7 +172,36 @@ CREATE TABLE rotation_nonces (
     PRIMARY KEY (account, signed_at)
 );
 
--- migration: 3 x402
+-- migration: 3 proxy
+-- One small row per inference request. A credit request is written when its worst-case cost is reserved (a
+-- `debit` ledger row in the same transaction, status `in_flight`) and updated when it is settled (a `refund` row
+-- for the unused part). Rows still `in_flight` at start-up belong to a crashed process: they are refunded in full
+-- and marked `interrupted`.
+CREATE TABLE usage (
+    id                INTEGER PRIMARY KEY,
+    request_id        TEXT    NOT NULL,
+    key_id            INTEGER NOT NULL REFERENCES api_keys (id),
+    account           TEXT    NOT NULL,
+    key_kind          TEXT    NOT NULL CHECK (key_kind IN ('subscription', 'credit')),
+    model             TEXT    NOT NULL,
+    stream            INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    reserved_atomic   INTEGER NOT NULL DEFAULT 0 CHECK (reserved_atomic >= 0),
+    cost_atomic       INTEGER NOT NULL DEFAULT 0 CHECK (cost_atomic >= 0),
+    -- in_flight, ok, upstream_error, upstream_cut, client_closed, interrupted
+    status            TEXT    NOT NULL,
+    -- upstream (the usage object), estimated (no usage arrived: see README), none (nothing billable)
+    usage_source      TEXT    NOT NULL DEFAULT 'none',
+    http_status       INTEGER,
+    started_at        INTEGER NOT NULL,
+    duration_ms       INTEGER,
+    overhead_us       INTEGER
+);
+CREATE INDEX usage_key ON usage (key_id, id);
+CREATE INDEX usage_in_flight ON usage (status) WHERE status = 'in_flight';
+
+-- migration: 4 x402
 -- Standard x402 payments settled by the gateway (self settlement or through a facilitator). The settlement's
 -- transfer is also indexed like any other payment; its tx hash has a `claims` row (inserted in the same
 -- transaction as the key and ledger rows), so it can never be claimed again by txHash.

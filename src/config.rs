@@ -50,9 +50,68 @@ pub struct Config {
     pub credits: CreditsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// OpenAI-compatible backends: `[[upstreams]]`.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Models served, each on an upstream with its prices: `[[models]]`.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
     /// Standard x402 payments (`PAYMENT-SIGNATURE`); absent = not offered.
     #[serde(default)]
     pub x402: Option<X402Config>,
+}
+
+/// An OpenAI-compatible backend (vLLM, SGLang, any `/v1` API): `[[upstreams]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// Base URL including `/v1`, e.g. `http://127.0.0.1:8000/v1`.
+    pub base_url: String,
+    /// Environment variable holding the upstream's API key (sent as `Authorization: Bearer`).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Time to establish a connection, in milliseconds.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Longest silence between two reads of a response (never a total timeout: streams may run long).
+    #[serde(default = "default_read_timeout_ms")]
+    pub read_timeout_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_read_timeout_ms() -> u64 {
+    120_000
+}
+
+/// A model served through an upstream: `[[models]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The id agents send as `model`.
+    pub id: String,
+    /// `[[upstreams]]` name.
+    pub upstream: String,
+    /// The model name the upstream knows (defaults to `id`).
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+    /// Credit price per million input tokens, a decimal string.
+    pub input_usdc_per_mtok: String,
+    /// Credit price per million output tokens.
+    pub output_usdc_per_mtok: String,
+    /// Output tokens reserved (and enforced upstream as `max_tokens`) for credit requests that set none.
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u64,
+    /// Price of one request paid with a standard x402 `PAYMENT-SIGNATURE` (no key), a decimal string; absent = not
+    /// offered. `max_tokens` is capped to what it covers at `output_usdc_per_mtok`.
+    #[serde(default)]
+    pub per_request_usdc: Option<String>,
+}
+
+fn default_max_output_tokens() -> u64 {
+    4_096
 }
 
 /// A pool subscription product: `[[pools]]`.
@@ -368,6 +427,43 @@ pub struct Settings {
     pub credits: Credits,
     pub auth: Auth,
     pub x402: Option<X402Settings>,
+    pub upstreams: Vec<Upstream>,
+    pub models: Vec<Model>,
+}
+
+/// A validated upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    /// Without a trailing `/`.
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+/// A validated model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Model {
+    pub id: String,
+    /// Index into `Settings::upstreams`.
+    pub upstream: usize,
+    pub upstream_model: String,
+    pub input_per_mtok: Usdc,
+    pub output_per_mtok: Usdc,
+    pub max_output_tokens: u64,
+    /// Per-request x402 price (`per_request_usdc`), if offered.
+    pub per_request: Option<Usdc>,
+}
+
+impl Settings {
+    pub fn model(&self, id: &str) -> Option<&Model> {
+        self.models.iter().find(|m| m.id == id)
+    }
+
+    pub fn pool(&self, slug: &str) -> Option<&Pool> {
+        self.pools.iter().find(|p| p.slug == slug)
+    }
 }
 
 /// A validated pool.
@@ -614,7 +710,23 @@ impl Config {
             auditor_token: token("auth.auditor_token_env", &self.auth.auditor_token_env)?,
         };
 
+        let (upstreams, models) = resolve_models(&self.upstreams, &self.models, env)?;
+        for (i, pool) in pools.iter().enumerate() {
+            if let Some(m) = pool
+                .models
+                .iter()
+                .find(|m| !models.iter().any(|x| &x.id == *m))
+            {
+                return Err(invalid(
+                    &format!("pools[{i}].models"),
+                    format!("model `{m}` is not a configured [[models]] id"),
+                ));
+            }
+        }
+
         Ok(Settings {
+            upstreams,
+            models,
             docs_url: self.server.docs_url.clone(),
             facilitator: self.server.facilitator.clone(),
             pools,
@@ -666,6 +778,95 @@ fn parse_hm(s: &str) -> Option<u32> {
         return None;
     }
     Some(h * 60 + m)
+}
+
+fn resolve_models(
+    upstreams: &[UpstreamConfig],
+    models: &[ModelConfig],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(Vec<Upstream>, Vec<Model>), ConfigError> {
+    let mut out_up: Vec<Upstream> = Vec::new();
+    for (i, u) in upstreams.iter().enumerate() {
+        let key = |k: &str| format!("upstreams[{i}].{k}");
+        if u.name.trim().is_empty() {
+            return Err(invalid(&key("name"), "must not be empty"));
+        }
+        if out_up.iter().any(|x| x.name == u.name) {
+            return Err(invalid(
+                &key("name"),
+                format!("`{}` is defined twice", u.name),
+            ));
+        }
+        if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://")) {
+            return Err(invalid(
+                &key("base_url"),
+                "must start with http:// or https://",
+            ));
+        }
+        if u.connect_timeout_ms == 0 || u.read_timeout_ms == 0 {
+            return Err(invalid(
+                &key("read_timeout_ms"),
+                "timeouts must be positive",
+            ));
+        }
+        let api_key = match &u.api_key_env {
+            None => None,
+            Some(var) => Some(env(var).filter(|v| !v.trim().is_empty()).ok_or_else(|| {
+                invalid(
+                    &key("api_key_env"),
+                    format!("environment variable `{var}` is not set"),
+                )
+            })?),
+        };
+        out_up.push(Upstream {
+            name: u.name.clone(),
+            base_url: u.base_url.trim_end_matches('/').to_string(),
+            api_key,
+            connect_timeout: Duration::from_millis(u.connect_timeout_ms),
+            read_timeout: Duration::from_millis(u.read_timeout_ms),
+        });
+    }
+    let mut out_models: Vec<Model> = Vec::new();
+    for (i, m) in models.iter().enumerate() {
+        let key = |k: &str| format!("models[{i}].{k}");
+        if m.id.trim().is_empty() {
+            return Err(invalid(&key("id"), "must not be empty"));
+        }
+        if out_models.iter().any(|x| x.id == m.id) {
+            return Err(invalid(&key("id"), format!("`{}` is defined twice", m.id)));
+        }
+        let upstream = out_up
+            .iter()
+            .position(|u| u.name == m.upstream)
+            .ok_or_else(|| {
+                invalid(
+                    &key("upstream"),
+                    format!("`{}` is not a configured [[upstreams]] name", m.upstream),
+                )
+            })?;
+        if m.max_output_tokens == 0 {
+            return Err(invalid(&key("max_output_tokens"), "must be positive"));
+        }
+        out_models.push(Model {
+            id: m.id.clone(),
+            upstream,
+            upstream_model: m.upstream_model.clone().unwrap_or_else(|| m.id.clone()),
+            input_per_mtok: parse_usdc(&key("input_usdc_per_mtok"), &m.input_usdc_per_mtok)?,
+            output_per_mtok: parse_usdc(&key("output_usdc_per_mtok"), &m.output_usdc_per_mtok)?,
+            max_output_tokens: m.max_output_tokens,
+            per_request: match &m.per_request_usdc {
+                None => None,
+                Some(raw) => {
+                    let price = parse_usdc(&key("per_request_usdc"), raw)?;
+                    if price <= Usdc::ZERO {
+                        return Err(invalid(&key("per_request_usdc"), "must be positive"));
+                    }
+                    Some(price)
+                }
+            },
+        });
+    }
+    Ok((out_up, out_models))
 }
 
 fn resolve_pools(pools: &[PoolConfig]) -> Result<Vec<Pool>, ConfigError> {
@@ -946,6 +1147,16 @@ pay_to = "0x1111111111111111111111111111111111111111"
     }
 
     const POOL: &str = r#"
+[[upstreams]]
+name = "u"
+base_url = "http://127.0.0.1:9/v1"
+
+[[models]]
+id = "kimi-k2.6"
+upstream = "u"
+input_usdc_per_mtok = "0.60"
+output_usdc_per_mtok = "2.50"
+
 [[pools]]
 slug = "kimi26"
 name = "Kimi"
@@ -1013,8 +1224,10 @@ blocks = [
         let text = include_str!("../fixtures/example-config.toml");
         let s = Config::parse(text, Path::new("example-config.toml"))
             .unwrap()
-            .resolve(Path::new("/srv"), &|name| {
-                (name == "BASE_RPC_URL").then(|| "https://rpc.example/k".to_string())
+            .resolve(Path::new("/srv"), &|name| match name {
+                "BASE_RPC_URL" => Some("https://rpc.example/k".to_string()),
+                "VLLM_API_KEY" => Some("vllm-secret".to_string()),
+                _ => None,
             })
             .unwrap();
         assert_eq!(

@@ -11,6 +11,7 @@ pub mod chain;
 pub mod config;
 pub mod dev;
 pub mod keys;
+pub mod proxy;
 pub mod store;
 pub mod usdc;
 pub mod x402;

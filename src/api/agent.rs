@@ -241,8 +241,8 @@ async fn plans(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Any `/v1/*` request: 402 with the catalog unless it carries a valid key.
-async fn v1(State(state): State<AppState>, headers: HeaderMap) -> Response {
+/// Any other `/v1/*` request: 402 with the catalog unless it carries a valid key; with one, the path is not served.
+async fn v1(State(state): State<AppState>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -252,12 +252,12 @@ async fn v1(State(state): State<AppState>, headers: HeaderMap) -> Response {
         match state.billing.authorize(&key).await {
             Ok(Some(_)) => {
                 return (
-                    StatusCode::NOT_IMPLEMENTED,
+                    StatusCode::NOT_FOUND,
                     Json(json!({"error": {
-                        "message": "this key is valid, but the inference proxy is not built yet",
-                        "type": "not_implemented",
+                        "message": format!("`{}` is not served here; this gateway serves POST /v1/chat/completions, GET /v1/models and GET /v1/usage", uri.path()),
+                        "type": "invalid_request_error",
                         "param": null,
-                        "code": "proxy_not_built",
+                        "code": "unknown_endpoint",
                     }})),
                 )
                     .into_response();
@@ -273,8 +273,27 @@ async fn v1(State(state): State<AppState>, headers: HeaderMap) -> Response {
             }
         }
     }
+    payment_required_with(&state, &headers, None).await
+}
+
+/// 402 with the live catalog (`Cache-Control: no-store`); `message` replaces the catalog's generic message.
+/// With `[x402]`, also `PAYMENT-REQUIRED` for the minimum credit top-up (resource URL from `server.public_url`;
+/// use [`payment_required_with`] to fall back to the request's `Host`).
+pub async fn payment_required(state: &AppState, message: Option<String>) -> Response {
+    payment_required_with(state, &HeaderMap::new(), message).await
+}
+
+/// [`payment_required`], naming x402 resources after the request's `Host` when `server.public_url` is not set.
+pub async fn payment_required_with(
+    state: &AppState,
+    headers: &HeaderMap,
+    message: Option<String>,
+) -> Response {
     match state.billing.catalog().await {
-        Ok(catalog) => {
+        Ok(mut catalog) => {
+            if let Some(message) = message {
+                catalog["message"] = json!(message);
+            }
             let mut response = (
                 StatusCode::PAYMENT_REQUIRED,
                 [(header::CACHE_CONTROL, "no-store")],
@@ -282,7 +301,7 @@ async fn v1(State(state): State<AppState>, headers: HeaderMap) -> Response {
             )
                 .into_response();
             // Standard x402 clients: the minimum credit top-up at /x402/credits/{min}.
-            if let Some(v) = super::x402::v1_challenge_header(&state, &headers) {
+            if let Some(v) = super::x402::v1_challenge_header(state, headers) {
                 let h = response.headers_mut();
                 h.insert(crate::x402::header::PAYMENT_REQUIRED, v);
                 h.insert(

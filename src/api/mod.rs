@@ -4,6 +4,7 @@
 //! and audit routers join it as they are built.
 
 pub mod agent;
+pub mod openai;
 mod ops;
 pub mod x402;
 
@@ -27,6 +28,7 @@ pub struct AppState {
     pub billing: Billing,
     /// The standard x402 engine (`[x402]` configured), shared by the purchase routes and per-request payment.
     pub x402: Option<crate::x402::X402>,
+    pub proxy: Arc<crate::proxy::Proxy>,
 }
 
 impl AppState {
@@ -40,12 +42,15 @@ impl AppState {
         let settings = Arc::new(settings);
         let billing = Billing::new(settings.clone(), store.clone(), indexer.clone(), clock)
             .map_err(|e| ServeError::Config(e.to_string()))?;
+        let proxy = crate::proxy::Proxy::new(&settings)
+            .map_err(|e| ServeError::Config(format!("upstream HTTP client: {e}")))?;
         Ok(AppState {
             settings,
             store,
             indexer,
             billing,
             x402: None,
+            proxy: Arc::new(proxy),
         })
     }
 
@@ -60,6 +65,7 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ops::router())
+        .merge(openai::router())
         .merge(agent::router())
         .merge(x402::router())
         .with_state(state)
@@ -129,6 +135,19 @@ pub async fn serve_with_env(
         );
     }
     let store = Store::open(&settings.database_path)?;
+    let now = (clock)();
+    let recovered = store
+        .write(move |tx| {
+            crate::store::usage::recover_in_flight(tx, now)
+                .map_err(|e| crate::store::StoreError::Task(e.to_string()))
+        })
+        .await?;
+    if recovered > 0 {
+        tracing::warn!(
+            requests = recovered,
+            "refunded the reservations of requests interrupted by the last stop"
+        );
+    }
     let status = StatusHandle::default();
     let indexer = crate::chain::spawn(
         settings.chain.clone(),

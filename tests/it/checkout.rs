@@ -3,7 +3,7 @@
 //! rotation, bad input, restart.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 
 use alloy::primitives::{Address, U256};
 use alloy::providers::ext::AnvilApi;
@@ -13,9 +13,7 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 use x402_gateway::billing::catalog::{claim_text, rotate_text};
-use x402_gateway::config::Config;
 use x402_gateway::dev::contracts::{SmartWallet, TestUSDC};
 use x402_gateway::store::Store;
 use x402_gateway::usdc::Usdc;
@@ -29,17 +27,6 @@ const T0: i64 = 1_767_225_600;
 
 fn usdc(s: &str) -> Usdc {
     s.parse().unwrap()
-}
-
-/// The gateway running in this process (indexer + HTTP) on a temp database, with a movable clock.
-struct Gateway {
-    base: String,
-    http: reqwest::Client,
-    clock: Arc<AtomicI64>,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-    config: String,
-    db: std::path::PathBuf,
 }
 
 struct Options {
@@ -76,6 +63,22 @@ poll_interval_ms = 50
 [database]
 path = "{db}"
 
+[[upstreams]]
+name = "none"
+base_url = "http://127.0.0.1:9/v1"
+
+[[models]]
+id = "kimi-k2.6"
+upstream = "none"
+input_usdc_per_mtok = "0.60"
+output_usdc_per_mtok = "2.50"
+
+[[models]]
+id = "glm-4.7"
+upstream = "none"
+input_usdc_per_mtok = "0.40"
+output_usdc_per_mtok = "1.60"
+
 [[pools]]
 slug = "kimi26"
 name = "Kimi K2.6, GLM 4.7"
@@ -101,135 +104,20 @@ claims_require_signature = {sig}
     )
 }
 
-impl Gateway {
-    async fn start(chain: &TestChain, dir: &std::path::Path, opts: Options) -> Gateway {
-        let db = dir.join("gateway.db");
-        Gateway::start_with(
-            config_text(chain, &db, &opts),
-            db,
-            Arc::new(AtomicI64::new(T0)),
-        )
-        .await
-    }
+/// Starts the gateway on `chain` with the checkout test config.
+async fn start_gateway(chain: &TestChain, dir: &std::path::Path, opts: Options) -> Gateway {
+    let db = dir.join("gateway.db");
+    Gateway::start_with(
+        config_text(chain, &db, &opts),
+        db,
+        Arc::new(AtomicI64::new(T0)),
+    )
+    .await
+}
 
-    async fn start_with(config: String, db: std::path::PathBuf, clock: Arc<AtomicI64>) -> Gateway {
-        let settings = Config::parse(&config, std::path::Path::new("test.toml"))
-            .unwrap()
-            .resolve(std::path::Path::new("/"), &|_| None)
-            .unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let c = clock.clone();
-        let task = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move {
-                x402_gateway::api::serve_with_clock(
-                    settings,
-                    listener,
-                    shutdown,
-                    Arc::new(move || c.load(Ordering::SeqCst)),
-                )
-                .await
-                .expect("gateway runs");
-            }
-        });
-        let gw = Gateway {
-            base,
-            http: reqwest::Client::new(),
-            clock,
-            shutdown,
-            task,
-            config,
-            db,
-        };
-        // Ready (database migrated) once /healthz answers.
-        wait_for("the gateway answers /healthz", || async {
-            let r = gw
-                .http
-                .get(format!("{}/healthz", gw.base))
-                .send()
-                .await
-                .ok()?;
-            r.status().is_success().then_some(())
-        })
-        .await;
-        gw
-    }
-
-    /// Stops the server and starts a new one on the same database and config.
-    async fn restart(self) -> Gateway {
-        self.shutdown.cancel();
-        self.task.await.unwrap();
-        Gateway::start_with(self.config, self.db, self.clock).await
-    }
-
-    async fn get(
-        &self,
-        path: &str,
-        key: Option<&str>,
-    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-        let mut req = self.http.get(format!("{}{path}", self.base));
-        if let Some(k) = key {
-            req = req.bearer_auth(k);
-        }
-        let resp = req.send().await.unwrap();
-        let (status, headers) = (resp.status(), resp.headers().clone());
-        (status, headers, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post_raw(
-        &self,
-        path: &str,
-        body: impl Into<reqwest::Body>,
-    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let (status, headers) = (resp.status(), resp.headers().clone());
-        (status, headers, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(
-        &self,
-        path: &str,
-        body: Value,
-    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
-        self.post_raw(path, body.to_string()).await
-    }
-
-    /// Waits until the index has `block` at the required depth (mining the blocks it needs).
-    async fn confirm(&self, chain: &TestChain, block: u64) {
-        let head = chain.head().await;
-        let need = block + CONFIRMATIONS - 1;
-        if head < need {
-            chain.mine(need - head).await;
-        }
-        self.wait_indexed(need).await;
-    }
-
-    async fn wait_indexed(&self, block: u64) {
-        wait_for(&format!("indexed head ≥ {block}"), || async {
-            let (_, _, body) = self.get("/healthz", None).await;
-            body["indexer"]["indexedHead"]
-                .as_u64()
-                .filter(|h| *h >= block)
-        })
-        .await;
-    }
-
-    fn set_time(&self, t: i64) {
-        self.clock.store(t, Ordering::SeqCst);
-    }
-
-    async fn store(&self) -> Store {
-        Store::open(&self.db).unwrap()
-    }
+/// Waits until the index has `block` at the required depth (mining the blocks it needs).
+async fn confirm(gw: &Gateway, chain: &TestChain, block: u64) {
+    gw.confirm(chain, block, CONFIRMATIONS).await
 }
 
 fn sign(signer: &PrivateKeySigner, text: &str) -> String {
@@ -285,7 +173,7 @@ fn available(catalog: &Value, block: &str) -> u64 {
 async fn full_flow_front_running_credits_and_restart() {
     let chain = TestChain::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(&chain, dir.path(), Options::default()).await;
+    let gw = start_gateway(&chain, dir.path(), Options::default()).await;
     let payer = chain.payer(0).clone();
     let attacker = chain.payer(1).clone();
 
@@ -344,7 +232,7 @@ async fn full_flow_front_running_credits_and_restart() {
     assert_eq!(pending["error"]["required"], CONFIRMATIONS);
     assert!(pending["error"]["confirmations"].as_u64().unwrap() < CONFIRMATIONS);
     assert!(headers.contains_key("retry-after"));
-    gw.confirm(&chain, block).await;
+    confirm(&gw, &chain, block).await;
 
     // 3. Front-running: someone else's signature, or none, fails and changes nothing.
     let store = gw.store().await;
@@ -399,9 +287,9 @@ async fn full_flow_front_running_credits_and_restart() {
     );
 
     // The key opens /v1 (the proxy itself is issue 4); the seat is taken.
-    let (status, _, body501) = gw.get("/v1/models", Some(&key)).await;
-    assert_eq!(status, StatusCode::NOT_IMPLEMENTED, "{body501}");
-    assert_eq!(body501["error"]["code"], "proxy_not_built");
+    let (status, _, models) = gw.get("/v1/models", Some(&key)).await;
+    assert_eq!(status, StatusCode::OK, "{models}");
+    assert_eq!(models["object"], "list");
     let (_, _, plans) = gw.get("/api/agent/plans", None).await;
     assert_eq!(available(&plans, "asia"), 99);
     assert_eq!(available(&plans, "europe"), 100);
@@ -409,7 +297,7 @@ async fn full_flow_front_running_credits_and_restart() {
     // 5. Credits: the first top-up mints the credit key, later ones credit the same account.
     let (tx1, b1) = chain.pay(0, usdc("50")).await;
     let (tx2, b2) = chain.pay(0, usdc("20.5")).await;
-    gw.confirm(&chain, b1.max(b2)).await;
+    confirm(&gw, &chain, b1.max(b2)).await;
     as_topup = json!({"txHash": tx1, "amount": 50, "signature": claim_sig(&payer, &tx1)});
     let (status, _, t1) = gw.post("/api/agent/topup", as_topup).await;
     assert_eq!(status, StatusCode::OK, "{t1}");
@@ -430,20 +318,17 @@ async fn full_flow_front_running_credits_and_restart() {
     assert!(t2["data"].get("apiKey").is_none());
     assert_eq!(
         gw.get("/v1/models", Some(&credit_key)).await.0,
-        StatusCode::NOT_IMPLEMENTED
+        StatusCode::OK
     );
 
     // 6. Restart: keys, claims, balances and seats survive.
     let after = state_counts(&store).await;
     drop(store);
     let gw = gw.restart().await;
-    assert_eq!(
-        gw.get("/v1/models", Some(&key)).await.0,
-        StatusCode::NOT_IMPLEMENTED
-    );
+    assert_eq!(gw.get("/v1/models", Some(&key)).await.0, StatusCode::OK);
     assert_eq!(
         gw.get("/v1/models", Some(&credit_key)).await.0,
-        StatusCode::NOT_IMPLEMENTED
+        StatusCode::OK
     );
     assert_eq!(
         gw.post("/api/agent/subscribe-pool", body).await.0,
@@ -470,7 +355,7 @@ async fn full_flow_front_running_credits_and_restart() {
     );
     assert_eq!(
         gw.get("/v1/models", Some(&credit_key)).await.0,
-        StatusCode::NOT_IMPLEMENTED
+        StatusCode::OK
     );
 }
 
@@ -479,9 +364,9 @@ async fn full_flow_front_running_credits_and_restart() {
 async fn concurrent_claims_of_one_payment_yield_one_key() {
     let chain = TestChain::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = Arc::new(Gateway::start(&chain, dir.path(), Options::default()).await);
+    let gw = Arc::new(start_gateway(&chain, dir.path(), Options::default()).await);
     let (tx, block) = chain.pay(0, usdc("25")).await;
-    gw.confirm(&chain, block).await;
+    confirm(&gw, &chain, block).await;
     let body =
         json!({"txHash": tx, "amount": "25.00", "signature": claim_sig(chain.payer(0), &tx)});
     let tasks: Vec<_> = (0..100)
@@ -514,7 +399,7 @@ async fn concurrent_claims_of_one_payment_yield_one_key() {
 async fn unknown_pending_and_orphaned_payments() {
     let chain = TestChain::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(
+    let gw = start_gateway(
         &chain,
         dir.path(),
         Options {
@@ -566,7 +451,7 @@ async fn unknown_pending_and_orphaned_payments() {
 
     // With the proof switched off, a confirmed payment is claimable without a signature (seed 000).
     let (tx, block) = chain.pay(1, usdc("12")).await;
-    gw.confirm(&chain, block).await;
+    confirm(&gw, &chain, block).await;
     let (status, _, ok) = gw
         .post("/api/agent/topup", json!({"txHash": tx, "amount": "12"}))
         .await;
@@ -583,7 +468,7 @@ async fn prices_seats_and_bad_input() {
     let chain = TestChain::start().await;
     let dir = tempfile::tempdir().unwrap();
     let gw = Arc::new(
-        Gateway::start(
+        start_gateway(
             &chain,
             dir.path(),
             Options {
@@ -600,7 +485,7 @@ async fn prices_seats_and_bad_input() {
     let (over, b2) = chain.pay(0, usdc("100")).await;
     let (race_a, b3) = chain.pay(1, usdc("49")).await;
     let (race_b, b4) = chain.pay(2, usdc("49")).await;
-    gw.confirm(&chain, b1.max(b2).max(b3).max(b4)).await;
+    confirm(&gw, &chain, b1.max(b2).max(b3).max(b4)).await;
     let sub = |tx: &str, signer: &PrivateKeySigner, blocks: Value| json!({"txHash": tx, "poolSlug": "kimi26", "blocks": blocks, "signature": claim_sig(signer, tx)});
 
     // Bad input: 400 naming the field, 413 for an oversized body; nothing changes.
@@ -768,7 +653,7 @@ async fn prices_seats_and_bad_input() {
 async fn contract_wallet_payer_claims_with_erc1271() {
     let chain = TestChain::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(&chain, dir.path(), Options::default()).await;
+    let gw = start_gateway(&chain, dir.path(), Options::default()).await;
     let owner = chain.payer(2).clone();
     let wallet = SmartWallet::deploy(&chain.provider, owner.address())
         .await
@@ -793,7 +678,7 @@ async fn contract_wallet_payer_claims_with_erc1271() {
         .unwrap();
     assert!(receipt.status());
     let tx = format!("{:#x}", receipt.transaction_hash);
-    gw.confirm(&chain, receipt.block_number.unwrap()).await;
+    confirm(&gw, &chain, receipt.block_number.unwrap()).await;
 
     let body = |sig: String| json!({"txHash": tx, "poolSlug": "kimi26", "blocks": ["americas"], "signature": sig});
     // Someone else's signature is refused by the wallet.
@@ -817,10 +702,10 @@ async fn contract_wallet_payer_claims_with_erc1271() {
 async fn key_rotation_refuses_replays() {
     let chain = TestChain::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let gw = Gateway::start(&chain, dir.path(), Options::default()).await;
+    let gw = start_gateway(&chain, dir.path(), Options::default()).await;
     let payer = chain.payer(0).clone();
     let (tx, block) = chain.pay(0, usdc("49")).await;
-    gw.confirm(&chain, block).await;
+    confirm(&gw, &chain, block).await;
     let (status, _, ok) = gw
         .post(
             "/api/agent/subscribe-pool",
@@ -869,10 +754,7 @@ async fn key_rotation_refuses_replays() {
         (status, err["error"]["field"].as_str()),
         (StatusCode::BAD_REQUEST, Some("address"))
     );
-    assert_eq!(
-        gw.get("/v1/models", Some(&old_key)).await.0,
-        StatusCode::NOT_IMPLEMENTED
-    );
+    assert_eq!(gw.get("/v1/models", Some(&old_key)).await.0, StatusCode::OK);
 
     // A fresh signature: new key, old one revoked.
     let good = rotation(&payer, T0 + 10);
@@ -885,10 +767,7 @@ async fn key_rotation_refuses_replays() {
     assert_eq!(keys[0]["pool"], "kimi26");
     let new_key = keys[0]["apiKey"].as_str().unwrap().to_string();
     assert!(old_key.contains(keys[0]["replaces"].as_str().unwrap()));
-    assert_eq!(
-        gw.get("/v1/models", Some(&new_key)).await.0,
-        StatusCode::NOT_IMPLEMENTED
-    );
+    assert_eq!(gw.get("/v1/models", Some(&new_key)).await.0, StatusCode::OK);
     assert_eq!(
         gw.get("/v1/models", Some(&old_key)).await.0,
         StatusCode::PAYMENT_REQUIRED
@@ -900,8 +779,5 @@ async fn key_rotation_refuses_replays() {
         (status, err["error"]["code"].as_str()),
         (StatusCode::UNAUTHORIZED, Some("signature_replayed"))
     );
-    assert_eq!(
-        gw.get("/v1/models", Some(&new_key)).await.0,
-        StatusCode::NOT_IMPLEMENTED
-    );
+    assert_eq!(gw.get("/v1/models", Some(&new_key)).await.0, StatusCode::OK);
 }

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use alloy::eips::Encodable2718;
@@ -15,12 +15,13 @@ use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use alloy::rpc::types::TransactionRequest;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use x402_gateway::chain::{Indexer, IndexerError, StatusHandle};
-use x402_gateway::config::{ChainSettings, Network};
+use x402_gateway::config::{ChainSettings, Config, Network};
 use x402_gateway::dev::{self, DevChain, contracts::TestUSDC};
 use x402_gateway::store::Store;
 use x402_gateway::store::transfers::{Transfer, TransferStatus};
@@ -431,5 +432,142 @@ impl RangeLimitProxy {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+/// The gateway running in this process (indexer + HTTP) on a temp database, with a movable clock.
+pub struct Gateway {
+    pub base: String,
+    pub http: reqwest::Client,
+    pub clock: Arc<AtomicI64>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    pub config: String,
+    pub db: std::path::PathBuf,
+}
+
+impl Gateway {
+    /// Waits until the index has `block` at `confirmations` depth (mining the blocks it needs).
+    pub async fn confirm(&self, chain: &TestChain, block: u64, confirmations: u64) {
+        let head = chain.head().await;
+        let need = block + confirmations - 1;
+        if head < need {
+            chain.mine(need - head).await;
+        }
+        self.wait_indexed(need).await;
+    }
+
+    pub async fn start_with(
+        config: String,
+        db: std::path::PathBuf,
+        clock: Arc<AtomicI64>,
+    ) -> Gateway {
+        let settings = Config::parse(&config, std::path::Path::new("test.toml"))
+            .unwrap()
+            .resolve(std::path::Path::new("/"), &|_| None)
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let c = clock.clone();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                x402_gateway::api::serve_with_clock(
+                    settings,
+                    listener,
+                    shutdown,
+                    Arc::new(move || c.load(Ordering::SeqCst)),
+                )
+                .await
+                .expect("gateway runs");
+            }
+        });
+        let gw = Gateway {
+            base,
+            http: reqwest::Client::new(),
+            clock,
+            shutdown,
+            task,
+            config,
+            db,
+        };
+        // Ready (database migrated) once /healthz answers.
+        wait_for("the gateway answers /healthz", || async {
+            let r = gw
+                .http
+                .get(format!("{}/healthz", gw.base))
+                .send()
+                .await
+                .ok()?;
+            r.status().is_success().then_some(())
+        })
+        .await;
+        gw
+    }
+
+    /// Stops the server and starts a new one on the same database and config.
+    pub async fn restart(self) -> Gateway {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+        Gateway::start_with(self.config, self.db, self.clock).await
+    }
+
+    pub async fn get(
+        &self,
+        path: &str,
+        key: Option<&str>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        (status, headers, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        (status, headers, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        body: Value,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        self.post_raw(path, body.to_string()).await
+    }
+
+    pub async fn wait_indexed(&self, block: u64) {
+        wait_for(&format!("indexed head ≥ {block}"), || async {
+            let (_, _, body) = self.get("/healthz", None).await;
+            body["indexer"]["indexedHead"]
+                .as_u64()
+                .filter(|h| *h >= block)
+        })
+        .await;
+    }
+
+    pub fn set_time(&self, t: i64) {
+        self.clock.store(t, Ordering::SeqCst);
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::open(&self.db).unwrap()
     }
 }

@@ -79,6 +79,17 @@ poll_interval_ms = 50
 [database]
 path = "{db}"
 
+[[upstreams]]
+name = "none"
+base_url = "http://127.0.0.1:9/v1"
+
+[[models]]
+id = "kimi-k2.6"
+upstream = "none"
+input_usdc_per_mtok = "0.60"
+output_usdc_per_mtok = "2.50"
+per_request_usdc = "0.01"
+
 [[pools]]
 slug = "kimi26"
 name = "Kimi K2.6"
@@ -1050,7 +1061,9 @@ async fn per_request_app(chain: &TestChain, db: &std::path::Path) -> String {
                 |axum::extract::State(state): axum::extract::State<AppState>,
                  headers: axum::http::HeaderMap,
                  axum::Json(mut body): axum::Json<Value>| async move {
-                    let (price, out) = (usdc("0.01"), usdc("2.50"));
+                    // The proxy's wiring: the model's configured per-request price and output price.
+                    let model = state.settings.model("kimi-k2.6").unwrap();
+                    let (price, out) = (model.per_request.unwrap(), model.output_per_mtok);
                     match routes::authorize_per_request(
                         &state,
                         &headers,

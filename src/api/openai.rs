@@ -1,0 +1,617 @@
+//! OpenAI-compatible routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/usage`.
+//!
+//! Every error here is `{"error": {"message", "type", "param", "code"}}` with all four keys — malformed JSON and
+//! wrong content types included — except "pay first": a request without a valid key (or an expired one) gets the
+//! seed's 402 catalog, the body agents read to buy access. Every response carries `x-request-id`.
+
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use super::AppState;
+use crate::billing::AuthorizedKey;
+use crate::proxy::pricing::Prices;
+use crate::proxy::{self, Charge, Meter, MeteredStream, UpstreamError, windows};
+use crate::store::StoreError;
+use crate::store::billing::LedgerError;
+use crate::store::usage::{self, NewUsage};
+use crate::usdc::Usdc;
+
+/// Largest accepted chat request body.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Largest non-streamed upstream response read into memory.
+const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/usage", get(key_usage))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+}
+
+/// An OpenAI-shaped error.
+#[derive(Debug)]
+pub struct OpenAiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+    retry_after: Option<u64>,
+}
+
+impl OpenAiError {
+    pub fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        OpenAiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: Some(code),
+            retry_after: None,
+        }
+    }
+
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        OpenAiError {
+            param: Some(param),
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+                message,
+            )
+        }
+    }
+
+    fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error on /v1");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            "internal error",
+        )
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        response
+    }
+}
+
+fn new_request_id() -> String {
+    let bytes: [u8; 12] = rand::random();
+    format!("req_{}", alloy::hex::encode(bytes))
+}
+
+fn with_request_id(mut response: Response, request_id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+/// The key behind `Authorization: Bearer`, or the response to send instead (402 catalog, or 500).
+async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<AuthorizedKey, Response> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::keys::from_bearer);
+    if let Some(key) = presented {
+        match state.billing.authorize(key).await {
+            Ok(Some(k)) => return Ok(k),
+            Ok(None) => {}
+            Err(e) => return Err(OpenAiError::internal(e).into_response()),
+        }
+    }
+    Err(super::agent::payment_required(state, None).await)
+}
+
+fn price_of(model: &crate::config::Model) -> Prices {
+    Prices {
+        input_per_mtok: model.input_per_mtok,
+        output_per_mtok: model.output_per_mtok,
+    }
+}
+
+async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let request_id = new_request_id();
+    let response = match chat(&state, &headers, body, started, &request_id).await {
+        Ok(r) => r,
+        Err(r) => r,
+    };
+    with_request_id(response, &request_id)
+}
+
+async fn chat(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Bytes,
+    started: Instant,
+    request_id: &str,
+) -> Result<Response, Response> {
+    let key = authorize(state, headers).await?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !is_json {
+        return Err(OpenAiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            "send the request body as JSON with `Content-Type: application/json`",
+        )
+        .into_response());
+    }
+    let parsed: Value = serde_json::from_slice(&body).map_err(|e| {
+        OpenAiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+        .into_response()
+    })?;
+    let Value::Object(object) = parsed else {
+        return Err(OpenAiError::invalid("body", "the body must be a JSON object").into_response());
+    };
+    let model_id = match object.get("model") {
+        Some(Value::String(s)) => s.clone(),
+        _ => {
+            return Err(
+                OpenAiError::invalid("model", "`model` must be a string naming a model")
+                    .into_response(),
+            );
+        }
+    };
+    let settings = state.settings.clone();
+    let Some(model) = settings.model(&model_id) else {
+        return Err(OpenAiError {
+            param: Some("model"),
+            ..OpenAiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("the model `{model_id}` does not exist; GET /v1/models lists the models of this key"),
+            )
+        }
+        .into_response());
+    };
+    let record = &key.record;
+    let now = state.billing.now();
+    let new_usage = |stream: bool| NewUsage {
+        request_id: request_id.to_string(),
+        key_id: record.id,
+        account: record.account.clone(),
+        key_kind: if record.kind == "credit" {
+            "credit"
+        } else {
+            "subscription"
+        },
+        model: model_id.clone(),
+        stream,
+        started_at: now,
+    };
+
+    let (prepared, charge) = if record.kind == "subscription" {
+        let pool = record.pool.as_deref().and_then(|slug| settings.pool(slug));
+        let Some(pool) = pool else {
+            return Err(OpenAiError::internal(format!(
+                "key {} has no known pool",
+                record.public_id
+            ))
+            .into_response());
+        };
+        if !pool.models.iter().any(|m| m == &model_id) {
+            return Err(OpenAiError {
+                param: Some("model"),
+                ..OpenAiError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    "model_not_in_plan",
+                    format!(
+                        "this key's pool `{}` serves {}; not `{model_id}`",
+                        pool.slug,
+                        pool.models.join(", ")
+                    ),
+                )
+            }
+            .into_response());
+        }
+        let bought: Vec<&crate::config::Block> = record
+            .blocks
+            .iter()
+            .flatten()
+            .filter_map(|name| pool.block(name))
+            .collect();
+        let wins: Vec<windows::Window> = bought
+            .iter()
+            .map(|b| windows::Window {
+                start_minute: b.start_minute,
+                end_minute: b.end_minute,
+            })
+            .collect();
+        if !windows::inside(now, &wins) {
+            let wait = windows::seconds_until_open(now, &wins)
+                .unwrap_or(3600)
+                .max(1) as u64;
+            let names: Vec<String> = bought
+                .iter()
+                .map(|b| format!("{} ({} UTC)", b.name, b.hours()))
+                .collect();
+            return Err(OpenAiError::new(
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "outside_subscription_window",
+                format!(
+                    "this key works during {}; the next window opens in {wait} s",
+                    names.join(", ")
+                ),
+            )
+            .retry_after(wait)
+            .into_response());
+        }
+        let Some(slot) = state.proxy.slots().try_acquire(record.id) else {
+            return Err(OpenAiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "concurrency_limit",
+                "a pool key serves one request at a time; wait for the current one to finish",
+            )
+            .retry_after(1)
+            .into_response());
+        };
+        let prepared = proxy::prepare(object, model, None).map_err(bad_param)?;
+        let usage = new_usage(prepared.stream);
+        (prepared, Charge::Subscription { usage, slot })
+    } else {
+        let prepared =
+            proxy::prepare(object, model, Some(model.max_output_tokens)).map_err(bad_param)?;
+        let prices = price_of(model);
+        let prompt_bound = body.len() as u64 + proxy::TEMPLATE_TOKEN_MARGIN;
+        let reserve = prices.cost(
+            prompt_bound,
+            prepared
+                .max_output_tokens
+                .unwrap_or(model.max_output_tokens),
+        );
+        let usage = new_usage(prepared.stream);
+        let row = usage.clone();
+        let reserved = state
+            .store
+            .write(move |tx| -> Result<_, ReserveError> { Ok(usage::reserve(tx, &row, reserve)?) })
+            .await;
+        match reserved {
+            Ok((usage_id, _left)) => (
+                prepared,
+                Charge::Credit {
+                    usage,
+                    usage_id,
+                    reserved: reserve,
+                    prices,
+                },
+            ),
+            Err(ReserveError::Ledger(LedgerError::Insufficient { balance, needed })) => {
+                let message = format!(
+                    "balance {balance} USDC is below this request's worst-case cost {needed} USDC \
+                     (prompt bound + max_tokens at the model's prices); top up, or lower max_tokens"
+                );
+                return Err(super::agent::payment_required(state, Some(message)).await);
+            }
+            Err(e) => return Err(OpenAiError::internal(e).into_response()),
+        }
+    };
+
+    let mut meter = Meter::new(
+        state.store.clone(),
+        charge,
+        started,
+        prepared.estimated_prompt_tokens,
+        now,
+    );
+    let overhead = started.elapsed();
+    meter.set_overhead(overhead);
+    let upstream = match state
+        .proxy
+        .send(&settings, model, prepared.body.clone(), request_id)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let outcome = meter.outcome(None, 0, "upstream_error", None);
+            meter.settle(outcome).await;
+            return Err(upstream_error(e).into_response());
+        }
+    };
+    let status = upstream.status();
+    if !status.is_success() {
+        let code = status.as_u16();
+        let text = upstream.bytes().await.unwrap_or_default();
+        let outcome = meter.outcome(None, 0, "upstream_error", Some(code));
+        meter.settle(outcome).await;
+        // An upstream's own 4xx (a parameter it rejects) is the client's to read; 5xx become our 502.
+        if status.is_client_error()
+            && serde_json::from_slice::<Value>(&text).is_ok_and(|v| v.get("error").is_some())
+        {
+            return Ok((status, [(header::CONTENT_TYPE, "application/json")], text).into_response());
+        }
+        return Err(OpenAiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "upstream_error",
+            format!("the upstream answered HTTP {code}"),
+        )
+        .into_response());
+    }
+
+    let overhead_header = format!("{:.3}", overhead.as_secs_f64() * 1e3);
+    if prepared.stream {
+        let stream = MeteredStream::new(
+            Box::pin(upstream.bytes_stream()),
+            !prepared.client_wants_usage,
+            meter,
+        );
+        let mut response = Response::new(Body::from_stream(stream));
+        let h = response.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        insert(h, "x-gateway-overhead-ms", &overhead_header);
+        if let Some(reserved) = reserved_of(&prepared, record, model) {
+            insert(h, "x-gateway-reserved-usdc", &reserved.to_string());
+        }
+        return Ok(response);
+    }
+
+    let body = match read_limited(upstream, MAX_RESPONSE_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            let outcome = meter.outcome(None, 0, "upstream_error", Some(status.as_u16()));
+            meter.settle(outcome).await;
+            return Err(upstream_error(e).into_response());
+        }
+    };
+    let usage = proxy::usage_of_response(&body);
+    let delivered = if usage.is_some() {
+        0
+    } else {
+        proxy::estimate_completion_tokens(&body)
+    };
+    let outcome = meter.outcome(usage, delivered, "ok", Some(status.as_u16()));
+    let settled = meter.settle(outcome).await;
+    let mut response = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
+    let h = response.headers_mut();
+    insert(h, "x-gateway-overhead-ms", &overhead_header);
+    if let Some((cost, balance)) = settled {
+        insert(h, "x-gateway-cost-usdc", &cost.to_string());
+        insert(h, "x-gateway-balance-usdc", &balance.to_string());
+    }
+    Ok(response)
+}
+
+/// The reservation of a credit request, for the streamed response's header.
+fn reserved_of(
+    prepared: &proxy::Prepared,
+    record: &crate::store::billing::KeyRecord,
+    model: &crate::config::Model,
+) -> Option<Usdc> {
+    (record.kind == "credit").then(|| {
+        let bound = prepared.body.len() as u64 + proxy::TEMPLATE_TOKEN_MARGIN;
+        price_of(model).cost(
+            bound,
+            prepared
+                .max_output_tokens
+                .unwrap_or(model.max_output_tokens),
+        )
+    })
+}
+
+fn insert(h: &mut HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+async fn read_limited(
+    response: alloy::transports::http::reqwest::Response,
+    limit: usize,
+) -> Result<Bytes, UpstreamError> {
+    use futures::StreamExt;
+    let mut stream = response.bytes_stream();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| proxy::classify("upstream", e))?;
+        if out.len() + chunk.len() > limit {
+            return Err(UpstreamError::Failed {
+                upstream: "upstream".into(),
+                message: format!("response over {limit} bytes"),
+            });
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(out))
+}
+
+fn bad_param(e: proxy::BadParam) -> Response {
+    OpenAiError::invalid(e.param, e.message).into_response()
+}
+
+fn upstream_error(e: UpstreamError) -> OpenAiError {
+    match &e {
+        UpstreamError::Timeout { .. } => OpenAiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_error",
+            "upstream_timeout",
+            e.to_string(),
+        ),
+        _ => OpenAiError::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "upstream_unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReserveError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for ReserveError {
+    fn from(e: rusqlite::Error) -> Self {
+        ReserveError::Store(StoreError::Sqlite(e))
+    }
+}
+
+async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let request_id = new_request_id();
+    let response = match authorize(&state, &headers).await {
+        Err(r) => r,
+        Ok(key) => {
+            let allowed: Vec<&str> = match key
+                .record
+                .pool
+                .as_deref()
+                .and_then(|p| state.settings.pool(p))
+            {
+                Some(pool) if key.record.kind == "subscription" => {
+                    pool.models.iter().map(String::as_str).collect()
+                }
+                _ => state
+                    .settings
+                    .models
+                    .iter()
+                    .map(|m| m.id.as_str())
+                    .collect(),
+            };
+            let data: Vec<Value> = allowed
+                .iter()
+                .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "x402-gateway"}))
+                .collect();
+            Json(json!({"object": "list", "data": data})).into_response()
+        }
+    };
+    with_request_id(response, &request_id)
+}
+
+async fn key_usage(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let request_id = new_request_id();
+    let response = match authorize(&state, &headers).await {
+        Err(r) => r,
+        Ok(key) => match usage_view(&state, key).await {
+            Ok(v) => Json(v).into_response(),
+            Err(e) => OpenAiError::internal(e).into_response(),
+        },
+    };
+    with_request_id(response, &request_id)
+}
+
+async fn usage_view(state: &AppState, key: AuthorizedKey) -> Result<Value, StoreError> {
+    let record = key.record;
+    let now = state.billing.now();
+    let key_id = record.id;
+    let account = record.account.clone();
+    let (day, all, recent, balance) = state
+        .store
+        .read(move |c| -> Result<_, StoreError> {
+            Ok((
+                usage::totals(c, key_id, now - 86_400)?,
+                usage::totals(c, key_id, i64::MIN)?,
+                usage::recent(c, key_id, 20)?,
+                crate::store::billing::balance(c, &account)?,
+            ))
+        })
+        .await?;
+    let mut view = json!({
+        "object": "usage",
+        "key": {"id": record.public_id, "kind": record.kind, "account": record.account},
+        "totals": {"last24h": day, "allTime": all},
+        "recent": recent,
+    });
+    if record.kind == "subscription" {
+        let pool = record.pool.as_deref().and_then(|p| state.settings.pool(p));
+        let blocks: Vec<Value> = record
+            .blocks
+            .iter()
+            .flatten()
+            .filter_map(|name| pool.and_then(|p| p.block(name)))
+            .map(|b| json!({"name": b.name, "hoursUtc": format!("{} UTC", b.hours())}))
+            .collect();
+        let wins: Vec<windows::Window> = record
+            .blocks
+            .iter()
+            .flatten()
+            .filter_map(|name| pool.and_then(|p| p.block(name)))
+            .map(|b| windows::Window {
+                start_minute: b.start_minute,
+                end_minute: b.end_minute,
+            })
+            .collect();
+        view["subscription"] = json!({
+            "pool": record.pool,
+            "models": pool.map(|p| p.models.clone()).unwrap_or_default(),
+            "blocks": blocks,
+            "expiresAt": record.expires_at.map(crate::billing::rfc3339),
+            "activeNow": windows::inside(now, &wins),
+            "secondsToNextWindow": windows::seconds_until_open(now, &wins),
+            "concurrentRequests": 1,
+        });
+    } else {
+        view["credits"] = json!({
+            "balanceUsdc": balance,
+            "models": state.settings.models.iter().map(|m| json!({
+                "id": m.id,
+                "inputUsdcPerMtok": m.input_per_mtok,
+                "outputUsdcPerMtok": m.output_per_mtok,
+            })).collect::<Vec<_>>(),
+        });
+    }
+    Ok(view)
+}

@@ -1,0 +1,305 @@
+//! A scripted OpenAI-compatible upstream for `dev`, tests and benchmarks (there is no GPU model here).
+//!
+//! It speaks the real wire format — `POST /v1/chat/completions` (JSON, or SSE with `data: [DONE]` and the
+//! `stream_options.include_usage` chunk) and `GET /v1/models` — and reports exact usage: `prompt_tokens` is the
+//! number of whitespace-separated words in the messages, `completion_tokens` the number of tokens it produced.
+//! The upstream model name selects a behaviour, so a gateway config can map a model to a fault:
+//!
+//! | model | behaviour |
+//! |---|---|
+//! | anything else | answers `max_tokens` tokens (default 16), one SSE chunk each, `token_delay` apart |
+//! | `fail-500` | HTTP 500 with an OpenAI error body |
+//! | `hang` | accepts the request and never answers |
+//! | `cut-N` | streams N tokens, then closes the connection with no usage chunk and no `[DONE]` |
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::stream;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Words the demo model "generates", in turn.
+const WORDS: &[&str] = &[
+    "Paid",
+    "inference",
+    "served",
+    "by",
+    "x402-gateway",
+    "on",
+    "a",
+    "local",
+    "chain.",
+];
+
+/// How the demo upstream behaves.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// Pause before each streamed token.
+    pub token_delay: Duration,
+    /// Tokens produced when the request sets no `max_tokens`.
+    pub default_tokens: u64,
+    /// When set, requests must carry `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// Models listed by `GET /v1/models`.
+    pub models: Vec<String>,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            token_delay: Duration::from_millis(20),
+            default_tokens: 16,
+            api_key: None,
+            models: vec!["demo".into()],
+        }
+    }
+}
+
+/// What the upstream has seen, for tests.
+#[derive(Debug, Default)]
+pub struct DemoStats {
+    pub requests: AtomicU64,
+    /// Streams that ended because the client went away before the last token.
+    pub cancelled: AtomicU64,
+    pub completed: AtomicU64,
+    /// The last request body received, as JSON text.
+    pub last_body: std::sync::Mutex<Option<Value>>,
+}
+
+#[derive(Clone)]
+struct DemoState {
+    config: Arc<DemoConfig>,
+    stats: Arc<DemoStats>,
+}
+
+/// The demo upstream's router; `stats` is shared with the caller.
+pub fn router(config: DemoConfig, stats: Arc<DemoStats>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .with_state(DemoState {
+            config: Arc::new(config),
+            stats,
+        })
+}
+
+/// Serves the demo upstream on `listener` until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    config: DemoConfig,
+    stats: Arc<DemoStats>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(config, stats))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+fn error(status: StatusCode, message: &str, kind: &str) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}})),
+    )
+        .into_response()
+}
+
+async fn models(State(state): State<DemoState>) -> Json<Value> {
+    let data: Vec<Value> = state
+        .config
+        .models
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "demo"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// Whitespace-separated words of every message's text content.
+fn count_prompt_tokens(body: &Value) -> u64 {
+    let mut n = 0;
+    for m in body["messages"].as_array().into_iter().flatten() {
+        match &m["content"] {
+            Value::String(s) => n += s.split_whitespace().count() as u64,
+            Value::Array(parts) => {
+                for p in parts {
+                    n += p["text"]
+                        .as_str()
+                        .map_or(0, |s| s.split_whitespace().count() as u64);
+                }
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+struct CountOnDrop {
+    stats: Arc<DemoStats>,
+    finished: bool,
+}
+
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        let counter = if self.finished {
+            &self.stats.completed
+        } else {
+            &self.stats.cancelled
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn chat(State(state): State<DemoState>, headers: HeaderMap, body: Bytes) -> Response {
+    state.stats.requests.fetch_add(1, Ordering::SeqCst);
+    if let Some(key) = &state.config.api_key {
+        let expected = format!("Bearer {key}");
+        if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "invalid upstream API key",
+                "invalid_request_error",
+            );
+        }
+    }
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "body is not JSON",
+            "invalid_request_error",
+        );
+    };
+    if let Ok(mut last) = state.stats.last_body.lock() {
+        *last = Some(body.clone());
+    }
+    let model = body["model"].as_str().unwrap_or("demo").to_string();
+    let prompt_tokens = count_prompt_tokens(&body);
+    let max_tokens = body["max_completion_tokens"]
+        .as_u64()
+        .or_else(|| body["max_tokens"].as_u64());
+    let mut tokens = max_tokens.unwrap_or(state.config.default_tokens);
+    let finish = if max_tokens.is_some() {
+        "length"
+    } else {
+        "stop"
+    };
+    let mut cut = false;
+    match model.as_str() {
+        "fail-500" => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the demo upstream was told to fail",
+                "server_error",
+            );
+        }
+        "hang" => {
+            std::future::pending::<()>().await;
+        }
+        m if m.starts_with("cut-") => {
+            tokens = tokens.min(m[4..].parse().unwrap_or(0));
+            cut = true;
+        }
+        _ => {}
+    }
+    let id = format!(
+        "chatcmpl-demo-{}",
+        state.stats.requests.load(Ordering::SeqCst)
+    );
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens});
+    let text = |i: u64| WORDS[(i as usize) % WORDS.len()];
+
+    if body["stream"].as_bool() != Some(true) {
+        if !state.config.token_delay.is_zero() {
+            tokio::time::sleep(state.config.token_delay * tokens.min(50) as u32).await;
+        }
+        let content: Vec<&str> = (0..tokens).map(text).collect();
+        state.stats.completed.fetch_add(1, Ordering::SeqCst);
+        return Json(json!({
+            "id": id, "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content.join(" ")}, "finish_reason": finish}],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+
+    let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
+    let chunk = |delta: Value, finish_reason: Value| {
+        let mut c = json!({
+            "id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        });
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        format!("data: {c}\n\n")
+    };
+    let mut events: Vec<String> = Vec::with_capacity(tokens as usize + 4);
+    events.push(chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    ));
+    for i in 0..tokens {
+        let sep = if i == 0 { "" } else { " " };
+        events.push(chunk(
+            json!({"content": format!("{sep}{}", text(i))}),
+            Value::Null,
+        ));
+    }
+    if !cut {
+        events.push(chunk(json!({}), json!(finish)));
+        if include_usage {
+            let u = json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage});
+            events.push(format!("data: {u}\n\n"));
+        }
+        events.push("data: [DONE]\n\n".to_string());
+    }
+
+    // A producer task feeds the body; a failed send means the client went away (the stream was dropped).
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let delay = state.config.token_delay;
+    let stats = state.stats.clone();
+    tokio::spawn(async move {
+        let mut guard = CountOnDrop {
+            stats,
+            finished: false,
+        };
+        for event in events {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if tx.send(Ok(Bytes::from(event))).await.is_err() {
+                return;
+            }
+        }
+        if cut {
+            // An error ends the body abruptly: the connection closes mid-stream, like an upstream that died.
+            let _ = tx
+                .send(Err(std::io::Error::other("demo upstream cut the stream")))
+                .await;
+            guard.finished = true;
+            return;
+        }
+        guard.finished = true;
+    });
+    let body = stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "response build failed",
+                "server_error",
+            )
+        })
+}

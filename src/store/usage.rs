@@ -1,0 +1,286 @@
+//! Proxy persistence: per-request usage rows and the credit reservations that go with them.
+//!
+//! A credit request reserves its worst-case cost with a `debit` ledger row in the same transaction that writes
+//! its usage row (`in_flight`), so concurrent requests can never overdraw: the ledger refuses a row that would take
+//! the balance below zero. Settlement refunds the unused part and records what was actually charged.
+
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::Serialize;
+
+use super::billing::{LedgerError, LedgerKind, append_ledger, balance};
+use crate::usdc::Usdc;
+
+/// A request about to be forwarded.
+#[derive(Debug, Clone)]
+pub struct NewUsage {
+    pub request_id: String,
+    pub key_id: i64,
+    pub account: String,
+    /// `subscription` or `credit`.
+    pub key_kind: &'static str,
+    pub model: String,
+    pub stream: bool,
+    pub started_at: i64,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    /// What the tokens cost at the model's prices (0 for subscription keys).
+    pub cost: Usdc,
+    /// `ok`, `upstream_error`, `upstream_cut`, `client_closed`.
+    pub status: &'static str,
+    /// `upstream`, `estimated` or `none`.
+    pub usage_source: &'static str,
+    pub http_status: Option<u16>,
+    pub duration_ms: u64,
+    pub overhead_us: u64,
+}
+
+/// What settlement charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub charged: Usdc,
+    /// Account balance afterwards (credit keys).
+    pub balance: Usdc,
+}
+
+/// Writes the usage row of a credit request and reserves `reserve` from its account. Returns the row id and the
+/// balance left after the reservation.
+pub fn reserve(
+    tx: &Transaction<'_>,
+    usage: &NewUsage,
+    reserve: Usdc,
+) -> Result<(i64, Usdc), LedgerError> {
+    let left = append_ledger(
+        tx,
+        &usage.account,
+        LedgerKind::Debit,
+        Usdc(-reserve.atomic()),
+        None,
+        Some(usage.key_id),
+        Some(&format!("reserve for request {}", usage.request_id)),
+        usage.started_at,
+    )?;
+    let id = insert(tx, usage, reserve, "in_flight")?;
+    Ok((id, left))
+}
+
+fn insert(
+    tx: &Connection,
+    usage: &NewUsage,
+    reserved: Usdc,
+    status: &str,
+) -> rusqlite::Result<i64> {
+    tx.prepare_cached(
+        "INSERT INTO usage (request_id, key_id, account, key_kind, model, stream, reserved_atomic, status, started_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        usage.request_id,
+        usage.key_id,
+        usage.account,
+        usage.key_kind,
+        usage.model,
+        usage.stream,
+        reserved.atomic(),
+        status,
+        usage.started_at,
+    ])?;
+    Ok(tx.last_insert_rowid())
+}
+
+fn finish(tx: &Connection, id: i64, outcome: &Outcome, charged: Usdc) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE usage SET prompt_tokens = ?2, completion_tokens = ?3, cost_atomic = ?4, status = ?5, \
+         usage_source = ?6, http_status = ?7, duration_ms = ?8, overhead_us = ?9 WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        outcome.prompt_tokens as i64,
+        outcome.completion_tokens as i64,
+        charged.atomic(),
+        outcome.status,
+        outcome.usage_source,
+        outcome.http_status,
+        outcome.duration_ms as i64,
+        outcome.overhead_us as i64,
+    ])?;
+    Ok(())
+}
+
+/// Settles a reserved credit request: refunds `reserved − cost`. Should the cost exceed the reservation (an
+/// upstream that reports more prompt tokens than the request could hold), the extra is charged only up to the
+/// balance: the account never goes negative, and the usage row records what was really charged.
+pub fn settle_credit(
+    tx: &Transaction<'_>,
+    usage_id: i64,
+    account: &str,
+    key_id: i64,
+    reserved: Usdc,
+    outcome: &Outcome,
+    now: i64,
+) -> Result<Settled, LedgerError> {
+    let mut charged = outcome.cost;
+    let note = format!("settle request #{usage_id}");
+    let balance_after = if outcome.cost < reserved {
+        let refund = Usdc(reserved.atomic() - outcome.cost.atomic());
+        append_ledger(
+            tx,
+            account,
+            LedgerKind::Refund,
+            refund,
+            None,
+            Some(key_id),
+            Some(&note),
+            now,
+        )?
+    } else if outcome.cost > reserved {
+        let available = balance(tx, account)?;
+        let extra = Usdc((outcome.cost.atomic() - reserved.atomic()).min(available.atomic()));
+        charged = Usdc(reserved.atomic() + extra.atomic());
+        if extra > Usdc::ZERO {
+            append_ledger(
+                tx,
+                account,
+                LedgerKind::Debit,
+                Usdc(-extra.atomic()),
+                None,
+                Some(key_id),
+                Some(&note),
+                now,
+            )?
+        } else {
+            available
+        }
+    } else {
+        balance(tx, account)?
+    };
+    finish(tx, usage_id, outcome, charged)?;
+    Ok(Settled {
+        charged,
+        balance: balance_after,
+    })
+}
+
+/// Records a finished subscription request (nothing to charge).
+pub fn record_subscription(
+    tx: &Transaction<'_>,
+    usage: &NewUsage,
+    outcome: &Outcome,
+) -> rusqlite::Result<()> {
+    let id = insert(tx, usage, Usdc::ZERO, outcome.status)?;
+    finish(tx, id, outcome, Usdc::ZERO)
+}
+
+/// Refunds and closes requests left `in_flight` by a process that stopped mid-request. Returns how many.
+pub fn recover_in_flight(tx: &Transaction<'_>, now: i64) -> Result<usize, LedgerError> {
+    let rows: Vec<(i64, String, i64, i64)> = {
+        let mut stmt = tx.prepare(
+            "SELECT id, account, key_id, reserved_atomic FROM usage WHERE status = 'in_flight'",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for (id, account, key_id, reserved) in &rows {
+        if *reserved > 0 {
+            append_ledger(
+                tx,
+                account,
+                LedgerKind::Refund,
+                Usdc(*reserved),
+                None,
+                Some(*key_id),
+                Some(&format!(
+                    "request #{id} interrupted by a restart: reservation returned"
+                )),
+                now,
+            )?;
+        }
+        tx.execute(
+            "UPDATE usage SET status = 'interrupted', usage_source = 'none' WHERE id = ?1",
+            [id],
+        )?;
+    }
+    Ok(rows.len())
+}
+
+/// Totals of a key's requests.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Totals {
+    pub requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usdc: Usdc,
+}
+
+/// One request as `/v1/usage` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageRow {
+    pub request_id: String,
+    pub model: String,
+    pub stream: bool,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usdc: Usdc,
+    pub status: String,
+    pub usage_source: String,
+    pub started_at: i64,
+    pub duration_ms: Option<i64>,
+}
+
+/// A key's totals since `since` (unix seconds).
+pub fn totals(c: &Connection, key_id: i64, since: i64) -> rusqlite::Result<Totals> {
+    c.prepare_cached(
+        "SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), \
+         coalesce(sum(cost_atomic), 0) FROM usage WHERE key_id = ?1 AND started_at >= ?2",
+    )?
+    .query_row(params![key_id, since], |r| {
+        Ok(Totals {
+            requests: r.get::<_, i64>(0)? as u64,
+            prompt_tokens: r.get::<_, i64>(1)? as u64,
+            completion_tokens: r.get::<_, i64>(2)? as u64,
+            cost_usdc: Usdc(r.get(3)?),
+        })
+    })
+}
+
+const USAGE_COLUMNS: &str = "request_id, model, stream, prompt_tokens, completion_tokens, cost_atomic, status, \
+     usage_source, started_at, duration_ms";
+
+fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
+    Ok(UsageRow {
+        request_id: r.get(0)?,
+        model: r.get(1)?,
+        stream: r.get(2)?,
+        prompt_tokens: r.get::<_, i64>(3)? as u64,
+        completion_tokens: r.get::<_, i64>(4)? as u64,
+        cost_usdc: Usdc(r.get(5)?),
+        status: r.get(6)?,
+        usage_source: r.get(7)?,
+        started_at: r.get(8)?,
+        duration_ms: r.get(9)?,
+    })
+}
+
+/// A key's most recent requests, newest first.
+pub fn recent(c: &Connection, key_id: i64, limit: u32) -> rusqlite::Result<Vec<UsageRow>> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {USAGE_COLUMNS} FROM usage WHERE key_id = ?1 ORDER BY id DESC LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![key_id, limit], usage_row)?;
+    rows.collect()
+}
+
+/// The usage row of a request id (tests and audits).
+pub fn by_request_id(c: &Connection, request_id: &str) -> rusqlite::Result<Option<UsageRow>> {
+    c.prepare_cached(&format!(
+        "SELECT {USAGE_COLUMNS} FROM usage WHERE request_id = ?1"
+    ))?
+    .query_row([request_id], usage_row)
+    .optional()
+}
