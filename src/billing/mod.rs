@@ -904,7 +904,7 @@ pub(crate) fn redeem(tx: &rusqlite::Connection, r: Redeem<'_>) -> Result<Claimed
             }
             let key_id = sql::insert_key(
                 tx,
-                &key,
+                key,
                 "subscription",
                 &payer,
                 Some(sub_id),
@@ -960,7 +960,7 @@ pub(crate) fn redeem(tx: &rusqlite::Connection, r: Redeem<'_>) -> Result<Claimed
             let minted = match sql::live_credit_key(tx, &payer)? {
                 Some(_) => None,
                 None => Some(sql::insert_key(
-                    tx, &key, "credit", &payer, None, created_by, now,
+                    tx, key, "credit", &payer, None, created_by, now,
                 )?),
             };
             let mut new_balance = sql::append_ledger(

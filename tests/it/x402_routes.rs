@@ -543,7 +543,8 @@ async fn x402_routes_replay_reasons_v1_and_idempotency() {
     // Every refusal: 402 with the reason, PAYMENT-RESPONSE success false, and no key.
     let now = chain_now(&chain).await;
     let poor = PrivateKeySigner::random();
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Authorization)>, &PrivateKeySigner)> = vec![
+    type Edit = Box<dyn FnOnce(&mut Authorization)>;
+    let cases: Vec<(&str, Edit, &PrivateKeySigner)> = vec![
         (
             "invalid_exact_evm_payload_authorization_valid_before",
             Box::new(move |a| a.valid_before = U256::from(now - 1)),
