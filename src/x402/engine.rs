@@ -121,7 +121,14 @@ impl X402 {
         if self.in_flight.contains(auth.from, auth.nonce) {
             return Err(Reason::Duplicate.into());
         }
-        let verified = self.settler.verify(&req, now).await?;
+        let verified = match self.settler.verify(&req, now).await {
+            Ok(v) => v,
+            // A concurrent copy settled while this one was being verified: say so, not "nonce used".
+            Err(_) if self.in_flight.contains(auth.from, auth.nonce) => {
+                return Err(Reason::Duplicate.into());
+            }
+            Err(e) => return Err(e),
+        };
         let auth = &req.payload.exact().authorization;
         let claim = self
             .in_flight
