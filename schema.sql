@@ -200,3 +200,48 @@ CREATE TABLE usage (
 );
 CREATE INDEX usage_key ON usage (key_id, id);
 CREATE INDEX usage_in_flight ON usage (status) WHERE status = 'in_flight';
+
+-- migration: 4 x402
+-- Standard x402 payments settled by the gateway (self settlement or through a facilitator). The settlement's
+-- transfer is also indexed like any other payment; its tx hash has a `claims` row (inserted in the same
+-- transaction as the key and ledger rows), so it can never be claimed again by txHash.
+CREATE TABLE x402_settlements (
+    id             INTEGER PRIMARY KEY,
+    tx_hash        TEXT    NOT NULL UNIQUE, -- the current settlement transaction (a re-submission replaces it)
+    payer          TEXT    NOT NULL,        -- authorization.from
+    nonce          TEXT    NOT NULL,        -- authorization.nonce
+    x402_version   INTEGER NOT NULL,
+    authorization  TEXT    NOT NULL,        -- JSON {from, to, value, validAfter, validBefore, nonce}
+    signature      TEXT    NOT NULL,        -- 0x-hex, as signed by the payer
+    requirements   TEXT    NOT NULL,        -- JSON: our offer the payment was verified against
+    resource       TEXT    NOT NULL,        -- the resource URL paid for
+    product        TEXT    NOT NULL CHECK (product IN ('credits', 'subscription', 'request')),
+    amount_atomic  INTEGER NOT NULL CHECK (amount_atomic >= 0),
+    key_id         INTEGER REFERENCES api_keys (id),
+    status         TEXT    NOT NULL CHECK (status IN ('settled', 'failed')),
+    settled_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL,
+    UNIQUE (payer, nonce)
+);
+
+-- What happened to settlements after the fact: `reorged` (its transfer was orphaned), `resubmitted` (the same
+-- authorization settled again, in tx_hash), `suspended` (re-submission failed; the key was revoked).
+CREATE TABLE x402_events (
+    id            INTEGER PRIMARY KEY,
+    settlement_id INTEGER NOT NULL REFERENCES x402_settlements (id),
+    kind          TEXT    NOT NULL CHECK (kind IN ('reorged', 'resubmitted', 'suspended')),
+    tx_hash       TEXT,
+    detail        TEXT,
+    at            INTEGER NOT NULL
+);
+CREATE INDEX x402_events_settlement ON x402_events (settlement_id);
+
+-- The `payment-identifier` extension: one answer per id. The id itself is not stored (only its SHA-256), and the
+-- stored answer (which may carry a new API key) is encrypted with a key derived from the id, so the database
+-- alone does not reveal it.
+CREATE TABLE x402_idempotency (
+    id_hash      TEXT    PRIMARY KEY,
+    payload_hash TEXT    NOT NULL,
+    response     BLOB    NOT NULL,
+    created_at   INTEGER NOT NULL
+);

@@ -4,6 +4,11 @@
 //! 1. verify only: `X402::verify` of pre-signed EIP-3009 payments (signature recovery + `eth_call` simulation);
 //! 2. verify + self-settle: `X402::pay` (verification, in-flight guard, `eth_estimateGas`, send, receipt).
 //!
+//! 3. the 402 challenge through the real HTTP server: `POST /x402/credits/10` without payment, from
+//!    `BENCH_CONCURRENCY` (default 32) concurrent keep-alive clients, `BENCH_CHALLENGES` (default 20000) requests:
+//!    requests/s and latency percentiles;
+//! 4. a paid purchase through the real HTTP server (verify + settle + key minted + recorded), sequential.
+//!
 //! Signing happens before timing starts. Environment: `BENCH_PAYMENTS` (default 300) payments per phase.
 
 use std::sync::Arc;
@@ -153,5 +158,139 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         samples.push(t.elapsed());
     }
     report("verify + self-settle", samples, started.elapsed());
+
+    http_phases(&chain, n).await?;
+    Ok(())
+}
+
+async fn http_phases(chain: &dev::DevChain, n: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("bench.db");
+    let config = format!(
+        "[chain]\nnetwork = \"custom\"\nchain_id = {}\ntoken_address = \"{:#x}\"\ntoken_name = \"USDC\"\n\
+         token_version = \"2\"\nrpc_http = [\"{}\"]\npay_to = \"{:#x}\"\nconfirmations = 1\n\
+         poll_interval_ms = 200\n[database]\npath = \"{}\"\n[credits]\nmin_topup_usdc = \"0.01\"\n\
+         [x402]\nsettler_key_env = \"BENCH_HOT\"\n",
+        dev::DEV_CHAIN_ID,
+        chain.token,
+        chain.anvil.endpoint(),
+        chain.pay_to,
+        db.display()
+    );
+    // anvil account 6: a second hot wallet (account 5 settled the phases above).
+    let hot = format!("0x{}", alloy::hex::encode(chain.anvil.keys()[6].to_bytes()));
+    let env = move |name: &str| (name == "BENCH_HOT").then(|| hot.clone());
+    let settings =
+        x402_gateway::config::Config::parse(&config, std::path::Path::new("bench.toml"))?
+            .resolve(std::path::Path::new("/"), &env)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let _ = x402_gateway::api::serve_with_env(
+                settings,
+                listener,
+                shutdown,
+                x402_gateway::billing::system_clock(),
+                &env,
+            )
+            .await;
+        }
+    });
+    let http = reqwest::Client::new();
+    let url = format!("{base}/x402/credits/10");
+    for _ in 0..200 {
+        if http.post(&url).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // 3. the 402 challenge
+    let total = env_u64("BENCH_CHALLENGES", 20_000) as usize;
+    let concurrency = env_u64("BENCH_CONCURRENCY", 32) as usize;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|c| {
+            let (http, url) = (http.clone(), url.clone());
+            let count = total / concurrency + usize::from(c < total % concurrency);
+            tokio::spawn(async move {
+                let mut samples = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let t = Instant::now();
+                    let res = http.post(&url).send().await.expect("challenge");
+                    assert_eq!(res.status(), 402);
+                    assert!(res.headers().contains_key("payment-required"));
+                    res.bytes().await.expect("body");
+                    samples.push(t.elapsed());
+                }
+                samples
+            })
+        })
+        .collect();
+    let mut samples = Vec::with_capacity(total);
+    for t in tasks {
+        samples.extend(t.await?);
+    }
+    let elapsed = started.elapsed();
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{:<22} n={:<5} {:.0} req/s with {concurrency} concurrent clients  p50={:.2} ms  p99={:.2} ms  max={:.2} ms",
+        "402 challenge (HTTP)",
+        samples.len(),
+        samples.len() as f64 / elapsed.as_secs_f64(),
+        ms(percentile(&samples, 0.50)),
+        ms(percentile(&samples, 0.99)),
+        ms(*samples.last().unwrap_or(&Duration::ZERO)),
+    );
+
+    // 4. paid purchases over HTTP (verify + settle + claim row, key, ledger, settlement record)
+    let res = http.post(&url).send().await?;
+    let offered: PaymentRequired =
+        x402_gateway::x402::header::decode(res.headers()["payment-required"].to_str()?)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let network = Network {
+        name: "custom".into(),
+        chain_id: dev::DEV_CHAIN_ID,
+        token: chain.token,
+        token_name: "USDC".into(),
+        token_version: "2".into(),
+    };
+    let payments = (0..n)
+        .map(|i| {
+            sign(
+                &chain.agents[i % chain.agents.len()],
+                &network,
+                &offered,
+                now,
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut samples = Vec::with_capacity(n);
+    let started = Instant::now();
+    for p in payments {
+        let AnyPaymentPayload::V2(p) = p else {
+            continue;
+        };
+        let value = x402_gateway::x402::header::encode(&p);
+        let t = Instant::now();
+        let res = http
+            .post(&url)
+            .header("PAYMENT-SIGNATURE", value)
+            .send()
+            .await?;
+        let status = res.status();
+        res.bytes().await?;
+        assert_eq!(status, 200, "paid purchase");
+        samples.push(t.elapsed());
+    }
+    report("paid purchase (HTTP)", samples, started.elapsed());
+    shutdown.cancel();
+    let _ = server.await;
     Ok(())
 }

@@ -104,6 +104,10 @@ pub struct ModelConfig {
     /// Output tokens reserved (and enforced upstream as `max_tokens`) for credit requests that set none.
     #[serde(default = "default_max_output_tokens")]
     pub max_output_tokens: u64,
+    /// Price of one request paid with a standard x402 `PAYMENT-SIGNATURE` (no key), a decimal string; absent = not
+    /// offered. `max_tokens` is capped to what it covers at `output_usdc_per_mtok`.
+    #[serde(default)]
+    pub per_request_usdc: Option<String>,
 }
 
 fn default_max_output_tokens() -> u64 {
@@ -455,6 +459,8 @@ pub struct Model {
     pub input_per_mtok: Usdc,
     pub output_per_mtok: Usdc,
     pub max_output_tokens: u64,
+    /// Per-request x402 price (`per_request_usdc`), if offered.
+    pub per_request: Option<Usdc>,
 }
 
 impl Settings {
@@ -859,6 +865,16 @@ fn resolve_models(
             input_per_mtok: parse_usdc(&key("input_usdc_per_mtok"), &m.input_usdc_per_mtok)?,
             output_per_mtok: parse_usdc(&key("output_usdc_per_mtok"), &m.output_usdc_per_mtok)?,
             max_output_tokens: m.max_output_tokens,
+            per_request: match &m.per_request_usdc {
+                None => None,
+                Some(raw) => {
+                    let price = parse_usdc(&key("per_request_usdc"), raw)?;
+                    if price <= Usdc::ZERO {
+                        return Err(invalid(&key("per_request_usdc"), "must be positive"));
+                    }
+                    Some(price)
+                }
+            },
         });
     }
     Ok((out_up, out_models))

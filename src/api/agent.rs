@@ -15,9 +15,7 @@ use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
 use super::AppState;
-use crate::billing::{
-    ClaimError, ClaimRequest, Claimed, Product, RotateError, RotateRequest, rfc3339,
-};
+use crate::billing::{ClaimError, ClaimRequest, Product, RotateError, RotateRequest};
 use crate::usdc::Usdc;
 
 /// Largest accepted request body on `/api/agent/*`.
@@ -275,22 +273,43 @@ async fn v1(State(state): State<AppState>, headers: HeaderMap, uri: axum::http::
             }
         }
     }
-    payment_required(&state, None).await
+    payment_required_with(&state, &headers, None).await
 }
 
 /// 402 with the live catalog (`Cache-Control: no-store`); `message` replaces the catalog's generic message.
+/// With `[x402]`, also `PAYMENT-REQUIRED` for the minimum credit top-up (resource URL from `server.public_url`;
+/// use [`payment_required_with`] to fall back to the request's `Host`).
 pub async fn payment_required(state: &AppState, message: Option<String>) -> Response {
+    payment_required_with(state, &HeaderMap::new(), message).await
+}
+
+/// [`payment_required`], naming x402 resources after the request's `Host` when `server.public_url` is not set.
+pub async fn payment_required_with(
+    state: &AppState,
+    headers: &HeaderMap,
+    message: Option<String>,
+) -> Response {
     match state.billing.catalog().await {
         Ok(mut catalog) => {
             if let Some(message) = message {
                 catalog["message"] = json!(message);
             }
-            (
+            let mut response = (
                 StatusCode::PAYMENT_REQUIRED,
                 [(header::CACHE_CONTROL, "no-store")],
                 Json(catalog),
             )
-                .into_response()
+                .into_response();
+            // Standard x402 clients: the minimum credit top-up at /x402/credits/{min}.
+            if let Some(v) = super::x402::v1_challenge_header(state, headers) {
+                let h = response.headers_mut();
+                h.insert(crate::x402::header::PAYMENT_REQUIRED, v);
+                h.insert(
+                    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                    HeaderValue::from_static(super::x402::EXPOSE_HEADERS),
+                );
+            }
+            response
         }
         Err(e) => ApiError::internal(e).into_response(),
     }
@@ -381,53 +400,16 @@ async fn topup(State(state): State<AppState>, JsonObject(body): JsonObject) -> R
 }
 
 async fn claim(state: AppState, req: ClaimRequest, route: &'static str) -> Response {
-    let result = state.billing.claim(req).await;
-    let result = match result {
-        Ok(c) => {
+    match state.billing.claim(req).await {
+        Ok(claimed) => {
             crate::metrics::record_claim(route, "ok");
-            Ok(c)
+            success(super::x402::claimed_data(claimed))
         }
         Err(e) => {
             let err = claim_error(e);
             crate::metrics::record_claim(route, err.code);
-            return err.into_response();
+            err.into_response()
         }
-    };
-    match result {
-        Ok(Claimed::Subscription(s)) => {
-            let mut data = json!({
-                "apiKey": s.api_key,
-                "keyId": s.key_id,
-                "pool": s.pool,
-                "blocks": s.blocks,
-                "amountUsdc": s.price,
-                "paidUsdc": s.paid,
-                "expiresAt": rfc3339(s.expires_at),
-                "account": s.account,
-            });
-            if let Some(surplus) = s.surplus {
-                data["surplus"] = json!(surplus);
-            }
-            success(data)
-        }
-        Ok(Claimed::Topup(t)) => {
-            let mut data = json!({
-                "credited": true,
-                "amountUsdc": t.amount,
-                "paidUsdc": t.paid,
-                "newBalance": t.new_balance,
-                "account": t.account,
-            });
-            if let Some((key, id)) = t.api_key {
-                data["apiKey"] = json!(key);
-                data["keyId"] = json!(id);
-            }
-            if t.surplus > Usdc::ZERO {
-                data["surplusUsdc"] = json!(t.surplus);
-            }
-            success(data)
-        }
-        Err(e) => e,
     }
 }
 

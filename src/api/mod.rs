@@ -9,6 +9,7 @@ pub mod audit;
 pub mod openai;
 pub mod openapi;
 mod ops;
+pub mod x402;
 
 use std::sync::Arc;
 
@@ -28,6 +29,8 @@ pub struct AppState {
     pub store: Store,
     pub indexer: StatusHandle,
     pub billing: Billing,
+    /// The standard x402 engine (`[x402]` configured), shared by the purchase routes and per-request payment.
+    pub x402: Option<crate::x402::X402>,
     pub proxy: Arc<crate::proxy::Proxy>,
 }
 
@@ -49,8 +52,15 @@ impl AppState {
             store,
             indexer,
             billing,
+            x402: None,
             proxy: Arc::new(proxy),
         })
+    }
+
+    /// With the standard x402 engine.
+    pub fn with_x402(mut self, engine: crate::x402::X402) -> AppState {
+        self.x402 = Some(engine);
+        self
     }
 }
 
@@ -62,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .merge(ops::router())
         .merge(openai::router())
         .merge(agent::router())
+        .merge(x402::router())
         .merge(audit::router())
         .merge(admin::router())
         .fallback(no_route)
@@ -119,6 +130,21 @@ pub async fn serve_with_clock(
     shutdown: CancellationToken,
     clock: Clock,
 ) -> Result<(), ServeError> {
+    serve_with_env(settings, listener, shutdown, clock, &|name| {
+        std::env::var(name).ok()
+    })
+    .await
+}
+
+/// [`serve_with_clock`] reading secrets (the x402 hot wallet's key) through `env` instead of the process
+/// environment (tests).
+pub async fn serve_with_env(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    clock: Clock,
+    env: &(dyn Fn(&str) -> Option<String> + Sync),
+) -> Result<(), ServeError> {
     if !settings.auth.claims_require_signature {
         tracing::warn!(
             "auth.claims_require_signature = false: ANYONE who sees a payment's txHash can claim it before the payer \
@@ -146,7 +172,23 @@ pub async fn serve_with_clock(
         status.clone(),
         shutdown.clone(),
     )?;
-    let state = AppState::new(settings, store, status, clock)?;
+    let engine = settings
+        .x402
+        .as_ref()
+        .map(|x| crate::x402::from_settings(x, &settings.chain, env))
+        .transpose()
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let mut state = AppState::new(settings, store.clone(), status.clone(), clock)?;
+    if let Some(engine) = engine {
+        tracing::info!(network = %engine.network().caip2(), "standard x402 payments enabled");
+        crate::x402::reorg::spawn(
+            store,
+            engine.clone(),
+            state.billing.clone(),
+            shutdown.clone(),
+        );
+        state = state.with_x402(engine);
+    }
     let served = run(listener, router(state), shutdown.clone()).await;
     shutdown.cancel();
     if let Ok(Err(e)) = indexer.await {

@@ -131,7 +131,7 @@ async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<AuthorizedKe
             Err(e) => return Err(OpenAiError::internal(e).into_response()),
         }
     }
-    Err(super::agent::payment_required(state, None).await)
+    Err(super::agent::payment_required_with(state, headers, None).await)
 }
 
 fn price_of(model: &crate::config::Model) -> Prices {
@@ -187,57 +187,16 @@ async fn chat(
     started: Instant,
     request_id: &str,
 ) -> Result<Response, Response> {
-    let key = authorize(state, headers).await?;
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if !is_json {
-        return Err(OpenAiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "invalid_request_error",
-            "unsupported_media_type",
-            "send the request body as JSON with `Content-Type: application/json`",
-        )
-        .into_response());
-    }
-    let parsed: Value = serde_json::from_slice(&body).map_err(|e| {
-        OpenAiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "invalid_json",
-            format!("the body is not valid JSON: {e}"),
-        )
-        .into_response()
-    })?;
-    let Value::Object(object) = parsed else {
-        return Err(OpenAiError::invalid("body", "the body must be a JSON object").into_response());
-    };
-    let model_id = match object.get("model") {
-        Some(Value::String(s)) => s.clone(),
-        _ => {
-            return Err(
-                OpenAiError::invalid("model", "`model` must be a string naming a model")
-                    .into_response(),
-            );
+    let key = match authorize(state, headers).await {
+        Ok(key) => key,
+        Err(catalog) => {
+            return per_request(state, headers, body, started, request_id, catalog).await;
         }
     };
+    let (object, model_id) = parse_request(headers, &body)?;
     let settings = state.settings.clone();
     let Some(model) = settings.model(&model_id) else {
-        return Err(OpenAiError {
-            param: Some("model"),
-            ..OpenAiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                "model_not_found",
-                format!("the model `{model_id}` does not exist; GET /v1/models lists the models of this key"),
-            )
-        }
-        .into_response());
+        return Err(unknown_model(&model_id));
     };
     let record = &key.record;
     let now = state.billing.now();
@@ -358,12 +317,107 @@ async fn chat(
                     "balance {balance} USDC is below this request's worst-case cost {needed} USDC \
                      (prompt bound + max_tokens at the model's prices); top up, or lower max_tokens"
                 );
-                return Err(super::agent::payment_required(state, Some(message)).await);
+                return Err(
+                    super::agent::payment_required_with(state, headers, Some(message)).await,
+                );
             }
             Err(e) => return Err(OpenAiError::internal(e).into_response()),
         }
     };
 
+    let reserved = reserved_of(&prepared, record, model);
+    forward(
+        state, model, prepared, charge, started, now, request_id, reserved, None,
+    )
+    .await
+}
+
+/// A keyless request: served when its model has a per-request price and it carries a valid x402 payment;
+/// otherwise the 402 (the catalog body, with a `PAYMENT-REQUIRED` header offering that price when there is one).
+async fn per_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Bytes,
+    started: Instant,
+    request_id: &str,
+    catalog: Response,
+) -> Result<Response, Response> {
+    let priced = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_string))
+        .and_then(|id| {
+            state
+                .settings
+                .model(&id)
+                .and_then(|m| m.per_request.map(|p| (id, p)))
+        });
+    let Some((model_id, price)) = priced.filter(|_| state.x402.is_some()) else {
+        return Err(catalog);
+    };
+    let (object, _) = parse_request(headers, &body)?;
+    let settings = state.settings.clone();
+    let Some(model) = settings.model(&model_id) else {
+        return Err(unknown_model(&model_id));
+    };
+    let mut value = Value::Object(object);
+    let paid = match super::x402::authorize_per_request(
+        state,
+        headers,
+        &model_id,
+        price,
+        model.output_per_mtok,
+        &mut value,
+    )
+    .await?
+    {
+        Some(paid) => paid,
+        None => {
+            let mut challenge = catalog;
+            if let Some(offer) =
+                super::x402::per_request_challenge(state, headers, &model_id, price)
+                && let Some(v) = offer.headers().get(crate::x402::header::PAYMENT_REQUIRED)
+            {
+                challenge
+                    .headers_mut()
+                    .insert(crate::x402::header::PAYMENT_REQUIRED, v.clone());
+            }
+            return Err(challenge);
+        }
+    };
+    let Value::Object(object) = value else {
+        return Err(OpenAiError::invalid("body", "the body must be a JSON object").into_response());
+    };
+    let prepared = proxy::prepare(object, model, None).map_err(bad_param)?;
+    let charge = Charge::PerRequest { model: model_id };
+    forward(
+        state,
+        model,
+        prepared,
+        charge,
+        started,
+        state.billing.now(),
+        request_id,
+        None,
+        Some(paid),
+    )
+    .await
+}
+
+/// Sends a prepared request upstream and meters the answer. A per-request payment is settled once the upstream
+/// has accepted the request and before the first byte goes to the client.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    state: &AppState,
+    model: &crate::config::Model,
+    prepared: proxy::Prepared,
+    charge: Charge,
+    started: Instant,
+    now: i64,
+    request_id: &str,
+    reserved: Option<Usdc>,
+    paid: Option<super::x402::PaidRequest>,
+) -> Result<Response, Response> {
+    let settings = state.settings.clone();
     let mut meter = Meter::new(
         state.store.clone(),
         charge,
@@ -406,6 +460,17 @@ async fn chat(
         .into_response());
     }
 
+    let payment_header = match paid {
+        None => None,
+        Some(paid) => match paid.settle(state).await {
+            Ok(settled) => Some((settled.header_name, settled.header_value)),
+            Err(refused) => {
+                let outcome = meter.outcome(None, 0, "upstream_error", Some(status.as_u16()));
+                meter.settle(outcome).await;
+                return Err(refused);
+            }
+        },
+    };
     let overhead_header = format!("{:.3}", overhead.as_secs_f64() * 1e3);
     if prepared.stream {
         let stream = MeteredStream::new(
@@ -421,8 +486,11 @@ async fn chat(
         );
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         insert(h, "x-gateway-overhead-ms", &overhead_header);
-        if let Some(reserved) = reserved_of(&prepared, record, model) {
+        if let Some(reserved) = reserved {
             insert(h, "x-gateway-reserved-usdc", &reserved.to_string());
+        }
+        if let Some((name, value)) = payment_header {
+            h.insert(name, value);
         }
         return Ok(response);
     }
@@ -451,11 +519,76 @@ async fn chat(
         .into_response();
     let h = response.headers_mut();
     insert(h, "x-gateway-overhead-ms", &overhead_header);
+    if let Some((name, value)) = payment_header {
+        h.insert(name, value);
+    }
     if let Some((cost, balance)) = settled {
         insert(h, "x-gateway-cost-usdc", &cost.to_string());
         insert(h, "x-gateway-balance-usdc", &balance.to_string());
     }
     Ok(response)
+}
+
+/// Checks the content type and reads the JSON object and its `model`.
+#[allow(clippy::result_large_err)] // The error is the response to send, as in the handlers.
+fn parse_request(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(serde_json::Map<String, Value>, String), Response> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            ct.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !is_json {
+        return Err(OpenAiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            "send the request body as JSON with `Content-Type: application/json`",
+        )
+        .into_response());
+    }
+    let parsed: Value = serde_json::from_slice(body).map_err(|e| {
+        OpenAiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "invalid_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+        .into_response()
+    })?;
+    let Value::Object(object) = parsed else {
+        return Err(OpenAiError::invalid("body", "the body must be a JSON object").into_response());
+    };
+    let model_id = match object.get("model") {
+        Some(Value::String(s)) => s.clone(),
+        _ => {
+            return Err(
+                OpenAiError::invalid("model", "`model` must be a string naming a model")
+                    .into_response(),
+            );
+        }
+    };
+    Ok((object, model_id))
+}
+
+fn unknown_model(model_id: &str) -> Response {
+    OpenAiError {
+        param: Some("model"),
+        ..OpenAiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!(
+                "the model `{model_id}` does not exist; GET /v1/models lists the models of this key"
+            ),
+        )
+    }
+    .into_response()
 }
 
 /// The reservation of a credit request, for the streamed response's header.

@@ -119,6 +119,20 @@ pub const ROUTES: &[RouteDoc] = &[
     ),
     r(
         "post",
+        "/x402/credits/{amount}",
+        "x402",
+        "Buy credits with a standard x402 payment (PAYMENT-SIGNATURE or X-PAYMENT); unpaid: 402 with PAYMENT-REQUIRED",
+        Access::Public,
+    ),
+    r(
+        "post",
+        "/x402/pools/{slug}",
+        "x402",
+        "Buy a pool subscription (?blocks=asia,europe) with a standard x402 payment; unpaid: 402 with PAYMENT-REQUIRED",
+        Access::Public,
+    ),
+    r(
+        "post",
         "/api/agent/keys/rotate",
         "agent",
         "Rotate lost keys with the payer's signature: {address, signedAt, signature, keyId?}",

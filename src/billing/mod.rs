@@ -178,6 +178,31 @@ pub enum Claimed {
     Topup(ToppedUp),
 }
 
+/// How an x402 payment was made, kept with its settlement (for re-submission after a reorg and for auditors).
+#[derive(Debug, Clone)]
+pub struct X402Record {
+    pub x402_version: u32,
+    /// 0x-hex, lower-case.
+    pub nonce: String,
+    /// JSON of the EIP-3009 authorization.
+    pub authorization: String,
+    /// 0x-hex signature.
+    pub signature: String,
+    /// JSON of the offer it was verified against.
+    pub requirements: String,
+    pub resource: String,
+}
+
+/// A payment the gateway itself settled.
+#[derive(Debug, Clone)]
+pub struct SettledPayment {
+    pub tx_hash: String,
+    pub payer: Address,
+    pub paid: Usdc,
+    pub product: Product,
+    pub record: X402Record,
+}
+
 /// A key handed out by a rotation.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -334,6 +359,34 @@ impl Billing {
         self.settings.pools.iter().find(|p| p.slug == slug)
     }
 
+    /// The first of `blocks` of pool `slug` with no seat left now, if any.
+    pub async fn seats_left(
+        &self,
+        slug: &str,
+        blocks: &[String],
+    ) -> Result<Option<String>, StoreError> {
+        let Some(pool) = self.pool(slug).cloned() else {
+            return Ok(None);
+        };
+        let now = self.now();
+        let blocks = blocks.to_vec();
+        self.store
+            .read(move |c| -> Result<_, StoreError> {
+                for b in &blocks {
+                    let seats = pool.block(b).map_or(0, |x| x.seats);
+                    if sql::seats_taken(c, &pool.slug, b, now)? >= seats {
+                        return Ok(Some(b.clone()));
+                    }
+                }
+                Ok(None)
+            })
+            .await
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Claims a confirmed payment; see the module documentation.
     pub async fn claim(&self, req: ClaimRequest) -> Result<Claimed, ClaimError> {
         let chain_id = self.settings.chain.network.chain_id;
@@ -470,124 +523,189 @@ impl Billing {
                 if sql::confirmed_value_by_payer(tx, &tx_hash)? != vec![(payer.clone(), paid)] {
                     return Err(ClaimError::PaymentChanged);
                 }
-                sql::ensure_account(tx, &payer, now)?;
-                let surplus = Usdc(paid.0 - price.0);
-                match (product, pool) {
-                    (Product::Pool { slug, blocks }, Some(pool)) => {
-                        for b in &blocks {
-                            let seats = pool.block(b).map_or(0, |x| x.seats);
-                            if sql::seats_taken(tx, &slug, b, now)? >= seats {
-                                return Err(ClaimError::SoldOut { pool: slug.clone(), block: b.clone() });
+                redeem(
+                    tx,
+                    Redeem {
+                        tx_hash: &tx_hash,
+                        payer,
+                        paid,
+                        price,
+                        product,
+                        pool,
+                        key: &key,
+                        signature: signature.as_deref(),
+                        created_by: "claim",
+                        now,
+                    },
+                )
+            })
+            .await
+    }
+
+    /// Redeems a payment the gateway settled itself (standard x402): the claim row keyed by the settlement's tx
+    /// hash, the key, the ledger rows and the settlement record are written in ONE transaction, before the HTTP
+    /// answer, so a later claim of the same txHash (`/api/agent/topup`) is `already_claimed` and the indexer's copy
+    /// of the transfer can never be credited again. No payer proof is needed: the EIP-3009 signature is it.
+    ///
+    /// The money has already moved, so nothing may be lost: when a subscription cannot be sold any more (a seat
+    /// was taken meanwhile), the payment becomes credits of the payer and the second value says why.
+    pub async fn claim_settled(
+        &self,
+        p: SettledPayment,
+    ) -> Result<(Claimed, Option<ClaimError>), ClaimError> {
+        let now = self.now();
+        let key = keys::generate()?;
+        let pool = match &p.product {
+            Product::Pool { slug, .. } => Some(
+                self.pool(slug)
+                    .ok_or_else(|| ClaimError::InvalidField {
+                        field: "pool",
+                        message: format!("unknown pool `{slug}`"),
+                    })?
+                    .clone(),
+            ),
+            Product::Topup { .. } => None,
+        };
+        self.store
+            .write(
+                move |tx| -> Result<(Claimed, Option<ClaimError>), ClaimError> {
+                    let tx_hash = p.tx_hash.to_ascii_lowercase();
+                    if let Some(existing) = sql::claim_of(tx, &tx_hash)? {
+                        return Err(ClaimError::AlreadyClaimed(Box::new(existing)));
+                    }
+                    let payer = format!("{:#x}", p.payer);
+                    let mut product = p.product.clone();
+                    let mut price = p.paid;
+                    let mut fallback = None;
+                    if let (Product::Pool { slug, blocks }, Some(pool)) = (&p.product, &pool) {
+                        price = Usdc::ZERO;
+                        for b in blocks {
+                            let block = pool.block(b);
+                            price = Usdc(price.0 + block.map_or(0, |x| x.price.0));
+                            if sql::seats_taken(tx, slug, b, now)? >= block.map_or(0, |x| x.seats) {
+                                fallback = Some(ClaimError::SoldOut {
+                                    pool: slug.clone(),
+                                    block: b.clone(),
+                                });
                             }
                         }
-                        let expires_at = now + pool.duration_secs();
-                        let blocks_json = serde_json::to_string(&blocks).unwrap_or_else(|_| "[]".into());
-                        tx.prepare_cached(
-                            "INSERT INTO subscriptions (account, pool, blocks, price_atomic, tx_hash, starts_at, \
-                             expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        )?
-                        .execute(rusqlite::params![payer, slug, blocks_json, price.0, tx_hash, now, expires_at])?;
-                        let sub_id = tx.last_insert_rowid();
-                        for b in &blocks {
-                            tx.prepare_cached(
-                                "INSERT INTO seats (subscription_id, pool, block, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                            )?
-                            .execute(rusqlite::params![sub_id, slug, b, expires_at])?;
+                        if fallback.is_some() || price > p.paid {
+                            product = Product::Topup { amount: p.paid };
+                            price = p.paid;
                         }
-                        let key_id = sql::insert_key(tx, &key, "subscription", &payer, Some(sub_id), "claim", now)?;
-                        let surplus_view = if surplus > Usdc::ZERO {
-                            let new_balance = sql::append_ledger(
-                                tx,
-                                &payer,
-                                LedgerKind::Surplus,
-                                surplus,
-                                Some(&tx_hash),
-                                None,
-                                Some("paid beyond the subscription's price"),
-                                now,
-                            )?;
-                            Some(Surplus { credited_usdc: surplus, new_balance, account: payer.clone() })
-                        } else {
-                            None
-                        };
-                        if !sql::insert_claim(
-                            tx,
-                            &tx_hash,
-                            &payer,
+                    }
+                    if let Product::Topup { amount } = &mut product {
+                        *amount = (*amount).min(p.paid);
+                        price = *amount;
+                    }
+                    let claimed = redeem(
+                        tx,
+                        Redeem {
+                            tx_hash: &tx_hash,
+                            payer: payer.clone(),
+                            paid: p.paid,
+                            price,
+                            pool: matches!(product, Product::Pool { .. })
+                                .then_some(pool)
+                                .flatten(),
+                            product,
+                            key: &key,
+                            signature: None,
+                            created_by: "x402",
+                            now,
+                        },
+                    )?;
+                    let (kind, key_id) = match &claimed {
+                        Claimed::Subscription(s) => (
                             "subscription",
-                            paid,
-                            price,
-                            Some(sub_id),
-                            Some(key_id),
-                            signature.as_deref(),
+                            sql::key_by_public_id(tx, &s.key_id)?.map(|(k, _)| k.id),
+                        ),
+                        Claimed::Topup(_) => ("credits", sql::live_credit_key(tx, &payer)?),
+                    };
+                    let r = &p.record;
+                    crate::store::x402::insert_settlement(
+                        tx,
+                        &crate::store::x402::NewSettlement {
+                            tx_hash: &tx_hash,
+                            payer: &payer,
+                            nonce: &r.nonce,
+                            x402_version: r.x402_version,
+                            authorization: &r.authorization,
+                            signature: &r.signature,
+                            requirements: &r.requirements,
+                            resource: &r.resource,
+                            product: kind,
+                            amount_atomic: p.paid.0,
+                            key_id,
                             now,
-                        )? {
-                            return Err(ClaimError::PaymentChanged);
-                        }
-                        Ok(Claimed::Subscription(Subscribed {
-                            api_key: key.full.clone(),
-                            key_id: key.public_id.clone(),
-                            pool: slug,
-                            blocks,
-                            price,
-                            paid,
-                            expires_at,
-                            account: payer,
-                            surplus: surplus_view,
-                        }))
-                    }
-                    (Product::Topup { amount }, _) => {
-                        let minted = match sql::live_credit_key(tx, &payer)? {
-                            Some(_) => None,
-                            None => Some(sql::insert_key(tx, &key, "credit", &payer, None, "claim", now)?),
-                        };
-                        let mut new_balance = sql::append_ledger(
-                            tx,
-                            &payer,
-                            LedgerKind::Topup,
-                            amount,
-                            Some(&tx_hash),
-                            None,
-                            None,
-                            now,
-                        )?;
-                        if surplus > Usdc::ZERO {
-                            new_balance = sql::append_ledger(
-                                tx,
-                                &payer,
-                                LedgerKind::Surplus,
-                                surplus,
-                                Some(&tx_hash),
-                                None,
-                                Some("paid beyond the requested top-up amount"),
-                                now,
-                            )?;
-                        }
-                        if !sql::insert_claim(
-                            tx,
-                            &tx_hash,
-                            &payer,
-                            "topup",
-                            paid,
-                            amount,
-                            None,
-                            minted,
-                            signature.as_deref(),
-                            now,
-                        )? {
-                            return Err(ClaimError::PaymentChanged);
-                        }
-                        Ok(Claimed::Topup(ToppedUp {
-                            amount,
-                            paid,
-                            new_balance,
-                            account: payer,
-                            api_key: minted.map(|_| (key.full.clone(), key.public_id.clone())),
-                            surplus,
-                        }))
-                    }
-                    (Product::Pool { .. }, None) => Err(ClaimError::PaymentChanged),
+                        },
+                    )?;
+                    Ok((claimed, fallback))
+                },
+            )
+            .await
+    }
+
+    /// Records a per-request x402 payment (no key): a `topup` claim of its tx hash, the top-up and the debit of
+    /// the request in the ledger, and the settlement record, in one transaction.
+    pub async fn record_request_payment(
+        &self,
+        p: SettledPayment,
+        note: String,
+    ) -> Result<(), ClaimError> {
+        let now = self.now();
+        self.store
+            .write(move |tx| -> Result<(), ClaimError> {
+                let tx_hash = p.tx_hash.to_ascii_lowercase();
+                if let Some(existing) = sql::claim_of(tx, &tx_hash)? {
+                    return Err(ClaimError::AlreadyClaimed(Box::new(existing)));
                 }
+                let payer = format!("{:#x}", p.payer);
+                sql::ensure_account(tx, &payer, now)?;
+                sql::append_ledger(
+                    tx,
+                    &payer,
+                    LedgerKind::Topup,
+                    p.paid,
+                    Some(&tx_hash),
+                    None,
+                    Some(&note),
+                    now,
+                )?;
+                sql::append_ledger(
+                    tx,
+                    &payer,
+                    LedgerKind::Debit,
+                    Usdc(-p.paid.0),
+                    Some(&tx_hash),
+                    None,
+                    Some(&note),
+                    now,
+                )?;
+                if !sql::insert_claim(
+                    tx, &tx_hash, &payer, "topup", p.paid, p.paid, None, None, None, now,
+                )? {
+                    return Err(ClaimError::PaymentChanged);
+                }
+                let r = &p.record;
+                crate::store::x402::insert_settlement(
+                    tx,
+                    &crate::store::x402::NewSettlement {
+                        tx_hash: &tx_hash,
+                        payer: &payer,
+                        nonce: &r.nonce,
+                        x402_version: r.x402_version,
+                        authorization: &r.authorization,
+                        signature: &r.signature,
+                        requirements: &r.requirements,
+                        resource: &r.resource,
+                        product: "request",
+                        amount_atomic: p.paid.0,
+                        key_id: None,
+                        now,
+                    },
+                )?;
+                Ok(())
             })
             .await
     }
@@ -721,6 +839,176 @@ impl Billing {
                 Ok(ok.then_some(AuthorizedKey { record }))
             })
             .await
+    }
+}
+
+/// What a redemption writes: a payment of `paid` by `payer` in `tx_hash`, buying `product` at `price`.
+pub(crate) struct Redeem<'a> {
+    pub tx_hash: &'a str,
+    pub payer: String,
+    pub paid: Usdc,
+    pub price: Usdc,
+    pub product: Product,
+    pub pool: Option<Pool>,
+    pub key: &'a NewKey,
+    pub signature: Option<&'a str>,
+    /// `created_by` of a minted key (`claim`, `x402`).
+    pub created_by: &'a str,
+    pub now: i64,
+}
+
+/// The effects of a claim, inside the caller's write transaction (which has checked that `tx_hash` is not claimed
+/// and what it paid): account, subscription and seats or credits, key, ledger rows and, last, the claim row.
+pub(crate) fn redeem(tx: &rusqlite::Connection, r: Redeem<'_>) -> Result<Claimed, ClaimError> {
+    let Redeem {
+        tx_hash,
+        payer,
+        paid,
+        price,
+        product,
+        pool,
+        key,
+        signature,
+        created_by,
+        now,
+    } = r;
+    let tx_hash = tx_hash.to_string();
+    let signature = signature.map(str::to_string);
+
+    sql::ensure_account(tx, &payer, now)?;
+    let surplus = Usdc(paid.0 - price.0);
+    match (product, pool) {
+        (Product::Pool { slug, blocks }, Some(pool)) => {
+            for b in &blocks {
+                let seats = pool.block(b).map_or(0, |x| x.seats);
+                if sql::seats_taken(tx, &slug, b, now)? >= seats {
+                    return Err(ClaimError::SoldOut {
+                        pool: slug.clone(),
+                        block: b.clone(),
+                    });
+                }
+            }
+            let expires_at = now + pool.duration_secs();
+            let blocks_json = serde_json::to_string(&blocks).unwrap_or_else(|_| "[]".into());
+            tx.prepare_cached(
+                "INSERT INTO subscriptions (account, pool, blocks, price_atomic, tx_hash, starts_at, \
+                 expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(rusqlite::params![payer, slug, blocks_json, price.0, tx_hash, now, expires_at])?;
+            let sub_id = tx.last_insert_rowid();
+            for b in &blocks {
+                tx.prepare_cached(
+                    "INSERT INTO seats (subscription_id, pool, block, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(rusqlite::params![sub_id, slug, b, expires_at])?;
+            }
+            let key_id = sql::insert_key(
+                tx,
+                key,
+                "subscription",
+                &payer,
+                Some(sub_id),
+                created_by,
+                now,
+            )?;
+            let surplus_view = if surplus > Usdc::ZERO {
+                let new_balance = sql::append_ledger(
+                    tx,
+                    &payer,
+                    LedgerKind::Surplus,
+                    surplus,
+                    Some(&tx_hash),
+                    None,
+                    Some("paid beyond the subscription's price"),
+                    now,
+                )?;
+                Some(Surplus {
+                    credited_usdc: surplus,
+                    new_balance,
+                    account: payer.clone(),
+                })
+            } else {
+                None
+            };
+            if !sql::insert_claim(
+                tx,
+                &tx_hash,
+                &payer,
+                "subscription",
+                paid,
+                price,
+                Some(sub_id),
+                Some(key_id),
+                signature.as_deref(),
+                now,
+            )? {
+                return Err(ClaimError::PaymentChanged);
+            }
+            Ok(Claimed::Subscription(Subscribed {
+                api_key: key.full.clone(),
+                key_id: key.public_id.clone(),
+                pool: slug,
+                blocks,
+                price,
+                paid,
+                expires_at,
+                account: payer,
+                surplus: surplus_view,
+            }))
+        }
+        (Product::Topup { amount }, _) => {
+            let minted = match sql::live_credit_key(tx, &payer)? {
+                Some(_) => None,
+                None => Some(sql::insert_key(
+                    tx, key, "credit", &payer, None, created_by, now,
+                )?),
+            };
+            let mut new_balance = sql::append_ledger(
+                tx,
+                &payer,
+                LedgerKind::Topup,
+                amount,
+                Some(&tx_hash),
+                None,
+                None,
+                now,
+            )?;
+            if surplus > Usdc::ZERO {
+                new_balance = sql::append_ledger(
+                    tx,
+                    &payer,
+                    LedgerKind::Surplus,
+                    surplus,
+                    Some(&tx_hash),
+                    None,
+                    Some("paid beyond the requested top-up amount"),
+                    now,
+                )?;
+            }
+            if !sql::insert_claim(
+                tx,
+                &tx_hash,
+                &payer,
+                "topup",
+                paid,
+                amount,
+                None,
+                minted,
+                signature.as_deref(),
+                now,
+            )? {
+                return Err(ClaimError::PaymentChanged);
+            }
+            Ok(Claimed::Topup(ToppedUp {
+                amount,
+                paid,
+                new_balance,
+                account: payer,
+                api_key: minted.map(|_| (key.full.clone(), key.public_id.clone())),
+                surplus,
+            }))
+        }
+        (Product::Pool { .. }, None) => Err(ClaimError::PaymentChanged),
     }
 }
 

@@ -284,6 +284,8 @@ pub fn estimate_completion_tokens(body: &[u8]) -> u64 {
 
 /// How a request is billed, and what settles it.
 pub enum Charge {
+    /// Paid per request with an x402 payment (recorded by the payment itself): nothing to settle here.
+    PerRequest { model: String },
     /// A pool key: nothing to charge; the slot is held until the response ends.
     Subscription { usage: NewUsage, slot: SlotGuard },
     /// A credit key with `reserved` already debited.
@@ -297,6 +299,7 @@ pub enum Charge {
 
 /// The open bill of one request; `settle` closes it exactly once.
 pub struct Meter {
+    _in_flight: crate::metrics::InFlight,
     store: Store,
     billing: Option<Charge>,
     started: Instant,
@@ -314,6 +317,7 @@ impl Meter {
         now: i64,
     ) -> Meter {
         Meter {
+            _in_flight: crate::metrics::InFlight::start(),
             store,
             billing: Some(billing),
             started,
@@ -400,7 +404,18 @@ impl Drop for Meter {
 }
 
 async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Option<(Usdc, Usdc)> {
+    let model = match &billing {
+        Charge::PerRequest { model } => model.clone(),
+        Charge::Subscription { usage, .. } | Charge::Credit { usage, .. } => usage.model.clone(),
+    };
+    let (status, prompt, completion, overhead) = (
+        outcome.http_status.unwrap_or(0),
+        outcome.prompt_tokens,
+        outcome.completion_tokens,
+        outcome.overhead_us,
+    );
     let result = match billing {
+        Charge::PerRequest { .. } => Ok(None),
         Charge::Subscription { usage, slot } => {
             drop(slot);
             store
@@ -433,14 +448,24 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
                 .await
         }
     };
-    match result {
+    let settled = match result {
         Ok(v) => v,
         Err(e) => {
             // The reservation stays debited; the row stays `in_flight` and is refunded at the next start.
             tracing::error!(error = %e, "could not settle a request");
             None
         }
-    }
+    };
+    let spent = settled.map_or(0, |(charged, _)| charged.atomic().max(0) as u64);
+    crate::metrics::record_proxy_request(
+        &model,
+        status,
+        prompt,
+        completion,
+        spent,
+        overhead as f64 / 1e6,
+    );
+    settled
 }
 
 /// The body of a streamed response: forwards complete SSE events through the usage tap and settles the meter

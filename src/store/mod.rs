@@ -11,6 +11,7 @@
 pub mod billing;
 pub mod transfers;
 pub mod usage;
+pub mod x402;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

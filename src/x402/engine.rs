@@ -121,7 +121,14 @@ impl X402 {
         if self.in_flight.contains(auth.from, auth.nonce) {
             return Err(Reason::Duplicate.into());
         }
-        let verified = self.settler.verify(&req, now).await?;
+        let verified = match self.settler.verify(&req, now).await {
+            Ok(v) => v,
+            // A concurrent copy settled while this one was being verified: say so, not "nonce used".
+            Err(_) if self.in_flight.contains(auth.from, auth.nonce) => {
+                return Err(Reason::Duplicate.into());
+            }
+            Err(e) => return Err(e),
+        };
         let auth = &req.payload.exact().authorization;
         let claim = self
             .in_flight
@@ -147,6 +154,23 @@ impl X402 {
         offered: &PaymentRequired,
     ) -> Result<Settlement, PaymentError> {
         self.reserve(payload, offered).await?.settle().await
+    }
+}
+
+impl X402 {
+    /// Verifies and settles a payment that was settled before and whose transaction a reorg dropped: the same
+    /// authorization, bypassing the in-flight guard (which holds it as settled). Only for recorded settlements; the
+    /// chain's `authorizationState` still refuses it if the first transaction comes back.
+    pub async fn resettle(&self, req: &PaymentRequest) -> Result<Settlement, PaymentError> {
+        // The reorg may have dropped our own transactions: learn the hot wallet's nonce afresh.
+        self.settler.forget_pending().await;
+        let verified = self.settler.verify(req, self.clock.now()).await?;
+        self.settler.settle(req, &verified).await
+    }
+
+    /// The engine's "now" (unix seconds).
+    pub fn now(&self) -> u64 {
+        self.clock.now()
     }
 }
 

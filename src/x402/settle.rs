@@ -74,6 +74,11 @@ pub trait Settler: Send + Sync {
         req: &'a PaymentRequest,
         verified: &'a Verified,
     ) -> BoxFuture<'a, Result<Settlement, PaymentError>>;
+
+    /// Forgets cached chain state (the hot wallet's next nonce) after a reorg dropped transactions.
+    fn forget_pending(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// Settles with the operator's hot wallet.
@@ -276,5 +281,11 @@ impl Settler for SelfSettler {
         verified: &'a Verified,
     ) -> BoxFuture<'a, Result<Settlement, PaymentError>> {
         Box::pin(self.settle_inner(req, verified))
+    }
+
+    fn forget_pending(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            *self.next_nonce.lock().await = None;
+        })
     }
 }

@@ -8,3 +8,4 @@ mod indexer;
 mod proxy;
 mod support;
 mod x402;
+mod x402_routes;

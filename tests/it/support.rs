@@ -152,6 +152,11 @@ impl TestChain {
 
     /// A signed, not yet sent payment from payer `i` (to send now, or to place into a reorg).
     pub async fn signed_payment(&self, i: usize, amount: Usdc) -> (B256, Bytes) {
+        self.signed_payment_to(i, self.pay_to(), amount).await
+    }
+
+    /// A signed, not yet sent transfer of `amount` from payer `i` to `to`.
+    pub async fn signed_payment_to(&self, i: usize, to: Address, amount: Usdc) -> (B256, Bytes) {
         let from = self.payer(i).address();
         let nonce = self
             .provider
@@ -160,7 +165,7 @@ impl TestChain {
             .await
             .expect("nonce");
         let call = TestUSDC::transferCall {
-            to: self.pay_to(),
+            to,
             value: U256::from(amount.atomic() as u64),
         };
         let tx = TransactionRequest::default()

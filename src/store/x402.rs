@@ -1,0 +1,214 @@
+//! SQL of standard x402 payments: settlements (for linking and reorg handling), their events, and the
+//! `payment-identifier` answers. Functions take a connection: callers compose them inside one transaction.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// A settlement to record.
+#[derive(Debug, Clone)]
+pub struct NewSettlement<'a> {
+    pub tx_hash: &'a str,
+    pub payer: &'a str,
+    pub nonce: &'a str,
+    pub x402_version: u32,
+    pub authorization: &'a str,
+    pub signature: &'a str,
+    pub requirements: &'a str,
+    pub resource: &'a str,
+    /// `credits`, `subscription` or `request`.
+    pub product: &'a str,
+    pub amount_atomic: i64,
+    pub key_id: Option<i64>,
+    pub now: i64,
+}
+
+/// A recorded settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettlementRow {
+    pub id: i64,
+    pub tx_hash: String,
+    pub payer: String,
+    pub nonce: String,
+    pub x402_version: u32,
+    pub authorization: String,
+    pub signature: String,
+    pub requirements: String,
+    pub resource: String,
+    pub product: String,
+    pub amount_atomic: i64,
+    pub key_id: Option<i64>,
+    pub status: String,
+}
+
+const COLUMNS: &str = "id, tx_hash, payer, nonce, x402_version, authorization, signature, requirements, resource, \
+                       product, amount_atomic, key_id, status";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SettlementRow> {
+    Ok(SettlementRow {
+        id: r.get(0)?,
+        tx_hash: r.get(1)?,
+        payer: r.get(2)?,
+        nonce: r.get(3)?,
+        x402_version: r.get(4)?,
+        authorization: r.get(5)?,
+        signature: r.get(6)?,
+        requirements: r.get(7)?,
+        resource: r.get(8)?,
+        product: r.get(9)?,
+        amount_atomic: r.get(10)?,
+        key_id: r.get(11)?,
+        status: r.get(12)?,
+    })
+}
+
+/// Records a settlement; returns its id.
+pub fn insert_settlement(c: &Connection, s: &NewSettlement<'_>) -> rusqlite::Result<i64> {
+    c.prepare_cached(
+        "INSERT INTO x402_settlements (tx_hash, payer, nonce, x402_version, authorization, signature, requirements, \
+         resource, product, amount_atomic, key_id, status, settled_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'settled', ?12, ?12)",
+    )?
+    .execute(params![
+        s.tx_hash,
+        s.payer,
+        s.nonce,
+        s.x402_version,
+        s.authorization,
+        s.signature,
+        s.requirements,
+        s.resource,
+        s.product,
+        s.amount_atomic,
+        s.key_id,
+        s.now
+    ])?;
+    Ok(c.last_insert_rowid())
+}
+
+/// The settlement whose current transaction is `tx_hash`.
+pub fn settlement_by_tx(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<SettlementRow>> {
+    c.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM x402_settlements WHERE tx_hash = ?1"
+    ))?
+    .query_row([tx_hash], row)
+    .optional()
+}
+
+/// All settlements, oldest first.
+pub fn list_settlements(c: &Connection) -> rusqlite::Result<Vec<SettlementRow>> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM x402_settlements ORDER BY id"
+    ))?;
+    let rows = stmt.query_map([], row)?;
+    rows.collect()
+}
+
+/// Live settlements whose transaction the indexer has seen and that are now only orphaned (reorged out and not
+/// mined again).
+pub fn orphaned_settlements(c: &Connection) -> rusqlite::Result<Vec<SettlementRow>> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM x402_settlements s WHERE s.status = 'settled' \
+         AND EXISTS (SELECT 1 FROM transfers t WHERE t.tx_hash = s.tx_hash) \
+         AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.tx_hash = s.tx_hash AND t.status <> 'orphaned') \
+         ORDER BY s.id"
+    ))?;
+    let rows = stmt.query_map([], row)?;
+    rows.collect()
+}
+
+/// Points a settlement at a new transaction (a re-submission of the same authorization).
+pub fn replace_tx(c: &Connection, id: i64, tx_hash: &str, now: i64) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE x402_settlements SET tx_hash = ?2, updated_at = ?3 WHERE id = ?1",
+        params![id, tx_hash, now],
+    )?;
+    Ok(())
+}
+
+/// Marks a settlement failed (its transfer is gone and could not be re-submitted).
+pub fn mark_failed(c: &Connection, id: i64, now: i64) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE x402_settlements SET status = 'failed', updated_at = ?2 WHERE id = ?1",
+        params![id, now],
+    )?;
+    Ok(())
+}
+
+/// Appends an event of a settlement.
+pub fn insert_event(
+    c: &Connection,
+    settlement_id: i64,
+    kind: &str,
+    tx_hash: Option<&str>,
+    detail: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO x402_events (settlement_id, kind, tx_hash, detail, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![settlement_id, kind, tx_hash, detail, now])?;
+    Ok(())
+}
+
+/// One event of a settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    pub settlement_id: i64,
+    pub kind: String,
+    pub tx_hash: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// All events, oldest first.
+pub fn list_events(c: &Connection) -> rusqlite::Result<Vec<EventRow>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT settlement_id, kind, tx_hash, detail FROM x402_events ORDER BY id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(EventRow {
+            settlement_id: r.get(0)?,
+            kind: r.get(1)?,
+            tx_hash: r.get(2)?,
+            detail: r.get(3)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// The stored answer for a payment-identifier: `(payload_hash, encrypted response)`.
+pub fn idempotent_answer(
+    c: &Connection,
+    id_hash: &str,
+) -> rusqlite::Result<Option<(String, Vec<u8>)>> {
+    c.prepare_cached("SELECT payload_hash, response FROM x402_idempotency WHERE id_hash = ?1")?
+        .query_row([id_hash], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+}
+
+/// Stores the answer for a payment-identifier unless one is stored already; `false` then.
+pub fn store_idempotent_answer(
+    c: &Connection,
+    id_hash: &str,
+    payload_hash: &str,
+    response: &[u8],
+    now: i64,
+) -> rusqlite::Result<bool> {
+    let n = c
+        .prepare_cached(
+            "INSERT INTO x402_idempotency (id_hash, payload_hash, response, created_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (id_hash) DO NOTHING",
+        )?
+        .execute(params![id_hash, payload_hash, response, now])?;
+    Ok(n == 1)
+}
+
+/// Links another transaction of the same payment to its claim: a copy of `old`'s claim row keyed by `new`, so the
+/// re-submitted transfer can never be claimed by txHash either. `false` when `new` already has a claim.
+pub fn link_claim(c: &Connection, old: &str, new: &str, now: i64) -> rusqlite::Result<bool> {
+    let n = c.execute(
+        "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, \
+         key_id, signature, claimed_at) SELECT ?2, account, kind, paid_atomic, price_atomic, surplus_atomic, \
+         subscription_id, key_id, signature, ?3 FROM claims WHERE tx_hash = ?1 ON CONFLICT (tx_hash) DO NOTHING",
+        params![old, new, now],
+    )?;
+    Ok(n == 1)
+}
