@@ -4,6 +4,7 @@
 mod audit;
 mod checkout;
 mod cli;
+mod clients;
 mod indexer;
 mod proxy;
 mod support;

@@ -666,3 +666,57 @@ async fn a_restart_refunds_requests_left_in_flight() {
     assert_eq!(usage["credits"]["balanceUsdc"], "2.00");
     assert_eq!(usage["recent"][0]["status"], "interrupted");
 }
+
+/// The official OpenAI Python SDK (PyPI `openai`, installed by scripts/test) as a key holder: model list, JSON and
+/// streamed completions parsed by the SDK's own types, and the SDK's error classes fed by our error bodies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_sdk_lists_models_completes_and_streams() {
+    let s = Stack::start(0).await;
+    let key = s.credit_key(0x77, "1".parse().unwrap()).await;
+    let Some(out) = crate::clients::run_client(
+        &crate::clients::python(),
+        "tests/interop/openai_sdk.py",
+        &[&s.gw.base, &key, "demo"],
+    )
+    .await
+    else {
+        return;
+    };
+    assert!(out.get("error").is_none(), "{out}");
+    let models: Vec<&str> = out["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        models.contains(&"demo") && models.contains(&"demo-cut"),
+        "{out}"
+    );
+
+    // Non-streaming: the SDK's parsed usage is what was billed (prompt tokens from the demo upstream's count).
+    let json = &out["json"];
+    assert_eq!(json["usage"]["completion_tokens"], 5, "{out}");
+    let prompt = json["usage"]["prompt_tokens"].as_u64().unwrap();
+    let first_cost = PRICES.cost(prompt, 5);
+    assert_eq!(json["cost"], first_cost.to_string(), "{out}");
+    assert_eq!(json["finish_reason"], "length");
+
+    // Streaming with include_usage: every delta parsed, and the final usage chunk reached the SDK.
+    let stream = &out["stream"];
+    assert_eq!(stream["usage"]["completion_tokens"], 6, "{out}");
+    assert!(stream["chunks"].as_u64().unwrap() >= 7, "{out}");
+    assert!(!stream["content"].as_str().unwrap().is_empty(), "{out}");
+    // Without the option the usage chunk the gateway asked for upstream is not shown to the client.
+    assert_eq!(out["stream_without_usage_option_saw_usage"], false, "{out}");
+
+    // Errors: the SDK maps our status codes to its classes and reads the OpenAI error body.
+    assert_eq!(out["unknown_model"]["class"], "NotFoundError", "{out}");
+    assert_eq!(out["unknown_model"]["code"], "model_not_found", "{out}");
+    assert_eq!(out["bad_key"]["status"], 402, "{out}");
+
+    // Exactly the three completions were billed, to the atomic unit.
+    let spent = "1".parse::<Usdc>().unwrap().0 - s.balance(&key).await.0;
+    let expected = first_cost.0 + PRICES.cost(prompt, 6).0 + PRICES.cost(prompt, 3).0;
+    assert_eq!(spent, expected, "{out}");
+}

@@ -28,6 +28,7 @@ use x402_gateway::x402::{
     Settler, header,
 };
 
+use crate::clients::{interop_required, root, run_client};
 use crate::support::*;
 
 const CHAIN_ID: u64 = 31337;
@@ -983,44 +984,6 @@ async fn x402_routes_sold_out_before_payment_and_per_request_cap() {
 // The official clients, run as the project installs them (scripts/test): `node tests/interop/buy-credits.mjs`
 // (npm `@x402/fetch` + `@x402/evm`, viem local account) and `.venv/bin/python tests/interop/buy_credits.py` (PyPI
 // `x402`). Without them the test says so and passes, unless X402_INTEROP_REQUIRED=1 (scripts/test sets it).
-
-fn root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn interop_required() -> bool {
-    std::env::var("X402_INTEROP_REQUIRED").is_ok_and(|v| v == "1")
-}
-
-async fn run_client(program: &std::path::Path, script: &str, args: &[&str]) -> Option<Value> {
-    if !program.exists() && program.components().count() > 1 {
-        assert!(
-            !interop_required(),
-            "{} is not installed",
-            program.display()
-        );
-        eprintln!(
-            "skipping {script}: {} is not installed (run scripts/test)",
-            program.display()
-        );
-        return None;
-    }
-    let out = tokio::process::Command::new(program)
-        .arg(root().join(script))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .await
-        .expect("client runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|_| {
-        panic!(
-            "{script}: no JSON result; stdout: {stdout}; stderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
 
 fn key_hex(chain: &TestChain, i: usize) -> String {
     format!("0x{}", alloy::hex::encode(chain.payer(i).to_bytes()))
