@@ -23,8 +23,8 @@ use futures::Stream;
 use serde_json::{Value, json};
 
 use crate::config::{Model, Settings};
-use crate::store::Store;
 use crate::store::usage::{self, NewUsage, Outcome};
+use crate::store::{Durability, Store};
 use crate::usdc::Usdc;
 use pricing::Prices;
 use sse::{Usage, UsageTap};
@@ -418,11 +418,15 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
         Charge::PerRequest { .. } => Ok(None),
         Charge::Subscription { usage, slot } => {
             drop(slot);
+            // A pool key's usage row moves no money: see `Durability::Relaxed`.
             store
-                .write(move |tx| -> Result<_, crate::store::StoreError> {
-                    usage::record_subscription(tx, &usage, &outcome)?;
-                    Ok(None)
-                })
+                .write_with(
+                    Durability::Relaxed,
+                    move |tx| -> Result<_, crate::store::StoreError> {
+                        usage::record_subscription(tx, &usage, &outcome)?;
+                        Ok(None)
+                    },
+                )
                 .await
         }
         Charge::Credit {

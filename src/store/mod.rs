@@ -62,7 +62,25 @@ pub enum StoreError {
 /// Delivers a job's result once the batch it ran in has committed (`None`) or failed to (`Some(reason)`).
 type Finish = Box<dyn FnOnce(Option<String>) + Send>;
 /// Runs inside a savepoint of the batch's transaction; says whether it succeeded (keep its changes).
-type WriteJob = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Finish) + Send>;
+type JobFn = Box<dyn FnOnce(&Transaction<'_>) -> (bool, Finish) + Send>;
+
+/// A queued write and how durable its commit must be before its caller hears "done".
+struct WriteJob {
+    run: JobFn,
+    durability: Durability,
+}
+
+/// How far a commit must reach before it is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Synced to disk (`synchronous=FULL`): survives a power loss. Everything that moves money or mints keys.
+    Full,
+    /// Written to the WAL but not synced (`synchronous=NORMAL`): survives a crash of the process, not a power
+    /// loss. Only for short-lived holds whose loss costs nothing: a credit reservation lost to a power cut vanishes
+    /// together with its `in_flight` usage row, atomically, and the next `Full` commit syncs every earlier frame of
+    /// the WAL, so order is kept. It saves one fsync per metered request.
+    Relaxed,
+}
 
 /// Most jobs committed together by one `COMMIT` (group commit).
 const MAX_BATCH: usize = 256;
@@ -109,12 +127,37 @@ impl Store {
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
+                let mut synchronous = Durability::Full;
                 while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
                         match rx.try_recv() {
                             Ok(job) => batch.push(job),
                             Err(_) => break,
+                        }
+                    }
+                    // One job that needs a synced commit makes the whole batch's commit synced.
+                    let wanted = if batch.iter().any(|j| j.durability == Durability::Full) {
+                        Durability::Full
+                    } else {
+                        Durability::Relaxed
+                    };
+                    if wanted != synchronous {
+                        let level = match wanted {
+                            Durability::Full => "FULL",
+                            Durability::Relaxed => "NORMAL",
+                        };
+                        match conn.pragma_update(None, "synchronous", level) {
+                            Ok(()) => synchronous = wanted,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot set synchronous={level}");
+                                // Never acknowledge a durable write on a weaker setting: dropping the jobs
+                                // drops their reply senders, so each caller gets `WriterGone`.
+                                if wanted == Durability::Full {
+                                    drop(batch);
+                                    continue;
+                                }
+                            }
                         }
                     }
                     run_batch(&mut conn, batch);
@@ -138,15 +181,27 @@ impl Store {
         &self.inner.path
     }
 
-    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer thread; commits if it returns `Ok`.
+    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer thread; commits if it returns `Ok`, and
+    /// answers once the commit is synced to disk.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
     {
+        self.write_with(Durability::Full, f).await
+    }
+
+    /// Like [`Store::write`], with the durability the caller needs (see [`Durability::Relaxed`] for when a
+    /// weaker one is right).
+    pub async fn write_with<T, E, F>(&self, durability: Durability, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
+    {
         let (reply_tx, reply_rx) = oneshot::channel();
-        let job: WriteJob = Box::new(move |tx: &Transaction<'_>| match f(tx) {
+        let run: JobFn = Box::new(move |tx: &Transaction<'_>| match f(tx) {
             Ok(value) => {
                 let finish: Finish = Box::new(move |commit_error| {
                     let _ = reply_tx.send(match commit_error {
@@ -165,7 +220,7 @@ impl Store {
         });
         self.inner
             .writer
-            .send(job)
+            .send(WriteJob { run, durability })
             .await
             .map_err(|_| E::from(StoreError::WriterGone))?;
         reply_rx
@@ -224,7 +279,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<WriteJob>) {
             drop(job);
             continue;
         }
-        let (ok, finish) = job(&tx);
+        let (ok, finish) = (job.run)(&tx);
         let end = if ok {
             tx.execute_batch("RELEASE job")
         } else {
@@ -353,6 +408,47 @@ mod tests {
         assert_eq!(all[0].version, 1);
         assert!(all[0].sql.contains("CREATE TABLE transfers"));
         assert!(migrations("-- migration: 2 skip\nSELECT 1;").is_err());
+    }
+
+    /// The writer's `synchronous` level as a job sees it while its batch runs.
+    async fn synchronous_seen_by(store: &Store, durability: Durability) -> i64 {
+        store
+            .write_with(durability, |tx| -> Result<i64, StoreError> {
+                Ok(tx.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn relaxed_writes_skip_the_sync_and_durable_ones_get_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.db");
+        let store = Store::open(&path).unwrap();
+        // SQLite's codes: 1 = NORMAL (WAL written, not synced), 2 = FULL.
+        assert_eq!(synchronous_seen_by(&store, Durability::Full).await, 2);
+        assert_eq!(synchronous_seen_by(&store, Durability::Relaxed).await, 1);
+        assert_eq!(synchronous_seen_by(&store, Durability::Full).await, 2);
+        // A relaxed commit is still in the WAL for the next process (a crash of the process loses nothing).
+        store
+            .write_with(Durability::Relaxed, |tx| -> Result<(), StoreError> {
+                tx.execute(
+                    "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 9, '0xcd', 0)",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        drop(store);
+        let reopened = Store::open(&path).unwrap();
+        let got: i64 = reopened
+            .read(|c| -> Result<i64, StoreError> {
+                Ok(c.query_row("SELECT block_number FROM checkpoint", [], |r| r.get(0))?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, 9);
     }
 
     #[tokio::test]
