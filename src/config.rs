@@ -289,12 +289,18 @@ pub struct DatabaseConfig {
     /// SQLite file; relative paths are relative to the config file's folder.
     #[serde(default = "default_db_path")]
     pub path: PathBuf,
+    /// Sync every per-request metering commit (credit reservations, settlements, pool usage rows) to disk before
+    /// answering. Default false: they survive a crash of the process; a power cut can drop the last few, always in
+    /// the customer's favour (see README "Durability"). Payments, claims, keys and grants are always synced.
+    #[serde(default)]
+    pub fsync_metering: bool,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
         DatabaseConfig {
             path: default_db_path(),
+            fsync_metering: false,
         }
     }
 }
@@ -426,6 +432,8 @@ pub struct Settings {
     pub public_url: Option<String>,
     pub chain: ChainSettings,
     pub database_path: PathBuf,
+    /// Durability of per-request metering commits (`[database] fsync_metering`).
+    pub metering_durability: crate::store::Durability,
     pub docs_url: Option<String>,
     pub facilitator: Option<String>,
     pub pools: Vec<Pool>,
@@ -762,6 +770,11 @@ impl Config {
                 rpc_timeout: Duration::from_millis(chain.rpc_timeout_ms),
             },
             database_path,
+            metering_durability: if self.database.fsync_metering {
+                crate::store::Durability::Full
+            } else {
+                crate::store::Durability::Relaxed
+            },
             x402: self.x402.as_ref().map(|x| x.resolve(env)).transpose()?,
         })
     }
@@ -1102,6 +1115,9 @@ pay_to = "0x1111111111111111111111111111111111111111"
         assert_eq!(s.chain.confirmations, 12);
         assert_eq!(s.chain.reorg_window, 64);
         assert_eq!(s.database_path, PathBuf::from("/srv/x402-gateway.db"));
+        assert_eq!(s.metering_durability, crate::store::Durability::Relaxed);
+        let synced = resolve(&format!("{MINIMAL}[database]\nfsync_metering = true\n")).unwrap();
+        assert_eq!(synced.metering_durability, crate::store::Durability::Full);
     }
 
     #[test]

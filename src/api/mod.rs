@@ -152,6 +152,7 @@ pub async fn serve_with_env(
         );
     }
     let store = Store::open(&settings.database_path)?;
+    store.set_metering_durability(settings.metering_durability);
     let now = (clock)();
     let recovered = store
         .write(move |tx| {

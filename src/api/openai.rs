@@ -18,9 +18,9 @@ use super::AppState;
 use crate::billing::AuthorizedKey;
 use crate::proxy::pricing::Prices;
 use crate::proxy::{self, Charge, Meter, MeteredStream, UpstreamError, windows};
+use crate::store::StoreError;
 use crate::store::billing::LedgerError;
 use crate::store::usage::{self, NewUsage};
-use crate::store::{Durability, StoreError};
 use crate::usdc::Usdc;
 
 /// Largest accepted chat request body.
@@ -300,9 +300,10 @@ async fn chat(
         let row = usage.clone();
         let reserved = state
             .store
-            .write_with(Durability::Relaxed, move |tx| -> Result<_, ReserveError> {
-                Ok(usage::reserve(tx, &row, reserve)?)
-            })
+            .write_with(
+                state.store.metering_durability(),
+                move |tx| -> Result<_, ReserveError> { Ok(usage::reserve(tx, &row, reserve)?) },
+            )
             .await;
         match reserved {
             Ok((usage_id, _left)) => (

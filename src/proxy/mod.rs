@@ -23,8 +23,8 @@ use futures::Stream;
 use serde_json::{Value, json};
 
 use crate::config::{Model, Settings};
+use crate::store::Store;
 use crate::store::usage::{self, NewUsage, Outcome};
-use crate::store::{Durability, Store};
 use crate::usdc::Usdc;
 use pricing::Prices;
 use sse::{Usage, UsageTap};
@@ -418,10 +418,9 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
         Charge::PerRequest { .. } => Ok(None),
         Charge::Subscription { usage, slot } => {
             drop(slot);
-            // A pool key's usage row moves no money: see `Durability::Relaxed`.
             store
                 .write_with(
-                    Durability::Relaxed,
+                    store.metering_durability(),
                     move |tx| -> Result<_, crate::store::StoreError> {
                         usage::record_subscription(tx, &usage, &outcome)?;
                         Ok(None)
@@ -436,19 +435,22 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
             ..
         } => {
             store
-                .write(move |tx| -> Result<_, crate::store::StoreError> {
-                    let settled = usage::settle_credit(
-                        tx,
-                        usage_id,
-                        &usage.account,
-                        usage.key_id,
-                        reserved,
-                        &outcome,
-                        now,
-                    )
-                    .map_err(|e| crate::store::StoreError::Task(e.to_string()))?;
-                    Ok(Some((settled.charged, settled.balance)))
-                })
+                .write_with(
+                    store.metering_durability(),
+                    move |tx| -> Result<_, crate::store::StoreError> {
+                        let settled = usage::settle_credit(
+                            tx,
+                            usage_id,
+                            &usage.account,
+                            usage.key_id,
+                            reserved,
+                            &outcome,
+                            now,
+                        )
+                        .map_err(|e| crate::store::StoreError::Task(e.to_string()))?;
+                        Ok(Some((settled.charged, settled.balance)))
+                    },
+                )
                 .await
         }
     };

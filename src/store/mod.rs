@@ -76,9 +76,10 @@ pub enum Durability {
     /// Synced to disk (`synchronous=FULL`): survives a power loss. Everything that moves money or mints keys.
     Full,
     /// Written to the WAL but not synced (`synchronous=NORMAL`): survives a crash of the process, not a power
-    /// loss. Only for short-lived holds whose loss costs nothing: a credit reservation lost to a power cut vanishes
-    /// together with its `in_flight` usage row, atomically, and the next `Full` commit syncs every earlier frame of
-    /// the WAL, so order is kept. It saves one fsync per metered request.
+    /// loss. For per-request metering only (unless `[database] fsync_metering`): a power cut can drop the last
+    /// reservations and settlements, and each loss favours the customer — a lost hold vanishes with its
+    /// `in_flight` row; a lost settlement leaves the row `in_flight`, refunded at the next start. The next `Full`
+    /// commit syncs every earlier WAL frame, so order is kept. It takes the fsync off each metered request.
     Relaxed,
 }
 
@@ -93,6 +94,8 @@ pub struct Store {
 
 struct Inner {
     path: PathBuf,
+    /// Durability of per-request metering writes; `Relaxed` unless the operator asks for more.
+    metering_full: std::sync::atomic::AtomicBool,
     writer: mpsc::Sender<WriteJob>,
     readers: Mutex<Vec<Connection>>,
 }
@@ -171,6 +174,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
+                metering_full: std::sync::atomic::AtomicBool::new(false),
                 writer: tx,
                 readers: Mutex::new(Vec::new()),
             }),
@@ -179,6 +183,27 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Sets how durable per-request metering commits are (`[database] fsync_metering`).
+    pub fn set_metering_durability(&self, durability: Durability) {
+        self.inner.metering_full.store(
+            durability == Durability::Full,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The durability for per-request metering commits: reservations, settlements, pool usage rows.
+    pub fn metering_durability(&self) -> Durability {
+        if self
+            .inner
+            .metering_full
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            Durability::Full
+        } else {
+            Durability::Relaxed
+        }
     }
 
     /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer thread; commits if it returns `Ok`, and
