@@ -14,7 +14,8 @@
 //! with `STREAMS` (default 1,000) concurrent open SSE streams.
 //!
 //! The load generator, the upstream and the proxy under test share the 2 cores, so the absolute figures include
-//! contention; the "added" figures are gateway minus direct at the same rate.
+//! contention; the "added" figures are gateway minus direct at the same rate. `FSYNC_METERING=1` runs the gateway
+//! with `[database] fsync_metering = true` (every metering commit synced before the answer).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -435,6 +436,7 @@ confirmations = 1
 
 [database]
 path = "gateway.db"
+fsync_metering = {fsync_metering}
 
 [[upstreams]]
 name = "fast"
@@ -462,6 +464,7 @@ output_usdc_per_mtok = "2.50"
             token = chain.token,
             rpc = chain.anvil.endpoint(),
             pay_to = chain.pay_to,
+            fsync_metering = std::env::var("FSYNC_METERING").is_ok_and(|v| v == "1"),
         ),
     )?;
     let granted = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
@@ -518,7 +521,9 @@ output_usdc_per_mtok = "2.50"
 
     println!();
     println!(
-        "x402-gateway proxy benchmark (non-streaming chat completions, 8 tokens, demo upstream with no delay)"
+        "x402-gateway proxy benchmark (non-streaming chat completions, 8 tokens, demo upstream with no delay; \
+         fsync_metering = {})",
+        std::env::var("FSYNC_METERING").is_ok_and(|v| v == "1")
     );
     if let Some(v) = &litellm_version {
         println!("  LiteLLM proxy: litellm[proxy] {v}, 1 worker, no database, same upstream");
