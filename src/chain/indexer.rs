@@ -303,11 +303,13 @@ impl Indexer {
             headers.push(to_header);
         }
 
-        // Every log must sit in the block we hold the header of; fetch headers for blocks outside the window.
+        // Every log inside the reorg window must sit in the block we hold the header of. Below the window a block
+        // is final for us; it needs a header only for its timestamp, when the node does not put it on the log.
         let mut by_number: HashMap<u64, BlockRef> =
             headers.iter().map(|h| (h.number, h.clone())).collect();
         let missing: Vec<u64> = logs
             .iter()
+            .filter(|l| l.block_timestamp.is_none())
             .filter_map(|l| l.block_number.map(|n| n.to::<u64>()))
             .filter(|n| !by_number.contains_key(n))
             .collect::<BTreeSet<_>>()
@@ -320,7 +322,7 @@ impl Indexer {
         }
         let mut transfers = Vec::with_capacity(logs.len());
         for log in &logs {
-            if let Some(t) = self.decode(log, from, to, &by_number)? {
+            if let Some(t) = self.decode(log, from, to, window_start, &by_number)? {
                 transfers.push(t);
             }
         }
@@ -369,6 +371,7 @@ impl Indexer {
         log: &RawLog,
         from: u64,
         to: u64,
+        window_start: u64,
         headers: &HashMap<u64, BlockRef>,
     ) -> Result<Option<NewTransfer>, IndexerError> {
         let Some(t) = transfer_from_log(log, self.settings.network.token, self.settings.pay_to)
@@ -382,17 +385,27 @@ impl Indexer {
                 t.block_number
             )));
         }
-        let Some(header) = headers
-            .get(&t.block_number)
-            .filter(|h| h.hash == t.block_hash)
-        else {
-            return Err(IndexerError::Inconsistent(format!(
-                "log block hash differs from the header of block {}",
-                t.block_number
-            )));
+        let block_time = match headers.get(&t.block_number) {
+            Some(header) if header.hash == t.block_hash => header.timestamp,
+            Some(_) => {
+                return Err(IndexerError::Inconsistent(format!(
+                    "log block hash differs from the header of block {}",
+                    t.block_number
+                )));
+            }
+            // Below the reorg window, with the timestamp on the log: no header was fetched.
+            None => match log.block_timestamp {
+                Some(ts) if t.block_number < window_start => ts.to::<u64>(),
+                _ => {
+                    return Err(IndexerError::Inconsistent(format!(
+                        "no header for block {} of a log",
+                        t.block_number
+                    )));
+                }
+            },
         };
         Ok(Some(NewTransfer {
-            block_time: Some(header.timestamp),
+            block_time: Some(block_time),
             ..t
         }))
     }

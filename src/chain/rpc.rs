@@ -77,6 +77,10 @@ pub struct RawLog {
     pub block_hash: Option<B256>,
     pub transaction_hash: Option<B256>,
     pub log_index: Option<U64>,
+    /// The block's timestamp, which current nodes (geth ≥ 1.16, reth, op-geth, anvil) put on each log; older ones
+    /// do not, and then the indexer fetches the block header for it.
+    #[serde(default)]
+    pub block_timestamp: Option<U64>,
     #[serde(default)]
     pub removed: bool,
 }

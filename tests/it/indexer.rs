@@ -359,6 +359,65 @@ async fn splits_ranges_the_provider_refuses() {
     }
 }
 
+/// Below the reorg window, the block time comes from the log's `blockTimestamp` with no header fetched; a node
+/// that does not send it (an older one) costs a header per block, with the same result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_logs_take_their_time_from_the_log_and_old_nodes_from_the_header() {
+    use alloy::providers::Provider;
+    let chain = TestChain::start().await;
+    let mut blocks = Vec::new();
+    for i in 0..4 {
+        blocks.push(chain.pay(i % 3, Usdc(2_000_000 + i as i64)).await.1);
+        chain.mine(17).await;
+    }
+    // Out of the reorg window (64 blocks by default), which always has its headers fetched.
+    chain.mine(100).await;
+    let provider =
+        alloy::providers::ProviderBuilder::new().connect_http(chain.rpc_url().parse().unwrap());
+    let mut expected = Vec::new();
+    for &b in &blocks {
+        let block = provider
+            .get_block_by_number(b.into())
+            .await
+            .unwrap()
+            .unwrap();
+        expected.push((b, Some(block.header.timestamp)));
+    }
+    for old_node in [false, true] {
+        let proxy = RangeLimitProxy::start(chain.rpc_url(), 100_000, false).await;
+        proxy
+            .strip_log_timestamps
+            .store(old_node, std::sync::atomic::Ordering::SeqCst);
+        let mut settings = chain.settings(2);
+        settings.rpc_http = vec![proxy.url()];
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        index_once(settings, &store).await.unwrap();
+        let got: Vec<(u64, Option<u64>)> = store
+            .list_transfers(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.block_number, t.block_time))
+            .collect();
+        assert_eq!(got, expected, "old_node={old_node}");
+        let requested = proxy.headers_requested.lock().unwrap().clone();
+        let fetched: Vec<u64> = blocks
+            .iter()
+            .copied()
+            .filter(|b| requested.contains(b))
+            .collect();
+        if old_node {
+            assert_eq!(fetched, blocks, "an old node's logs need their headers");
+        } else {
+            assert!(
+                fetched.is_empty(),
+                "headers fetched for deep logs: {fetched:?}"
+            );
+        }
+    }
+}
+
 /// With `rpc_ws`, a payment is picked up through the subscription even when polling would take an hour, and
 /// payments made while the WebSocket is cut are fetched by range after it reconnects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

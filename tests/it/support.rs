@@ -369,6 +369,10 @@ pub struct RangeLimitProxy {
     pub addr: std::net::SocketAddr,
     pub refused: Arc<AtomicUsize>,
     pub largest_served: Arc<AtomicU64>,
+    /// Block numbers asked for with `eth_getBlockByNumber`.
+    pub headers_requested: Arc<std::sync::Mutex<Vec<u64>>>,
+    /// Play an older node: remove `blockTimestamp` from the logs.
+    pub strip_log_timestamps: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RangeLimitProxy {
@@ -379,6 +383,8 @@ impl RangeLimitProxy {
             addr: listener.local_addr().unwrap(),
             refused: Arc::new(AtomicUsize::new(0)),
             largest_served: Arc::new(AtomicU64::new(0)),
+            headers_requested: Arc::default(),
+            strip_log_timestamps: Arc::default(),
         };
         let p = proxy.clone();
         let client = alloy::transports::http::reqwest::Client::new();
@@ -409,7 +415,17 @@ impl RangeLimitProxy {
                                 }
                                 p.largest_served.fetch_max(span, Ordering::SeqCst);
                             }
-                            client.post(&target).json(&req).send().await.unwrap().json::<Value>().await.unwrap()
+                            if req["method"] == "eth_getBlockByNumber" {
+                                let n = req["params"][0].as_str().and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok());
+                                p.headers_requested.lock().unwrap().extend(n);
+                            }
+                            let mut answer = client.post(&target).json(&req).send().await.unwrap().json::<Value>().await.unwrap();
+                            if req["method"] == "eth_getLogs" && p.strip_log_timestamps.load(Ordering::SeqCst) {
+                                for log in answer["result"].as_array_mut().into_iter().flatten() {
+                                    log.as_object_mut().map(|o| o.remove("blockTimestamp"));
+                                }
+                            }
+                            answer
                         }
                     };
                     let out = match body {
