@@ -749,15 +749,22 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     };
     shutdown.cancel();
     // Stop anvil off the async threads: it gets SIGTERM, saves its state and exits (alloy waits up to 10 s).
+    let state_file = dir.join(CHAIN_STATE_FILE);
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let before = modified(&state_file);
     let stopped = tokio::task::spawn_blocking(move || drop(chain)).await;
     let _ = std::fs::remove_file(dir.join(ANVIL_PID_FILE));
-    if stopped.is_ok() && dir.join(CHAIN_STATE_FILE).exists() {
+    let after = modified(&state_file);
+    if stopped.is_ok() && after.is_some() && after != before {
         eprintln!(
             "stopped: anvil saved the chain to {}; run again to continue with it, or with --reset to start over",
-            dir.join(CHAIN_STATE_FILE).display()
+            state_file.display()
         );
     } else {
-        eprintln!("stopped; anvil did not save its chain, so the next run needs --reset");
+        eprintln!(
+            "stopped, but anvil did not save its chain to {}; the next run will say whether it can continue",
+            state_file.display()
+        );
     }
     match served {
         Ok(Ok(())) => {}
@@ -938,8 +945,7 @@ fn print_banner(b: &Banner) {
     let w2 = chain.agents.get(1).unwrap_or(&chain.agents[0]);
     let key2 = format!("0x{}", alloy::hex::encode(w2.to_bytes()));
     let chat = r#"{"model":"kimi-k2.6","messages":[{"role":"user","content":"Hello"}]}"#;
-    let chat_stream =
-        r#"{"model":"kimi-k2.6","stream":true,"messages":[{"role":"user","content":"Hello"}]}"#;
+    let chat_stream = r#"{"model":"kimi-k2.6","stream":true,"max_tokens":16,"messages":[{"role":"user","content":"Hello"}]}"#;
     line(String::new());
     line("Try the whole flow (copy-paste into another terminal, in the project folder):".into());
     line(format!("  GW={gw}"));

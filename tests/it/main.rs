@@ -4,6 +4,7 @@
 mod audit;
 mod checkout;
 mod cli;
+mod dev;
 mod indexer;
 mod proxy;
 mod support;
