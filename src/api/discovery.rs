@@ -137,8 +137,9 @@ fn facts(settings: &Settings, base: &str, x402: bool) -> Facts {
     let per_request = x402 && settings.models.iter().any(|m| m.per_request.is_some());
     let description = format!(
         "OpenAI-compatible inference ({models}) sold for USDC on {network} (chain {chain_id}). Call /v1 without a \
-         key to get HTTP 402 with the catalog; pay USDC to {pay_to}, wait for {confirmations} confirmations, claim \
+         key to get HTTP 402 with the catalog; pay USDC to {pay_to:#x}, wait for {confirmations} confirmations, claim \
          the transaction by its hash with the payer's signature and use the returned API key as a bearer token.{x402}",
+        pay_to = chain.pay_to,
         models = if models.is_empty() {
             "no models configured".to_string()
         } else {
@@ -146,7 +147,6 @@ fn facts(settings: &Settings, base: &str, x402: bool) -> Facts {
         },
         network = chain.network.caip2(),
         chain_id = chain.network.chain_id,
-        pay_to = format!("{:#x}", chain.pay_to),
         confirmations = chain.confirmations,
         x402 = if x402 {
             " Standard x402 clients can also pay with a PAYMENT-SIGNATURE header at /x402/*."

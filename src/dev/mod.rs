@@ -620,6 +620,11 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         Some(&dir.join(CHAIN_STATE_FILE)),
     )?;
     let anvil_pid = anvil.child().id();
+    // anvil writes its state when it stops: on our SIGTERM, or on its own when Ctrl-C in a terminal reaches the
+    // whole process group. Either way the file changes after this point.
+    let state_file = dir.join(CHAIN_STATE_FILE);
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let loaded = modified(&state_file);
     std::fs::write(dir.join(ANVIL_PID_FILE), anvil_pid.to_string())
         .map_err(step("writing anvil.pid"))?;
     let (chain, created_at, reused) = match start {
@@ -749,13 +754,10 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     };
     shutdown.cancel();
     // Stop anvil off the async threads: it gets SIGTERM, saves its state and exits (alloy waits up to 10 s).
-    let state_file = dir.join(CHAIN_STATE_FILE);
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let before = modified(&state_file);
     let stopped = tokio::task::spawn_blocking(move || drop(chain)).await;
     let _ = std::fs::remove_file(dir.join(ANVIL_PID_FILE));
-    let after = modified(&state_file);
-    if stopped.is_ok() && after.is_some() && after != before {
+    let saved = modified(&state_file);
+    if stopped.is_ok() && saved.is_some() && saved != loaded {
         eprintln!(
             "stopped: anvil saved the chain to {}; run again to continue with it, or with --reset to start over",
             state_file.display()
@@ -970,11 +972,16 @@ fn print_banner(b: &Banner) {
     ));
     line("  TX=$(node -pe 'JSON.parse(process.argv[1]).txHash' \"$PAID\"); SIG=$(node -pe 'JSON.parse(process.argv[1]).signature' \"$PAID\")".into());
     line(format!(
-        "  # 3. claim it once it has {} confirmations (before that: 202 pending; run it again); the key is shown once",
+        "  # 3. claim it: 202 pending until it has {} confirmations (the loop retries), then the key, shown once",
         b.confirmations
     ));
-    line("  CLAIM=$(curl -s $GW/api/agent/topup -H 'Content-Type: application/json' -d \"{\\\"txHash\\\":\\\"$TX\\\",\\\"amount\\\":\\\"10.00\\\",\\\"signature\\\":\\\"$SIG\\\"}\"); echo \"$CLAIM\"".into());
-    line("  KEY=$(node -pe 'JSON.parse(process.argv[1]).data.apiKey' \"$CLAIM\")".into());
+    line("  while CLAIM=$(curl -s $GW/api/agent/topup -H 'Content-Type: application/json' -d \"{\\\"txHash\\\":\\\"$TX\\\",\\\"amount\\\":\\\"10.00\\\",\\\"signature\\\":\\\"$SIG\\\"}\"); echo \"$CLAIM\"; echo \"$CLAIM\" | grep -qE '\"code\":\"(pending|not_indexed)\"'; do sleep 2; done".into());
+    line("  KEY=$(node -pe 'JSON.parse(process.argv[1]).data.apiKey ?? \"\"' \"$CLAIM\"); echo \"KEY=$KEY\"".into());
+    line("  # 3b. KEY empty? The account got its key on an earlier top-up (keys are shown once): rotate it, signed by the payer".into());
+    line(format!(
+        "  NEW=$(curl -s $GW/api/agent/keys/rotate -H 'Content-Type: application/json' -d \"$(node scripts/agent-pay.mjs rotate --key {key2})\"); echo \"$NEW\""
+    ));
+    line("  KEY=$(node -pe 'JSON.parse(process.argv[1]).data.keys.find(k => k.kind === \"credit\").apiKey' \"$NEW\")".into());
     line("  # 4. use the key: a streamed completion, then the key's usage".into());
     line(format!(
         "  curl -sN $GW/v1/chat/completions -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' -d '{chat_stream}'"
