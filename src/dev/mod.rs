@@ -613,6 +613,24 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         );
     }
     let start = how_to_start(&dir)?;
+    // The gateway's port first: a busy port must fail before anything is created in the data folder.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port))
+        .await
+        .map_err(|e| DevError::Step {
+            step: "binding the HTTP port",
+            message: format!(
+                "127.0.0.1:{}: {e} (pass --port, or 0 for any free one)",
+                args.port
+            ),
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(step("binding the HTTP port"))?;
+    // Until dev.json is written, a fresh start that fails must not leave a half folder that the next run would refuse
+    // to reuse. Declared before the chain, so it runs after anvil (dropped first) has saved its state.
+    let mut half_made = HalfMadeGuard {
+        dir: matches!(start, Start::Fresh).then(|| dir.clone()),
+    };
     tracing::info!(anvil = %anvil_path.display(), "starting the dev chain");
     let anvil = spawn_anvil(
         &anvil_path,
@@ -672,16 +690,10 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let config_path = dir.join(CONFIG_FILE);
     std::fs::write(
         &config_path,
-        dev_config(&chain, args.port, args.confirmations, &upstream_url),
+        dev_config(&chain, addr.port(), args.confirmations, &upstream_url),
     )
     .map_err(step("writing the dev config"))?;
     let settings = Config::load(&config_path)?;
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(step("binding the HTTP port"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(step("binding the HTTP port"))?;
     let gateway_url = format!("http://{addr}");
     let state = DevState {
         warning: "Written by `x402-gateway dev`. The private keys are anvil's publicly known test keys: they are \
@@ -703,6 +715,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         gateway_url: gateway_url.clone(),
     };
     state.save(&dir)?;
+    half_made.dir = None;
 
     let balances = wallet_balances(&chain).await;
     print_banner(&Banner {
@@ -773,10 +786,33 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         Ok(Err(e)) => return Err(e.into()),
         Err(e) => anyhow::bail!("the gateway task failed: {e}"),
     }
-    if let Some(result) = demo_result {
-        result?;
+    match demo_result {
+        Some(result) => result?,
+        None if args.demo => anyhow::bail!("the stack stopped before the demo finished"),
+        None => {}
     }
     Ok(())
+}
+
+/// Deletes what a failed fresh start created (the saved chain, dev.json, the database) unless disarmed.
+struct HalfMadeGuard {
+    dir: Option<PathBuf>,
+}
+
+impl Drop for HalfMadeGuard {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            for f in [
+                CHAIN_STATE_FILE,
+                DEV_FILE,
+                DB_FILE,
+                CONFIG_FILE,
+                ANVIL_PID_FILE,
+            ] {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+        }
+    }
 }
 
 /// Polls `/healthz` until the gateway answers and its indexer has indexed a block.
