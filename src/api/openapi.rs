@@ -390,6 +390,12 @@ pub fn document(public_url: Option<&str>) -> Value {
             }
             Access::Public => {}
         }
+        if route.tag == "discovery" {
+            responses.insert(
+                "304".into(),
+                json!({"description": "not modified: If-None-Match matched the ETag"}),
+            );
+        }
         if route.method == "post" || !route.query.is_empty() || route.path.contains('{') {
             responses.insert(
                 "400".into(),

@@ -1011,7 +1011,7 @@ fn usdc_of(atomic: U256) -> String {
 /// `sk-<public id>-<first 4 of the secret>…`: enough to recognise a key, not to use it.
 pub fn redact(key: &str) -> String {
     match key.rsplit_once('-') {
-        Some((head, secret)) => format!("{head}-{}…", &secret[..secret.len().min(4)]),
+        Some((head, secret)) => format!("{head}-{}…", secret.chars().take(4).collect::<String>()),
         None => "sk-…".into(),
     }
 }
