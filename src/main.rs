@@ -68,9 +68,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run everything locally: anvil (from node_modules), a test USDC, the indexer and the server, with a generated
-    /// config in the data folder. Prints the endpoints and throwaway dev wallets. Ctrl-C stops it all.
+    /// Run everything locally: anvil (from node_modules), a test USDC, a demo upstream, the indexer and the server,
+    /// with a generated config in the data folder. Prints the endpoints, throwaway dev wallets and copy-paste
+    /// commands. The next run continues with the same chain and database (`--reset` starts over); `--demo` runs
+    /// the demo agent once the stack is up, then stops. Ctrl-C stops it all, anvil included.
     Dev(dev::DevArgs),
+    /// The demo agent, against a running gateway on the dev chain (by default the one `dev` runs): a keyless
+    /// request, the 402 catalog, a USDC payment, confirmations, the signed claim, the key, a streamed completion
+    /// and /v1/usage, for credits and for a pool block. Exits non-zero naming the step that failed.
+    Demo(dev::DemoArgs),
     /// Operator key management: list, revoke, grant credits.
     Keys {
         #[command(subcommand)]
@@ -272,6 +278,10 @@ async fn main() -> Result<()> {
             payments(&settings, status.map(Into::into), json).await
         }
         Command::Dev(args) => dev::run(args, shutdown).await,
+        Command::Demo(args) => tokio::select! {
+            result = dev::demo(args) => result,
+            _ = shutdown.cancelled() => anyhow::bail!("demo interrupted"),
+        },
         Command::Audit { command } => audit_command(command).await,
         Command::Keys { command } => keys_command(command).await,
         Command::Accounts {

@@ -6,6 +6,7 @@
 mod admin;
 pub mod agent;
 pub mod audit;
+pub mod discovery;
 pub mod openai;
 pub mod openapi;
 mod ops;
@@ -75,6 +76,7 @@ pub fn router(state: AppState) -> Router {
         .merge(x402::router())
         .merge(audit::router())
         .merge(admin::router())
+        .merge(discovery::router())
         .fallback(no_route)
         .with_state(state)
 }

@@ -98,6 +98,20 @@ pub const ROUTES: &[RouteDoc] = &[
     ),
     r(
         "get",
+        "/.well-known/agent-card.json",
+        "discovery",
+        "A2A v1.0 agent card: skills, auth (bearer key, x402), streaming, docs; ETag + If-None-Match → 304",
+        Access::Public,
+    ),
+    r(
+        "get",
+        "/.well-known/agent.json",
+        "discovery",
+        "Legacy A2A v0.3 agent card for older clients; ETag + If-None-Match → 304",
+        Access::Public,
+    ),
+    r(
+        "get",
         "/api/agent/plans",
         "agent",
         "The live catalog (pools, blocks, seats, prices, credits)",
@@ -375,6 +389,12 @@ pub fn document(public_url: Option<&str>) -> Value {
                 );
             }
             Access::Public => {}
+        }
+        if route.tag == "discovery" {
+            responses.insert(
+                "304".into(),
+                json!({"description": "not modified: If-None-Match matched the ETag"}),
+            );
         }
         if route.method == "post" || !route.query.is_empty() || route.path.contains('{') {
             responses.insert(
