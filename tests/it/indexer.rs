@@ -88,6 +88,8 @@ async fn follows_live_and_confirms_at_exact_depth() {
     chain.mine(1).await;
     let confirmed = indexer.wait_status(&tx, TransferStatus::Confirmed).await;
     assert_eq!(confirmed.block_number, block);
+    // The status snapshot is published after the commit that confirmed the row, so wait for it rather than race it.
+    indexer.wait_indexed(block + 4).await;
     assert_eq!(indexer.status.snapshot().indexed_head, Some(block + 4));
     indexer.stop().await.unwrap();
 }
