@@ -154,7 +154,7 @@ min_topup_usdc = "{MIN_TOPUP}"
 struct ServerLog {
     tail: VecDeque<String>,
     panics: Vec<String>,
-    /// Sum of `requests=N` over the "refunded the reservations …" start-up lines.
+    /// Sum of `requests` over the "refunded the reservations …" start-up lines.
     recovered_reported: u64,
 }
 
@@ -173,7 +173,7 @@ struct Process {
 impl Process {
     fn spawn(config: &Path, generation: u64, log: &Arc<Mutex<ServerLog>>) -> Process {
         let mut child = Command::new(bin())
-            .args(["serve", "--config"])
+            .args(["--log-format", "json", "serve", "--config"])
             .arg(config)
             .env("X402_LOG", "info")
             .stdout(Stdio::null())
@@ -186,21 +186,18 @@ impl Process {
         // Drains stderr for the process's whole life, so a full pipe never blocks the server.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(pos) = line.find("listening on ") {
-                    let _ = tx.send(line[pos + "listening on ".len()..].trim().to_string());
+                let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                let message = event["fields"]["message"].as_str().unwrap_or_default();
+                if let Some(url) = message.strip_prefix("listening on ") {
+                    let _ = tx.send(url.trim().to_string());
                 }
                 let mut log = log.lock().unwrap();
+                // A panic's message goes to stderr as plain text.
                 if line.contains("panicked") {
                     log.panics.push(format!("[gen {generation}] {line}"));
                 }
-                if line.contains("refunded the reservations")
-                    && let Some(n) = line
-                        .split("requests=")
-                        .nth(1)
-                        .and_then(|r| r.split_whitespace().next())
-                        .and_then(|n| n.parse::<u64>().ok())
-                {
-                    log.recovered_reported += n;
+                if message.starts_with("refunded the reservations") {
+                    log.recovered_reported += event["fields"]["requests"].as_u64().unwrap_or(0);
                 }
                 log.tail.push_back(format!("[gen {generation}] {line}"));
                 if log.tail.len() > 300 {
@@ -326,6 +323,8 @@ async fn start_upstream(log: UpstreamLog) -> String {
 struct Stats {
     payments: AtomicU64,
     claims_ok: AtomicU64,
+    /// Sum of the round-trip times of claims answered 200, in µs (to aim the kills at them).
+    claim_ok_micros: AtomicU64,
     /// Claim attempts that got no answer (the server died under them).
     claim_answers_lost: AtomicU64,
     /// Retried claims answered 409 `already_claimed` naming our purchase: the lost attempt had committed.
@@ -576,17 +575,23 @@ impl Agent {
                 self.buy_credits(&s).await;
                 continue;
             }
+            // Even agents shop a lot (claims to kill under), odd ones mostly chat (and run out of credits).
+            let (subscribe, topup) = if self.index % 2 == 0 {
+                (20, 30)
+            } else {
+                (1, 3)
+            };
             let roll = self.rng.random_range(0..100);
-            if roll < 8 {
+            if roll < subscribe {
                 let blocks = match self.rng.random_range(0..3) {
                     0 => vec!["am"],
                     1 => vec!["pm"],
                     _ => vec!["am", "pm"],
                 };
                 self.buy(&s, Product::Pool { blocks }).await;
-            } else if roll < 14 {
+            } else if roll < topup {
                 self.buy_credits(&s).await;
-            } else if roll < 22 && !self.pool_keys.is_empty() {
+            } else if roll < topup + 8 && !self.pool_keys.is_empty() {
                 self.chat(&s, false).await;
             } else if let ChatEnd::NeedsCredits = self.chat(&s, true).await {
                 self.buy_credits(&s).await;
@@ -597,8 +602,8 @@ impl Agent {
     }
 
     async fn buy_credits(&mut self, s: &Shared) {
-        // Between 1 and 5 USDC, to the atomic unit; sometimes less is claimed than paid (the rest is surplus).
-        let amount = Usdc(self.rng.random_range(1_000_000..5_000_000));
+        // Between 1 and 3 USDC, to the atomic unit; sometimes less is claimed than paid (the rest is surplus).
+        let amount = Usdc(self.rng.random_range(1_000_000..3_000_000));
         self.buy(s, Product::Topup { amount }).await;
     }
 
@@ -675,8 +680,10 @@ impl Agent {
                 self.index
             );
             s.writes_in_flight.fetch_add(1, Ordering::SeqCst);
+            let sent_at = Instant::now();
             let (generation, answer) = s.post(path, &body).await;
             s.writes_in_flight.fetch_sub(1, Ordering::SeqCst);
+            let took = sent_at.elapsed().as_micros() as u64;
             let (status, v) = match answer {
                 Answer::Lost => {
                     lost += 1;
@@ -713,6 +720,7 @@ impl Agent {
                     }
                     assert_eq!(data["account"], self.record.address, "{v}");
                     bump(&s.stats.claims_ok);
+                    s.stats.claim_ok_micros.fetch_add(took, Ordering::Relaxed);
                     self.record
                         .claims
                         .insert(tx.to_string(), minted.as_deref().map(public_id));
@@ -1972,13 +1980,14 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     );
     println!(
         "crash summary: {} payments, all indexed once and confirmed ({} transfers); {} claims ({} subscriptions): \
-         {} answered 200, {} answers lost to a kill, {} recovered by the 409 naming the purchase; {} waits \
+         {} answered 200 (mean round trip {} µs), {} answers lost to a kill, {} recovered by the 409 naming the purchase; {} waits \
          (pending / not indexed); {} key rotations ({} answers lost), {} keys in all, {} replaced",
         get(&st.payments),
         checked.transfers,
         checked.claims,
         checked.subscriptions,
         get(&st.claims_ok),
+        get(&st.claim_ok_micros) / get(&st.claims_ok).max(1),
         get(&st.claim_answers_lost),
         get(&st.claims_recovered_by_409),
         get(&st.claim_waits),
