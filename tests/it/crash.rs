@@ -301,12 +301,11 @@ async fn record_upstream_request(
     .await
 }
 
-async fn start_upstream(log: UpstreamLog) -> String {
+async fn start_upstream(log: UpstreamLog, token_delay: Duration) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let demo = DemoConfig {
-        // Streams last long enough (up to ~130 ms) for kills to land inside them.
-        token_delay: Duration::from_millis(2),
+        token_delay,
         ..DemoConfig::default()
     };
     let app = upstream::router(demo, Arc::new(DemoStats::default())).layer(
@@ -1812,7 +1811,8 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let chain = Arc::new(TestChain::start().await);
     let payers = Payers::new(&chain).await;
     let upstream_log = UpstreamLog::default();
-    let upstream_url = start_upstream(upstream_log.clone()).await;
+    // 2 ms a token: streams last long enough (up to ~130 ms) for kills to land inside them.
+    let upstream_url = start_upstream(upstream_log.clone(), Duration::from_millis(2)).await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(&config, config_text(&chain, &upstream_url)).unwrap();
@@ -2018,4 +2018,118 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         checked.ledger_rows,
         server_log.recovered_reported,
     );
+}
+
+/// The start-up refund assumes the previous process is dead. When a second gateway starts on the same database
+/// while the first still serves (a deploy that overlaps the old and new process on different ports), the
+/// newcomer refunds the first one's live reservations; the first must then not settle them too, or the reservation
+/// is returned twice and credits appear from nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_database_never_returns_a_reservation_twice() {
+    let chain = TestChain::start().await;
+    // 40 ms a token: a 50-token JSON answer takes 2 s, time enough to start the second process under it.
+    let upstream_url = start_upstream(UpstreamLog::default(), Duration::from_millis(40)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, config_text(&chain, &upstream_url)).unwrap();
+    let db = dir.path().join("gateway.db");
+    let account = "0x1111111111111111111111111111111111111111";
+    let granted = usdc("5.00");
+    let out = Command::new(bin())
+        .args(["keys", "grant", "--config"])
+        .arg(&config)
+        .args([account, "5.00"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let key = stdout
+        .split("new credit key (shown once): ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no key in {stdout}"))
+        .to_string();
+
+    let log = Arc::new(Mutex::new(ServerLog::default()));
+    let mut first = Process::spawn(&config, 0, &log);
+    let first_url = first.wait_listening(&log).await;
+    let http = reqwest::Client::new();
+    let request = tokio::spawn({
+        let http = http.clone();
+        let key = key.clone();
+        async move {
+            http.post(format!("{first_url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&json!({"model": "alpha", "messages": [{"role": "user", "content": "c0 c1 c2"}], "max_tokens": 50}))
+                .send()
+                .await
+                .unwrap()
+        }
+    });
+    let in_flight = || {
+        let c = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        c.query_row(
+            "SELECT count(*) FROM usage WHERE status = 'in_flight'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+    };
+    wait_for("the reservation", || async {
+        (in_flight() == 1).then_some(())
+    })
+    .await;
+    // The second process starts while the first is still waiting for the upstream: its start-up returns the
+    // reservation it takes for a crashed process's.
+    let mut second = Process::spawn(&config, 1, &log);
+    let second_url = second.wait_listening(&log).await;
+    assert_eq!(
+        in_flight(),
+        0,
+        "the second process's start-up took the reservation"
+    );
+    assert_eq!(log.lock().unwrap().recovered_reported, 1);
+
+    let resp = request.await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["usage"]["completion_tokens"], 50);
+
+    // Whatever the first process did with the settled request, the reservation came back once: the balance is the
+    // grant minus exactly what the usage rows say was charged, and never above the grant.
+    let (ledger_sum, charged, refunds): (i64, i64, i64) = {
+        let c = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        c.query_row(
+            "SELECT (SELECT sum(amount_atomic) FROM ledger WHERE account = ?1), \
+             (SELECT coalesce(sum(cost_atomic), 0) FROM usage WHERE account = ?1), \
+             (SELECT count(*) FROM ledger WHERE account = ?1 AND kind = 'refund')",
+            [account],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    };
+    assert_eq!(refunds, 1, "the reservation was returned {refunds} times");
+    assert_eq!(ledger_sum, granted.atomic() - charged);
+    // The documented policy: a reservation a start-up returned stays returned; the request is free.
+    assert_eq!(charged, 0);
+    assert!(ledger_sum <= granted.atomic());
+    let usage: Value = http
+        .get(format!("{second_url}/v1/usage"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        usage["credits"]["balanceUsdc"].as_str().map(usdc),
+        Some(Usdc(ledger_sum))
+    );
+    first.sigkill();
+    second.sigkill();
 }
