@@ -1039,6 +1039,7 @@ struct KillReport {
     kills: usize,
     anytime: usize,
     during_write: usize,
+    after_commit: usize,
     during_stream: usize,
     during_startup: usize,
     /// Aimed kills that found nothing to aim at within 3 s and killed anyway.
@@ -1058,12 +1059,53 @@ async fn aim(counter: &AtomicUsize) -> bool {
     true
 }
 
+/// Waits (up to 3 s) for a claim or rotation to commit while its request is on the wire, and SIGKILLs the server
+/// (`pid`) before the answer leaves; says whether it did. While a write is on the wire the server is frozen
+/// (SIGSTOP) every few hundred µs for a look at the database: if the write has committed, it dies frozen, so its
+/// answer cannot leave; if not, it thaws (SIGCONT). Runs on a blocking thread.
+fn kill_after_commit(db: &Path, s: &Shared, pid: u32) -> bool {
+    let Ok(c) = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return false;
+    };
+    let writes = || {
+        c.query_row(
+            "SELECT (SELECT count(*) FROM claims) + (SELECT count(*) FROM rotation_nonces)",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap_or(-1)
+    };
+    // SAFETY: kill(2) with plain integers, on our own child (reaped later by `Process::sigkill`).
+    let signal = |sig: i32| unsafe { libc::kill(pid as i32, sig) };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        if s.writes_in_flight.load(Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let before = writes();
+        while s.writes_in_flight.load(Ordering::SeqCst) > 0
+            && start.elapsed() < Duration::from_secs(3)
+        {
+            signal(libc::SIGSTOP);
+            if writes() > before {
+                signal(libc::SIGKILL);
+                return true;
+            }
+            signal(libc::SIGCONT);
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    }
+    false
+}
+
 /// SIGKILLs the server `kills` times at moments drawn from `rng`, restarting it after each; returns the running
 /// last generation.
 async fn killer(
-    s: &Shared,
+    s: &Arc<Shared>,
     mut process: Process,
     config: &Path,
+    db: &Path,
     log: &Arc<Mutex<ServerLog>>,
     kills: usize,
     rng: &mut StdRng,
@@ -1072,15 +1114,28 @@ async fn killer(
     let mut report = KillReport::default();
     while report.kills < kills {
         match rng.random_range(0..100) {
-            0..45 => {
+            0..35 => {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(50..2500))).await;
                 report.anytime += 1;
             }
-            45..75 => {
+            35..50 => {
                 // A claim or rotation is on the wire: die before, during or after its commit.
                 if aim(&s.writes_in_flight).await {
                     tokio::time::sleep(Duration::from_micros(rng.random_range(0..6000))).await;
                     report.during_write += 1;
+                } else {
+                    report.unaimed += 1;
+                }
+            }
+            50..75 => {
+                // Right after a claim or rotation commits, before its answer leaves: the client must learn from
+                // its retry (409 naming the purchase; a rotation) what it bought.
+                let (s, db, pid) = (s.clone(), db.to_path_buf(), process.child.id());
+                if tokio::task::spawn_blocking(move || kill_after_commit(&db, &s, pid))
+                    .await
+                    .unwrap()
+                {
+                    report.after_commit += 1;
                 } else {
                     report.unaimed += 1;
                 }
@@ -1872,6 +1927,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         &shared,
         process,
         &config,
+        &db,
         &log,
         kills,
         &mut rng,
@@ -1927,6 +1983,16 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     process.sigkill();
 
     let chain_log = chain_transfers(&chain).await;
+    // The logs are the whole story of payTo's balance (it receives nothing else and spends nothing).
+    let pay_to_balance = TestUSDC::new(chain.token(), &chain.provider)
+        .balanceOf(chain.pay_to())
+        .call()
+        .await
+        .unwrap();
+    assert_eq!(
+        pay_to_balance,
+        U256::from(chain_log.iter().map(|t| t.value).sum::<i64>() as u64)
+    );
     let served = upstream_log.0.lock().unwrap().clone();
     let checked = check_ground_truth(&db, &chain_log, &records, &served);
 
@@ -1967,12 +2033,13 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let mean_restart = restart.iter().sum::<u128>() / restart.len().max(1) as u128;
     println!(
         "crash summary: seed {seed}; {} SIGKILLs in {:.1} s ({} at a random time, {} with a claim or rotation on \
-         the wire, {} mid-stream, {} during start-up, {} aimed but nothing in flight within 3 s); restart to \
+         the wire, {} right after a claim or rotation committed, {} mid-stream, {} during start-up, {} aimed but nothing in flight within 3 s); restart to \
          listening: mean {mean_restart} ms, max {} ms",
         report.kills,
         started.elapsed().as_secs_f64(),
         report.anytime,
         report.during_write,
+        report.after_commit,
         report.during_stream,
         report.during_startup,
         report.unaimed,
