@@ -575,7 +575,7 @@ impl Agent {
                 continue;
             }
             // Even agents shop a lot (claims to kill under), odd ones mostly chat (and run out of credits).
-            let (subscribe, topup) = if self.index % 2 == 0 {
+            let (subscribe, topup) = if self.index.is_multiple_of(2) {
                 (20, 30)
             } else {
                 (1, 3)
@@ -1109,9 +1109,9 @@ async fn killer(
     log: &Arc<Mutex<ServerLog>>,
     kills: usize,
     rng: &mut StdRng,
-    generation: &mut u64,
 ) -> (Process, KillReport) {
     let mut report = KillReport::default();
+    let mut generation = s.server.borrow().0;
     while report.kills < kills {
         match rng.random_range(0..100) {
             0..35 => {
@@ -1150,23 +1150,23 @@ async fn killer(
             }
         }
         process.sigkill();
-        s.server.send_replace((*generation, None));
+        s.server.send_replace((generation, None));
         report.kills += 1;
         if report.kills < kills && rng.random_bool(0.15) {
             // Die again while starting: during migrations, the in-flight refunds, or the first requests.
-            *generation += 1;
-            let early = Process::spawn(config, *generation, log);
+            generation += 1;
+            let early = Process::spawn(config, generation, log);
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..80))).await;
             early.sigkill();
             report.kills += 1;
             report.during_startup += 1;
         }
-        *generation += 1;
+        generation += 1;
         let started = Instant::now();
-        process = Process::spawn(config, *generation, log);
+        process = Process::spawn(config, generation, log);
         let url = process.wait_listening(log).await;
         report.restart_ms.push(started.elapsed().as_millis());
-        s.server.send_replace((*generation, Some(url)));
+        s.server.send_replace((generation, Some(url)));
     }
     (process, report)
 }
@@ -1874,11 +1874,10 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     let db = dir.path().join("gateway.db");
     let log = Arc::new(Mutex::new(ServerLog::default()));
 
-    let mut generation = 0u64;
-    let mut process = Process::spawn(&config, generation, &log);
+    let mut process = Process::spawn(&config, 0, &log);
     let url = process.wait_listening(&log).await;
     let shared = Arc::new(Shared {
-        server: watch::Sender::new((generation, Some(url))),
+        server: watch::Sender::new((0, Some(url))),
         stop: AtomicBool::new(false),
         writes_in_flight: AtomicUsize::new(0),
         streams_in_flight: AtomicUsize::new(0),
@@ -1923,17 +1922,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         })
         .collect();
 
-    let (process_now, report) = killer(
-        &shared,
-        process,
-        &config,
-        &db,
-        &log,
-        kills,
-        &mut rng,
-        &mut generation,
-    )
-    .await;
+    let (process_now, report) = killer(&shared, process, &config, &db, &log, kills, &mut rng).await;
     process = process_now;
     shared.stop.store(true, Ordering::SeqCst);
     let mut records = Vec::new();
