@@ -6,7 +6,7 @@
 //! ground truth, the upstream's log of what it served and the agents' own records (`check_ground_truth`), and
 //! `audit verify` must exit 0.
 //!
-//! Short form (CI, 20 kills): `cargo test --test it crash::`. Long form: `CRASH_KILLS=200 cargo test --test it
+//! Short form (CI, 30 kills): `cargo test --test it crash::`. Long form: `CRASH_KILLS=200 cargo test --test it
 //! crash:: -- --nocapture`. `CRASH_SEED=N` replays the same kill plan and agent choices (thread timing still
 //! differs from run to run, so the interleaving does too). The summary is printed (`--nocapture` shows it).
 
@@ -48,7 +48,7 @@ fn bin() -> String {
 const CHAIN_ID: u64 = 31337;
 const CONFIRMATIONS: u64 = 2;
 /// Kills in the short form; `CRASH_KILLS` sets another number.
-const SHORT_KILLS: usize = 20;
+const SHORT_KILLS: usize = 30;
 /// Agent tasks, one paying address each (anvil's dev wallets 2..4, plus account 5 funded here).
 const AGENTS: usize = 4;
 /// Longest one agent operation (a claim, a rotation, a wait for the index) may take across restarts.
@@ -231,7 +231,14 @@ impl Process {
     }
 
     /// SIGKILL (`Child::kill` sends SIGKILL on Unix): no handler runs, nothing is flushed or finished.
-    fn sigkill(mut self) {
+    fn sigkill(self) {
+        drop(self);
+    }
+}
+
+/// However the test ends, the process goes (SIGKILL also ends a process frozen with SIGSTOP).
+impl Drop for Process {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -2083,8 +2090,8 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_gateway_on_the_database_never_returns_a_reservation_twice() {
     let chain = TestChain::start().await;
-    // 40 ms a token: a 50-token JSON answer takes 2 s, time enough to start the second process under it.
-    let upstream_url = start_upstream(UpstreamLog::default(), Duration::from_millis(40)).await;
+    // 100 ms a token: a 50-token JSON answer takes 5 s, time enough to start the second process under it.
+    let upstream_url = start_upstream(UpstreamLog::default(), Duration::from_millis(100)).await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(&config, config_text(&chain, &upstream_url)).unwrap();
