@@ -2063,7 +2063,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         "crash summary: {} chat requests sent: {} JSON + {} streamed credit answers received whole, {} pool-key \
          answers ({} outside the window), {} refused 402 for their worst case, {} lost to a kill, {} 429; usage \
          rows: {} credit ({} interrupted and refunded at restart, {} of them streams the client had received \
-         whole; {} settled whose answer was lost), {} pool; {} ledger rows; the gateway logged {} refunds at \
+         whole; {} settled whose answer was lost), {} pool ({} pool streams received whole whose row the kill beat); {} ledger rows; the gateway logged {} refunds at \
          start-up; audit verify: clean",
         get(&st.chats_sent),
         get(&st.chats_json_done),
@@ -2078,6 +2078,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         checked.delivered_then_refunded,
         checked.settled_but_answer_lost,
         checked.pool_requests,
+        checked.pool_rows_lost,
         checked.ledger_rows,
         server_log.recovered_reported,
     );
