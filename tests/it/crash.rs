@@ -1,14 +1,15 @@
 //! Crash consistency under SIGKILL. The real `x402-gateway serve` binary runs on a real SQLite file, a real anvil
 //! and the demo upstream, under a steady stream of USDC payments, claims (top-ups and pool subscriptions, with key
 //! rotation when a claim's answer was lost), and metered chat requests (JSON and SSE) from credit and pool keys. A
-//! killer SIGKILLs it at random moments — any time, while a claim or rotation is in flight, mid-stream, and during
-//! start-up — and restarts it on a new port each time. At the end the database is checked against the chain's
-//! ground truth, the upstream's log of what it served and the agents' own records (`check_ground_truth`), and
-//! `audit verify` must exit 0.
+//! killer SIGKILLs it at random moments — any time, while a claim or rotation is on the wire, right after one
+//! commits, mid-stream, and during start-up — and restarts it on a new port each time. At the end the database is
+//! checked against the chain's ground truth, the upstream's log of what it served and the agents' own records
+//! (`check_ground_truth`), and `audit verify` must exit 0. A second test runs two processes on one database at once
+//! (the overlap of a deploy), whose start-up refund must not be returned twice.
 //!
 //! Short form (CI, 30 kills): `cargo test --test it crash::`. Long form: `CRASH_KILLS=200 cargo test --test it
-//! crash:: -- --nocapture`. `CRASH_SEED=N` replays the same kill plan and agent choices (thread timing still
-//! differs from run to run, so the interleaving does too). The summary is printed (`--nocapture` shows it).
+//! crash::sigkill -- --nocapture` (any number). `CRASH_SEED=N` replays the same kill plan and agent choices (thread
+//! timing still differs from run to run, so the interleaving does too). The summary is printed (`--nocapture`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader};
@@ -329,7 +330,7 @@ async fn start_upstream(log: UpstreamLog, token_delay: Duration) -> String {
 struct Stats {
     payments: AtomicU64,
     claims_ok: AtomicU64,
-    /// Sum of the round-trip times of claims answered 200, in µs (to aim the kills at them).
+    /// Sum of the round-trip times of claims answered 200, in µs (the window the kills on the wire aim at).
     claim_ok_micros: AtomicU64,
     /// Claim attempts that got no answer (the server died under them).
     claim_answers_lost: AtomicU64,
