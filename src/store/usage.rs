@@ -123,6 +123,27 @@ pub fn settle_credit(
     outcome: &Outcome,
     now: i64,
 ) -> Result<Settled, LedgerError> {
+    // Only a row still `in_flight` holds its reservation. Another gateway process that started on this database
+    // while this one was serving (an overlapping deploy) has already returned the whole reservation in its start-up
+    // recovery and marked the row `interrupted`: settling it here too would return the reservation twice, creating
+    // credits. The request stays `interrupted` and free, as the restart policy says.
+    let status: Option<String> = tx
+        .query_row("SELECT status FROM usage WHERE id = ?1", [usage_id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if status.as_deref() != Some("in_flight") {
+        tracing::warn!(
+            usage_id,
+            status = status.as_deref().unwrap_or("missing"),
+            "a request's reservation was already returned by another gateway's start-up; it is not charged \
+             (is a second gateway running on this database?)"
+        );
+        return Ok(Settled {
+            charged: Usdc::ZERO,
+            balance: balance(tx, account)?,
+        });
+    }
     let mut charged = outcome.cost;
     let note = format!("settle request #{usage_id}");
     let balance_after = if outcome.cost < reserved {

@@ -5,6 +5,7 @@ mod audit;
 mod checkout;
 mod cli;
 mod clients;
+mod crash;
 mod dev;
 mod indexer;
 mod proxy;
