@@ -1,0 +1,764 @@
+//! What unpaid traffic may cost: per-client-IP rate limits, body size limits and request timeouts, enforced by one
+//! middleware in front of every route (`[limits]` in the config).
+//!
+//! - **Rate limits** (token buckets per client IP, IPv6 by /64): *keyless* requests — anything without a valid API
+//!   key or operator token — share one bucket per IP; *claim attempts* (`/api/agent/{subscribe-pool,topup,
+//!   keys/rotate}` and the `/x402/*` purchases) another. A request with a valid key is never counted, so key holders
+//!   are not slowed by other people's floods. A claim or an x402-paid request that succeeds (200) gives its token
+//!   back: only unpaid and failed attempts use the budget. Over the limit: 429 with `Retry-After` (whole seconds).
+//! - **Body limits** on every route: 4 MiB for `POST /v1/chat/completions`, 16 KiB for the rest of `/v1/*`,
+//!   `/api/agent/*` and `/x402/*`, 1 KiB for everything else (no other route reads a body). The body is read here,
+//!   before the handler, so each 413 has its route family's shape and nothing is half-read.
+//! - **Timeouts**: the body must arrive within `request_timeout_secs` (408), and the answer must start within the
+//!   same deadline (503) — except `POST /v1/chat/completions`, whose upstream has per-read timeouts and whose
+//!   streams may run long. A handler that times out is not cancelled: it runs to completion in its own task, so a
+//!   claim or an x402 settlement is never cut in half; the client retries and gets the recorded outcome.
+//!
+//! Every refusal uses the shape of its route family: the OpenAI error object on `/v1/*`, `{success: false, error}`
+//! on `/api/agent/*` and `/x402/*` (with the x402 CORS headers), `{error: {code, message}}` elsewhere.
+//!
+//! The buckets live in a fixed number of shards, each behind its own short-lived lock (no global lock), and each
+//! shard holds at most its share of `max_tracked_clients`: when full, buckets that have refilled (idle clients,
+//! which lose nothing by being forgotten) are dropped first, then the fullest one. Time comes from the injected
+//! billing clock (whole seconds), so tests move it instead of sleeping.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::AppState;
+use crate::billing::{AuthorizedKey, Clock};
+use crate::config::{IpNet, Rate};
+
+/// Body limit of routes that read no body (GET routes, operator and discovery pages, unknown paths).
+pub const SMALL_BODY_BYTES: usize = 1024;
+/// Body limit of `/api/agent/*`, `/x402/*` and `/v1/*` other than chat completions.
+pub const FORM_BODY_BYTES: usize = super::agent::MAX_BODY_BYTES;
+/// Body limit of `POST /v1/chat/completions`.
+pub const CHAT_BODY_BYTES: usize = super::openai::MAX_BODY_BYTES;
+/// `Retry-After` of a 503 timeout: the work goes on in the background; a retry finds its outcome.
+const TIMEOUT_RETRY_AFTER_SECS: u64 = 5;
+
+/// One token, in the bucket's integer units (a per-minute rate refills `per_minute × 1000` units a second).
+const UNIT: u64 = 60_000;
+/// Shards of each limiter's map (a power of two).
+const SHARDS: usize = 64;
+
+/// A client as the limiter counts it: an IPv4 address, or an IPv6 /64 (one host's usual allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    V4(u32),
+    V6(u64),
+}
+
+impl ClientKey {
+    pub fn of(ip: IpAddr) -> ClientKey {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => ClientKey::V4(u32::from(v4)),
+            IpAddr::V6(v6) => ClientKey::V6((u128::from(v6) >> 64) as u64),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    /// Tokens × [`UNIT`].
+    level: u64,
+    /// Last refill, unix seconds.
+    at: i64,
+}
+
+/// Token buckets per client, sharded, with a bound on how many clients are remembered.
+pub struct RateLimiter {
+    refill_per_sec: u64,
+    capacity: u64,
+    per_shard: usize,
+    shards: Box<[Mutex<HashMap<ClientKey, Bucket>>]>,
+    hasher: RandomState,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("refill_per_sec", &self.refill_per_sec)
+            .field("capacity", &self.capacity)
+            .field("tracked", &self.tracked())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RateLimiter {
+    /// `rate` per client; at most `max_clients` buckets (rounded up to a multiple of the shard count).
+    pub fn new(rate: Rate, max_clients: usize) -> RateLimiter {
+        RateLimiter {
+            refill_per_sec: u64::from(rate.per_minute).max(1) * (UNIT / 60),
+            capacity: u64::from(rate.burst).max(1) * UNIT,
+            per_shard: max_clients.div_ceil(SHARDS).max(1),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, key: ClientKey) -> &Mutex<HashMap<ClientKey, Bucket>> {
+        let i = (self.hasher.hash_one(key) as usize) & (SHARDS - 1);
+        &self.shards[i]
+    }
+
+    fn refilled(&self, b: Bucket, now: i64) -> Bucket {
+        let elapsed = u64::try_from(now.saturating_sub(b.at)).unwrap_or(0);
+        Bucket {
+            level: b
+                .level
+                .saturating_add(elapsed.saturating_mul(self.refill_per_sec))
+                .min(self.capacity),
+            // A clock that steps back does not move the bucket back (nor refill it twice).
+            at: b.at.max(now),
+        }
+    }
+
+    /// Takes one token for `key` at `now` (unix seconds): `Err(seconds)` until one is available when empty.
+    pub fn take(&self, key: ClientKey, now: i64) -> Result<(), u64> {
+        let mut map = self.shard(key).lock().unwrap_or_else(PoisonError::into_inner);
+        let bucket = match map.get(&key) {
+            Some(b) => self.refilled(*b, now),
+            None => {
+                if map.len() >= self.per_shard {
+                    self.evict(&mut map, now);
+                }
+                Bucket {
+                    level: self.capacity,
+                    at: now,
+                }
+            }
+        };
+        let (bucket, result) = if bucket.level >= UNIT {
+            (
+                Bucket {
+                    level: bucket.level - UNIT,
+                    ..bucket
+                },
+                Ok(()),
+            )
+        } else {
+            let missing = UNIT - bucket.level;
+            (bucket, Err(missing.div_ceil(self.refill_per_sec).max(1)))
+        };
+        map.insert(key, bucket);
+        result
+    }
+
+    /// Gives back the token of a request that turned out paid.
+    pub fn refund(&self, key: ClientKey, now: i64) {
+        let mut map = self.shard(key).lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = map.get(&key).copied() {
+            let b = self.refilled(b, now);
+            map.insert(
+                key,
+                Bucket {
+                    level: b.level.saturating_add(UNIT).min(self.capacity),
+                    ..b
+                },
+            );
+        }
+    }
+
+    /// Makes room in a full shard: forgets buckets that have refilled (their clients lose nothing), and if every
+    /// client is active, the one with the most tokens left.
+    fn evict(&self, map: &mut HashMap<ClientKey, Bucket>, now: i64) {
+        map.retain(|_, b| self.refilled(*b, now).level < self.capacity);
+        if map.len() >= self.per_shard
+            && let Some(fullest) = map
+                .iter()
+                .max_by_key(|(_, b)| self.refilled(**b, now).level)
+                .map(|(k, _)| *k)
+        {
+            map.remove(&fullest);
+        }
+    }
+
+    /// Clients remembered now.
+    pub fn tracked(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+
+    /// The most clients this limiter remembers.
+    pub fn capacity(&self) -> usize {
+        self.per_shard * SHARDS
+    }
+}
+
+/// The limits of one running gateway (`AppState::limits`).
+pub struct Limits {
+    keyless: Option<RateLimiter>,
+    claims: Option<RateLimiter>,
+    request_timeout: Duration,
+    trusted_proxies: Vec<IpNet>,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("keyless", &self.keyless)
+            .field("claims", &self.claims)
+            .field("request_timeout", &self.request_timeout)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limits {
+    /// The limits of `[limits]`, counting time with `clock`.
+    pub fn new(settings: &crate::config::Limits, clock: Clock) -> Limits {
+        let max = usize::try_from(settings.max_tracked_clients).unwrap_or(usize::MAX);
+        Limits {
+            keyless: settings.keyless.map(|r| RateLimiter::new(r, max)),
+            claims: settings.claims.map(|r| RateLimiter::new(r, max)),
+            request_timeout: settings.request_timeout,
+            trusted_proxies: settings.trusted_proxies.clone(),
+            clock,
+        }
+    }
+
+    /// The keyless limiter (`None` with `rate_limits = false`).
+    pub fn keyless(&self) -> Option<&RateLimiter> {
+        self.keyless.as_ref()
+    }
+
+    /// The claim-attempt limiter.
+    pub fn claims(&self) -> Option<&RateLimiter> {
+        self.claims.as_ref()
+    }
+
+    /// The client's address: the socket peer, or — when the peer is a trusted proxy — the right-most address in
+    /// `X-Forwarded-For` that is not itself a trusted proxy.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let trusted = |ip: IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
+        if !trusted(peer) {
+            return peer;
+        }
+        let hops: Vec<&str> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            match hop.parse::<IpAddr>() {
+                Ok(ip) if trusted(ip) => client = ip,
+                Ok(ip) => return ip,
+                // A hop we cannot read: the last address we could vouch for is the client.
+                Err(_) => return client,
+            }
+        }
+        client
+    }
+}
+
+/// A route family: the error shape its clients read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `/v1/*`: `{"error": {"message", "type", "param", "code"}}`.
+    OpenAi,
+    /// `/api/agent/*`: `{"success": false, "error": {"code", "message"}}`.
+    Agent,
+    /// `/x402/*`: the agent shape, with the x402 routes' CORS and cache headers.
+    X402,
+    /// Everything else: `{"error": {"code", "message"}}`.
+    Plain,
+}
+
+/// Which bucket a request draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    Keyless,
+    Claims,
+}
+
+/// What the middleware needs to know about a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub family: Family,
+    pub budget: Budget,
+    pub body_limit: usize,
+    /// The answer may stream for long (no total timeout on the handler).
+    pub streams: bool,
+}
+
+impl Route {
+    /// The class of `method path`.
+    pub fn of(method: &Method, path: &str) -> Route {
+        let route = |family, budget, body_limit| Route {
+            family,
+            budget,
+            body_limit,
+            streams: false,
+        };
+        if path == "/v1/chat/completions" && method == Method::POST {
+            return Route {
+                streams: true,
+                ..route(Family::OpenAi, Budget::Keyless, CHAT_BODY_BYTES)
+            };
+        }
+        if path == "/v1" || path.starts_with("/v1/") {
+            return route(Family::OpenAi, Budget::Keyless, FORM_BODY_BYTES);
+        }
+        if matches!(
+            path,
+            "/api/agent/subscribe-pool" | "/api/agent/topup" | "/api/agent/keys/rotate"
+        ) {
+            return route(Family::Agent, Budget::Claims, FORM_BODY_BYTES);
+        }
+        if path == "/api/agent" || path.starts_with("/api/agent/") {
+            return route(Family::Agent, Budget::Keyless, FORM_BODY_BYTES);
+        }
+        if path.starts_with("/x402/") {
+            // A browser's CORS preflight is not a purchase attempt.
+            let budget = if method == Method::OPTIONS {
+                Budget::Keyless
+            } else {
+                Budget::Claims
+            };
+            return route(Family::X402, budget, FORM_BODY_BYTES);
+        }
+        route(Family::Plain, Budget::Keyless, SMALL_BODY_BYTES)
+    }
+}
+
+/// A refusal in the shape of `family`.
+pub fn refusal(
+    family: Family,
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+) -> Response {
+    let body: Value = match family {
+        Family::OpenAi => {
+            let kind = match status {
+                StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+                s if s.is_server_error() => "server_error",
+                _ => "invalid_request_error",
+            };
+            json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+        }
+        Family::Agent | Family::X402 => {
+            json!({"success": false, "error": {"code": code, "message": message}})
+        }
+        Family::Plain => json!({"error": {"code": code, "message": message}}),
+    };
+    let mut response = (status, Json(body)).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(secs) = retry_after
+        && let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string())
+    {
+        h.insert(header::RETRY_AFTER, v);
+    }
+    if family == Family::X402 {
+        // The x402 router's CORS layer sits inside this middleware: say the same to browsers here.
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(super::x402::EXPOSE_HEADERS),
+        );
+    }
+    response
+}
+
+/// The credential a request carries, as far as the keyless limit cares.
+enum Credential {
+    /// A valid API key (handed on to the handler so it does not look it up again).
+    Key(AuthorizedKey),
+    /// The admin or auditor token.
+    Operator,
+    /// The key could not be checked (database error): the handler meets the same error and answers it.
+    Unchecked,
+    None,
+}
+
+async fn credential(state: &AppState, headers: &HeaderMap) -> Credential {
+    let Some(presented) = super::audit::bearer(headers) else {
+        return Credential::None;
+    };
+    if crate::keys::parse(presented).is_some() {
+        return match state.billing.authorize(presented).await {
+            Ok(Some(key)) => Credential::Key(key),
+            Ok(None) => Credential::None,
+            Err(_) => Credential::Unchecked,
+        };
+    }
+    let auth = &state.settings.auth;
+    let operator = [auth.admin_token.as_deref(), auth.auditor_token.as_deref()]
+        .into_iter()
+        .flatten()
+        .fold(false, |acc, t| {
+            acc | super::audit::token_matches(presented, t)
+        });
+    if operator {
+        Credential::Operator
+    } else {
+        Credential::None
+    }
+}
+
+fn carries_payment(headers: &HeaderMap) -> bool {
+    headers.contains_key(crate::x402::header::PAYMENT_SIGNATURE)
+        || headers.contains_key(crate::x402::header::X_PAYMENT)
+}
+
+fn limited(route: Route, budget: Budget, wait: u64) -> Response {
+    let (label, message) = match budget {
+        Budget::Keyless => (
+            "keyless",
+            format!(
+                "too many requests without an API key from this address; retry in {wait} s (requests with a \
+                 valid key are not limited)"
+            ),
+        ),
+        Budget::Claims => (
+            "claims",
+            format!("too many claim or purchase attempts from this address; retry in {wait} s"),
+        ),
+    };
+    crate::metrics::record_rate_limited(label);
+    refusal(
+        route.family,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        message,
+        Some(wait),
+    )
+}
+
+/// The middleware: rate limits, then the body (limit and deadline), then the handler (deadline unless it streams).
+pub async fn enforce(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let route = Route::of(req.method(), req.uri().path());
+    let limits = state.limits.clone();
+    let deadline = Instant::now() + limits.request_timeout;
+
+    // Whose token to give back if the request turns out paid.
+    let mut refund: Option<(Budget, ClientKey)> = None;
+    let limiter = match route.budget {
+        Budget::Keyless => limits.keyless(),
+        Budget::Claims => limits.claims(),
+    };
+    if let Some(limiter) = limiter {
+        let peer = match req.extensions().get::<ConnectInfo<SocketAddr>>() {
+            Some(ConnectInfo(addr)) => addr.ip(),
+            None => {
+                // Served without connection info (not through `api::run`): every client shares one bucket.
+                IpAddr::from([0, 0, 0, 0])
+            }
+        };
+        let client = ClientKey::of(limits.client_ip(peer, req.headers()));
+        let counted = match route.budget {
+            Budget::Claims => true,
+            Budget::Keyless => match credential(&state, req.headers()).await {
+                Credential::Key(key) => {
+                    req.extensions_mut().insert(key);
+                    false
+                }
+                Credential::Operator | Credential::Unchecked => false,
+                Credential::None => true,
+            },
+        };
+        if counted {
+            let now = (limits.clock)();
+            if let Err(wait) = limiter.take(client, now) {
+                return limited(route, route.budget, wait);
+            }
+            if route.budget == Budget::Claims || carries_payment(req.headers()) {
+                refund = Some((route.budget, client));
+            }
+        }
+    }
+
+    let req = match read_body(req, route, deadline).await {
+        Ok(req) => req,
+        Err(refused) => return refused,
+    };
+
+    let response = if route.streams {
+        next.run(req).await
+    } else {
+        // Its own task: a deadline answers the client without cancelling work that may be half done.
+        let task = tokio::spawn(next.run(req));
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "request handler failed");
+                refusal(
+                    route.family,
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error; try again later".to_string(),
+                    None,
+                )
+            }
+            Err(_) => {
+                crate::metrics::record_request_timeout("answer");
+                refusal(
+                    route.family,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "timeout",
+                    format!(
+                        "no answer within {} s; the request goes on in the background and is never applied \
+                         twice: retry it (a repeated claim answers with the purchase it already made)",
+                        limits.request_timeout.as_secs()
+                    ),
+                    Some(TIMEOUT_RETRY_AFTER_SECS),
+                )
+            }
+        }
+    };
+
+    if let Some((budget, client)) = refund
+        && response.status() == StatusCode::OK
+    {
+        let limiter = match budget {
+            Budget::Keyless => limits.keyless(),
+            Budget::Claims => limits.claims(),
+        };
+        if let Some(limiter) = limiter {
+            limiter.refund(client, (limits.clock)());
+        }
+    }
+    response
+}
+
+/// Reads the body up to the route's limit before `deadline`; the request goes on with the bytes read.
+async fn read_body(req: Request, route: Route, deadline: Instant) -> Result<Request, Response> {
+    let too_large = || {
+        crate::metrics::record_body_too_large();
+        refusal(
+            route.family,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!(
+                "the request body is larger than {} bytes, the limit of this route",
+                route.body_limit
+            ),
+            None,
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > route.body_limit as u64) {
+        return Err(too_large());
+    }
+    let (parts, body) = req.into_parts();
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut first: Option<Bytes> = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|_| None)?;
+            let so_far = first.as_ref().map_or(0, Bytes::len) + buf.len();
+            if so_far + chunk.len() > route.body_limit {
+                return Err(Some(()));
+            }
+            // One chunk (the usual case) is kept as is; more are joined.
+            match first.take() {
+                None if buf.is_empty() => first = Some(chunk),
+                None => buf.extend_from_slice(&chunk),
+                Some(f) => {
+                    buf.extend_from_slice(&f);
+                    buf.extend_from_slice(&chunk);
+                }
+            }
+        }
+        Ok(first.unwrap_or_else(|| Bytes::from(buf)))
+    };
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
+        Ok(Err(Some(()))) => Err(too_large()),
+        Ok(Err(None)) => Err(refusal(
+            route.family,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the request body could not be read".to_string(),
+            None,
+        )),
+        Err(_) => {
+            crate::metrics::record_request_timeout("body");
+            Err(refusal(
+                route.family,
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time".to_string(),
+                None,
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(per_minute: u32, burst: u32) -> Rate {
+        Rate { per_minute, burst }
+    }
+
+    #[test]
+    fn bucket_allows_the_burst_then_refills_at_the_rate() {
+        let l = RateLimiter::new(rate(120, 3), 1000);
+        let ip = ClientKey::of("10.0.0.1".parse().unwrap());
+        for _ in 0..3 {
+            l.take(ip, 100).unwrap();
+        }
+        assert_eq!(l.take(ip, 100), Err(1));
+        // 2 a second.
+        l.take(ip, 101).unwrap();
+        l.take(ip, 101).unwrap();
+        assert_eq!(l.take(ip, 101), Err(1));
+        // Never beyond the burst, however long the client was away.
+        for _ in 0..3 {
+            l.take(ip, 10_000).unwrap();
+        }
+        assert!(l.take(ip, 10_000).is_err());
+        // Another client has its own bucket.
+        l.take(ClientKey::of("10.0.0.2".parse().unwrap()), 10_000)
+            .unwrap();
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_until_a_token() {
+        let l = RateLimiter::new(rate(6, 1), 1000); // one every 10 s
+        let ip = ClientKey::of("10.0.0.1".parse().unwrap());
+        l.take(ip, 0).unwrap();
+        assert_eq!(l.take(ip, 0), Err(10));
+        assert_eq!(l.take(ip, 4), Err(6));
+        l.take(ip, 10).unwrap();
+        // A clock that steps back neither refills nor breaks the bucket.
+        assert_eq!(l.take(ip, 5), Err(10));
+    }
+
+    #[test]
+    fn refund_gives_a_token_back_up_to_the_burst() {
+        let l = RateLimiter::new(rate(1, 2), 1000);
+        let ip = ClientKey::of("10.0.0.1".parse().unwrap());
+        l.take(ip, 0).unwrap();
+        l.take(ip, 0).unwrap();
+        assert!(l.take(ip, 0).is_err());
+        l.refund(ip, 0);
+        l.take(ip, 0).unwrap();
+        l.refund(ip, 0);
+        l.refund(ip, 0);
+        l.refund(ip, 0);
+        l.take(ip, 0).unwrap();
+        l.take(ip, 0).unwrap();
+        assert!(l.take(ip, 0).is_err(), "refunds stop at the burst");
+    }
+
+    #[test]
+    fn memory_is_bounded_and_idle_clients_go_first() {
+        let l = RateLimiter::new(rate(60, 5), 640);
+        for i in 0..100_000u32 {
+            let _ = l.take(ClientKey::V4(i), 0);
+        }
+        assert!(l.tracked() <= l.capacity(), "{}", l.tracked());
+        assert_eq!(l.capacity(), 640);
+        // A client that emptied its bucket stays remembered while newcomers arrive that refill (go idle).
+        let busy = ClientKey::V4(u32::MAX);
+        for _ in 0..5 {
+            l.take(busy, 1).unwrap();
+        }
+        for i in 0..10_000u32 {
+            l.take(ClientKey::V4(1_000_000 + i), 1).unwrap();
+            l.refund(ClientKey::V4(1_000_000 + i), 1);
+        }
+        assert!(l.take(busy, 1).is_err(), "the limited client was forgotten");
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_by_slash_64() {
+        let a = ClientKey::of("2001:db8:1:2::1".parse().unwrap());
+        let b = ClientKey::of("2001:db8:1:2:ffff::9".parse().unwrap());
+        let c = ClientKey::of("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(
+            ClientKey::of("::ffff:10.1.2.3".parse().unwrap()),
+            ClientKey::of("10.1.2.3".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let settings = crate::config::Limits {
+            keyless: None,
+            claims: None,
+            max_tracked_clients: 64,
+            request_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(1),
+            trusted_proxies: vec![
+                IpNet {
+                    addr: "10.0.0.0".parse().unwrap(),
+                    prefix: 8,
+                },
+                IpNet {
+                    addr: "127.0.0.1".parse().unwrap(),
+                    prefix: 32,
+                },
+            ],
+        };
+        let limits = Limits::new(&settings, crate::billing::system_clock());
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "1.1.1.1, 203.0.113.7, 10.1.1.1".parse().unwrap(),
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(limits.client_ip(ip("127.0.0.1"), &h), ip("203.0.113.7"));
+        assert_eq!(limits.client_ip(ip("192.0.2.1"), &h), ip("192.0.2.1"));
+        assert_eq!(
+            limits.client_ip(ip("127.0.0.1"), &HeaderMap::new()),
+            ip("127.0.0.1")
+        );
+        h.insert("x-forwarded-for", "garbage, 10.2.2.2".parse().unwrap());
+        assert_eq!(limits.client_ip(ip("127.0.0.1"), &h), ip("10.2.2.2"));
+    }
+
+    #[test]
+    fn routes_are_classified_by_family_budget_and_body_limit() {
+        let r = |m: Method, p: &str| Route::of(&m, p);
+        let chat = r(Method::POST, "/v1/chat/completions");
+        assert!(chat.streams);
+        assert_eq!(chat.body_limit, CHAT_BODY_BYTES);
+        assert_eq!(r(Method::GET, "/v1/models").family, Family::OpenAi);
+        assert!(!r(Method::GET, "/v1/models").streams);
+        assert_eq!(r(Method::POST, "/api/agent/topup").budget, Budget::Claims);
+        assert_eq!(r(Method::GET, "/api/agent/plans").budget, Budget::Keyless);
+        assert_eq!(r(Method::POST, "/x402/credits/10").budget, Budget::Claims);
+        assert_eq!(r(Method::OPTIONS, "/x402/credits/10").budget, Budget::Keyless);
+        assert_eq!(r(Method::POST, "/x402/credits/10").family, Family::X402);
+        let plain = r(Method::GET, "/healthz");
+        assert_eq!((plain.family, plain.body_limit), (Family::Plain, SMALL_BODY_BYTES));
+        assert_eq!(r(Method::GET, "/v1x").family, Family::Plain);
+    }
+}
