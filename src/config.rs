@@ -1576,6 +1576,57 @@ blocks = [
     }
 
     #[test]
+    fn limits_default_to_protection_and_errors_name_the_key() {
+        let l = resolve(MINIMAL).unwrap().limits;
+        assert_eq!(
+            l.keyless,
+            Some(Rate {
+                per_minute: 600,
+                burst: 100
+            })
+        );
+        assert_eq!(
+            l.claims,
+            Some(Rate {
+                per_minute: 30,
+                burst: 10
+            })
+        );
+        assert_eq!(l.request_timeout, Duration::from_secs(30));
+        assert_eq!(l.header_read_timeout, Duration::from_secs(10));
+        assert!(l.trusted_proxies.is_empty());
+        let off = resolve(&format!("{MINIMAL}[limits]\nrate_limits = false\n")).unwrap();
+        assert_eq!((off.limits.keyless, off.limits.claims), (None, None));
+        let set = resolve(&format!(
+            "{MINIMAL}[limits]\nkeyless_per_minute = 60\nkeyless_burst = 5\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n"
+        ))
+        .unwrap()
+        .limits;
+        assert_eq!(set.keyless, Some(Rate { per_minute: 60, burst: 5 }));
+        assert!(set.trusted_proxies[0].contains("10.9.8.7".parse().unwrap()));
+        assert!(!set.trusted_proxies[0].contains("11.0.0.1".parse().unwrap()));
+        assert!(set.trusted_proxies[1].contains("::1".parse().unwrap()));
+        for (line, key) in [
+            ("keyless_per_minute = 0", "limits.keyless_per_minute"),
+            ("keyless_burst = 0", "limits.keyless_burst"),
+            ("claims_per_minute = 0", "limits.claims_per_minute"),
+            ("claims_burst = 0", "limits.claims_burst"),
+            ("max_tracked_clients = 3", "limits.max_tracked_clients"),
+            ("request_timeout_secs = 0", "limits.request_timeout_secs"),
+            ("header_read_timeout_secs = 0", "limits.header_read_timeout_secs"),
+            ("trusted_proxies = [\"10.0.0.0/33\"]", "limits.trusted_proxies[0]"),
+            ("trusted_proxies = [\"::1\", \"proxy.local\"]", "limits.trusted_proxies[1]"),
+            ("keyless_per_minute = -1", "keyless_per_minute"),
+            ("rate_limit = false", "rate_limit"),
+        ] {
+            let err = resolve(&format!("{MINIMAL}[limits]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
+    }
+
+    #[test]
     fn redacts_secrets_in_urls() {
         assert_eq!(
             redact_url("https://base-mainnet.g.alchemy.com/v2/SECRET"),

@@ -554,7 +554,12 @@ async fn read_body(req: Request, route: Route, deadline: Instant) -> Result<Requ
         refusal(
             route.family,
             StatusCode::PAYLOAD_TOO_LARGE,
-            "request_too_large",
+            // The codes the handlers used before this middleware read bodies.
+            if route.family == Family::OpenAi {
+                "request_too_large"
+            } else {
+                "body_too_large"
+            },
             format!(
                 "the request body is larger than {} bytes, the limit of this route",
                 route.body_limit
