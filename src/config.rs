@@ -545,11 +545,15 @@ impl IpNet {
         use std::net::IpAddr;
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -579,11 +583,19 @@ impl LimitsConfig {
             }
         };
         let keyless = Rate {
-            per_minute: positive("limits.keyless_per_minute", self.keyless_per_minute, 6_000_000)?,
+            per_minute: positive(
+                "limits.keyless_per_minute",
+                self.keyless_per_minute,
+                6_000_000,
+            )?,
             burst: positive("limits.keyless_burst", self.keyless_burst, 1_000_000)?,
         };
         let claims = Rate {
-            per_minute: positive("limits.claims_per_minute", self.claims_per_minute, 6_000_000)?,
+            per_minute: positive(
+                "limits.claims_per_minute",
+                self.claims_per_minute,
+                6_000_000,
+            )?,
             burst: positive("limits.claims_burst", self.claims_burst, 1_000_000)?,
         };
         if !(64..=10_000_000).contains(&self.max_tracked_clients) {
@@ -1602,7 +1614,13 @@ blocks = [
         ))
         .unwrap()
         .limits;
-        assert_eq!(set.keyless, Some(Rate { per_minute: 60, burst: 5 }));
+        assert_eq!(
+            set.keyless,
+            Some(Rate {
+                per_minute: 60,
+                burst: 5
+            })
+        );
         assert!(set.trusted_proxies[0].contains("10.9.8.7".parse().unwrap()));
         assert!(!set.trusted_proxies[0].contains("11.0.0.1".parse().unwrap()));
         assert!(set.trusted_proxies[1].contains("::1".parse().unwrap()));
@@ -1613,9 +1631,18 @@ blocks = [
             ("claims_burst = 0", "limits.claims_burst"),
             ("max_tracked_clients = 3", "limits.max_tracked_clients"),
             ("request_timeout_secs = 0", "limits.request_timeout_secs"),
-            ("header_read_timeout_secs = 0", "limits.header_read_timeout_secs"),
-            ("trusted_proxies = [\"10.0.0.0/33\"]", "limits.trusted_proxies[0]"),
-            ("trusted_proxies = [\"::1\", \"proxy.local\"]", "limits.trusted_proxies[1]"),
+            (
+                "header_read_timeout_secs = 0",
+                "limits.header_read_timeout_secs",
+            ),
+            (
+                "trusted_proxies = [\"10.0.0.0/33\"]",
+                "limits.trusted_proxies[0]",
+            ),
+            (
+                "trusted_proxies = [\"::1\", \"proxy.local\"]",
+                "limits.trusted_proxies[1]",
+            ),
             ("keyless_per_minute = -1", "keyless_per_minute"),
             ("rate_limit = false", "rate_limit"),
         ] {

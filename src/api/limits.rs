@@ -28,12 +28,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -130,7 +130,10 @@ impl RateLimiter {
 
     /// Takes one token for `key` at `now` (unix seconds): `Err(seconds)` until one is available when empty.
     pub fn take(&self, key: ClientKey, now: i64) -> Result<(), u64> {
-        let mut map = self.shard(key).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let bucket = match map.get(&key) {
             Some(b) => self.refilled(*b, now),
             None => {
@@ -161,7 +164,10 @@ impl RateLimiter {
 
     /// Gives back the token of a request that turned out paid.
     pub fn refund(&self, key: ClientKey, now: i64) {
-        let mut map = self.shard(key).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut map = self
+            .shard(key)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(b) = map.get(&key).copied() {
             let b = self.refilled(b, now);
             map.insert(
@@ -494,7 +500,7 @@ pub async fn enforce(State(state): State<AppState>, mut req: Request, next: Next
         }
     }
 
-    let req = match read_body(req, route, deadline).await {
+    let req = match read_body(req, route, deadline, limits.request_timeout).await {
         Ok(req) => req,
         Err(refused) => return refused,
     };
@@ -547,8 +553,17 @@ pub async fn enforce(State(state): State<AppState>, mut req: Request, next: Next
     response
 }
 
+/// Most bytes of a refused body read (and dropped) after the 413, so the client can read its answer: closing a
+/// socket with unread data resets the connection, and the client may lose the 413 with it.
+const DRAIN_MAX_BYTES: usize = 8 * 1024 * 1024;
+
 /// Reads the body up to the route's limit before `deadline`; the request goes on with the bytes read.
-async fn read_body(req: Request, route: Route, deadline: Instant) -> Result<Request, Response> {
+async fn read_body(
+    req: Request,
+    route: Route,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Request, Response> {
     let too_large = || {
         crate::metrics::record_body_too_large();
         refusal(
@@ -572,19 +587,27 @@ async fn read_body(req: Request, route: Route, deadline: Instant) -> Result<Requ
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    // A client waiting for `100 Continue` has not sent the body: answering without reading it is enough.
+    let expects_continue = req
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let (parts, body) = req.into_parts();
+    let mut stream = body.into_data_stream();
     if declared.is_some_and(|n| n > route.body_limit as u64) {
+        if !expects_continue && declared.is_some_and(|n| n <= DRAIN_MAX_BYTES as u64) {
+            drain_later(stream, deadline);
+        }
         return Err(too_large());
     }
-    let (parts, body) = req.into_parts();
     let read = async {
-        let mut stream = body.into_data_stream();
         let mut buf: Vec<u8> = Vec::new();
         let mut first: Option<Bytes> = None;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|_| None)?;
+            let chunk = chunk.map_err(|_| BodyError::Unreadable)?;
             let so_far = first.as_ref().map_or(0, Bytes::len) + buf.len();
             if so_far + chunk.len() > route.body_limit {
-                return Err(Some(()));
+                return Err(BodyError::TooLarge);
             }
             // One chunk (the usual case) is kept as is; more are joined.
             match first.take() {
@@ -598,10 +621,14 @@ async fn read_body(req: Request, route: Route, deadline: Instant) -> Result<Requ
         }
         Ok(first.unwrap_or_else(|| Bytes::from(buf)))
     };
-    match tokio::time::timeout_at(deadline, read).await {
+    let outcome = tokio::time::timeout_at(deadline, read).await;
+    match outcome {
         Ok(Ok(bytes)) => Ok(Request::from_parts(parts, Body::from(bytes))),
-        Ok(Err(Some(()))) => Err(too_large()),
-        Ok(Err(None)) => Err(refusal(
+        Ok(Err(BodyError::TooLarge)) => {
+            drain_later(stream, deadline);
+            Err(too_large())
+        }
+        Ok(Err(BodyError::Unreadable)) => Err(refusal(
             route.family,
             StatusCode::BAD_REQUEST,
             "invalid_body",
@@ -614,11 +641,35 @@ async fn read_body(req: Request, route: Route, deadline: Instant) -> Result<Requ
                 route.family,
                 StatusCode::REQUEST_TIMEOUT,
                 "request_timeout",
-                "the request body did not arrive in time".to_string(),
+                format!(
+                    "the request body did not arrive within {} s",
+                    timeout.as_secs()
+                ),
                 None,
             ))
         }
     }
+}
+
+enum BodyError {
+    TooLarge,
+    Unreadable,
+}
+
+/// Reads and drops the rest of a refused body in the background (at most [`DRAIN_MAX_BYTES`], until `deadline`).
+fn drain_later(mut stream: axum::body::BodyDataStream, deadline: Instant) {
+    tokio::spawn(async move {
+        let drain = async {
+            let mut seen = 0usize;
+            while let Some(Ok(chunk)) = stream.next().await {
+                seen += chunk.len();
+                if seen > DRAIN_MAX_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, drain).await;
+    });
 }
 
 #[cfg(test)]
@@ -760,10 +811,16 @@ mod tests {
         assert_eq!(r(Method::POST, "/api/agent/topup").budget, Budget::Claims);
         assert_eq!(r(Method::GET, "/api/agent/plans").budget, Budget::Keyless);
         assert_eq!(r(Method::POST, "/x402/credits/10").budget, Budget::Claims);
-        assert_eq!(r(Method::OPTIONS, "/x402/credits/10").budget, Budget::Keyless);
+        assert_eq!(
+            r(Method::OPTIONS, "/x402/credits/10").budget,
+            Budget::Keyless
+        );
         assert_eq!(r(Method::POST, "/x402/credits/10").family, Family::X402);
         let plain = r(Method::GET, "/healthz");
-        assert_eq!((plain.family, plain.body_limit), (Family::Plain, SMALL_BODY_BYTES));
+        assert_eq!(
+            (plain.family, plain.body_limit),
+            (Family::Plain, SMALL_BODY_BYTES)
+        );
         assert_eq!(r(Method::GET, "/v1x").family, Family::Plain);
     }
 }

@@ -22,8 +22,8 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tower::ServiceExt;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 use crate::billing::{Billing, Clock};
 use crate::chain::StatusHandle;
@@ -160,11 +160,12 @@ pub async fn run_with(
             () = shutdown.cancelled() => break,
         };
         let router = router.clone();
-        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let mut req = req.map(axum::body::Body::new);
-            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            router.clone().oneshot(req)
-        });
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                router.clone().oneshot(req)
+            });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
             .into_owned();

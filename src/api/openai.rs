@@ -6,8 +6,8 @@
 
 use std::time::Instant;
 
-use axum::body::{Body, Bytes};
 use axum::Extension;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

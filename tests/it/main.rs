@@ -7,6 +7,7 @@ mod cli;
 mod clients;
 mod dev;
 mod indexer;
+mod limits;
 mod proxy;
 mod support;
 mod x402;
