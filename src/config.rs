@@ -79,12 +79,24 @@ pub struct LimitsConfig {
     /// Keyless requests one client IP may make at once before the refill rate applies (bucket size).
     #[serde(default = "default_keyless_burst")]
     pub keyless_burst: u32,
+    /// Keyless requests from all clients together per minute: a flood from many addresses cannot take more.
+    #[serde(default = "default_keyless_total_per_minute")]
+    pub keyless_total_per_minute: u32,
+    /// Keyless requests from all clients together at once.
+    #[serde(default = "default_keyless_total_burst")]
+    pub keyless_total_burst: u32,
     /// Claim attempts (`/api/agent/{subscribe-pool,topup,keys/rotate}`, `/x402/*`) per client IP per minute.
     #[serde(default = "default_claims_per_minute")]
     pub claims_per_minute: u32,
     /// Claim attempts one client IP may make at once.
     #[serde(default = "default_claims_burst")]
     pub claims_burst: u32,
+    /// Claim attempts from all clients together per minute (each may cost an RPC call).
+    #[serde(default = "default_claims_total_per_minute")]
+    pub claims_total_per_minute: u32,
+    /// Claim attempts from all clients together at once.
+    #[serde(default = "default_claims_total_burst")]
+    pub claims_total_burst: u32,
     /// Client IPs whose buckets are kept in memory (per limit); idle ones are evicted first when full.
     #[serde(default = "default_max_tracked_clients")]
     pub max_tracked_clients: u32,
@@ -107,8 +119,12 @@ impl Default for LimitsConfig {
             rate_limits: true,
             keyless_per_minute: default_keyless_per_minute(),
             keyless_burst: default_keyless_burst(),
+            keyless_total_per_minute: default_keyless_total_per_minute(),
+            keyless_total_burst: default_keyless_total_burst(),
             claims_per_minute: default_claims_per_minute(),
             claims_burst: default_claims_burst(),
+            claims_total_per_minute: default_claims_total_per_minute(),
+            claims_total_burst: default_claims_total_burst(),
             max_tracked_clients: default_max_tracked_clients(),
             request_timeout_secs: default_request_timeout_secs(),
             header_read_timeout_secs: default_header_read_timeout_secs(),
@@ -122,6 +138,18 @@ fn default_keyless_per_minute() -> u32 {
 }
 fn default_keyless_burst() -> u32 {
     100
+}
+fn default_keyless_total_per_minute() -> u32 {
+    12_000
+}
+fn default_keyless_total_burst() -> u32 {
+    1_000
+}
+fn default_claims_total_per_minute() -> u32 {
+    1_200
+}
+fn default_claims_total_burst() -> u32 {
+    200
 }
 fn default_claims_per_minute() -> u32 {
     30
@@ -561,12 +589,22 @@ impl IpNet {
     }
 }
 
+/// One rate limit: a bucket per client IP, and one for all clients together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_ip: Rate,
+    pub total: Rate,
+}
+
+/// Most tokens a bucket shared by all clients may hold (it packs its level into 32 bits).
+pub const MAX_TOTAL_BURST: u32 = 70_000;
+
 /// Validated `[limits]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// `None` when `rate_limits = false`.
-    pub keyless: Option<Rate>,
-    pub claims: Option<Rate>,
+    pub keyless: Option<RateLimit>,
+    pub claims: Option<RateLimit>,
     pub max_tracked_clients: u32,
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
@@ -582,21 +620,43 @@ impl LimitsConfig {
                 Ok(v)
             }
         };
-        let keyless = Rate {
-            per_minute: positive(
-                "limits.keyless_per_minute",
-                self.keyless_per_minute,
-                6_000_000,
-            )?,
-            burst: positive("limits.keyless_burst", self.keyless_burst, 1_000_000)?,
+        let rate = |name: &str,
+                    per_minute: u32,
+                    burst: u32,
+                    max_burst: u32|
+         -> Result<Rate, ConfigError> {
+            Ok(Rate {
+                per_minute: positive(&format!("limits.{name}_per_minute"), per_minute, 6_000_000)?,
+                burst: positive(&format!("limits.{name}_burst"), burst, max_burst)?,
+            })
         };
-        let claims = Rate {
-            per_minute: positive(
-                "limits.claims_per_minute",
-                self.claims_per_minute,
-                6_000_000,
+        let keyless = RateLimit {
+            per_ip: rate(
+                "keyless",
+                self.keyless_per_minute,
+                self.keyless_burst,
+                1_000_000,
             )?,
-            burst: positive("limits.claims_burst", self.claims_burst, 1_000_000)?,
+            total: rate(
+                "keyless_total",
+                self.keyless_total_per_minute,
+                self.keyless_total_burst,
+                MAX_TOTAL_BURST,
+            )?,
+        };
+        let claims = RateLimit {
+            per_ip: rate(
+                "claims",
+                self.claims_per_minute,
+                self.claims_burst,
+                1_000_000,
+            )?,
+            total: rate(
+                "claims_total",
+                self.claims_total_per_minute,
+                self.claims_total_burst,
+                MAX_TOTAL_BURST,
+            )?,
         };
         if !(64..=10_000_000).contains(&self.max_tracked_clients) {
             return Err(invalid(
@@ -1590,18 +1650,19 @@ blocks = [
     #[test]
     fn limits_default_to_protection_and_errors_name_the_key() {
         let l = resolve(MINIMAL).unwrap().limits;
+        let rate = |per_minute, burst| Rate { per_minute, burst };
         assert_eq!(
             l.keyless,
-            Some(Rate {
-                per_minute: 600,
-                burst: 100
+            Some(RateLimit {
+                per_ip: rate(600, 100),
+                total: rate(12_000, 1_000)
             })
         );
         assert_eq!(
             l.claims,
-            Some(Rate {
-                per_minute: 30,
-                burst: 10
+            Some(RateLimit {
+                per_ip: rate(30, 10),
+                total: rate(1_200, 200)
             })
         );
         assert_eq!(l.request_timeout, Duration::from_secs(30));
@@ -1614,13 +1675,7 @@ blocks = [
         ))
         .unwrap()
         .limits;
-        assert_eq!(
-            set.keyless,
-            Some(Rate {
-                per_minute: 60,
-                burst: 5
-            })
-        );
+        assert_eq!(set.keyless.unwrap().per_ip, rate(60, 5));
         assert!(set.trusted_proxies[0].contains("10.9.8.7".parse().unwrap()));
         assert!(!set.trusted_proxies[0].contains("11.0.0.1".parse().unwrap()));
         assert!(set.trusted_proxies[1].contains("::1".parse().unwrap()));
@@ -1629,6 +1684,16 @@ blocks = [
             ("keyless_burst = 0", "limits.keyless_burst"),
             ("claims_per_minute = 0", "limits.claims_per_minute"),
             ("claims_burst = 0", "limits.claims_burst"),
+            (
+                "keyless_total_per_minute = 0",
+                "limits.keyless_total_per_minute",
+            ),
+            ("keyless_total_burst = 70001", "limits.keyless_total_burst"),
+            (
+                "claims_total_per_minute = 0",
+                "limits.claims_total_per_minute",
+            ),
+            ("claims_total_burst = 0", "limits.claims_total_burst"),
             ("max_tracked_clients = 3", "limits.max_tracked_clients"),
             ("request_timeout_secs = 0", "limits.request_timeout_secs"),
             (

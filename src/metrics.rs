@@ -47,7 +47,8 @@ pub const PROXY_OVERHEAD: &str = "x402_overhead_latency_seconds";
 pub const PROXY_IN_FLIGHT: &str = "x402_in_flight_requests";
 
 // Unpaid traffic (`[limits]`).
-/// Counter `{limit="keyless|claims"}`: requests refused with 429 by the per-IP rate limits.
+/// Counter `{limit="keyless|claims", scope="ip|all"}`: requests refused with 429 by the rate limits (the client's
+/// own bucket, or the one all clients share).
 pub const RATE_LIMITED: &str = "x402_rate_limited_total";
 /// Counter: requests refused with 413 (body over the route's limit).
 pub const BODY_TOO_LARGE: &str = "x402_body_too_large_total";
@@ -139,7 +140,7 @@ fn describe() {
     describe_gauge!(PROXY_IN_FLIGHT, "Requests being proxied now.");
     describe_counter!(
         RATE_LIMITED,
-        "Requests refused by the per-IP rate limits (429), by limit."
+        "Requests refused by the rate limits (429), by limit and scope (ip, all)."
     );
     describe_counter!(
         BODY_TOO_LARGE,
@@ -220,9 +221,10 @@ pub fn record_rpc_failover() {
     metrics::counter!(RPC_FAILOVERS).increment(1);
 }
 
-/// Counts a request refused by the `keyless` or `claims` rate limit.
-pub fn record_rate_limited(limit: &'static str) {
-    metrics::counter!(RATE_LIMITED, "limit" => limit).increment(1);
+/// Counts a request refused by the `keyless` or `claims` rate limit, in the client's bucket (`ip`) or the shared
+/// one (`all`).
+pub fn record_rate_limited(limit: &'static str, scope: &'static str) {
+    metrics::counter!(RATE_LIMITED, "limit" => limit, "scope" => scope).increment(1);
 }
 
 /// Counts a request refused for its body size.

@@ -3,8 +3,9 @@
 //!
 //! - **Rate limits** (token buckets per client IP, IPv6 by /64): *keyless* requests — anything without a valid API
 //!   key or operator token — share one bucket per IP; *claim attempts* (`/api/agent/{subscribe-pool,topup,
-//!   keys/rotate}` and the `/x402/*` purchases) another. A request with a valid key is never counted, so key holders
-//!   are not slowed by other people's floods. A claim or an x402-paid request that succeeds (200) gives its token
+//!   keys/rotate}` and the `/x402/*` purchases) another. Each limit also has one bucket for all clients together,
+//!   so a flood from many addresses cannot take more than that either. A request with a valid key is never
+//!   counted, so key holders are not slowed by other people's floods. A claim or an x402-paid request that succeeds (200) gives its token
 //!   back: only unpaid and failed attempts use the budget. Over the limit: 429 with `Retry-After` (whole seconds).
 //! - **Body limits** on every route: 4 MiB for `POST /v1/chat/completions`, 16 KiB for the rest of `/v1/*`,
 //!   `/api/agent/*` and `/x402/*`, 1 KiB for everything else (no other route reads a body). The body is read here,
@@ -17,14 +18,15 @@
 //! Every refusal uses the shape of its route family: the OpenAI error object on `/v1/*`, `{success: false, error}`
 //! on `/api/agent/*` and `/x402/*` (with the x402 CORS headers), `{error: {code, message}}` elsewhere.
 //!
-//! The buckets live in a fixed number of shards, each behind its own short-lived lock (no global lock), and each
-//! shard holds at most its share of `max_tracked_clients`: when full, buckets that have refilled (idle clients,
+//! The per-IP buckets live in a fixed number of shards, each behind its own short-lived lock (no global lock; the
+//! all-clients bucket is one atomic word), and each shard holds at most its share of `max_tracked_clients`: when full, buckets that have refilled (idle clients,
 //! which lose nothing by being forgotten) are dropped first, then the fullest one. Time comes from the injected
 //! billing clock (whole seconds), so tests move it instead of sleeping.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -40,7 +42,7 @@ use tokio::time::Instant;
 
 use super::AppState;
 use crate::billing::{AuthorizedKey, Clock};
-use crate::config::{IpNet, Rate};
+use crate::config::{IpNet, Rate, RateLimit};
 
 /// Body limit of routes that read no body (GET routes, operator and discovery pages, unknown paths).
 pub const SMALL_BODY_BYTES: usize = 1024;
@@ -208,13 +210,140 @@ impl RateLimiter {
     }
 }
 
+/// One token bucket for all clients together, in one atomic word (level in the low 32 bits, the last refill in
+/// the high 32 as seconds since `base`): no lock, a compare-and-swap per request.
+pub struct SharedBucket {
+    state: AtomicU64,
+    base: i64,
+    refill_per_sec: u64,
+    capacity: u64,
+}
+
+impl std::fmt::Debug for SharedBucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedBucket")
+            .field("refill_per_sec", &self.refill_per_sec)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedBucket {
+    /// Full at `now`. The burst is capped so the level fits 32 bits (the config allows at most
+    /// [`crate::config::MAX_TOTAL_BURST`]).
+    pub fn new(rate: Rate, now: i64) -> SharedBucket {
+        let capacity = (u64::from(rate.burst).max(1) * UNIT).min(u64::from(u32::MAX));
+        SharedBucket {
+            state: AtomicU64::new(capacity),
+            base: now,
+            refill_per_sec: u64::from(rate.per_minute).max(1) * (UNIT / 60),
+            capacity,
+        }
+    }
+
+    fn offset(&self, now: i64) -> u64 {
+        u64::try_from(now.saturating_sub(self.base))
+            .unwrap_or(0)
+            .min(u64::from(u32::MAX))
+    }
+
+    fn refilled(&self, word: u64, now: u64) -> (u64, u64) {
+        let (level, at) = (word & u64::from(u32::MAX), word >> 32);
+        let elapsed = now.saturating_sub(at);
+        let level = level
+            .saturating_add(elapsed.saturating_mul(self.refill_per_sec))
+            .min(self.capacity);
+        (level, at.max(now))
+    }
+
+    /// Takes one token at `now`: `Err(seconds)` until one is available when empty.
+    pub fn take(&self, now: i64) -> Result<(), u64> {
+        let now = self.offset(now);
+        let mut word = self.state.load(Ordering::Relaxed);
+        loop {
+            let (level, at) = self.refilled(word, now);
+            if level < UNIT {
+                return Err((UNIT - level).div_ceil(self.refill_per_sec).max(1));
+            }
+            match self.state.compare_exchange_weak(
+                word,
+                (at << 32) | (level - UNIT),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(current) => word = current,
+            }
+        }
+    }
+
+    /// Gives a token back.
+    pub fn refund(&self, now: i64) {
+        let now = self.offset(now);
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                let (level, at) = self.refilled(word, now);
+                Some((at << 32) | level.saturating_add(UNIT).min(self.capacity))
+            });
+    }
+}
+
+/// One limit: a bucket per client, then one for all clients together.
+#[derive(Debug)]
+pub struct Limiter {
+    pub per_ip: RateLimiter,
+    pub total: SharedBucket,
+}
+
+/// Which bucket refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Ip,
+    All,
+}
+
+impl Limiter {
+    pub fn new(limit: RateLimit, max_clients: usize, now: i64) -> Limiter {
+        Limiter {
+            per_ip: RateLimiter::new(limit.per_ip, max_clients),
+            total: SharedBucket::new(limit.total, now),
+        }
+    }
+
+    /// A token from the client's bucket and (when `shared`) one from the shared bucket, or neither.
+    pub fn take(&self, key: ClientKey, now: i64, shared: bool) -> Result<(), (Scope, u64)> {
+        self.per_ip
+            .take(key, now)
+            .map_err(|wait| (Scope::Ip, wait))?;
+        if !shared {
+            return Ok(());
+        }
+        if let Err(wait) = self.total.take(now) {
+            // The client is not charged for a refusal that is not its own doing.
+            self.per_ip.refund(key, now);
+            return Err((Scope::All, wait));
+        }
+        Ok(())
+    }
+
+    pub fn refund(&self, key: ClientKey, now: i64, shared: bool) {
+        self.per_ip.refund(key, now);
+        if shared {
+            self.total.refund(now);
+        }
+    }
+}
+
 /// The limits of one running gateway (`AppState::limits`).
 pub struct Limits {
-    keyless: Option<RateLimiter>,
-    claims: Option<RateLimiter>,
+    keyless: Option<Limiter>,
+    claims: Option<Limiter>,
     request_timeout: Duration,
     trusted_proxies: Vec<IpNet>,
     clock: Clock,
+    /// Whether the operator was told about `X-Forwarded-For` from an untrusted peer (once per process).
+    warned_forwarded: AtomicBool,
 }
 
 impl std::fmt::Debug for Limits {
@@ -232,22 +361,24 @@ impl Limits {
     /// The limits of `[limits]`, counting time with `clock`.
     pub fn new(settings: &crate::config::Limits, clock: Clock) -> Limits {
         let max = usize::try_from(settings.max_tracked_clients).unwrap_or(usize::MAX);
+        let now = clock();
         Limits {
-            keyless: settings.keyless.map(|r| RateLimiter::new(r, max)),
-            claims: settings.claims.map(|r| RateLimiter::new(r, max)),
+            keyless: settings.keyless.map(|l| Limiter::new(l, max, now)),
+            claims: settings.claims.map(|l| Limiter::new(l, max, now)),
             request_timeout: settings.request_timeout,
             trusted_proxies: settings.trusted_proxies.clone(),
             clock,
+            warned_forwarded: AtomicBool::new(false),
         }
     }
 
     /// The keyless limiter (`None` with `rate_limits = false`).
-    pub fn keyless(&self) -> Option<&RateLimiter> {
+    pub fn keyless(&self) -> Option<&Limiter> {
         self.keyless.as_ref()
     }
 
     /// The claim-attempt limiter.
-    pub fn claims(&self) -> Option<&RateLimiter> {
+    pub fn claims(&self) -> Option<&Limiter> {
         self.claims.as_ref()
     }
 
@@ -256,6 +387,15 @@ impl Limits {
     pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let trusted = |ip: IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
         if !trusted(peer) {
+            if headers.contains_key("x-forwarded-for")
+                && !self.warned_forwarded.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    peer = %peer,
+                    "requests carry X-Forwarded-For from {peer}, which is not in limits.trusted_proxies: the rate \
+                     limits count every client behind it as one. Behind a reverse proxy, list it there."
+                );
+            }
             return peer;
         }
         let hops: Vec<&str> = headers
@@ -303,6 +443,9 @@ pub enum Budget {
 pub struct Route {
     pub family: Family,
     pub budget: Budget,
+    /// Whether the bucket all clients share applies too. Not for the operator's probes (`/healthz`, `/readyz`,
+    /// `/metrics`): a flood from many addresses must not make a load balancer or Prometheus see a dead gateway.
+    pub shared: bool,
     pub body_limit: usize,
     /// The answer may stream for long (no total timeout on the handler).
     pub streams: bool,
@@ -314,6 +457,7 @@ impl Route {
         let route = |family, budget, body_limit| Route {
             family,
             budget,
+            shared: true,
             body_limit,
             streams: false,
         };
@@ -343,6 +487,12 @@ impl Route {
                 Budget::Claims
             };
             return route(Family::X402, budget, FORM_BODY_BYTES);
+        }
+        if matches!(path, "/healthz" | "/readyz" | "/metrics") {
+            return Route {
+                shared: false,
+                ..route(Family::Plain, Budget::Keyless, SMALL_BODY_BYTES)
+            };
         }
         route(Family::Plain, Budget::Keyless, SMALL_BODY_BYTES)
     }
@@ -433,21 +583,29 @@ fn carries_payment(headers: &HeaderMap) -> bool {
         || headers.contains_key(crate::x402::header::X_PAYMENT)
 }
 
-fn limited(route: Route, budget: Budget, wait: u64) -> Response {
-    let (label, message) = match budget {
-        Budget::Keyless => (
-            "keyless",
-            format!(
-                "too many requests without an API key from this address; retry in {wait} s (requests with a \
-                 valid key are not limited)"
-            ),
-        ),
-        Budget::Claims => (
-            "claims",
-            format!("too many claim or purchase attempts from this address; retry in {wait} s"),
-        ),
+fn limited(route: Route, budget: Budget, scope: Scope, wait: u64) -> Response {
+    let (label, what) = match budget {
+        Budget::Keyless => ("keyless", "requests without an API key"),
+        Budget::Claims => ("claims", "claim or purchase attempts"),
     };
-    crate::metrics::record_rate_limited(label);
+    let message = match (budget, scope) {
+        (_, Scope::Ip) => format!("too many {what} from this address; retry in {wait} s"),
+        (_, Scope::All) => {
+            format!("too many {what} from all clients together right now; retry in {wait} s")
+        }
+    };
+    let message = if budget == Budget::Keyless {
+        format!("{message} (requests with a valid API key are not limited)")
+    } else {
+        message
+    };
+    crate::metrics::record_rate_limited(
+        label,
+        match scope {
+            Scope::Ip => "ip",
+            Scope::All => "all",
+        },
+    );
     refusal(
         route.family,
         StatusCode::TOO_MANY_REQUESTS,
@@ -491,8 +649,8 @@ pub async fn enforce(State(state): State<AppState>, mut req: Request, next: Next
         };
         if counted {
             let now = (limits.clock)();
-            if let Err(wait) = limiter.take(client, now) {
-                return limited(route, route.budget, wait);
+            if let Err((scope, wait)) = limiter.take(client, now, route.shared) {
+                return limited(route, route.budget, scope, wait);
             }
             if route.budget == Budget::Claims || carries_payment(req.headers()) {
                 refund = Some((route.budget, client));
@@ -547,7 +705,7 @@ pub async fn enforce(State(state): State<AppState>, mut req: Request, next: Next
             Budget::Claims => limits.claims(),
         };
         if let Some(limiter) = limiter {
-            limiter.refund(client, (limits.clock)());
+            limiter.refund(client, (limits.clock)(), route.shared);
         }
     }
     response
@@ -749,6 +907,43 @@ mod tests {
             l.refund(ClientKey::V4(1_000_000 + i), 1);
         }
         assert!(l.take(busy, 1).is_err(), "the limited client was forgotten");
+    }
+
+    #[test]
+    fn the_shared_bucket_limits_all_clients_together() {
+        let limit = RateLimit {
+            per_ip: rate(60, 2),
+            total: rate(120, 3),
+        };
+        let l = Limiter::new(limit, 1000, 50);
+        let (a, b, c) = (ClientKey::V4(1), ClientKey::V4(2), ClientKey::V4(3));
+        l.take(a, 100, true).unwrap();
+        l.take(a, 100, true).unwrap();
+        assert_eq!(l.take(a, 100, true), Err((Scope::Ip, 1)));
+        l.take(b, 100, true).unwrap();
+        assert_eq!(l.take(b, 100, true), Err((Scope::All, 1)));
+        // Routes outside the shared bucket only meet their own.
+        l.take(c, 100, false).unwrap();
+        // `b` was not charged for the shared refusal: it still has a token once the shared bucket refills.
+        l.take(b, 101, true).unwrap();
+        // A refund goes to both buckets.
+        l.refund(b, 101, true);
+        l.take(b, 101, true).unwrap();
+        // A clock before the limiter's start neither panics nor refills.
+        assert!(SharedBucket::new(rate(60, 1), 100).take(0).is_ok());
+    }
+
+    #[test]
+    fn the_shared_bucket_gives_out_exactly_its_tokens_under_contention() {
+        let bucket = std::sync::Arc::new(SharedBucket::new(rate(1, 1000), 0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let bucket = bucket.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| bucket.take(0).is_ok()).count())
+            })
+            .collect();
+        let granted: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(granted, 1000);
     }
 
     #[test]

@@ -361,9 +361,107 @@ async fn keyless_burst_is_limited_per_ip_and_key_holders_are_not() {
     assert!(
         metrics
             .lines()
-            .any(|l| l.starts_with("x402_rate_limited_total{limit=\"keyless\"}")),
+            .any(|l| l.starts_with("x402_rate_limited_total{limit=\"keyless\",scope=\"ip\"}")),
         "{metrics}"
     );
+}
+
+/// A flood spread over many addresses meets the bucket all clients share: each address is within its own limit,
+/// yet the total is capped; key holders still pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_addresses_share_one_total_keyless_budget() {
+    let s = Stack::start(
+        "keyless_per_minute = 60\nkeyless_burst = 5\nkeyless_total_per_minute = 6\nkeyless_total_burst = 8\n",
+        Duration::ZERO,
+        None,
+    )
+    .await;
+    let key = s.credit_key(0xd4).await;
+    let clients: Vec<reqwest::Client> = (30..35)
+        .map(|i| client_from(&format!("127.0.0.{i}")))
+        .collect();
+    // Four addresses, two requests each: within their own buckets (5 each), and exactly the shared one (8).
+    for c in &clients[..4] {
+        for _ in 0..2 {
+            let (status, _, body) = send(c.get(s.url("/v1/models"))).await;
+            assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
+        }
+    }
+    // A fifth address, fresh in its own bucket, meets the shared one.
+    let (status, headers, body) = send(clients[4].get(s.url("/v1/models"))).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_openai_error(&body, "rate_limited");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("all clients"),
+        "{body}"
+    );
+    assert_eq!(retry_after(&headers), 10);
+    let (status, _, _) = send(clients[4].get(s.url("/v1/models")).bearer_auth(&key)).await;
+    assert_eq!(status, StatusCode::OK);
+    // The refusal did not use the fifth address's own budget: after one refill it is served.
+    s.gw.set_time(T0 + 10);
+    let (status, _, _) = send(clients[4].get(s.url("/v1/models"))).await;
+    assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
+    let (status, _, _) = send(clients[0].get(s.url("/v1/models"))).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    // The operator's probes only meet their own address's bucket: a flood does not make the gateway look dead.
+    let (status, _, body) = send(clients[0].get(s.url("/healthz"))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let metrics = send_text(clients[1].get(s.url("/metrics"))).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("x402_rate_limited_total{limit=\"keyless\",scope=\"all\"}")),
+        "{metrics}"
+    );
+}
+
+/// Behind a trusted proxy, `X-Forwarded-For` names the client: each forwarded client has its own bucket. From any
+/// other peer the header is ignored, so forging it does not escape the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_counts_clients_behind_a_trusted_proxy_only() {
+    let s = Stack::start(
+        "keyless_per_minute = 6\nkeyless_burst = 2\ntrusted_proxies = [\"127.0.0.20\"]\n",
+        Duration::ZERO,
+        None,
+    )
+    .await;
+    let proxy = client_from("127.0.0.20");
+    let via = |client: &str| {
+        proxy
+            .get(s.url("/api/agent/plans"))
+            .header("x-forwarded-for", format!("{client}, 127.0.0.20"))
+    };
+    for _ in 0..2 {
+        assert_eq!(send(via("203.0.113.1")).await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        send(via("203.0.113.1")).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Another client behind the same proxy is not limited by the first.
+    assert_eq!(send(via("203.0.113.2")).await.0, StatusCode::OK);
+    // A peer that is not trusted cannot pick its identity by header.
+    let forger = client_from("127.0.0.21");
+    for i in 0..2 {
+        let (status, _, _) = send(
+            forger
+                .get(s.url("/api/agent/plans"))
+                .header("x-forwarded-for", format!("198.51.100.{i}")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, _, _) = send(
+        forger
+            .get(s.url("/api/agent/plans"))
+            .header("x-forwarded-for", "198.51.100.99"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
 }
 
 /// Claim attempts have their own per-IP bucket across `/api/agent/{subscribe-pool,topup,keys/rotate}` and
