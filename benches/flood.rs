@@ -9,7 +9,10 @@
 //!    `POST /v1/chat/completions` as fast as they are answered, spread over `FLOOD_IPS` (default 200) loopback
 //!    source addresses (127.1.0.1 …), the gateway's default `[limits]` (or the lines in `LIMITS`, e.g.
 //!    `LIMITS='keyless_burst = 10'`);
-//! 3. the same flood against the same gateway with `[limits] rate_limits = false`, to show what the limits buy.
+//! 3. the same flood against the same gateway with `[limits] rate_limits = false`, to show what the limits buy;
+//!
+//! and a control: the flood aimed at a trivial server that answers 429 to everything, while the key holders use the
+//! gateway, which prices what sharing the machine with the flood costs by itself.
 //!
 //! The flood runs on its own thread and runtime; the load generators, the upstream and the gateway share the
 //! machine's cores, so the flood's own CPU use is part of what the key holders feel. The gateway's CPU time per
@@ -309,15 +312,15 @@ async fn measure(
     pid: u32,
     rate: u64,
     seconds: u64,
-    flood: Option<(usize, &[IpAddr])>,
+    flood: Option<(usize, &[IpAddr], &str)>,
 ) -> Measured {
     let cpu0 = cpu_seconds(pid);
     let started = Instant::now();
-    let flooding = flood.map(|(concurrency, ips)| {
+    let flooding = flood.map(|(concurrency, ips, target)| {
         let stats = Arc::new(FloodStats::default());
         let stop = CancellationToken::new();
         let thread = start_flood(
-            url.to_string(),
+            target.to_string(),
             ips.to_vec(),
             concurrency,
             stop.clone(),
@@ -429,20 +432,68 @@ async fn main() -> anyhow::Result<()> {
          completions of 8 tokens, demo upstream with no delay); flood: {concurrency} closed-loop clients sending \
          keyless POST /v1/chat/completions from {n_ips} loopback addresses"
     );
+    // The control: the same flood aimed at a trivial server that answers every request 429 (in this process, on
+    // its own thread), while the key holders use the gateway. What the key holders lose then is the price of
+    // sharing the machine with the flood, not of the gateway handling it.
+    let control = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let control_url = format!("http://{}", control.local_addr()?);
+    control.set_nonblocking(true)?;
+    std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(control) else {
+                return;
+            };
+            let app = axum::Router::new().fallback(|| async {
+                (
+                    axum::http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "1")],
+                    axum::Json(
+                        json!({"error": {"message": "too many requests", "type": "rate_limit_error",
+                                                "param": null, "code": "rate_limited"}}),
+                    ),
+                )
+            });
+            let _ = axum::serve(listener, app).await;
+        });
+    });
+
+    enum Flood {
+        None,
+        Elsewhere,
+        Gateway,
+    }
     let mut results = Vec::new();
     for (config, phases) in [
         (
             &limited,
-            vec![("alone", false), ("flood, [limits] on", true)],
+            vec![
+                ("alone", Flood::None),
+                ("flood elsewhere (control)", Flood::Elsewhere),
+                ("flood, [limits] on", Flood::Gateway),
+            ],
         ),
-        (&unlimited, vec![("flood, rate_limits = false", true)]),
+        (
+            &unlimited,
+            vec![("flood, rate_limits = false", Flood::Gateway)],
+        ),
     ] {
         let (child, url) = start_gateway(config).await?;
         let pid = child.id().unwrap_or(0);
         // Warm the connection pool and caches.
         let _ = key_holders(&http, &url, &key, rate.min(200), 1).await;
-        for (name, with_flood) in phases {
-            let flood = with_flood.then_some((concurrency, ips.as_slice()));
+        for (name, flood) in phases {
+            let flood = match flood {
+                Flood::None => None,
+                Flood::Elsewhere => Some((concurrency, ips.as_slice(), control_url.as_str())),
+                Flood::Gateway => Some((concurrency, ips.as_slice(), url.as_str())),
+            };
             results.push(measure(name, &http, &url, &key, pid, rate, seconds, flood).await);
         }
         drop(child);

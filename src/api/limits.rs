@@ -545,7 +545,7 @@ pub fn refusal(
 /// The credential a request carries, as far as the keyless limit cares.
 enum Credential {
     /// A valid API key (handed on to the handler so it does not look it up again).
-    Key(AuthorizedKey),
+    Key(Box<AuthorizedKey>),
     /// The admin or auditor token.
     Operator,
     /// The key could not be checked (database error): the handler meets the same error and answers it.
@@ -559,7 +559,7 @@ async fn credential(state: &AppState, headers: &HeaderMap) -> Credential {
     };
     if crate::keys::parse(presented).is_some() {
         return match state.billing.authorize(presented).await {
-            Ok(Some(key)) => Credential::Key(key),
+            Ok(Some(key)) => Credential::Key(Box::new(key)),
             Ok(None) => Credential::None,
             Err(_) => Credential::Unchecked,
         };
@@ -640,7 +640,7 @@ pub async fn enforce(State(state): State<AppState>, mut req: Request, next: Next
             Budget::Claims => true,
             Budget::Keyless => match credential(&state, req.headers()).await {
                 Credential::Key(key) => {
-                    req.extensions_mut().insert(key);
+                    req.extensions_mut().insert(*key);
                     false
                 }
                 Credential::Operator | Credential::Unchecked => false,
