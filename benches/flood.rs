@@ -5,10 +5,10 @@
 //! benchmark. Key holders send non-streaming chat completions (8 tokens) at a fixed open-loop rate (`RATE`, default
 //! 200 req/s, for `SECONDS`, default 10), timed from each request's scheduled start (no coordinated omission):
 //! 1. **alone**;
-//! 2. **with a flood**: at the same time, `FLOOD_CONCURRENCY` (default 64) closed-loop clients send keyless
-//!    `POST /v1/chat/completions` as fast as they are answered, spread over `FLOOD_IPS` (default 200) loopback
-//!    source addresses (127.1.0.1 …), the gateway's default `[limits]` (or the lines in `LIMITS`, e.g.
-//!    `LIMITS='keyless_burst = 10'`);
+//! 2. **with a flood**: at the same time, `FLOOD_CONCURRENCY` (default 64) clients send keyless
+//!    `POST /v1/chat/completions` as fast as they are answered (or `FLOOD_RATE` req/s in all, when set), spread over
+//!    `FLOOD_IPS` (default 200) loopback source addresses (127.1.0.1 …), against the gateway's default `[limits]`
+//!    (or the lines in `LIMITS`, e.g. `LIMITS='keyless_burst = 10'`);
 //! 3. the same flood against the same gateway with `[limits] rate_limits = false`, to show what the limits buy;
 //!
 //! and a control: the flood aimed at a trivial server that answers 429 to everything, while the key holders use the
@@ -119,6 +119,7 @@ fn start_flood(
     url: String,
     ips: Vec<IpAddr>,
     concurrency: usize,
+    rate: u64,
     stop: CancellationToken,
     stats: Arc<FloodStats>,
 ) -> std::thread::JoinHandle<()> {
@@ -153,7 +154,15 @@ fn start_flood(
                             return;
                         }
                         let mut i = 0usize;
+                        // With a rate, each worker sends its share on a schedule (catching up when late).
+                        let period = (rate > 0)
+                            .then(|| Duration::from_secs_f64(concurrency as f64 / rate as f64));
+                        let mut due = tokio::time::Instant::now();
                         while !stop.is_cancelled() {
+                            if let Some(period) = period {
+                                due += period;
+                                tokio::time::sleep_until(due).await;
+                            }
                             let client = mine[i % mine.len()];
                             i += 1;
                             stats.sent.fetch_add(1, Ordering::Relaxed);
@@ -312,17 +321,18 @@ async fn measure(
     pid: u32,
     rate: u64,
     seconds: u64,
-    flood: Option<(usize, &[IpAddr], &str)>,
+    flood: Option<(usize, u64, &[IpAddr], &str)>,
 ) -> Measured {
     let cpu0 = cpu_seconds(pid);
     let started = Instant::now();
-    let flooding = flood.map(|(concurrency, ips, target)| {
+    let flooding = flood.map(|(concurrency, flood_rate, ips, target)| {
         let stats = Arc::new(FloodStats::default());
         let stop = CancellationToken::new();
         let thread = start_flood(
             target.to_string(),
             ips.to_vec(),
             concurrency,
+            flood_rate,
             stop.clone(),
             stats.clone(),
         );
@@ -353,6 +363,8 @@ async fn main() -> anyhow::Result<()> {
     let rate = env_u64("RATE", 200);
     let seconds = env_u64("SECONDS", 10);
     let concurrency = env_u64("FLOOD_CONCURRENCY", 64) as usize;
+    // 0: as fast as the flood's clients are answered; otherwise that many requests a second in all.
+    let flood_rate = env_u64("FLOOD_RATE", 0);
     let n_ips = env_u64("FLOOD_IPS", 200).clamp(1, 65_000) as u32;
     let ips: Vec<IpAddr> = (0..n_ips)
         .map(|i| IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 1, 0, 1)) + i)))
@@ -429,8 +441,13 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!(
         "x402-gateway flood benchmark: key holders at {rate} req/s (open loop, {seconds} s, non-streaming chat \
-         completions of 8 tokens, demo upstream with no delay); flood: {concurrency} closed-loop clients sending \
-         keyless POST /v1/chat/completions from {n_ips} loopback addresses"
+         completions of 8 tokens, demo upstream with no delay); flood: {concurrency} clients sending keyless \
+         POST /v1/chat/completions from {n_ips} loopback addresses, {}",
+        if flood_rate == 0 {
+            "as fast as they are answered".to_string()
+        } else {
+            format!("{flood_rate} req/s in all")
+        }
     );
     // The control: the same flood aimed at a trivial server that answers every request 429 (in this process, on
     // its own thread), while the key holders use the gateway. What the key holders lose then is the price of
@@ -491,8 +508,13 @@ async fn main() -> anyhow::Result<()> {
         for (name, flood) in phases {
             let flood = match flood {
                 Flood::None => None,
-                Flood::Elsewhere => Some((concurrency, ips.as_slice(), control_url.as_str())),
-                Flood::Gateway => Some((concurrency, ips.as_slice(), url.as_str())),
+                Flood::Elsewhere => Some((
+                    concurrency,
+                    flood_rate,
+                    ips.as_slice(),
+                    control_url.as_str(),
+                )),
+                Flood::Gateway => Some((concurrency, flood_rate, ips.as_slice(), url.as_str())),
             };
             results.push(measure(name, &http, &url, &key, pid, rate, seconds, flood).await);
         }
