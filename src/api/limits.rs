@@ -4,9 +4,11 @@
 //! - **Rate limits** (token buckets per client IP, IPv6 by /64): *keyless* requests — anything without a valid API
 //!   key or operator token — share one bucket per IP; *claim attempts* (`/api/agent/{subscribe-pool,topup,
 //!   keys/rotate}` and the `/x402/*` purchases) another. Each limit also has one bucket for all clients together,
-//!   so a flood from many addresses cannot take more than that either. A request with a valid key is never
-//!   counted, so key holders are not slowed by other people's floods. A claim or an x402-paid request that succeeds (200) gives its token
-//!   back: only unpaid and failed attempts use the budget. Over the limit: 429 with `Retry-After` (whole seconds).
+//!   so a flood from many addresses cannot take more than that either (the operator's probes `/healthz`,
+//!   `/readyz`, `/metrics` only meet their address's bucket). A request with a valid key is never counted, so key
+//!   holders are not slowed by other people's floods. A claim or an x402-paid request that succeeds (200) gives its
+//!   token back: only unpaid and failed attempts use the budget. Over the limit: 429 with `Retry-After` (whole
+//!   seconds).
 //! - **Body limits** on every route: 4 MiB for `POST /v1/chat/completions`, 16 KiB for the rest of `/v1/*`,
 //!   `/api/agent/*` and `/x402/*`, 1 KiB for everything else (no other route reads a body). The body is read here,
 //!   before the handler, so each 413 has its route family's shape and nothing is half-read.
@@ -19,9 +21,10 @@
 //! on `/api/agent/*` and `/x402/*` (with the x402 CORS headers), `{error: {code, message}}` elsewhere.
 //!
 //! The per-IP buckets live in a fixed number of shards, each behind its own short-lived lock (no global lock; the
-//! all-clients bucket is one atomic word), and each shard holds at most its share of `max_tracked_clients`: when full, buckets that have refilled (idle clients,
-//! which lose nothing by being forgotten) are dropped first, then the fullest one. Time comes from the injected
-//! billing clock (whole seconds), so tests move it instead of sleeping.
+//! all-clients bucket is one atomic word), and each shard holds at most its share of `max_tracked_clients`: when
+//! full, buckets that have refilled (idle clients, which lose nothing by being forgotten) are dropped first, then
+//! the fullest one. Time comes from the injected billing clock (whole seconds), so tests move it instead of
+//! sleeping.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
