@@ -789,6 +789,61 @@ async fn slow_requests_time_out_and_claims_are_never_cut_in_half() {
     }
 }
 
+/// `serve` refuses a bad `[limits]` value at start-up, naming the key (no server, no chain needed).
+#[test]
+fn bad_limits_values_stop_the_binary_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[chain]\nnetwork = \"base\"\nrpc_http = [\"http://127.0.0.1:9\"]\n\
+                pay_to = \"0x1111111111111111111111111111111111111111\"\n[server]\nlisten = \"127.0.0.1:0\"\n[limits]\n";
+    for (line, key) in [
+        ("keyless_burst = 0", "limits.keyless_burst"),
+        ("claims_per_minute = 0", "limits.claims_per_minute"),
+        ("keyless_total_burst = 100000", "limits.keyless_total_burst"),
+        ("request_timeout_secs = 0", "limits.request_timeout_secs"),
+        (
+            "header_read_timeout_secs = 301",
+            "limits.header_read_timeout_secs",
+        ),
+        ("max_tracked_clients = 1", "limits.max_tracked_clients"),
+        (
+            "trusted_proxies = [\"10.0.0.0/99\"]",
+            "limits.trusted_proxies[0]",
+        ),
+        ("rate_limit = false", "rate_limit"),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, format!("{base}{line}\n")).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A config that were accepted would serve forever: stop it rather than hang.
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if started.elapsed() > DEADLINE {
+                child.kill().unwrap();
+                panic!("{line}: the gateway started");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "{line}");
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(err.contains(key), "{line}: {err}");
+    }
+}
+
 async fn send_text(req: reqwest::RequestBuilder) -> String {
     req.send().await.unwrap().text().await.unwrap()
 }
