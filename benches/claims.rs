@@ -50,6 +50,10 @@ confirmations = 3
 
 [database]
 path = "{}"
+
+# Every claim comes from 127.0.0.1: the per-IP limits would refuse most of them.
+[limits]
+rate_limits = false
 "#,
         db.display()
     );

@@ -170,7 +170,7 @@ async fn http_phases(chain: &dev::DevChain, n: usize) -> Result<(), Box<dyn std:
         "[chain]\nnetwork = \"custom\"\nchain_id = {}\ntoken_address = \"{:#x}\"\ntoken_name = \"USDC\"\n\
          token_version = \"2\"\nrpc_http = [\"{}\"]\npay_to = \"{:#x}\"\nconfirmations = 1\n\
          poll_interval_ms = 200\n[database]\npath = \"{}\"\n[credits]\nmin_topup_usdc = \"0.01\"\n\
-         [x402]\nsettler_key_env = \"BENCH_HOT\"\n",
+         [x402]\nsettler_key_env = \"BENCH_HOT\"\n[limits]\nrate_limits = false\n",
         dev::DEV_CHAIN_ID,
         chain.token,
         chain.anvil.endpoint(),

@@ -59,6 +59,112 @@ pub struct Config {
     /// Standard x402 payments (`PAYMENT-SIGNATURE`); absent = not offered.
     #[serde(default)]
     pub x402: Option<X402Config>,
+    /// Unpaid traffic: per-client-IP rate limits and request timeouts (protective defaults when absent).
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `[limits]` as written: what unpaid traffic may cost. Every key has a default, so an operator who writes nothing
+/// is protected; tests that burst from one loopback address set `rate_limits = false`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Per-IP rate limits on keyless requests and claim attempts. `false` switches both off (load tests, or a
+    /// gateway behind a proxy that limits); body limits and timeouts stay on.
+    #[serde(default = "default_true")]
+    pub rate_limits: bool,
+    /// Keyless requests one client IP may make per minute (token bucket refill).
+    #[serde(default = "default_keyless_per_minute")]
+    pub keyless_per_minute: u32,
+    /// Keyless requests one client IP may make at once before the refill rate applies (bucket size).
+    #[serde(default = "default_keyless_burst")]
+    pub keyless_burst: u32,
+    /// Keyless requests from all clients together per minute: a flood from many addresses cannot take more.
+    #[serde(default = "default_keyless_total_per_minute")]
+    pub keyless_total_per_minute: u32,
+    /// Keyless requests from all clients together at once.
+    #[serde(default = "default_keyless_total_burst")]
+    pub keyless_total_burst: u32,
+    /// Claim attempts (`/api/agent/{subscribe-pool,topup,keys/rotate}`, `/x402/*`) per client IP per minute.
+    #[serde(default = "default_claims_per_minute")]
+    pub claims_per_minute: u32,
+    /// Claim attempts one client IP may make at once.
+    #[serde(default = "default_claims_burst")]
+    pub claims_burst: u32,
+    /// Claim attempts from all clients together per minute (each may cost an RPC call).
+    #[serde(default = "default_claims_total_per_minute")]
+    pub claims_total_per_minute: u32,
+    /// Claim attempts from all clients together at once.
+    #[serde(default = "default_claims_total_burst")]
+    pub claims_total_burst: u32,
+    /// Client IPs whose buckets are kept in memory (per limit); idle ones are evicted first when full.
+    #[serde(default = "default_max_tracked_clients")]
+    pub max_tracked_clients: u32,
+    /// Longest time to receive a request body and answer it (not the streaming body of a completion).
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// Longest time a connection may take to send a request's headers (slow-loris); also closes idle
+    /// keep-alive connections after this long.
+    #[serde(default = "default_header_read_timeout_secs")]
+    pub header_read_timeout_secs: u64,
+    /// Socket peers (IPs or CIDRs, e.g. your reverse proxy) whose `X-Forwarded-For` names the client. Empty: the
+    /// client is always the socket peer and the header is ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            rate_limits: true,
+            keyless_per_minute: default_keyless_per_minute(),
+            keyless_burst: default_keyless_burst(),
+            keyless_total_per_minute: default_keyless_total_per_minute(),
+            keyless_total_burst: default_keyless_total_burst(),
+            claims_per_minute: default_claims_per_minute(),
+            claims_burst: default_claims_burst(),
+            claims_total_per_minute: default_claims_total_per_minute(),
+            claims_total_burst: default_claims_total_burst(),
+            max_tracked_clients: default_max_tracked_clients(),
+            request_timeout_secs: default_request_timeout_secs(),
+            header_read_timeout_secs: default_header_read_timeout_secs(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+fn default_keyless_per_minute() -> u32 {
+    600
+}
+fn default_keyless_burst() -> u32 {
+    100
+}
+fn default_keyless_total_per_minute() -> u32 {
+    12_000
+}
+fn default_keyless_total_burst() -> u32 {
+    1_000
+}
+fn default_claims_total_per_minute() -> u32 {
+    1_200
+}
+fn default_claims_total_burst() -> u32 {
+    200
+}
+fn default_claims_per_minute() -> u32 {
+    30
+}
+fn default_claims_burst() -> u32 {
+    10
+}
+fn default_max_tracked_clients() -> u32 {
+    100_000
+}
+fn default_request_timeout_secs() -> u64 {
+    30
+}
+fn default_header_read_timeout_secs() -> u64 {
+    10
 }
 
 /// An OpenAI-compatible backend (vLLM, SGLang, any `/v1` API): `[[upstreams]]`.
@@ -444,6 +550,172 @@ pub struct Settings {
     pub ready_max_lag_blocks: u64,
     pub upstreams: Vec<Upstream>,
     pub models: Vec<Model>,
+    /// `[limits]` validated.
+    pub limits: Limits,
+}
+
+/// A token bucket: `per_minute` refill, `burst` capacity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_minute: u32,
+    pub burst: u32,
+}
+
+/// A network a trusted proxy may connect from: an address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One rate limit: a bucket per client IP, and one for all clients together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_ip: Rate,
+    pub total: Rate,
+}
+
+/// Most tokens a bucket shared by all clients may hold (it packs its level into 32 bits).
+pub const MAX_TOTAL_BURST: u32 = 70_000;
+
+/// Validated `[limits]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// `None` when `rate_limits = false`.
+    pub keyless: Option<RateLimit>,
+    pub claims: Option<RateLimit>,
+    pub max_tracked_clients: u32,
+    pub request_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl LimitsConfig {
+    fn resolve(&self) -> Result<Limits, ConfigError> {
+        let positive = |key: &str, v: u32, max: u32| {
+            if v == 0 || v > max {
+                Err(invalid(key, format!("must be between 1 and {max}")))
+            } else {
+                Ok(v)
+            }
+        };
+        let rate = |name: &str,
+                    per_minute: u32,
+                    burst: u32,
+                    max_burst: u32|
+         -> Result<Rate, ConfigError> {
+            Ok(Rate {
+                per_minute: positive(&format!("limits.{name}_per_minute"), per_minute, 6_000_000)?,
+                burst: positive(&format!("limits.{name}_burst"), burst, max_burst)?,
+            })
+        };
+        let keyless = RateLimit {
+            per_ip: rate(
+                "keyless",
+                self.keyless_per_minute,
+                self.keyless_burst,
+                1_000_000,
+            )?,
+            total: rate(
+                "keyless_total",
+                self.keyless_total_per_minute,
+                self.keyless_total_burst,
+                MAX_TOTAL_BURST,
+            )?,
+        };
+        let claims = RateLimit {
+            per_ip: rate(
+                "claims",
+                self.claims_per_minute,
+                self.claims_burst,
+                1_000_000,
+            )?,
+            total: rate(
+                "claims_total",
+                self.claims_total_per_minute,
+                self.claims_total_burst,
+                MAX_TOTAL_BURST,
+            )?,
+        };
+        if !(64..=10_000_000).contains(&self.max_tracked_clients) {
+            return Err(invalid(
+                "limits.max_tracked_clients",
+                "must be between 64 and 10000000",
+            ));
+        }
+        if !(1..=3600).contains(&self.request_timeout_secs) {
+            return Err(invalid(
+                "limits.request_timeout_secs",
+                "must be between 1 and 3600 seconds",
+            ));
+        }
+        if !(1..=300).contains(&self.header_read_timeout_secs) {
+            return Err(invalid(
+                "limits.header_read_timeout_secs",
+                "must be between 1 and 300 seconds",
+            ));
+        }
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, raw)| {
+                parse_net(raw).ok_or_else(|| {
+                    invalid(
+                        &format!("limits.trusted_proxies[{i}]"),
+                        format!("`{raw}` is not an IP address or CIDR network (e.g. 10.0.0.0/8)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Limits {
+            keyless: self.rate_limits.then_some(keyless),
+            claims: self.rate_limits.then_some(claims),
+            max_tracked_clients: self.max_tracked_clients,
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            trusted_proxies,
+        })
+    }
+}
+
+/// `10.0.0.1`, `10.0.0.0/8`, `::1`, `fd00::/8`.
+fn parse_net(raw: &str) -> Option<IpNet> {
+    let raw = raw.trim();
+    let (addr, prefix) = match raw.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (raw, None),
+    };
+    let addr: std::net::IpAddr = addr.parse().ok()?;
+    let addr = addr.to_canonical();
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
+        Some(_) => return None,
+    };
+    (prefix <= max).then_some(IpNet { addr, prefix })
 }
 
 /// A validated upstream.
@@ -776,6 +1048,7 @@ impl Config {
                 crate::store::Durability::Relaxed
             },
             x402: self.x402.as_ref().map(|x| x.resolve(env)).transpose()?,
+            limits: self.limits.resolve()?,
         })
     }
 }
@@ -1372,6 +1645,77 @@ blocks = [
             .unwrap_err()
             .to_string();
         assert!(err.contains("x402.max_timeout_seconds"), "{err}");
+    }
+
+    #[test]
+    fn limits_default_to_protection_and_errors_name_the_key() {
+        let l = resolve(MINIMAL).unwrap().limits;
+        let rate = |per_minute, burst| Rate { per_minute, burst };
+        assert_eq!(
+            l.keyless,
+            Some(RateLimit {
+                per_ip: rate(600, 100),
+                total: rate(12_000, 1_000)
+            })
+        );
+        assert_eq!(
+            l.claims,
+            Some(RateLimit {
+                per_ip: rate(30, 10),
+                total: rate(1_200, 200)
+            })
+        );
+        assert_eq!(l.request_timeout, Duration::from_secs(30));
+        assert_eq!(l.header_read_timeout, Duration::from_secs(10));
+        assert!(l.trusted_proxies.is_empty());
+        let off = resolve(&format!("{MINIMAL}[limits]\nrate_limits = false\n")).unwrap();
+        assert_eq!((off.limits.keyless, off.limits.claims), (None, None));
+        let set = resolve(&format!(
+            "{MINIMAL}[limits]\nkeyless_per_minute = 60\nkeyless_burst = 5\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n"
+        ))
+        .unwrap()
+        .limits;
+        assert_eq!(set.keyless.unwrap().per_ip, rate(60, 5));
+        assert!(set.trusted_proxies[0].contains("10.9.8.7".parse().unwrap()));
+        assert!(!set.trusted_proxies[0].contains("11.0.0.1".parse().unwrap()));
+        assert!(set.trusted_proxies[1].contains("::1".parse().unwrap()));
+        for (line, key) in [
+            ("keyless_per_minute = 0", "limits.keyless_per_minute"),
+            ("keyless_burst = 0", "limits.keyless_burst"),
+            ("claims_per_minute = 0", "limits.claims_per_minute"),
+            ("claims_burst = 0", "limits.claims_burst"),
+            (
+                "keyless_total_per_minute = 0",
+                "limits.keyless_total_per_minute",
+            ),
+            ("keyless_total_burst = 70001", "limits.keyless_total_burst"),
+            (
+                "claims_total_per_minute = 0",
+                "limits.claims_total_per_minute",
+            ),
+            ("claims_total_burst = 0", "limits.claims_total_burst"),
+            ("max_tracked_clients = 3", "limits.max_tracked_clients"),
+            ("request_timeout_secs = 0", "limits.request_timeout_secs"),
+            (
+                "header_read_timeout_secs = 0",
+                "limits.header_read_timeout_secs",
+            ),
+            (
+                "trusted_proxies = [\"10.0.0.0/33\"]",
+                "limits.trusted_proxies[0]",
+            ),
+            (
+                "trusted_proxies = [\"::1\", \"proxy.local\"]",
+                "limits.trusted_proxies[1]",
+            ),
+            ("keyless_per_minute = -1", "keyless_per_minute"),
+            ("rate_limit = false", "rate_limit"),
+        ] {
+            let err = resolve(&format!("{MINIMAL}[limits]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
     }
 
     #[test]

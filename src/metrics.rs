@@ -46,6 +46,15 @@ pub const PROXY_OVERHEAD: &str = "x402_overhead_latency_seconds";
 /// Gauge: requests being proxied right now.
 pub const PROXY_IN_FLIGHT: &str = "x402_in_flight_requests";
 
+// Unpaid traffic (`[limits]`).
+/// Counter `{limit="keyless|claims", scope="ip|all"}`: requests refused with 429 by the rate limits (the client's
+/// own bucket, or the one all clients share).
+pub const RATE_LIMITED: &str = "x402_rate_limited_total";
+/// Counter: requests refused with 413 (body over the route's limit).
+pub const BODY_TOO_LARGE: &str = "x402_body_too_large_total";
+/// Counter `{phase="body|answer"}`: requests that ran out of time (408 while receiving the body, 503 answering).
+pub const REQUEST_TIMEOUTS: &str = "x402_request_timeouts_total";
+
 /// Every metric name, for docs and tests.
 pub const ALL: &[&str] = &[
     INDEXED_HEAD,
@@ -64,6 +73,9 @@ pub const ALL: &[&str] = &[
     PROXY_SPEND,
     PROXY_OVERHEAD,
     PROXY_IN_FLIGHT,
+    RATE_LIMITED,
+    BODY_TOO_LARGE,
+    REQUEST_TIMEOUTS,
 ];
 
 /// Overhead buckets: 100 µs … 1 s.
@@ -126,6 +138,18 @@ fn describe() {
         "Gateway overhead per proxied request."
     );
     describe_gauge!(PROXY_IN_FLIGHT, "Requests being proxied now.");
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused by the rate limits (429), by limit and scope (ip, all)."
+    );
+    describe_counter!(
+        BODY_TOO_LARGE,
+        "Requests refused for a body over the route's limit (413)."
+    );
+    describe_counter!(
+        REQUEST_TIMEOUTS,
+        "Requests that ran out of time, by phase (body: 408, answer: 503)."
+    );
 }
 
 /// Records one finished proxied request. `spend_atomic` is what was debited (0 for subscription keys);
@@ -195,4 +219,20 @@ pub fn record_rpc_retry(method: &str) {
 /// Records a failover to another RPC endpoint.
 pub fn record_rpc_failover() {
     metrics::counter!(RPC_FAILOVERS).increment(1);
+}
+
+/// Counts a request refused by the `keyless` or `claims` rate limit, in the client's bucket (`ip`) or the shared
+/// one (`all`).
+pub fn record_rate_limited(limit: &'static str, scope: &'static str) {
+    metrics::counter!(RATE_LIMITED, "limit" => limit, "scope" => scope).increment(1);
+}
+
+/// Counts a request refused for its body size.
+pub fn record_body_too_large() {
+    metrics::counter!(BODY_TOO_LARGE).increment(1);
+}
+
+/// Counts a request that ran out of time while its body arrived (`body`) or while it was answered (`answer`).
+pub fn record_request_timeout(phase: &'static str) {
+    metrics::counter!(REQUEST_TIMEOUTS, "phase" => phase).increment(1);
 }

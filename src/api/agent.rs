@@ -242,14 +242,24 @@ async fn plans(State(state): State<AppState>) -> Response {
 }
 
 /// Any other `/v1/*` request: 402 with the catalog unless it carries a valid key; with one, the path is not served.
-async fn v1(State(state): State<AppState>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
+async fn v1(
+    State(state): State<AppState>,
+    checked: Option<axum::Extension<crate::billing::AuthorizedKey>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(crate::keys::from_bearer)
         .map(str::to_string);
     if let Some(key) = presented {
-        match state.billing.authorize(&key).await {
+        // The limits middleware may have checked the key already.
+        let authorized = match checked {
+            Some(axum::Extension(key)) => Ok(Some(key)),
+            None => state.billing.authorize(&key).await,
+        };
+        match authorized {
             Ok(Some(_)) => {
                 return (
                     StatusCode::NOT_FOUND,

@@ -1,22 +1,29 @@
 //! The HTTP surface: one axum router per audience, assembled here, and `run(listener, shutdown)`.
 //!
 //! It serves operations (`/healthz`) and the agent checkout (`/api/agent/*`, the keyless `/v1/*` 402); the x402
-//! and audit routers join it as they are built.
+//! and audit routers join it as they are built. Every route passes the [`limits`] middleware (rate limits, body
+//! limits, timeouts), and [`run`] serves HTTP with a header read timeout and the client's address for the limits.
 
 mod admin;
 pub mod agent;
 pub mod audit;
 pub mod discovery;
+pub mod limits;
 pub mod openai;
 pub mod openapi;
 mod ops;
 pub mod x402;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
 
 use crate::billing::{Billing, Clock};
 use crate::chain::StatusHandle;
@@ -33,6 +40,8 @@ pub struct AppState {
     /// The standard x402 engine (`[x402]` configured), shared by the purchase routes and per-request payment.
     pub x402: Option<crate::x402::X402>,
     pub proxy: Arc<crate::proxy::Proxy>,
+    /// Per-IP rate limits, body limits and timeouts (`[limits]`).
+    pub limits: Arc<limits::Limits>,
 }
 
 impl AppState {
@@ -44,6 +53,7 @@ impl AppState {
         clock: Clock,
     ) -> Result<AppState, ServeError> {
         let settings = Arc::new(settings);
+        let limits = Arc::new(limits::Limits::new(&settings.limits, clock.clone()));
         let billing = Billing::new(settings.clone(), store.clone(), indexer.clone(), clock)
             .map_err(|e| ServeError::Config(e.to_string()))?;
         let proxy = crate::proxy::Proxy::new(&settings)
@@ -55,6 +65,7 @@ impl AppState {
             billing,
             x402: None,
             proxy: Arc::new(proxy),
+            limits,
         })
     }
 
@@ -78,6 +89,10 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(discovery::router())
         .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::enforce,
+        ))
         .with_state(state)
 }
 
@@ -90,17 +105,89 @@ async fn no_route(uri: axum::http::Uri) -> axum::response::Response {
     )
 }
 
+/// How the HTTP server treats connections (beyond what the router does with requests).
+#[derive(Debug, Clone, Copy)]
+pub struct ServerOptions {
+    /// Longest time a connection may take to send a request's headers (slow-loris); idle keep-alive connections
+    /// are closed after it too.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            header_read_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` fires, then finishes in-flight requests.
 pub async fn run(
     listener: TcpListener,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    run_with(listener, router, shutdown, ServerOptions::default()).await
+}
+
+/// [`run`] with `options`. Each request carries its peer's address (`ConnectInfo<SocketAddr>`) for the limits.
+pub async fn run_with(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    options: ServerOptions,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!("listening on http://{addr}");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait for connections to close rather than spin.
+                    tracing::error!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let router = router.clone();
+        let service =
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                router.clone().oneshot(req)
+            });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, peer = %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 /// Why the gateway stopped.
@@ -192,7 +279,10 @@ pub async fn serve_with_env(
         );
         state = state.with_x402(engine);
     }
-    let served = run(listener, router(state), shutdown.clone()).await;
+    let options = ServerOptions {
+        header_read_timeout: state.settings.limits.header_read_timeout,
+    };
+    let served = run_with(listener, router(state), shutdown.clone(), options).await;
     shutdown.cancel();
     if let Ok(Err(e)) = indexer.await {
         tracing::warn!(error = %e, "the indexer had stopped");

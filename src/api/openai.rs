@@ -6,6 +6,7 @@
 
 use std::time::Instant;
 
+use axum::Extension;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -118,8 +119,16 @@ fn with_request_id(mut response: Response, request_id: &str) -> Response {
     response
 }
 
-/// The key behind `Authorization: Bearer`, or the response to send instead (402 catalog, or 500).
-async fn authorize(state: &AppState, headers: &HeaderMap) -> Result<AuthorizedKey, Response> {
+/// The key behind `Authorization: Bearer`, or the response to send instead (402 catalog, or 500). `checked` is the
+/// key the limits middleware already looked up (it does so to exempt key holders from the keyless limit).
+async fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    checked: Option<Extension<AuthorizedKey>>,
+) -> Result<AuthorizedKey, Response> {
+    if let Some(Extension(key)) = checked {
+        return Ok(key);
+    }
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -143,6 +152,7 @@ fn price_of(model: &crate::config::Model) -> Prices {
 
 async fn chat_completions(
     State(state): State<AppState>,
+    checked: Option<Extension<AuthorizedKey>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -150,7 +160,7 @@ async fn chat_completions(
     let request_id = new_request_id();
     let response = match read_body(&headers, body).await {
         Err(e) => e.into_response(),
-        Ok(body) => match chat(&state, &headers, body, started, &request_id).await {
+        Ok(body) => match chat(&state, &headers, checked, body, started, &request_id).await {
             Ok(r) => r,
             Err(r) => r,
         },
@@ -183,11 +193,12 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, OpenAiError
 async fn chat(
     state: &AppState,
     headers: &HeaderMap,
+    checked: Option<Extension<AuthorizedKey>>,
     body: Bytes,
     started: Instant,
     request_id: &str,
 ) -> Result<Response, Response> {
-    let key = match authorize(state, headers).await {
+    let key = match authorize(state, headers, checked).await {
         Ok(key) => key,
         Err(catalog) => {
             return per_request(state, headers, body, started, request_id, catalog).await;
@@ -672,9 +683,13 @@ impl From<rusqlite::Error> for ReserveError {
     }
 }
 
-async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+async fn list_models(
+    State(state): State<AppState>,
+    checked: Option<Extension<AuthorizedKey>>,
+    headers: HeaderMap,
+) -> Response {
     let request_id = new_request_id();
-    let response = match authorize(&state, &headers).await {
+    let response = match authorize(&state, &headers, checked).await {
         Err(r) => r,
         Ok(key) => {
             let allowed: Vec<&str> = match key
@@ -703,9 +718,13 @@ async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Respo
     with_request_id(response, &request_id)
 }
 
-async fn key_usage(State(state): State<AppState>, headers: HeaderMap) -> Response {
+async fn key_usage(
+    State(state): State<AppState>,
+    checked: Option<Extension<AuthorizedKey>>,
+    headers: HeaderMap,
+) -> Response {
     let request_id = new_request_id();
-    let response = match authorize(&state, &headers).await {
+    let response = match authorize(&state, &headers, checked).await {
         Err(r) => r,
         Ok(key) => match usage_view(&state, key).await {
             Ok(v) => Json(v).into_response(),

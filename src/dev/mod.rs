@@ -584,6 +584,15 @@ min_topup_usdc = "10.00"
 
 [auth]
 claims_require_signature = true
+
+# Per-IP limits on requests without a key and on claim attempts (429 + Retry-After). Everything on this machine
+# comes from 127.0.0.1: set rate_limits = false (or raise the numbers) before load-testing the dev stack.
+[limits]
+rate_limits = true
+keyless_per_minute = 600
+keyless_burst = 100
+claims_per_minute = 30
+claims_burst = 10
 "#,
         chain_id = DEV_CHAIN_ID,
         token = chain.token,

@@ -8,6 +8,7 @@ mod clients;
 mod crash;
 mod dev;
 mod indexer;
+mod limits;
 mod proxy;
 mod support;
 mod x402;

@@ -451,6 +451,16 @@ impl RangeLimitProxy {
     }
 }
 
+/// `config` with `[limits] rate_limits = false` appended, unless it has a `[limits]` table of its own: the per-IP
+/// rate limits count every test request as coming from one client, 127.0.0.1.
+pub fn without_rate_limits(config: String) -> String {
+    if config.lines().any(|l| l.trim() == "[limits]") {
+        config
+    } else {
+        format!("{config}\n[limits]\nrate_limits = false\n")
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 /// The gateway running in this process (indexer + HTTP) on a temp database, with a movable clock.
 pub struct Gateway {
@@ -484,12 +494,17 @@ impl Gateway {
     }
 
     /// [`Gateway::start_with`] with environment variables for the config's `*_env` keys.
+    ///
+    /// Tests send bursts from 127.0.0.1 (hundreds of concurrent claims, polling loops), so a config without a
+    /// `[limits]` table gets `[limits] rate_limits = false` (see [`without_rate_limits`]). Write a `[limits]` table to
+    /// test the limits themselves.
     pub async fn start_with_env(
         config: String,
         db: std::path::PathBuf,
         clock: Arc<AtomicI64>,
         env: &[(&str, &str)],
     ) -> Gateway {
+        let config = without_rate_limits(config);
         let env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
