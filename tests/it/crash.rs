@@ -138,6 +138,10 @@ blocks = [{blocks}]
 
 [credits]
 min_topup_usdc = "{MIN_TOPUP}"
+
+# Every agent here shares 127.0.0.1; the per-IP limits have their own suite (tests/it/limits.rs).
+[limits]
+rate_limits = false
 "#,
         token = chain.token(),
         rpc = chain.rpc_url(),
