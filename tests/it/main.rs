@@ -5,6 +5,7 @@ mod audit;
 mod checkout;
 mod cli;
 mod clients;
+mod concurrency;
 mod dev;
 mod indexer;
 mod proxy;
