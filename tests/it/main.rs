@@ -7,6 +7,7 @@ mod cli;
 mod clients;
 mod concurrency;
 mod dev;
+mod fuzz;
 mod indexer;
 mod proxy;
 mod support;
