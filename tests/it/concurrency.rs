@@ -407,7 +407,7 @@ async fn race_credit_requests(s: &Stack, key: &str, bodies: &[Value]) -> (usize,
 async fn pool_keys_hammered_from_many_connections_run_one_request_at_a_time() {
     const REQUESTS: usize = 200;
     let s = Stack::start(10).await;
-    let keys = vec![
+    let keys = [
         s.pool_key(0, &["asia"], "3.00").await,
         s.pool_key(1, &["asia"], "3.00").await,
         s.pool_key(2, &["asia", "europe"], "7.00").await,
