@@ -15,8 +15,8 @@
 //! claims and payments reuse real confirmed payments, real claim and rotation signatures, and real EIP-3009
 //! signatures over mutated authorizations, so generated input reaches the deep checks, not only the parsers.
 //!
-//! Cases per route: `PROPTEST_CASES` (default 64 here); long form:
-//! `PROPTEST_CASES=2000 cargo test --release --test it fuzz:: -- --nocapture`.
+//! Cases per route: `PROPTEST_CASES` (default 64 here: about 4 s for this file in CI); long form, about 4 minutes:
+//! `PROPTEST_CASES=2000 cargo test --test it fuzz:: -- --nocapture` (prints what each route answered).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
