@@ -30,12 +30,11 @@ const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route(
-            "/v1/chat/completions",
-            post(chat_completions).fallback(wrong_method),
-        )
-        .route("/v1/models", get(list_models).fallback(wrong_method))
-        .route("/v1/usage", get(key_usage).fallback(wrong_method))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/usage", get(key_usage))
+        // Another method on these routes: an OpenAI-shaped 405 (axum's own has no body).
+        .method_not_allowed_fallback(wrong_method)
         // The chat route reads its body itself, so an oversized one gets an OpenAI-shaped 413.
         .layer(axum::extract::DefaultBodyLimit::disable())
 }

@@ -1260,7 +1260,7 @@ fn route_cases(t: &Target, method_doc: &str, path: &str) -> BoxedStrategy<Case> 
 // ---------------------------------------------------------------------------------------------------------------
 // Checking one case.
 
-async fn send(t: &Target, case: &Case) -> Result<(StatusCode, HeaderMap, Vec<u8>), String> {
+async fn send_case(t: &Target, case: &Case) -> Result<(StatusCode, HeaderMap, Vec<u8>), String> {
     let method = reqwest::Method::from_bytes(case.method.as_bytes()).unwrap();
     let mut req = t
         .http
@@ -1348,7 +1348,7 @@ async fn check(
     seen: &Seen,
 ) -> Result<(), TestCaseError> {
     let before = t.digest().await;
-    let (status, headers, body) = send(t, case).await.map_err(TestCaseError::fail)?;
+    let (status, headers, body) = send_case(t, case).await.map_err(TestCaseError::fail)?;
     *seen
         .lock()
         .unwrap()
@@ -1463,6 +1463,86 @@ fn every_public_route_refuses_hostile_input_without_5xx_or_state_change() {
     // Still alive and ready after all of it.
     let (status, _, _) = rt.block_on(t.gw.get("/readyz", None));
     assert_eq!(status, StatusCode::OK);
+}
+
+/// Each input the fuzzer found, pinned: they panicked, wrote state on a refusal, or answered in the wrong shape.
+#[test]
+fn fuzz_findings_stay_fixed() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let t = Target::start().await;
+        let send = |method: &str, target: &str, headers: Vec<(&str, String)>, body: &str| Case {
+            method: method.into(),
+            target: target.into(),
+            headers: headers
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.into_bytes()))
+                .collect(),
+            body: body.as_bytes().to_vec(),
+        };
+        let auditor = || vec![("authorization", format!("Bearer {AUDITOR}"))];
+        let json_ct = || vec![("content-type", "application/json".to_string())];
+        let cases = [
+            // Times past i64 seconds overflowed parse_time (a panic: the connection dropped).
+            (send("GET", "/api/audit/payments?from=292277026597-01-01", auditor(), ""), 400, "invalid_parameter"),
+            (send("GET", "/api/audit/revenue?to=2026-01-01T-9223372036854775808:00:00Z", auditor(), ""), 400, "invalid_parameter"),
+            // signedAt = i64::MIN overflowed `now - signedAt`.
+            (
+                send(
+                    "POST",
+                    "/api/agent/keys/rotate",
+                    json_ct(),
+                    &json!({"address": t.rotation.0, "signedAt": i64::MIN, "signature": t.rotation.1}).to_string(),
+                ),
+                401,
+                "signature_expired",
+            ),
+            // Not-UTF-8 path segments and a repeated query parameter got axum's plain-text 400.
+            (send("POST", "/x402/credits/%FF", vec![], ""), 400, "invalid_field"),
+            (send("POST", "/x402/pools/%FF?blocks=asia", vec![], ""), 404, "unknown_pool"),
+            (send("POST", "/x402/pools/p?blocks=asia&blocks=europe", vec![], ""), 400, "invalid_field"),
+            (send("GET", "/api/audit/payments/%FF", auditor(), ""), 400, "invalid_parameter"),
+            (send("GET", "/api/audit/accounts/%FF/ledger", auditor(), ""), 400, "invalid_parameter"),
+            // Another method on /v1/* got axum's empty 405.
+            (send("POST", "/v1/models", vec![], ""), 405, "method_not_allowed"),
+            (send("GET", "/v1/chat/completions", vec![], ""), 405, "method_not_allowed"),
+        ];
+        for (case, status, code) in cases {
+            let before = t.digest().await;
+            let (got, headers, body) = send_case(&t, &case).await.unwrap();
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            assert_eq!(got.as_u16(), status, "{case:?} → {v}");
+            assert_eq!(v["error"]["code"], code, "{case:?} → {v}");
+            if status == 405 {
+                assert!(v["error"]["type"].is_string() && v["error"].get("param").is_some(), "{v}");
+                assert!(headers.contains_key("allow"));
+            }
+            assert_eq!(before, t.digest().await, "{case:?}");
+        }
+
+        // A refused payment with a payment-identifier stored its 402: unpaid requests wrote rows, and the id could
+        // not be used again with a fixed payment.
+        let offered = &t.offers[0];
+        let id = json!({"payment-identifier": {"info": {"id": "order-fuzz-0123456789"}}});
+        let now = crate::x402_routes::chain_now(&t.chain).await;
+        let auth = crate::x402_routes::authorization(t.chain.payer(1).address(), &offered.accepts[0], now);
+        let wrong = crate::x402_routes::sign(&t.chain, t.chain.payer(2), &auth);
+        let refused = crate::x402_routes::v2_header(offered, auth, wrong, Some(id.clone()));
+        let pay = |header: String| send("POST", "/x402/credits/1", vec![("payment-signature", header)], "");
+        let before = t.digest().await;
+        let (status, _, body) = send_case(&t, &pay(refused)).await.unwrap();
+        assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(before, t.digest().await, "a refused payment wrote state");
+        let auth = crate::x402_routes::authorization(t.chain.payer(1).address(), &offered.accepts[0], now);
+        let good = crate::x402_routes::sign(&t.chain, t.chain.payer(1), &auth);
+        let paid = crate::x402_routes::v2_header(offered, auth, good, Some(id));
+        let (status, _, body) = send_case(&t, &pay(paid)).await.unwrap();
+        assert_eq!(status, StatusCode::OK, "the id is usable after a refusal: {}", String::from_utf8_lossy(&body));
+    });
 }
 
 /// Raw bytes on a TCP connection (broken request lines, headers, framing): answered or closed, never a 5xx, and
