@@ -12,8 +12,8 @@
 //! | `hang` | accepts the request and never answers |
 //! | `cut-N` | streams N tokens, then closes the connection with no usage chunk and no `[DONE]` |
 //!
-//! It counts the requests it is answering at once per caller label (the request's `user` field, else its model), so
-//! tests can check from the upstream's side that a pool key never has two requests in flight.
+//! With `count_in_flight` it counts the requests it is answering at once per caller label (the request's `user`
+//! field, else its model), so tests can check from the upstream's side that a pool key never has two in flight.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +58,8 @@ pub struct DemoConfig {
     /// Most tokens one answer has, whatever `max_tokens` asks (a model's output limit): a client's huge
     /// `max_tokens` makes a long answer, never an unbounded allocation.
     pub max_tokens_limit: u64,
+    /// Keep [`DemoStats::in_flight`] and [`DemoStats::max_in_flight`] (off by default: a map entry per label).
+    pub count_in_flight: bool,
 }
 
 impl Default for DemoConfig {
@@ -68,6 +70,7 @@ impl Default for DemoConfig {
             api_key: None,
             models: vec!["demo".into()],
             max_tokens_limit: 100_000,
+            count_in_flight: false,
         }
     }
 }
@@ -81,9 +84,9 @@ pub struct DemoStats {
     pub completed: AtomicU64,
     /// The last request body received, as JSON text.
     pub last_body: Mutex<Option<Value>>,
-    /// Requests being answered now, per caller label (`user` field, else model).
+    /// Requests being answered now, per caller label (`user` field, else model), with `count_in_flight`.
     pub in_flight: Mutex<HashMap<String, u64>>,
-    /// The most requests answered at once, per caller label.
+    /// The most requests answered at once, per caller label, with `count_in_flight`.
     pub max_in_flight: Mutex<HashMap<String, u64>>,
 }
 
@@ -122,8 +125,12 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        if let Some(n) = lock(&self.stats.in_flight).get_mut(&self.label) {
+        let mut in_flight = lock(&self.stats.in_flight);
+        if let Some(n) = in_flight.get_mut(&self.label) {
             *n = n.saturating_sub(1);
+            if *n == 0 {
+                in_flight.remove(&self.label);
+            }
         }
     }
 }
@@ -231,8 +238,10 @@ async fn chat(State(state): State<DemoState>, headers: HeaderMap, body: Bytes) -
     };
     *lock(&state.stats.last_body) = Some(body.clone());
     let model = body["model"].as_str().unwrap_or("demo").to_string();
-    let label = body["user"].as_str().unwrap_or(&model).to_string();
-    let busy = Busy::start(state.stats.clone(), label);
+    let busy = state.config.count_in_flight.then(|| {
+        let label = body["user"].as_str().unwrap_or(&model).to_string();
+        Busy::start(state.stats.clone(), label)
+    });
     let prompt_tokens = count_prompt_tokens(&body);
     let max_tokens = body["max_completion_tokens"]
         .as_u64()

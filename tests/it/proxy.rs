@@ -125,6 +125,7 @@ impl Stack {
         let demo = DemoConfig {
             token_delay: std::time::Duration::from_millis(token_delay_ms),
             api_key: Some("upstream-secret".into()),
+            count_in_flight: true,
             ..DemoConfig::default()
         };
         tokio::spawn(upstream::run(
