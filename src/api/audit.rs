@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -344,11 +345,13 @@ async fn payments(
 async fn payment(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(tx_hash): Path<String>,
+    tx_hash: Result<Path<String>, PathRejection>,
 ) -> Response {
     if let Err(r) = authorize(&state, &headers) {
         return r;
     }
+    // A segment that is not UTF-8 is no hash either: the same 400 as any malformed one.
+    let tx_hash = tx_hash.map(|Path(t)| t).unwrap_or_default();
     let hex = tx_hash
         .strip_prefix("0x")
         .or_else(|| tx_hash.strip_prefix("0X"));
@@ -426,12 +429,13 @@ async fn ledger_all(
 async fn ledger_of(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(address): Path<String>,
+    address: Result<Path<String>, PathRejection>,
     Query(q): Query<Params>,
 ) -> Response {
     if let Err(r) = authorize(&state, &headers) {
         return r;
     }
+    let address = address.map(|Path(a)| a).unwrap_or_default();
     let parse = || -> Result<Dataset, Response> {
         only_params(&q, &["from", "to"])?;
         let account = normalize_address(&address)

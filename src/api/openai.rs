@@ -34,8 +34,30 @@ pub fn router() -> Router<AppState> {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
         .route("/v1/usage", get(key_usage))
+        // Another method on these routes: an OpenAI-shaped 405 (axum's own has no body).
+        .method_not_allowed_fallback(wrong_method)
         // The chat route reads its body itself, so an oversized one gets an OpenAI-shaped 413.
         .layer(axum::extract::DefaultBodyLimit::disable())
+}
+
+/// Another method on an OpenAI route: 405 with `Allow`, in the OpenAI error shape (axum's own 405 has no body).
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let allowed = if uri.path() == "/v1/chat/completions" {
+        "POST"
+    } else {
+        "GET"
+    };
+    let mut response = OpenAiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!("{method} is not served on {}; use {allowed}", uri.path()),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allowed));
+    with_request_id(response, &new_request_id())
 }
 
 /// An OpenAI-shaped error.

@@ -18,6 +18,7 @@
 
 use axum::Json;
 use axum::Router;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -32,8 +33,8 @@ use crate::billing::{ClaimError, Claimed, Product, SettledPayment, X402Record, r
 use crate::usdc::Usdc;
 use crate::x402::header::{self as xh, HeaderError};
 use crate::x402::{
-    AnyPaymentPayload, PaymentError, PaymentRequired, Reason, Reservation, ResourceInfo,
-    Settlement, X402, failure_response, requirements,
+    AnyPaymentPayload, PaymentError, PaymentRequired, Reservation, ResourceInfo, Settlement, X402,
+    failure_response, requirements,
 };
 
 /// Headers a browser client must be allowed to read.
@@ -71,7 +72,9 @@ struct Answer {
     status: u16,
     headers: Vec<(String, String)>,
     body: Value,
-    /// Whether the same payment must get this answer again (not for outages or a concurrent duplicate).
+    /// Whether the same payment must get this answer again: only when money moved (it settled). Refusals, outages
+    /// and concurrent duplicates are not stored: they changed nothing, a retry is verified afresh, and unpaid
+    /// requests cannot grow the table.
     #[serde(skip)]
     final_answer: bool,
 }
@@ -370,9 +373,11 @@ fn internal(e: impl std::fmt::Display) -> Answer {
 
 async fn buy_credits(
     State(state): State<AppState>,
-    Path(amount): Path<String>,
+    amount: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
+    // A segment that is not UTF-8 is no amount either: the same answer as any unparsable one.
+    let amount = amount.map(|Path(a)| a).unwrap_or_default();
     let min = state.settings.credits.min_topup;
     let amount = match amount.parse::<Usdc>() {
         Ok(a) if a >= min => a,
@@ -413,12 +418,18 @@ struct PoolQuery {
 
 async fn buy_pool(
     State(state): State<AppState>,
-    Path(slug): Path<String>,
-    Query(q): Query<PoolQuery>,
+    slug: Result<Path<String>, PathRejection>,
+    query: Result<Query<PoolQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let bad =
         |m: String| Answer::error(StatusCode::BAD_REQUEST, "invalid_field", m).into_response();
+    // A slug that is not UTF-8 names no pool; a query that does not parse (`blocks` twice) is a bad field.
+    let slug = slug.map(|Path(s)| s).unwrap_or_default();
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return bad(format!("blocks: {}", e.body_text())),
+    };
     let Some(pool) = state.billing.pool(&slug).cloned() else {
         return Answer::error(
             StatusCode::NOT_FOUND,
@@ -599,8 +610,8 @@ fn payment_failed(
                 product_view,
             )
             .header(response_header, settle);
-            // A concurrent copy of a payment being settled: its own answer is the one to keep.
-            a.final_answer = !matches!(reason, Reason::Duplicate);
+            // Nothing moved: not an answer to keep (a concurrent duplicate's own settlement is the one kept).
+            a.final_answer = false;
             a
         }
         PaymentError::Unavailable { .. } => {

@@ -620,29 +620,35 @@ pub fn parse_time(s: &str) -> Option<i64> {
     if parts.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return None;
     }
-    let mut secs = days_from_civil(y, m, d) * 86_400;
+    // Years and clock fields are the caller's numbers: a time outside i64 seconds is not a time (None), never an
+    // overflow.
+    let mut secs = days_from_civil(y, m, d)?.checked_mul(86_400)?;
     if let Some(t) = clock {
         let mut hms = t.split(':');
         let h: i64 = hms.next()?.parse().ok()?;
         let mi: i64 = hms.next().unwrap_or("0").parse().ok()?;
         let se: i64 = hms.next().unwrap_or("0").parse().ok()?;
-        if hms.next().is_some() || h > 24 || mi > 59 || se > 60 {
+        if hms.next().is_some()
+            || !(0..=24).contains(&h)
+            || !(0..=59).contains(&mi)
+            || !(0..=60).contains(&se)
+        {
             return None;
         }
-        secs += h * 3600 + mi * 60 + se;
+        secs = secs.checked_add(h * 3600 + mi * 60 + se)?;
     }
     Some(secs)
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm); `None` outside i64.
+fn days_from_civil(y: i64, m: i64, d: i64) -> Option<i64> {
+    let y = if m <= 2 { y.checked_sub(1)? } else { y };
+    let era = if y >= 0 { y } else { y.checked_sub(399)? } / 400;
     let yoe = y - era * 400;
     let mp = (m + 9) % 12;
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+    era.checked_mul(146_097)?.checked_add(doe - 719_468)
 }
 
 #[cfg(test)]
@@ -657,6 +663,11 @@ mod tests {
         assert_eq!(parse_time("1970-01-01"), Some(0));
         assert_eq!(parse_time("2026-13-01"), None);
         assert_eq!(parse_time("yesterday"), None);
+        // Outside i64 seconds, or negative clock fields: not a time (these overflowed before).
+        assert_eq!(parse_time("292277026597-01-01"), None);
+        assert_eq!(parse_time("-9223372036854775808-01-01"), None);
+        assert_eq!(parse_time("2026-01-01T-9223372036854775808:00:00Z"), None);
+        assert_eq!(parse_time("2026-01-01T-1:00:00Z"), None);
     }
 
     #[test]

@@ -714,7 +714,8 @@ impl Billing {
     pub async fn rotate(&self, req: RotateRequest) -> Result<Vec<RotatedKey>, RotateError> {
         let now = self.now();
         let max = catalog::ROTATION_MAX_SKEW_SECS;
-        if (now - req.signed_at).abs() > max {
+        // Saturating: `signedAt` is the client's number, anywhere in i64 (i64::MIN - now would overflow).
+        if now.saturating_sub(req.signed_at).saturating_abs() > max {
             return Err(RotateError::Expired {
                 signed_at: req.signed_at,
                 now,

@@ -7,13 +7,17 @@
 //!
 //! | model | behaviour |
 //! |---|---|
-//! | anything else | answers `max_tokens` tokens (default 16), one SSE chunk each, `token_delay` apart |
+//! | anything else | answers `max_tokens` tokens (default 16, at most `max_tokens_limit`), one SSE chunk each, `token_delay` apart |
 //! | `fail-500` | HTTP 500 with an OpenAI error body |
 //! | `hang` | accepts the request and never answers |
 //! | `cut-N` | streams N tokens, then closes the connection with no usage chunk and no `[DONE]` |
+//!
+//! With `count_in_flight` it counts the requests it is answering at once per caller label (the request's `user`
+//! field, else its model), so tests can check from the upstream's side that a pool key never has two in flight.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -51,6 +55,11 @@ pub struct DemoConfig {
     pub api_key: Option<String>,
     /// Models listed by `GET /v1/models`.
     pub models: Vec<String>,
+    /// Most tokens one answer has, whatever `max_tokens` asks (a model's output limit): a client's huge
+    /// `max_tokens` makes a long answer, never an unbounded allocation.
+    pub max_tokens_limit: u64,
+    /// Keep [`DemoStats::in_flight`] and [`DemoStats::max_in_flight`] (off by default: a map entry per label).
+    pub count_in_flight: bool,
 }
 
 impl Default for DemoConfig {
@@ -60,6 +69,8 @@ impl Default for DemoConfig {
             default_tokens: 16,
             api_key: None,
             models: vec!["demo".into()],
+            max_tokens_limit: 100_000,
+            count_in_flight: false,
         }
     }
 }
@@ -72,7 +83,56 @@ pub struct DemoStats {
     pub cancelled: AtomicU64,
     pub completed: AtomicU64,
     /// The last request body received, as JSON text.
-    pub last_body: std::sync::Mutex<Option<Value>>,
+    pub last_body: Mutex<Option<Value>>,
+    /// Requests being answered now, per caller label (`user` field, else model), with `count_in_flight`.
+    pub in_flight: Mutex<HashMap<String, u64>>,
+    /// The most requests answered at once, per caller label, with `count_in_flight`.
+    pub max_in_flight: Mutex<HashMap<String, u64>>,
+}
+
+impl DemoStats {
+    /// The most requests `label` had in flight at once (0 if it sent none).
+    pub fn max_in_flight_of(&self, label: &str) -> u64 {
+        lock(&self.max_in_flight).get(label).copied().unwrap_or(0)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One request being answered; counted in `in_flight` until dropped (answered, or the client went away).
+struct Busy {
+    stats: Arc<DemoStats>,
+    label: String,
+}
+
+impl Busy {
+    fn start(stats: Arc<DemoStats>, label: String) -> Busy {
+        let now = {
+            let mut in_flight = lock(&stats.in_flight);
+            let n = in_flight.entry(label.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let mut max = lock(&stats.max_in_flight);
+        let m = max.entry(label.clone()).or_insert(0);
+        *m = (*m).max(now);
+        drop(max);
+        Busy { stats, label }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut in_flight = lock(&self.stats.in_flight);
+        if let Some(n) = in_flight.get_mut(&self.label) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                in_flight.remove(&self.label);
+            }
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -176,15 +236,19 @@ async fn chat(State(state): State<DemoState>, headers: HeaderMap, body: Bytes) -
             "invalid_request_error",
         );
     };
-    if let Ok(mut last) = state.stats.last_body.lock() {
-        *last = Some(body.clone());
-    }
+    *lock(&state.stats.last_body) = Some(body.clone());
     let model = body["model"].as_str().unwrap_or("demo").to_string();
+    let busy = state.config.count_in_flight.then(|| {
+        let label = body["user"].as_str().unwrap_or(&model).to_string();
+        Busy::start(state.stats.clone(), label)
+    });
     let prompt_tokens = count_prompt_tokens(&body);
     let max_tokens = body["max_completion_tokens"]
         .as_u64()
         .or_else(|| body["max_tokens"].as_u64());
-    let mut tokens = max_tokens.unwrap_or(state.config.default_tokens);
+    let mut tokens = max_tokens
+        .unwrap_or(state.config.default_tokens)
+        .min(state.config.max_tokens_limit);
     let finish = if max_tokens.is_some() {
         "length"
     } else {
@@ -221,6 +285,7 @@ async fn chat(State(state): State<DemoState>, headers: HeaderMap, body: Bytes) -
         }
         let content: Vec<&str> = (0..tokens).map(text).collect();
         state.stats.completed.fetch_add(1, Ordering::SeqCst);
+        drop(busy);
         return Json(json!({
             "id": id, "object": "chat.completion", "created": 0, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content.join(" ")}, "finish_reason": finish}],
@@ -266,6 +331,7 @@ async fn chat(State(state): State<DemoState>, headers: HeaderMap, body: Bytes) -
     let delay = state.config.token_delay;
     let stats = state.stats.clone();
     tokio::spawn(async move {
+        let _busy = busy;
         let mut guard = CountOnDrop {
             stats,
             finished: false,

@@ -1,6 +1,6 @@
 //! Agent checkout against a real anvil chain and the real HTTP server on port 0: 402 catalog, claims by txHash
-//! with payer proof (EOA and ERC-1271 contract wallet), at-most-once under concurrency, seats, credits, key
-//! rotation, bad input, restart.
+//! with payer proof (EOA and ERC-1271 contract wallet), at-most-once, seats, credits, key rotation, bad input,
+//! restart. Claims racing each other are in `concurrency.rs`.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -20,18 +20,18 @@ use x402_gateway::usdc::Usdc;
 
 use crate::support::*;
 
-const CHAIN_ID: u64 = 31337;
-const CONFIRMATIONS: u64 = 3;
+pub(crate) const CHAIN_ID: u64 = 31337;
+pub(crate) const CONFIRMATIONS: u64 = 3;
 /// A fixed "now" for the injected clock (2026-01-01T00:00:00Z).
-const T0: i64 = 1_767_225_600;
+pub(crate) const T0: i64 = 1_767_225_600;
 
-fn usdc(s: &str) -> Usdc {
+pub(crate) fn usdc(s: &str) -> Usdc {
     s.parse().unwrap()
 }
 
-struct Options {
-    europe_seats: u32,
-    require_signature: bool,
+pub(crate) struct Options {
+    pub(crate) europe_seats: u32,
+    pub(crate) require_signature: bool,
 }
 
 impl Default for Options {
@@ -105,7 +105,11 @@ claims_require_signature = {sig}
 }
 
 /// Starts the gateway on `chain` with the checkout test config.
-async fn start_gateway(chain: &TestChain, dir: &std::path::Path, opts: Options) -> Gateway {
+pub(crate) async fn start_gateway(
+    chain: &TestChain,
+    dir: &std::path::Path,
+    opts: Options,
+) -> Gateway {
     let db = dir.join("gateway.db");
     Gateway::start_with(
         config_text(chain, &db, &opts),
@@ -116,11 +120,11 @@ async fn start_gateway(chain: &TestChain, dir: &std::path::Path, opts: Options) 
 }
 
 /// Waits until the index has `block` at the required depth (mining the blocks it needs).
-async fn confirm(gw: &Gateway, chain: &TestChain, block: u64) {
+pub(crate) async fn confirm(gw: &Gateway, chain: &TestChain, block: u64) {
     gw.confirm(chain, block, CONFIRMATIONS).await
 }
 
-fn sign(signer: &PrivateKeySigner, text: &str) -> String {
+pub(crate) fn sign(signer: &PrivateKeySigner, text: &str) -> String {
     format!(
         "0x{}",
         alloy::hex::encode(
@@ -132,12 +136,12 @@ fn sign(signer: &PrivateKeySigner, text: &str) -> String {
     )
 }
 
-fn claim_sig(signer: &PrivateKeySigner, tx: &str) -> String {
+pub(crate) fn claim_sig(signer: &PrivateKeySigner, tx: &str) -> String {
     sign(signer, &claim_text(tx, CHAIN_ID))
 }
 
 /// Counts of rows that a claim writes: (claims, api_keys, ledger, subscriptions, seats).
-async fn state_counts(store: &Store) -> (i64, i64, i64, i64, i64) {
+pub(crate) async fn state_counts(store: &Store) -> (i64, i64, i64, i64, i64) {
     store
         .read(|c| -> Result<_, x402_gateway::store::StoreError> {
             let n = |t: &str| {
@@ -157,7 +161,7 @@ async fn state_counts(store: &Store) -> (i64, i64, i64, i64, i64) {
         .unwrap()
 }
 
-fn available(catalog: &Value, block: &str) -> u64 {
+pub(crate) fn available(catalog: &Value, block: &str) -> u64 {
     catalog["x402"]["products"][0]["blocks"]
         .as_array()
         .unwrap()
@@ -357,41 +361,6 @@ async fn full_flow_front_running_credits_and_restart() {
         gw.get("/v1/models", Some(&credit_key)).await.0,
         StatusCode::OK
     );
-}
-
-/// 100 concurrent claims of one transaction: exactly one key and one ledger entry.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_claims_of_one_payment_yield_one_key() {
-    let chain = TestChain::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let gw = Arc::new(start_gateway(&chain, dir.path(), Options::default()).await);
-    let (tx, block) = chain.pay(0, usdc("25")).await;
-    confirm(&gw, &chain, block).await;
-    let body =
-        json!({"txHash": tx, "amount": "25.00", "signature": claim_sig(chain.payer(0), &tx)});
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let gw = gw.clone();
-            let body = body.clone();
-            tokio::spawn(async move { gw.post("/api/agent/topup", body).await })
-        })
-        .collect();
-    let mut ok = 0;
-    let mut conflicts = 0;
-    for t in tasks {
-        let (status, _, body) = t.await.unwrap();
-        match status {
-            StatusCode::OK => ok += 1,
-            StatusCode::CONFLICT => {
-                assert_eq!(body["error"]["code"], "already_claimed");
-                conflicts += 1;
-            }
-            other => panic!("unexpected {other}: {body}"),
-        }
-    }
-    assert_eq!((ok, conflicts), (1, 99));
-    let (claims, keys, ledger, _, _) = state_counts(&gw.store().await).await;
-    assert_eq!((claims, keys, ledger), (1, 1, 1));
 }
 
 /// Unknown, pending and orphaned payments; the seed-compatible switch that turns the proof off.

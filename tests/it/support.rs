@@ -521,12 +521,15 @@ impl Gateway {
         let c = clock.clone();
         let task = tokio::spawn({
             let shutdown = shutdown.clone();
+            // Secrets the gateway reads at start (the x402 hot wallet's key) come from `env` too.
+            let env = env.clone();
             async move {
-                x402_gateway::api::serve_with_clock(
+                x402_gateway::api::serve_with_env(
                     settings,
                     listener,
                     shutdown,
                     Arc::new(move || c.load(Ordering::SeqCst)),
+                    &|name| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()),
                 )
                 .await
                 .expect("gateway runs");
