@@ -26,6 +26,9 @@ use crate::usdc::Usdc;
 pub const TRANSFER_TOPIC: B256 =
     b256!("ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef");
 
+/// Longest wait between failed steps.
+const MAX_STEP_DELAY: Duration = Duration::from_secs(30);
+
 /// How often a progress line is printed while backfilling.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 
@@ -205,7 +208,13 @@ impl Indexer {
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
                     failures += 1;
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    let mut delay = backoff.next().unwrap_or(MAX_STEP_DELAY);
+                    // A rate-limited endpoint that says when to come back is not asked again sooner.
+                    if let IndexerError::Rpc(rpc) = &e
+                        && let Some(wait) = rpc.retry_after()
+                    {
+                        delay = delay.max(wait.min(MAX_STEP_DELAY));
+                    }
                     tracing::warn!(error = %e, attempt = failures, "indexer step failed; retrying in {delay:?}");
                     self.status.update(|s| {
                         s.last_error = Some(e.to_string());
@@ -560,7 +569,7 @@ fn log_confirmed(t: &Transfer, needed: u64) {
 fn retry_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
+        .with_max_delay(MAX_STEP_DELAY)
         .with_jitter()
         .without_max_times()
         .build()

@@ -152,7 +152,9 @@ async fn final_differences(store: &Store, chain: &TestChain) -> Vec<String> {
         .map(|b| format!("{:#x}", b.header.hash));
     match &checkpoint {
         Some(cp) if cp.number == head && Some(&cp.hash) == head_hash.as_ref() => {}
-        other => diffs.push(format!("checkpoint {other:?}, chain head {head} {head_hash:?}")),
+        other => diffs.push(format!(
+            "checkpoint {other:?}, chain head {head} {head_hash:?}"
+        )),
     }
     let mut live = BTreeMap::new();
     for row in &rows {
@@ -254,7 +256,10 @@ impl Checker {
                 let (mut checks, mut confirmed_rows) = (0u64, 0u64);
                 let pay_to_hex = format!("{pay_to:#x}");
                 loop {
-                    let rows = store.list_transfers(None).await.map_err(|e| e.to_string())?;
+                    let rows = store
+                        .list_transfers(None)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let (head, truth) = chain_truth(&provider, token, pay_to).await;
                     confirmed_rows +=
                         check_rows(&rows, &truth, head, confirmations, &pay_to_hex)? as u64;
@@ -417,9 +422,12 @@ async fn run_scenario(s: Scenario) -> Outcome {
         }
         if s.reorg_every > 0 && k % s.reorg_every == s.reorg_every - 1 {
             let depth = rng.random_range(1..s.confirmations);
-            let moved = rng
-                .random_bool(0.5)
-                .then(|| (rng.random_range(0..3), Usdc(rng.random_range(1..10_000_000))));
+            let moved = rng.random_bool(0.5).then(|| {
+                (
+                    rng.random_range(0..3),
+                    Usdc(rng.random_range(1..10_000_000)),
+                )
+            });
             reorg(&chain, depth, moved, &mut rng).await;
             reorgs_on_chain += 1;
         }
@@ -513,12 +521,7 @@ async fn connection_drops_and_delays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_and_server_errors() {
-    run_scenario(Scenario::new(
-        "429s and 5xx",
-        2,
-        plan(Fault::HTTP_STATUS),
-    ))
-    .await;
+    run_scenario(Scenario::new("429s and 5xx", 2, plan(Fault::HTTP_STATUS))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -611,6 +614,28 @@ impl CapturedLogs {
     }
 }
 
+/// The delays of the logged retries whose line contains `needle` (`… retrying in 1.2s …`).
+fn logged_delays(text: &str, needle: &str) -> Vec<Duration> {
+    text.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| l.split("retrying in ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(|d| {
+            let d = d.trim_end_matches(|c: char| !c.is_ascii_alphabetic());
+            let (number, factor) = if let Some(ms) = d.strip_suffix("ms") {
+                (ms, 1e-3)
+            } else if let Some(us) = d.strip_suffix("µs") {
+                (us, 1e-6)
+            } else if let Some(ns) = d.strip_suffix("ns") {
+                (ns, 1e-9)
+            } else {
+                (d.strip_suffix('s').unwrap_or(d), 1.0)
+            };
+            Duration::from_secs_f64(number.parse::<f64>().unwrap() * factor)
+        })
+        .collect()
+}
+
 /// Pays five times over some blocks and returns the head.
 async fn five_payments(chain: &TestChain) -> u64 {
     for i in 0..5 {
@@ -629,7 +654,7 @@ async fn malformed_answers_are_never_taken_as_no_logs() {
     let logs = CapturedLogs::default();
     let _guard = logs.install();
     let chain = TestChain::start().await;
-    five_payments(&chain).await;
+    let head = five_payments(&chain).await;
     let proxy = FaultProxy::start(chain.rpc_url(), 7, FaultPlan::none()).await;
     let served = [
         Fault::BROKEN_BODIES,
@@ -657,12 +682,39 @@ async fn malformed_answers_are_never_taken_as_no_logs() {
     );
     assert_eq!(proxy.forced_left(), 0, "every forced fault was served");
     assert_eq!(store.list_transfers(None).await.unwrap().len(), 5);
+    // A rate limit or an outage is not the node refusing the range: the whole chain stays one range.
+    let ranges = proxy.stats().logs_ranges;
+    assert!(
+        ranges.iter().all(|r| *r == (0, head)),
+        "the range changed: {ranges:?}"
+    );
     let text = logs.text();
-    let retries = text.matches("eth_getLogs: retrying in").count();
-    assert!(retries > 0, "no retry logged:\n{text}");
-    for needle in ["HTTP 429", "HTTP 500", "malformed response"] {
-        assert!(text.contains(needle), "no retry logged for {needle}:\n{text}");
+    let retries = text.matches("retrying in").count();
+    assert!(retries >= served.len() - 2, "retries not logged:\n{text}");
+    for needle in [
+        "HTTP 429",
+        "HTTP 500",
+        "HTTP 502",
+        "HTTP 503",
+        "malformed response",
+        "malformed batch answer",
+        "node does not know block",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(needle) && l.contains("retrying in")),
+            "no retry logged for {needle}:\n{text}"
+        );
     }
+    // The retry after `429 Retry-After: 1` waits at least that second.
+    let after_retry_after = logged_delays(&text, "slow down");
+    assert!(
+        !after_retry_after.is_empty()
+            && after_retry_after
+                .iter()
+                .all(|d| *d >= Duration::from_secs(1)),
+        "Retry-After ignored: {after_retry_after:?}\n{text}"
+    );
     println!(
         "[faults] {} forced faults on eth_getLogs, {retries} retries logged, all 5 payments indexed\n  proxy: {}",
         served.len(),

@@ -229,7 +229,10 @@ enum Reply {
         body: Vec<u8>,
     },
     /// Announce `declared` bytes, send `body`, close.
-    CutShort { body: Vec<u8>, declared: usize },
+    CutShort {
+        body: Vec<u8>,
+        declared: usize,
+    },
     Close,
 }
 
@@ -268,11 +271,7 @@ impl FaultProxy {
 
     /// The next request that calls `method` gets `fault` (in the order given), whatever the plan says.
     pub fn force(&self, method: &'static str, fault: Fault) {
-        self.inner
-            .forced
-            .lock()
-            .unwrap()
-            .push_back((method, fault));
+        self.inner.forced.lock().unwrap().push_back((method, fault));
     }
 
     pub fn forced_left(&self) -> usize {
@@ -325,9 +324,10 @@ impl Inner {
             stats.rpc_calls += calls.len() as u64;
             for call in calls.iter().filter(|c| c.method == "eth_getLogs") {
                 let filter = &call.params[0];
-                if let (Some(from), Some(to)) =
-                    (hex_number(&filter["fromBlock"]), hex_number(&filter["toBlock"]))
-                {
+                if let (Some(from), Some(to)) = (
+                    hex_number(&filter["fromBlock"]),
+                    hex_number(&filter["toBlock"]),
+                ) {
                     stats.logs_ranges.push((from, to));
                 }
             }
@@ -361,19 +361,38 @@ impl Inner {
                 return plain(429, vec![("retry-after", "1".into())], "slow down");
             }
             Some(TooManyRequestsJsonRpc) => {
-                let body = json_error(429, "Your app has exceeded its compute units per second capacity");
-                return plain(429, vec![("content-type", "application/json".into())], &body);
+                let body = json_error(
+                    429,
+                    "Your app has exceeded its compute units per second capacity",
+                );
+                return plain(
+                    429,
+                    vec![("content-type", "application/json".into())],
+                    &body,
+                );
             }
             Some(InternalServerError) => return plain(500, vec![], "Internal Server Error"),
             Some(BadGatewayHtml) => {
-                return plain(502, vec![("content-type", "text/html".into())], BAD_GATEWAY_PAGE);
+                return plain(
+                    502,
+                    vec![("content-type", "text/html".into())],
+                    BAD_GATEWAY_PAGE,
+                );
             }
             Some(UnavailableJsonRpc) => {
                 let body = json_error(-32603, "upstream unavailable, please retry");
-                return plain(503, vec![("content-type", "application/json".into())], &body);
+                return plain(
+                    503,
+                    vec![("content-type", "application/json".into())],
+                    &body,
+                );
             }
             Some(NotJson) => {
-                return plain(200, vec![("content-type", "text/html".into())], BAD_GATEWAY_PAGE);
+                return plain(
+                    200,
+                    vec![("content-type", "text/html".into())],
+                    BAD_GATEWAY_PAGE,
+                );
             }
             Some(EmptyBody) => return plain(200, vec![], ""),
             _ => {}
@@ -396,23 +415,31 @@ impl Inner {
             return Reply::Close;
         }
         if let Some(lag_head) = lag_head {
-            bend_items(&calls, &mut response, |call, item| match call.method.as_str() {
-                "eth_blockNumber" => item["result"] = json!(format!("{lag_head:#x}")),
-                "eth_getBlockByNumber" => {
-                    if hex_number(&call.params[0]).is_some_and(|n| n > lag_head) {
-                        item["result"] = Value::Null;
+            bend_items(&calls, &mut response, |call, item| {
+                match call.method.as_str() {
+                    "eth_blockNumber" => item["result"] = json!(format!("{lag_head:#x}")),
+                    "eth_getBlockByNumber" => {
+                        if hex_number(&call.params[0]).is_some_and(|n| n > lag_head) {
+                            item["result"] = Value::Null;
+                        }
                     }
-                }
-                "eth_getLogs" => {
-                    if let Some(logs) = item["result"].as_array_mut() {
-                        logs.retain(|l| hex_number(&l["blockNumber"]).is_some_and(|n| n <= lag_head));
+                    "eth_getLogs" => {
+                        if let Some(logs) = item["result"].as_array_mut() {
+                            logs.retain(|l| {
+                                hex_number(&l["blockNumber"]).is_some_and(|n| n <= lag_head)
+                            });
+                        }
                     }
+                    _ => {}
                 }
-                _ => {}
             });
         } else if fault == Some(HeadBackwards) {
             let highest = self.highest_head.load(Ordering::SeqCst);
-            let back = self.rng.lock().unwrap().random_range(1..=self.max_backwards());
+            let back = self
+                .rng
+                .lock()
+                .unwrap()
+                .random_range(1..=self.max_backwards());
             let head = highest.saturating_sub(back);
             bend_items(&calls, &mut response, |call, item| {
                 if call.method == "eth_blockNumber" {
@@ -523,11 +550,7 @@ impl Inner {
         };
         if fault == Some(Delay) {
             let max = self.plan.lock().unwrap().max_delay;
-            let wait = self
-                .rng
-                .lock()
-                .unwrap()
-                .random_range(Duration::ZERO..=max);
+            let wait = self.rng.lock().unwrap().random_range(Duration::ZERO..=max);
             tokio::time::sleep(wait).await;
         }
         Reply::Answer {
@@ -598,8 +621,7 @@ impl Inner {
     }
 }
 
-const BAD_GATEWAY_PAGE: &str =
-    "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center></body></html>";
+const BAD_GATEWAY_PAGE: &str = "<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center></body></html>";
 
 fn calls_of(request: &Value) -> Vec<Call> {
     let one = |v: &Value| Call {
@@ -621,7 +643,9 @@ fn items_mut(response: &mut Value) -> Vec<&mut Value> {
 }
 
 fn item_for<'a>(response: &'a mut Value, id: &Value) -> Option<&'a mut Value> {
-    items_mut(response).into_iter().find(|item| item["id"] == *id)
+    items_mut(response)
+        .into_iter()
+        .find(|item| item["id"] == *id)
 }
 
 /// Applies `bend` to every answer that has a result, with the call it answers.
