@@ -137,6 +137,49 @@ fn check_rows(
     Ok(confirmed)
 }
 
+/// What must hold whenever the checkpoint (read before `rows`) is still canonical at the time `truth` is read: up to
+/// it, the live rows are exactly the chain's logs. A payment skipped (a malformed or lagging answer taken as "no
+/// logs") fails here at once, not only at the end.
+fn check_prefix(
+    checkpoint: u64,
+    rows: &[Transfer],
+    truth: &BTreeMap<(String, u64), ChainTransfer>,
+) -> Result<(), String> {
+    let live: BTreeMap<_, _> = rows
+        .iter()
+        .filter(|r| r.status != TransferStatus::Orphaned && r.block_number <= checkpoint)
+        .map(|r| {
+            let stored = ChainTransfer {
+                block_number: r.block_number,
+                block_hash: r.block_hash.clone(),
+                from: r.from.clone(),
+                value: r.value,
+            };
+            ((r.tx_hash.clone(), r.log_index), stored)
+        })
+        .collect();
+    let canonical: BTreeMap<_, _> = truth
+        .iter()
+        .filter(|(_, c)| c.block_number <= checkpoint)
+        .map(|(k, c)| (k.clone(), c.clone()))
+        .collect();
+    if live == canonical {
+        return Ok(());
+    }
+    let missing: Vec<_> = canonical
+        .iter()
+        .filter(|(k, c)| live.get(*k) != Some(*c))
+        .collect();
+    let extra: Vec<_> = live
+        .iter()
+        .filter(|(k, c)| canonical.get(*k) != Some(*c))
+        .collect();
+    Err(format!(
+        "the index up to its canonical checkpoint {checkpoint} differs from the chain:\n\
+         missing or different: {missing:#?}\nnot on the chain: {extra:#?}"
+    ))
+}
+
 /// How the index differs from the chain once the faults have stopped and every payment is past the depth: the live
 /// rows must be exactly the chain's logs, all confirmed, no orphan may be canonical, and the checkpoint is the head.
 async fn final_differences(store: &Store, chain: &TestChain) -> Vec<String> {
@@ -242,7 +285,15 @@ where
 /// Checks the invariants against the chain over and over until stopped.
 struct Checker {
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(u64, u64), String>>,
+    task: tokio::task::JoinHandle<Result<CheckCounts, String>>,
+}
+
+/// How much the checker checked.
+struct CheckCounts {
+    checks: u64,
+    confirmed_rows: u64,
+    /// Checks made while the checkpoint was canonical, which also compared the whole index up to it.
+    prefix_checks: u64,
 }
 
 impl Checker {
@@ -253,19 +304,36 @@ impl Checker {
         let task = tokio::spawn({
             let stop = stop.clone();
             async move {
-                let (mut checks, mut confirmed_rows) = (0u64, 0u64);
+                let mut counts = CheckCounts {
+                    checks: 0,
+                    confirmed_rows: 0,
+                    prefix_checks: 0,
+                };
                 let pay_to_hex = format!("{pay_to:#x}");
                 loop {
+                    // The checkpoint first, then the rows, then the chain: see check_rows and check_prefix.
+                    let checkpoint = store.checkpoint().await.map_err(|e| e.to_string())?;
                     let rows = store
                         .list_transfers(None)
                         .await
                         .map_err(|e| e.to_string())?;
                     let (head, truth) = chain_truth(&provider, token, pay_to).await;
-                    confirmed_rows +=
+                    counts.confirmed_rows +=
                         check_rows(&rows, &truth, head, confirmations, &pay_to_hex)? as u64;
-                    checks += 1;
+                    if let Some(cp) = checkpoint {
+                        let canonical = provider
+                            .get_block_by_number(cp.number.into())
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map(|b| format!("{:#x}", b.header.hash));
+                        if canonical.as_ref() == Some(&cp.hash) {
+                            check_prefix(cp.number, &rows, &truth)?;
+                            counts.prefix_checks += 1;
+                        }
+                    }
+                    counts.checks += 1;
                     tokio::select! {
-                        _ = stop.cancelled() => return Ok((checks, confirmed_rows)),
+                        _ = stop.cancelled() => return Ok(counts),
                         _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                     }
                 }
@@ -278,8 +346,8 @@ impl Checker {
         self.task.is_finished()
     }
 
-    /// Stops the checker; (checks run, confirmed rows checked) or the first violation it saw.
-    async fn finish(self) -> Result<(u64, u64), String> {
+    /// Stops the checker; what it checked, or the first violation it saw.
+    async fn finish(self) -> Result<CheckCounts, String> {
         self.stop.cancel();
         self.task.await.unwrap()
     }
@@ -385,8 +453,7 @@ impl Scenario {
 /// What a scenario did, for the report.
 struct Outcome {
     stats: ProxyStats,
-    checks: u64,
-    confirmed_rows_checked: u64,
+    counts: CheckCounts,
     reorgs_on_chain: u64,
     reorgs_seen: u64,
     failed_steps: u64,
@@ -421,6 +488,20 @@ async fn run_scenario(s: Scenario) -> Outcome {
             chain.mine(rng.random_range(1..=3)).await;
         }
         if s.reorg_every > 0 && k % s.reorg_every == s.reorg_every - 1 {
+            // The indexer holds the blocks the reorg replaces, so it must notice and orphan, through the faults.
+            let head = chain.head().await;
+            let status = indexer.status.clone();
+            wait_until_equal(CATCH_UP_DEADLINE, &context, || {
+                let indexed = status.snapshot().indexed_head;
+                async move {
+                    if indexed >= Some(head) {
+                        vec![]
+                    } else {
+                        vec![format!("indexed {indexed:?} of {head} before a reorg")]
+                    }
+                }
+            })
+            .await;
             let depth = rng.random_range(1..s.confirmations);
             let moved = rng.random_bool(0.5).then(|| {
                 (
@@ -458,7 +539,7 @@ async fn run_scenario(s: Scenario) -> Outcome {
         .await;
     }
     let catch_up = faults_off.elapsed();
-    let (checks, confirmed_rows_checked) = checker
+    let counts = checker
         .finish()
         .await
         .unwrap_or_else(|violation| panic!("{context}: wrong data recorded: {violation}"));
@@ -473,8 +554,7 @@ async fn run_scenario(s: Scenario) -> Outcome {
     );
     let outcome = Outcome {
         stats: during,
-        checks,
-        confirmed_rows_checked,
+        counts,
         reorgs_on_chain,
         reorgs_seen: status.reorgs,
         failed_steps: status.rpc_errors,
@@ -490,16 +570,18 @@ fn report(context: &str, o: &Outcome) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "[faults] {context}: {} payments sent, {} transfers on the chain at the end (reorgs dropped and re-mined some); \
-         {} anvil_reorgs, {} handled by the indexer; {} failed indexer steps, all recovered; {} checks of {} \
-         confirmed rows, 0 wrong rows; equal to the chain {:.1} s after the faults stopped.\n  proxy: {}",
+        "[faults] {context}: {} payments sent, {} transfers on the chain at the end (reorgs dropped and re-mined \
+         some); {} anvil_reorgs, {} handled by the indexer; {} failed indexer steps, all recovered; {} checks ({} of \
+         the whole index up to a canonical checkpoint) over {} confirmed rows, 0 wrong or missing rows; equal to the \
+         chain {:.1} s after the faults stopped.\n  proxy: {}",
         o.payments,
         o.on_chain,
         o.reorgs_on_chain,
         o.reorgs_seen,
         o.failed_steps,
-        o.checks,
-        o.confirmed_rows_checked,
+        o.counts.checks,
+        o.counts.prefix_checks,
+        o.counts.confirmed_rows,
         o.catch_up.as_secs_f64(),
         o.stats
     );
