@@ -144,3 +144,51 @@ impl tower::Service<RequestPacket> for CheckedHttp {
         Box::pin(self.clone().send(request))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::rpc::json_rpc::Request;
+
+    fn batch(ids: &[u64]) -> RequestPacket {
+        ids.iter()
+            .map(|id| {
+                Request::new("eth_blockNumber", Id::Number(*id), ())
+                    .serialize()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn answer(json: &str) -> ResponsePacket {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn a_batch_needs_exactly_one_answer_per_call() {
+        let request = batch(&[1, 2]);
+        let ok = answer(
+            r#"[{"jsonrpc":"2.0","id":2,"result":"0x1"},{"jsonrpc":"2.0","id":1,"result":"0x2"}]"#,
+        );
+        assert!(check_ids(&request, &ok).is_ok(), "order does not matter");
+        for bad in [
+            // The first copy of a repeated id would win in alloy.
+            r#"[{"jsonrpc":"2.0","id":1,"result":[]},{"jsonrpc":"2.0","id":1,"result":"0x2"},{"jsonrpc":"2.0","id":2,"result":"0x1"}]"#,
+            r#"[{"jsonrpc":"2.0","id":1,"result":"0x2"}]"#,
+            r#"[{"jsonrpc":"2.0","id":1,"result":"0x2"},{"jsonrpc":"2.0","id":9,"result":"0x1"}]"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":"0x2"}"#,
+        ] {
+            assert!(check_ids(&request, &answer(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rate_limits_and_outages_are_transient_other_client_errors_are_not() {
+        for status in [408, 429, 500, 502, 503, 504] {
+            assert!(is_transient_status(status), "{status}");
+        }
+        for status in [200, 400, 404, 413] {
+            assert!(!is_transient_status(status), "{status}");
+        }
+    }
+}

@@ -803,3 +803,33 @@ async fn malformed_answers_are_never_taken_as_no_logs() {
         proxy.stats()
     );
 }
+
+/// An endpoint that rate-limits or fails with a JSON-RPC error body, as hosted providers do, is having an outage,
+/// not judging the call: the next URL takes over at once and the logs range is never cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_429_or_503_with_a_json_rpc_body_fails_over() {
+    let chain = TestChain::start().await;
+    let head = five_payments(&chain).await;
+    let failing = FaultProxy::start(
+        chain.rpc_url(),
+        8,
+        FaultPlan::of(
+            1.0,
+            &[Fault::TooManyRequestsJsonRpc, Fault::UnavailableJsonRpc],
+        ),
+    )
+    .await;
+    let healthy = FaultProxy::start(chain.rpc_url(), 9, FaultPlan::none()).await;
+    let mut settings = chain.settings(2);
+    settings.rpc_http = vec![failing.url(), healthy.url()];
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), index_once(settings, &store))
+        .await
+        .expect("indexed through the second URL")
+        .unwrap();
+    let diffs = final_differences(&store, &chain).await;
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    assert!(failing.stats().injected() > 0);
+    assert_eq!(healthy.stats().logs_ranges, vec![(0, head)]);
+}
