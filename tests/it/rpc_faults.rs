@@ -418,10 +418,10 @@ impl Inner {
             bend_items(&calls, &mut response, |call, item| {
                 match call.method.as_str() {
                     "eth_blockNumber" => item["result"] = json!(format!("{lag_head:#x}")),
-                    "eth_getBlockByNumber" => {
-                        if hex_number(&call.params[0]).is_some_and(|n| n > lag_head) {
-                            item["result"] = Value::Null;
-                        }
+                    "eth_getBlockByNumber"
+                        if hex_number(&call.params[0]).is_some_and(|n| n > lag_head) =>
+                    {
+                        item["result"] = Value::Null;
                     }
                     "eth_getLogs" => {
                         if let Some(logs) = item["result"].as_array_mut() {
