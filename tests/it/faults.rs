@@ -1,8 +1,9 @@
 //! RPC faults between the indexer and anvil: the real indexer follows the chain through [`FaultProxy`] (dropped
 //! connections, delays, 429s and 5xx, truncated and malformed JSON, wrong-shaped JSON-RPC, a lagging backend, a
 //! head that goes backwards) while payments and real `anvil_reorg`s continue. A checker compares the database with
-//! the chain all along: a `confirmed` row is always canonical, identical to its log and at depth, and no payment
-//! has two live rows. When the faults stop, the index catches up and equals the chain exactly.
+//! the chain all along: a `confirmed` row is always canonical, identical to its log and at depth; no payment has two
+//! live rows; and whenever the checkpoint is canonical, the index up to it equals the chain (nothing skipped). When
+//! the faults stop, the index catches up and equals the chain exactly, block times included.
 //!
 //! The short form runs in CI. `FAULTS_LONG=1` runs more payments per scenario and more chaos seeds;
 //! `FAULTS_SEED=n` replays one chaos seed. `--nocapture` prints what each scenario did.
@@ -431,7 +432,7 @@ async fn pay(chain: &TestChain, i: usize, amount: Usdc) {
 }
 
 /// Replaces the top `depth` blocks; with `moved`, payer `moved.0` pays `moved.1` in one of the new blocks (signed
-/// with its nonce at the fork point). Returns whether a payment was placed.
+/// with its nonce at the fork point, since the payer's later transactions are dropped with the old blocks).
 async fn reorg(chain: &TestChain, depth: u64, moved: Option<(usize, Usdc)>, rng: &mut StdRng) {
     let mut pairs = Vec::new();
     if let Some((i, amount)) = moved {
@@ -496,10 +497,7 @@ struct Outcome {
 /// Runs `s`: the indexer through the proxy while payments and reorgs happen on anvil and the checker watches, then
 /// the faults stop and the index must equal the chain.
 async fn run_scenario(s: Scenario) -> Outcome {
-    println!(
-        "[faults] {}: seed {} (replay a chaos seed with FAULTS_SEED={})",
-        s.name, s.seed, s.seed
-    );
+    println!("[faults] {}: seed {}", s.name, s.seed);
     let chain = TestChain::start().await;
     let proxy = FaultProxy::start(chain.rpc_url(), s.seed, s.plan.clone()).await;
     let mut settings = chain.settings(s.confirmations);
@@ -681,6 +679,7 @@ async fn chaos_all_faults_with_reorgs() {
     };
     let mut total = ProxyStats::default();
     for seed in seeds {
+        println!("[faults] chaos: replay this seed with FAULTS_SEED={seed}");
         let mut s = Scenario::new("chaos", seed, FaultPlan::of(0.4, &Fault::all()));
         s.reorg_every = 4;
         let o = run_scenario(s).await;
