@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, Bytes, U64, U128};
+use alloy::primitives::{Address, B256, Bloom, Bytes, U64, U128};
 use alloy::rpc::client::RpcClient;
 use alloy::transports::http::reqwest;
 use alloy::transports::{RpcError as AlloyRpcError, TransportErrorKind};
@@ -78,6 +78,7 @@ struct RawHeader {
     hash: B256,
     parent_hash: B256,
     timestamp: U64,
+    logs_bloom: Bloom,
 }
 
 impl From<RawHeader> for BlockRef {
@@ -264,6 +265,19 @@ impl Rpc {
     /// Headers of `numbers`, in the same order, fetched in JSON-RPC batches from one endpoint. A block the node
     /// does not know (a lagging backend) is a transport error, so another endpoint or a later retry is used.
     pub async fn headers(&self, numbers: &[u64]) -> Result<Vec<BlockRef>, RpcError> {
+        Ok(self
+            .headers_with_blooms(numbers)
+            .await?
+            .into_iter()
+            .map(|(header, _)| header)
+            .collect())
+    }
+
+    /// [`Rpc::headers`], each with the block's `logsBloom`.
+    pub async fn headers_with_blooms(
+        &self,
+        numbers: &[u64],
+    ) -> Result<Vec<(BlockRef, Bloom)>, RpcError> {
         let mut out = Vec::with_capacity(numbers.len());
         for group in numbers.chunks(MAX_BATCH * BATCHES_IN_FLIGHT) {
             let batches: Vec<_> = group
@@ -277,7 +291,7 @@ impl Rpc {
         Ok(out)
     }
 
-    async fn header_batch(&self, chunk: &[u64]) -> Result<Vec<BlockRef>, RpcError> {
+    async fn header_batch(&self, chunk: &[u64]) -> Result<Vec<(BlockRef, Bloom)>, RpcError> {
         self.with_failover("eth_getBlockByNumber", |ep| async move {
             let mut batch = ep.client.new_batch();
             let mut waiters = Vec::with_capacity(chunk.len());
@@ -295,7 +309,9 @@ impl Rpc {
             for (w, n) in waiters.into_iter().zip(chunk) {
                 match w.await.map_err(|e| classify(&ep.label, e))? {
                     // Answers are matched to calls by id only: a header must also be the block asked for.
-                    Some(h) if h.number.to::<u64>() == *n => headers.push(BlockRef::from(h)),
+                    Some(h) if h.number.to::<u64>() == *n => {
+                        headers.push((BlockRef::from(h.clone()), h.logs_bloom));
+                    }
                     Some(h) => {
                         return Err(RpcError::transport(
                             ep.label.clone(),
@@ -367,6 +383,18 @@ impl Rpc {
             }
         })
         .await
+    }
+
+    /// `eth_getLogs` for `filter` in the one block `hash` (EIP-234): a node that does not have that block answers
+    /// with an error, never with an empty list.
+    pub async fn logs_in_block(
+        &self,
+        token: Address,
+        topics: &Value,
+        hash: B256,
+    ) -> Result<Vec<RawLog>, RpcError> {
+        let filter = json!({ "address": token, "topics": topics, "blockHash": hash });
+        self.request("eth_getLogs", json!([filter])).await
     }
 
     /// `eth_call` of `data` to `to` at the latest block.

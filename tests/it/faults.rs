@@ -662,6 +662,20 @@ async fn lagging_backend() {
     run_scenario(Scenario::new("lagging backend", 5, plan)).await;
 }
 
+/// A load balancer that splits the logs-and-header batch, the logs answered by a lagging backend: the header of the
+/// range's last block no longer vouches for the logs, the blocks' `logsBloom` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_split_across_a_lagging_backend() {
+    let mut plan = FaultPlan::of(0.5, &[Fault::SplitLagging]);
+    plan.max_lag = 6;
+    run_scenario(Scenario::new(
+        "batch split across a lagging backend",
+        7,
+        plan,
+    ))
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn head_going_backwards() {
     let mut plan = FaultPlan::of(0.5, &[Fault::HeadBackwards]);

@@ -67,6 +67,9 @@ pub enum Fault {
     /// Answered as a backend `1..=max_lag` blocks behind: a lower `eth_blockNumber`, `null` for the blocks it does
     /// not have, `eth_getLogs` without the logs of those blocks (`[]` for a range above its head).
     Lagging,
+    /// A load balancer that sends the calls of one batch to different backends: `eth_getLogs` to one `1..=max_lag`
+    /// blocks behind (no logs for the blocks it lacks, an error for a block asked by hash), the rest to a current one.
+    SplitLagging,
     /// `eth_blockNumber` lower than the highest head answered before, by `1..=max_backwards`.
     HeadBackwards,
 }
@@ -101,7 +104,7 @@ impl Fault {
             Fault::HTTP_STATUS,
             Fault::BROKEN_BODIES,
             Fault::WRONG_SHAPES,
-            &[Lagging, HeadBackwards],
+            &[Lagging, SplitLagging, HeadBackwards],
         ]
         .concat()
     }
@@ -129,6 +132,7 @@ impl Fault {
             FewerItems => "batch answered with fewer items",
             DuplicateIdEmptyFirst => "duplicate id, empty first copy",
             Lagging => "lagging backend",
+            SplitLagging => "batch split, logs from a lagging backend",
             HeadBackwards => "head went backwards",
         }
     }
@@ -398,7 +402,8 @@ impl Inner {
             _ => {}
         }
 
-        let lag_head = if fault == Some(Lagging) {
+        let lagging = matches!(fault, Some(Lagging | SplitLagging));
+        let lag_head = if lagging {
             let real = self
                 .forward(br#"{"jsonrpc":"2.0","id":0,"method":"eth_blockNumber","params":[]}"#)
                 .await
@@ -415,13 +420,33 @@ impl Inner {
             return Reply::Close;
         }
         if let Some(lag_head) = lag_head {
+            // With a split batch, only the logs come from the lagging backend.
+            let whole = fault == Some(Lagging);
+            let mut unknown_blocks = Vec::new();
+            for call in calls.iter().filter(|c| c.method == "eth_getLogs") {
+                let Some(hash) = call.params[0]["blockHash"].as_str() else {
+                    continue;
+                };
+                let lookup = json!({"jsonrpc": "2.0", "id": 0, "method": "eth_getBlockByHash", "params": [hash, false]});
+                let number = self
+                    .forward(lookup.to_string().as_bytes())
+                    .await
+                    .and_then(|v| hex_number(&v["result"]["number"]));
+                if number.is_none_or(|n| n > lag_head) {
+                    unknown_blocks.push(call.id.clone());
+                }
+            }
             bend_items(&calls, &mut response, |call, item| {
                 match call.method.as_str() {
-                    "eth_blockNumber" => item["result"] = json!(format!("{lag_head:#x}")),
+                    "eth_blockNumber" if whole => item["result"] = json!(format!("{lag_head:#x}")),
                     "eth_getBlockByNumber"
-                        if hex_number(&call.params[0]).is_some_and(|n| n > lag_head) =>
+                        if whole && hex_number(&call.params[0]).is_some_and(|n| n > lag_head) =>
                     {
                         item["result"] = Value::Null;
+                    }
+                    // What geth and anvil answer for a block they do not have.
+                    "eth_getLogs" if unknown_blocks.contains(&call.id) => {
+                        *item = json!({"jsonrpc": "2.0", "id": call.id, "error": {"code": -32000, "message": "unknown block"}});
                     }
                     "eth_getLogs" => {
                         if let Some(logs) = item["result"].as_array_mut() {
@@ -596,6 +621,7 @@ impl Inner {
                 Lagging => {
                     has("eth_blockNumber") || has("eth_getBlockByNumber") || has("eth_getLogs")
                 }
+                SplitLagging => has("eth_getLogs"),
                 HeadBackwards => {
                     has("eth_blockNumber") && self.highest_head.load(Ordering::SeqCst) > 0
                 }
