@@ -3,7 +3,8 @@
 //! Each step reads the head, checks that the checkpoint is still canonical (else walks back to the fork point and
 //! orphans everything above it), then fetches the next range with `eth_getLogs` in an adaptive size. Headers of
 //! the recent window are fetched and linked by parent hash, every log's block hash is checked against the header
-//! of its block, and the range is written with its checkpoint in one transaction.
+//! of its block, a window block whose `logsBloom` may hold a payment the answer lacks is asked again by its hash,
+//! and the range is written with its checkpoint in one transaction.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
