@@ -433,7 +433,22 @@ async fn pay(chain: &TestChain, i: usize, amount: Usdc) {
 
 /// Replaces the top `depth` blocks; with `moved`, payer `moved.0` pays `moved.1` in one of the new blocks (signed
 /// with its nonce at the fork point, since the payer's later transactions are dropped with the old blocks).
-async fn reorg(chain: &TestChain, depth: u64, moved: Option<(usize, Usdc)>, rng: &mut StdRng) {
+/// Returns whether the head block changed: empty blocks re-mined within the same second come out identical.
+async fn reorg(
+    chain: &TestChain,
+    depth: u64,
+    moved: Option<(usize, Usdc)>,
+    rng: &mut StdRng,
+) -> bool {
+    let head_hash = || async {
+        chain
+            .provider
+            .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+            .await
+            .unwrap()
+            .map(|b| b.header.hash)
+    };
+    let before = head_hash().await;
     let mut pairs = Vec::new();
     if let Some((i, amount)) = moved {
         let fork = chain.head().await - depth;
@@ -454,6 +469,7 @@ async fn reorg(chain: &TestChain, depth: u64, moved: Option<(usize, Usdc)>, rng:
         })
         .await
         .unwrap();
+    head_hash().await != before
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -486,7 +502,10 @@ impl Scenario {
 struct Outcome {
     stats: ProxyStats,
     counts: CheckCounts,
+    /// `anvil_reorg`s that changed the chain.
     reorgs_on_chain: u64,
+    /// `anvil_reorg`s that re-mined identical blocks.
+    reorgs_identical: u64,
     reorgs_seen: u64,
     failed_steps: u64,
     payments: usize,
@@ -509,7 +528,7 @@ async fn run_scenario(s: Scenario) -> Outcome {
     let context = format!("{} (seed {})", s.name, s.seed);
 
     let mut rng = StdRng::seed_from_u64(s.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let mut reorgs_on_chain = 0;
+    let (mut reorgs_on_chain, mut reorgs_identical) = (0, 0);
     for k in 0..s.payments {
         let amount = Usdc(1_000_000 + rng.random_range(0..50_000_000));
         pay(&chain, k % 3, amount).await;
@@ -538,8 +557,11 @@ async fn run_scenario(s: Scenario) -> Outcome {
                     Usdc(rng.random_range(1..10_000_000)),
                 )
             });
-            reorg(&chain, depth, moved, &mut rng).await;
-            reorgs_on_chain += 1;
+            if reorg(&chain, depth, moved, &mut rng).await {
+                reorgs_on_chain += 1;
+            } else {
+                reorgs_identical += 1;
+            }
         }
         // Let the indexer meet some faults before the next payment.
         let before = proxy.stats().http_requests;
@@ -575,6 +597,12 @@ async fn run_scenario(s: Scenario) -> Outcome {
     block_times_match(&indexer.store, &chain).await;
     let status = indexer.status.snapshot();
     assert!(status.fatal.is_none(), "{context}: {:?}", status.fatal);
+    // Each reorg replaced blocks the indexer held, so each one was noticed through the faults.
+    assert!(
+        status.reorgs >= reorgs_on_chain,
+        "{context}: {} reorgs handled of {reorgs_on_chain}",
+        status.reorgs
+    );
     let (_, truth) = chain_truth(&chain.provider, chain.token(), chain.pay_to()).await;
     indexer.stop().await.unwrap();
     assert!(
@@ -585,6 +613,7 @@ async fn run_scenario(s: Scenario) -> Outcome {
         stats: during,
         counts,
         reorgs_on_chain,
+        reorgs_identical,
         reorgs_seen: status.reorgs,
         failed_steps: status.rpc_errors,
         payments: s.payments,
@@ -600,12 +629,14 @@ fn report(context: &str, o: &Outcome) {
     let _ = writeln!(
         out,
         "[faults] {context}: {} payments sent, {} transfers on the chain at the end (reorgs dropped and re-mined \
-         some); {} anvil_reorgs, {} handled by the indexer; {} failed indexer steps, all recovered; {} checks ({} of \
+         some); {} anvil_reorgs that changed the chain (and {} that re-mined identical blocks), {} handled by the \
+         indexer; {} failed indexer steps, all recovered; {} checks ({} of \
          the whole index up to a canonical checkpoint) over {} confirmed rows, 0 wrong or missing rows; equal to the \
          chain {:.1} s after the faults stopped.\n  proxy: {}",
         o.payments,
         o.on_chain,
         o.reorgs_on_chain,
+        o.reorgs_identical,
         o.reorgs_seen,
         o.failed_steps,
         o.counts.checks,
