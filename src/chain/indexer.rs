@@ -3,13 +3,14 @@
 //! Each step reads the head, checks that the checkpoint is still canonical (else walks back to the fork point and
 //! orphans everything above it), then fetches the next range with `eth_getLogs` in an adaptive size. Headers of
 //! the recent window are fetched and linked by parent hash, every log's block hash is checked against the header
-//! of its block, and the range is written with its checkpoint in one transaction.
+//! of its block, a window block whose `logsBloom` may hold a payment the answer lacks is asked again by its hash,
+//! and the range is written with its checkpoint in one transaction.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, B256, U256, b256};
+use alloy::primitives::{Address, B256, Bloom, U256, b256};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -25,6 +26,9 @@ use crate::usdc::Usdc;
 /// `keccak256("Transfer(address,address,uint256)")`.
 pub const TRANSFER_TOPIC: B256 =
     b256!("ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef");
+
+/// Longest wait between failed steps.
+const MAX_STEP_DELAY: Duration = Duration::from_secs(30);
 
 /// How often a progress line is printed while backfilling.
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
@@ -205,7 +209,13 @@ impl Indexer {
                 Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
                     failures += 1;
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    let mut delay = backoff.next().unwrap_or(MAX_STEP_DELAY);
+                    // A rate-limited endpoint that says when to come back is not asked again sooner.
+                    if let IndexerError::Rpc(rpc) = &e
+                        && let Some(wait) = rpc.retry_after()
+                    {
+                        delay = delay.max(wait.min(MAX_STEP_DELAY));
+                    }
                     tracing::warn!(error = %e, attempt = failures, "indexer step failed; retrying in {delay:?}");
                     self.status.update(|s| {
                         s.last_error = Some(e.to_string());
@@ -257,10 +267,14 @@ impl Indexer {
 
         // Headers for the part of the range inside the reorg window, linked by parent hash.
         let window_numbers: Vec<u64> = (from.max(window_start)..=to).collect();
-        let mut headers = if window_numbers.is_empty() {
-            Vec::new()
+        let (mut headers, blooms): (Vec<BlockRef>, Vec<Bloom>) = if window_numbers.is_empty() {
+            (Vec::new(), Vec::new())
         } else {
-            self.rpc.headers(&window_numbers).await?
+            self.rpc
+                .headers_with_blooms(&window_numbers)
+                .await?
+                .into_iter()
+                .unzip()
         };
         for pair in headers.windows(2) {
             if pair[1].parent_hash != pair[0].hash {
@@ -326,6 +340,8 @@ impl Indexer {
                 transfers.push(t);
             }
         }
+        self.check_nothing_left_out(&logs, &headers, &blooms)
+            .await?;
 
         let fetched = step_started.elapsed();
         let count = transfers.len();
@@ -408,6 +424,53 @@ impl Indexer {
             block_time: Some(block_time),
             ..t
         }))
+    }
+
+    /// A load balancer may send the calls of one batch to different backends: the logs to one that lags (no logs
+    /// for the blocks it does not have yet) and the header to one that does not, so the header cannot vouch for the
+    /// logs. Each window block whose `logsBloom` may hold a Transfer to payTo, but that has no log in the answer, is
+    /// asked again by its hash (EIP-234), which a node without that block answers with an error, never with `[]`.
+    /// A bloom does not say in which topic payTo appeared, so blocks where payTo sent or approved tokens cost that
+    /// one extra call.
+    async fn check_nothing_left_out(
+        &self,
+        logs: &[RawLog],
+        window_headers: &[BlockRef],
+        blooms: &[Bloom],
+    ) -> Result<(), IndexerError> {
+        let token = self.settings.network.token;
+        let pay_to_topic = B256::left_padding_from(self.settings.pay_to.as_slice());
+        let with_logs: HashSet<u64> = logs
+            .iter()
+            .filter_map(|l| l.block_number.map(|n| n.to::<u64>()))
+            .collect();
+        for (header, bloom) in window_headers.iter().zip(blooms) {
+            if with_logs.contains(&header.number)
+                || !bloom.contains_raw_log(token, &[TRANSFER_TOPIC, pay_to_topic])
+            {
+                continue;
+            }
+            let hash: B256 = header.hash.parse().map_err(|_| {
+                IndexerError::Inconsistent(format!("bad hash of block {}", header.number))
+            })?;
+            let again = self.rpc.logs_in_block(token, &self.topics, hash).await?;
+            let payments = again
+                .iter()
+                .filter(|l| {
+                    matches!(
+                        transfer_from_log(l, token, self.settings.pay_to),
+                        Ok(Some(_))
+                    )
+                })
+                .count();
+            if payments > 0 {
+                return Err(IndexerError::Inconsistent(format!(
+                    "the logs answer left out {payments} payment(s) of block {} (a lagging backend?)",
+                    header.number
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Walks back from `suspect` to the highest block whose stored hash is still canonical and rolls back to it.
@@ -560,7 +623,7 @@ fn log_confirmed(t: &Transfer, needed: u64) {
 fn retry_backoff() -> impl Iterator<Item = Duration> {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
+        .with_max_delay(MAX_STEP_DELAY)
         .with_jitter()
         .without_max_times()
         .build()

@@ -3,6 +3,7 @@
 pub mod indexer;
 pub mod rpc;
 pub mod status;
+mod transport;
 pub mod ws;
 
 pub use indexer::{Indexer, IndexerError, Step};

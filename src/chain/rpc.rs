@@ -1,21 +1,23 @@
 //! JSON-RPC over HTTP with failover, retries and error classification.
 //!
 //! Endpoints are tried in the configured order; the one that last answered is tried first next time. Transport
-//! faults (refused or cut connections, timeouts, HTTP 429/5xx, malformed JSON, a node that does not know a block)
-//! are retried with exponential backoff and jitter and fail over to the next endpoint. Node errors (a JSON-RPC
-//! `error` object) are returned to the caller, which knows whether they mean "range too large".
+//! faults (refused or cut connections, timeouts, HTTP 408/429/5xx whatever their body, malformed JSON, a batch
+//! answer that does not hold one answer per call, a node that does not know a block) are retried with exponential
+//! backoff and jitter, never sooner than a `Retry-After` asks, and fail over to the next endpoint. Node errors (a
+//! JSON-RPC `error` object) are returned to the caller, which knows whether they mean "range too large".
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, Bytes, U64, U128};
+use alloy::primitives::{Address, B256, Bloom, Bytes, U64, U128};
 use alloy::rpc::client::RpcClient;
-use alloy::transports::http::{Http, reqwest};
+use alloy::transports::http::reqwest;
 use alloy::transports::{RpcError as AlloyRpcError, TransportErrorKind};
 use backon::{ExponentialBuilder, Retryable};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::transport::{CheckedHttp, is_transient_status};
 use crate::config::redact_url;
 use crate::store::transfers::BlockRef;
 
@@ -23,13 +25,20 @@ use crate::store::transfers::BlockRef;
 const MAX_BATCH: usize = 100;
 /// Header batches sent at once.
 const BATCHES_IN_FLIGHT: usize = 4;
+/// Longest wait between retry rounds; also caps a server's `Retry-After`, so a provider cannot park a caller.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// A failed RPC call.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RpcError {
     /// The endpoint could not be reached or answered garbage; worth retrying elsewhere.
     #[error("{endpoint}: {message}")]
-    Transport { endpoint: String, message: String },
+    Transport {
+        endpoint: String,
+        message: String,
+        /// How long the server asked us to wait (`Retry-After`).
+        retry_after: Option<Duration>,
+    },
     /// The node answered with a JSON-RPC error.
     #[error("{endpoint}: node error {code}: {message}")]
     Node {
@@ -43,6 +52,22 @@ impl RpcError {
     pub fn is_transport(&self) -> bool {
         matches!(self, RpcError::Transport { .. })
     }
+
+    fn transport(endpoint: impl Into<String>, message: impl Into<String>) -> RpcError {
+        RpcError::Transport {
+            endpoint: endpoint.into(),
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// How long the server asked us to wait before the next try, if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            RpcError::Transport { retry_after, .. } => *retry_after,
+            RpcError::Node { .. } => None,
+        }
+    }
 }
 
 /// A block header as the indexer needs it.
@@ -53,6 +78,7 @@ struct RawHeader {
     hash: B256,
     parent_hash: B256,
     timestamp: U64,
+    logs_bloom: Bloom,
 }
 
 impl From<RawHeader> for BlockRef {
@@ -124,18 +150,14 @@ impl Rpc {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .timeout(timeout)
             .build()
-            .map_err(|e| RpcError::Transport {
-                endpoint: "http client".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| RpcError::transport("http client", e.to_string()))?;
         let endpoints = urls
             .iter()
             .map(|url| {
-                let parsed = url.parse().map_err(|e| RpcError::Transport {
-                    endpoint: redact_url(url),
-                    message: format!("invalid URL: {e}"),
+                let parsed = url.parse().map_err(|e| {
+                    RpcError::transport(redact_url(url), format!("invalid URL: {e}"))
                 })?;
-                let transport = Http::with_client(http.clone(), parsed);
+                let transport = CheckedHttp::new(http.clone(), parsed);
                 let is_local = url.contains("127.0.0.1") || url.contains("localhost");
                 Ok(Endpoint {
                     label: redact_url(url),
@@ -186,20 +208,22 @@ impl Rpc {
                     Err(e) => return Err(e),
                 }
             }
-            Err(last.unwrap_or_else(|| RpcError::Transport {
-                endpoint: "(none)".into(),
-                message: "no RPC endpoints configured".into(),
-            }))
+            Err(last
+                .unwrap_or_else(|| RpcError::transport("(none)", "no RPC endpoints configured")))
         };
         round
             .retry(
                 ExponentialBuilder::default()
                     .with_min_delay(Duration::from_millis(100))
-                    .with_max_delay(Duration::from_secs(5))
+                    .with_max_delay(MAX_RETRY_DELAY)
                     .with_max_times(self.retries)
                     .with_jitter(),
             )
             .when(RpcError::is_transport)
+            // A rate-limited endpoint that says when to come back is not asked again sooner.
+            .adjust(|e, delay| {
+                delay.map(|d| d.max(e.retry_after().unwrap_or_default().min(MAX_RETRY_DELAY)))
+            })
             .notify(|e, delay| {
                 crate::metrics::record_rpc_retry(what);
                 tracing::warn!(error = %e, "{what}: retrying in {delay:?}")
@@ -241,6 +265,19 @@ impl Rpc {
     /// Headers of `numbers`, in the same order, fetched in JSON-RPC batches from one endpoint. A block the node
     /// does not know (a lagging backend) is a transport error, so another endpoint or a later retry is used.
     pub async fn headers(&self, numbers: &[u64]) -> Result<Vec<BlockRef>, RpcError> {
+        Ok(self
+            .headers_with_blooms(numbers)
+            .await?
+            .into_iter()
+            .map(|(header, _)| header)
+            .collect())
+    }
+
+    /// [`Rpc::headers`], each with the block's `logsBloom`.
+    pub async fn headers_with_blooms(
+        &self,
+        numbers: &[u64],
+    ) -> Result<Vec<(BlockRef, Bloom)>, RpcError> {
         let mut out = Vec::with_capacity(numbers.len());
         for group in numbers.chunks(MAX_BATCH * BATCHES_IN_FLIGHT) {
             let batches: Vec<_> = group
@@ -254,7 +291,7 @@ impl Rpc {
         Ok(out)
     }
 
-    async fn header_batch(&self, chunk: &[u64]) -> Result<Vec<BlockRef>, RpcError> {
+    async fn header_batch(&self, chunk: &[u64]) -> Result<Vec<(BlockRef, Bloom)>, RpcError> {
         self.with_failover("eth_getBlockByNumber", |ep| async move {
             let mut batch = ep.client.new_batch();
             let mut waiters = Vec::with_capacity(chunk.len());
@@ -271,12 +308,21 @@ impl Rpc {
             let mut headers = Vec::with_capacity(chunk.len());
             for (w, n) in waiters.into_iter().zip(chunk) {
                 match w.await.map_err(|e| classify(&ep.label, e))? {
-                    Some(h) => headers.push(BlockRef::from(h)),
+                    // Answers are matched to calls by id only: a header must also be the block asked for.
+                    Some(h) if h.number.to::<u64>() == *n => {
+                        headers.push((BlockRef::from(h.clone()), h.logs_bloom));
+                    }
+                    Some(h) => {
+                        return Err(RpcError::transport(
+                            ep.label.clone(),
+                            format!("asked for block {n}, answered with block {}", h.number),
+                        ));
+                    }
                     None => {
-                        return Err(RpcError::Transport {
-                            endpoint: ep.label.clone(),
-                            message: format!("node does not know block {n} yet"),
-                        });
+                        return Err(RpcError::transport(
+                            ep.label.clone(),
+                            format!("node does not know block {n} yet"),
+                        ));
                     }
                 }
             }
@@ -318,14 +364,37 @@ impl Rpc {
                 let header = header
                     .await
                     .map_err(|e| classify(&ep.label, e))?
-                    .ok_or_else(|| RpcError::Transport {
-                        endpoint: ep.label.clone(),
-                        message: format!("node does not know block {to} yet"),
+                    .ok_or_else(|| {
+                        RpcError::transport(
+                            ep.label.clone(),
+                            format!("node does not know block {to} yet"),
+                        )
                     })?;
+                if header.number.to::<u64>() != to {
+                    return Err(RpcError::transport(
+                        ep.label.clone(),
+                        format!(
+                            "asked for block {to}, answered with block {}",
+                            header.number
+                        ),
+                    ));
+                }
                 Ok((logs, BlockRef::from(header)))
             }
         })
         .await
+    }
+
+    /// `eth_getLogs` for `filter` in the one block `hash` (EIP-234): a node that does not have that block answers
+    /// with an error, never with an empty list.
+    pub async fn logs_in_block(
+        &self,
+        token: Address,
+        topics: &Value,
+        hash: B256,
+    ) -> Result<Vec<RawLog>, RpcError> {
+        let filter = json!({ "address": token, "topics": topics, "blockHash": hash });
+        self.request("eth_getLogs", json!([filter])).await
     }
 
     /// `eth_call` of `data` to `to` at the latest block.
@@ -409,21 +478,21 @@ fn classify(endpoint: &str, e: AlloyRpcError<TransportErrorKind>) -> RpcError {
             code: payload.code,
             message: payload.message.to_string(),
         },
-        AlloyRpcError::NullResp => RpcError::Transport {
-            endpoint,
-            message: "null response".into(),
-        },
+        AlloyRpcError::NullResp => RpcError::transport(endpoint, "null response"),
         AlloyRpcError::DeserError { err, text } => {
             let snippet: String = text.chars().take(120).collect();
-            RpcError::Transport {
-                endpoint,
-                message: format!("malformed response ({err}): {snippet}"),
-            }
+            RpcError::transport(endpoint, format!("malformed response ({err}): {snippet}"))
         }
-        AlloyRpcError::Transport(TransportErrorKind::HttpError(http)) => {
-            let snippet: String = http.body.chars().take(200).collect();
+        AlloyRpcError::Transport(kind) if kind.as_http_error().is_some() => {
+            let retry_after = kind.retry_after();
+            let (status, body) = kind
+                .as_http_error()
+                .map_or((0, ""), |http| (http.status, http.body.as_str()));
             // Some providers send "range too large" as an HTTP 4xx with a JSON-RPC body; keep it a node error.
-            if let Ok(v) = serde_json::from_str::<Value>(&http.body)
+            // Never for 408, 429 or 5xx: those are a rate limit or an outage whatever the body says, and taking
+            // them for the node's verdict would halve the logs range or skip the retry and the failover.
+            if !is_transient_status(status)
+                && let Ok(v) = serde_json::from_str::<Value>(body)
                 && let Some(err) = v.get("error")
             {
                 return RpcError::Node {
@@ -436,15 +505,14 @@ fn classify(endpoint: &str, e: AlloyRpcError<TransportErrorKind>) -> RpcError {
                         .to_string(),
                 };
             }
+            let snippet: String = body.chars().take(200).collect();
             RpcError::Transport {
                 endpoint,
-                message: format!("HTTP {}: {snippet}", http.status),
+                message: format!("HTTP {status}: {snippet}"),
+                retry_after,
             }
         }
-        other => RpcError::Transport {
-            endpoint,
-            message: other.to_string(),
-        },
+        other => RpcError::transport(endpoint, other.to_string()),
     }
 }
 
