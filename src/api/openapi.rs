@@ -402,6 +402,29 @@ pub fn document(public_url: Option<&str>) -> Value {
                 json!({"description": "invalid input, naming the field"}),
             );
         }
+        // What the limits middleware (src/api/limits.rs) may answer on any route, in the route family's shape.
+        responses.insert(
+            "413".into(),
+            json!({"description": "request body larger than the route's limit"}),
+        );
+        responses.insert(
+            "429".into(),
+            json!({"description": "rate limited (keyless requests or claim attempts, per address or for all clients); see Retry-After"}),
+        );
+        if route.method == "post" {
+            responses.insert(
+                "408".into(),
+                json!({"description": "the request body did not arrive within the request timeout"}),
+            );
+        }
+        if route.path != "/v1/chat/completions" {
+            let timeout = "the answer did not start within the request timeout (the work still completes); see Retry-After";
+            let description = match responses.get("503").and_then(|r| r["description"].as_str()) {
+                Some(earlier) => format!("{earlier}; or {timeout}"),
+                None => timeout.to_string(),
+            };
+            responses.insert("503".into(), json!({"description": description}));
+        }
         op.insert("responses".into(), Value::Object(responses));
         let entry = paths
             .entry(route.path.to_string())

@@ -856,4 +856,21 @@ fn openapi_documents_every_registered_route() {
         .filter(|(m, p)| !registered.contains(&(m.clone(), p.clone())) && !any_paths.contains(p))
         .collect();
     assert!(stale.is_empty(), "documented but not registered: {stale:?}");
+
+    // Every operation documents what the limits middleware may answer on any route.
+    let doc = x402_gateway::api::openapi::document(None);
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for (method, op) in ops.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            for status in ["413", "429"] {
+                assert!(
+                    responses.contains_key(status),
+                    "{method} {path} does not document {status}"
+                );
+            }
+            if method == "post" {
+                assert!(responses.contains_key("408"), "{method} {path}: no 408");
+            }
+        }
+    }
 }
