@@ -501,7 +501,7 @@ async fn main() -> anyhow::Result<()> {
             vec![("flood, rate_limits = false", Flood::Gateway)],
         ),
     ] {
-        let (child, url) = start_gateway(config).await?;
+        let (mut child, url) = start_gateway(config).await?;
         let pid = child.id().unwrap_or(0);
         // Warm the connection pool and caches.
         let _ = key_holders(&http, &url, &key, rate.min(200), 1).await;
@@ -518,7 +518,8 @@ async fn main() -> anyhow::Result<()> {
             };
             results.push(measure(name, &http, &url, &key, pid, rate, seconds, flood).await);
         }
-        drop(child);
+        // Kill and reap: the next phase's gateway opens the same database, whose lock goes with this process.
+        let _ = child.kill().await;
     }
 
     println!(

@@ -253,10 +253,12 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let settings = load(&config)?;
+            let _lock = x402_gateway::store::GatewayLock::acquire(&settings.database_path)?;
             serve(settings, shutdown).await
         }
         Command::Index { config, once } => {
             let settings = load(&config)?;
+            let _lock = x402_gateway::store::GatewayLock::acquire(&settings.database_path)?;
             let store = Store::open(&settings.database_path)?;
             let status = StatusHandle::default();
             let chain_settings = settings.chain.clone();

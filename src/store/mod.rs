@@ -51,6 +51,10 @@ pub enum StoreError {
         found: String,
         expected: String,
     },
+    #[error(
+        "database {path} is in use by another running x402-gateway (serve or index): its lock {lock} is held; stop that process first (one gateway per database file)"
+    )]
+    InUse { path: PathBuf, lock: PathBuf },
     #[error("the database writer has stopped")]
     WriterGone,
     #[error("the write was not committed: {0}")]
@@ -603,5 +607,47 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(count, 0);
+    }
+}
+
+/// An exclusive, process-wide claim on a database file for the commands that run the gateway (`serve`, `index`).
+///
+/// SQLite would serialize two gateways' writes, but two gateways on one file still act on each other's state: a
+/// start-up refunds the reservations "left by a crashed process" while the other process is serving them, and two
+/// indexers race over the checkpoint. The lock is an advisory `flock` on `<database>.lock`, which the kernel
+/// releases when the holder exits, however it exits (SIGKILL included), so a restart never finds a stale lock.
+/// The operator commands (`payments`, `keys`, `accounts`, `audit`) do not take it: they are meant to run beside
+/// a live gateway.
+#[derive(Debug)]
+pub struct GatewayLock {
+    _file: std::fs::File,
+}
+
+impl GatewayLock {
+    /// Takes the lock for `database`, or says which process class holds it.
+    pub fn acquire(database: &Path) -> Result<GatewayLock, StoreError> {
+        let mut name = database.as_os_str().to_os_string();
+        name.push(".lock");
+        let lock = PathBuf::from(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock)
+            .map_err(|e| StoreError::Open {
+                path: lock.clone(),
+                message: e.to_string(),
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(GatewayLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+                path: database.to_path_buf(),
+                lock,
+            }),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Open {
+                path: lock,
+                message: e.to_string(),
+            }),
+        }
     }
 }
