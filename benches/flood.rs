@@ -18,6 +18,9 @@
 //! machine's cores, so the flood's own CPU use is part of what the key holders feel. The gateway's CPU time per
 //! phase is read from `/proc`. Everything is loopback; every phase is bounded in time.
 
+#[path = "support/gateway.rs"]
+mod gateway;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +28,7 @@ use std::time::{Duration, Instant};
 
 use alloy::primitives::Address;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use x402_gateway::dev::{self, upstream};
 
@@ -212,52 +214,6 @@ fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf reads a constant of the system; no memory of this process is touched.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
     ticks as f64 / hz as f64
-}
-
-/// Starts the real binary and waits for its "listening on http://ADDR" line.
-async fn start_gateway(config: &std::path::Path) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
-        .args(["--log", "warn,x402_gateway::api=info", "serve", "--config"])
-        .arg(config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for stream in [
-        Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-        Box::new(stderr),
-    ] {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let found = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = rx.recv().await {
-            if let Some(i) = line.find("listening on http://") {
-                return Some(line[i + "listening on ".len()..].trim().to_string());
-            }
-        }
-        None
-    })
-    .await;
-    tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    match found {
-        Ok(Some(url)) => Ok((child, url)),
-        _ => anyhow::bail!("the gateway did not print its listening line"),
-    }
 }
 
 fn config_text(chain: &dev::DevChain, upstream: &str, limits: &str) -> String {
@@ -501,7 +457,7 @@ async fn main() -> anyhow::Result<()> {
             vec![("flood, rate_limits = false", Flood::Gateway)],
         ),
     ] {
-        let (mut child, url) = start_gateway(config).await?;
+        let (mut child, url) = gateway::start_gateway(config, &[]).await?;
         let pid = child.id().unwrap_or(0);
         // Warm the connection pool and caches.
         let _ = key_holders(&http, &url, &key, rate.min(200), 1).await;

@@ -17,13 +17,15 @@
 //! contention; the "added" figures are gateway minus direct at the same rate. `FSYNC_METERING=1` runs the gateway
 //! with `[database] fsync_metering = true` (every metering commit synced before the answer).
 
+#[path = "support/gateway.rs"]
+mod gateway;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use alloy::primitives::Address;
 use futures::StreamExt;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use x402_gateway::dev::{self, upstream};
@@ -187,54 +189,6 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// Starts the real binary and waits for its "listening on http://ADDR" line.
-async fn start_gateway(config: &std::path::Path) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
-        .args(["--log", "warn,x402_gateway::api=info", "serve", "--config"])
-        .arg(config)
-        .env("DEMO_UPSTREAM_KEY", "upstream-secret")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for stream in [
-        Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-        Box::new(stderr),
-    ] {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let found = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = rx.recv().await {
-            if let Some(i) = line.find("listening on http://") {
-                return Some(line[i + "listening on ".len()..].trim().to_string());
-            }
-        }
-        None
-    })
-    .await;
-    // Keep draining so the child never blocks on a full pipe.
-    tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    match found {
-        Ok(Some(url)) => Ok((child, url)),
-        _ => anyhow::bail!("the gateway did not print its listening line"),
-    }
 }
 
 /// Starts the LiteLLM proxy against the demo upstream, when installed.
@@ -486,7 +440,8 @@ output_usdc_per_mtok = "2.50"
             )
         })?
         .to_string();
-    let (gateway_child, gateway_url) = start_gateway(&config).await?;
+    let (gateway_child, gateway_url) =
+        gateway::start_gateway(&config, &[("DEMO_UPSTREAM_KEY", "upstream-secret")]).await?;
     let gateway_pid = gateway_child.id().unwrap_or(0);
 
     let direct = Target {
