@@ -245,3 +245,16 @@ CREATE TABLE x402_idempotency (
     response     BLOB    NOT NULL,
     created_at   INTEGER NOT NULL
 );
+
+-- migration: 5 metering
+-- The gateway's bound on each request (the output part is written into the forwarded request) and the prices it
+-- was reserved at, so an auditor can recompute every charge: `cost_atomic` = the tokens at these prices, never more
+-- than `reserved_atomic`. An upstream that generated past the bound (one that ignores caps) is an overrun:
+-- `overrun_tokens` > 0, the reservation is charged, and what the reported tokens cost beyond the charge is
+-- `uncharged_atomic` (the operator's loss, made visible). Rows from before this migration have NULL prices.
+ALTER TABLE usage ADD COLUMN bound_prompt_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage ADD COLUMN bound_output_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage ADD COLUMN input_price_atomic INTEGER;
+ALTER TABLE usage ADD COLUMN output_price_atomic INTEGER;
+ALTER TABLE usage ADD COLUMN overrun_tokens INTEGER NOT NULL DEFAULT 0 CHECK (overrun_tokens >= 0);
+ALTER TABLE usage ADD COLUMN uncharged_atomic INTEGER NOT NULL DEFAULT 0 CHECK (uncharged_atomic >= 0);

@@ -111,6 +111,10 @@ pub struct LimitsConfig {
     /// client is always the socket peer and the header is ignored.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Requests one credit account (its key, and any key rotated from it) may have in flight at once. Each is
+    /// reserved before it is forwarded, so this bounds the operator's exposure to one key, not its balance.
+    #[serde(default = "default_credit_key_max_in_flight")]
+    pub credit_key_max_in_flight: u32,
 }
 
 impl Default for LimitsConfig {
@@ -129,8 +133,13 @@ impl Default for LimitsConfig {
             request_timeout_secs: default_request_timeout_secs(),
             header_read_timeout_secs: default_header_read_timeout_secs(),
             trusted_proxies: Vec::new(),
+            credit_key_max_in_flight: default_credit_key_max_in_flight(),
         }
     }
+}
+
+fn default_credit_key_max_in_flight() -> u32 {
+    16
 }
 
 fn default_keyless_per_minute() -> u32 {
@@ -183,6 +192,21 @@ pub struct UpstreamConfig {
     /// Longest silence between two reads of a response (never a total timeout: streams may run long).
     #[serde(default = "default_read_timeout_ms")]
     pub read_timeout_ms: u64,
+    /// Which request field(s) carry the gateway's output bound: `both` (default: vLLM and SGLang read
+    /// `max_completion_tokens` first, older servers `max_tokens`), or one of `max_tokens` /
+    /// `max_completion_tokens` for an upstream that rejects the other (which is then removed from the request).
+    #[serde(default)]
+    pub output_limit_field: OutputLimitField,
+}
+
+/// Where the output bound is written in a forwarded request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputLimitField {
+    #[default]
+    Both,
+    MaxTokens,
+    MaxCompletionTokens,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -207,9 +231,18 @@ pub struct ModelConfig {
     pub input_usdc_per_mtok: String,
     /// Credit price per million output tokens.
     pub output_usdc_per_mtok: String,
-    /// Output tokens reserved (and enforced upstream as `max_tokens`) for credit requests that set none.
+    /// The most output tokens one choice may generate: the client's `max_tokens`/`max_completion_tokens` is capped
+    /// to it, and it is the bound (written into the forwarded request) when the client sets none.
     #[serde(default = "default_max_output_tokens")]
     pub max_output_tokens: u64,
+    /// The largest `n` (choices) a credit request may ask for; each choice is reserved. Pool keys and per-request
+    /// payments are always served with `n = 1`.
+    #[serde(default = "default_max_choices")]
+    pub max_choices: u64,
+    /// Prompt tokens reserved for each non-text content part, by part type (e.g. `{ image_url = 1600 }`). A part
+    /// type not listed is refused: its cost cannot be bounded from the request's bytes.
+    #[serde(default)]
+    pub content_part_tokens: std::collections::BTreeMap<String, u64>,
     /// Price of one request paid with a standard x402 `PAYMENT-SIGNATURE` (no key), a decimal string; absent = not
     /// offered. `max_tokens` is capped to what it covers at `output_usdc_per_mtok`.
     #[serde(default)]
@@ -218,6 +251,9 @@ pub struct ModelConfig {
 
 fn default_max_output_tokens() -> u64 {
     4_096
+}
+fn default_max_choices() -> u64 {
+    1
 }
 
 /// A pool subscription product: `[[pools]]`.
@@ -609,6 +645,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     pub header_read_timeout: Duration,
     pub trusted_proxies: Vec<IpNet>,
+    /// Requests in flight per credit account.
+    pub credit_key_max_in_flight: u32,
 }
 
 impl LimitsConfig {
@@ -676,6 +714,12 @@ impl LimitsConfig {
                 "must be between 1 and 300 seconds",
             ));
         }
+        if !(1..=100_000).contains(&self.credit_key_max_in_flight) {
+            return Err(invalid(
+                "limits.credit_key_max_in_flight",
+                "must be between 1 and 100000",
+            ));
+        }
         let trusted_proxies = self
             .trusted_proxies
             .iter()
@@ -696,6 +740,7 @@ impl LimitsConfig {
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
             trusted_proxies,
+            credit_key_max_in_flight: self.credit_key_max_in_flight,
         })
     }
 }
@@ -727,6 +772,7 @@ pub struct Upstream {
     pub api_key: Option<String>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    pub output_limit_field: OutputLimitField,
 }
 
 /// A validated model.
@@ -741,6 +787,10 @@ pub struct Model {
     pub max_output_tokens: u64,
     /// Per-request x402 price (`per_request_usdc`), if offered.
     pub per_request: Option<Usdc>,
+    /// Largest `n` for credit requests.
+    pub max_choices: u64,
+    /// Prompt tokens reserved per non-text content part, by type.
+    pub content_part_tokens: std::collections::BTreeMap<String, u64>,
 }
 
 impl Settings {
@@ -1121,6 +1171,7 @@ fn resolve_models(
             api_key,
             connect_timeout: Duration::from_millis(u.connect_timeout_ms),
             read_timeout: Duration::from_millis(u.read_timeout_ms),
+            output_limit_field: u.output_limit_field,
         });
     }
     let mut out_models: Vec<Model> = Vec::new();
@@ -1144,6 +1195,15 @@ fn resolve_models(
         if m.max_output_tokens == 0 {
             return Err(invalid(&key("max_output_tokens"), "must be positive"));
         }
+        if m.max_choices == 0 || m.max_choices > 128 {
+            return Err(invalid(&key("max_choices"), "must be between 1 and 128"));
+        }
+        if let Some((part, _)) = m.content_part_tokens.iter().find(|(_, t)| **t == 0) {
+            return Err(invalid(
+                &key(&format!("content_part_tokens.{part}")),
+                "must be positive",
+            ));
+        }
         out_models.push(Model {
             id: m.id.clone(),
             upstream,
@@ -1161,6 +1221,8 @@ fn resolve_models(
                     Some(price)
                 }
             },
+            max_choices: m.max_choices,
+            content_part_tokens: m.content_part_tokens.clone(),
         });
     }
     Ok((out_up, out_models))

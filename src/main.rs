@@ -445,15 +445,23 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
             }
             eprintln!(
                 "checked {} confirmed transfers against the chain (head {}), {} claims, {} ledger rows of {} accounts, \
-                 {} seats of {} subscriptions",
+                 {} seats of {} subscriptions, {} usage rows",
                 report.transfers_checked,
                 report.chain_head,
                 report.claims_checked,
                 report.ledger_rows_checked,
                 report.accounts_checked,
                 report.seats_checked,
-                report.subscriptions_checked
+                report.subscriptions_checked,
+                report.usage_rows_checked
             );
+            for o in &report.overruns {
+                eprintln!(
+                    "OVERRUN request {} ({}, {}): the upstream went {} tokens past the bound; charged {} (the \
+                     reservation), {} uncharged",
+                    o.request_id, o.model, o.status, o.overrun_tokens, o.charged, o.uncharged
+                );
+            }
             if report.is_clean() {
                 eprintln!("OK: no discrepancies");
                 return Ok(());

@@ -45,6 +45,15 @@ pub const PROXY_SPEND: &str = "x402_spend_usdc_atomic";
 pub const PROXY_OVERHEAD: &str = "x402_overhead_latency_seconds";
 /// Gauge: requests being proxied right now.
 pub const PROXY_IN_FLIGHT: &str = "x402_in_flight_requests";
+/// Counter `{model}`: requests whose upstream generated past the gateway's bound (it ignores the output cap).
+pub const METERING_OVERRUNS: &str = "x402_metering_overruns_total";
+/// Counter `{model}`: output tokens generated past the bound.
+pub const METERING_OVERRUN_TOKENS: &str = "x402_metering_overrun_tokens_total";
+/// Counter `{model}`: what overrun tokens cost beyond the reservation (not charged), USDC atomic units.
+pub const METERING_UNCHARGED: &str = "x402_metering_uncharged_usdc_atomic";
+/// Counter `{model, reason}`: requests refused before forwarding because they could not be bounded (`n`,
+/// `best_of`, unbounded content parts) or a key had too many in flight.
+pub const METERING_REFUSED: &str = "x402_metering_refused_total";
 
 // Unpaid traffic (`[limits]`).
 /// Counter `{limit="keyless|claims", scope="ip|all"}`: requests refused with 429 by the rate limits (the client's
@@ -73,6 +82,10 @@ pub const ALL: &[&str] = &[
     PROXY_SPEND,
     PROXY_OVERHEAD,
     PROXY_IN_FLIGHT,
+    METERING_OVERRUNS,
+    METERING_OVERRUN_TOKENS,
+    METERING_UNCHARGED,
+    METERING_REFUSED,
     RATE_LIMITED,
     BODY_TOO_LARGE,
     REQUEST_TIMEOUTS,
@@ -139,6 +152,22 @@ fn describe() {
     );
     describe_gauge!(PROXY_IN_FLIGHT, "Requests being proxied now.");
     describe_counter!(
+        METERING_OVERRUNS,
+        "Requests whose upstream generated past the gateway's output bound (an upstream that ignores caps)."
+    );
+    describe_counter!(
+        METERING_OVERRUN_TOKENS,
+        "Output tokens upstreams generated past the gateway's bound."
+    );
+    describe_counter!(
+        METERING_UNCHARGED,
+        "Cost of overrun tokens beyond the reservation, not charged (USDC atomic units)."
+    );
+    describe_counter!(
+        METERING_REFUSED,
+        "Requests refused before forwarding: not boundable (n, best_of, content parts) or too many in flight."
+    );
+    describe_counter!(
         RATE_LIMITED,
         "Requests refused by the rate limits (429), by limit and scope (ip, all)."
     );
@@ -177,6 +206,22 @@ pub fn record_proxy_request(
         metrics::counter!(PROXY_SPEND, "model" => model.clone()).increment(spend_atomic);
     }
     metrics::histogram!(PROXY_OVERHEAD, "model" => model).record(overhead_seconds.max(0.0));
+}
+
+/// Records an upstream that generated past a request's bound.
+pub fn record_overrun(model: &str, tokens: u64, uncharged_atomic: u64) {
+    metrics::counter!(METERING_OVERRUNS, "model" => model.to_string()).increment(1);
+    metrics::counter!(METERING_OVERRUN_TOKENS, "model" => model.to_string()).increment(tokens);
+    if uncharged_atomic > 0 {
+        metrics::counter!(METERING_UNCHARGED, "model" => model.to_string())
+            .increment(uncharged_atomic);
+    }
+}
+
+/// Records a request refused before forwarding, by reason (the refused parameter, or `in_flight`).
+pub fn record_metering_refusal(model: &str, reason: &'static str) {
+    metrics::counter!(METERING_REFUSED, "model" => model.to_string(), "reason" => reason)
+        .increment(1);
 }
 
 /// One more request in flight.

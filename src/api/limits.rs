@@ -970,6 +970,7 @@ mod tests {
             max_tracked_clients: 64,
             request_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(1),
+            credit_key_max_in_flight: 16,
             trusted_proxies: vec![
                 IpNet {
                     addr: "10.0.0.0".parse().unwrap(),

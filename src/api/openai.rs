@@ -18,7 +18,9 @@ use serde_json::{Value, json};
 use super::AppState;
 use crate::billing::AuthorizedKey;
 use crate::proxy::pricing::Prices;
-use crate::proxy::{self, Charge, Meter, MeteredStream, UpstreamError, windows};
+use crate::proxy::{
+    self, BoundError, Charge, Meter, MeteredStream, Payer, SlotOwner, UpstreamError, windows,
+};
 use crate::store::StoreError;
 use crate::store::billing::LedgerError;
 use crate::store::usage::{self, NewUsage};
@@ -182,10 +184,24 @@ async fn chat_completions(
     let request_id = new_request_id();
     let response = match read_body(&headers, body).await {
         Err(e) => e.into_response(),
-        Ok(body) => match chat(&state, &headers, checked, body, started, &request_id).await {
-            Ok(r) => r,
-            Err(r) => r,
-        },
+        Ok(body) => {
+            // The request runs in its own task, so a client that hangs up while the upstream works cannot cancel
+            // the bill: a JSON answer is still read and settled from its usage, and a per-request payment is still
+            // settled for the answer the upstream produced. (A stream's body is metered by `MeteredStream`.)
+            let id = request_id.clone();
+            let task = tokio::spawn(async move {
+                match chat(&state, &headers, checked, body, started, &id).await {
+                    Ok(r) => r,
+                    Err(r) => r,
+                }
+            });
+            match task.await {
+                Ok(r) => r,
+                Err(e) => {
+                    OpenAiError::internal(format!("the request task failed: {e}")).into_response()
+                }
+            }
+        }
     };
     with_request_id(response, &request_id)
 }
@@ -233,7 +249,8 @@ async fn chat(
     };
     let record = &key.record;
     let now = state.billing.now();
-    let new_usage = |stream: bool| NewUsage {
+    let prices = price_of(model);
+    let new_usage = |prepared: &proxy::Prepared| NewUsage {
         request_id: request_id.to_string(),
         key_id: record.id,
         account: record.account.clone(),
@@ -243,9 +260,14 @@ async fn chat(
             "subscription"
         },
         model: model_id.clone(),
-        stream,
+        stream: prepared.stream,
         started_at: now,
+        bound_prompt_tokens: prepared.bound.prompt_tokens,
+        bound_output_tokens: prepared.bound.output_tokens(),
+        input_per_mtok: prices.input_per_mtok,
+        output_per_mtok: prices.output_per_mtok,
     };
+    let body_len = body.len();
 
     let (prepared, charge) = if record.kind == "subscription" {
         let pool = record.pool.as_deref().and_then(|slug| settings.pool(slug));
@@ -305,31 +327,47 @@ async fn chat(
             .retry_after(wait)
             .into_response());
         }
-        let Some(slot) = state.proxy.slots().try_acquire(record.id) else {
+        let prepared = proxy::prepare(object, body_len, model, &settings, Payer::Subscription)
+            .map_err(|e| bound_refused(&model_id, e))?;
+        // One request at a time per subscription, whichever of its keys (a rotated one too) sends it.
+        let owner = SlotOwner::Subscription(record.subscription_id.unwrap_or(-record.id));
+        let Some(slot) = state.proxy.slots().try_acquire(owner, 1) else {
+            crate::metrics::record_metering_refusal(&model_id, "in_flight");
             return Err(OpenAiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 "concurrency_limit",
-                "a pool key serves one request at a time; wait for the current one to finish",
+                "a pool subscription serves one request at a time; wait for the current one to finish",
             )
             .retry_after(1)
             .into_response());
         };
-        let prepared = proxy::prepare(object, model, None).map_err(bad_param)?;
-        let usage = new_usage(prepared.stream);
+        let usage = new_usage(&prepared);
         (prepared, Charge::Subscription { usage, slot })
     } else {
-        let prepared =
-            proxy::prepare(object, model, Some(model.max_output_tokens)).map_err(bad_param)?;
-        let prices = price_of(model);
-        let prompt_bound = body.len() as u64 + proxy::TEMPLATE_TOKEN_MARGIN;
-        let reserve = prices.cost(
-            prompt_bound,
-            prepared
-                .max_output_tokens
-                .unwrap_or(model.max_output_tokens),
-        );
-        let usage = new_usage(prepared.stream);
+        let prepared = proxy::prepare(object, body_len, model, &settings, Payer::Credit)
+            .map_err(|e| bound_refused(&model_id, e))?;
+        let limit = settings.limits.credit_key_max_in_flight;
+        let Some(slot) = state
+            .proxy
+            .slots()
+            .try_acquire(SlotOwner::Account(record.account.clone()), limit)
+        else {
+            crate::metrics::record_metering_refusal(&model_id, "in_flight");
+            return Err(OpenAiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "concurrency_limit",
+                format!(
+                    "this key already has {limit} requests in flight (the gateway's limit per credit account); \
+                     retry when one finishes"
+                ),
+            )
+            .retry_after(1)
+            .into_response());
+        };
+        let reserve = prepared.bound.cost(&prices);
+        let usage = new_usage(&prepared);
         let row = usage.clone();
         let reserved = state
             .store
@@ -346,12 +384,14 @@ async fn chat(
                     usage_id,
                     reserved: reserve,
                     prices,
+                    slot,
                 },
             ),
             Err(ReserveError::Ledger(LedgerError::Insufficient { balance, needed })) => {
                 let message = format!(
                     "balance {balance} USDC is below this request's worst-case cost {needed} USDC \
-                     (prompt bound + max_tokens at the model's prices); top up, or lower max_tokens"
+                     (prompt bound + output bound × n at the model's prices); top up, or lower \
+                     max_completion_tokens"
                 );
                 return Err(
                     super::agent::payment_required_with(state, headers, Some(message)).await,
@@ -361,7 +401,7 @@ async fn chat(
         }
     };
 
-    let reserved = reserved_of(&prepared, record, model);
+    let reserved = (record.kind == "credit").then(|| prepared.bound.cost(&prices));
     forward(
         state, model, prepared, charge, started, now, request_id, reserved, None,
     )
@@ -395,17 +435,27 @@ async fn per_request(
     let Some(model) = settings.model(&model_id) else {
         return Err(unknown_model(&model_id));
     };
-    let mut value = Value::Object(object);
-    let paid = match super::x402::authorize_per_request(
-        state,
-        headers,
-        &model_id,
-        price,
-        model.output_per_mtok,
-        &mut value,
-    )
-    .await?
-    {
+    // Bound first: the price must cover the prompt bound and the output it buys, before a payment is looked at.
+    let prepared = match proxy::prepare(
+        object,
+        body.len(),
+        model,
+        &settings,
+        Payer::PerRequest { price },
+    ) {
+        Ok(p) => p,
+        Err(BoundError::Unaffordable { needed, price }) => {
+            crate::metrics::record_metering_refusal(&model_id, "prompt_over_price");
+            let message = format!(
+                "this request's prompt bound alone costs more than the per-request price {price} USDC: it needs \
+                 at least {needed} USDC (prompt bound + 1 output token at the model's prices); shorten the \
+                 prompt, or buy credits"
+            );
+            return Err(super::agent::payment_required_with(state, headers, Some(message)).await);
+        }
+        Err(e) => return Err(bound_refused(&model_id, e)),
+    };
+    let paid = match super::x402::authorize_per_request(state, headers, &model_id, price).await? {
         Some(paid) => paid,
         None => {
             let mut challenge = catalog;
@@ -420,10 +470,6 @@ async fn per_request(
             return Err(challenge);
         }
     };
-    let Value::Object(object) = value else {
-        return Err(OpenAiError::invalid("body", "the body must be a JSON object").into_response());
-    };
-    let prepared = proxy::prepare(object, model, None).map_err(bad_param)?;
     let charge = Charge::PerRequest { model: model_id };
     forward(
         state,
@@ -454,13 +500,7 @@ async fn forward(
     paid: Option<super::x402::PaidRequest>,
 ) -> Result<Response, Response> {
     let settings = state.settings.clone();
-    let mut meter = Meter::new(
-        state.store.clone(),
-        charge,
-        started,
-        prepared.estimated_prompt_tokens,
-        now,
-    );
+    let mut meter = Meter::new(state.store.clone(), charge, started, prepared.bound, now);
     let overhead = started.elapsed();
     meter.set_overhead(overhead);
     let upstream = match state
@@ -512,6 +552,7 @@ async fn forward(
         let stream = MeteredStream::new(
             Box::pin(upstream.bytes_stream()),
             !prepared.client_wants_usage,
+            prepared.bound.output_tokens(),
             meter,
         );
         let mut response = Response::new(Body::from_stream(stream));
@@ -627,23 +668,6 @@ fn unknown_model(model_id: &str) -> Response {
     .into_response()
 }
 
-/// The reservation of a credit request, for the streamed response's header.
-fn reserved_of(
-    prepared: &proxy::Prepared,
-    record: &crate::store::billing::KeyRecord,
-    model: &crate::config::Model,
-) -> Option<Usdc> {
-    (record.kind == "credit").then(|| {
-        let bound = prepared.body.len() as u64 + proxy::TEMPLATE_TOKEN_MARGIN;
-        price_of(model).cost(
-            bound,
-            prepared
-                .max_output_tokens
-                .unwrap_or(model.max_output_tokens),
-        )
-    })
-}
-
 fn insert(h: &mut HeaderMap, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         h.insert(name, v);
@@ -670,8 +694,20 @@ async fn read_limited(
     Ok(Bytes::from(out))
 }
 
-fn bad_param(e: proxy::BadParam) -> Response {
-    OpenAiError::invalid(e.param, e.message).into_response()
+/// A request the gateway cannot bound: 400 naming the parameter.
+fn bound_refused(model: &str, e: BoundError) -> Response {
+    match e {
+        BoundError::Param(p) => {
+            crate::metrics::record_metering_refusal(model, p.param);
+            OpenAiError::invalid(p.param, p.message).into_response()
+        }
+        // Only per-request payments have a budget; they answer this with the 402 themselves.
+        BoundError::Unaffordable { needed, price } => OpenAiError::invalid(
+            "messages",
+            format!("the prompt bound needs {needed} USDC, more than the price {price} USDC"),
+        )
+        .into_response(),
+    }
 }
 
 fn upstream_error(e: UpstreamError) -> OpenAiError {

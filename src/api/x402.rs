@@ -786,8 +786,6 @@ pub struct PaidRequest {
     record: X402Record,
     response_header: &'static str,
     model: String,
-    /// The `max_tokens` the price covers (already written into the request body).
-    pub max_tokens_cap: u64,
 }
 
 /// The answer to send before the first streamed byte: the `PAYMENT-RESPONSE` header (name, value).
@@ -796,15 +794,6 @@ pub struct SettledRequest {
     pub header_name: &'static str,
     pub header_value: HeaderValue,
     pub settlement: Settlement,
-}
-
-/// The `max_tokens` that `price` buys at `output_usdc_per_mtok` (output tokens only; `None` = no output price).
-pub fn max_tokens_for(price: Usdc, output_usdc_per_mtok: Usdc) -> Option<u64> {
-    if output_usdc_per_mtok.0 <= 0 {
-        return None;
-    }
-    let tokens = i128::from(price.0.max(0)) * 1_000_000 / i128::from(output_usdc_per_mtok.0);
-    Some(u64::try_from(tokens).unwrap_or(u64::MAX))
 }
 
 /// The offer for one request to `model` at `price`.
@@ -866,8 +855,6 @@ pub async fn authorize_per_request(
     headers: &HeaderMap,
     model: &str,
     price: Usdc,
-    output_usdc_per_mtok: Usdc,
-    body: &mut Value,
 ) -> Result<Option<PaidRequest>, Response> {
     let Some(engine) = state.x402.as_ref() else {
         return Ok(None);
@@ -895,27 +882,14 @@ pub async fn authorize_per_request(
     let response_header = presented.response_header();
     let payer = presented.payload.exact().authorization.from;
     match engine.reserve(presented.payload, &offered).await {
-        Ok(reservation) => {
-            let cap = max_tokens_for(price, output_usdc_per_mtok).unwrap_or(u64::MAX);
-            if let Some(obj) = body.as_object_mut() {
-                for field in ["max_tokens", "max_completion_tokens"] {
-                    let asked = obj.get(field).and_then(Value::as_u64);
-                    if field == "max_tokens" || asked.is_some() {
-                        let capped = asked.map_or(cap, |a| a.min(cap));
-                        if capped != u64::MAX {
-                            obj.insert(field.to_string(), json!(capped));
-                        }
-                    }
-                }
-            }
-            Ok(Some(PaidRequest {
-                record: record_of(&reservation),
-                reservation,
-                response_header,
-                model: model.to_string(),
-                max_tokens_cap: cap,
-            }))
-        }
+        // The request was bounded before the payment was looked at (`proxy::bound`: prompt bound + the output the
+        // price buys after it, n = 1), so the price covers whatever the upstream may generate.
+        Ok(reservation) => Ok(Some(PaidRequest {
+            record: record_of(&reservation),
+            reservation,
+            response_header,
+            model: model.to_string(),
+        })),
         Err(e) => {
             let network = state.settings.chain.network.caip2();
             let status = match e {
@@ -997,15 +971,5 @@ mod tests {
         assert_ne!(sealed, data);
         assert_eq!(seal("id-aaaaaaaaaaaaaaaa", &sealed), data);
         assert_ne!(seal("id-bbbbbbbbbbbbbbbb", &sealed), data);
-    }
-
-    #[test]
-    fn max_tokens_cap() {
-        // 0.01 USDC at 2.50 USDC per million output tokens = 4000 tokens.
-        assert_eq!(
-            max_tokens_for("0.01".parse().unwrap(), "2.50".parse().unwrap()),
-            Some(4000)
-        );
-        assert_eq!(max_tokens_for(Usdc(1), Usdc::ZERO), None);
     }
 }

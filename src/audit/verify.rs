@@ -11,6 +11,11 @@
 //!    the sum of its ledger; each top-up claim credited its price and its surplus.
 //! 4. **seats** — every seat belongs to an existing subscription of the same pool, one of its blocks, with the same
 //!    expiry; every subscription holds exactly one seat per block it bought.
+//! 5. **usage** — every settled credit request was charged its reported tokens at the prices it was reserved at
+//!    (the model's configured prices for rows older than the metering migration), never more than its
+//!    reservation; the reservation exactly when the documented policy says so (an overrun, or a client that hung
+//!    up before the usage chunk); nothing for an interrupted request or a pool key. Overruns (an upstream that went
+//!    past the bound) and what they left uncharged are listed, not hidden.
 //!
 //! Each discrepancy names the check, the row and what differs. The run prints a progress line every 2 s.
 
@@ -55,8 +60,23 @@ pub struct Report {
     pub ledger_rows_checked: u64,
     pub seats_checked: u64,
     pub subscriptions_checked: u64,
+    pub usage_rows_checked: u64,
     pub chain_head: u64,
     pub discrepancies: Vec<Discrepancy>,
+    /// Requests whose upstream generated past the gateway's bound (charged the reservation, the rest recorded).
+    pub overruns: Vec<Overrun>,
+}
+
+/// One request an upstream overran: what it reported beyond the bound, and what that left uncharged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Overrun {
+    pub request_id: String,
+    pub model: String,
+    pub status: String,
+    pub overrun_tokens: u64,
+    pub charged: Usdc,
+    pub uncharged: Usdc,
 }
 
 impl Report {
@@ -101,7 +121,7 @@ pub async fn verify(
         .list_transfers(Some(TransferStatus::Confirmed))
         .await?;
     progress(&format!(
-        "[1/4] transfers: re-reading {} confirmed transfers from the chain (head {head})",
+        "[1/5] transfers: re-reading {} confirmed transfers from the chain (head {head})",
         confirmed.len()
     ));
     let mut by_tx: BTreeMap<String, Vec<Transfer>> = BTreeMap::new();
@@ -269,7 +289,7 @@ pub async fn verify(
     ));
 
     // 2-4. The database against itself.
-    progress("[2/4] claims: backed by confirmed transfers, claimed once");
+    progress("[2/5] claims: backed by confirmed transfers, claimed once");
     let (found, counts) = store
         .read(|c| -> Result<_, StoreError> { Ok(check_database(c)?) })
         .await?;
@@ -279,15 +299,159 @@ pub async fn verify(
     report.seats_checked = counts.seats;
     report.subscriptions_checked = counts.subscriptions;
     progress(&format!(
-        "[3/4] ledger: {} rows of {} accounts",
+        "[3/5] ledger: {} rows of {} accounts",
         counts.ledger_rows, counts.accounts
     ));
     progress(&format!(
-        "[4/4] seats: {} seats of {} subscriptions",
+        "[4/5] seats: {} seats of {} subscriptions",
         counts.seats, counts.subscriptions
     ));
     report.discrepancies.extend(found);
+
+    progress("[5/5] usage: every charge against its tokens, prices and reservation");
+    let prices: HashMap<String, crate::proxy::pricing::Prices> = settings
+        .models
+        .iter()
+        .map(|m| {
+            (
+                m.id.clone(),
+                crate::proxy::pricing::Prices {
+                    input_per_mtok: m.input_per_mtok,
+                    output_per_mtok: m.output_per_mtok,
+                },
+            )
+        })
+        .collect();
+    let (found, overruns, checked) = store
+        .read(move |c| -> Result<_, StoreError> { Ok(check_usage(c, &prices)?) })
+        .await?;
+    report.usage_rows_checked = checked;
+    report.discrepancies.extend(found);
+    report.overruns = overruns;
     Ok(report)
+}
+
+/// Check 5: each settled usage row's charge.
+fn check_usage(
+    c: &Connection,
+    configured: &HashMap<String, crate::proxy::pricing::Prices>,
+) -> rusqlite::Result<(Vec<Discrepancy>, Vec<Overrun>, u64)> {
+    let mut out = Vec::new();
+    let mut overruns = Vec::new();
+    let mut checked = 0u64;
+    let mut stmt = c.prepare(
+        "SELECT request_id, key_kind, model, status, usage_source, prompt_tokens, completion_tokens, reserved_atomic, \
+         cost_atomic, input_price_atomic, output_price_atomic, overrun_tokens, uncharged_atomic FROM usage \
+         WHERE status != 'in_flight' ORDER BY id",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        checked += 1;
+        let request_id: String = r.get(0)?;
+        let kind: String = r.get(1)?;
+        let model: String = r.get(2)?;
+        let status: String = r.get(3)?;
+        let source: String = r.get(4)?;
+        let (prompt, completion): (i64, i64) = (r.get(5)?, r.get(6)?);
+        let (reserved, cost): (i64, i64) = (r.get(7)?, r.get(8)?);
+        let (input, output): (Option<i64>, Option<i64>) = (r.get(9)?, r.get(10)?);
+        let (overrun_tokens, uncharged): (i64, i64) = (r.get(11)?, r.get(12)?);
+        let subject = format!("request {request_id}");
+        if kind != "credit" || status == "interrupted" {
+            if cost != 0 {
+                out.push(d(
+                    "usage",
+                    subject,
+                    format!(
+                        "a {kind} request with status {status} was charged {}",
+                        Usdc(cost)
+                    ),
+                ));
+            }
+            continue;
+        }
+        let prices = match (input, output) {
+            (Some(i), Some(o)) => Some(crate::proxy::pricing::Prices {
+                input_per_mtok: Usdc(i),
+                output_per_mtok: Usdc(o),
+            }),
+            _ => configured.get(&model).copied(),
+        };
+        let Some(prices) = prices else {
+            out.push(d(
+                "usage",
+                subject,
+                format!("no prices recorded and model `{model}` is not configured: the charge cannot be checked"),
+            ));
+            continue;
+        };
+        let full = prices
+            .cost(prompt.max(0) as u64, completion.max(0) as u64)
+            .atomic();
+        if cost > reserved {
+            out.push(d(
+                "usage",
+                subject.clone(),
+                format!(
+                    "charged {} beyond its reservation {}",
+                    Usdc(cost),
+                    Usdc(reserved)
+                ),
+            ));
+        }
+        let overrun = overrun_tokens > 0 || status == "overrun_cut";
+        let expected = if overrun || source == "reservation" {
+            reserved
+        } else {
+            full.min(reserved)
+        };
+        if cost != expected {
+            out.push(d(
+                "usage",
+                subject.clone(),
+                format!(
+                    "charged {}, but {prompt} prompt + {completion} completion tokens at the recorded prices cost {} \
+                     (reservation {}, status {status}, usage {source})",
+                    Usdc(cost),
+                    Usdc(full),
+                    Usdc(reserved)
+                ),
+            ));
+        }
+        if !overrun && full > cost {
+            out.push(d(
+                "usage",
+                subject.clone(),
+                format!(
+                    "undercharged: reported tokens cost {}, charged {}, and no overrun is recorded",
+                    Usdc(full),
+                    Usdc(cost)
+                ),
+            ));
+        }
+        if overrun {
+            if uncharged != (full - cost).max(0) {
+                out.push(d(
+                    "usage",
+                    subject.clone(),
+                    format!(
+                        "overrun records {} uncharged, but the reported tokens cost {} beyond the charge",
+                        Usdc(uncharged),
+                        Usdc((full - cost).max(0))
+                    ),
+                ));
+            }
+            overruns.push(Overrun {
+                request_id,
+                model,
+                status,
+                overrun_tokens: overrun_tokens.max(0) as u64,
+                charged: Usdc(cost),
+                uncharged: Usdc(uncharged),
+            });
+        }
+    }
+    Ok((out, overruns, checked))
 }
 
 #[derive(Default)]

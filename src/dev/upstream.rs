@@ -2,15 +2,21 @@
 //!
 //! It speaks the real wire format — `POST /v1/chat/completions` (JSON, or SSE with `data: [DONE]` and the
 //! `stream_options.include_usage` chunk) and `GET /v1/models` — and reports exact usage: `prompt_tokens` is the
-//! number of whitespace-separated words in the messages, `completion_tokens` the number of tokens it produced.
-//! The upstream model name selects a behaviour, so a gateway config can map a model to a fault:
+//! number of whitespace-separated words in the messages' text, their tool calls and the `tools` definitions (real
+//! servers render those into the prompt), plus [`IMAGE_TOKENS`] per image part; `completion_tokens` the number of
+//! tokens it produced over all choices.
+//!
+//! It behaves like vLLM and SGLang, sharp edges included: `max_completion_tokens` is honoured before `max_tokens`,
+//! `n` choices are generated (each up to the limit), and `best_of` candidates are generated and counted. The
+//! upstream model name selects a behaviour, so a gateway config can map a model to a fault:
 //!
 //! | model | behaviour |
 //! |---|---|
-//! | anything else | answers `max_tokens` tokens (default 16, at most `max_tokens_limit`), one SSE chunk each, `token_delay` apart |
+//! | anything else | answers `max_completion_tokens` (else `max_tokens`, default 16, at most `max_tokens_limit`) tokens per choice, one SSE chunk each, `token_delay` apart |
 //! | `fail-500` | HTTP 500 with an OpenAI error body |
 //! | `hang` | accepts the request and never answers |
 //! | `cut-N` | streams N tokens, then closes the connection with no usage chunk and no `[DONE]` |
+//! | `overrun-N` | ignores every output cap and generates N tokens per choice (an upstream that ignores caps) |
 //!
 //! With `count_in_flight` it counts the requests it is answering at once per caller label (the request's `user`
 //! field, else its model), so tests can check from the upstream's side that a pool key never has two in flight.
@@ -43,6 +49,9 @@ const WORDS: &[&str] = &[
     "local",
     "chain.",
 ];
+
+/// Prompt tokens an image content part costs (a vision model's tiles), whatever bytes carry it.
+pub const IMAGE_TOKENS: u64 = 1_200;
 
 /// How the demo upstream behaves.
 #[derive(Debug, Clone)]
@@ -82,6 +91,11 @@ pub struct DemoStats {
     /// Streams that ended because the client went away before the last token.
     pub cancelled: AtomicU64,
     pub completed: AtomicU64,
+    /// Output tokens generated over all requests and choices (streamed ones as each is produced, so a stream the
+    /// client or gateway cut counts only what was generated before the cut).
+    pub generated_tokens: AtomicU64,
+    /// Prompt tokens of all requests answered (as reported in their usage).
+    pub prompt_tokens: AtomicU64,
     /// The last request body received, as JSON text.
     pub last_body: Mutex<Option<Value>>,
     /// Requests being answered now, per caller label (`user` field, else model), with `count_in_flight`.
@@ -182,21 +196,30 @@ async fn models(State(state): State<DemoState>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-/// Whitespace-separated words of every message's text content.
+/// Whitespace-separated words of every message's text content and tool calls, of the `tools` definitions, and
+/// [`IMAGE_TOKENS`] per image part.
 fn count_prompt_tokens(body: &Value) -> u64 {
+    let words = |s: &str| s.split_whitespace().count() as u64;
     let mut n = 0;
     for m in body["messages"].as_array().into_iter().flatten() {
         match &m["content"] {
-            Value::String(s) => n += s.split_whitespace().count() as u64,
+            Value::String(s) => n += words(s),
             Value::Array(parts) => {
                 for p in parts {
-                    n += p["text"]
-                        .as_str()
-                        .map_or(0, |s| s.split_whitespace().count() as u64);
+                    if p["type"] == "image_url" {
+                        n += IMAGE_TOKENS;
+                    }
+                    n += p["text"].as_str().map_or(0, words);
                 }
             }
             _ => {}
         }
+        if let Some(calls) = m.get("tool_calls").filter(|c| !c.is_null()) {
+            n += words(&calls.to_string().replace([',', ':', '{', '}', '"'], " "));
+        }
+    }
+    if let Some(tools) = body.get("tools").filter(|t| !t.is_null()) {
+        n += words(&tools.to_string().replace([',', ':', '{', '}', '"'], " "));
     }
     n
 }
@@ -243,12 +266,19 @@ async fn chat(State(state): State<DemoState>, headers: HeaderMap, body: Bytes) -
         Busy::start(state.stats.clone(), label)
     });
     let prompt_tokens = count_prompt_tokens(&body);
+    // vLLM and SGLang read `max_completion_tokens` first; `max_tokens` only when it is absent.
     let max_tokens = body["max_completion_tokens"]
         .as_u64()
         .or_else(|| body["max_tokens"].as_u64());
     let mut tokens = max_tokens
         .unwrap_or(state.config.default_tokens)
         .min(state.config.max_tokens_limit);
+    let choices = body["n"].as_u64().unwrap_or(1).clamp(1, 16);
+    // `best_of` candidates are all generated (and billed by usage), `n` of them returned.
+    let candidates = body["best_of"]
+        .as_u64()
+        .unwrap_or(choices)
+        .clamp(choices, 16);
     let finish = if max_tokens.is_some() {
         "length"
     } else {
@@ -270,13 +300,17 @@ async fn chat(State(state): State<DemoState>, headers: HeaderMap, body: Bytes) -
             tokens = tokens.min(m[4..].parse().unwrap_or(0));
             cut = true;
         }
+        m if m.starts_with("overrun-") => {
+            tokens = m[8..].parse().unwrap_or(0);
+        }
         _ => {}
     }
     let id = format!(
         "chatcmpl-demo-{}",
         state.stats.requests.load(Ordering::SeqCst)
     );
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens});
+    let completion_tokens = tokens * candidates;
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
     let text = |i: u64| WORDS[(i as usize) % WORDS.len()];
 
     if body["stream"].as_bool() != Some(true) {
@@ -284,41 +318,61 @@ async fn chat(State(state): State<DemoState>, headers: HeaderMap, body: Bytes) -
             tokio::time::sleep(state.config.token_delay * tokens.min(50) as u32).await;
         }
         let content: Vec<&str> = (0..tokens).map(text).collect();
+        let content = content.join(" ");
         state.stats.completed.fetch_add(1, Ordering::SeqCst);
+        state
+            .stats
+            .generated_tokens
+            .fetch_add(completion_tokens, Ordering::SeqCst);
+        state
+            .stats
+            .prompt_tokens
+            .fetch_add(prompt_tokens, Ordering::SeqCst);
         drop(busy);
+        let choices: Vec<Value> = (0..choices)
+            .map(|i| json!({"index": i, "message": {"role": "assistant", "content": content}, "finish_reason": finish}))
+            .collect();
         return Json(json!({
             "id": id, "object": "chat.completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content.join(" ")}, "finish_reason": finish}],
+            "choices": choices,
             "usage": usage,
         }))
         .into_response();
     }
 
     let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
-    let chunk = |delta: Value, finish_reason: Value| {
+    let chunk = |index: u64, delta: Value, finish_reason: Value| {
         let mut c = json!({
             "id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}],
         });
         if include_usage {
             c["usage"] = Value::Null;
         }
         format!("data: {c}\n\n")
     };
-    let mut events: Vec<String> = Vec::with_capacity(tokens as usize + 4);
-    events.push(chunk(
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-    ));
-    for i in 0..tokens {
-        let sep = if i == 0 { "" } else { " " };
+    let mut events: Vec<String> = Vec::with_capacity((tokens * choices) as usize + 4);
+    for c in 0..choices {
         events.push(chunk(
-            json!({"content": format!("{sep}{}", text(i))}),
+            c,
+            json!({"role": "assistant", "content": ""}),
             Value::Null,
         ));
     }
+    for i in 0..tokens {
+        let sep = if i == 0 { "" } else { " " };
+        for c in 0..choices {
+            events.push(chunk(
+                c,
+                json!({"content": format!("{sep}{}", text(i))}),
+                Value::Null,
+            ));
+        }
+    }
     if !cut {
-        events.push(chunk(json!({}), json!(finish)));
+        for c in 0..choices {
+            events.push(chunk(c, json!({}), json!(finish)));
+        }
         if include_usage {
             let u = json!({"id": id, "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage});
             events.push(format!("data: {u}\n\n"));
@@ -330,15 +384,26 @@ async fn chat(State(state): State<DemoState>, headers: HeaderMap, body: Bytes) -
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let delay = state.config.token_delay;
     let stats = state.stats.clone();
+    stats
+        .prompt_tokens
+        .fetch_add(prompt_tokens, Ordering::SeqCst);
+    // Tokens of candidates that are generated but not streamed (`best_of` beyond `n`) count at once.
+    stats
+        .generated_tokens
+        .fetch_add(tokens * (candidates - choices), Ordering::SeqCst);
     tokio::spawn(async move {
         let _busy = busy;
         let mut guard = CountOnDrop {
-            stats,
+            stats: stats.clone(),
             finished: false,
         };
         for event in events {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
+            }
+            // A token counts as generated once the model has produced it (it is about to be sent).
+            if event.contains("\"content\":\"") && !event.contains("\"content\":\"\"") {
+                stats.generated_tokens.fetch_add(1, Ordering::SeqCst);
             }
             if tx.send(Ok(Bytes::from(event))).await.is_err() {
                 return;

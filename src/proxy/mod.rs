@@ -1,17 +1,22 @@
 //! The gated inference proxy: upstream clients, per-key concurrency slots, request rewriting, and metering of
 //! what the upstream actually produced (see `sse` for streams, `pricing` for money, `windows` for pool hours).
 //!
-//! Credit requests reserve their worst-case cost before anything is forwarded and settle the real cost when the
-//! response ends — completed, failed, cut by the upstream or dropped by the client (the metered body's `Drop`
-//! settles then). When no usage object arrives, the policy is **estimated**: prompt tokens are estimated from the
-//! request text (4 bytes a token, rounded up) and completion tokens are the content chunks actually delivered;
-//! the usage row says `usage_source = estimated`.
+//! Every request is bounded first (`bound`: output bound written into the forwarded request, prompt bound, `n`).
+//! Credit requests reserve the bound's cost before anything is forwarded and settle when the response ends —
+//! completed, failed, cut by the upstream or dropped by the client (the metered body's `Drop` settles then).
+//! **Settlement never exceeds the reservation.** When no usage object arrives because the upstream stream broke,
+//! prompt tokens are charged at their bound (what was reserved for them) and completion tokens are the output
+//! chunks actually read (`usage_source = estimated`); when the client hung up mid-stream, the gateway cannot know
+//! what the upstream generated past the last byte it read, so the reservation is charged
+//! (`usage_source = reservation`). An upstream that generates past the bound is an **overrun**: a stream is cut at
+//! the bound, the reservation is charged, and the usage row and a metric record it.
 
+pub mod bound;
 pub mod pricing;
 pub mod sse;
 pub mod windows;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -26,11 +31,9 @@ use crate::config::{Model, Settings};
 use crate::store::Store;
 use crate::store::usage::{self, NewUsage, Outcome};
 use crate::usdc::Usdc;
+pub use bound::{BadParam, Bound, BoundError, Payer, TEMPLATE_TOKEN_MARGIN};
 use pricing::Prices;
 use sse::{Usage, UsageTap};
-
-/// Tokens added to a request's byte length when reserving: chat templates add tokens the text does not show.
-pub const TEMPLATE_TOKEN_MARGIN: u64 = 256;
 
 /// Why the upstream could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -112,61 +115,62 @@ pub fn classify(upstream: &str, e: reqwest::Error) -> UpstreamError {
     }
 }
 
-/// Keys with a request in flight (pool keys allow one at a time).
-#[derive(Debug, Clone, Default)]
-pub struct Slots(Arc<Mutex<HashSet<i64>>>);
+/// What a concurrency slot is counted against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SlotOwner {
+    /// A pool subscription: one request at a time, whichever of its keys (a rotated one included) sends it.
+    Subscription(i64),
+    /// A credit account: at most `[limits] credit_key_max_in_flight` requests at once.
+    Account(String),
+}
 
-/// Holds a key's slot; dropping it (completion, error, panic, disconnect) frees the slot.
+/// Requests in flight per owner.
+#[derive(Debug, Clone, Default)]
+pub struct Slots(Arc<Mutex<HashMap<SlotOwner, u32>>>);
+
+/// Holds one slot; dropping it (completion, error, panic, disconnect) frees it.
 #[derive(Debug)]
 pub struct SlotGuard {
     slots: Slots,
-    key: i64,
+    owner: SlotOwner,
 }
 
 impl Slots {
-    pub fn try_acquire(&self, key: i64) -> Option<SlotGuard> {
+    /// Takes a slot of `owner` if it has fewer than `limit` in flight.
+    pub fn try_acquire(&self, owner: SlotOwner, limit: u32) -> Option<SlotGuard> {
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        held.insert(key).then(|| SlotGuard {
+        let n = held.entry(owner.clone()).or_insert(0);
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(SlotGuard {
             slots: self.clone(),
-            key,
+            owner,
         })
     }
 
-    pub fn held(&self, key: i64) -> bool {
+    /// Requests `owner` has in flight.
+    pub fn held(&self, owner: &SlotOwner) -> u32 {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(&key)
+            .get(owner)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.slots
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
-    }
-}
-
-/// Estimated prompt tokens of a chat request: its message text at 4 bytes a token, rounded up.
-pub fn estimate_prompt_tokens(body: &Value) -> u64 {
-    let mut bytes = 0usize;
-    for m in body["messages"].as_array().into_iter().flatten() {
-        match &m["content"] {
-            Value::String(s) => bytes += s.len(),
-            Value::Array(parts) => {
-                bytes += parts
-                    .iter()
-                    .filter_map(|p| p["text"].as_str())
-                    .map(str::len)
-                    .sum::<usize>()
+        let mut held = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.owner);
             }
-            _ => {}
         }
     }
-    (bytes as u64).div_ceil(4)
 }
 
 /// What the request was rewritten to and how it will be billed.
@@ -177,76 +181,47 @@ pub struct Prepared {
     pub stream: bool,
     /// Whether the client asked for the usage chunk itself.
     pub client_wants_usage: bool,
-    /// Output tokens the request may produce (client's `max_tokens`, or the model's cap when injected).
-    pub max_output_tokens: Option<u64>,
-    pub estimated_prompt_tokens: u64,
+    /// The gateway's bound on this request (its output part is written into `body`).
+    pub bound: Bound,
 }
 
-/// Why a request body cannot be forwarded, with the offending parameter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BadParam {
-    pub param: &'static str,
-    pub message: String,
-}
-
-/// Rewrites a client body for the upstream: the upstream's model name, `stream_options.include_usage` merged in
-/// for streams, and `max_tokens` set to `cap` when the client gives no limit and `cap` is set.
+/// Rewrites a client body (`body_len` bytes as received) for the upstream: bounded (see [`bound`]), the
+/// upstream's model name, and `stream_options.include_usage` merged in for streams.
 pub fn prepare(
     mut body: serde_json::Map<String, Value>,
+    body_len: usize,
     model: &Model,
-    cap: Option<u64>,
-) -> Result<Prepared, BadParam> {
+    settings: &Settings,
+    payer: Payer,
+) -> Result<Prepared, BoundError> {
     let bad = |param: &'static str, message: &str| BadParam {
         param,
         message: message.to_string(),
     };
     if !body.get("messages").is_some_and(Value::is_array) {
-        return Err(bad(
-            "messages",
-            "`messages` must be an array of chat messages",
-        ));
+        return Err(bad("messages", "`messages` must be an array of chat messages").into());
     }
     let stream = match body.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad("stream", "`stream` must be a boolean")),
+        Some(_) => return Err(bad("stream", "`stream` must be a boolean").into()),
     };
-    let mut max_output = None;
-    for field in ["max_tokens", "max_completion_tokens"] {
-        match body.get(field) {
-            None | Some(Value::Null) => {}
-            Some(v) => match v.as_u64() {
-                Some(n) if n > 0 => max_output = Some(max_output.map_or(n, |m: u64| m.min(n))),
-                _ => {
-                    return Err(BadParam {
-                        param: if field == "max_tokens" {
-                            "max_tokens"
-                        } else {
-                            "max_completion_tokens"
-                        },
-                        message: format!("`{field}` must be a positive integer"),
-                    });
-                }
-            },
-        }
-    }
-    if max_output.is_none()
-        && let Some(cap) = cap
-    {
-        body.insert("max_tokens".into(), json!(cap));
-        max_output = Some(cap);
-    }
+    let field = settings
+        .upstreams
+        .get(model.upstream)
+        .map(|u| u.output_limit_field)
+        .unwrap_or_default();
+    let bound = bound::bound_request(&mut body, body_len, model, field, payer)?;
     let mut client_wants_usage = false;
     if stream {
         let options = body.entry("stream_options").or_insert_with(|| json!({}));
         if !options.is_object() {
-            return Err(bad("stream_options", "`stream_options` must be an object"));
+            return Err(bad("stream_options", "`stream_options` must be an object").into());
         }
         client_wants_usage = options["include_usage"].as_bool() == Some(true);
         options["include_usage"] = json!(true);
     }
     body.insert("model".into(), json!(model.upstream_model));
-    let estimated_prompt_tokens = estimate_prompt_tokens(&Value::Object(body.clone()));
     let body = serde_json::to_vec(&body).map_err(|e| BadParam {
         param: "body",
         message: e.to_string(),
@@ -255,8 +230,7 @@ pub fn prepare(
         body,
         stream,
         client_wants_usage,
-        max_output_tokens: max_output,
-        estimated_prompt_tokens,
+        bound,
     })
 }
 
@@ -272,13 +246,16 @@ pub fn estimate_completion_tokens(body: &[u8]) -> u64 {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return 0;
     };
-    let bytes: usize = v["choices"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c["message"]["content"].as_str())
-        .map(str::len)
-        .sum();
+    let mut bytes = 0usize;
+    for choice in v["choices"].as_array().into_iter().flatten() {
+        let message = &choice["message"];
+        for field in ["content", "reasoning_content", "reasoning"] {
+            bytes += message[field].as_str().map_or(0, str::len);
+        }
+        for call in message["tool_calls"].as_array().into_iter().flatten() {
+            bytes += call["function"]["arguments"].as_str().map_or(0, str::len);
+        }
+    }
     (bytes as u64).div_ceil(4)
 }
 
@@ -286,14 +263,15 @@ pub fn estimate_completion_tokens(body: &[u8]) -> u64 {
 pub enum Charge {
     /// Paid per request with an x402 payment (recorded by the payment itself): nothing to settle here.
     PerRequest { model: String },
-    /// A pool key: nothing to charge; the slot is held until the response ends.
+    /// A pool key: nothing to charge; the subscription's slot is held until the response ends.
     Subscription { usage: NewUsage, slot: SlotGuard },
-    /// A credit key with `reserved` already debited.
+    /// A credit key with `reserved` already debited; the account's slot is held until the response ends.
     Credit {
         usage: NewUsage,
         usage_id: i64,
         reserved: Usdc,
         prices: Prices,
+        slot: SlotGuard,
     },
 }
 
@@ -304,25 +282,19 @@ pub struct Meter {
     billing: Option<Charge>,
     started: Instant,
     overhead_us: u64,
-    estimated_prompt_tokens: u64,
+    bound: Bound,
     now: i64,
 }
 
 impl Meter {
-    pub fn new(
-        store: Store,
-        billing: Charge,
-        started: Instant,
-        estimated_prompt_tokens: u64,
-        now: i64,
-    ) -> Meter {
+    pub fn new(store: Store, billing: Charge, started: Instant, bound: Bound, now: i64) -> Meter {
         Meter {
             _in_flight: crate::metrics::InFlight::start(),
             store,
             billing: Some(billing),
             started,
             overhead_us: 0,
-            estimated_prompt_tokens,
+            bound,
             now,
         }
     }
@@ -332,7 +304,10 @@ impl Meter {
         self.overhead_us = overhead.as_micros() as u64;
     }
 
-    /// Builds the outcome from what was observed: `usage` when the upstream reported it, else the estimate.
+    /// Builds the outcome from what was observed: `usage` when the upstream reported it; otherwise the prompt at
+    /// its bound and the output actually delivered. Nothing is ever charged beyond the reservation; an upstream
+    /// that went past the bound (or a stream the gateway cut there: status `overrun_cut`) is charged the whole
+    /// reservation and recorded as an overrun.
     pub fn outcome(
         &self,
         usage: Option<Usage>,
@@ -343,15 +318,35 @@ impl Meter {
         let (prompt, completion, source) = match usage {
             Some(u) => (u.prompt_tokens, u.completion_tokens, "upstream"),
             None if delivered_completion == 0 && status == "upstream_error" => (0, 0, "none"),
-            None => (
-                self.estimated_prompt_tokens,
-                delivered_completion,
-                "estimated",
+            // The client hung up mid-stream: the gateway stopped reading, so what the upstream generated after the
+            // last byte read (it runs ahead by its socket buffers) is unknown. It can be no more than the bound,
+            // which is what is charged: the reservation.
+            None if status == "client_closed" => (
+                self.bound.prompt_tokens,
+                self.bound.output_tokens(),
+                "reservation",
             ),
+            None => (self.bound.prompt_tokens, delivered_completion, "estimated"),
         };
-        let cost = match &self.billing {
-            Some(Charge::Credit { prices, .. }) => prices.cost(prompt, completion),
-            _ => Usdc::ZERO,
+        let overrun_tokens = completion.saturating_sub(self.bound.output_tokens());
+        let overrun =
+            status == "overrun_cut" || overrun_tokens > 0 || prompt > self.bound.prompt_tokens;
+        let (cost, uncharged) = match &self.billing {
+            Some(Charge::Credit {
+                prices, reserved, ..
+            }) => {
+                let full = prices.cost(prompt, completion);
+                let charged = if overrun {
+                    *reserved
+                } else {
+                    full.min(*reserved)
+                };
+                (
+                    charged,
+                    Usdc(full.atomic().saturating_sub(charged.atomic()).max(0)),
+                )
+            }
+            _ => (Usdc::ZERO, Usdc::ZERO),
         };
         Outcome {
             prompt_tokens: prompt,
@@ -362,6 +357,8 @@ impl Meter {
             http_status,
             duration_ms: self.started.elapsed().as_millis() as u64,
             overhead_us: self.overhead_us,
+            overrun_tokens: if overrun { overrun_tokens.max(1) } else { 0 },
+            uncharged,
         }
     }
 
@@ -408,12 +405,23 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
         Charge::PerRequest { model } => model.clone(),
         Charge::Subscription { usage, .. } | Charge::Credit { usage, .. } => usage.model.clone(),
     };
-    let (status, prompt, completion, overhead) = (
+    let (status, prompt, completion, overhead, overrun) = (
         outcome.http_status.unwrap_or(0),
         outcome.prompt_tokens,
         outcome.completion_tokens,
         outcome.overhead_us,
+        outcome.overrun_tokens,
     );
+    if overrun > 0 {
+        // The upstream generated past the bound the gateway wrote into the request: it ignores caps.
+        tracing::warn!(
+            model = %model,
+            overrun_tokens = overrun,
+            status = outcome.status,
+            "upstream went past the request's output bound (charged the reservation, no more)"
+        );
+        crate::metrics::record_overrun(&model, overrun, outcome.uncharged.atomic().max(0) as u64);
+    }
     let result = match billing {
         Charge::PerRequest { .. } => Ok(None),
         Charge::Subscription { usage, slot } => {
@@ -432,9 +440,10 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
             usage,
             usage_id,
             reserved,
+            slot,
             ..
         } => {
-            store
+            let settled = store
                 .write_with(
                     store.metering_durability(),
                     move |tx| -> Result<_, crate::store::StoreError> {
@@ -451,7 +460,11 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
                         Ok(Some((settled.charged, settled.balance)))
                     },
                 )
-                .await
+                .await;
+            // The slot is freed only once the request's money is settled, so the in-flight cap also bounds
+            // reservations not yet returned.
+            drop(slot);
+            settled
         }
     };
     let settled = match result {
@@ -475,7 +488,7 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
 }
 
 /// The body of a streamed response: forwards complete SSE events through the usage tap and settles the meter
-/// when the stream ends, fails, or is dropped because the client went away.
+/// when the stream ends, fails, is cut at the output bound, or is dropped because the client went away.
 pub struct MeteredStream {
     inner: Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>,
     tap: UsageTap,
@@ -484,14 +497,16 @@ pub struct MeteredStream {
 }
 
 impl MeteredStream {
+    /// `output_limit`: output chunks (all choices together) after which the stream is cut.
     pub fn new(
         inner: Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>,
         strip_usage_event: bool,
+        output_limit: u64,
         meter: Meter,
     ) -> MeteredStream {
         MeteredStream {
             inner,
-            tap: UsageTap::new(strip_usage_event),
+            tap: UsageTap::new(strip_usage_event).with_output_limit(output_limit),
             meter: Some(meter),
             finished: false,
         }
@@ -502,6 +517,22 @@ impl MeteredStream {
             let outcome = meter.outcome(self.tap.usage, self.tap.content_chunks, status, Some(200));
             meter.settle_later(outcome);
         }
+    }
+
+    /// Ends the stream at the output bound: what was forwarded, then an error event and `[DONE]`, and the
+    /// upstream connection is dropped (which cancels the generation).
+    fn cut_at_bound(&mut self, forwarded: Bytes) -> Bytes {
+        self.finished = true;
+        self.close("overrun_cut");
+        // Drop the upstream response now: hyper closes the connection, the upstream stops generating.
+        self.inner = Box::pin(futures::stream::empty());
+        let event = json!({"error": {
+            "message": "the upstream generated more output than this request's bound; the stream was cut there",
+            "type": "upstream_error", "param": null, "code": "output_bound_exceeded",
+        }});
+        let mut out = forwarded.to_vec();
+        out.extend_from_slice(format!("data: {event}\n\ndata: [DONE]\n\n").as_bytes());
+        Bytes::from(out)
     }
 }
 
@@ -517,6 +548,10 @@ impl Stream for MeteredStream {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(bytes))) => {
                     let out = self.tap.feed(&bytes);
+                    if self.tap.over_limit {
+                        let out = self.cut_at_bound(out);
+                        return Poll::Ready(Some(Ok(out)));
+                    }
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(out)));
                     }
@@ -524,15 +559,20 @@ impl Stream for MeteredStream {
                 Poll::Ready(Some(Err(e))) => {
                     self.finished = true;
                     let rest = self.tap.finish();
+                    if self.tap.over_limit {
+                        let out = self.cut_at_bound(rest);
+                        return Poll::Ready(Some(Ok(out)));
+                    }
                     let status = if e.is_timeout() {
                         "upstream_timeout"
                     } else {
                         "upstream_cut"
                     };
                     self.close(status);
-                    tracing::warn!(error = %e, "upstream stream ended with an error");
+                    let timed_out = e.is_timeout();
+                    tracing::warn!(error = %e.without_url(), "upstream stream ended with an error");
                     let event = json!({"error": {
-                        "message": format!("the upstream stream failed: {}", if e.is_timeout() { "timed out" } else { "connection closed" }),
+                        "message": format!("the upstream stream failed: {}", if timed_out { "timed out" } else { "connection closed" }),
                         "type": "upstream_error", "param": null, "code": status,
                     }});
                     let mut out = rest.to_vec();
@@ -542,6 +582,10 @@ impl Stream for MeteredStream {
                 Poll::Ready(None) => {
                     self.finished = true;
                     let rest = self.tap.finish();
+                    if self.tap.over_limit {
+                        let out = self.cut_at_bound(rest);
+                        return Poll::Ready(Some(Ok(out)));
+                    }
                     let status = if self.tap.done { "ok" } else { "upstream_cut" };
                     self.close(status);
                     if !rest.is_empty() {

@@ -26,8 +26,12 @@ pub struct UsageTap {
     pub usage: Option<Usage>,
     /// Whether `data: [DONE]` arrived.
     pub done: bool,
-    /// Events whose delta carried content text (≈ tokens delivered).
+    /// Events whose delta carried output (content, reasoning or tool-call text; ≈ tokens delivered).
     pub content_chunks: u64,
+    /// Output events allowed before the stream is over its bound.
+    output_limit: u64,
+    /// Set when an output event past `output_limit` arrived: it and everything after it is held back.
+    pub over_limit: bool,
 }
 
 #[derive(Deserialize)]
@@ -50,6 +54,30 @@ struct Delta {
     content: Option<String>,
     #[serde(default)]
     reasoning_content: Option<String>,
+    #[serde(default)]
+    reasoning: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<serde_json::Value>>,
+}
+
+impl Delta {
+    /// Whether this delta carries generated output (a token or more).
+    fn has_output(&self) -> bool {
+        let text = |s: &Option<String>| s.as_deref().is_some_and(|c| !c.is_empty());
+        text(&self.content)
+            || text(&self.reasoning_content)
+            || text(&self.reasoning)
+            || self.tool_calls.as_ref().is_some_and(|calls| {
+                calls.iter().any(|c| {
+                    c["function"]["arguments"]
+                        .as_str()
+                        .is_some_and(|a| !a.is_empty())
+                        || c["function"]["name"]
+                            .as_str()
+                            .is_some_and(|n| !n.is_empty())
+                })
+            })
+    }
 }
 
 impl UsageTap {
@@ -61,7 +89,15 @@ impl UsageTap {
             usage: None,
             done: false,
             content_chunks: 0,
+            output_limit: u64::MAX,
+            over_limit: false,
         }
+    }
+
+    /// Holds back every output event after the first `limit` (and sets `over_limit`).
+    pub fn with_output_limit(mut self, limit: u64) -> UsageTap {
+        self.output_limit = limit;
+        self
     }
 
     /// Takes upstream bytes; returns the complete events to forward now (possibly empty).
@@ -69,6 +105,10 @@ impl UsageTap {
         self.pending.extend_from_slice(bytes);
         let mut out = BytesMut::new();
         while let Some(end) = event_end(&self.pending) {
+            if self.over_limit {
+                self.pending.clear();
+                break;
+            }
             let event = self.pending.split_to(end).freeze();
             if self.inspect(&event) {
                 out.extend_from_slice(&event);
@@ -80,7 +120,7 @@ impl UsageTap {
     /// What is left when the upstream closes (an unterminated event), forwarded as is.
     pub fn finish(&mut self) -> Bytes {
         let rest = std::mem::take(&mut self.pending).freeze();
-        if !rest.is_empty() && !self.inspect(&rest) {
+        if self.over_limit || (!rest.is_empty() && !self.inspect(&rest)) {
             return Bytes::new();
         }
         rest
@@ -110,16 +150,18 @@ impl UsageTap {
             return true;
         };
         let choices = chunk.choices.unwrap_or_default();
-        for choice in &choices {
-            if let Some(delta) = &choice.delta
-                && (delta.content.as_deref().is_some_and(|c| !c.is_empty())
-                    || delta
-                        .reasoning_content
-                        .as_deref()
-                        .is_some_and(|c| !c.is_empty()))
-            {
-                self.content_chunks += 1;
+        let outputs = choices
+            .iter()
+            .filter(|c| c.delta.as_ref().is_some_and(Delta::has_output))
+            .count() as u64;
+        if outputs > 0 {
+            if self.content_chunks.saturating_add(outputs) > self.output_limit {
+                // Past the bound the gateway wrote into the request: the upstream ignores it. Nothing more is
+                // forwarded (the caller cuts the stream).
+                self.over_limit = true;
+                return false;
             }
+            self.content_chunks += outputs;
         }
         if let Some(usage) = chunk.usage {
             self.usage = Some(usage);
@@ -222,6 +264,33 @@ mod tests {
         assert_eq!([out.as_ref(), rest.as_ref()].concat(), cut);
         assert_eq!(tap.content_chunks, 1);
         assert!(tap.usage.is_none() && !tap.done);
+    }
+
+    #[test]
+    fn output_past_the_limit_is_held_back() {
+        for split in [1, 5, STREAM.len()] {
+            let mut tap = UsageTap::new(false).with_output_limit(1);
+            let mut out = Vec::new();
+            for piece in STREAM.as_bytes().chunks(split) {
+                out.extend_from_slice(&tap.feed(piece));
+            }
+            out.extend_from_slice(&tap.finish());
+            let text = String::from_utf8(out).unwrap();
+            assert!(tap.over_limit, "split {split}");
+            assert_eq!(tap.content_chunks, 1);
+            assert!(text.contains("Hello") && !text.contains(" world"), "{text}");
+            assert!(!text.contains("[DONE]"));
+        }
+    }
+
+    #[test]
+    fn tool_call_and_reasoning_deltas_count_as_output() {
+        let mut tap = UsageTap::new(false);
+        tap.feed(concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"a\\\"\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning\":\"hm\"}},{\"index\":1,\"delta\":{\"content\":\"x\"}}]}\n\n",
+        ).as_bytes());
+        assert_eq!(tap.content_chunks, 3);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! A credit request reserves its worst-case cost with a `debit` ledger row in the same transaction that writes
 //! its usage row (`in_flight`), so concurrent requests can never overdraw: the ledger refuses a row that would take
-//! the balance below zero. Settlement refunds the unused part and records what was actually charged.
+//! the balance below zero. Settlement refunds the unused part and records what was actually charged, which is never
+//! more than the reservation: what an upstream produced beyond it is recorded (`overrun_tokens`,
+//! `uncharged_atomic`), not charged.
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
@@ -21,6 +23,12 @@ pub struct NewUsage {
     pub model: String,
     pub stream: bool,
     pub started_at: i64,
+    /// The gateway's bound: prompt tokens, and output tokens over all choices.
+    pub bound_prompt_tokens: u64,
+    pub bound_output_tokens: u64,
+    /// The model's prices the request is charged at (per million tokens).
+    pub input_per_mtok: Usdc,
+    pub output_per_mtok: Usdc,
 }
 
 /// How a request ended.
@@ -37,6 +45,10 @@ pub struct Outcome {
     pub http_status: Option<u16>,
     pub duration_ms: u64,
     pub overhead_us: u64,
+    /// Tokens the upstream produced beyond the bound (at least 1 when the gateway cut a stream there).
+    pub overrun_tokens: u64,
+    /// What the reported tokens cost beyond what was charged (the reservation caps the charge).
+    pub uncharged: Usdc,
 }
 
 /// What settlement charged.
@@ -75,8 +87,9 @@ fn insert(
     status: &str,
 ) -> rusqlite::Result<i64> {
     tx.prepare_cached(
-        "INSERT INTO usage (request_id, key_id, account, key_kind, model, stream, reserved_atomic, status, started_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO usage (request_id, key_id, account, key_kind, model, stream, reserved_atomic, status, started_at, \
+         bound_prompt_tokens, bound_output_tokens, input_price_atomic, output_price_atomic) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         usage.request_id,
@@ -88,6 +101,10 @@ fn insert(
         reserved.atomic(),
         status,
         usage.started_at,
+        usage.bound_prompt_tokens.min(i64::MAX as u64) as i64,
+        usage.bound_output_tokens.min(i64::MAX as u64) as i64,
+        usage.input_per_mtok.atomic(),
+        usage.output_per_mtok.atomic(),
     ])?;
     Ok(tx.last_insert_rowid())
 }
@@ -95,7 +112,8 @@ fn insert(
 fn finish(tx: &Connection, id: i64, outcome: &Outcome, charged: Usdc) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "UPDATE usage SET prompt_tokens = ?2, completion_tokens = ?3, cost_atomic = ?4, status = ?5, \
-         usage_source = ?6, http_status = ?7, duration_ms = ?8, overhead_us = ?9 WHERE id = ?1",
+         usage_source = ?6, http_status = ?7, duration_ms = ?8, overhead_us = ?9, overrun_tokens = ?10, \
+         uncharged_atomic = ?11 WHERE id = ?1",
     )?
     .execute(params![
         id,
@@ -107,13 +125,15 @@ fn finish(tx: &Connection, id: i64, outcome: &Outcome, charged: Usdc) -> rusqlit
         outcome.http_status,
         outcome.duration_ms as i64,
         outcome.overhead_us as i64,
+        outcome.overrun_tokens.min(i64::MAX as u64) as i64,
+        outcome.uncharged.atomic().max(0),
     ])?;
     Ok(())
 }
 
-/// Settles a reserved credit request: refunds `reserved − cost`. Should the cost exceed the reservation (an
-/// upstream that reports more prompt tokens than the request could hold), the extra is charged only up to the
-/// balance: the account never goes negative, and the usage row records what was really charged.
+/// Settles a reserved credit request: charges `min(outcome.cost, reserved)` and refunds the rest. The charge never
+/// exceeds the reservation, whatever the upstream reported: the excess is the operator's recorded loss
+/// (`uncharged_atomic`, `overrun_tokens`), never a debit the account did not reserve.
 pub fn settle_credit(
     tx: &Transaction<'_>,
     usage_id: i64,
@@ -144,42 +164,34 @@ pub fn settle_credit(
             balance: balance(tx, account)?,
         });
     }
-    let mut charged = outcome.cost;
+    let charged = outcome.cost.min(reserved).max(Usdc::ZERO);
+    let uncharged = Usdc(
+        outcome
+            .uncharged
+            .atomic()
+            .max(outcome.cost.atomic() - charged.atomic())
+            .max(0),
+    );
     let note = format!("settle request #{usage_id}");
-    let balance_after = if outcome.cost < reserved {
-        let refund = Usdc(reserved.atomic() - outcome.cost.atomic());
+    let balance_after = if charged < reserved {
         append_ledger(
             tx,
             account,
             LedgerKind::Refund,
-            refund,
+            Usdc(reserved.atomic() - charged.atomic()),
             None,
             Some(key_id),
             Some(&note),
             now,
         )?
-    } else if outcome.cost > reserved {
-        let available = balance(tx, account)?;
-        let extra = Usdc((outcome.cost.atomic() - reserved.atomic()).min(available.atomic()));
-        charged = Usdc(reserved.atomic() + extra.atomic());
-        if extra > Usdc::ZERO {
-            append_ledger(
-                tx,
-                account,
-                LedgerKind::Debit,
-                Usdc(-extra.atomic()),
-                None,
-                Some(key_id),
-                Some(&note),
-                now,
-            )?
-        } else {
-            available
-        }
     } else {
         balance(tx, account)?
     };
-    finish(tx, usage_id, outcome, charged)?;
+    let outcome = Outcome {
+        uncharged,
+        ..outcome.clone()
+    };
+    finish(tx, usage_id, &outcome, charged)?;
     Ok(Settled {
         charged,
         balance: balance_after,

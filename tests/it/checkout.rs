@@ -136,6 +136,18 @@ pub(crate) fn sign(signer: &PrivateKeySigner, text: &str) -> String {
     )
 }
 
+/// Rotates `signer`'s keys with a message signed at `at`; returns the first new key.
+pub(crate) async fn rotate(gw: &Gateway, signer: &PrivateKeySigner, at: i64) -> String {
+    let address = format!("{:#x}", signer.address());
+    let body = json!({"address": address, "signedAt": at, "signature": sign(signer, &rotate_text(&address, CHAIN_ID, at))});
+    let (status, _, ok) = gw.post("/api/agent/keys/rotate", body).await;
+    assert_eq!(status, StatusCode::OK, "{ok}");
+    ok["data"]["keys"][0]["apiKey"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 pub(crate) fn claim_sig(signer: &PrivateKeySigner, tx: &str) -> String {
     sign(signer, &claim_text(tx, CHAIN_ID))
 }

@@ -984,6 +984,9 @@ fn chat_body() -> BoxedStrategy<Vec<u8>> {
                 json!([]),
                 json!([{"role": "system", "content": [{"type": "text", "text": "parts"}]}, {"role": "user"}]),
                 json!([{"role": "user", "content": "😀 \u{202e} ٣"}]),
+                // Non-text parts: refused unless the model bounds them.
+                json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.test/i.png"}}]}]),
+                json!([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}, {"type": 7}]}]),
             ]),
         ),
         ("stream", vec![None, Some(json!(true)), Some(json!(false))]),
@@ -1000,7 +1003,42 @@ fn chat_body() -> BoxedStrategy<Vec<u8>> {
         ),
         (
             "max_completion_tokens",
-            vec![None, None, None, Some(json!(4))],
+            vec![
+                None,
+                None,
+                None,
+                Some(json!(4)),
+                Some(json!(100_000)),
+                Some(json!(0)),
+            ],
+        ),
+        // Multipliers: refused (n > 1 on a model that serves 1, best_of, beam search) or harmless.
+        (
+            "n",
+            vec![
+                None,
+                None,
+                None,
+                Some(json!(1)),
+                Some(json!(2)),
+                Some(json!(0)),
+                Some(json!(-3)),
+            ],
+        ),
+        (
+            "best_of",
+            vec![None, None, None, Some(json!(1)), Some(json!(4))],
+        ),
+        ("use_beam_search", vec![None, None, None, Some(json!(true))]),
+        (
+            "tools",
+            vec![
+                None,
+                None,
+                Some(
+                    json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+                ),
+            ],
         ),
         (
             "stream_options",

@@ -12,6 +12,7 @@ mod faults;
 mod fuzz;
 mod indexer;
 mod limits;
+mod metering;
 mod proxy;
 mod rpc_faults;
 mod support;

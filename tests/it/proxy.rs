@@ -11,7 +11,6 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use x402_gateway::billing::catalog::claim_text;
 use x402_gateway::dev::upstream::{self, DemoConfig, DemoStats};
-use x402_gateway::proxy::estimate_prompt_tokens;
 use x402_gateway::proxy::pricing::Prices;
 use x402_gateway::store::Store;
 use x402_gateway::usdc::Usdc;
@@ -164,24 +163,35 @@ impl Stack {
 
     /// A pool key for `blocks`, bought on chain and claimed with the payer's signature.
     pub(crate) async fn pool_key(&self, payer: usize, blocks: &[&str], price: &str) -> String {
-        let (tx, block) = self.chain.pay(payer, price.parse().unwrap()).await;
-        self.gw.confirm(&self.chain, block, 1).await;
-        let sig = self
-            .chain
-            .payer(payer)
-            .sign_message_sync(claim_text(&tx, 31337).as_bytes())
-            .unwrap();
-        let (status, _, body) = self
-            .gw
-            .post(
-                "/api/agent/subscribe-pool",
-                json!({"txHash": tx, "poolSlug": "p", "blocks": blocks, "signature": format!("0x{}", alloy::hex::encode(sig.as_bytes()))}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        body["data"]["apiKey"].as_str().unwrap().to_string()
+        buy_pool_key(&self.chain, &self.gw, payer, blocks, price).await
     }
+}
 
+/// A key of pool `p` for `blocks`, bought on chain and claimed with the payer's signature.
+pub(crate) async fn buy_pool_key(
+    chain: &TestChain,
+    gw: &Gateway,
+    payer: usize,
+    blocks: &[&str],
+    price: &str,
+) -> String {
+    let (tx, block) = chain.pay(payer, price.parse().unwrap()).await;
+    gw.confirm(chain, block, 1).await;
+    let sig = chain
+        .payer(payer)
+        .sign_message_sync(claim_text(&tx, 31337).as_bytes())
+        .unwrap();
+    let (status, _, body) = gw
+        .post(
+            "/api/agent/subscribe-pool",
+            json!({"txHash": tx, "poolSlug": "p", "blocks": blocks, "signature": format!("0x{}", alloy::hex::encode(sig.as_bytes()))}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["data"]["apiKey"].as_str().unwrap().to_string()
+}
+
+impl Stack {
     pub(crate) fn chat(&self, key: &str, body: Value) -> reqwest::RequestBuilder {
         self.gw
             .http
@@ -394,7 +404,9 @@ async fn upstream_faults_are_clean_errors_and_charge_only_what_was_delivered() {
     assert_eq!(row.status, "upstream_cut");
     assert_eq!(row.usage_source, "estimated");
     assert_eq!(row.completion_tokens, delivered);
-    let prompt = estimate_prompt_tokens(&body);
+    // The prompt is charged at its bound (what was reserved for it): the body's bytes + the template margin.
+    let prompt = serde_json::to_vec(&body).unwrap().len() as u64
+        + x402_gateway::proxy::TEMPLATE_TOKEN_MARGIN;
     assert_eq!(row.prompt_tokens, prompt);
     assert_eq!(row.cost_usdc, PRICES.cost(prompt, delivered));
     assert_eq!(
@@ -623,6 +635,10 @@ async fn a_restart_refunds_requests_left_in_flight() {
                 model: "demo".into(),
                 stream: true,
                 started_at: MIDNIGHT,
+                bound_prompt_tokens: 1000,
+                bound_output_tokens: 100,
+                input_per_mtok: PRICES.input_per_mtok,
+                output_per_mtok: PRICES.output_per_mtok,
             };
             x402_gateway::store::usage::reserve(tx, &usage, Usdc(500_000))
                 .map_err(|e| x402_gateway::store::StoreError::Task(e.to_string()))?;

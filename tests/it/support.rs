@@ -457,7 +457,9 @@ pub fn without_rate_limits(config: String) -> String {
     if config.lines().any(|l| l.trim() == "[limits]") {
         config
     } else {
-        format!("{config}\n[limits]\nrate_limits = false\n")
+        // Tests also race hundreds of requests on one credit key on purpose (the reservation must hold them);
+        // the in-flight cap per key has its own test (metering.rs).
+        format!("{config}\n[limits]\nrate_limits = false\ncredit_key_max_in_flight = 100000\n")
     }
 }
 

@@ -35,10 +35,6 @@ const CHAIN_ID: u64 = 31337;
 /// anvil account 5: the settlement hot wallet (ETH only).
 const HOT_ENV: &str = "TEST_X402_HOT_KEY";
 
-pub fn usdc(s: &str) -> Usdc {
-    s.parse().unwrap()
-}
-
 pub struct X402Gateway {
     pub base: String,
     pub http: reqwest::Client,
@@ -974,10 +970,6 @@ async fn x402_routes_sold_out_before_payment_and_per_request_cap() {
         before,
         "nothing charged"
     );
-    assert_eq!(
-        x402_gateway::api::x402::max_tokens_for(usdc("0.01"), usdc("2.50")),
-        Some(4000)
-    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1033,19 +1025,26 @@ async fn per_request_app(chain: &TestChain, db: &std::path::Path) -> String {
             axum::routing::post(
                 |axum::extract::State(state): axum::extract::State<AppState>,
                  headers: axum::http::HeaderMap,
-                 axum::Json(mut body): axum::Json<Value>| async move {
-                    // The proxy's wiring: the model's configured per-request price and output price.
-                    let model = state.settings.model("kimi-k2.6").unwrap();
-                    let (price, out) = (model.per_request.unwrap(), model.output_per_mtok);
-                    match routes::authorize_per_request(
-                        &state,
-                        &headers,
-                        "kimi-k2.6",
-                        price,
-                        out,
-                        &mut body,
-                    )
-                    .await
+                 body: axum::body::Bytes| async move {
+                    // The proxy's wiring: bound the request at the model's per-request price, then the payment.
+                    let model = state.settings.model("kimi-k2.6").unwrap().clone();
+                    let price = model.per_request.unwrap();
+                    let object: serde_json::Map<String, Value> =
+                        serde_json::from_slice(&body).unwrap();
+                    let prepared = match x402_gateway::proxy::prepare(
+                        object,
+                        body.len(),
+                        &model,
+                        &state.settings,
+                        x402_gateway::proxy::Payer::PerRequest { price },
+                    ) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            return (StatusCode::BAD_REQUEST, format!("{e:?}")).into_response();
+                        }
+                    };
+                    let forwarded: Value = serde_json::from_slice(&prepared.body).unwrap();
+                    match routes::authorize_per_request(&state, &headers, "kimi-k2.6", price).await
                     {
                         Ok(None) => {
                             routes::per_request_challenge(&state, &headers, "kimi-k2.6", price)
@@ -1055,7 +1054,10 @@ async fn per_request_app(chain: &TestChain, db: &std::path::Path) -> String {
                         Ok(Some(paid)) => match paid.settle(&state).await {
                             Ok(s) => (
                                 [(s.header_name, s.header_value)],
-                                axum::Json(json!({"served": body})),
+                                axum::Json(json!({
+                                    "served": forwarded,
+                                    "bound": prepared.bound.output_tokens_per_choice,
+                                })),
                             )
                                 .into_response(),
                             Err(response) => response,
@@ -1113,7 +1115,8 @@ async fn x402_routes_official_clients_buy_and_pay_per_request() {
         assert_eq!(out["status"], 200, "{out}");
         assert_eq!(out["body"]["data"]["pool"], "kimi26");
 
-        // Per-request payment with max_tokens capped (0.01 USDC at 2.50 USDC/Mtok = 4000 tokens).
+        // Per-request payment: the output bound is what 0.01 USDC buys after the prompt bound (less than the
+        // 4,000 tokens it would buy alone at 2.50 USDC/Mtok), written into both length fields.
         let dir = tempfile::tempdir().unwrap();
         let app = per_request_app(&chain, &dir.path().join("pr.db")).await;
         let url = format!("{app}/v1/chat/completions");
@@ -1126,7 +1129,10 @@ async fn x402_routes_official_clients_buy_and_pay_per_request() {
         .await
         .unwrap();
         assert_eq!(out["status"], 200, "{out}");
-        assert_eq!(out["body"]["served"]["max_tokens"], 4000);
+        let bound = out["body"]["bound"].as_u64().unwrap();
+        assert!(bound > 0 && bound < 4000, "{out}");
+        assert_eq!(out["body"]["served"]["max_tokens"], bound);
+        assert_eq!(out["body"]["served"]["max_completion_tokens"], bound);
         assert_eq!(out["paymentResponse"]["success"], true);
     }
 

@@ -1,0 +1,443 @@
+//! The gateway's own bound on one chat request: the most prompt and output tokens it can cost, computed from the
+//! request by the gateway and written into the request it forwards, so that the reservation covers whatever an
+//! upstream that honours the request can generate.
+//!
+//! The rule this module keeps: **no field of the agent's request can make the upstream generate more than the
+//! bound.** vLLM and SGLang read `max_completion_tokens` before `max_tokens`, generate `n` choices and run
+//! `best_of` candidates; so the bound is
+//! - **output**: the smaller of the client's `max_tokens` / `max_completion_tokens`, capped by the model's
+//!   `max_output_tokens` (that cap when the client sets neither), and for a per-request payment by what the price
+//!   buys after the prompt. It is written into the field(s) the upstream reads (both by default; one, with the
+//!   other removed, when `[[upstreams]].output_limit_field` names it);
+//! - **choices**: `n` is 1 unless the model allows more (`max_choices`), and then the output bound is reserved
+//!   `n` times; `best_of`, beam search and length fields the gateway cannot bound are refused;
+//! - **prompt**: the body's bytes (no tokenizer makes more tokens than bytes of the JSON that carries the text) plus
+//!   a template margin, plus a configured per-part bound for each non-text content part (images, audio, …); a part
+//!   with no configured bound is refused, since a few bytes of URL can cost thousands of tokens.
+
+use serde_json::{Map, Value, json};
+
+use super::pricing::Prices;
+use crate::config::{Model, OutputLimitField};
+use crate::usdc::Usdc;
+
+/// Tokens added to a request's byte length: chat templates add tokens (role markers, tool preambles) the body
+/// does not show.
+pub const TEMPLATE_TOKEN_MARGIN: u64 = 256;
+
+/// The most one request can cost, in tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Bound {
+    /// Prompt tokens the request can hold at most.
+    pub prompt_tokens: u64,
+    /// Output tokens per choice, as written into the forwarded request.
+    pub output_tokens_per_choice: u64,
+    /// Choices generated (`n`).
+    pub choices: u64,
+}
+
+impl Bound {
+    /// Output tokens over all choices.
+    pub fn output_tokens(&self) -> u64 {
+        self.output_tokens_per_choice.saturating_mul(self.choices)
+    }
+
+    /// The worst-case cost at `prices`: what a credit request reserves.
+    pub fn cost(&self, prices: &Prices) -> Usdc {
+        prices.cost(self.prompt_tokens, self.output_tokens())
+    }
+}
+
+/// Who pays, which decides the multipliers allowed and any budget.
+#[derive(Debug, Clone, Copy)]
+pub enum Payer {
+    /// A credit key: `n` up to the model's `max_choices`, reserved `n` times.
+    Credit,
+    /// A pool key: `n = 1`, the model's output cap (no token budget, but the operator's GPU time is).
+    Subscription,
+    /// One x402 payment of `price` for this request: `n = 1`, and the output bound is what the price buys after
+    /// the prompt bound.
+    PerRequest { price: Usdc },
+}
+
+/// Why a request cannot be bounded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BoundError {
+    /// A parameter the gateway refuses, named for the OpenAI error's `param`.
+    Param(BadParam),
+    /// A per-request payment cannot cover this request's prompt bound plus one output token.
+    Unaffordable { needed: Usdc, price: Usdc },
+}
+
+/// A refused parameter, with its name and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadParam {
+    pub param: &'static str,
+    pub message: String,
+}
+
+impl From<BadParam> for BoundError {
+    fn from(e: BadParam) -> Self {
+        BoundError::Param(e)
+    }
+}
+
+fn bad(param: &'static str, message: impl Into<String>) -> BadParam {
+    BadParam {
+        param,
+        message: message.into(),
+    }
+}
+
+/// Content part types that are text: bounded by their bytes.
+const TEXT_PARTS: &[&str] = &["text", "refusal", "input_text"];
+
+/// Computes the bound of `body` (a chat request of `body_len` bytes as the client sent it) and rewrites `body` so
+/// that the upstream cannot exceed it.
+pub fn bound_request(
+    body: &mut Map<String, Value>,
+    body_len: usize,
+    model: &Model,
+    field: OutputLimitField,
+    payer: Payer,
+) -> Result<Bound, BoundError> {
+    refuse_unbounded_fields(body)?;
+    let choices = choices(body, model, payer)?;
+    let prompt_tokens = prompt_bound(body, body_len, model)?;
+    let mut output = requested_output(body)?
+        .unwrap_or(model.max_output_tokens)
+        .min(model.max_output_tokens);
+    if let Payer::PerRequest { price } = payer {
+        let prices = Prices {
+            input_per_mtok: model.input_per_mtok,
+            output_per_mtok: model.output_per_mtok,
+        };
+        let affordable = prices.max_output_tokens(price, prompt_tokens);
+        if affordable == 0 {
+            return Err(BoundError::Unaffordable {
+                needed: prices.cost(prompt_tokens, 1),
+                price,
+            });
+        }
+        output = output.min(affordable);
+    }
+    write_output_limit(body, field, output);
+    Ok(Bound {
+        prompt_tokens,
+        output_tokens_per_choice: output,
+        choices,
+    })
+}
+
+/// Fields that make an upstream generate more than `max_tokens × n`, or name a length the gateway does not bound.
+fn refuse_unbounded_fields(body: &Map<String, Value>) -> Result<(), BadParam> {
+    match body.get("best_of") {
+        None | Some(Value::Null) => {}
+        Some(v) if v.as_u64() == Some(1) => {}
+        Some(_) => {
+            return Err(bad(
+                "best_of",
+                "`best_of` is not served: it generates several candidates per choice that the gateway cannot bound",
+            ));
+        }
+    }
+    if body.get("use_beam_search").and_then(Value::as_bool) == Some(true) {
+        return Err(bad(
+            "use_beam_search",
+            "beam search is not served: it generates more candidates than the request's bound",
+        ));
+    }
+    for field in ["max_new_tokens", "min_tokens"] {
+        if body.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(bad(
+                if field == "max_new_tokens" {
+                    "max_new_tokens"
+                } else {
+                    "min_tokens"
+                },
+                format!("`{field}` is not served; limit the output with `max_completion_tokens`"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `n`: 1 unless the payer and the model allow more.
+fn choices(body: &Map<String, Value>, model: &Model, payer: Payer) -> Result<u64, BadParam> {
+    let n = match body.get("n") {
+        None | Some(Value::Null) => return Ok(1),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| bad("n", "`n` must be a positive integer"))?,
+    };
+    let allowed = match payer {
+        Payer::Credit => model.max_choices,
+        Payer::Subscription | Payer::PerRequest { .. } => 1,
+    };
+    if n > allowed {
+        let why = match payer {
+            Payer::Credit => format!("the model `{}` serves at most n = {allowed}", model.id),
+            Payer::Subscription => "pool keys are served with n = 1".to_string(),
+            Payer::PerRequest { .. } => "a per-request payment buys n = 1".to_string(),
+        };
+        return Err(bad("n", format!("`n` = {n} is not served: {why}")));
+    }
+    Ok(n)
+}
+
+/// The client's own output limit: the smaller of the two fields it may set (each must be a positive integer).
+fn requested_output(body: &Map<String, Value>) -> Result<Option<u64>, BadParam> {
+    let mut requested: Option<u64> = None;
+    for (field, param) in [
+        ("max_tokens", "max_tokens"),
+        ("max_completion_tokens", "max_completion_tokens"),
+    ] {
+        match body.get(field) {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                let n = v
+                    .as_u64()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| bad(param, format!("`{field}` must be a positive integer")))?;
+                requested = Some(requested.map_or(n, |r| r.min(n)));
+            }
+        }
+    }
+    Ok(requested)
+}
+
+/// Writes the bound where the upstream reads it, removing the field it does not read (so it cannot read it).
+fn write_output_limit(body: &mut Map<String, Value>, field: OutputLimitField, output: u64) {
+    match field {
+        OutputLimitField::Both => {
+            body.insert("max_tokens".into(), json!(output));
+            body.insert("max_completion_tokens".into(), json!(output));
+        }
+        OutputLimitField::MaxTokens => {
+            body.insert("max_tokens".into(), json!(output));
+            body.remove("max_completion_tokens");
+        }
+        OutputLimitField::MaxCompletionTokens => {
+            body.insert("max_completion_tokens".into(), json!(output));
+            body.remove("max_tokens");
+        }
+    }
+}
+
+/// Body bytes + template margin + the configured bound of every non-text content part.
+fn prompt_bound(
+    body: &Map<String, Value>,
+    body_len: usize,
+    model: &Model,
+) -> Result<u64, BadParam> {
+    let Some(messages) = body.get("messages").and_then(Value::as_array) else {
+        return Err(bad(
+            "messages",
+            "`messages` must be an array of chat messages",
+        ));
+    };
+    let mut extra: u64 = 0;
+    for message in messages {
+        let Some(parts) = message.get("content").and_then(Value::as_array) else {
+            continue;
+        };
+        for part in parts {
+            let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+            if TEXT_PARTS.contains(&kind) {
+                continue;
+            }
+            let Some(tokens) = model.content_part_tokens.get(kind) else {
+                return Err(bad(
+                    "messages",
+                    format!(
+                        "content parts of type `{}` are not served by `{}`: their token count cannot be bounded \
+                         from the request (send text, or ask the operator to set a per-part bound)",
+                        if kind.is_empty() { "(none)" } else { kind },
+                        model.id
+                    ),
+                ));
+            };
+            extra = extra.saturating_add(*tokens);
+        }
+    }
+    Ok((body_len as u64)
+        .saturating_add(TEMPLATE_TOKEN_MARGIN)
+        .saturating_add(extra))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn model(max_choices: u64) -> Model {
+        Model {
+            id: "m".into(),
+            upstream: 0,
+            upstream_model: "m".into(),
+            input_per_mtok: "0.60".parse().unwrap(),
+            output_per_mtok: "2.50".parse().unwrap(),
+            max_output_tokens: 100,
+            per_request: None,
+            max_choices,
+            content_part_tokens: BTreeMap::from([("image_url".to_string(), 1000)]),
+        }
+    }
+
+    fn body(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    fn run(v: Value, payer: Payer) -> Result<(Bound, Map<String, Value>), BoundError> {
+        let mut b = body(v);
+        let len = serde_json::to_vec(&b).unwrap().len();
+        let bound = bound_request(&mut b, len, &model(4), OutputLimitField::Both, payer)?;
+        Ok((bound, b))
+    }
+
+    #[test]
+    fn the_smaller_field_wins_and_both_are_written() {
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        let (b, out) = run(
+            json!({"messages": msgs, "max_tokens": 1, "max_completion_tokens": 100000}),
+            Payer::Credit,
+        )
+        .unwrap();
+        assert_eq!(b.output_tokens_per_choice, 1);
+        assert_eq!(out["max_tokens"], 1);
+        assert_eq!(out["max_completion_tokens"], 1);
+        let (b, out) = run(
+            json!({"messages": msgs, "max_completion_tokens": 100000}),
+            Payer::Credit,
+        )
+        .unwrap();
+        assert_eq!(b.output_tokens_per_choice, 100, "capped by the model");
+        assert_eq!(out["max_tokens"], 100);
+        let (b, _) = run(json!({"messages": msgs}), Payer::Credit).unwrap();
+        assert_eq!(b.output_tokens_per_choice, 100, "the cap when none is set");
+    }
+
+    #[test]
+    fn one_field_upstreams_lose_the_other_field() {
+        let mut b = body(json!({"messages": [], "max_tokens": 5, "max_completion_tokens": 9}));
+        bound_request(
+            &mut b,
+            10,
+            &model(1),
+            OutputLimitField::MaxTokens,
+            Payer::Credit,
+        )
+        .unwrap();
+        assert_eq!(b["max_tokens"], 5);
+        assert!(!b.contains_key("max_completion_tokens"));
+        let mut b = body(json!({"messages": [], "max_tokens": 5}));
+        bound_request(
+            &mut b,
+            10,
+            &model(1),
+            OutputLimitField::MaxCompletionTokens,
+            Payer::Credit,
+        )
+        .unwrap();
+        assert_eq!(b["max_completion_tokens"], 5);
+        assert!(!b.contains_key("max_tokens"));
+    }
+
+    #[test]
+    fn n_is_priced_for_credit_and_refused_elsewhere() {
+        let msgs = json!([]);
+        let (b, _) = run(
+            json!({"messages": msgs, "n": 3, "max_tokens": 10}),
+            Payer::Credit,
+        )
+        .unwrap();
+        assert_eq!((b.choices, b.output_tokens()), (3, 30));
+        let e = run(json!({"messages": msgs, "n": 5}), Payer::Credit).unwrap_err();
+        assert!(matches!(e, BoundError::Param(BadParam { param: "n", .. })));
+        let e = run(json!({"messages": msgs, "n": 2}), Payer::Subscription).unwrap_err();
+        assert!(matches!(e, BoundError::Param(BadParam { param: "n", .. })));
+        for bad_n in [json!(0), json!(-1), json!(1.5), json!("2")] {
+            let e = run(json!({"messages": msgs, "n": bad_n}), Payer::Credit).unwrap_err();
+            assert!(matches!(e, BoundError::Param(BadParam { param: "n", .. })));
+        }
+        let e = run(json!({"messages": msgs, "best_of": 4}), Payer::Credit).unwrap_err();
+        assert!(matches!(
+            e,
+            BoundError::Param(BadParam {
+                param: "best_of",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn non_text_parts_need_a_configured_bound() {
+        let img = json!({"type": "image_url", "image_url": {"url": "https://x/y.png"}});
+        let audio =
+            json!({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}});
+        let (b, _) = run(
+            json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "see"}, img, img]}]}),
+            Payer::Credit,
+        )
+        .unwrap();
+        assert!(b.prompt_tokens > 2000, "two images at 1000 each: {b:?}");
+        let e = run(
+            json!({"messages": [{"role": "user", "content": [audio]}]}),
+            Payer::Credit,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            e,
+            BoundError::Param(BadParam {
+                param: "messages",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_per_request_price_buys_the_prompt_first() {
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        // 0.001 USDC: the ~300-token prompt bound costs ≈ 0.00018, the rest buys (0.001 − that) / 2.5e-6 tokens,
+        // more than the model's cap of 100.
+        let (b, _) = run(
+            json!({"messages": msgs}),
+            Payer::PerRequest {
+                price: "0.001".parse().unwrap(),
+            },
+        )
+        .unwrap();
+        assert_eq!(b.output_tokens_per_choice, 100);
+        // 0.0002 USDC: the prompt bound takes almost all of it.
+        let (b, _) = run(
+            json!({"messages": msgs}),
+            Payer::PerRequest {
+                price: "0.0002".parse().unwrap(),
+            },
+        )
+        .unwrap();
+        assert!(b.output_tokens_per_choice < 100 && b.output_tokens_per_choice > 0);
+        let prices = Prices {
+            input_per_mtok: "0.60".parse().unwrap(),
+            output_per_mtok: "2.50".parse().unwrap(),
+        };
+        assert!(b.cost(&prices) <= "0.0002".parse().unwrap());
+        // A long prompt the price cannot cover: the amount it needs.
+        let long = "word ".repeat(2000);
+        let e = run(
+            json!({"messages": [{"role": "user", "content": long}]}),
+            Payer::PerRequest {
+                price: "0.0002".parse().unwrap(),
+            },
+        )
+        .unwrap_err();
+        let BoundError::Unaffordable { needed, .. } = e else {
+            panic!("{e:?}")
+        };
+        assert!(needed > "0.0002".parse().unwrap());
+    }
+}
