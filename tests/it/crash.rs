@@ -65,7 +65,8 @@ const MODELS: [(&str, &str, &str); 2] = [
     ("alpha", "613.373301", "2511.130007"),
     ("beta", "99.999999", "1234.567891"),
 ];
-/// `max_output_tokens` of both models: reserved, and sent upstream, when a credit request names no `max_tokens`.
+/// `max_output_tokens` of both models: the output bound (reserved for credit keys, and sent upstream) when a request
+/// names no `max_tokens`.
 const MODEL_CAP: u64 = 64;
 const MIN_TOPUP: &str = "1.00";
 
@@ -840,11 +841,8 @@ impl Agent {
             .then(|| self.rng.random_range(1..=48u64));
         let stream = self.rng.random_bool(0.5);
         let include_usage = stream && self.rng.random_bool(0.5);
-        let completion = max_tokens.unwrap_or(if credit {
-            MODEL_CAP
-        } else {
-            DemoConfig::default().default_tokens
-        });
+        // The gateway bounds every request, pool keys' too: the model's cap when the client sets no limit.
+        let completion = max_tokens.unwrap_or(MODEL_CAP);
         let mut body =
             json!({"model": model, "messages": [{"role": "user", "content": text.join(" ")}]});
         if let Some(n) = max_tokens {
