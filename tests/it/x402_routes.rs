@@ -1156,3 +1156,60 @@ async fn x402_routes_official_clients_buy_and_pay_per_request() {
         assert_eq!(out["paymentResponse"]["success"], true, "{out}");
     }
 }
+
+/// Per-request payment (issue 13, hole 6): the price must cover the prompt bound plus the output it buys, `n = 1`.
+/// A prompt the price cannot cover gets the 402 stating what it needs, before any payment is settled; `n > 1` is
+/// refused with a payment in hand, and nothing moves on chain either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x402_per_request_price_covers_the_prompt_bound_and_buys_one_choice() {
+    let chain = TestChain::start().await;
+    let gw = X402Gateway::start(&chain, Mode::SelfSettle).await;
+    let payer = chain.payer(0).clone();
+    let post = |body: Value, payment: Option<String>| {
+        let mut req = gw
+            .http
+            .post(format!("{}/v1/chat/completions", gw.base))
+            .json(&body);
+        if let Some(p) = payment {
+            req = req.header("PAYMENT-SIGNATURE", p);
+        }
+        req.send()
+    };
+    let paid_header = |headers: &HeaderMap, now: u64| {
+        let offered = required(headers);
+        let auth = authorization(payer.address(), &offered.accepts[0], now);
+        let sig = sign(&chain, &payer, &auth);
+        v2_header(&offered, auth, sig, None)
+    };
+    let before = balance(&chain, payer.address()).await;
+
+    // 100 KB of prompt: its bound alone (~100,000 tokens at 0.60 USDC/Mtok ≈ 0.06 USDC) is over the 0.01 price.
+    let long = json!({"model": "kimi-k2.6", "messages": [{"role": "user", "content": "word ".repeat(20_000)}]});
+    let res = post(long.clone(), None).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYMENT_REQUIRED);
+    let headers = res.headers().clone();
+    let body: Value = res.json().await.unwrap();
+    let message = body["message"].as_str().unwrap_or_default().to_string();
+    assert!(
+        message.contains("needs") && message.contains("0.01 USDC"),
+        "{body}"
+    );
+    // Paying the price anyway changes nothing: refused before the payment is looked at.
+    let header = paid_header(&headers, chain_now(&chain).await);
+    let res = post(long, Some(header)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYMENT_REQUIRED);
+
+    // n = 2 with a valid payment: 400 naming `n`, nothing settled.
+    let short = json!({"model": "kimi-k2.6", "messages": [{"role": "user", "content": "hi"}]});
+    let res = post(short.clone(), None).await.unwrap();
+    let header = paid_header(res.headers(), chain_now(&chain).await);
+    let mut two = short.clone();
+    two["n"] = json!(2);
+    let res = post(two, Some(header)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    let err: Value = res.json().await.unwrap();
+    assert_eq!(err["error"]["param"], "n", "{err}");
+
+    assert_eq!(balance(&chain, payer.address()).await, before);
+    assert!(gw.settlements().await.is_empty());
+}
