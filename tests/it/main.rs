@@ -14,6 +14,7 @@ mod indexer;
 mod limits;
 mod proxy;
 mod rpc_faults;
+mod secrets;
 mod support;
 mod x402;
 mod x402_routes;
