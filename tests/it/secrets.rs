@@ -234,10 +234,9 @@ rate_limits = false
         v["indexer"]["lastError"].as_str().map(|_| body)
     })
     .await;
-    assert!(
-        health.contains(&format!("127.0.0.1:{}", provider.port)),
-        "the failing endpoint is still named by its host: {health}"
-    );
+    // The failing endpoint is still named, by scheme and host.
+    assert!(health.contains("http://127.0.0.1:"), "{health}");
+    assert!(health.contains("/…"), "{health}");
 
     // A claim signed by someone else needs the RPC (ERC-1271 check): 503, naming no key.
     let stranger = chain.payer(1);
