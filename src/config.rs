@@ -538,7 +538,11 @@ impl std::fmt::Debug for ChainSettings {
             .field("network", &self.network)
             .field(
                 "rpc_http",
-                &self.rpc_http.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+                &self
+                    .rpc_http
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
             )
             .field("rpc_ws", &self.rpc_ws.as_deref().map(redact_url))
             .field("pay_to", &self.pay_to)

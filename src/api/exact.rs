@@ -51,9 +51,7 @@ fn is_plain_decimal(s: &str) -> bool {
         None => (s, None),
     };
     let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
-    digits(whole)
-        && (whole == "0" || !whole.starts_with('0'))
-        && frac.is_none_or(digits)
+    digits(whole) && (whole == "0" || !whole.starts_with('0')) && frac.is_none_or(digits)
 }
 
 /// The raw number a marker object stands for, if `v` is one.

@@ -366,15 +366,12 @@ impl Rpc {
                     .map_err(|e| classify(&ep, e))?;
                 batch.send().await.map_err(|e| classify(&ep, e))?;
                 let logs = logs.await.map_err(|e| classify(&ep, e))?;
-                let header = header
-                    .await
-                    .map_err(|e| classify(&ep, e))?
-                    .ok_or_else(|| {
-                        RpcError::transport(
-                            ep.label.clone(),
-                            format!("node does not know block {to} yet"),
-                        )
-                    })?;
+                let header = header.await.map_err(|e| classify(&ep, e))?.ok_or_else(|| {
+                    RpcError::transport(
+                        ep.label.clone(),
+                        format!("node does not know block {to} yet"),
+                    )
+                })?;
                 if header.number.to::<u64>() != to {
                     return Err(RpcError::transport(
                         ep.label.clone(),

@@ -16,9 +16,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::indexer::{TRANSFER_TOPIC, transfer_from_log};
+use super::redact::{UrlSecrets, redact_url};
 use super::rpc::RawLog;
 use super::status::StatusHandle;
-use super::redact::{UrlSecrets, redact_url};
 use crate::config::ChainSettings;
 use crate::store::Store;
 

@@ -74,7 +74,7 @@ impl EchoingProvider {
             async move {
                 let n = state.served.fetch_add(1, Ordering::SeqCst);
                 if state.failing.load(Ordering::SeqCst) {
-                    return if n % 2 == 0 {
+                    return if n.is_multiple_of(2) {
                         (
                             AxumStatus::INTERNAL_SERVER_ERROR,
                             format!("upstream failure serving {uri}"),
@@ -220,9 +220,7 @@ rate_limits = false
     wait_for("the payment to be indexed", || async {
         let (_, body) = get("/healthz").await;
         let v: Value = serde_json::from_str(&body).ok()?;
-        v["indexer"]["indexedHead"]
-            .as_u64()
-            .filter(|h| *h >= block)
+        v["indexer"]["indexedHead"].as_u64().filter(|h| *h >= block)
     })
     .await;
 
@@ -431,16 +429,12 @@ async fn top_up_new_balance_is_an_exact_json_number() {
         assert_eq!(resp.status(), StatusCode::OK);
         raw_answers.push(resp.text().await.unwrap());
     }
-    for (raw, (number, string)) in
-        raw_answers
-            .iter()
-            .zip([("12.345678", "12.345678"), ("22.345679", "22.345679")])
+    for (raw, (number, string)) in raw_answers
+        .iter()
+        .zip([("12.345678", "12.345678"), ("22.345679", "22.345679")])
     {
         // Written digit for digit, never through a float.
-        assert!(
-            raw.contains(&format!(r#""newBalance":{number}"#)),
-            "{raw}"
-        );
+        assert!(raw.contains(&format!(r#""newBalance":{number}"#)), "{raw}");
         assert!(
             raw.contains(&format!(r#""newBalanceUsdc":"{string}""#)),
             "{raw}"
