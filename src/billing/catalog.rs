@@ -187,3 +187,41 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn settings(server: &str) -> Settings {
+        let text = format!(
+            "{server}\n[chain]\nnetwork = \"base\"\nrpc_http = [\"https://mainnet.base.org\"]\n\
+             pay_to = \"0x1111111111111111111111111111111111111111\"\n"
+        );
+        Config::parse(&text, std::path::Path::new("test.toml"))
+            .unwrap()
+            .resolve(std::path::Path::new("/srv"), &|_| None)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_rotation_text_names_this_gateway() {
+        let public = settings("[server]\npublic_url = \"https://API.Example.com:8443/base/\"");
+        assert_eq!(gateway_host(&public), "api.example.com:8443");
+        assert_eq!(
+            rotate_text_for(&public, "0xabc", 1_700_000_000),
+            "x402-gateway: rotate key for 0xabc at gateway api.example.com:8443 (payTo \
+             0x1111111111111111111111111111111111111111) on chain 8453 at 1700000000"
+        );
+        // The catalog states the same text, with only the account and the time left to fill in.
+        let stated = catalog(&public, &HashMap::new())["x402"]["keyRotation"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("{address}", "0xabc")
+            .replace("{signedAt}", "1700000000");
+        assert_eq!(stated, rotate_text_for(&public, "0xabc", 1_700_000_000));
+        // Without a public URL, the listen address.
+        let local = settings("[server]\nlisten = \"127.0.0.1:18402\"");
+        assert_eq!(gateway_host(&local), "127.0.0.1:18402");
+    }
+}
