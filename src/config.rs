@@ -1754,4 +1754,20 @@ blocks = [
             "http://127.0.0.1:8545"
         );
     }
+
+    #[test]
+    fn debug_output_hides_rpc_url_secrets() {
+        let s = resolve(&MINIMAL.replace(
+            "rpc_http = [\"https://mainnet.base.org\"]",
+            "rpc_http = [\"$RPC_SECRET\"]\nrpc_ws = \"wss://ws.example/wskey456\"",
+        ))
+        .unwrap();
+        assert_eq!(s.chain.rpc_http, vec!["https://rpc.example/key123"]);
+        let text = format!("{s:?}");
+        assert!(text.contains("https://rpc.example/…"), "{text}");
+        assert!(
+            !text.contains("key123") && !text.contains("wskey456"),
+            "{text}"
+        );
+    }
 }
