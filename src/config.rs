@@ -552,8 +552,9 @@ pub const BASE_USDC: &str = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913";
 /// Base Sepolia USDC.
 pub const BASE_SEPOLIA_USDC: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
 
-/// Everything the indexer needs, validated and resolved (env secrets read, presets applied).
-#[derive(Debug, Clone)]
+/// Everything the indexer needs, validated and resolved (env secrets read, presets applied). Its `Debug` shows the
+/// RPC URLs through [`redact_url`]: they carry the provider's key.
+#[derive(Clone)]
 pub struct ChainSettings {
     pub network: Network,
     pub rpc_http: Vec<String>,
@@ -565,6 +566,30 @@ pub struct ChainSettings {
     pub max_block_range: u64,
     pub reorg_window: u64,
     pub rpc_timeout: Duration,
+}
+
+impl std::fmt::Debug for ChainSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChainSettings")
+            .field("network", &self.network)
+            .field(
+                "rpc_http",
+                &self
+                    .rpc_http
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("rpc_ws", &self.rpc_ws.as_deref().map(redact_url))
+            .field("pay_to", &self.pay_to)
+            .field("confirmations", &self.confirmations)
+            .field("start_block", &self.start_block)
+            .field("poll_interval", &self.poll_interval)
+            .field("max_block_range", &self.max_block_range)
+            .field("reorg_window", &self.reorg_window)
+            .field("rpc_timeout", &self.rpc_timeout)
+            .finish()
+    }
 }
 
 /// A configuration ready to run.
@@ -1789,6 +1814,22 @@ blocks = [
         assert_eq!(
             redact_url("http://user:pw@127.0.0.1:8545"),
             "http://127.0.0.1:8545"
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_rpc_url_secrets() {
+        let s = resolve(&MINIMAL.replace(
+            "rpc_http = [\"https://mainnet.base.org\"]",
+            "rpc_http = [\"$RPC_SECRET\"]\nrpc_ws = \"wss://ws.example/wskey456\"",
+        ))
+        .unwrap();
+        assert_eq!(s.chain.rpc_http, vec!["https://rpc.example/key123"]);
+        let text = format!("{s:?}");
+        assert!(text.contains("https://rpc.example/…"), "{text}");
+        assert!(
+            !text.contains("key123") && !text.contains("wskey456"),
+            "{text}"
         );
     }
 }

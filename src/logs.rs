@@ -2,8 +2,9 @@
 //! recent warnings and errors for the operator's status page (`/admin`).
 //!
 //! What is logged never includes API keys, private keys or tokens: keys are logged by public id, RPC URLs through
-//! [`crate::config::redact_url`], and request URIs (which may carry `?token=`) are not logged. A test runs the
-//! binary through a claim and greps the whole log for the secrets.
+//! [`crate::config::redact_url`] (and RPC error texts scrubbed of their URLs' keys where they are made, see
+//! [`crate::chain::redact`]), and request URIs (which may carry `?token=`) are not logged. Tests run the binary
+//! through a claim, and through failing RPC endpoints at `debug`, and grep the whole log for the secrets.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;

@@ -97,10 +97,12 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `{"success": true, "data": …}`, written by [`super::exact::ExactJsonBody`] so exact numbers (a top-up's
+/// `newBalance`) stay exact.
 fn success(data: Value) -> Response {
     (
         [(header::CACHE_CONTROL, "no-store")],
-        Json(json!({"success": true, "data": data})),
+        super::exact::ExactJsonBody(json!({"success": true, "data": data})),
     )
         .into_response()
 }

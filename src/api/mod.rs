@@ -8,6 +8,7 @@ mod admin;
 pub mod agent;
 pub mod audit;
 pub mod discovery;
+pub mod exact;
 pub mod limits;
 pub mod openai;
 pub mod openapi;

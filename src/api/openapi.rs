@@ -128,14 +128,16 @@ pub const ROUTES: &[RouteDoc] = &[
         "post",
         "/api/agent/topup",
         "agent",
-        "Claim a confirmed payment as credits: {txHash, amount, signature}",
+        "Claim a confirmed payment as credits: {txHash, amount, signature} → {credited, newBalance (JSON number, \
+         exact), newBalanceUsdc (decimal string), apiKey?, …}",
         Access::Public,
     ),
     r(
         "post",
         "/x402/credits/{amount}",
         "x402",
-        "Buy credits with a standard x402 payment (PAYMENT-SIGNATURE or X-PAYMENT); unpaid: 402 with PAYMENT-REQUIRED",
+        "Buy credits with a standard x402 payment (PAYMENT-SIGNATURE or X-PAYMENT), answered like /api/agent/topup \
+         (newBalance a JSON number, newBalanceUsdc a string); unpaid: 402 with PAYMENT-REQUIRED",
         Access::Public,
     ),
     r(
@@ -149,7 +151,8 @@ pub const ROUTES: &[RouteDoc] = &[
         "post",
         "/api/agent/keys/rotate",
         "agent",
-        "Rotate lost keys with the payer's signature: {address, signedAt, signature, keyId?}",
+        "Rotate lost keys with the payer's signature of the catalog's keyRotation.message (it names this gateway's \
+         host, payTo and chain): {address, signedAt, signature, keyId?}",
         Access::Public,
     ),
     r(

@@ -16,7 +16,6 @@
 //! The `payment-identifier` extension makes a purchase idempotent: the same id with the same payload gets the
 //! stored answer again; the same id with another payload gets 409.
 
-use axum::Json;
 use axum::Router;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -29,6 +28,7 @@ use sha2::{Digest, Sha256};
 use tower_http::cors::{Any, CorsLayer};
 
 use super::AppState;
+use super::exact::usdc_number;
 use crate::billing::{ClaimError, Claimed, Product, SettledPayment, X402Record, rfc3339};
 use crate::usdc::Usdc;
 use crate::x402::header::{self as xh, HeaderError};
@@ -103,7 +103,8 @@ impl Answer {
 
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let mut response = (status, Json(self.body)).into_response();
+        // Exact numbers (a top-up's `newBalance`) stay exact, in stored answers replayed too.
+        let mut response = (status, super::exact::ExactJsonBody(self.body)).into_response();
         let h = response.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         h.insert(
@@ -752,7 +753,12 @@ pub(crate) fn claimed_data(claimed: Claimed) -> Value {
                 "account": s.account,
             });
             if let Some(surplus) = s.surplus {
-                data["surplus"] = json!(surplus);
+                data["surplus"] = json!({
+                    "creditedUsdc": surplus.credited_usdc,
+                    "newBalance": usdc_number(surplus.new_balance),
+                    "newBalanceUsdc": surplus.new_balance,
+                    "account": surplus.account,
+                });
             }
             data
         }
@@ -761,7 +767,10 @@ pub(crate) fn claimed_data(claimed: Claimed) -> Value {
                 "credited": true,
                 "amountUsdc": t.amount,
                 "paidUsdc": t.paid,
-                "newBalance": t.new_balance,
+                // Seed 000: a JSON number (`"newBalance": 50`), written from the exact decimal; the same
+                // amount as a decimal string for clients that keep money out of floats.
+                "newBalance": usdc_number(t.new_balance),
+                "newBalanceUsdc": t.new_balance,
                 "account": t.account,
             });
             if let Some((key, id)) = t.api_key {

@@ -5,15 +5,16 @@
 
 use std::collections::HashMap;
 
+use alloy::primitives::Address;
 use serde_json::{Value, json};
 
 use crate::config::Settings;
 
 /// `{txHash}` is replaced by the transaction hash, lower-case 0x-hex.
 pub const CLAIM_TEXT_TEMPLATE: &str = "x402-gateway: claim payment {txHash} on chain {chainId}";
-/// `{address}` lower-case 0x-hex, `{signedAt}` unix seconds.
-pub const ROTATE_TEXT_TEMPLATE: &str =
-    "x402-gateway: rotate key for {address} on chain {chainId} at {signedAt}";
+/// `{address}` lower-case 0x-hex, `{signedAt}` unix seconds; `{host}`, `{payTo}` and `{chainId}` name this gateway
+/// (see [`rotate_text`]), so the catalog states them filled in.
+pub const ROTATE_TEXT_TEMPLATE: &str = "x402-gateway: rotate key for {address} at gateway {host} (payTo {payTo}) on chain {chainId} at {signedAt}";
 /// How far a rotation's `signedAt` may be from the gateway's clock.
 pub const ROTATION_MAX_SKEW_SECS: i64 = 300;
 
@@ -22,9 +23,50 @@ pub fn claim_text(tx_hash: &str, chain_id: u64) -> String {
     format!("x402-gateway: claim payment {tx_hash} on chain {chain_id}")
 }
 
-/// The text an account signs to rotate its keys.
-pub fn rotate_text(address: &str, chain_id: u64, signed_at: i64) -> String {
-    format!("x402-gateway: rotate key for {address} on chain {chain_id} at {signed_at}")
+/// The text an account signs to rotate its keys at the gateway `host` (see [`gateway_host`]) that is paid at `pay_to`
+/// on `chain_id`. Naming the gateway is what keeps a signature made for one gateway from working on another that
+/// knows the same payer (the same chain, the same wallet) during its 5-minute window; `signedAt` and the store's
+/// rotation nonces keep it from working twice on this one.
+pub fn rotate_text(
+    address: &str,
+    host: &str,
+    pay_to: Address,
+    chain_id: u64,
+    signed_at: i64,
+) -> String {
+    format!(
+        "x402-gateway: rotate key for {address} at gateway {host} (payTo {pay_to:#x}) on chain {chain_id} at \
+         {signed_at}"
+    )
+}
+
+/// The name of this gateway in the texts it has signed: the host (and port, if any) of `server.public_url`,
+/// lower-case; without a public URL, the `server.listen` address. Never the request's `Host` header, which whoever
+/// relays a signature chooses.
+pub fn gateway_host(settings: &Settings) -> String {
+    match settings.public_url.as_deref() {
+        Some(url) => {
+            let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+            authority
+                .rsplit('@')
+                .next()
+                .unwrap_or(authority)
+                .to_ascii_lowercase()
+        }
+        None => settings.listen.to_string(),
+    }
+}
+
+/// [`rotate_text`] for `settings`' gateway.
+pub fn rotate_text_for(settings: &Settings, address: &str, signed_at: i64) -> String {
+    rotate_text(
+        address,
+        &gateway_host(settings),
+        settings.chain.pay_to,
+        settings.chain.network.chain_id,
+        signed_at,
+    )
 }
 
 fn endpoint(settings: &Settings, path: &str) -> String {
@@ -127,7 +169,13 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
             "keyRotation": {
                 "endpoint": endpoint(settings, "/api/agent/keys/rotate"),
                 "method": "POST",
-                "message": ROTATE_TEXT_TEMPLATE.replace("{chainId}", &chain_id.to_string()),
+                "message": ROTATE_TEXT_TEMPLATE
+                    .replace("{chainId}", &chain_id.to_string())
+                    .replace("{payTo}", &format!("{:#x}", settings.chain.pay_to))
+                    .replace("{host}", &gateway_host(settings)),
+                "signing": "EIP-191 personal_sign of `message` with {address} replaced by the account (the paying \
+                            address, lower-case 0x-hex) and {signedAt} by the unix seconds now; the text names this \
+                            gateway, so a signature made for another gateway is refused here",
                 "maxClockSkewSeconds": ROTATION_MAX_SKEW_SECS,
                 "body": {
                     "address": "<PAYER_ADDRESS>",
@@ -138,4 +186,42 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
             "docs": settings.docs_url.clone().unwrap_or_else(|| endpoint(settings, "/api/agent/plans")),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn settings(server: &str) -> Settings {
+        let text = format!(
+            "{server}\n[chain]\nnetwork = \"base\"\nrpc_http = [\"https://mainnet.base.org\"]\n\
+             pay_to = \"0x1111111111111111111111111111111111111111\"\n"
+        );
+        Config::parse(&text, std::path::Path::new("test.toml"))
+            .unwrap()
+            .resolve(std::path::Path::new("/srv"), &|_| None)
+            .unwrap()
+    }
+
+    #[test]
+    fn the_rotation_text_names_this_gateway() {
+        let public = settings("[server]\npublic_url = \"https://API.Example.com:8443/base/\"");
+        assert_eq!(gateway_host(&public), "api.example.com:8443");
+        assert_eq!(
+            rotate_text_for(&public, "0xabc", 1_700_000_000),
+            "x402-gateway: rotate key for 0xabc at gateway api.example.com:8443 (payTo \
+             0x1111111111111111111111111111111111111111) on chain 8453 at 1700000000"
+        );
+        // The catalog states the same text, with only the account and the time left to fill in.
+        let stated = catalog(&public, &HashMap::new())["x402"]["keyRotation"]["message"]
+            .as_str()
+            .unwrap()
+            .replace("{address}", "0xabc")
+            .replace("{signedAt}", "1700000000");
+        assert_eq!(stated, rotate_text_for(&public, "0xabc", 1_700_000_000));
+        // Without a public URL, the listen address.
+        let local = settings("[server]\nlisten = \"127.0.0.1:18402\"");
+        assert_eq!(gateway_host(&local), "127.0.0.1:18402");
+    }
 }

@@ -723,11 +723,7 @@ impl Billing {
             });
         }
         let account = format!("{:#x}", req.address);
-        let text = catalog::rotate_text(
-            &account,
-            self.settings.chain.network.chain_id,
-            req.signed_at,
-        );
+        let text = catalog::rotate_text_for(&self.settings, &account, req.signed_at);
         match proof::verify(&self.rpc, req.address, &text, &req.signature).await {
             Ok(()) => {}
             Err(proof::ProofError::WrongSigner(who)) => {

@@ -1,6 +1,8 @@
-//! The chain side: JSON-RPC access, the payment indexer, its WebSocket wake-up and its live status.
+//! The chain side: JSON-RPC access, the payment indexer, its WebSocket wake-up, its live status, and keeping the
+//! RPC URLs' secrets out of every text made from their errors.
 
 pub mod indexer;
+pub mod redact;
 pub mod rpc;
 pub mod status;
 mod transport;

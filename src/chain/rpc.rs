@@ -6,6 +6,7 @@
 //! backoff and jitter, never sooner than a `Retry-After` asks, and fail over to the next endpoint. Node errors (a
 //! JSON-RPC `error` object) are returned to the caller, which knows whether they mean "range too large".
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -17,8 +18,8 @@ use backon::{ExponentialBuilder, Retryable};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::redact::{UrlSecrets, redact_url};
 use super::transport::{CheckedHttp, is_transient_status};
-use crate::config::redact_url;
 use crate::store::transfers::BlockRef;
 
 /// Largest number of requests put in one JSON-RPC batch.
@@ -134,6 +135,8 @@ impl RawReceipt {
 struct Endpoint {
     label: String,
     client: RpcClient,
+    /// The secrets of every configured URL: an error text is scrubbed of all of them, not only its own.
+    secrets: Arc<UrlSecrets>,
 }
 
 /// A set of JSON-RPC endpoints used as one.
@@ -150,7 +153,8 @@ impl Rpc {
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .timeout(timeout)
             .build()
-            .map_err(|e| RpcError::transport("http client", e.to_string()))?;
+            .map_err(|e| RpcError::transport("http client", e.without_url().to_string()))?;
+        let secrets = Arc::new(UrlSecrets::new(urls.iter().map(String::as_str)));
         let endpoints = urls
             .iter()
             .map(|url| {
@@ -162,6 +166,7 @@ impl Rpc {
                 Ok(Endpoint {
                     label: redact_url(url),
                     client: RpcClient::new(transport, is_local),
+                    secrets: secrets.clone(),
                 })
             })
             .collect::<Result<Vec<_>, RpcError>>()?;
@@ -244,7 +249,7 @@ impl Rpc {
                 ep.client
                     .request::<_, T>(method, params)
                     .await
-                    .map_err(|e| classify(&ep.label, e))
+                    .map_err(|e| classify(&ep, e))
             }
         })
         .await
@@ -301,13 +306,13 @@ impl Rpc {
                         "eth_getBlockByNumber",
                         &(U64::from(*n), false),
                     )
-                    .map_err(|e| classify(&ep.label, e))?;
+                    .map_err(|e| classify(&ep, e))?;
                 waiters.push(w);
             }
-            batch.send().await.map_err(|e| classify(&ep.label, e))?;
+            batch.send().await.map_err(|e| classify(&ep, e))?;
             let mut headers = Vec::with_capacity(chunk.len());
             for (w, n) in waiters.into_iter().zip(chunk) {
-                match w.await.map_err(|e| classify(&ep.label, e))? {
+                match w.await.map_err(|e| classify(&ep, e))? {
                     // Answers are matched to calls by id only: a header must also be the block asked for.
                     Some(h) if h.number.to::<u64>() == *n => {
                         headers.push((BlockRef::from(h.clone()), h.logs_bloom));
@@ -352,24 +357,21 @@ impl Rpc {
                 let mut batch = ep.client.new_batch();
                 let logs = batch
                     .add_call::<_, Vec<RawLog>>("eth_getLogs", &[filter])
-                    .map_err(|e| classify(&ep.label, e))?;
+                    .map_err(|e| classify(&ep, e))?;
                 let header = batch
                     .add_call::<_, Option<RawHeader>>(
                         "eth_getBlockByNumber",
                         &(U64::from(to), false),
                     )
-                    .map_err(|e| classify(&ep.label, e))?;
-                batch.send().await.map_err(|e| classify(&ep.label, e))?;
-                let logs = logs.await.map_err(|e| classify(&ep.label, e))?;
-                let header = header
-                    .await
-                    .map_err(|e| classify(&ep.label, e))?
-                    .ok_or_else(|| {
-                        RpcError::transport(
-                            ep.label.clone(),
-                            format!("node does not know block {to} yet"),
-                        )
-                    })?;
+                    .map_err(|e| classify(&ep, e))?;
+                batch.send().await.map_err(|e| classify(&ep, e))?;
+                let logs = logs.await.map_err(|e| classify(&ep, e))?;
+                let header = header.await.map_err(|e| classify(&ep, e))?.ok_or_else(|| {
+                    RpcError::transport(
+                        ep.label.clone(),
+                        format!("node does not know block {to} yet"),
+                    )
+                })?;
                 if header.number.to::<u64>() != to {
                     return Err(RpcError::transport(
                         ep.label.clone(),
@@ -470,7 +472,32 @@ impl Rpc {
     }
 }
 
-fn classify(endpoint: &str, e: AlloyRpcError<TransportErrorKind>) -> RpcError {
+/// The [`RpcError`] of an alloy error on `ep`, its texts scrubbed of the URLs' secrets (alloy's and reqwest's
+/// messages, and a provider's error page, may hold the URL or its path).
+fn classify(ep: &Endpoint, e: AlloyRpcError<TransportErrorKind>) -> RpcError {
+    match classify_unscrubbed(&ep.label, e) {
+        RpcError::Transport {
+            endpoint,
+            message,
+            retry_after,
+        } => RpcError::Transport {
+            endpoint,
+            message: ep.secrets.scrub(&message),
+            retry_after,
+        },
+        RpcError::Node {
+            endpoint,
+            code,
+            message,
+        } => RpcError::Node {
+            endpoint,
+            code,
+            message: ep.secrets.scrub(&message),
+        },
+    }
+}
+
+fn classify_unscrubbed(endpoint: &str, e: AlloyRpcError<TransportErrorKind>) -> RpcError {
     let endpoint = endpoint.to_string();
     match e {
         AlloyRpcError::ErrorResp(payload) => RpcError::Node {

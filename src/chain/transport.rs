@@ -11,6 +11,9 @@
 //! So here an HTTP 408, 429 or 5xx is always a transport fault, carrying the server's `Retry-After`; another 4xx
 //! with a JSON-RPC error body is the node's answer (some providers send "range too large" that way); and a batch
 //! must be answered by a batch with exactly one answer per call.
+//!
+//! reqwest's errors are stripped of their URL here (it may carry the provider's key); [`super::Rpc`] scrubs the
+//! rest of each error text with [`super::redact::UrlSecrets`].
 
 use std::collections::HashSet;
 use std::task::{Context, Poll};
@@ -40,7 +43,7 @@ impl CheckedHttp {
             .json(&request)
             .send()
             .await
-            .map_err(TransportErrorKind::custom)?;
+            .map_err(request_error)?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -53,11 +56,11 @@ impl CheckedHttp {
             Err(e) if !status.is_success() => {
                 return Err(TransportErrorKind::http_error_with_retry_after(
                     status.as_u16(),
-                    format!("<body unreadable: {e}>"),
+                    format!("<body unreadable: {}>", e.without_url()),
                     retry_after,
                 ));
             }
-            Err(e) => return Err(TransportErrorKind::custom(e)),
+            Err(e) => return Err(request_error(e)),
         };
         let text = || String::from_utf8_lossy(&body).into_owned();
         if is_transient_status(status.as_u16()) {
@@ -85,6 +88,21 @@ impl CheckedHttp {
         check_ids(&request, &packet)?;
         Ok(packet)
     }
+}
+
+/// A reqwest error as a transport error: without its URL (which names the provider's key) but with its causes
+/// ("error sending request: client error (Connect): tcp connect error: Connection refused"), which reqwest's own
+/// text leaves out.
+fn request_error(e: reqwest::Error) -> TransportError {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    TransportErrorKind::custom_str(&text)
 }
 
 /// Statuses that say nothing about the call itself: the server is busy, rate limiting, or broken.

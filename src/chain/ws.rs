@@ -16,9 +16,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::indexer::{TRANSFER_TOPIC, transfer_from_log};
+use super::redact::{UrlSecrets, redact_url};
 use super::rpc::RawLog;
 use super::status::StatusHandle;
-use crate::config::{ChainSettings, redact_url};
+use crate::config::ChainSettings;
 use crate::store::Store;
 
 /// Buffer for notifications: a slow consumer must not silently skip announced payments.
@@ -34,6 +35,8 @@ pub async fn follow(
     shutdown: CancellationToken,
 ) {
     let label = redact_url(&url);
+    // alloy's and tungstenite's error texts may name the URL (and its key).
+    let secrets = UrlSecrets::new([url.as_str()]);
     let mut backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(250))
         .with_max_delay(Duration::from_secs(30))
@@ -54,6 +57,7 @@ pub async fn follow(
                 tracing::warn!(endpoint = %label, "WebSocket subscription ended; reconnecting in {delay:?}")
             }
             Err(e) => {
+                let e = secrets.scrub(&e);
                 tracing::warn!(endpoint = %label, error = %e, "WebSocket failed; reconnecting in {delay:?}")
             }
         }

@@ -704,7 +704,8 @@ impl Agent {
             (Some(true), _) => format!(
                 "credited {} USDC, balance {} USDC",
                 data["amountUsdc"].as_str().unwrap_or("?"),
-                data["newBalance"].as_str().unwrap_or("?")
+                // `newBalance` is a JSON number (seed 000); the exact decimal is `newBalanceUsdc`.
+                data["newBalanceUsdc"].as_str().unwrap_or("?")
             ),
             (_, Some(pool)) => format!(
                 "pool {pool} blocks {} for {} USDC until {}",

@@ -1024,7 +1024,7 @@ fn print_banner(b: &Banner) {
     line("  KEY=$(node -pe 'JSON.parse(process.argv[1]).data.apiKey ?? \"\"' \"$CLAIM\"); echo \"KEY=$KEY\"".into());
     line("  # 3b. KEY empty? The account got its key on an earlier top-up (keys are shown once): rotate it, signed by the payer".into());
     line(format!(
-        "  NEW=$(curl -s $GW/api/agent/keys/rotate -H 'Content-Type: application/json' -d \"$(node scripts/agent-pay.mjs rotate --key {key2})\"); echo \"$NEW\""
+        "  NEW=$(curl -s $GW/api/agent/keys/rotate -H 'Content-Type: application/json' -d \"$(node scripts/agent-pay.mjs rotate --gateway $GW --key {key2})\"); echo \"$NEW\""
     ));
     line("  KEY=$(node -pe 'JSON.parse(process.argv[1]).data.keys.find(k => k.kind === \"credit\").apiKey' \"$NEW\")".into());
     line("  # 4. use the key: a streamed completion, then the key's usage".into());

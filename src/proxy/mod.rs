@@ -100,6 +100,8 @@ impl Proxy {
 /// Maps a client error to what happened.
 pub fn classify(upstream: &str, e: reqwest::Error) -> UpstreamError {
     let upstream = upstream.to_string();
+    // reqwest's error text names the URL, which may carry a key; the upstream is named by its configured name.
+    let e = e.without_url();
     if e.is_timeout() {
         UpstreamError::Timeout { upstream }
     } else if e.is_connect() {

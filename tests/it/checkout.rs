@@ -22,6 +22,8 @@ use crate::support::*;
 
 pub(crate) const CHAIN_ID: u64 = 31337;
 pub(crate) const CONFIRMATIONS: u64 = 3;
+/// The host of the test config's `server.public_url`, which rotation texts name.
+pub(crate) const GATEWAY_HOST: &str = "gateway.test";
 /// A fixed "now" for the injected clock (2026-01-01T00:00:00Z).
 pub(crate) const T0: i64 = 1_767_225_600;
 
@@ -43,7 +45,7 @@ impl Default for Options {
     }
 }
 
-fn config_text(chain: &TestChain, db: &std::path::Path, opts: &Options) -> String {
+pub(crate) fn config_text(chain: &TestChain, db: &std::path::Path, opts: &Options) -> String {
     format!(
         r#"[server]
 listen = "127.0.0.1:0"
@@ -318,7 +320,8 @@ async fn full_flow_front_running_credits_and_restart() {
     let (status, _, t1) = gw.post("/api/agent/topup", as_topup).await;
     assert_eq!(status, StatusCode::OK, "{t1}");
     assert_eq!(t1["data"]["credited"], true);
-    assert_eq!(t1["data"]["newBalance"], "50.00");
+    assert_eq!(t1["data"]["newBalance"], json!(50));
+    assert_eq!(t1["data"]["newBalanceUsdc"], "50.00");
     let credit_key = t1["data"]["apiKey"].as_str().unwrap().to_string();
     assert_ne!(credit_key, key);
     // Top up 20 of the 20.50 paid: the 0.50 beyond `amount` is credited as well (nothing is lost).
@@ -329,7 +332,8 @@ async fn full_flow_front_running_credits_and_restart() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{t2}");
-    assert_eq!(t2["data"]["newBalance"], "70.50");
+    assert_eq!(t2["data"]["newBalance"], json!(70.5));
+    assert_eq!(t2["data"]["newBalanceUsdc"], "70.50");
     assert_eq!(t2["data"]["surplusUsdc"], "0.50");
     assert!(t2["data"].get("apiKey").is_none());
     assert_eq!(
@@ -575,7 +579,8 @@ async fn prices_seats_and_bad_input() {
     assert_eq!(ok["data"]["amountUsdc"], "84.00");
     assert_eq!(ok["data"]["paidUsdc"], "100.00");
     assert_eq!(ok["data"]["surplus"]["creditedUsdc"], "16.00");
-    assert_eq!(ok["data"]["surplus"]["newBalance"], "46.00");
+    assert_eq!(ok["data"]["surplus"]["newBalance"], json!(46));
+    assert_eq!(ok["data"]["surplus"]["newBalanceUsdc"], "46.00");
 
     // The last europe seat, raced by two payers: exactly one wins; the loser's payment stays claimable.
     let a = {
@@ -697,7 +702,7 @@ async fn key_rotation_refuses_replays() {
     let old_key = ok["data"]["apiKey"].as_str().unwrap().to_string();
     let address = format!("{:#x}", payer.address());
 
-    let rotation = |signer: &PrivateKeySigner, at: i64| json!({"address": address, "signedAt": at, "signature": sign(signer, &rotate_text(&address, CHAIN_ID, at))});
+    let rotation = |signer: &PrivateKeySigner, at: i64| json!({"address": address, "signedAt": at, "signature": sign(signer, &rotate_text(&address, GATEWAY_HOST, chain.pay_to(), CHAIN_ID, at))});
     // Wrong signer, stale message, unknown account: refused.
     let (status, _, err) = gw
         .post("/api/agent/keys/rotate", rotation(chain.payer(1), T0))
@@ -718,7 +723,7 @@ async fn key_rotation_refuses_replays() {
     let (status, _, err) = gw
         .post(
             "/api/agent/keys/rotate",
-            json!({"address": s_addr, "signedAt": T0, "signature": sign(stranger, &rotate_text(&s_addr, CHAIN_ID, T0))}),
+            json!({"address": s_addr, "signedAt": T0, "signature": sign(stranger, &rotate_text(&s_addr, GATEWAY_HOST, chain.pay_to(), CHAIN_ID, T0))}),
         )
         .await;
     assert_eq!(

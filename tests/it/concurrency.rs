@@ -225,7 +225,8 @@ async fn five_hundred_racing_claims_of_one_payment_buy_exactly_one_thing() {
             );
             assert_eq!(rows[0].0, "topup");
             assert_eq!(balance, usdc("50").atomic());
-            assert_eq!(won["data"]["newBalance"], "50.00", "{won}");
+            assert_eq!(won["data"]["newBalance"], json!(50), "{won}");
+            assert_eq!(won["data"]["newBalanceUsdc"], "50.00", "{won}");
             assert_eq!(first["kind"], "topup", "{first}");
         }
         ClaimForm::PoolAsia | ClaimForm::PoolEurope => {

@@ -786,7 +786,14 @@ impl Agent {
             );
             let signed_at = now_unix().max(self.last_signed_at + 1);
             self.last_signed_at = signed_at;
-            let text = rotate_text(&self.record.address, CHAIN_ID, signed_at);
+            // No `server.public_url`: the text names the configured listen address.
+            let text = rotate_text(
+                &self.record.address,
+                "127.0.0.1:0",
+                s.chain.pay_to(),
+                CHAIN_ID,
+                signed_at,
+            );
             let body = json!({"address": self.record.address, "signedAt": signed_at, "signature": sign(&self.signer, &text)});
             s.writes_in_flight.fetch_add(1, Ordering::SeqCst);
             let (generation, answer) = s.post("/api/agent/keys/rotate", &body).await;

@@ -259,7 +259,11 @@ impl Target {
         let addr2 = format!("{:#x}", payer2.address());
         let rotation = (
             addr2.clone(),
-            hex_sig(payer2, &rotate_text(&addr2, 31337, NOW)),
+            // No `server.public_url`: the text names the configured listen address.
+            hex_sig(
+                payer2,
+                &rotate_text(&addr2, "127.0.0.1:8402", chain.pay_to(), 31337, NOW),
+            ),
         );
 
         let http = reqwest::Client::builder()

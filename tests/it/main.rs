@@ -15,6 +15,7 @@ mod limits;
 mod metering;
 mod proxy;
 mod rpc_faults;
+mod secrets;
 mod support;
 mod x402;
 mod x402_routes;

@@ -377,7 +377,8 @@ async fn x402_routes_challenge_buy_credits_and_pool_one_ledger() {
     assert_eq!(body["success"], true);
     let data = &body["data"];
     assert_eq!(data["credited"], true);
-    assert_eq!(data["newBalance"], "10.00");
+    assert_eq!(data["newBalance"], json!(10));
+    assert_eq!(data["newBalanceUsdc"], "10.00");
     let key = data["apiKey"].as_str().unwrap().to_string();
     assert!(key.starts_with("sk-"));
     let pr = payment_response(&headers, "payment-response");
@@ -447,7 +448,8 @@ async fn x402_routes_challenge_buy_credits_and_pool_one_ledger() {
         .post("/x402/credits/12.5", &[("PAYMENT-SIGNATURE", pay)])
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["data"]["newBalance"], "22.50");
+    assert_eq!(body["data"]["newBalance"], json!(22.5));
+    assert_eq!(body["data"]["newBalanceUsdc"], "22.50");
     assert!(body["data"].get("apiKey").is_none());
 
     // A pool subscription.
