@@ -1,8 +1,8 @@
 //! Proxy persistence: per-request usage rows and the credit reservations that go with them.
 //!
 //! A credit request reserves its worst-case cost with a `debit` ledger row in the same transaction that writes
-//! its usage row (`in_flight`), so concurrent requests can never overdraw: the ledger refuses a row that would take
-//! the balance below zero. Settlement refunds the unused part and records what was actually charged.
+//! its usage row (`in_flight`), so concurrent requests can never overdraw: the ledger refuses a debit that would take
+//! the balance below zero (so an account left negative by a reversal cannot reserve anything). Settlement refunds the unused part and records what was actually charged.
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
@@ -160,7 +160,10 @@ pub fn settle_credit(
         )?
     } else if outcome.cost > reserved {
         let available = balance(tx, account)?;
-        let extra = Usdc((outcome.cost.atomic() - reserved.atomic()).min(available.atomic()));
+        // A balance below zero (a reversal) allows no extra charge at all, never a negative one.
+        let extra = Usdc(
+            (outcome.cost.atomic() - reserved.atomic()).min(available.atomic().max(0)),
+        );
         charged = Usdc(reserved.atomic() + extra.atomic());
         if extra > Usdc::ZERO {
             append_ledger(

@@ -13,6 +13,7 @@ mod fuzz;
 mod indexer;
 mod limits;
 mod proxy;
+mod reversals;
 mod rpc_faults;
 mod support;
 mod x402;
