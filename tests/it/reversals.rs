@@ -158,7 +158,7 @@ async fn reversals_credit_topup_reorged_out_goes_negative_and_comes_back_when_mi
     assert_eq!(ev[0].amount_usdc, usdc("2"));
     assert_eq!(ev[0].cause, "reorg");
     assert_eq!(account_balance(&store, payer).await, Usdc(-20));
-    assert_eq!(ledger_kinds(&store, payer, "reversal").await, vec![usdc("-2")]);
+    assert_eq!(ledger_kinds(&store, payer, "reversal").await, vec![Usdc(-2_000_000)]);
     // The key cannot spend: the 402 with the catalog and the balance in the message.
     let (status, answer) = chat(&s, &key).await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{answer}");
@@ -288,7 +288,7 @@ async fn reversals_x402_credits_settlement_that_cannot_be_resubmitted_loses_its_
     assert_eq!(account_balance(&store, payer.address()).await, Usdc::ZERO);
     assert_eq!(
         ledger_kinds(&store, payer.address(), "reversal").await,
-        vec![usdc("-10")]
+        vec![Usdc(-10_000_000)]
     );
     let ev = events(&store).await;
     assert_eq!(ev.len(), 1, "{ev:?}");
