@@ -326,7 +326,16 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
         "SELECT tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, origin_tx \
          FROM claims ORDER BY rowid",
     )?;
-    type ClaimRow = (String, String, String, i64, i64, i64, Option<i64>, Option<String>);
+    type ClaimRow = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        Option<i64>,
+        Option<String>,
+    );
     let claims: Vec<ClaimRow> = stmt
         .query_map([], |r| {
             Ok((
@@ -383,7 +392,9 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
                 out.push(d(
                     "claims",
                     &subject,
-                    format!("reversed, but its payment is confirmed (in {by}): the restore is missing"),
+                    format!(
+                        "reversed, but its payment is confirmed (in {by}): the restore is missing"
+                    ),
                 ));
             }
         } else if payers.is_empty() && !confirmed_purchases.contains_key(&purchase) && !reversed {

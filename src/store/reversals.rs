@@ -124,12 +124,7 @@ fn ledger_error(e: LedgerError) -> rusqlite::Error {
     }
 }
 
-fn record(
-    c: &Connection,
-    origin: &str,
-    seq: i64,
-    ev: &ReversalEvent,
-) -> rusqlite::Result<()> {
+fn record(c: &Connection, origin: &str, seq: i64, ev: &ReversalEvent) -> rusqlite::Result<()> {
     c.prepare_cached(
         "INSERT INTO claim_reversals (claim_tx, seq, kind, account, amount_atomic, cause, tx_hash, at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",

@@ -161,9 +161,8 @@ pub fn settle_credit(
     } else if outcome.cost > reserved {
         let available = balance(tx, account)?;
         // A balance below zero (a reversal) allows no extra charge at all, never a negative one.
-        let extra = Usdc(
-            (outcome.cost.atomic() - reserved.atomic()).min(available.atomic().max(0)),
-        );
+        let extra =
+            Usdc((outcome.cost.atomic() - reserved.atomic()).min(available.atomic().max(0)));
         charged = Usdc(reserved.atomic() + extra.atomic());
         if extra > Usdc::ZERO {
             append_ledger(

@@ -154,8 +154,8 @@ pub async fn check_once(
                         // A credit key is the account's: it stays when other payments fund it (the lower balance
                         // is what limits it); a subscription key, or a credit key this payment alone funded, is
                         // revoked for good.
-                        let revoke = product != "credits"
-                            || !reversals::other_funding(tx, &payer, &origin)?;
+                        let revoke =
+                            product != "credits" || !reversals::other_funding(tx, &payer, &origin)?;
                         if let Some(key) = key_id.filter(|_| revoke) {
                             crate::store::billing::revoke_key(
                                 tx,

@@ -134,9 +134,8 @@ async fn reversals_credit_topup_reorged_out_goes_negative_and_comes_back_when_mi
     let tx = format!("{hash:#x}");
     let block = send(&s.chain, &raw).await;
     s.gw.confirm(&s.chain, block, 1).await;
-    let (status, _, body) = s
-        .gw
-        .post(
+    let (status, _, body) =
+        s.gw.post(
             "/api/agent/topup",
             json!({"txHash": tx, "amount": "2", "signature": claim_sig(&s.chain, 0, &tx)}),
         )
@@ -150,7 +149,11 @@ async fn reversals_credit_topup_reorged_out_goes_negative_and_comes_back_when_mi
     assert_eq!(account_balance(&store, payer).await, Usdc(2_000_000 - 20));
 
     // The block with the payment is replaced: the claim is reversed at once.
-    assert_eq!(s.chain.head().await, block, "the payment is in the head block");
+    assert_eq!(
+        s.chain.head().await,
+        block,
+        "the payment is in the head block"
+    );
     reorg(&s.chain, 1).await;
     let ev = wait_events(&store, 1).await;
     assert_eq!(ev[0].kind, "reversed");
@@ -158,12 +161,18 @@ async fn reversals_credit_topup_reorged_out_goes_negative_and_comes_back_when_mi
     assert_eq!(ev[0].amount_usdc, usdc("2"));
     assert_eq!(ev[0].cause, "reorg");
     assert_eq!(account_balance(&store, payer).await, Usdc(-20));
-    assert_eq!(ledger_kinds(&store, payer, "reversal").await, vec![Usdc(-2_000_000)]);
+    assert_eq!(
+        ledger_kinds(&store, payer, "reversal").await,
+        vec![Usdc(-2_000_000)]
+    );
     // The key cannot spend: the 402 with the catalog and the balance in the message.
     let (status, answer) = chat(&s, &key).await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{answer}");
     assert!(
-        answer["message"].as_str().unwrap().contains("balance -0.00002 USDC"),
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("balance -0.00002 USDC"),
         "{answer}"
     );
     let (_, _, usage) = s.gw.get("/v1/usage", Some(&key)).await;
@@ -228,7 +237,10 @@ async fn reversals_pool_subscription_reorged_out_is_suspended_then_restored() {
     assert!(message.contains(&tx), "{message}");
     // The seat stays held while suspended.
     let (_, _, plans) = s.gw.get("/api/agent/plans", None).await;
-    assert!(plans.to_string().contains("\"availableSeats\":4"), "{plans}");
+    assert!(
+        plans.to_string().contains("\"availableSeats\":4"),
+        "{plans}"
+    );
 
     let again = send(&s.chain, &raw).await;
     s.gw.confirm(&s.chain, again, 1).await;
@@ -292,7 +304,10 @@ async fn reversals_x402_credits_settlement_that_cannot_be_resubmitted_loses_its_
     );
     let ev = events(&store).await;
     assert_eq!(ev.len(), 1, "{ev:?}");
-    assert_eq!((ev[0].kind.as_str(), ev[0].amount_usdc), ("reversed", usdc("10")));
+    assert_eq!(
+        (ev[0].kind.as_str(), ev[0].amount_usdc),
+        ("reversed", usdc("10"))
+    );
     let key = body["data"]["apiKey"].as_str().unwrap();
     let res = gw
         .http
