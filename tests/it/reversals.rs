@@ -3,9 +3,12 @@
 //! `claim_reversals` row), restored when the same transaction is mined again, never reversed twice across
 //! restarts, and an x402 settlement whose re-submission fails loses its credits too. `audit verify` stays clean.
 
+use alloy::eips::Encodable2718;
+use alloy::network::{Ethereum, EthereumWallet, NetworkTransactionBuilder, TransactionBuilder};
 use alloy::primitives::{Address, Bytes};
 use alloy::providers::Provider;
 use alloy::providers::ext::AnvilApi;
+use alloy::rpc::types::TransactionRequest;
 use alloy::rpc::types::anvil::{ReorgOptions, TransactionData};
 use alloy::signers::SignerSync;
 use reqwest::StatusCode;
@@ -15,6 +18,8 @@ use x402_gateway::config::Config;
 use x402_gateway::store::reversals::{self, ReversalEvent};
 use x402_gateway::store::{Store, StoreError};
 use x402_gateway::usdc::Usdc;
+use x402_gateway::x402::eip3009::{Rsv, transfer_vrs_call};
+use x402_gateway::x402::{PaymentPayload, header};
 
 use crate::proxy::{Stack, messages};
 use crate::support::*;
@@ -372,4 +377,119 @@ async fn reversals_restart_in_the_middle_does_not_reverse_twice() {
     assert_eq!(ledger_kinds(&store, payer, "reinstatement").await.len(), 1);
     let report = audit(&gw.config, &store).await;
     assert!(report.is_clean(), "{:?}", report.discrepancies);
+}
+
+/// A transaction of payer `i` itself that uses the x402 payment `pay` (a `PAYMENT-SIGNATURE` value): the payer
+/// submits its own authorization, signed and not sent.
+async fn payer_submits(chain: &TestChain, i: usize, pay: &str) -> (String, Bytes) {
+    let payload: PaymentPayload = header::decode(pay).unwrap();
+    let auth = &payload.payload.authorization;
+    let rsv = Rsv::parse(&payload.payload.signature).unwrap();
+    let from = chain.payer(i).address();
+    let nonce = chain
+        .provider
+        .get_transaction_count(from)
+        .pending()
+        .await
+        .unwrap();
+    let tx = TransactionRequest::default()
+        .with_from(from)
+        .with_to(chain.token())
+        .with_input(transfer_vrs_call(auth, &rsv))
+        .with_nonce(nonce)
+        .with_chain_id(31337)
+        .with_gas_limit(300_000)
+        .with_max_fee_per_gas(20_000_000_000)
+        .with_max_priority_fee_per_gas(1_000_000_000);
+    let wallet = EthereumWallet::from(chain.payer(i).clone());
+    let envelope = <TransactionRequest as NetworkTransactionBuilder<Ethereum>>::build(tx, &wallet)
+        .await
+        .unwrap();
+    (
+        format!("{:#x}", envelope.tx_hash()),
+        Bytes::from(envelope.encoded_2718()),
+    )
+}
+
+/// (e) An x402 settlement reorged out whose authorization the payer used in a transaction of its own: the gateway
+/// recognises that transaction (its `AuthorizationUsed` log), adopts it as the settlement's, and restores the
+/// purchase, instead of leaving it pending forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reversals_x402_settlement_re_mined_by_the_payer_is_adopted_and_restored() {
+    let chain = TestChain::start().await;
+    let gw = X402Gateway::start(&chain, Mode::SelfSettle).await;
+    let store = gw.store().await;
+    let path = "/x402/credits/10";
+    let payer = chain.payer(0).clone();
+    let pay = pay_header(&gw, &chain, &payer, path, |_| {}).await;
+    let (status, headers, body) = gw
+        .post(path, &[("PAYMENT-SIGNATURE", pay.clone())])
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let tx = payment_response(&headers, "payment-response")["transaction"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t = tx.clone();
+    wait_for("the settlement indexed", || {
+        let (store, t) = (store.clone(), t.clone());
+        async move { (!store.transfers_of_tx(t).await.unwrap().is_empty()).then_some(()) }
+    })
+    .await;
+
+    // The new chain holds the payer's own transaction with the same authorization instead of ours.
+    let (own, raw) = payer_submits(&chain, 0, &pay).await;
+    chain
+        .provider
+        .anvil_reorg(ReorgOptions {
+            depth: 1,
+            tx_block_pairs: vec![(TransactionData::Raw(raw), 0)],
+        })
+        .await
+        .unwrap();
+    chain.mine(1).await;
+    wait_for("the payer's transaction adopted", || async {
+        let rows = gw.settlements().await;
+        (rows[0].tx_hash == own).then_some(())
+    })
+    .await;
+    let ev = wait_events(&store, 2).await;
+    assert_eq!(
+        ev.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["reversed", "restored"]
+    );
+    assert_eq!(ev[0].claim_tx, tx);
+    assert_eq!(ev[1].tx_hash.as_deref(), Some(own.as_str()));
+    assert_eq!(account_balance(&store, payer.address()).await, usdc("10"));
+    let x402_events = store
+        .read(|c| -> Result<_, StoreError> { Ok(x402_gateway::store::x402::list_events(c)?) })
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = x402_events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["reorged", "resubmitted"]);
+    assert!(
+        x402_events[1]
+            .detail
+            .as_deref()
+            .unwrap()
+            .starts_with("adopted")
+    );
+    assert_eq!(gw.settlements().await[0].status, "settled");
+    // The adopted transaction cannot be claimed again by txHash.
+    let claimed = store
+        .read(move |c| -> Result<_, StoreError> {
+            Ok(x402_gateway::store::billing::claim_of(c, &own)?)
+        })
+        .await
+        .unwrap();
+    assert!(claimed.is_some());
+    let key = body["data"]["apiKey"].as_str().unwrap();
+    let res = gw
+        .http
+        .get(format!("{}/v1/models", gw.base))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(res.status(), StatusCode::PAYMENT_REQUIRED);
 }
