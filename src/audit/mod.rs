@@ -554,6 +554,12 @@ pub fn payment_detail(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<
     o.insert("transfers".into(), Value::Array(transfers));
     o.insert("claim".into(), claim_row.unwrap_or(Value::Null));
     o.insert("ledger".into(), Value::Array(ledger));
+    // Reversals and restores of the purchase this transaction paid for (a reorg removed its payment).
+    let reversals = match crate::store::reversals::origin_of(c, tx_hash)? {
+        Some(origin) => crate::store::reversals::of_purchase(c, &origin)?,
+        None => Vec::new(),
+    };
+    o.insert("reversals".into(), json!(reversals));
     Ok(Some(Value::Object(o)))
 }
 

@@ -292,10 +292,21 @@ pub fn other_funding(c: &Connection, account: &str, origin: &str) -> rusqlite::R
 
 /// Every reversal and restore, oldest first.
 pub fn list(c: &Connection) -> rusqlite::Result<Vec<ReversalEvent>> {
-    let mut stmt = c.prepare_cached(
-        "SELECT claim_tx, kind, account, amount_atomic, cause, tx_hash, at FROM claim_reversals ORDER BY id",
-    )?;
-    let rows = stmt.query_map([], |r| {
+    select(c, "1 = 1", "")
+}
+
+/// The reversals and restores of one purchase (its original claim's tx hash), oldest first.
+pub fn of_purchase(c: &Connection, origin: &str) -> rusqlite::Result<Vec<ReversalEvent>> {
+    select(c, "claim_tx = ?1", origin)
+}
+
+fn select(c: &Connection, filter: &str, arg: &str) -> rusqlite::Result<Vec<ReversalEvent>> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT claim_tx, kind, account, amount_atomic, cause, tx_hash, at FROM claim_reversals WHERE {filter} \
+         ORDER BY id"
+    ))?;
+    let params: &[&dyn rusqlite::ToSql] = if filter.contains("?1") { &[&arg] } else { &[] };
+    let rows = stmt.query_map(params, |r| {
         Ok(ReversalEvent {
             claim_tx: r.get(0)?,
             kind: r.get(1)?,

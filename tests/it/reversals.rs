@@ -203,6 +203,24 @@ async fn reversals_credit_topup_reorged_out_goes_negative_and_comes_back_when_mi
     let report = audit(&s.gw.config, &store).await;
     assert!(report.is_clean(), "{:?}", report.discrepancies);
     assert_eq!(report.reversals.len(), 2);
+    // The auditor's view of the payment shows both, and the ledger rows that went with them.
+    let t = tx.clone();
+    let detail = store
+        .read(move |c| -> Result<_, StoreError> {
+            Ok(x402_gateway::audit::payment_detail(c, &t)?)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(detail["reversals"][0]["kind"], "reversed", "{detail}");
+    assert_eq!(detail["reversals"][1]["kind"], "restored", "{detail}");
+    let kinds: Vec<&str> = detail["ledger"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["topup", "reversal", "reinstatement"], "{detail}");
 }
 
 /// (b) A pool subscription claimed, then reorged out: its key is refused (402 naming the suspension) while its
