@@ -206,9 +206,7 @@ async fn reversals_credit_topup_reorged_out_goes_negative_and_comes_back_when_mi
     // The auditor's view of the payment shows both, and the ledger rows that went with them.
     let t = tx.clone();
     let detail = store
-        .read(move |c| -> Result<_, StoreError> {
-            Ok(x402_gateway::audit::payment_detail(c, &t)?)
-        })
+        .read(move |c| -> Result<_, StoreError> { Ok(x402_gateway::audit::payment_detail(c, &t)?) })
         .await
         .unwrap()
         .unwrap();
@@ -440,9 +438,7 @@ async fn reversals_x402_settlement_re_mined_by_the_payer_is_adopted_and_restored
     let path = "/x402/credits/10";
     let payer = chain.payer(0).clone();
     let pay = pay_header(&gw, &chain, &payer, path, |_| {}).await;
-    let (status, headers, body) = gw
-        .post(path, &[("PAYMENT-SIGNATURE", pay.clone())])
-        .await;
+    let (status, headers, body) = gw.post(path, &[("PAYMENT-SIGNATURE", pay.clone())]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let tx = payment_response(&headers, "payment-response")["transaction"]
         .as_str()
