@@ -338,6 +338,83 @@ mod tests {
         Ok(())
     }
 
+    /// A database at migration 4 with a ledger, a failed x402 settlement and a re-submitted one is upgraded: the
+    /// ledger keeps its rows and stays append-only, the re-submitted copy names its original, and the start-up
+    /// reconcile reverses only the purchase whose every transaction is gone.
+    #[tokio::test]
+    async fn upgrade_keeps_the_ledger_links_resubmissions_and_reverses_only_what_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            for m in crate::store::migrations(crate::store::SCHEMA_SQL)
+                .unwrap()
+                .iter()
+                .take(4)
+            {
+                c.execute_batch(&m.sql).unwrap();
+            }
+            c.pragma_update(None, "user_version", 4).unwrap();
+            ensure_account(&c, A, 0).unwrap();
+            for (tx, status, block) in [
+                ("0x0a", "orphaned", "0xb1"),
+                ("0x0b", "orphaned", "0xb2"),
+                ("0x0c", "confirmed", "0xb3"),
+            ] {
+                c.execute(
+                    "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, from_address, to_address, \
+                     value_atomic, status, first_seen_at) VALUES (?1, 0, 1, ?2, ?3, '0xbb', 10, ?4, 0)",
+                    params![tx, block, A, status],
+                )
+                .unwrap();
+            }
+            // 0x0a: credits, re-submitted as 0x0c (confirmed). 0x0b: credits, re-submission failed.
+            for tx in ["0x0a", "0x0b"] {
+                c.execute(
+                    "INSERT INTO ledger (account, kind, amount_atomic, balance_after, tx_hash, created_at) \
+                     VALUES (?1, 'topup', 10, (SELECT coalesce(sum(amount_atomic), 0) + 10 FROM ledger), ?2, 0)",
+                    params![A, tx],
+                )
+                .unwrap();
+                insert_claim(&c, tx, A, "topup", Usdc(10), Usdc(10), None, None, None, 0).unwrap();
+                c.execute(
+                    "INSERT INTO x402_settlements (tx_hash, payer, nonce, x402_version, authorization, signature, \
+                     requirements, resource, product, amount_atomic, status, settled_at, updated_at) \
+                     VALUES (?1, ?2, ?1, 2, '{}', '0x', '{}', 'r', 'credits', 10, 'settled', 0, 0)",
+                    params![tx, A],
+                )
+                .unwrap();
+            }
+            c.execute_batch(
+                "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, claimed_at) \
+                 SELECT '0x0c', account, kind, paid_atomic, price_atomic, surplus_atomic, 1 FROM claims \
+                 WHERE tx_hash = '0x0a';
+                 UPDATE x402_settlements SET tx_hash = '0x0c' WHERE nonce = '0x0a';
+                 INSERT INTO x402_events (settlement_id, kind, tx_hash, at) VALUES (1, 'reorged', '0x0a', 1);
+                 INSERT INTO x402_events (settlement_id, kind, tx_hash, at) VALUES (1, 'resubmitted', '0x0c', 1);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        store
+            .write(|c| -> Result<(), StoreError> {
+                assert_eq!(balance(c, A)?, Usdc(20));
+                assert_eq!(origin_of(c, "0x0c")?.as_deref(), Some("0x0a"));
+                let done = reconcile_all(c, 5)?;
+                assert_eq!(done.len(), 1, "{done:?}");
+                assert_eq!(done[0].claim_tx, "0x0b");
+                assert_eq!(balance(c, A)?, Usdc(10));
+                assert!(
+                    c.execute("UPDATE ledger SET amount_atomic = 0", [])
+                        .is_err()
+                );
+                assert!(c.execute("DELETE FROM ledger", []).is_err());
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn reverses_below_zero_once_refuses_debits_and_restores_once() {
         let dir = tempfile::tempdir().unwrap();
