@@ -416,6 +416,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_credit_key_is_funded_by_other_live_claims_or_grants_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("f.db")).unwrap();
+        store
+            .write(|c| -> Result<(), StoreError> {
+                ensure_account(c, A, 0)?;
+                insert_claim(c, TX, A, "topup", Usdc(10), Usdc(10), None, None, None, 0)?;
+                assert!(!other_funding(c, A, TX)?, "only this purchase");
+                // Another top-up funds it, until that one is reversed too.
+                insert_claim(c, "0x02", A, "topup", Usdc(10), Usdc(10), None, None, None, 0)?;
+                assert!(other_funding(c, A, TX)?);
+                c.execute(
+                    "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, from_address, \
+                     to_address, value_atomic, status, first_seen_at) VALUES ('0x02', 0, 1, '0xb9', ?1, '0xbb', \
+                     10, 'orphaned', 0)",
+                    [A],
+                )?;
+                assert!(reconcile_tx(c, "0x02", 1)?.is_some());
+                assert!(!other_funding(c, A, TX)?);
+                // An operator grant funds it.
+                append_ledger(c, A, LedgerKind::Grant, Usdc(1), None, None, None, 2)
+                    .map_err(ledger_error)?;
+                assert!(other_funding(c, A, TX)?);
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn reverses_below_zero_once_refuses_debits_and_restores_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("r.db")).unwrap();
