@@ -258,3 +258,72 @@ ALTER TABLE usage ADD COLUMN input_price_atomic INTEGER;
 ALTER TABLE usage ADD COLUMN output_price_atomic INTEGER;
 ALTER TABLE usage ADD COLUMN overrun_tokens INTEGER NOT NULL DEFAULT 0 CHECK (overrun_tokens >= 0);
 ALTER TABLE usage ADD COLUMN uncharged_atomic INTEGER NOT NULL DEFAULT 0 CHECK (uncharged_atomic >= 0);
+
+-- migration: 6 reversals
+-- Claimed payments that a reorg removed (issue 13, hole 8). When every transaction of a purchase has left the
+-- canonical chain, the purchase is reversed at once, in the indexer's own write: its credits are taken back with a
+-- `reversal` ledger row (the balance may go negative), its subscription keys are suspended, and a
+-- `claim_reversals` row records it. When one of its transactions is confirmed again, the same amount comes back
+-- as a `reinstatement` row, the keys the reversal suspended are unsuspended, and a `restored` row records it.
+
+-- The purchase a claim row belongs to: NULL for the original claim, else the tx hash of the original claim (an
+-- x402 settlement re-submitted, or adopted from the payer's own transaction, gets a copy of its claim row keyed by
+-- the new transaction). All transactions of one purchase back it together.
+ALTER TABLE claims ADD COLUMN origin_tx TEXT;
+CREATE INDEX claims_origin ON claims (origin_tx) WHERE origin_tx IS NOT NULL;
+-- Copies made before this migration: the original is the tx of the settlement's first `reorged` event.
+UPDATE claims SET origin_tx = (
+    SELECT first.tx_hash FROM x402_events e JOIN x402_events first ON first.settlement_id = e.settlement_id
+    WHERE e.kind = 'resubmitted' AND e.tx_hash = claims.tx_hash AND first.kind = 'reorged'
+    ORDER BY first.id LIMIT 1)
+WHERE tx_hash IN (SELECT tx_hash FROM x402_events WHERE kind = 'resubmitted' AND tx_hash IS NOT NULL);
+
+-- A key suspended by a reversal (`suspended_by` = the purchase's original tx hash). Independent of revocation: a
+-- restore clears only the suspension, so a key revoked for another reason stays revoked.
+ALTER TABLE api_keys ADD COLUMN suspended_at INTEGER;
+ALTER TABLE api_keys ADD COLUMN suspended_by TEXT;
+
+-- Every reversal and restore, for auditors. `seq` counts the purchase's events from 1: odd rows are `reversed`,
+-- even rows `restored`, and (claim_tx, seq) is unique, so a purchase can never be reversed twice in a row (a
+-- retried or restarted task finds the row already there).
+CREATE TABLE claim_reversals (
+    id            INTEGER PRIMARY KEY,
+    claim_tx      TEXT    NOT NULL REFERENCES claims (tx_hash), -- the purchase's original claim
+    seq           INTEGER NOT NULL CHECK (seq >= 1),
+    kind          TEXT    NOT NULL CHECK (kind IN ('reversed', 'restored')),
+    account       TEXT    NOT NULL,
+    amount_atomic INTEGER NOT NULL CHECK (amount_atomic >= 0), -- credits taken back / given back
+    cause         TEXT    NOT NULL, -- reorg, settlement_failed, confirmed_again
+    tx_hash       TEXT,             -- the transaction whose confirmation restored it
+    at            INTEGER NOT NULL,
+    UNIQUE (claim_tx, seq),
+    CHECK ((kind = 'reversed') = (seq % 2 = 1))
+);
+
+-- The ledger again, with two more kinds and the new balance rule: a `reversal` may take a balance below zero (and
+-- rows that add credits may leave it there), but a `debit` never ends below zero, so a negative account cannot
+-- spend until it is topped up. SQLite cannot change a CHECK in place: the table is copied.
+CREATE TABLE ledger_v6 (
+    id            INTEGER PRIMARY KEY,
+    account       TEXT    NOT NULL REFERENCES accounts (address),
+    kind          TEXT    NOT NULL CHECK (kind IN ('topup', 'surplus', 'grant', 'debit', 'refund', 'reversal',
+                                                   'reinstatement')),
+    amount_atomic INTEGER NOT NULL,
+    balance_after INTEGER NOT NULL,
+    tx_hash       TEXT,
+    key_id        INTEGER,
+    note          TEXT,
+    created_at    INTEGER NOT NULL,
+    CHECK (kind <> 'debit' OR balance_after >= 0),
+    CHECK ((kind IN ('debit', 'reversal')) = (amount_atomic < 0) OR amount_atomic = 0)
+);
+INSERT INTO ledger_v6 (id, account, kind, amount_atomic, balance_after, tx_hash, key_id, note, created_at)
+    SELECT id, account, kind, amount_atomic, balance_after, tx_hash, key_id, note, created_at FROM ledger;
+DROP TABLE ledger;
+ALTER TABLE ledger_v6 RENAME TO ledger;
+CREATE INDEX ledger_account ON ledger (account, id);
+CREATE INDEX ledger_tx_hash ON ledger (tx_hash) WHERE tx_hash IS NOT NULL;
+CREATE TRIGGER ledger_append_only_update BEFORE UPDATE ON ledger
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+CREATE TRIGGER ledger_append_only_delete BEFORE DELETE ON ledger
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;

@@ -368,6 +368,10 @@ fn print_keys(keys: &[billing_store::KeyRecord]) {
                     billing::rfc3339(at),
                     reason.as_deref().unwrap_or("")
                 ),
+                (None, _) if k.suspended_at.is_some() => format!(
+                    "SUSPENDED (payment {} reversed by a reorg)",
+                    k.suspended_by.as_deref().unwrap_or("")
+                ),
                 (None, _) => "live".to_string(),
             }
         );

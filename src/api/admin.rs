@@ -154,7 +154,7 @@ async fn render(state: &AppState) -> Result<String, StoreError> {
                 .map(|(_, v)| v)
                 .collect();
             let mut stmt = c.prepare_cached(
-                "SELECT k.kind, CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked' \
+                "SELECT k.kind, CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked' WHEN k.suspended_at IS NOT NULL THEN 'suspended' \
                  WHEN s.expires_at IS NOT NULL AND s.expires_at <= ?1 THEN 'expired' ELSE 'live' END AS state, \
                  count(*) FROM api_keys k LEFT JOIN subscriptions s ON s.id = k.subscription_id \
                  GROUP BY k.kind, state ORDER BY k.kind, state",

@@ -256,6 +256,19 @@ pub async fn serve_with_env(
             "refunded the reservations of requests interrupted by the last stop"
         );
     }
+    // Purchases whose payments left the chain while no reversal code ran (a database from before migration 6):
+    // the indexer reconciles the rest as it changes transfers.
+    let reconciled = store
+        .write(move |tx| -> Result<_, crate::store::StoreError> {
+            Ok(crate::store::reversals::reconcile_all(tx, now)?)
+        })
+        .await?;
+    if !reconciled.is_empty() {
+        tracing::warn!(
+            purchases = reconciled.len(),
+            "reconciled claimed payments with the index at start-up (reversed or restored)"
+        );
+    }
     let status = StatusHandle::default();
     let indexer = crate::chain::spawn(
         settings.chain.clone(),

@@ -157,14 +157,24 @@ async fn authorize(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(crate::keys::from_bearer);
+    let mut message = None;
     if let Some(key) = presented {
         match state.billing.authorize(key).await {
             Ok(Some(k)) => return Ok(k),
             Ok(None) => {}
             Err(e) => return Err(OpenAiError::internal(e).into_response()),
         }
+        // A suspended key gets the same 402 (it cannot be used), with the reason and when it comes back.
+        if let Ok(Some(k)) = state.billing.suspended_key(key).await {
+            message = Some(format!(
+                "key {} is suspended: the payment that bought it (transaction {}) left the canonical chain in a \
+                 reorg. It works again, by itself, once that payment is confirmed on chain again.",
+                k.public_id,
+                k.suspended_by.unwrap_or_default()
+            ));
+        }
     }
-    Err(super::agent::payment_required_with(state, headers, None).await)
+    Err(super::agent::payment_required_with(state, headers, message).await)
 }
 
 fn price_of(model: &crate::config::Model) -> Prices {

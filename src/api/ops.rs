@@ -127,7 +127,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             let reorgs: i64 = c.query_row("SELECT count(*) FROM reorgs", [], |r| r.get(0))?;
             let mut keys = Vec::new();
             let mut stmt = c.prepare_cached(
-                "SELECT k.kind, CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked' \
+                "SELECT k.kind, CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked' WHEN k.suspended_at IS NOT NULL THEN 'suspended' \
                  WHEN s.expires_at IS NOT NULL AND s.expires_at <= ?1 THEN 'expired' ELSE 'live' END AS state, \
                  count(*) FROM api_keys k LEFT JOIN subscriptions s ON s.id = k.subscription_id \
                  GROUP BY k.kind, state",

@@ -299,7 +299,7 @@ impl Dataset {
             Dataset::Keys { account } => {
                 let mut stmt = c.prepare_cached(
                     "SELECT k.id, k.public_id, k.kind, k.account, s.pool, s.blocks, s.expires_at, k.created_at, \
-                     k.created_by, k.revoked_at, k.revoked_reason FROM api_keys k \
+                     k.created_by, k.revoked_at, k.revoked_reason, k.suspended_at FROM api_keys k \
                      LEFT JOIN subscriptions s ON s.id = k.subscription_id \
                      WHERE k.id > ?1 AND (?2 IS NULL OR k.account = ?2) ORDER BY k.id LIMIT ?3",
                 )?;
@@ -307,8 +307,12 @@ impl Dataset {
                     let id: i64 = r.get(0)?;
                     let expires: Option<i64> = r.get(6)?;
                     let revoked: Option<i64> = r.get(9)?;
+                    let suspended: Option<i64> = r.get(11)?;
                     let state = if revoked.is_some() {
                         "revoked"
+                    } else if suspended.is_some() {
+                        // Its payment was reversed by a reorg; restored if it is mined again.
+                        "suspended"
                     } else if expires.is_some_and(|e| e <= now) {
                         "expired"
                     } else {
@@ -554,6 +558,12 @@ pub fn payment_detail(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<
     o.insert("transfers".into(), Value::Array(transfers));
     o.insert("claim".into(), claim_row.unwrap_or(Value::Null));
     o.insert("ledger".into(), Value::Array(ledger));
+    // Reversals and restores of the purchase this transaction paid for (a reorg removed its payment).
+    let reversals = match crate::store::reversals::origin_of(c, tx_hash)? {
+        Some(origin) => crate::store::reversals::of_purchase(c, &origin)?,
+        None => Vec::new(),
+    };
+    o.insert("reversals".into(), json!(reversals));
     Ok(Some(Value::Object(o)))
 }
 

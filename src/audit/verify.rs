@@ -6,9 +6,14 @@
 //!    with the stored from, to and value; the stored block is canonical (`eth_getBlockByNumber`) and deep enough.
 //! 2. **claims** — every claim is backed by confirmed transfers from its account worth exactly what it paid, and
 //!    its price and surplus add up; no transaction is claimed twice (case-insensitive), sold twice as a
-//!    subscription, or credited twice in the ledger.
+//!    subscription, or credited twice in the ledger. A claim is checked as part of its purchase (an x402
+//!    settlement re-submitted after a reorg has one claim row per transaction): a purchase that is **reversed** (its
+//!    payment left the chain, see `store::reversals`) must have no confirmed transfer (else its restore is missing),
+//!    and each reversal and restore must be matched by exactly one `reversal` / `reinstatement` ledger row of its
+//!    amount. The report lists every reversal.
 //! 3. **ledger** — every row's running balance follows from the previous one, and each account's balance equals
-//!    the sum of its ledger; each top-up claim credited its price and its surplus.
+//!    the sum of its ledger; each top-up claim credited its price and its surplus. A negative balance is a
+//!    discrepancy unless the account has a purchase that is reversed now.
 //! 4. **seats** — every seat belongs to an existing subscription of the same pool, one of its blocks, with the same
 //!    expiry; every subscription holds exactly one seat per block it bought.
 //! 5. **usage** — every settled credit request was charged its reported tokens at the prices it was reserved at
@@ -30,6 +35,7 @@ use serde::Serialize;
 use crate::chain::Rpc;
 use crate::chain::indexer::transfer_from_log;
 use crate::config::Settings;
+use crate::store::reversals::{self, ReversalEvent};
 use crate::store::transfers::{Transfer, TransferStatus};
 use crate::store::{Store, StoreError};
 use crate::usdc::Usdc;
@@ -62,6 +68,8 @@ pub struct Report {
     pub subscriptions_checked: u64,
     pub usage_rows_checked: u64,
     pub chain_head: u64,
+    /// Claimed payments reversed because a reorg removed them, and restored when mined again (oldest first).
+    pub reversals: Vec<ReversalEvent>,
     pub discrepancies: Vec<Discrepancy>,
     /// Requests whose upstream generated past the gateway's bound (charged the reservation, the rest recorded).
     pub overruns: Vec<Overrun>,
@@ -293,6 +301,16 @@ pub async fn verify(
     let (found, counts) = store
         .read(|c| -> Result<_, StoreError> { Ok(check_database(c)?) })
         .await?;
+    report.reversals = store
+        .read(|c| -> Result<_, StoreError> { Ok(reversals::list(c)?) })
+        .await?;
+    if !report.reversals.is_empty() {
+        let open = open_reversals(&report.reversals);
+        progress(&format!(
+            "      {} reversal events; {open} purchases reversed now (their payments left the chain)",
+            report.reversals.len()
+        ));
+    }
     report.claims_checked = counts.claims;
     report.accounts_checked = counts.accounts;
     report.ledger_rows_checked = counts.ledger_rows;
@@ -469,10 +487,19 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
 
     // Claims.
     let mut stmt = c.prepare(
-        "SELECT tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id FROM claims \
-         ORDER BY rowid",
+        "SELECT tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, origin_tx \
+         FROM claims ORDER BY rowid",
     )?;
-    type ClaimRow = (String, String, String, i64, i64, i64, Option<i64>);
+    type ClaimRow = (
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        Option<i64>,
+        Option<String>,
+    );
     let claims: Vec<ClaimRow> = stmt
         .query_map([], |r| {
             Ok((
@@ -483,11 +510,26 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
                 r.get(4)?,
                 r.get(5)?,
                 r.get(6)?,
+                r.get(7)?,
             ))
         })?
         .collect::<rusqlite::Result<_>>()?;
+    // Purchases: a claim and its copies (x402 re-submissions) are backed by any of their transactions.
+    let mut confirmed_purchases: HashMap<String, String> = HashMap::new();
+    for (tx, _, _, _, _, _, _, origin) in &claims {
+        let confirmed: bool = c
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM transfers WHERE lower(tx_hash) = lower(?1) AND status = 'confirmed')",
+            )?
+            .query_row([tx], |r| r.get(0))?;
+        if confirmed {
+            confirmed_purchases.insert(origin.clone().unwrap_or_else(|| tx.clone()), tx.clone());
+        }
+    }
     let mut seen: HashMap<String, String> = HashMap::new();
-    for (tx, account, kind, paid, price, surplus, sub) in &claims {
+    for (tx, account, kind, paid, price, surplus, sub, origin) in &claims {
+        let purchase = origin.clone().unwrap_or_else(|| tx.clone());
+        let reversed = reversals::is_reversed(c, &purchase)?;
         counts.claims += 1;
         let subject = format!("claim {tx}");
         if let Some(first) = seen.insert(tx.to_ascii_lowercase(), tx.clone()) {
@@ -509,13 +551,23 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
             .filter(|(p, _)| p == account)
             .map(|(_, v)| v)
             .sum();
-        if payers.is_empty() {
+        if reversed && origin.is_none() {
+            if let Some(by) = confirmed_purchases.get(&purchase) {
+                out.push(d(
+                    "claims",
+                    &subject,
+                    format!(
+                        "reversed, but its payment is confirmed (in {by}): the restore is missing"
+                    ),
+                ));
+            }
+        } else if payers.is_empty() && !confirmed_purchases.contains_key(&purchase) && !reversed {
             out.push(d(
                 "claims",
                 &subject,
-                "no confirmed transfer backs this claim",
+                "no confirmed transfer backs this claim, and it is not reversed",
             ));
-        } else if from_account != *paid {
+        } else if !payers.is_empty() && from_account != *paid {
             out.push(d(
                 "claims",
                 &subject,
@@ -552,6 +604,35 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
             )?
             .query_row(params![tx, k], |r| Ok((r.get(0)?, r.get(1)?)))
         };
+        if origin.is_some() {
+            // A copy of a claim for another transaction of the same payment: the ledger rows name the original.
+            continue;
+        }
+        let (reversed_sum, reinstated_sum) = {
+            let (_, rev) = credited("reversal")?;
+            let (_, rein) = credited("reinstatement")?;
+            (rev, rein)
+        };
+        let (expected_rev, expected_rein): (i64, i64) = c
+            .prepare_cached(
+                "SELECT coalesce(sum(CASE WHEN kind = 'reversed' THEN amount_atomic END), 0), \
+                 coalesce(sum(CASE WHEN kind = 'restored' THEN amount_atomic END), 0) FROM claim_reversals \
+                 WHERE claim_tx = ?1",
+            )?
+            .query_row([tx], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        if reversed_sum != -expected_rev || reinstated_sum != expected_rein {
+            out.push(d(
+                "ledger",
+                &subject,
+                format!(
+                    "reversals recorded {} USDC taken back and {} USDC given back, but the ledger has {} and {}",
+                    Usdc(expected_rev),
+                    Usdc(expected_rein),
+                    Usdc(-reversed_sum),
+                    Usdc(reinstated_sum)
+                ),
+            ));
+        }
         let (topups, topup_sum) = credited("topup")?;
         let (surpluses, surplus_sum) = credited("surplus")?;
         if topups > 1 || surpluses > 1 {
@@ -661,11 +742,13 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
                 ),
             ));
         }
-        if sum < 0 {
+        // A reversal may take a balance below zero (credits spent before their payment left the chain); nothing
+        // else may.
+        if sum < 0 && !has_open_reversal(c, &account)? {
             out.push(d(
                 "ledger",
                 format!("account {account}"),
-                "negative balance",
+                "negative balance, and no purchase of this account is reversed",
             ));
         }
     }
@@ -771,4 +854,21 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
         }
     }
     Ok((out, counts))
+}
+
+/// Purchases whose last event is a reversal.
+fn open_reversals(events: &[ReversalEvent]) -> usize {
+    let mut last: HashMap<&str, &str> = HashMap::new();
+    for e in events {
+        last.insert(&e.claim_tx, &e.kind);
+    }
+    last.values().filter(|k| **k == "reversed").count()
+}
+
+fn has_open_reversal(c: &Connection, account: &str) -> rusqlite::Result<bool> {
+    c.prepare_cached(
+        "SELECT 1 FROM claim_reversals r WHERE r.account = ?1 AND r.kind = 'reversed' \
+         AND r.seq = (SELECT max(seq) FROM claim_reversals x WHERE x.claim_tx = r.claim_tx) LIMIT 1",
+    )?
+    .exists([account])
 }

@@ -387,6 +387,11 @@ impl Billing {
         &self.store
     }
 
+    /// The chain client (contract-wallet proofs; receipts for the x402 reorg task).
+    pub fn rpc(&self) -> &Rpc {
+        &self.rpc
+    }
+
     /// Claims a confirmed payment; see the module documentation.
     pub async fn claim(&self, req: ClaimRequest) -> Result<Claimed, ClaimError> {
         let chain_id = self.settings.chain.network.chain_id;
@@ -740,7 +745,7 @@ impl Billing {
                 .read(move |c| -> Result<_, StoreError> { Ok(sql::list_keys(c, Some(&account))?) })
                 .await?
                 .into_iter()
-                .filter(|k| k.revoked_at.is_none())
+                .filter(|k| k.is_live())
                 .collect()
         };
         let mut fresh = Vec::with_capacity(live.len() + 1);
@@ -759,7 +764,7 @@ impl Billing {
                 }
                 let live: Vec<KeyRecord> = sql::list_keys(tx, Some(&account))?
                     .into_iter()
-                    .filter(|k| k.revoked_at.is_none())
+                    .filter(|k| k.is_live())
                     .filter(|k| only.as_ref().is_none_or(|id| &k.public_id == id))
                     .collect();
                 if let Some(id) = &only
@@ -816,6 +821,27 @@ impl Billing {
             .await
     }
 
+    /// The key behind `Authorization: Bearer …` when it is refused only because it is suspended (the payment that
+    /// bought it left the chain and its purchase is reversed): the caller says so instead of a bare 402.
+    pub async fn suspended_key(&self, presented: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let Some(parsed) = keys::parse(presented) else {
+            return Ok(None);
+        };
+        let public_id = parsed.public_id.to_string();
+        let secret = parsed.secret.to_string();
+        self.store
+            .read(move |c| -> Result<_, StoreError> {
+                let Some((record, hash)) = sql::key_by_public_id(c, &public_id)? else {
+                    return Ok(None);
+                };
+                let suspended = keys::secret_matches(&secret, &hash)
+                    && record.revoked_at.is_none()
+                    && record.suspended_at.is_some();
+                Ok(suspended.then_some(record))
+            })
+            .await
+    }
+
     /// The key behind `Authorization: Bearer …`, if it is valid now (exists, secret matches, not revoked, its
     /// subscription not expired).
     pub async fn authorize(&self, presented: &str) -> Result<Option<AuthorizedKey>, StoreError> {
@@ -831,7 +857,7 @@ impl Billing {
                     return Ok(None);
                 };
                 let ok = keys::secret_matches(&secret, &hash)
-                    && record.revoked_at.is_none()
+                    && record.is_live()
                     && record.expires_at.is_none_or(|e| e > now);
                 Ok(ok.then_some(AuthorizedKey { record }))
             })

@@ -18,6 +18,10 @@ pub enum LedgerKind {
     Grant,
     Debit,
     Refund,
+    /// Credits taken back because the payment that bought them left the chain (may take the balance below zero).
+    Reversal,
+    /// Reversed credits given back because the payment was confirmed again.
+    Reinstatement,
 }
 
 impl LedgerKind {
@@ -28,6 +32,8 @@ impl LedgerKind {
             LedgerKind::Grant => "grant",
             LedgerKind::Debit => "debit",
             LedgerKind::Refund => "refund",
+            LedgerKind::Reversal => "reversal",
+            LedgerKind::Reinstatement => "reinstatement",
         }
     }
 }
@@ -59,7 +65,12 @@ pub fn balance(c: &Connection, address: &str) -> rusqlite::Result<Usdc> {
     Ok(Usdc(b.unwrap_or(0)))
 }
 
-/// Appends a ledger row; refuses one that would take the balance below zero. Returns the new balance.
+/// Appends a ledger row. Returns the new balance.
+///
+/// A `debit` that would leave the balance below zero is refused: a reservation never overdraws, and an account
+/// whose balance is negative (after a reversal) cannot spend at all until it is topped up. A `reversal` may take the
+/// balance below zero (the credits are gone whatever was spent from them), and rows that add credits may leave it
+/// there.
 #[allow(clippy::too_many_arguments)]
 pub fn append_ledger(
     c: &Connection,
@@ -72,13 +83,17 @@ pub fn append_ledger(
     now: i64,
 ) -> Result<Usdc, LedgerError> {
     let before = balance(c, address)?;
-    let after = before.0.checked_add(amount.0).unwrap_or(-1);
-    if after < 0 {
+    let after = before.0.checked_add(amount.0);
+    let refused = match after {
+        None => true,
+        Some(after) => kind == LedgerKind::Debit && after < 0,
+    };
+    let Some(after) = after.filter(|_| !refused) else {
         return Err(LedgerError::Insufficient {
             balance: before,
-            needed: Usdc(-amount.0),
+            needed: Usdc(amount.0.saturating_neg()),
         });
-    }
+    };
     c.prepare_cached(
         "INSERT INTO ledger (account, kind, amount_atomic, balance_after, tx_hash, key_id, note, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -246,10 +261,21 @@ pub struct KeyRecord {
     pub created_by: String,
     pub revoked_at: Option<i64>,
     pub revoked_reason: Option<String>,
+    /// Set while the payment that bought the key is reversed (see `store::reversals`).
+    pub suspended_at: Option<i64>,
+    /// The purchase (its original claim's tx hash) whose reversal suspended the key.
+    pub suspended_by: Option<String>,
+}
+
+impl KeyRecord {
+    /// Not revoked and not suspended (expiry is checked apart, against the caller's clock).
+    pub fn is_live(&self) -> bool {
+        self.revoked_at.is_none() && self.suspended_at.is_none()
+    }
 }
 
 const KEY_SELECT: &str = "SELECT k.id, k.public_id, k.kind, k.account, k.subscription_id, s.pool, s.blocks, \
-     s.expires_at, k.created_at, k.created_by, k.revoked_at, k.revoked_reason, k.secret_hash FROM api_keys k \
+     s.expires_at, k.created_at, k.created_by, k.revoked_at, k.revoked_reason, k.secret_hash, k.suspended_at, k.suspended_by FROM api_keys k \
      LEFT JOIN subscriptions s ON s.id = k.subscription_id";
 
 fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
@@ -267,6 +293,8 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
         created_by: r.get(9)?,
         revoked_at: r.get(10)?,
         revoked_reason: r.get(11)?,
+        suspended_at: r.get(13)?,
+        suspended_by: r.get(14)?,
     })
 }
 

@@ -9,6 +9,7 @@
 //! transactions and migrations.
 
 pub mod billing;
+pub mod reversals;
 pub mod transfers;
 pub mod usage;
 pub mod x402;

@@ -367,6 +367,17 @@ impl Store {
                 outcome.newly_confirmed.push(row);
             }
             outcome.pending = select_transfers(tx, "status = 'seen' ORDER BY block_number, log_index", &[])?;
+            // Claimed payments whose transfers left the chain, or came back confirmed: reversed or restored in
+            // this same transaction (see `store::reversals`).
+            let changed: HashSet<&str> = outcome
+                .orphaned
+                .iter()
+                .chain(&outcome.newly_confirmed)
+                .map(|t| t.tx_hash.as_str())
+                .collect();
+            for hash in changed {
+                super::reversals::reconcile_tx(tx, hash, now)?;
+            }
             Ok(outcome)
         })
         .await
@@ -386,6 +397,12 @@ impl Store {
                     row.id, now
                 ])?;
                 record_status(tx, row.id, TransferStatus::Orphaned, fork.number, "reorg: block left the canonical chain")?;
+            }
+            // A claimed payment whose every transfer is gone is reversed in this same transaction: no window in
+            // which the index says "orphaned" while its credits and keys still work.
+            let hashes: HashSet<&str> = gone.iter().map(|t| t.tx_hash.as_str()).collect();
+            for hash in hashes {
+                super::reversals::reconcile_tx(tx, hash, now)?;
             }
             tx.execute("DELETE FROM recent_blocks WHERE number > ?1", [fork.number as i64])?;
             tx.execute(

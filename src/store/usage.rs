@@ -1,10 +1,10 @@
 //! Proxy persistence: per-request usage rows and the credit reservations that go with them.
 //!
 //! A credit request reserves its worst-case cost with a `debit` ledger row in the same transaction that writes
-//! its usage row (`in_flight`), so concurrent requests can never overdraw: the ledger refuses a row that would take
-//! the balance below zero. Settlement refunds the unused part and records what was actually charged, which is never
-//! more than the reservation: what an upstream produced beyond it is recorded (`overrun_tokens`,
-//! `uncharged_atomic`), not charged.
+//! its usage row (`in_flight`), so concurrent requests can never overdraw: the ledger refuses a debit that would take
+//! the balance below zero (so an account left negative by a reversal cannot reserve anything). Settlement refunds
+//! the unused part and records what was actually charged, which is never more than the reservation: what an
+//! upstream produced beyond it is recorded (`overrun_tokens`, `uncharged_atomic`), not charged.
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;

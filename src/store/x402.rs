@@ -202,13 +202,34 @@ pub fn store_idempotent_answer(
 }
 
 /// Links another transaction of the same payment to its claim: a copy of `old`'s claim row keyed by `new`, so the
-/// re-submitted transfer can never be claimed by txHash either. `false` when `new` already has a claim.
+/// re-submitted transfer can never be claimed by txHash either. The copy names the purchase's original claim
+/// (`origin_tx`), so a confirmation of `new` restores a purchase that was reversed when `old` left the chain.
+/// `false` when `new` already has a claim.
 pub fn link_claim(c: &Connection, old: &str, new: &str, now: i64) -> rusqlite::Result<bool> {
     let n = c.execute(
         "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, \
-         key_id, signature, claimed_at) SELECT ?2, account, kind, paid_atomic, price_atomic, surplus_atomic, \
-         subscription_id, key_id, signature, ?3 FROM claims WHERE tx_hash = ?1 ON CONFLICT (tx_hash) DO NOTHING",
+         key_id, signature, claimed_at, origin_tx) SELECT ?2, account, kind, paid_atomic, price_atomic, \
+         surplus_atomic, subscription_id, key_id, signature, ?3, coalesce(origin_tx, tx_hash) FROM claims \
+         WHERE tx_hash = ?1 ON CONFLICT (tx_hash) DO NOTHING",
         params![old, new, now],
     )?;
     Ok(n == 1)
+}
+
+/// Indexed, not orphaned, unclaimed transactions with a transfer of exactly `value` from `from` to `to`: where a
+/// payer may have used a settlement's authorization themselves. Newest first.
+pub fn adoption_candidates(
+    c: &Connection,
+    from: &str,
+    to: &str,
+    value: i64,
+) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT t.tx_hash FROM transfers t WHERE t.from_address = ?1 AND t.to_address = ?2 \
+         AND t.value_atomic = ?3 AND t.status <> 'orphaned' \
+         AND NOT EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash) GROUP BY t.tx_hash \
+         ORDER BY max(t.id) DESC LIMIT 16",
+    )?;
+    let rows = stmt.query_map(params![from, to, value], |r| r.get(0))?;
+    rows.collect()
 }

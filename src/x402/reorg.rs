@@ -2,12 +2,16 @@
 //! indexer has seen and now holds only as `orphaned`, and re-submits the same authorization (still valid while
 //! `validBefore` has not passed, and unused on the new chain). The new transaction replaces the old one in the
 //! settlement record and gets a copy of its claim row (so it cannot be claimed by txHash either). If the
-//! re-submission is refused (expired, the payer's balance moved, …), the key minted from the payment is revoked
-//! with reason `settlement_reorged` and the settlement marked `failed`. Every step is an `x402_events` row.
+//! re-submission is refused (expired, the payer's balance moved, …), the purchase is reversed (its credits taken
+//! back, through `store::reversals`, if the indexer has not done so already), the key minted from the payment is
+//! revoked with reason `settlement_reorged` (a credit key only when nothing else funds it), and the settlement is
+//! marked `failed`. If the authorization was already used on chain by a transaction of someone else (the payer
+//! re-mined it), that transaction is found in the index, checked by its `AuthorizationUsed` log, and adopted as the
+//! settlement's. Every step is an `x402_events` row; reversals and restores are `claim_reversals` rows.
 
 use std::time::Duration;
 
-use alloy::primitives::Bytes;
+use alloy::primitives::{B256, Bytes, b256};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::X402;
@@ -18,6 +22,7 @@ use super::types::{
 };
 use super::verify::PaymentRequest;
 use crate::billing::Billing;
+use crate::store::reversals;
 use crate::store::x402::{self as sql, SettlementRow};
 use crate::store::{Store, StoreError};
 
@@ -31,6 +36,9 @@ pub enum Outcome {
     Resubmitted { settlement_id: i64, tx_hash: String },
     /// Could not be settled again: the key was suspended.
     Suspended { settlement_id: i64, reason: String },
+    /// The authorization was used on chain by a transaction of someone else (the payer re-mined it): that
+    /// transaction is the settlement's now.
+    Adopted { settlement_id: i64, tx_hash: String },
     /// Nothing decided this round (chain unavailable, or the authorization was used by a transaction the indexer
     /// has not seen yet).
     Pending { settlement_id: i64, reason: String },
@@ -66,6 +74,7 @@ pub fn request_of(row: &SettlementRow) -> Option<PaymentRequest> {
 pub async fn check_once(
     store: &Store,
     engine: &X402,
+    billing: &Billing,
     now: i64,
 ) -> Result<Vec<Outcome>, StoreError> {
     let rows = store
@@ -91,6 +100,10 @@ pub async fn check_once(
                         sql::replace_tx(tx, id, &n, now)?;
                         sql::link_claim(tx, &old, &n, now)?;
                         sql::insert_event(tx, id, "resubmitted", Some(&n), None, now)?;
+                        // The indexer may have confirmed the new transaction before this link existed.
+                        if let Some(origin) = reversals::origin_of(tx, &n)? {
+                            reversals::reconcile_origin(tx, &origin, now)?;
+                        }
                         Ok(())
                     })
                     .await?;
@@ -100,24 +113,50 @@ pub async fn check_once(
                     tx_hash: new,
                 }
             }
-            Err(PaymentError::Rejected(Reason::NonceAlreadyUsed | Reason::Duplicate))
-            | Err(PaymentError::Unavailable { .. })
-            | Err(PaymentError::OutcomeUnknown { .. }) => {
-                // Used on chain (the original came back, or someone else submitted it: the money reached payTo
-                // either way), or nothing known: look again next round.
+            Err(PaymentError::Rejected(Reason::NonceAlreadyUsed | Reason::Duplicate)) => {
+                // Used on chain: the original came back (the indexer will see it), or the payer (or anyone holding
+                // the signed authorization) submitted it in a transaction of their own. The money reached payTo
+                // in that transaction: find it in the index and adopt it.
+                match adopt(store, billing, &row, now).await {
+                    Ok(Some(tx_hash)) => Outcome::Adopted {
+                        settlement_id: id,
+                        tx_hash,
+                    },
+                    Ok(None) => Outcome::Pending {
+                        settlement_id: id,
+                        reason: "authorization used on chain by a transaction the index has not seen yet".into(),
+                    },
+                    Err(e) => Outcome::Pending {
+                        settlement_id: id,
+                        reason: format!("authorization used on chain; looking for its transaction failed: {e}"),
+                    },
+                }
+            }
+            Err(PaymentError::Unavailable { .. }) | Err(PaymentError::OutcomeUnknown { .. }) => {
+                // Nothing known: look again next round.
                 Outcome::Pending {
                     settlement_id: id,
-                    reason: "authorization used on chain or chain unavailable".into(),
+                    reason: "chain unavailable".into(),
                 }
             }
             Err(PaymentError::Rejected(reason)) => {
                 let code = reason.code().to_string();
                 let detail = format!("{code}: {reason}");
                 let (old, key_id) = (row.tx_hash.clone(), row.key_id);
+                let (product, payer) = (row.product.clone(), row.payer.clone());
                 store
                     .write(move |tx| -> Result<(), StoreError> {
                         sql::insert_event(tx, id, "reorged", Some(&old), None, now)?;
-                        if let Some(key) = key_id {
+                        // The credits it bought are taken back too, through the same reversal as the indexer's
+                        // (a no-op when the indexer already reversed the purchase when it orphaned the transfer).
+                        let origin = reversals::origin_of(tx, &old)?.unwrap_or_else(|| old.clone());
+                        reversals::reverse(tx, &origin, "settlement_failed", now)?;
+                        // A credit key is the account's: it stays when other payments fund it (the lower balance
+                        // is what limits it); a subscription key, or a credit key this payment alone funded, is
+                        // revoked for good.
+                        let revoke =
+                            product != "credits" || !reversals::other_funding(tx, &payer, &origin)?;
+                        if let Some(key) = key_id.filter(|_| revoke) {
                             crate::store::billing::revoke_key(
                                 tx,
                                 key,
@@ -131,7 +170,7 @@ pub async fn check_once(
                         Ok(())
                     })
                     .await?;
-                tracing::error!(settlement = id, tx = %row.tx_hash, %code, "reorged x402 settlement could not be re-submitted; key suspended");
+                tracing::error!(settlement = id, tx = %row.tx_hash, %code, "reorged x402 settlement could not be re-submitted; its credits reversed and its key suspended");
                 Outcome::Suspended {
                     settlement_id: id,
                     reason: code,
@@ -141,6 +180,82 @@ pub async fn check_once(
         out.push(outcome);
     }
     Ok(out)
+}
+
+/// `keccak256("AuthorizationUsed(address,bytes32)")`, the EIP-3009 event of a used authorization.
+pub const AUTHORIZATION_USED_TOPIC: B256 =
+    b256!("98de503528ee59b575ef0c0a2576a82497bfc029a5685b209e9ec333479b10a5");
+
+/// Finds the transaction in which the settlement's authorization was used by someone else (the payer re-mined it
+/// after the reorg): an indexed, unclaimed transfer with the authorization's from, to and value whose receipt
+/// holds the token's `AuthorizationUsed(from, nonce)`. Adopts it like a re-submission: it becomes the settlement's
+/// transaction, gets a copy of the claim row, and restores the purchase once it is confirmed. Returns its hash.
+async fn adopt(
+    store: &Store,
+    billing: &Billing,
+    row: &SettlementRow,
+    now: i64,
+) -> Result<Option<String>, StoreError> {
+    let Ok(auth) = serde_json::from_str::<Authorization>(&row.authorization) else {
+        return Ok(None);
+    };
+    let Ok(value) = i64::try_from(auth.value) else {
+        return Ok(None);
+    };
+    let (from, to) = (format!("{:#x}", auth.from), format!("{:#x}", auth.to));
+    let candidates = store
+        .read(move |c| -> Result<_, StoreError> {
+            Ok(sql::adoption_candidates(c, &from, &to, value)?)
+        })
+        .await?;
+    let token = billing.settings().chain.network.token;
+    let authorizer = B256::left_padding_from(auth.from.as_slice());
+    for candidate in candidates {
+        let Ok(hash) = candidate.parse::<B256>() else {
+            continue;
+        };
+        let receipt = match billing.rpc().receipt(hash).await {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => return Err(StoreError::Task(format!("receipt of {candidate}: {e}"))),
+        };
+        let used = receipt.succeeded()
+            && receipt.logs.iter().any(|l| {
+                l.address == token
+                    && l.topics.as_slice() == [AUTHORIZATION_USED_TOPIC, authorizer, auth.nonce]
+            });
+        if !used {
+            continue;
+        }
+        let (id, old, new) = (row.id, row.tx_hash.clone(), candidate.clone());
+        let adopted = store
+            .write(move |tx| -> Result<bool, StoreError> {
+                // Claimed meanwhile (by txHash, before this pass): it is not ours to adopt.
+                if !sql::link_claim(tx, &old, &new, now)? {
+                    return Ok(false);
+                }
+                sql::insert_event(tx, id, "reorged", Some(&old), None, now)?;
+                sql::replace_tx(tx, id, &new, now)?;
+                sql::insert_event(
+                    tx,
+                    id,
+                    "resubmitted",
+                    Some(&new),
+                    Some("adopted: the payer's own transaction used this authorization"),
+                    now,
+                )?;
+                if let Some(origin) = reversals::origin_of(tx, &new)? {
+                    reversals::reconcile_origin(tx, &origin, now)?;
+                }
+                Ok(true)
+            })
+            .await?;
+        if adopted {
+            tracing::warn!(settlement = row.id, old = %row.tx_hash, new = %candidate, "reorged x402 settlement: the payer's own transaction used the authorization; adopted");
+            return Ok(Some(candidate));
+        }
+    }
+    Ok(None)
 }
 
 /// Runs [`check_once`] every [`CHECK_INTERVAL`] until `shutdown`.
@@ -158,9 +273,22 @@ pub fn spawn(
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = check_once(&store, &engine, billing.now()).await {
+            if let Err(e) = check_once(&store, &engine, &billing, billing.now()).await {
                 tracing::warn!(error = %e, "checking x402 settlements for reorgs failed");
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorization_used_topic_is_keccak_of_the_event() {
+        assert_eq!(
+            AUTHORIZATION_USED_TOPIC,
+            alloy::primitives::keccak256("AuthorizationUsed(address,bytes32)")
+        );
+    }
 }

@@ -138,10 +138,17 @@ pub(crate) fn sign(signer: &PrivateKeySigner, text: &str) -> String {
     )
 }
 
-/// Rotates `signer`'s keys with a message signed at `at`; returns the first new key.
+/// Rotates `signer`'s keys with a message signed at `at`, over the text the gateway's catalog states; returns the
+/// first new key.
 pub(crate) async fn rotate(gw: &Gateway, signer: &PrivateKeySigner, at: i64) -> String {
     let address = format!("{:#x}", signer.address());
-    let body = json!({"address": address, "signedAt": at, "signature": sign(signer, &rotate_text(&address, CHAIN_ID, at))});
+    let (_, _, plans) = gw.get("/api/agent/plans", None).await;
+    let text = plans["x402"]["keyRotation"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no rotation text in the catalog: {plans}"))
+        .replace("{address}", &address)
+        .replace("{signedAt}", &at.to_string());
+    let body = json!({"address": address, "signedAt": at, "signature": sign(signer, &text)});
     let (status, _, ok) = gw.post("/api/agent/keys/rotate", body).await;
     assert_eq!(status, StatusCode::OK, "{ok}");
     ok["data"]["keys"][0]["apiKey"]

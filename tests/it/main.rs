@@ -14,6 +14,7 @@ mod indexer;
 mod limits;
 mod metering;
 mod proxy;
+mod reversals;
 mod rpc_faults;
 mod secrets;
 mod support;

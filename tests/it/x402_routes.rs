@@ -198,7 +198,7 @@ pub fn required(headers: &HeaderMap) -> PaymentRequired {
     header::decode(headers["payment-required"].to_str().unwrap()).unwrap()
 }
 
-fn payment_response(headers: &HeaderMap, name: &str) -> Value {
+pub(crate) fn payment_response(headers: &HeaderMap, name: &str) -> Value {
     header::decode_json(headers[name].to_str().unwrap()).unwrap()
 }
 
@@ -259,7 +259,7 @@ pub fn v2_header(
 }
 
 /// Asks `path` for its 402 and pays it with payer `key`, the authorization edited by `edit`.
-async fn pay_header(
+pub(crate) async fn pay_header(
     gw: &X402Gateway,
     chain: &TestChain,
     key: &PrivateKeySigner,
@@ -275,7 +275,7 @@ async fn pay_header(
     v2_header(&offered, auth, sig, None)
 }
 
-async fn balance(chain: &TestChain, who: Address) -> U256 {
+pub(crate) async fn balance(chain: &TestChain, who: Address) -> U256 {
     TestUSDC::new(chain.token(), &chain.provider)
         .balanceOf(who)
         .call()
