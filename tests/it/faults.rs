@@ -755,8 +755,43 @@ impl Write for CapturedLogs {
     }
 }
 
+/// A global subscriber that records nothing but declares interest in every callsite. Without a global one, a
+/// callsite first hit on another test's thread (no subscriber there) while this test's scoped subscriber is being
+/// registered can cache the interest "never" (tracing-core's callsite cache races with dispatcher registration),
+/// and its events are then lost to the capture too: the log checks below once saw only some of the retries under a
+/// loaded parallel run. With this one installed, no callsite is ever cached as "never"; each event asks `enabled`.
+struct InterestedInEverything;
+
+impl tracing::Subscriber for InterestedInEverything {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
 impl CapturedLogs {
     fn install(&self) -> tracing::subscriber::DefaultGuard {
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            // Fails only if a global subscriber is already set, which then plays the same role.
+            let _ = tracing::subscriber::set_global_default(InterestedInEverything);
+        });
         let sink = self.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
