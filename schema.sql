@@ -327,3 +327,33 @@ CREATE TRIGGER ledger_append_only_update BEFORE UPDATE ON ledger
 BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 CREATE TRIGGER ledger_append_only_delete BEFORE DELETE ON ledger
 BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+
+-- migration: 7 guarded money
+-- Money rules held by the database itself, one guarded statement each, so that they hold under any number of
+-- writers (one writer thread on SQLite; several gateway replicas on PostgreSQL), not by "read, then write":
+-- * each account's balance is a column that changes only through `UPDATE accounts SET balance_atomic =
+--   balance_atomic + delta WHERE address = ? AND balance_atomic + delta >= 0 RETURNING balance_atomic` (the guard is
+--   left out only for the kinds that may take a balance below zero: a reorg's `reversal`); the ledger row written
+--   with it carries that returned balance, and `audit verify` checks the column against the ledger;
+-- * one live credit key per account is a unique index, not a check before the insert.
+ALTER TABLE accounts ADD COLUMN balance_atomic INTEGER NOT NULL DEFAULT 0;
+UPDATE accounts SET balance_atomic = coalesce(
+    (SELECT l.balance_after FROM ledger l WHERE l.account = accounts.address ORDER BY l.id DESC LIMIT 1), 0);
+CREATE UNIQUE INDEX api_keys_one_live_credit_key ON api_keys (account) WHERE kind = 'credit' AND revoked_at IS NULL;
+-- * a block's seats are numbered slots (pool, block, seat_no) under a primary key: a claim takes a slot with one
+--   guarded upsert that succeeds only if the slot is free or its holder has expired, so two concurrent claims can
+--   never both take the last seat. `seats` stays the record of what each subscription holds.
+CREATE TABLE seat_slots (
+    pool            TEXT    NOT NULL,
+    block           TEXT    NOT NULL,
+    seat_no         INTEGER NOT NULL CHECK (seat_no >= 1),
+    subscription_id INTEGER NOT NULL REFERENCES subscriptions (id),
+    expires_at      INTEGER NOT NULL,
+    PRIMARY KEY (pool, block, seat_no)
+);
+INSERT INTO seat_slots (pool, block, seat_no, subscription_id, expires_at)
+    SELECT s.pool, s.block,
+           (SELECT count(*) FROM seats e WHERE e.pool = s.pool AND e.block = s.block
+              AND (e.subscription_id < s.subscription_id)) + 1,
+           s.subscription_id, s.expires_at
+    FROM seats s;

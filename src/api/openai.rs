@@ -17,13 +17,13 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use crate::billing::AuthorizedKey;
+use crate::billing::metering::ReserveError;
 use crate::proxy::pricing::Prices;
 use crate::proxy::{
     self, BoundError, Charge, Meter, MeteredStream, Payer, SlotOwner, UpstreamError, windows,
 };
 use crate::store::StoreError;
-use crate::store::billing::LedgerError;
-use crate::store::usage::{self, NewUsage};
+use crate::store::usage::NewUsage;
 use crate::usdc::Usdc;
 
 /// Largest accepted chat request body.
@@ -378,16 +378,9 @@ async fn chat(
         };
         let reserve = prepared.bound.cost(&prices);
         let usage = new_usage(&prepared);
-        let row = usage.clone();
-        let reserved = state
-            .store
-            .write_with(
-                state.store.metering_durability(),
-                move |tx| -> Result<_, ReserveError> { Ok(usage::reserve(tx, &row, reserve)?) },
-            )
-            .await;
+        let reserved = state.billing.reserve_request(usage.clone(), reserve).await;
         match reserved {
-            Ok((usage_id, _left)) => (
+            Ok(usage_id) => (
                 prepared,
                 Charge::Credit {
                     usage,
@@ -397,7 +390,7 @@ async fn chat(
                     slot,
                 },
             ),
-            Err(ReserveError::Ledger(LedgerError::Insufficient { balance, needed })) => {
+            Err(ReserveError::Insufficient { balance, needed }) => {
                 let message = format!(
                     "balance {balance} USDC is below this request's worst-case cost {needed} USDC \
                      (prompt bound + output bound × n at the model's prices); top up, or lower \
@@ -737,20 +730,6 @@ fn upstream_error(e: UpstreamError) -> OpenAiError {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-enum ReserveError {
-    #[error(transparent)]
-    Ledger(#[from] LedgerError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl From<rusqlite::Error> for ReserveError {
-    fn from(e: rusqlite::Error) -> Self {
-        ReserveError::Store(StoreError::Sqlite(e))
-    }
-}
-
 async fn list_models(
     State(state): State<AppState>,
     checked: Option<Extension<AuthorizedKey>>,
@@ -807,17 +786,12 @@ async fn usage_view(state: &AppState, key: AuthorizedKey) -> Result<Value, Store
     let now = state.billing.now();
     let key_id = record.id;
     let account = record.account.clone();
-    let (day, all, recent, balance) = state
-        .store
-        .read(move |c| -> Result<_, StoreError> {
-            Ok((
-                usage::totals(c, key_id, now - 86_400)?,
-                usage::totals(c, key_id, i64::MIN)?,
-                usage::recent(c, key_id, 20)?,
-                crate::store::billing::balance(c, &account)?,
-            ))
-        })
-        .await?;
+    let crate::billing::metering::KeyUsage {
+        last_24h: day,
+        all_time: all,
+        recent,
+        balance,
+    } = state.billing.key_usage(key_id, account, now).await?;
     let mut view = json!({
         "object": "usage",
         "key": {"id": record.public_id, "kind": record.kind, "account": record.account},

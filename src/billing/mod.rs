@@ -8,6 +8,7 @@
 //! once under any concurrency and across restarts. A failed claim changes nothing, so the payment stays claimable.
 
 pub mod catalog;
+pub mod metering;
 pub mod proof;
 
 use std::collections::HashMap;
@@ -776,6 +777,11 @@ impl Billing {
                 let mut out = Vec::new();
                 for old in &live {
                     let Some(key) = fresh.next() else { break };
+                    // Revoke first (a guarded update: a key another rotation already replaced is skipped), then
+                    // mint: the unique index of live credit keys admits the new one only once the old is revoked.
+                    if !sql::revoke_key(tx, old.id, "rotated", None, now)? {
+                        continue;
+                    }
                     let id = sql::insert_key(
                         tx,
                         &key,
@@ -785,7 +791,7 @@ impl Billing {
                         "rotation",
                         now,
                     )?;
-                    sql::revoke_key(tx, old.id, "rotated", Some(id), now)?;
+                    sql::set_replaced_by(tx, old.id, id)?;
                     out.push(RotatedKey {
                         api_key: key.full.clone(),
                         key_id: key.public_id.clone(),
@@ -798,11 +804,11 @@ impl Billing {
                 }
                 // Credits without a key (a subscription's surplus, an operator grant) get one.
                 if only.is_none()
-                    && sql::live_credit_key(tx, &account)?.is_none()
                     && sql::balance(tx, &account)? > Usdc::ZERO
                     && let Some(key) = fresh.next()
+                    && sql::insert_credit_key_if_none(tx, &key, &account, "rotation", now)?
+                        .is_some()
                 {
-                    sql::insert_key(tx, &key, "credit", &account, None, "rotation", now)?;
                     out.push(RotatedKey {
                         api_key: key.full.clone(),
                         key_id: key.public_id.clone(),
@@ -902,28 +908,19 @@ pub(crate) fn redeem(tx: &rusqlite::Connection, r: Redeem<'_>) -> Result<Claimed
     let surplus = Usdc(paid.0 - price.0);
     match (product, pool) {
         (Product::Pool { slug, blocks }, Some(pool)) => {
+            let expires_at = now + pool.duration_secs();
+            let sub_id = sql::insert_subscription(
+                tx, &payer, &slug, &blocks, price, &tx_hash, now, expires_at,
+            )?;
             for b in &blocks {
                 let seats = pool.block(b).map_or(0, |x| x.seats);
-                if sql::seats_taken(tx, &slug, b, now)? >= seats {
+                // One guarded statement per seat (see `take_seat`); a sold-out block rolls the whole claim back.
+                if !sql::take_seat(tx, &slug, b, seats, sub_id, expires_at, now)? {
                     return Err(ClaimError::SoldOut {
                         pool: slug.clone(),
                         block: b.clone(),
                     });
                 }
-            }
-            let expires_at = now + pool.duration_secs();
-            let blocks_json = serde_json::to_string(&blocks).unwrap_or_else(|_| "[]".into());
-            tx.prepare_cached(
-                "INSERT INTO subscriptions (account, pool, blocks, price_atomic, tx_hash, starts_at, \
-                 expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(rusqlite::params![payer, slug, blocks_json, price.0, tx_hash, now, expires_at])?;
-            let sub_id = tx.last_insert_rowid();
-            for b in &blocks {
-                tx.prepare_cached(
-                    "INSERT INTO seats (subscription_id, pool, block, expires_at) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(rusqlite::params![sub_id, slug, b, expires_at])?;
             }
             let key_id = sql::insert_key(
                 tx,
@@ -980,12 +977,7 @@ pub(crate) fn redeem(tx: &rusqlite::Connection, r: Redeem<'_>) -> Result<Claimed
             }))
         }
         (Product::Topup { amount }, _) => {
-            let minted = match sql::live_credit_key(tx, &payer)? {
-                Some(_) => None,
-                None => Some(sql::insert_key(
-                    tx, key, "credit", &payer, None, created_by, now,
-                )?),
-            };
+            let minted = sql::insert_credit_key_if_none(tx, key, &payer, created_by, now)?;
             let mut new_balance = sql::append_ledger(
                 tx,
                 &payer,
@@ -1090,13 +1082,8 @@ pub async fn grant(
                 LedgerError::Sqlite(e) => StoreError::Sqlite(e),
                 other => StoreError::Task(other.to_string()),
             })?;
-            let minted = match sql::live_credit_key(tx, &account)? {
-                Some(_) => None,
-                None => {
-                    sql::insert_key(tx, &key, "credit", &account, None, "operator", now)?;
-                    Some(key)
-                }
-            };
+            let minted =
+                sql::insert_credit_key_if_none(tx, &key, &account, "operator", now)?.map(|_| key);
             Ok((balance, minted))
         })
         .await

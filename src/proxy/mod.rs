@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 
 use crate::config::{Model, Settings};
 use crate::store::Store;
-use crate::store::usage::{self, NewUsage, Outcome};
+use crate::store::usage::{NewUsage, Outcome};
 use crate::usdc::Usdc;
 pub use bound::{BadParam, Bound, BoundError, Payer, TEMPLATE_TOKEN_MARGIN};
 use pricing::Prices;
@@ -428,15 +428,9 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
         Charge::PerRequest { .. } => Ok(None),
         Charge::Subscription { usage, slot } => {
             drop(slot);
-            store
-                .write_with(
-                    store.metering_durability(),
-                    move |tx| -> Result<_, crate::store::StoreError> {
-                        usage::record_subscription(tx, &usage, &outcome)?;
-                        Ok(None)
-                    },
-                )
+            crate::billing::metering::record_subscription(&store, usage, outcome)
                 .await
+                .map(|()| None)
         }
         Charge::Credit {
             usage,
@@ -445,24 +439,17 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
             slot,
             ..
         } => {
-            let settled = store
-                .write_with(
-                    store.metering_durability(),
-                    move |tx| -> Result<_, crate::store::StoreError> {
-                        let settled = usage::settle_credit(
-                            tx,
-                            usage_id,
-                            &usage.account,
-                            usage.key_id,
-                            reserved,
-                            &outcome,
-                            now,
-                        )
-                        .map_err(|e| crate::store::StoreError::Task(e.to_string()))?;
-                        Ok(Some((settled.charged, settled.balance)))
-                    },
-                )
-                .await;
+            let settled = crate::billing::metering::settle_credit(
+                &store,
+                usage_id,
+                usage.account,
+                usage.key_id,
+                reserved,
+                outcome,
+                now,
+            )
+            .await
+            .map(|s| Some((s.charged, s.balance)));
             // The slot is freed only once the request's money is settled, so the in-flight cap also bounds
             // reservations not yet returned.
             drop(slot);

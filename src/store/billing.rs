@@ -54,12 +54,11 @@ pub fn ensure_account(c: &Connection, address: &str, now: i64) -> rusqlite::Resu
     Ok(())
 }
 
-/// The account's balance: the running total of its last ledger row (equal to the sum of all its rows).
+/// The account's balance (`accounts.balance_atomic`, equal to its last ledger row's running total and to the sum of
+/// its rows; 0 for an account that has none).
 pub fn balance(c: &Connection, address: &str) -> rusqlite::Result<Usdc> {
     let b: Option<i64> = c
-        .prepare_cached(
-            "SELECT balance_after FROM ledger WHERE account = ?1 ORDER BY id DESC LIMIT 1",
-        )?
+        .prepare_cached("SELECT balance_atomic FROM accounts WHERE address = ?1")?
         .query_row([address], |r| r.get(0))
         .optional()?;
     Ok(Usdc(b.unwrap_or(0)))
@@ -67,10 +66,12 @@ pub fn balance(c: &Connection, address: &str) -> rusqlite::Result<Usdc> {
 
 /// Appends a ledger row. Returns the new balance.
 ///
-/// A `debit` that would leave the balance below zero is refused: a reservation never overdraws, and an account
-/// whose balance is negative (after a reversal) cannot spend at all until it is topped up. A `reversal` may take the
-/// balance below zero (the credits are gone whatever was spent from them), and rows that add credits may leave it
-/// there.
+/// The balance changes in ONE guarded statement (`UPDATE accounts … WHERE balance_atomic + delta >= 0 RETURNING`),
+/// so the rule holds in the database under any number of writers: a `debit` that would leave the balance below zero
+/// changes nothing and is refused — a reservation never overdraws, and an account whose balance is negative (after
+/// a reversal) cannot spend at all until it is topped up. A `reversal` may take the balance below zero (the credits
+/// are gone whatever was spent from them), and rows that add credits may leave it there. The ledger row carries the
+/// balance the statement returned.
 #[allow(clippy::too_many_arguments)]
 pub fn append_ledger(
     c: &Connection,
@@ -82,15 +83,22 @@ pub fn append_ledger(
     note: Option<&str>,
     now: i64,
 ) -> Result<Usdc, LedgerError> {
-    let before = balance(c, address)?;
-    let after = before.0.checked_add(amount.0);
-    let refused = match after {
-        None => true,
-        Some(after) => kind == LedgerKind::Debit && after < 0,
-    };
-    let Some(after) = after.filter(|_| !refused) else {
+    ensure_account(c, address, now)?;
+    let guarded = kind == LedgerKind::Debit;
+    // The last two conditions refuse an i64 overflow (SQLite would turn it into a float).
+    let after: Option<i64> = c
+        .prepare_cached(
+            "UPDATE accounts SET balance_atomic = balance_atomic + ?2 \
+             WHERE address = ?1 AND (?3 = 0 OR balance_atomic + ?2 >= 0) \
+             AND (?2 <= 0 OR balance_atomic <= 9223372036854775807 - ?2) \
+             AND (?2 >= 0 OR balance_atomic >= -9223372036854775807 - 1 - ?2) \
+             RETURNING balance_atomic",
+        )?
+        .query_row(params![address, amount.0, guarded], |r| r.get(0))
+        .optional()?;
+    let Some(after) = after else {
         return Err(LedgerError::Insufficient {
-            balance: before,
+            balance: balance(c, address)?,
             needed: Usdc(amount.0.saturating_neg()),
         });
     };
@@ -134,10 +142,82 @@ pub fn insert_key(
 ) -> rusqlite::Result<i64> {
     c.prepare_cached(
         "INSERT INTO api_keys (public_id, secret_hash, kind, account, subscription_id, created_at, created_by) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
     )?
-    .execute(params![key.public_id, key.secret_hash.as_slice(), kind, account, subscription_id, now, created_by])?;
-    Ok(c.last_insert_rowid())
+    .query_row(
+        params![key.public_id, key.secret_hash.as_slice(), kind, account, subscription_id, now, created_by],
+        |r| r.get(0),
+    )
+}
+
+/// Stores `key` as the account's credit key unless it already has a live one; returns the new row id, or `None`
+/// when the account keeps the key it has. One statement guarded by the unique index of live credit keys, so two
+/// concurrent first top-ups can never mint two.
+pub fn insert_credit_key_if_none(
+    c: &Connection,
+    key: &NewKey,
+    account: &str,
+    created_by: &str,
+    now: i64,
+) -> rusqlite::Result<Option<i64>> {
+    c.prepare_cached(
+        "INSERT INTO api_keys (public_id, secret_hash, kind, account, subscription_id, created_at, created_by) \
+         VALUES (?1, ?2, 'credit', ?3, NULL, ?4, ?5) \
+         ON CONFLICT (account) WHERE kind = 'credit' AND revoked_at IS NULL DO NOTHING RETURNING id",
+    )?
+    .query_row(
+        params![key.public_id, key.secret_hash.as_slice(), account, now, created_by],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Takes one seat of `pool`/`block` (capacity `seats`) for a subscription until `expires_at`; `false` when the block
+/// is sold out at `now`. A seat is a numbered slot taken by one guarded upsert — it succeeds only if the slot is free
+/// or its holder has expired — so concurrent claims can never take one seat twice, on any engine.
+pub fn take_seat(
+    c: &Connection,
+    pool: &str,
+    block: &str,
+    seats: u32,
+    subscription_id: i64,
+    expires_at: i64,
+    now: i64,
+) -> rusqlite::Result<bool> {
+    // A capacity lowered below the seats held: sold out until enough expire.
+    if seats_taken(c, pool, block, now)? >= seats {
+        return Ok(false);
+    }
+    let held: std::collections::HashSet<i64> = {
+        let mut stmt = c.prepare_cached(
+            "SELECT seat_no FROM seat_slots WHERE pool = ?1 AND block = ?2 AND expires_at > ?3",
+        )?;
+        let rows = stmt.query_map(params![pool, block, now], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut take = c.prepare_cached(
+        "INSERT INTO seat_slots (pool, block, seat_no, subscription_id, expires_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+         ON CONFLICT (pool, block, seat_no) DO UPDATE SET subscription_id = excluded.subscription_id, \
+         expires_at = excluded.expires_at WHERE seat_slots.expires_at <= ?6",
+    )?;
+    for seat_no in (1..=i64::from(seats)).filter(|n| !held.contains(n)) {
+        if take.execute(params![
+            pool,
+            block,
+            seat_no,
+            subscription_id,
+            expires_at,
+            now
+        ])? == 1
+        {
+            c.prepare_cached(
+                "INSERT INTO seats (subscription_id, pool, block, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![subscription_id, pool, block, expires_at])?;
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// The id of the account's live credit key, if it has one.
@@ -334,6 +414,38 @@ pub fn revoke_key(
     Ok(n == 1)
 }
 
+/// Links a rotated key to the key that replaced it.
+pub fn set_replaced_by(c: &Connection, id: i64, replaced_by: i64) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE api_keys SET replaced_by = ?2 WHERE id = ?1",
+        params![id, replaced_by],
+    )?;
+    Ok(())
+}
+
+/// Stores a subscription; returns its row id.
+#[allow(clippy::too_many_arguments)]
+pub fn insert_subscription(
+    c: &Connection,
+    account: &str,
+    pool: &str,
+    blocks: &[String],
+    price: Usdc,
+    tx_hash: &str,
+    starts_at: i64,
+    expires_at: i64,
+) -> rusqlite::Result<i64> {
+    let blocks_json = serde_json::to_string(blocks).unwrap_or_else(|_| "[]".into());
+    c.prepare_cached(
+        "INSERT INTO subscriptions (account, pool, blocks, price_atomic, tx_hash, starts_at, expires_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+    )?
+    .query_row(
+        params![account, pool, blocks_json, price.0, tx_hash, starts_at, expires_at],
+        |r| r.get(0),
+    )
+}
+
 /// One row of an account's ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -401,4 +513,111 @@ pub fn use_rotation_nonce(
         params![account, signed_at, now],
     )?;
     Ok(n == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Store, StoreError};
+
+    const A: &str = "0xaaaa";
+
+    fn ledger(c: &Connection, kind: LedgerKind, amount: i64) -> Result<Usdc, LedgerError> {
+        append_ledger(c, A, kind, Usdc(amount), None, None, None, 0)
+    }
+
+    fn row_count(c: &Connection) -> i64 {
+        c.query_row("SELECT count(*) FROM ledger", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_debit_is_one_guarded_statement_and_the_balance_column_follows_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("g.db")).unwrap();
+        store
+            .write(|c| -> Result<_, StoreError> {
+                assert_eq!(ledger(c, LedgerKind::Topup, 10).unwrap(), Usdc(10));
+                // Over the balance: refused, nothing written.
+                let refused = ledger(c, LedgerKind::Debit, -11).unwrap_err();
+                assert!(matches!(
+                    refused,
+                    LedgerError::Insufficient {
+                        balance: Usdc(10),
+                        needed: Usdc(11)
+                    }
+                ));
+                assert_eq!(row_count(c), 1);
+                assert_eq!(ledger(c, LedgerKind::Debit, -10).unwrap(), Usdc(0));
+                // A reversal may go below zero; then no debit passes, not even 1.
+                assert_eq!(ledger(c, LedgerKind::Reversal, -5).unwrap(), Usdc(-5));
+                assert!(ledger(c, LedgerKind::Debit, -1).is_err());
+                assert_eq!(ledger(c, LedgerKind::Topup, 7).unwrap(), Usdc(2));
+                // An overflow is refused, not wrapped or turned into a float.
+                assert!(ledger(c, LedgerKind::Grant, i64::MAX).is_err());
+                let (last, sum): (i64, i64) = c.query_row(
+                    "SELECT (SELECT balance_after FROM ledger ORDER BY id DESC LIMIT 1), \
+                     (SELECT sum(amount_atomic) FROM ledger)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                assert_eq!((balance(c, A)?, last, sum), (Usdc(2), 2, 2));
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_live_credit_key_per_account_is_a_unique_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("k.db")).unwrap();
+        store
+            .write(|c| -> Result<_, StoreError> {
+                ensure_account(c, A, 0)?;
+                let first = crate::keys::generate().unwrap();
+                let second = crate::keys::generate().unwrap();
+                let id = insert_credit_key_if_none(c, &first, A, "claim", 0)?.unwrap();
+                assert_eq!(insert_credit_key_if_none(c, &second, A, "claim", 0)?, None);
+                // Even a plain insert cannot make a second live credit key: the database refuses it.
+                assert!(insert_key(c, &second, "credit", A, None, "claim", 0).is_err());
+                assert!(revoke_key(c, id, "rotated", None, 0)?);
+                assert!(insert_credit_key_if_none(c, &second, A, "rotation", 0)?.is_some());
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_seat_is_a_slot_taken_once_until_its_holder_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        store
+            .write(|c| -> Result<_, StoreError> {
+                ensure_account(c, A, 0)?;
+                let blocks = vec!["asia".to_string()];
+                let sub = |tx: &str, expires: i64| {
+                    insert_subscription(c, A, "p", &blocks, Usdc(1), tx, 0, expires)
+                };
+                let (s1, s2, s3) = (sub("0x1", 100)?, sub("0x2", 200)?, sub("0x3", 300)?);
+                assert!(take_seat(c, "p", "asia", 2, s1, 100, 0)?);
+                assert!(take_seat(c, "p", "asia", 2, s2, 200, 0)?);
+                assert!(!take_seat(c, "p", "asia", 2, s3, 300, 0)?, "sold out");
+                // The same slot cannot be taken over while its holder lives, whatever the caller believes.
+                let stolen = c.execute(
+                    "INSERT INTO seat_slots (pool, block, seat_no, subscription_id, expires_at) \
+                     VALUES ('p', 'asia', 1, ?1, 300) ON CONFLICT (pool, block, seat_no) DO UPDATE SET \
+                     subscription_id = excluded.subscription_id WHERE seat_slots.expires_at <= 50",
+                    [s3],
+                )?;
+                assert_eq!(stolen, 0);
+                // At 150 the first holder has expired: its slot is free again.
+                assert!(take_seat(c, "p", "asia", 2, s3, 300, 150)?);
+                assert_eq!(seats_taken(c, "p", "asia", 150)?, 2);
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
 }

@@ -89,9 +89,9 @@ fn insert(
     tx.prepare_cached(
         "INSERT INTO usage (request_id, key_id, account, key_kind, model, stream, reserved_atomic, status, started_at, \
          bound_prompt_tokens, bound_output_tokens, input_price_atomic, output_price_atomic) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) RETURNING id",
     )?
-    .execute(params![
+    .query_row(params![
         usage.request_id,
         usage.key_id,
         usage.account,
@@ -105,30 +105,32 @@ fn insert(
         usage.bound_output_tokens.min(i64::MAX as u64) as i64,
         usage.input_per_mtok.atomic(),
         usage.output_per_mtok.atomic(),
-    ])?;
-    Ok(tx.last_insert_rowid())
+    ], |r| r.get(0))
 }
 
-fn finish(tx: &Connection, id: i64, outcome: &Outcome, charged: Usdc) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "UPDATE usage SET prompt_tokens = ?2, completion_tokens = ?3, cost_atomic = ?4, status = ?5, \
-         usage_source = ?6, http_status = ?7, duration_ms = ?8, overhead_us = ?9, overrun_tokens = ?10, \
-         uncharged_atomic = ?11 WHERE id = ?1",
-    )?
-    .execute(params![
-        id,
-        outcome.prompt_tokens as i64,
-        outcome.completion_tokens as i64,
-        charged.atomic(),
-        outcome.status,
-        outcome.usage_source,
-        outcome.http_status,
-        outcome.duration_ms as i64,
-        outcome.overhead_us as i64,
-        outcome.overrun_tokens.min(i64::MAX as u64) as i64,
-        outcome.uncharged.atomic().max(0),
-    ])?;
-    Ok(())
+/// Writes a request's outcome, only while it is still `in_flight` (the guard that makes settlement happen at most
+/// once, whoever else — a start-up recovery, another replica — reaches the row). Returns whether it did.
+fn finish(tx: &Connection, id: i64, outcome: &Outcome, charged: Usdc) -> rusqlite::Result<bool> {
+    let changed = tx
+        .prepare_cached(
+            "UPDATE usage SET prompt_tokens = ?2, completion_tokens = ?3, cost_atomic = ?4, status = ?5, \
+             usage_source = ?6, http_status = ?7, duration_ms = ?8, overhead_us = ?9, overrun_tokens = ?10, \
+             uncharged_atomic = ?11 WHERE id = ?1 AND status = 'in_flight'",
+        )?
+        .execute(params![
+            id,
+            outcome.prompt_tokens as i64,
+            outcome.completion_tokens as i64,
+            charged.atomic(),
+            outcome.status,
+            outcome.usage_source,
+            outcome.http_status,
+            outcome.duration_ms as i64,
+            outcome.overhead_us as i64,
+            outcome.overrun_tokens.min(i64::MAX as u64) as i64,
+            outcome.uncharged.atomic().max(0),
+        ])?;
+    Ok(changed == 1)
 }
 
 /// Settles a reserved credit request: charges `min(outcome.cost, reserved)` and refunds the rest. The charge never
@@ -143,27 +145,6 @@ pub fn settle_credit(
     outcome: &Outcome,
     now: i64,
 ) -> Result<Settled, LedgerError> {
-    // Only a row still `in_flight` holds its reservation. Another gateway process that started on this database
-    // while this one was serving (an overlapping deploy) has already returned the whole reservation in its start-up
-    // recovery and marked the row `interrupted`: settling it here too would return the reservation twice, creating
-    // credits. The request stays `interrupted` and free, as the restart policy says.
-    let status: Option<String> = tx
-        .query_row("SELECT status FROM usage WHERE id = ?1", [usage_id], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    if status.as_deref() != Some("in_flight") {
-        tracing::warn!(
-            usage_id,
-            status = status.as_deref().unwrap_or("missing"),
-            "a request's reservation was already returned by another gateway's start-up; it is not charged \
-             (is a second gateway running on this database?)"
-        );
-        return Ok(Settled {
-            charged: Usdc::ZERO,
-            balance: balance(tx, account)?,
-        });
-    }
     let charged = outcome.cost.min(reserved).max(Usdc::ZERO);
     let uncharged = Usdc(
         outcome
@@ -172,7 +153,25 @@ pub fn settle_credit(
             .max(outcome.cost.atomic() - charged.atomic())
             .max(0),
     );
-    let note = format!("settle request #{usage_id}");
+    let settled = Outcome {
+        uncharged,
+        ..outcome.clone()
+    };
+    // Only a row still `in_flight` holds its reservation, and the guarded update claims it. Another gateway process
+    // that started on this database while this one was serving (an overlapping deploy) may have returned the whole
+    // reservation in its start-up recovery and marked the row `interrupted`: settling it here too would return the
+    // reservation twice, creating credits. The request stays `interrupted` and free, as the restart policy says.
+    if !finish(tx, usage_id, &settled, charged)? {
+        tracing::warn!(
+            usage_id,
+            "a request's reservation was already returned (by a start-up recovery); it is not charged \
+             (is a second gateway running on this database?)"
+        );
+        return Ok(Settled {
+            charged: Usdc::ZERO,
+            balance: balance(tx, account)?,
+        });
+    }
     let balance_after = if charged < reserved {
         append_ledger(
             tx,
@@ -181,17 +180,12 @@ pub fn settle_credit(
             Usdc(reserved.atomic() - charged.atomic()),
             None,
             Some(key_id),
-            Some(&note),
+            Some(&format!("settle request #{usage_id}")),
             now,
         )?
     } else {
         balance(tx, account)?
     };
-    let outcome = Outcome {
-        uncharged,
-        ..outcome.clone()
-    };
-    finish(tx, usage_id, &outcome, charged)?;
     Ok(Settled {
         charged,
         balance: balance_after,
@@ -204,11 +198,14 @@ pub fn record_subscription(
     usage: &NewUsage,
     outcome: &Outcome,
 ) -> rusqlite::Result<()> {
-    let id = insert(tx, usage, Usdc::ZERO, outcome.status)?;
-    finish(tx, id, outcome, Usdc::ZERO)
+    let id = insert(tx, usage, Usdc::ZERO, "in_flight")?;
+    finish(tx, id, outcome, Usdc::ZERO)?;
+    Ok(())
 }
 
-/// Refunds and closes requests left `in_flight` by a process that stopped mid-request. Returns how many.
+/// Refunds and closes requests left `in_flight` by a process that stopped mid-request. Returns how many. Each row
+/// is claimed by a guarded update (`WHERE status = 'in_flight'`) before its refund, so a row is refunded at most
+/// once whatever else settles or recovers it.
 pub fn recover_in_flight(tx: &Transaction<'_>, now: i64) -> Result<usize, LedgerError> {
     let rows: Vec<(i64, String, i64, i64)> = {
         let mut stmt = tx.prepare(
@@ -217,7 +214,16 @@ pub fn recover_in_flight(tx: &Transaction<'_>, now: i64) -> Result<usize, Ledger
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
+    let mut recovered = 0;
     for (id, account, key_id, reserved) in &rows {
+        let claimed = tx.execute(
+            "UPDATE usage SET status = 'interrupted', usage_source = 'none' WHERE id = ?1 AND status = 'in_flight'",
+            [id],
+        )?;
+        if claimed == 0 {
+            continue;
+        }
+        recovered += 1;
         if *reserved > 0 {
             append_ledger(
                 tx,
@@ -232,12 +238,8 @@ pub fn recover_in_flight(tx: &Transaction<'_>, now: i64) -> Result<usize, Ledger
                 now,
             )?;
         }
-        tx.execute(
-            "UPDATE usage SET status = 'interrupted', usage_source = 'none' WHERE id = ?1",
-            [id],
-        )?;
     }
-    Ok(rows.len())
+    Ok(recovered)
 }
 
 /// Totals of a key's requests.
