@@ -179,6 +179,22 @@ async fn max_throughput(
     }
 }
 
+/// CPU time the process `pid` has used (user + system, all threads), from `/proc/<pid>/stat` in clock ticks of
+/// 10 ms (Linux's USER_HZ is 100 on every architecture it ships for).
+fn cpu_time(pid: u32) -> Duration {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces), which ends at the last ')'.
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line: 12 and 13 after ')'.
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
 fn rss_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -494,15 +510,34 @@ output_usdc_per_mtok = "2.50"
     // Maximum throughput first, then the fixed rates (which overload a slow target; it is drained before the
     // next phase so its backlog is not charged to the next one).
     let mut results: Vec<(String, &'static str, Phase)> = Vec::new();
+    // The gateway process's CPU time per answered request, per phase: a figure that does not depend on what else
+    // shares the machine's cores (unlike the latencies).
+    let mut gateway_cpu: Vec<(String, f64)> = Vec::new();
     for t in &targets {
         drain(&http, t).await;
+        let cpu = cpu_time(gateway_pid);
         let phase = max_throughput(&http, t, concurrency, seconds).await;
+        if t.name == "gateway" {
+            let used = cpu_time(gateway_pid).saturating_sub(cpu);
+            gateway_cpu.push((
+                format!("max, {concurrency} clients"),
+                used.as_secs_f64() * 1e6 / phase.latencies.len().max(1) as f64,
+            ));
+        }
         results.push((format!("max, {concurrency} clients"), t.name, phase));
     }
     for &rate in &rates {
         for t in &targets {
             drain(&http, t).await;
+            let cpu = cpu_time(gateway_pid);
             let phase = fixed_rate(&http, t, rate, seconds).await;
+            if t.name == "gateway" {
+                let used = cpu_time(gateway_pid).saturating_sub(cpu);
+                gateway_cpu.push((
+                    format!("{rate} req/s"),
+                    used.as_secs_f64() * 1e6 / phase.latencies.len().max(1) as f64,
+                ));
+            }
             results.push((format!("{rate} req/s"), t.name, phase));
         }
     }
@@ -533,6 +568,9 @@ output_usdc_per_mtok = "2.50"
                 ms(g.p(0.99)) - ms(d.p(0.99)),
             );
         }
+    }
+    for (load, us) in &gateway_cpu {
+        println!("  gateway CPU time per request at {load}: {us:.0} µs (user + system, all threads)");
     }
     let max_load = format!("max, {concurrency} clients");
     if let (Some((_, _, g)), Some((_, _, l))) =
