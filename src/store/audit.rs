@@ -939,3 +939,108 @@ impl Store {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store with transfers of ids 1..=5 (values 10..=50, id 3 orphaned, block time = day `id`) and id 2 deleted
+    /// (as a reorg's rollback does), so ids have a gap.
+    async fn store_with_transfers() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("a.db")).unwrap();
+        store
+            .write(|tx| -> Result<(), StoreError> {
+                for id in 1..=5i64 {
+                    let status = if id == 3 { "orphaned" } else { "confirmed" };
+                    tx.execute(
+                        "INSERT INTO transfers (id, tx_hash, log_index, block_number, block_hash, block_time, \
+                         from_address, to_address, value_atomic, status, first_seen_at) \
+                         VALUES (?1, ?2, 0, ?1, ?3, ?4, '0xpayer', '0xpayto', ?5, ?6, 0)",
+                        params![
+                            id,
+                            format!("0xt{id}"),
+                            format!("0xb{id}"),
+                            id * 86_400,
+                            id * 10,
+                            status
+                        ],
+                    )?;
+                }
+                tx.execute("DELETE FROM transfers WHERE id = 2", [])?;
+                tx.execute(
+                    "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 5, '0xb5', 0)",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn payments_page_after_the_cursor_and_filter() {
+        let (_dir, store) = store_with_transfers().await;
+        let page = store
+            .audit_payments(PaymentFilter::default(), 1, 2)
+            .await
+            .unwrap();
+        assert_eq!(page.indexed_head, Some(5));
+        assert_eq!(page.rows.iter().map(|r| r.id).collect::<Vec<_>>(), [3, 4]);
+        let confirmed = PaymentFilter {
+            status: Some(TransferStatus::Confirmed),
+            min_atomic: Some(20),
+            ..Default::default()
+        };
+        let page = store.audit_payments(confirmed, 0, 100).await.unwrap();
+        assert_eq!(page.rows.iter().map(|r| r.id).collect::<Vec<_>>(), [4, 5]);
+        assert!(page.rows.iter().all(|r| !r.claimed));
+    }
+
+    #[tokio::test]
+    async fn latest_rows_are_the_ids_after_max_minus_n_even_across_a_gap() {
+        let (_dir, store) = store_with_transfers().await;
+        // max(id) = 5, so the window is ids 2..=5; id 2 is gone, which leaves 3 rows (the status page's behaviour).
+        let latest = store
+            .read(|c| Ok::<_, StoreError>(latest_payments(c, 4)?))
+            .await
+            .unwrap();
+        assert_eq!(
+            latest.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+    }
+
+    #[tokio::test]
+    async fn revenue_counts_confirmed_payments_per_day_and_detail_knows_only_recorded_transactions()
+    {
+        let (_dir, store) = store_with_transfers().await;
+        let days = store.audit_revenue(Some(86_400), None).await.unwrap();
+        let got: Vec<(&str, i64)> = days
+            .iter()
+            .map(|d| (d.day.as_str(), d.received_atomic))
+            .collect();
+        assert_eq!(
+            got,
+            [("1970-01-02", 10), ("1970-01-05", 40), ("1970-01-06", 50)]
+        );
+        let detail = store.audit_payment("0xt4".into()).await.unwrap().unwrap();
+        assert_eq!(detail.transfers.len(), 1);
+        assert_eq!(detail.confirmed_value_atomic, 40);
+        assert_eq!(detail.claim, None);
+        assert_eq!(store.audit_payment("0xt2".into()).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn books_and_usage_of_an_empty_database_are_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("e.db")).unwrap();
+        assert_eq!(store.audit_books().await.unwrap(), Books::default());
+        let seen = store
+            .fold_settled_usage(0u32, |n, _| *n += 1)
+            .await
+            .unwrap();
+        assert_eq!(seen, 0);
+    }
+}
