@@ -506,11 +506,7 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
             let csv = matches!(format, ExportFormat::Csv);
             let dataset = match what {
                 ExportWhat::Revenue => {
-                    let rows = store
-                        .read(move |c| -> Result<_, x402_gateway::store::StoreError> {
-                            Ok(audit::revenue(c, from, to)?)
-                        })
-                        .await?;
+                    let rows = audit::revenue(&store, from, to).await?;
                     if csv {
                         write!(w, "{}", audit::csv_header(audit::REVENUE_COLUMNS))?;
                         for r in &rows {

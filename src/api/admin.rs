@@ -10,7 +10,6 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use rusqlite::params;
 
 use super::AppState;
 use super::audit::{bearer, token_matches};
@@ -122,59 +121,40 @@ struct Data {
 
 async fn render(state: &AppState) -> Result<String, StoreError> {
     let now = state.billing.now();
-    let data = state
-        .store
-        .read(move |c| -> Result<Data, StoreError> {
-            let max_id: i64 =
-                c.query_row("SELECT coalesce(max(id), 0) FROM transfers", [], |r| r.get(0))?;
-            let payments = audit::Dataset::Payments(audit::PaymentFilter::default())
-                .page(c, (max_id - 20).max(0), 20, now)?
-                .into_iter()
-                .rev()
-                .map(|(_, v)| v)
-                .collect();
-            let revenue = audit::revenue(c, Some(now - 14 * 86_400), None)?
-                .into_iter()
-                .rev()
-                .collect();
-            let total_claimed: i64 =
-                c.query_row("SELECT coalesce(sum(price_atomic), 0) FROM claims", [], |r| r.get(0))?;
-            let total_received: i64 = c.query_row(
-                "SELECT coalesce(sum(value_atomic), 0) FROM transfers WHERE status = 'confirmed'",
-                [],
-                |r| r.get(0),
-            )?;
-            let seats = crate::store::billing::all_seats_taken(c, now)?;
-            let max_key: i64 =
-                c.query_row("SELECT coalesce(max(id), 0) FROM api_keys", [], |r| r.get(0))?;
-            let keys = audit::Dataset::Keys { account: None }
-                .page(c, (max_key - 20).max(0), 20, now)?
-                .into_iter()
-                .rev()
-                .map(|(_, v)| v)
-                .collect();
-            let mut stmt = c.prepare_cached(
-                "SELECT k.kind, CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked' WHEN k.suspended_at IS NOT NULL THEN 'suspended' \
-                 WHEN s.expires_at IS NOT NULL AND s.expires_at <= ?1 THEN 'expired' ELSE 'live' END AS state, \
-                 count(*) FROM api_keys k LEFT JOIN subscriptions s ON s.id = k.subscription_id \
-                 GROUP BY k.kind, state ORDER BY k.kind, state",
-            )?;
-            let key_counts = stmt
-                .query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<rusqlite::Result<_>>()?;
-            let reorgs: i64 = c.query_row("SELECT count(*) FROM reorgs", [], |r| r.get(0))?;
-            Ok(Data {
-                payments,
-                revenue,
-                total_claimed,
-                total_received,
-                seats,
-                keys,
-                key_counts,
-                reorgs,
-            })
-        })
-        .await?;
+    let overview = state.store.admin_overview(now).await?;
+    let data = Data {
+        // Newest first on the page; the store reads oldest first.
+        payments: audit::payments_json(&overview.latest_payments)
+            .into_iter()
+            .rev()
+            .map(|(_, v)| v)
+            .collect(),
+        revenue: overview
+            .revenue
+            .iter()
+            .rev()
+            .map(audit::revenue_json)
+            .collect(),
+        total_claimed: overview.total_claimed_atomic,
+        total_received: overview.total_received_atomic,
+        seats: overview
+            .seats
+            .into_iter()
+            .map(|s| (s.pool, s.block, s.taken))
+            .collect(),
+        keys: overview
+            .latest_keys
+            .iter()
+            .rev()
+            .map(|k| audit::key_json(k, now))
+            .collect(),
+        key_counts: overview
+            .key_counts
+            .into_iter()
+            .map(|k| (k.kind, k.state, k.count))
+            .collect(),
+        reorgs: overview.reorgs,
+    };
 
     let s = state.indexer.snapshot();
     let settings = &state.settings;

@@ -360,12 +360,7 @@ async fn payment(
         return bad("txHash", "must be 0x followed by 64 hex digits");
     };
     let tx = format!("0x{}", hex.to_ascii_lowercase());
-    let lookup = tx.clone();
-    match state
-        .store
-        .read(move |c| -> Result<_, StoreError> { Ok(audit::payment_detail(c, &lookup)?) })
-        .await
-    {
+    match audit::payment_detail(&state.store, &tx).await {
         Ok(Some(v)) => ([(header::CACHE_CONTROL, "no-store")], Json(v)).into_response(),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
@@ -491,11 +486,7 @@ async fn revenue(
         Ok(c) => c,
         Err(r) => return r,
     };
-    let rows = match state
-        .store
-        .read(move |c| -> Result<_, StoreError> { Ok(audit::revenue(c, from, to)?) })
-        .await
-    {
+    let rows = match audit::revenue(&state.store, from, to).await {
         Ok(rows) => rows,
         Err(e) => return internal(e),
     };

@@ -244,12 +244,7 @@ pub async fn serve_with_env(
     let store = Store::open(&settings.database_path)?;
     store.set_metering_durability(settings.metering_durability);
     let now = (clock)();
-    let recovered = store
-        .write(move |tx| {
-            crate::store::usage::recover_in_flight(tx, now)
-                .map_err(|e| crate::store::StoreError::Task(e.to_string()))
-        })
-        .await?;
+    let recovered = store.recover_in_flight(now).await?;
     if recovered > 0 {
         tracing::warn!(
             requests = recovered,
@@ -258,11 +253,7 @@ pub async fn serve_with_env(
     }
     // Purchases whose payments left the chain while no reversal code ran (a database from before migration 6):
     // the indexer reconciles the rest as it changes transfers.
-    let reconciled = store
-        .write(move |tx| -> Result<_, crate::store::StoreError> {
-            Ok(crate::store::reversals::reconcile_all(tx, now)?)
-        })
-        .await?;
+    let reconciled = store.reconcile_reversals(now).await?;
     if !reconciled.is_empty() {
         tracing::warn!(
             purchases = reconciled.len(),

@@ -66,15 +66,8 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         )),
         _ => {}
     }
-    // A real write: rewriting the schema version in the file's header goes through the writer and the journal.
-    let writable = state
-        .store
-        .write(|tx| -> Result<(), crate::store::StoreError> {
-            let v: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-            tx.pragma_update(None, "user_version", v)?;
-            Ok(())
-        })
-        .await;
+    // A real write, through the writer thread and the journal (see `Store::probe_write`).
+    let writable = state.store.probe_write().await;
     if let Err(e) = &writable {
         reasons.push(format!("the database does not accept writes: {e}"));
     }
@@ -116,47 +109,25 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     metrics::gauge!(m::INDEXER_UP).set(if s.fatal.is_none() { 1.0 } else { 0.0 });
     metrics::counter!(m::RPC_ERRORS).absolute(s.rpc_errors);
     let now = state.billing.now();
-    let counts = state
-        .store
-        .read(move |c| -> Result<_, crate::store::StoreError> {
-            let mut transfers = Vec::new();
-            let mut stmt = c.prepare_cached("SELECT status, count(*) FROM transfers GROUP BY status")?;
-            for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-                transfers.push(r?);
-            }
-            let reorgs: i64 = c.query_row("SELECT count(*) FROM reorgs", [], |r| r.get(0))?;
-            let mut keys = Vec::new();
-            let mut stmt = c.prepare_cached(
-                "SELECT k.kind, CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked' WHEN k.suspended_at IS NOT NULL THEN 'suspended' \
-                 WHEN s.expires_at IS NOT NULL AND s.expires_at <= ?1 THEN 'expired' ELSE 'live' END AS state, \
-                 count(*) FROM api_keys k LEFT JOIN subscriptions s ON s.id = k.subscription_id \
-                 GROUP BY k.kind, state",
-            )?;
-            for r in stmt.query_map([now], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
-            })? {
-                keys.push(r?);
-            }
-            Ok((transfers, reorgs, keys))
-        })
-        .await;
-    match counts {
-        Ok((transfers, reorgs, keys)) => {
+    match state.store.metric_counts(now).await {
+        Ok(counts) => {
             for status in ["seen", "confirmed", "orphaned"] {
-                let n = transfers
+                let n = counts
+                    .transfers
                     .iter()
-                    .find(|(s, _)| s == status)
-                    .map(|(_, n)| *n)
+                    .find(|t| t.status == status)
+                    .map(|t| t.count)
                     .unwrap_or(0);
                 metrics::gauge!(m::TRANSFERS, "status" => status).set(n as f64);
             }
-            metrics::counter!(m::REORGS).absolute(reorgs.max(0) as u64);
+            metrics::counter!(m::REORGS).absolute(counts.reorgs.max(0) as u64);
             for kind in ["subscription", "credit"] {
                 for st in ["live", "revoked", "expired"] {
-                    let n = keys
+                    let n = counts
+                        .keys
                         .iter()
-                        .find(|(k, s, _)| k == kind && s == st)
-                        .map(|(_, _, n)| *n)
+                        .find(|k| k.kind == kind && k.state == st)
+                        .map(|k| k.count)
                         .unwrap_or(0);
                     metrics::gauge!(m::KEYS, "kind" => kind, "state" => st).set(n as f64);
                 }

@@ -4,46 +4,28 @@
 //! Every listing is a [`Dataset`] read in pages ordered by row id; the cursor is the last id of a page, so a page
 //! never shifts when new rows arrive. Money is given twice: a decimal string (`…Usdc`) and the exact atomic integer
 //! as a string (`…Atomic`). Key secrets and hashes are never read.
+//!
+//! This module owns what the rows mean and how they are shown (confirmations, key states, JSON and CSV shapes);
+//! the SQL that reads them is `store::audit`'s, reached through `Store` methods, so nothing here names the
+//! database engine.
 
 pub mod verify;
 
-use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use serde_json::{Map, Value, json};
 
 use crate::billing::rfc3339;
-use crate::store::transfers::TransferStatus;
+use crate::store::audit::{
+    ClaimRow, KeyRow, LedgerFilter, LedgerRow, PaymentDetail, PaymentRow, PaymentsPage, RevenueDay,
+};
 use crate::store::{Store, StoreError};
 use crate::usdc::Usdc;
+
+pub use crate::store::audit::{ClaimFilter, PaymentFilter};
 
 /// Largest page.
 pub const MAX_LIMIT: u32 = 1000;
 /// Page size when none is asked for.
 pub const DEFAULT_LIMIT: u32 = 100;
-
-/// Filters of the payments listing (all optional; combined with AND).
-#[derive(Debug, Clone, Default)]
-pub struct PaymentFilter {
-    pub status: Option<TransferStatus>,
-    /// Lower-case 0x-hex payer.
-    pub payer: Option<String>,
-    pub from_block: Option<u64>,
-    pub to_block: Option<u64>,
-    /// Unix seconds, inclusive; compared with the block time (or first-seen time when unknown).
-    pub from_time: Option<i64>,
-    /// Unix seconds, exclusive.
-    pub to_time: Option<i64>,
-    pub min_atomic: Option<i64>,
-}
-
-/// Filters of the claims listing.
-#[derive(Debug, Clone, Default)]
-pub struct ClaimFilter {
-    pub account: Option<String>,
-    /// `subscription` or `topup`.
-    pub kind: Option<String>,
-    pub from_time: Option<i64>,
-    pub to_time: Option<i64>,
-}
 
 /// A listing read in pages.
 #[derive(Debug, Clone)]
@@ -157,198 +139,132 @@ impl Dataset {
             Dataset::Keys { .. } => KEY_COLUMNS,
         }
     }
+}
 
-    /// One page: rows with id > `after`, in id order, at most `limit`.
-    pub fn page(
-        &self,
-        c: &Connection,
-        after: i64,
-        limit: u32,
-        now: i64,
-    ) -> rusqlite::Result<Vec<(i64, Value)>> {
-        let limit = i64::from(limit.clamp(1, MAX_LIMIT));
-        match self {
-            Dataset::Payments(f) => {
-                let head: Option<i64> = c
-                    .query_row(
-                        "SELECT block_number FROM checkpoint WHERE id = 1",
-                        [],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                let mut stmt = c.prepare_cached(
-                    "SELECT t.id, t.tx_hash, t.log_index, t.block_number, t.block_hash, t.block_time, t.from_address, \
-                     t.to_address, t.value_atomic, t.status, t.first_seen_at, t.confirmed_at, t.orphaned_at, \
-                     EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash) \
-                     FROM transfers t WHERE t.id > ?1 \
-                     AND (?2 IS NULL OR t.status = ?2) AND (?3 IS NULL OR t.from_address = ?3) \
-                     AND (?4 IS NULL OR t.block_number >= ?4) AND (?5 IS NULL OR t.block_number <= ?5) \
-                     AND (?6 IS NULL OR coalesce(t.block_time, t.first_seen_at) >= ?6) \
-                     AND (?7 IS NULL OR coalesce(t.block_time, t.first_seen_at) < ?7) \
-                     AND (?8 IS NULL OR t.value_atomic >= ?8) ORDER BY t.id LIMIT ?9",
-                )?;
-                let args: [&dyn ToSql; 9] = [
-                    &after,
-                    &f.status.map(|s| s.as_str()),
-                    &f.payer,
-                    &f.from_block.map(|b| b as i64),
-                    &f.to_block.map(|b| b as i64),
-                    &f.from_time,
-                    &f.to_time,
-                    &f.min_atomic,
-                    &limit,
-                ];
-                let rows = stmt.query_map(&args[..], |r| {
-                    let id: i64 = r.get(0)?;
-                    let block: i64 = r.get(3)?;
-                    let status: String = r.get(9)?;
-                    let confirmations = match head {
-                        Some(h) if status != "orphaned" && h >= block => h - block + 1,
-                        _ => 0,
-                    };
-                    let mut o = Map::new();
-                    o.insert("id".into(), json!(id));
-                    o.insert("txHash".into(), json!(r.get::<_, String>(1)?));
-                    o.insert("logIndex".into(), json!(r.get::<_, i64>(2)?));
-                    o.insert("blockNumber".into(), json!(block));
-                    o.insert("blockHash".into(), json!(r.get::<_, String>(4)?));
-                    o.insert("blockTime".into(), time(r.get(5)?));
-                    o.insert("from".into(), json!(r.get::<_, String>(6)?));
-                    o.insert("to".into(), json!(r.get::<_, String>(7)?));
-                    money(&mut o, "value", r.get(8)?);
-                    o.insert("status".into(), json!(status));
-                    o.insert("confirmations".into(), json!(confirmations));
-                    o.insert("firstSeenAt".into(), time(r.get(10)?));
-                    o.insert("confirmedAt".into(), time(r.get(11)?));
-                    o.insert("orphanedAt".into(), time(r.get(12)?));
-                    o.insert("claimed".into(), json!(r.get::<_, bool>(13)?));
-                    Ok((id, Value::Object(o)))
-                })?;
-                rows.collect()
-            }
-            Dataset::Claims(f) => {
-                let mut stmt = c.prepare_cached(
-                    "SELECT c.rowid, c.tx_hash, c.account, c.kind, c.paid_atomic, c.price_atomic, c.surplus_atomic, \
-                     s.pool, s.blocks, s.expires_at, k.public_id, c.claimed_at FROM claims c \
-                     LEFT JOIN subscriptions s ON s.id = c.subscription_id LEFT JOIN api_keys k ON k.id = c.key_id \
-                     WHERE c.rowid > ?1 AND (?2 IS NULL OR c.account = ?2) AND (?3 IS NULL OR c.kind = ?3) \
-                     AND (?4 IS NULL OR c.claimed_at >= ?4) AND (?5 IS NULL OR c.claimed_at < ?5) \
-                     ORDER BY c.rowid LIMIT ?6",
-                )?;
-                let args: [&dyn ToSql; 6] = [
-                    &after,
-                    &f.account,
-                    &f.kind,
-                    &f.from_time,
-                    &f.to_time,
-                    &limit,
-                ];
-                let rows = stmt.query_map(&args[..], |r| {
-                    let id: i64 = r.get(0)?;
-                    let mut o = Map::new();
-                    o.insert("id".into(), json!(id));
-                    o.insert("txHash".into(), json!(r.get::<_, String>(1)?));
-                    o.insert("account".into(), json!(r.get::<_, String>(2)?));
-                    o.insert("kind".into(), json!(r.get::<_, String>(3)?));
-                    money(&mut o, "paid", r.get(4)?);
-                    money(&mut o, "price", r.get(5)?);
-                    money(&mut o, "surplus", r.get(6)?);
-                    o.insert("pool".into(), json!(r.get::<_, Option<String>>(7)?));
-                    let blocks: Option<String> = r.get(8)?;
-                    o.insert(
-                        "blocks".into(),
-                        blocks
-                            .and_then(|b| serde_json::from_str(&b).ok())
-                            .unwrap_or(Value::Null),
-                    );
-                    o.insert("expiresAt".into(), time(r.get(9)?));
-                    o.insert("keyPublicId".into(), json!(r.get::<_, Option<String>>(10)?));
-                    o.insert("claimedAt".into(), time(r.get(11)?));
-                    Ok((id, Value::Object(o)))
-                })?;
-                rows.collect()
-            }
-            Dataset::Ledger {
-                account,
-                from_time,
-                to_time,
-            } => {
-                let mut stmt = c.prepare_cached(
-                    "SELECT l.id, l.account, l.kind, l.amount_atomic, l.balance_after, l.tx_hash, k.public_id, l.note, \
-                     l.created_at FROM ledger l LEFT JOIN api_keys k ON k.id = l.key_id \
-                     WHERE l.id > ?1 AND (?2 IS NULL OR l.account = ?2) AND (?3 IS NULL OR l.created_at >= ?3) \
-                     AND (?4 IS NULL OR l.created_at < ?4) ORDER BY l.id LIMIT ?5",
-                )?;
-                let args: [&dyn ToSql; 5] = [&after, account, from_time, to_time, &limit];
-                let rows = stmt.query_map(&args[..], |r| {
-                    let id: i64 = r.get(0)?;
-                    let mut o = Map::new();
-                    o.insert("id".into(), json!(id));
-                    o.insert("account".into(), json!(r.get::<_, String>(1)?));
-                    o.insert("kind".into(), json!(r.get::<_, String>(2)?));
-                    money(&mut o, "amount", r.get(3)?);
-                    money(&mut o, "balanceAfter", r.get(4)?);
-                    o.insert("txHash".into(), json!(r.get::<_, Option<String>>(5)?));
-                    o.insert("keyPublicId".into(), json!(r.get::<_, Option<String>>(6)?));
-                    o.insert("note".into(), json!(r.get::<_, Option<String>>(7)?));
-                    o.insert("createdAt".into(), time(r.get(8)?));
-                    Ok((id, Value::Object(o)))
-                })?;
-                rows.collect()
-            }
-            Dataset::Keys { account } => {
-                let mut stmt = c.prepare_cached(
-                    "SELECT k.id, k.public_id, k.kind, k.account, s.pool, s.blocks, s.expires_at, k.created_at, \
-                     k.created_by, k.revoked_at, k.revoked_reason, k.suspended_at FROM api_keys k \
-                     LEFT JOIN subscriptions s ON s.id = k.subscription_id \
-                     WHERE k.id > ?1 AND (?2 IS NULL OR k.account = ?2) ORDER BY k.id LIMIT ?3",
-                )?;
-                let rows = stmt.query_map(params![after, account, limit], |r| {
-                    let id: i64 = r.get(0)?;
-                    let expires: Option<i64> = r.get(6)?;
-                    let revoked: Option<i64> = r.get(9)?;
-                    let suspended: Option<i64> = r.get(11)?;
-                    let state = if revoked.is_some() {
-                        "revoked"
-                    } else if suspended.is_some() {
-                        // Its payment was reversed by a reorg; restored if it is mined again.
-                        "suspended"
-                    } else if expires.is_some_and(|e| e <= now) {
-                        "expired"
-                    } else {
-                        "live"
-                    };
-                    let mut o = Map::new();
-                    o.insert("id".into(), json!(id));
-                    o.insert("publicId".into(), json!(r.get::<_, String>(1)?));
-                    o.insert("kind".into(), json!(r.get::<_, String>(2)?));
-                    o.insert("state".into(), json!(state));
-                    o.insert("account".into(), json!(r.get::<_, String>(3)?));
-                    o.insert("pool".into(), json!(r.get::<_, Option<String>>(4)?));
-                    let blocks: Option<String> = r.get(5)?;
-                    o.insert(
-                        "blocks".into(),
-                        blocks
-                            .and_then(|b| serde_json::from_str(&b).ok())
-                            .unwrap_or(Value::Null),
-                    );
-                    o.insert("expiresAt".into(), time(expires));
-                    o.insert("createdAt".into(), time(r.get(7)?));
-                    o.insert("createdBy".into(), json!(r.get::<_, String>(8)?));
-                    o.insert("revokedAt".into(), time(revoked));
-                    o.insert(
-                        "revokedReason".into(),
-                        json!(r.get::<_, Option<String>>(10)?),
-                    );
-                    Ok((id, Value::Object(o)))
-                })?;
-                rows.collect()
-            }
-        }
+/// Confirmations of a transfer in `block` when the index has reached `head` (none for an orphaned one).
+fn confirmations(head: Option<i64>, status: &str, block: i64) -> i64 {
+    match head {
+        Some(h) if status != "orphaned" && h >= block => h - block + 1,
+        _ => 0,
     }
 }
 
-/// Reads one page through the store.
+/// A subscription's stored blocks as JSON (`null` when there are none or they do not parse).
+fn blocks(json_text: &Option<String>) -> Value {
+    json_text
+        .as_deref()
+        .and_then(|b| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// A payments-listing row, with its confirmations at the indexed head.
+pub fn payment_json(head: Option<i64>, r: &PaymentRow) -> Value {
+    let mut o = Map::new();
+    o.insert("id".into(), json!(r.id));
+    o.insert("txHash".into(), json!(r.tx_hash));
+    o.insert("logIndex".into(), json!(r.log_index));
+    o.insert("blockNumber".into(), json!(r.block_number));
+    o.insert("blockHash".into(), json!(r.block_hash));
+    o.insert("blockTime".into(), time(r.block_time));
+    o.insert("from".into(), json!(r.from));
+    o.insert("to".into(), json!(r.to));
+    money(&mut o, "value", r.value_atomic);
+    o.insert("status".into(), json!(r.status));
+    o.insert(
+        "confirmations".into(),
+        json!(confirmations(head, &r.status, r.block_number)),
+    );
+    o.insert("firstSeenAt".into(), time(r.first_seen_at));
+    o.insert("confirmedAt".into(), time(r.confirmed_at));
+    o.insert("orphanedAt".into(), time(r.orphaned_at));
+    o.insert("claimed".into(), json!(r.claimed));
+    Value::Object(o)
+}
+
+/// A page of payments as `(id, row)` pairs.
+pub fn payments_json(page: &PaymentsPage) -> Vec<(i64, Value)> {
+    page.rows
+        .iter()
+        .map(|r| (r.id, payment_json(page.indexed_head, r)))
+        .collect()
+}
+
+/// A claims-listing row.
+pub fn claim_json(r: &ClaimRow) -> Value {
+    let mut o = Map::new();
+    o.insert("id".into(), json!(r.id));
+    o.insert("txHash".into(), json!(r.tx_hash));
+    o.insert("account".into(), json!(r.account));
+    o.insert("kind".into(), json!(r.kind));
+    money(&mut o, "paid", r.paid_atomic);
+    money(&mut o, "price", r.price_atomic);
+    money(&mut o, "surplus", r.surplus_atomic);
+    o.insert("pool".into(), json!(r.pool));
+    o.insert("blocks".into(), blocks(&r.blocks_json));
+    o.insert("expiresAt".into(), time(r.expires_at));
+    o.insert("keyPublicId".into(), json!(r.key_public_id));
+    o.insert("claimedAt".into(), time(r.claimed_at));
+    Value::Object(o)
+}
+
+/// A ledger-listing row.
+pub fn ledger_json(r: &LedgerRow) -> Value {
+    let mut o = Map::new();
+    o.insert("id".into(), json!(r.id));
+    o.insert("account".into(), json!(r.account));
+    o.insert("kind".into(), json!(r.kind));
+    money(&mut o, "amount", r.amount_atomic);
+    money(&mut o, "balanceAfter", r.balance_after_atomic);
+    o.insert("txHash".into(), json!(r.tx_hash));
+    o.insert("keyPublicId".into(), json!(r.key_public_id));
+    o.insert("note".into(), json!(r.note));
+    o.insert("createdAt".into(), time(r.created_at));
+    Value::Object(o)
+}
+
+/// A keys-listing row, with its state at `now`.
+pub fn key_json(r: &KeyRow, now: i64) -> Value {
+    let state = if r.revoked_at.is_some() {
+        "revoked"
+    } else if r.suspended_at.is_some() {
+        // Its payment was reversed by a reorg; restored if it is mined again.
+        "suspended"
+    } else if r.expires_at.is_some_and(|e| e <= now) {
+        "expired"
+    } else {
+        "live"
+    };
+    let mut o = Map::new();
+    o.insert("id".into(), json!(r.id));
+    o.insert("publicId".into(), json!(r.public_id));
+    o.insert("kind".into(), json!(r.kind));
+    o.insert("state".into(), json!(state));
+    o.insert("account".into(), json!(r.account));
+    o.insert("pool".into(), json!(r.pool));
+    o.insert("blocks".into(), blocks(&r.blocks_json));
+    o.insert("expiresAt".into(), time(r.expires_at));
+    o.insert("createdAt".into(), time(r.created_at));
+    o.insert("createdBy".into(), json!(r.created_by));
+    o.insert("revokedAt".into(), time(r.revoked_at));
+    o.insert("revokedReason".into(), json!(r.revoked_reason));
+    Value::Object(o)
+}
+
+/// A revenue day.
+pub fn revenue_json(v: &RevenueDay) -> Value {
+    let mut o = Map::new();
+    o.insert("day".into(), json!(v.day));
+    money(&mut o, "received", v.received_atomic);
+    o.insert("payments".into(), json!(v.payments));
+    o.insert("claims".into(), json!(v.claims));
+    money(&mut o, "subscriptions", v.subscriptions_atomic);
+    money(&mut o, "topups", v.topups_atomic);
+    money(&mut o, "surplus", v.surplus_atomic);
+    Value::Object(o)
+}
+
+/// Reads one page through the store: rows with id > `after`, in id order, at most `limit` (clamped to
+/// `1..=MAX_LIMIT`), as `(id, row)` pairs; `now` decides which keys have expired.
 pub async fn read_page(
     store: &Store,
     dataset: Dataset,
@@ -356,215 +272,121 @@ pub async fn read_page(
     limit: u32,
     now: i64,
 ) -> Result<Vec<(i64, Value)>, StoreError> {
-    store
-        .read(move |c| -> Result<_, StoreError> { Ok(dataset.page(c, after, limit, now)?) })
-        .await
+    let limit = limit.clamp(1, MAX_LIMIT);
+    Ok(match dataset {
+        Dataset::Payments(f) => payments_json(&store.audit_payments(f, after, limit).await?),
+        Dataset::Claims(f) => store
+            .audit_claims(f, after, limit)
+            .await?
+            .iter()
+            .map(|r| (r.id, claim_json(r)))
+            .collect(),
+        Dataset::Ledger {
+            account,
+            from_time,
+            to_time,
+        } => {
+            let filter = LedgerFilter {
+                account,
+                from_time,
+                to_time,
+            };
+            store
+                .audit_ledger(filter, after, limit)
+                .await?
+                .iter()
+                .map(|r| (r.id, ledger_json(r)))
+                .collect()
+        }
+        Dataset::Keys { account } => store
+            .audit_keys(account, after, limit)
+            .await?
+            .iter()
+            .map(|r| (r.id, key_json(r, now)))
+            .collect(),
+    })
 }
 
 /// Revenue per UTC day in `[from_time, to_time)`: confirmed payments received (by block time) and claims (by claim
 /// time) split by product.
-pub fn revenue(
-    c: &Connection,
+pub async fn revenue(
+    store: &Store,
     from_time: Option<i64>,
     to_time: Option<i64>,
-) -> rusqlite::Result<Vec<Value>> {
-    use std::collections::BTreeMap;
-    #[derive(Default)]
-    struct Day {
-        received: i64,
-        payments: i64,
-        claims: i64,
-        subscriptions: i64,
-        topups: i64,
-        surplus: i64,
-    }
-    let mut days: BTreeMap<String, Day> = BTreeMap::new();
-    let mut stmt = c.prepare_cached(
-        "SELECT date(coalesce(block_time, first_seen_at), 'unixepoch') AS d, sum(value_atomic), count(*) \
-         FROM transfers WHERE status = 'confirmed' \
-         AND (?1 IS NULL OR coalesce(block_time, first_seen_at) >= ?1) \
-         AND (?2 IS NULL OR coalesce(block_time, first_seen_at) < ?2) GROUP BY d",
-    )?;
-    for row in stmt.query_map(params![from_time, to_time], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })? {
-        let (d, sum, n) = row?;
-        let day = days.entry(d).or_default();
-        day.received += sum;
-        day.payments += n;
-    }
-    let mut stmt = c.prepare_cached(
-        "SELECT date(claimed_at, 'unixepoch') AS d, kind, sum(price_atomic), sum(surplus_atomic), count(*) \
-         FROM claims WHERE (?1 IS NULL OR claimed_at >= ?1) AND (?2 IS NULL OR claimed_at < ?2) GROUP BY d, kind",
-    )?;
-    for row in stmt.query_map(params![from_time, to_time], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, i64>(3)?,
-            r.get::<_, i64>(4)?,
-        ))
-    })? {
-        let (d, kind, price, surplus, n) = row?;
-        let day = days.entry(d).or_default();
-        day.claims += n;
-        day.surplus += surplus;
-        if kind == "subscription" {
-            day.subscriptions += price;
-        } else {
-            day.topups += price;
-        }
-    }
-    Ok(days
-        .into_iter()
-        .map(|(d, v)| {
-            let mut o = Map::new();
-            o.insert("day".into(), json!(d));
-            money(&mut o, "received", v.received);
-            o.insert("payments".into(), json!(v.payments));
-            o.insert("claims".into(), json!(v.claims));
-            money(&mut o, "subscriptions", v.subscriptions);
-            money(&mut o, "topups", v.topups);
-            money(&mut o, "surplus", v.surplus);
-            Value::Object(o)
-        })
+) -> Result<Vec<Value>, StoreError> {
+    Ok(store
+        .audit_revenue(from_time, to_time)
+        .await?
+        .iter()
+        .map(revenue_json)
         .collect())
 }
 
 /// Everything about one transaction: its transfers (with confirmations and status history), what it bought, the
 /// key's public id and the ledger rows it caused. `None` when the database knows nothing of it.
-pub fn payment_detail(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<Value>> {
-    let head: Option<i64> = c
-        .query_row(
-            "SELECT block_number FROM checkpoint WHERE id = 1",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
+pub async fn payment_detail(store: &Store, tx_hash: &str) -> Result<Option<Value>, StoreError> {
+    Ok(store
+        .audit_payment(tx_hash.to_string())
+        .await?
+        .map(|detail| payment_detail_json(tx_hash, &detail)))
+}
+
+fn payment_detail_json(tx_hash: &str, p: &PaymentDetail) -> Value {
+    let head = p.indexed_head;
     let mut transfers = Vec::new();
-    let mut stmt = c.prepare_cached(
-        "SELECT id, log_index, block_number, block_hash, block_time, from_address, to_address, value_atomic, status, \
-         first_seen_at, confirmed_at, orphaned_at FROM transfers WHERE tx_hash = ?1 ORDER BY id",
-    )?;
-    let rows: Vec<_> = stmt
-        .query_map([tx_hash], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<i64>>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, i64>(7)?,
-                r.get::<_, String>(8)?,
-                r.get::<_, i64>(9)?,
-                r.get::<_, Option<i64>>(10)?,
-                r.get::<_, Option<i64>>(11)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    for (id, log_index, block, hash, btime, from, to, value, status, first, confirmed, orphaned) in
-        rows
-    {
+    for t in &p.transfers {
         // The row itself is the first history entry (found confirmed when confirmed_at = first_seen_at).
-        let first_status = if confirmed == Some(first) {
+        let first_status = if t.confirmed_at == Some(t.first_seen_at) {
             "confirmed"
         } else {
             "seen"
         };
         let mut history = vec![json!({
-            "status": first_status, "at": rfc3339(first), "reason": "first indexed", "headBlock": Value::Null,
+            "status": first_status, "at": rfc3339(t.first_seen_at), "reason": "first indexed", "headBlock": Value::Null,
         })];
-        let mut h = c.prepare_cached(
-            "SELECT status, at, head_block, reason FROM transfer_status_history WHERE transfer_id = ?1 ORDER BY id",
-        )?;
-        for entry in h.query_map([id], |r| {
-            Ok(json!({
-                "status": r.get::<_, String>(0)?,
-                "at": rfc3339(r.get(1)?),
-                "headBlock": r.get::<_, i64>(2)?,
-                "reason": r.get::<_, String>(3)?,
-            }))
-        })? {
-            history.push(entry?);
+        for entry in &t.history {
+            history.push(json!({
+                "status": entry.status,
+                "at": rfc3339(entry.at),
+                "headBlock": entry.head_block,
+                "reason": entry.reason,
+            }));
         }
-        let confirmations = match head {
-            Some(h) if status != "orphaned" && h >= block => h - block + 1,
-            _ => 0,
-        };
         let mut o = Map::new();
-        o.insert("logIndex".into(), json!(log_index));
-        o.insert("blockNumber".into(), json!(block));
-        o.insert("blockHash".into(), json!(hash));
-        o.insert("blockTime".into(), time(btime));
-        o.insert("from".into(), json!(from));
-        o.insert("to".into(), json!(to));
-        money(&mut o, "value", value);
-        o.insert("status".into(), json!(status));
-        o.insert("confirmations".into(), json!(confirmations));
-        o.insert("firstSeenAt".into(), time(Some(first)));
-        o.insert("confirmedAt".into(), time(confirmed));
-        o.insert("orphanedAt".into(), time(orphaned));
+        o.insert("logIndex".into(), json!(t.log_index));
+        o.insert("blockNumber".into(), json!(t.block_number));
+        o.insert("blockHash".into(), json!(t.block_hash));
+        o.insert("blockTime".into(), time(t.block_time));
+        o.insert("from".into(), json!(t.from));
+        o.insert("to".into(), json!(t.to));
+        money(&mut o, "value", t.value_atomic);
+        o.insert("status".into(), json!(t.status));
+        o.insert(
+            "confirmations".into(),
+            json!(confirmations(head, &t.status, t.block_number)),
+        );
+        o.insert("firstSeenAt".into(), time(Some(t.first_seen_at)));
+        o.insert("confirmedAt".into(), time(t.confirmed_at));
+        o.insert("orphanedAt".into(), time(t.orphaned_at));
         o.insert("history".into(), Value::Array(history));
         transfers.push(Value::Object(o));
     }
-    let claim = Dataset::Claims(ClaimFilter::default());
-    let claim_row = {
-        let rowid: Option<i64> = c
-            .query_row(
-                "SELECT rowid FROM claims WHERE tx_hash = ?1",
-                [tx_hash],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match rowid {
-            Some(id) => claim.page(c, id - 1, 1, 0)?.pop().map(|(_, v)| v),
-            None => None,
-        }
-    };
-    let mut ledger = Vec::new();
-    let mut stmt = c.prepare_cached("SELECT id FROM ledger WHERE tx_hash = ?1 ORDER BY id")?;
-    let ids: Vec<i64> = stmt
-        .query_map([tx_hash], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    let all_ledger = Dataset::Ledger {
-        account: None,
-        from_time: None,
-        to_time: None,
-    };
-    for id in ids {
-        if let Some((_, v)) = all_ledger.page(c, id - 1, 1, 0)?.pop() {
-            ledger.push(v);
-        }
-    }
-    if transfers.is_empty() && claim_row.is_none() {
-        return Ok(None);
-    }
-    let total_confirmed: i64 = c.query_row(
-        "SELECT coalesce(sum(value_atomic), 0) FROM transfers WHERE tx_hash = ?1 AND status = 'confirmed'",
-        [tx_hash],
-        |r| r.get(0),
-    )?;
     let mut o = Map::new();
     o.insert("txHash".into(), json!(tx_hash));
     o.insert("indexedHead".into(), json!(head));
-    money(&mut o, "confirmedValue", total_confirmed);
+    money(&mut o, "confirmedValue", p.confirmed_value_atomic);
     o.insert("transfers".into(), Value::Array(transfers));
-    o.insert("claim".into(), claim_row.unwrap_or(Value::Null));
-    o.insert("ledger".into(), Value::Array(ledger));
+    o.insert(
+        "claim".into(),
+        p.claim.as_ref().map(claim_json).unwrap_or(Value::Null),
+    );
+    o.insert(
+        "ledger".into(),
+        Value::Array(p.ledger.iter().map(ledger_json).collect()),
+    );
     // Reversals and restores of the purchase this transaction paid for (a reorg removed its payment).
-    let reversals = match crate::store::reversals::origin_of(c, tx_hash)? {
-        Some(origin) => crate::store::reversals::of_purchase(c, &origin)?,
-        None => Vec::new(),
-    };
-    o.insert("reversals".into(), json!(reversals));
-    Ok(Some(Value::Object(o)))
+    o.insert("reversals".into(), json!(p.reversals));
+    Value::Object(o)
 }
 
 /// One CSV line (RFC 4180) of `row`'s `columns`, with `\r\n`. Cells that a spreadsheet would run as a formula get a

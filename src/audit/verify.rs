@@ -29,15 +29,15 @@ use std::time::{Duration, Instant};
 
 use alloy::primitives::B256;
 use futures::StreamExt;
-use rusqlite::{Connection, params};
 use serde::Serialize;
 
 use crate::chain::Rpc;
 use crate::chain::indexer::transfer_from_log;
 use crate::config::Settings;
-use crate::store::reversals::{self, ReversalEvent};
+use crate::store::Store;
+use crate::store::audit::{Books, SettledUsage};
+use crate::store::reversals::ReversalEvent;
 use crate::store::transfers::{Transfer, TransferStatus};
-use crate::store::{Store, StoreError};
 use crate::usdc::Usdc;
 
 /// One thing that does not reconcile.
@@ -298,12 +298,8 @@ pub async fn verify(
 
     // 2-4. The database against itself.
     progress("[2/5] claims: backed by confirmed transfers, claimed once");
-    let (found, counts) = store
-        .read(|c| -> Result<_, StoreError> { Ok(check_database(c)?) })
-        .await?;
-    report.reversals = store
-        .read(|c| -> Result<_, StoreError> { Ok(reversals::list(c)?) })
-        .await?;
+    let (found, counts) = check_books(store.audit_books().await?);
+    report.reversals = store.reversal_events().await?;
     if !report.reversals.is_empty() {
         let open = open_reversals(&report.reversals);
         progress(&format!(
@@ -340,40 +336,46 @@ pub async fn verify(
             )
         })
         .collect();
-    let (found, overruns, checked) = store
-        .read(move |c| -> Result<_, StoreError> { Ok(check_usage(c, &prices)?) })
-        .await?;
-    report.usage_rows_checked = checked;
-    report.discrepancies.extend(found);
-    report.overruns = overruns;
+    let usage = UsageCheck {
+        configured: prices,
+        found: Vec::new(),
+        overruns: Vec::new(),
+        checked: 0,
+    };
+    let usage = store.fold_settled_usage(usage, UsageCheck::check).await?;
+    report.usage_rows_checked = usage.checked;
+    report.discrepancies.extend(usage.found);
+    report.overruns = usage.overruns;
     Ok(report)
 }
 
-/// Check 5: each settled usage row's charge.
-fn check_usage(
-    c: &Connection,
-    configured: &HashMap<String, crate::proxy::pricing::Prices>,
-) -> rusqlite::Result<(Vec<Discrepancy>, Vec<Overrun>, u64)> {
-    let mut out = Vec::new();
-    let mut overruns = Vec::new();
-    let mut checked = 0u64;
-    let mut stmt = c.prepare(
-        "SELECT request_id, key_kind, model, status, usage_source, prompt_tokens, completion_tokens, reserved_atomic, \
-         cost_atomic, input_price_atomic, output_price_atomic, overrun_tokens, uncharged_atomic FROM usage \
-         WHERE status != 'in_flight' ORDER BY id",
-    )?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        checked += 1;
-        let request_id: String = r.get(0)?;
-        let kind: String = r.get(1)?;
-        let model: String = r.get(2)?;
-        let status: String = r.get(3)?;
-        let source: String = r.get(4)?;
-        let (prompt, completion): (i64, i64) = (r.get(5)?, r.get(6)?);
-        let (reserved, cost): (i64, i64) = (r.get(7)?, r.get(8)?);
-        let (input, output): (Option<i64>, Option<i64>) = (r.get(9)?, r.get(10)?);
-        let (overrun_tokens, uncharged): (i64, i64) = (r.get(11)?, r.get(12)?);
+/// Check 5, folded over the settled usage rows: each row's charge.
+struct UsageCheck {
+    configured: HashMap<String, crate::proxy::pricing::Prices>,
+    found: Vec<Discrepancy>,
+    overruns: Vec<Overrun>,
+    checked: u64,
+}
+
+impl UsageCheck {
+    fn check(&mut self, u: SettledUsage) {
+        self.checked += 1;
+        let out = &mut self.found;
+        let SettledUsage {
+            request_id,
+            key_kind: kind,
+            model,
+            status,
+            usage_source: source,
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            reserved_atomic: reserved,
+            cost_atomic: cost,
+            input_price_atomic: input,
+            output_price_atomic: output,
+            overrun_tokens,
+            uncharged_atomic: uncharged,
+        } = u;
         let subject = format!("request {request_id}");
         if kind != "credit" || status == "interrupted" {
             if cost != 0 {
@@ -386,14 +388,14 @@ fn check_usage(
                     ),
                 ));
             }
-            continue;
+            return;
         }
         let prices = match (input, output) {
             (Some(i), Some(o)) => Some(crate::proxy::pricing::Prices {
                 input_per_mtok: Usdc(i),
                 output_per_mtok: Usdc(o),
             }),
-            _ => configured.get(&model).copied(),
+            _ => self.configured.get(&model).copied(),
         };
         let Some(prices) = prices else {
             out.push(d(
@@ -401,7 +403,7 @@ fn check_usage(
                 subject,
                 format!("no prices recorded and model `{model}` is not configured: the charge cannot be checked"),
             ));
-            continue;
+            return;
         };
         let full = prices
             .cost(prompt.max(0) as u64, completion.max(0) as u64)
@@ -459,7 +461,7 @@ fn check_usage(
                     ),
                 ));
             }
-            overruns.push(Overrun {
+            self.overruns.push(Overrun {
                 request_id,
                 model,
                 status,
@@ -469,7 +471,6 @@ fn check_usage(
             });
         }
     }
-    Ok((out, overruns, checked))
 }
 
 #[derive(Default)]
@@ -481,55 +482,31 @@ struct Counts {
     subscriptions: u64,
 }
 
-fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)> {
+/// Checks 2-4: claims, the ledger and seats, against the database's own rows.
+fn check_books(books: Books) -> (Vec<Discrepancy>, Counts) {
     let mut out = Vec::new();
     let mut counts = Counts::default();
 
-    // Claims.
-    let mut stmt = c.prepare(
-        "SELECT tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, origin_tx \
-         FROM claims ORDER BY rowid",
-    )?;
-    type ClaimRow = (
-        String,
-        String,
-        String,
-        i64,
-        i64,
-        i64,
-        Option<i64>,
-        Option<String>,
-    );
-    let claims: Vec<ClaimRow> = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
     // Purchases: a claim and its copies (x402 re-submissions) are backed by any of their transactions.
     let mut confirmed_purchases: HashMap<String, String> = HashMap::new();
-    for (tx, _, _, _, _, _, _, origin) in &claims {
-        let confirmed: bool = c
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM transfers WHERE lower(tx_hash) = lower(?1) AND status = 'confirmed')",
-            )?
-            .query_row([tx], |r| r.get(0))?;
-        if confirmed {
-            confirmed_purchases.insert(origin.clone().unwrap_or_else(|| tx.clone()), tx.clone());
+    for claim in &books.claims {
+        if claim.confirmed {
+            confirmed_purchases.insert(
+                claim
+                    .origin_tx
+                    .clone()
+                    .unwrap_or_else(|| claim.tx_hash.clone()),
+                claim.tx_hash.clone(),
+            );
         }
     }
     let mut seen: HashMap<String, String> = HashMap::new();
-    for (tx, account, kind, paid, price, surplus, sub, origin) in &claims {
+    for claim in &books.claims {
+        let (tx, account, kind) = (&claim.tx_hash, &claim.account, &claim.kind);
+        let (paid, price, surplus) = (claim.paid_atomic, claim.price_atomic, claim.surplus_atomic);
+        let origin = &claim.origin_tx;
         let purchase = origin.clone().unwrap_or_else(|| tx.clone());
-        let reversed = reversals::is_reversed(c, &purchase)?;
+        let reversed = claim.purchase_reversed;
         counts.claims += 1;
         let subject = format!("claim {tx}");
         if let Some(first) = seen.insert(tx.to_ascii_lowercase(), tx.clone()) {
@@ -539,17 +516,11 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
                 format!("transaction claimed twice (also as {first})"),
             ));
         }
-        let mut by_payer = c.prepare_cached(
-            "SELECT from_address, sum(value_atomic) FROM transfers WHERE lower(tx_hash) = lower(?1) \
-             AND status = 'confirmed' GROUP BY from_address",
-        )?;
-        let payers: Vec<(String, i64)> = by_payer
-            .query_map([tx], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?;
+        let payers = &claim.payers;
         let from_account: i64 = payers
             .iter()
-            .filter(|(p, _)| p == account)
-            .map(|(_, v)| v)
+            .filter(|p| &p.payer == account)
+            .map(|p| p.value_atomic)
             .sum();
         if reversed && origin.is_none() {
             if let Some(by) = confirmed_purchases.get(&purchase) {
@@ -567,59 +538,46 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
                 &subject,
                 "no confirmed transfer backs this claim, and it is not reversed",
             ));
-        } else if !payers.is_empty() && from_account != *paid {
+        } else if !payers.is_empty() && from_account != paid {
             out.push(d(
                 "claims",
                 &subject,
                 format!(
                     "paid {} USDC by {account}, but confirmed transfers from it total {} USDC",
-                    Usdc(*paid),
+                    Usdc(paid),
                     Usdc(from_account)
                 ),
             ));
         }
-        if payers.iter().any(|(p, _)| p != account) {
+        if payers.iter().any(|p| &p.payer != account) {
             out.push(d(
                 "claims",
                 &subject,
                 "the transaction also has transfers from other payers",
             ));
         }
-        if price + surplus != *paid {
+        if price + surplus != paid {
             out.push(d(
                 "claims",
                 &subject,
                 format!(
                     "price {} + surplus {} ≠ paid {}",
-                    Usdc(*price),
-                    Usdc(*surplus),
-                    Usdc(*paid)
+                    Usdc(price),
+                    Usdc(surplus),
+                    Usdc(paid)
                 ),
             ));
         }
-        let credited = |k: &str| -> rusqlite::Result<(i64, i64)> {
-            c.prepare_cached(
-                "SELECT count(*), coalesce(sum(amount_atomic), 0) FROM ledger WHERE lower(tx_hash) = lower(?1) \
-                 AND kind = ?2",
-            )?
-            .query_row(params![tx, k], |r| Ok((r.get(0)?, r.get(1)?)))
-        };
         if origin.is_some() {
             // A copy of a claim for another transaction of the same payment: the ledger rows name the original.
             continue;
         }
-        let (reversed_sum, reinstated_sum) = {
-            let (_, rev) = credited("reversal")?;
-            let (_, rein) = credited("reinstatement")?;
-            (rev, rein)
-        };
-        let (expected_rev, expected_rein): (i64, i64) = c
-            .prepare_cached(
-                "SELECT coalesce(sum(CASE WHEN kind = 'reversed' THEN amount_atomic END), 0), \
-                 coalesce(sum(CASE WHEN kind = 'restored' THEN amount_atomic END), 0) FROM claim_reversals \
-                 WHERE claim_tx = ?1",
-            )?
-            .query_row([tx], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (reversed_sum, reinstated_sum) =
+            (claim.reversal.sum_atomic, claim.reinstatement.sum_atomic);
+        let (expected_rev, expected_rein) = (
+            claim.recorded_reversed_atomic,
+            claim.recorded_restored_atomic,
+        );
         if reversed_sum != -expected_rev || reinstated_sum != expected_rein {
             out.push(d(
                 "ledger",
@@ -633,8 +591,8 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
                 ),
             ));
         }
-        let (topups, topup_sum) = credited("topup")?;
-        let (surpluses, surplus_sum) = credited("surplus")?;
+        let (topups, topup_sum) = (claim.topup.rows, claim.topup.sum_atomic);
+        let (surpluses, surplus_sum) = (claim.surplus.rows, claim.surplus.sum_atomic);
         if topups > 1 || surpluses > 1 {
             out.push(d(
                 "claims",
@@ -642,7 +600,7 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
                 format!("credited more than once in the ledger ({topups} top-up rows, {surpluses} surplus rows)"),
             ));
         }
-        let expected_topup = if kind == "topup" { *price } else { 0 };
+        let expected_topup = if kind == "topup" { price } else { 0 };
         if topup_sum != expected_topup {
             out.push(d(
                 "ledger",
@@ -654,60 +612,50 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
                 ),
             ));
         }
-        if surplus_sum != *surplus {
+        if surplus_sum != surplus {
             out.push(d(
                 "ledger",
                 &subject,
                 format!(
                     "surplus credited {} USDC, the claim says {}",
                     Usdc(surplus_sum),
-                    Usdc(*surplus)
+                    Usdc(surplus)
                 ),
             ));
         }
-        if kind == "subscription" {
-            let sub_tx: Option<String> = match sub {
-                Some(id) => c
-                    .query_row(
-                        "SELECT tx_hash FROM subscriptions WHERE id = ?1",
-                        [id],
-                        |r| r.get(0),
-                    )
-                    .ok(),
-                None => None,
-            };
-            if sub_tx.as_deref().map(str::to_ascii_lowercase) != Some(tx.to_ascii_lowercase()) {
-                out.push(d(
-                    "claims",
-                    &subject,
-                    "subscription claim without its subscription",
-                ));
-            }
+        if kind == "subscription"
+            && claim
+                .subscription_tx
+                .as_deref()
+                .map(str::to_ascii_lowercase)
+                != Some(tx.to_ascii_lowercase())
+        {
+            out.push(d(
+                "claims",
+                &subject,
+                "subscription claim without its subscription",
+            ));
         }
     }
     // Ledger credits of transactions that were never claimed.
-    let mut stmt = c.prepare(
-        "SELECT DISTINCT l.tx_hash FROM ledger l WHERE l.tx_hash IS NOT NULL AND l.kind IN ('topup', 'surplus') \
-         AND NOT EXISTS (SELECT 1 FROM claims c WHERE lower(c.tx_hash) = lower(l.tx_hash))",
-    )?;
-    for tx in stmt.query_map([], |r| r.get::<_, String>(0))? {
+    for tx in books.credits_without_claim {
         out.push(d(
             "ledger",
-            format!("transaction {}", tx?),
+            format!("transaction {tx}"),
             "credited in the ledger without a claim",
         ));
     }
 
     // Ledger: running balances and totals.
-    let mut stmt = c.prepare(
-        "SELECT id, account, amount_atomic, balance_after FROM ledger ORDER BY account, id",
-    )?;
-    let rows: Vec<(i64, String, i64, i64)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-        .collect::<rusqlite::Result<_>>()?;
     let mut running: BTreeMap<String, i64> = BTreeMap::new();
     let mut last_after: BTreeMap<String, i64> = BTreeMap::new();
-    for (id, account, amount, after) in rows {
+    for row in books.ledger {
+        let (id, account, amount, after) = (
+            row.id,
+            row.account,
+            row.amount_atomic,
+            row.balance_after_atomic,
+        );
         counts.ledger_rows += 1;
         let sum = running.entry(account.clone()).or_insert(0);
         *sum += amount;
@@ -726,9 +674,8 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
         }
         last_after.insert(account, after);
     }
-    let mut stmt = c.prepare("SELECT account, sum(amount_atomic) FROM ledger GROUP BY account")?;
-    for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
-        let (account, sum) = row?;
+    for total in books.accounts {
+        let (account, sum) = (total.account, total.sum_atomic);
         counts.accounts += 1;
         let balance = last_after.get(&account).copied().unwrap_or(0);
         if balance != sum {
@@ -744,7 +691,7 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
         }
         // A reversal may take a balance below zero (credits spent before their payment left the chain); nothing
         // else may.
-        if sum < 0 && !has_open_reversal(c, &account)? {
+        if sum < 0 && !total.has_open_reversal {
             out.push(d(
                 "ledger",
                 format!("account {account}"),
@@ -754,38 +701,12 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
     }
 
     // Seats against subscriptions.
-    let mut stmt = c.prepare(
-        "SELECT st.subscription_id, st.pool, st.block, st.expires_at, s.id, s.pool, s.blocks, s.expires_at \
-         FROM seats st LEFT JOIN subscriptions s ON s.id = st.subscription_id ORDER BY st.subscription_id, st.block",
-    )?;
-    type SeatRow = (
-        i64,
-        String,
-        String,
-        i64,
-        Option<i64>,
-        Option<String>,
-        Option<String>,
-        Option<i64>,
-    );
-    let seats: Vec<SeatRow> = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    for (sub_id, pool, block, expires, s_id, s_pool, s_blocks, s_expires) in seats {
+    for seat in books.seats {
+        let (sub_id, pool, block, expires) =
+            (seat.subscription_id, seat.pool, seat.block, seat.expires_at);
         counts.seats += 1;
         let subject = format!("seat {pool}/{block} of subscription {sub_id}");
-        if s_id.is_none() {
+        if !seat.subscription_exists {
             out.push(d(
                 "seats",
                 &subject,
@@ -793,9 +714,11 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
             ));
             continue;
         }
-        let blocks: Vec<String> = s_blocks
+        let blocks: Vec<String> = seat
+            .subscription_blocks_json
             .and_then(|b| serde_json::from_str(&b).ok())
             .unwrap_or_default();
+        let s_pool = seat.subscription_pool;
         if s_pool.as_deref() != Some(pool.as_str()) {
             out.push(d(
                 "seats",
@@ -810,6 +733,7 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
                 format!("the subscription bought blocks {blocks:?}, not {block}"),
             ));
         }
+        let s_expires = seat.subscription_expires_at;
         if s_expires != Some(expires) {
             out.push(d(
                 "seats",
@@ -821,21 +745,10 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
             ));
         }
     }
-    let mut stmt = c.prepare(
-        "SELECT s.id, s.blocks, (SELECT count(*) FROM seats st WHERE st.subscription_id = s.id), \
-         EXISTS (SELECT 1 FROM claims c WHERE lower(c.tx_hash) = lower(s.tx_hash)) FROM subscriptions s ORDER BY s.id",
-    )?;
-    for row in stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, bool>(3)?,
-        ))
-    })? {
-        let (id, blocks, held, claimed) = row?;
+    for sub in books.subscriptions {
+        let (id, held) = (sub.id, sub.seats_held);
         counts.subscriptions += 1;
-        let n = serde_json::from_str::<Vec<String>>(&blocks)
+        let n = serde_json::from_str::<Vec<String>>(&sub.blocks_json)
             .map(|b| b.len() as i64)
             .unwrap_or(-1);
         if n != held {
@@ -845,7 +758,7 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
                 format!("bought {n} blocks but holds {held} seats"),
             ));
         }
-        if !claimed {
+        if !sub.claimed {
             out.push(d(
                 "claims",
                 format!("subscription {id}"),
@@ -853,7 +766,7 @@ fn check_database(c: &Connection) -> rusqlite::Result<(Vec<Discrepancy>, Counts)
             ));
         }
     }
-    Ok((out, counts))
+    (out, counts)
 }
 
 /// Purchases whose last event is a reversal.
@@ -863,12 +776,4 @@ fn open_reversals(events: &[ReversalEvent]) -> usize {
         last.insert(&e.claim_tx, &e.kind);
     }
     last.values().filter(|k| **k == "reversed").count()
-}
-
-fn has_open_reversal(c: &Connection, account: &str) -> rusqlite::Result<bool> {
-    c.prepare_cached(
-        "SELECT 1 FROM claim_reversals r WHERE r.account = ?1 AND r.kind = 'reversed' \
-         AND r.seq = (SELECT max(seq) FROM claim_reversals x WHERE x.claim_tx = r.claim_tx) LIMIT 1",
-    )?
-    .exists([account])
 }

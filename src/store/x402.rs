@@ -233,3 +233,121 @@ pub fn adoption_candidates(
     let rows = stmt.query_map(params![from, to, value], |r| r.get(0))?;
     rows.collect()
 }
+
+/// A settlement the reorg watcher could not settle again: what is needed to take its purchase back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedResettlement {
+    pub settlement_id: i64,
+    /// The transaction the reorg removed.
+    pub tx_hash: String,
+    /// The key minted from the payment, if any.
+    pub key_id: Option<i64>,
+    /// `credits`, `subscription` or `request`.
+    pub product: String,
+    pub payer: String,
+    /// `code: reason`, recorded with the `suspended` event.
+    pub detail: String,
+}
+
+/// The reorg watcher's whole operations: each is one write transaction, so a settlement's events, its new
+/// transaction, its claim copy and the purchase's reversal state always commit together.
+impl super::Store {
+    /// Settlements whose transfer the indexer now holds only as `orphaned`.
+    pub async fn orphaned_settlements(&self) -> Result<Vec<SettlementRow>, super::StoreError> {
+        self.read(|c| Ok(orphaned_settlements(c)?)).await
+    }
+
+    /// Indexed, unclaimed transactions that may carry a settlement's authorization (see [`adoption_candidates`]).
+    pub async fn adoption_candidates(
+        &self,
+        from: String,
+        to: String,
+        value: i64,
+    ) -> Result<Vec<String>, super::StoreError> {
+        self.read(move |c| Ok(adoption_candidates(c, &from, &to, value)?))
+            .await
+    }
+
+    /// Records that settlement `id`, reorged out of `old`, was settled again in `new`: the events, the new
+    /// transaction, a copy of the claim, and the purchase's reversal state if the indexer already confirmed `new`.
+    pub async fn record_resettlement(
+        &self,
+        id: i64,
+        old: String,
+        new: String,
+        now: i64,
+    ) -> Result<(), super::StoreError> {
+        self.write(move |tx| -> Result<(), super::StoreError> {
+            insert_event(tx, id, "reorged", Some(&old), None, now)?;
+            replace_tx(tx, id, &new, now)?;
+            link_claim(tx, &old, &new, now)?;
+            insert_event(tx, id, "resubmitted", Some(&new), None, now)?;
+            // The indexer may have confirmed the new transaction before this link existed.
+            if let Some(origin) = super::reversals::origin_of(tx, &new)? {
+                super::reversals::reconcile_origin(tx, &origin, now)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Adopts `new` (the payer's own transaction that used the authorization) as settlement `id`'s, like a
+    /// re-submission. `false`, changing nothing, when `new` was claimed meanwhile: it is not ours to adopt.
+    pub async fn adopt_resettlement(
+        &self,
+        id: i64,
+        old: String,
+        new: String,
+        now: i64,
+    ) -> Result<bool, super::StoreError> {
+        self.write(move |tx| -> Result<bool, super::StoreError> {
+            if !link_claim(tx, &old, &new, now)? {
+                return Ok(false);
+            }
+            insert_event(tx, id, "reorged", Some(&old), None, now)?;
+            replace_tx(tx, id, &new, now)?;
+            insert_event(
+                tx,
+                id,
+                "resubmitted",
+                Some(&new),
+                Some("adopted: the payer's own transaction used this authorization"),
+                now,
+            )?;
+            if let Some(origin) = super::reversals::origin_of(tx, &new)? {
+                super::reversals::reconcile_origin(tx, &origin, now)?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    /// Fails a settlement that could not be settled again: reverses its purchase, revokes its key (see below),
+    /// marks it `failed` and records why.
+    pub async fn fail_resettlement(
+        &self,
+        f: FailedResettlement,
+        now: i64,
+    ) -> Result<(), super::StoreError> {
+        self.write(move |tx| -> Result<(), super::StoreError> {
+            let id = f.settlement_id;
+            insert_event(tx, id, "reorged", Some(&f.tx_hash), None, now)?;
+            // The credits it bought are taken back too, through the same reversal as the indexer's (a no-op when
+            // the indexer already reversed the purchase when it orphaned the transfer).
+            let origin =
+                super::reversals::origin_of(tx, &f.tx_hash)?.unwrap_or_else(|| f.tx_hash.clone());
+            super::reversals::reverse(tx, &origin, "settlement_failed", now)?;
+            // A credit key is the account's: it stays when other payments fund it (the lower balance is what
+            // limits it); a subscription key, or a credit key this payment alone funded, is revoked for good.
+            let revoke =
+                f.product != "credits" || !super::reversals::other_funding(tx, &f.payer, &origin)?;
+            if let Some(key) = f.key_id.filter(|_| revoke) {
+                super::billing::revoke_key(tx, key, "settlement_reorged", None, now)?;
+            }
+            mark_failed(tx, id, now)?;
+            insert_event(tx, id, "suspended", None, Some(&f.detail), now)?;
+            Ok(())
+        })
+        .await
+    }
+}

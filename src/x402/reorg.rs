@@ -22,8 +22,7 @@ use super::types::{
 };
 use super::verify::PaymentRequest;
 use crate::billing::Billing;
-use crate::store::reversals;
-use crate::store::x402::{self as sql, SettlementRow};
+use crate::store::x402::{FailedResettlement, SettlementRow};
 use crate::store::{Store, StoreError};
 
 /// How often the task looks for reorged settlements.
@@ -77,9 +76,7 @@ pub async fn check_once(
     billing: &Billing,
     now: i64,
 ) -> Result<Vec<Outcome>, StoreError> {
-    let rows = store
-        .read(|c| -> Result<_, StoreError> { Ok(sql::orphaned_settlements(c)?) })
-        .await?;
+    let rows = store.orphaned_settlements().await?;
     let mut out = Vec::new();
     for row in rows {
         let id = row.id;
@@ -93,20 +90,7 @@ pub async fn check_once(
             Ok(s) => {
                 let new = format!("{:#x}", s.transaction);
                 let old = row.tx_hash.clone();
-                let n = new.clone();
-                store
-                    .write(move |tx| -> Result<(), StoreError> {
-                        sql::insert_event(tx, id, "reorged", Some(&old), None, now)?;
-                        sql::replace_tx(tx, id, &n, now)?;
-                        sql::link_claim(tx, &old, &n, now)?;
-                        sql::insert_event(tx, id, "resubmitted", Some(&n), None, now)?;
-                        // The indexer may have confirmed the new transaction before this link existed.
-                        if let Some(origin) = reversals::origin_of(tx, &n)? {
-                            reversals::reconcile_origin(tx, &origin, now)?;
-                        }
-                        Ok(())
-                    })
-                    .await?;
+                store.record_resettlement(id, old, new.clone(), now).await?;
                 tracing::warn!(settlement = id, old = %row.tx_hash, new = %new, "reorged x402 settlement re-submitted");
                 Outcome::Resubmitted {
                     settlement_id: id,
@@ -142,33 +126,18 @@ pub async fn check_once(
             Err(PaymentError::Rejected(reason)) => {
                 let code = reason.code().to_string();
                 let detail = format!("{code}: {reason}");
-                let (old, key_id) = (row.tx_hash.clone(), row.key_id);
-                let (product, payer) = (row.product.clone(), row.payer.clone());
                 store
-                    .write(move |tx| -> Result<(), StoreError> {
-                        sql::insert_event(tx, id, "reorged", Some(&old), None, now)?;
-                        // The credits it bought are taken back too, through the same reversal as the indexer's
-                        // (a no-op when the indexer already reversed the purchase when it orphaned the transfer).
-                        let origin = reversals::origin_of(tx, &old)?.unwrap_or_else(|| old.clone());
-                        reversals::reverse(tx, &origin, "settlement_failed", now)?;
-                        // A credit key is the account's: it stays when other payments fund it (the lower balance
-                        // is what limits it); a subscription key, or a credit key this payment alone funded, is
-                        // revoked for good.
-                        let revoke =
-                            product != "credits" || !reversals::other_funding(tx, &payer, &origin)?;
-                        if let Some(key) = key_id.filter(|_| revoke) {
-                            crate::store::billing::revoke_key(
-                                tx,
-                                key,
-                                "settlement_reorged",
-                                None,
-                                now,
-                            )?;
-                        }
-                        sql::mark_failed(tx, id, now)?;
-                        sql::insert_event(tx, id, "suspended", None, Some(&detail), now)?;
-                        Ok(())
-                    })
+                    .fail_resettlement(
+                        FailedResettlement {
+                            settlement_id: id,
+                            tx_hash: row.tx_hash.clone(),
+                            key_id: row.key_id,
+                            product: row.product.clone(),
+                            payer: row.payer.clone(),
+                            detail,
+                        },
+                        now,
+                    )
                     .await?;
                 tracing::error!(settlement = id, tx = %row.tx_hash, %code, "reorged x402 settlement could not be re-submitted; its credits reversed and its key suspended");
                 Outcome::Suspended {
@@ -203,11 +172,7 @@ async fn adopt(
         return Ok(None);
     };
     let (from, to) = (format!("{:#x}", auth.from), format!("{:#x}", auth.to));
-    let candidates = store
-        .read(move |c| -> Result<_, StoreError> {
-            Ok(sql::adoption_candidates(c, &from, &to, value)?)
-        })
-        .await?;
+    let candidates = store.adoption_candidates(from, to, value).await?;
     let token = billing.settings().chain.network.token;
     let authorizer = B256::left_padding_from(auth.from.as_slice());
     for candidate in candidates {
@@ -227,28 +192,8 @@ async fn adopt(
         if !used {
             continue;
         }
-        let (id, old, new) = (row.id, row.tx_hash.clone(), candidate.clone());
         let adopted = store
-            .write(move |tx| -> Result<bool, StoreError> {
-                // Claimed meanwhile (by txHash, before this pass): it is not ours to adopt.
-                if !sql::link_claim(tx, &old, &new, now)? {
-                    return Ok(false);
-                }
-                sql::insert_event(tx, id, "reorged", Some(&old), None, now)?;
-                sql::replace_tx(tx, id, &new, now)?;
-                sql::insert_event(
-                    tx,
-                    id,
-                    "resubmitted",
-                    Some(&new),
-                    Some("adopted: the payer's own transaction used this authorization"),
-                    now,
-                )?;
-                if let Some(origin) = reversals::origin_of(tx, &new)? {
-                    reversals::reconcile_origin(tx, &origin, now)?;
-                }
-                Ok(true)
-            })
+            .adopt_resettlement(row.id, row.tx_hash.clone(), candidate.clone(), now)
             .await?;
         if adopted {
             tracing::warn!(settlement = row.id, old = %row.tx_hash, new = %candidate, "reorged x402 settlement: the payer's own transaction used the authorization; adopted");

@@ -204,9 +204,7 @@ async fn reversals_credit_topup_reorged_out_goes_negative_and_comes_back_when_mi
     assert!(report.is_clean(), "{:?}", report.discrepancies);
     assert_eq!(report.reversals.len(), 2);
     // The auditor's view of the payment shows both, and the ledger rows that went with them.
-    let t = tx.clone();
-    let detail = store
-        .read(move |c| -> Result<_, StoreError> { Ok(x402_gateway::audit::payment_detail(c, &t)?) })
+    let detail = x402_gateway::audit::payment_detail(&store, &tx)
         .await
         .unwrap()
         .unwrap();

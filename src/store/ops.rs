@@ -1,0 +1,174 @@
+//! The operator's reads and probes: the `/admin` status page's figures, the database gauges of `/metrics`, the
+//! write probe of `/readyz`, and the start-up repairs `serve` runs before it takes traffic.
+//!
+//! This module owns their SQL (or calls the concern's own store function) so the HTTP handlers and `serve` never
+//! see a connection or a transaction.
+
+use rusqlite::Connection;
+
+use super::audit::{self, KeyRow, PaymentsPage, RevenueDay};
+use super::reversals::{self, ReversalEvent};
+use super::{Store, StoreError};
+
+/// Keys of one kind in one state (`live`, `revoked`, `suspended` or `expired`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCount {
+    pub kind: String,
+    pub state: String,
+    pub count: i64,
+}
+
+/// Seats of one pool block held now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeatsTaken {
+    pub pool: String,
+    pub block: String,
+    pub taken: u32,
+}
+
+/// Transfers in one status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusCount {
+    pub status: String,
+    pub count: i64,
+}
+
+/// What the `/admin` status page shows from the database.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminOverview {
+    /// The last 20 payments by id, oldest first.
+    pub latest_payments: PaymentsPage,
+    /// The last 14 days, oldest first.
+    pub revenue: Vec<RevenueDay>,
+    pub total_claimed_atomic: i64,
+    pub total_received_atomic: i64,
+    pub seats: Vec<SeatsTaken>,
+    /// The last 20 keys by id, oldest first.
+    pub latest_keys: Vec<KeyRow>,
+    /// By kind, then state.
+    pub key_counts: Vec<KeyCount>,
+    pub reorgs: i64,
+}
+
+/// The database gauges of `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricCounts {
+    pub transfers: Vec<StatusCount>,
+    pub reorgs: i64,
+    pub keys: Vec<KeyCount>,
+}
+
+/// Rows the status page lists of payments and of keys.
+const LATEST: u32 = 20;
+/// Days of revenue the status page shows.
+const REVENUE_DAYS: i64 = 14;
+
+/// Keys per kind and state at `now`, ordered by kind then state.
+pub fn key_counts(c: &Connection, now: i64) -> rusqlite::Result<Vec<KeyCount>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT k.kind, CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked' WHEN k.suspended_at IS NOT NULL THEN 'suspended' \
+         WHEN s.expires_at IS NOT NULL AND s.expires_at <= ?1 THEN 'expired' ELSE 'live' END AS state, \
+         count(*) FROM api_keys k LEFT JOIN subscriptions s ON s.id = k.subscription_id \
+         GROUP BY k.kind, state ORDER BY k.kind, state",
+    )?;
+    let rows = stmt.query_map([now], |r| {
+        Ok(KeyCount {
+            kind: r.get(0)?,
+            state: r.get(1)?,
+            count: r.get(2)?,
+        })
+    })?;
+    rows.collect()
+}
+
+fn reorg_count(c: &Connection) -> rusqlite::Result<i64> {
+    c.query_row("SELECT count(*) FROM reorgs", [], |r| r.get(0))
+}
+
+/// Reads [`AdminOverview`] at `now`.
+pub fn admin_overview(c: &Connection, now: i64) -> rusqlite::Result<AdminOverview> {
+    let latest_payments = audit::latest_payments(c, LATEST)?;
+    let revenue = audit::revenue(c, Some(now - REVENUE_DAYS * 86_400), None)?;
+    let total_claimed_atomic: i64 = c.query_row(
+        "SELECT coalesce(sum(price_atomic), 0) FROM claims",
+        [],
+        |r| r.get(0),
+    )?;
+    let total_received_atomic: i64 = c.query_row(
+        "SELECT coalesce(sum(value_atomic), 0) FROM transfers WHERE status = 'confirmed'",
+        [],
+        |r| r.get(0),
+    )?;
+    let seats = super::billing::all_seats_taken(c, now)?
+        .into_iter()
+        .map(|(pool, block, taken)| SeatsTaken { pool, block, taken })
+        .collect();
+    let latest_keys = audit::latest_keys(c, LATEST)?;
+    Ok(AdminOverview {
+        latest_payments,
+        revenue,
+        total_claimed_atomic,
+        total_received_atomic,
+        seats,
+        latest_keys,
+        key_counts: key_counts(c, now)?,
+        reorgs: reorg_count(c)?,
+    })
+}
+
+/// Reads [`MetricCounts`] at `now`.
+pub fn metric_counts(c: &Connection, now: i64) -> rusqlite::Result<MetricCounts> {
+    let mut stmt = c.prepare_cached("SELECT status, count(*) FROM transfers GROUP BY status")?;
+    let transfers = stmt
+        .query_map([], |r| {
+            Ok(StatusCount {
+                status: r.get(0)?,
+                count: r.get(1)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(MetricCounts {
+        transfers,
+        reorgs: reorg_count(c)?,
+        keys: key_counts(c, now)?,
+    })
+}
+
+impl Store {
+    /// The status page's figures at `now` (see [`admin_overview`]).
+    pub async fn admin_overview(&self, now: i64) -> Result<AdminOverview, StoreError> {
+        self.read(move |c| Ok(admin_overview(c, now)?)).await
+    }
+
+    /// The database gauges of `/metrics` at `now` (see [`metric_counts`]).
+    pub async fn metric_counts(&self, now: i64) -> Result<MetricCounts, StoreError> {
+        self.read(move |c| Ok(metric_counts(c, now)?)).await
+    }
+
+    /// Proves the database takes a durable write: rewrites the schema version in the file's header, which goes
+    /// through the writer thread and the journal like any other write, and changes nothing.
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        self.write(|tx| -> Result<(), StoreError> {
+            let v: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            tx.pragma_update(None, "user_version", v)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Refunds and closes the requests a stopped process left `in_flight` (run once at start, before any request
+    /// is served). Returns how many.
+    pub async fn recover_in_flight(&self, now: i64) -> Result<usize, StoreError> {
+        self.write(move |tx| {
+            super::usage::recover_in_flight(tx, now).map_err(|e| StoreError::Task(e.to_string()))
+        })
+        .await
+    }
+
+    /// Reverses or restores every claimed purchase whose payment's index state disagrees with its last reversal
+    /// event (a database from before reversals existed). Returns what it did.
+    pub async fn reconcile_reversals(&self, now: i64) -> Result<Vec<ReversalEvent>, StoreError> {
+        self.write(move |tx| Ok(reversals::reconcile_all(tx, now)?))
+            .await
+    }
+}
