@@ -570,7 +570,9 @@ output_usdc_per_mtok = "2.50"
         }
     }
     for (load, us) in &gateway_cpu {
-        println!("  gateway CPU time per request at {load}: {us:.0} µs (user + system, all threads)");
+        println!(
+            "  gateway CPU time per request at {load}: {us:.0} µs (user + system, all threads)"
+        );
     }
     let max_load = format!("max, {concurrency} clients");
     if let (Some((_, _, g)), Some((_, _, l))) =

@@ -244,7 +244,7 @@ pub async fn serve_with_env(
     let store = Store::open(&settings.database_path)?;
     store.set_metering_durability(settings.metering_durability);
     let now = (clock)();
-    let recovered = store.recover_in_flight(now).await?;
+    let recovered = crate::billing::metering::recover_interrupted(&store, now).await?;
     if recovered > 0 {
         tracing::warn!(
             requests = recovered,

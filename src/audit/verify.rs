@@ -689,6 +689,17 @@ fn check_books(books: Books) -> (Vec<Discrepancy>, Counts) {
                 ),
             ));
         }
+        if total.balance_column_atomic != sum {
+            out.push(d(
+                "ledger",
+                format!("account {account}"),
+                format!(
+                    "balance column {} USDC ≠ sum of its ledger {} USDC",
+                    Usdc(total.balance_column_atomic),
+                    Usdc(sum)
+                ),
+            ));
+        }
         // A reversal may take a balance below zero (credits spent before their payment left the chain); nothing
         // else may.
         if sum < 0 && !total.has_open_reversal {

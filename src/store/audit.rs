@@ -578,6 +578,8 @@ pub struct LedgerStep {
 pub struct AccountTotal {
     pub account: String,
     pub sum_atomic: i64,
+    /// `accounts.balance_atomic`: the balance the guarded debit reads (must equal the sum).
+    pub balance_column_atomic: i64,
     /// Whether a purchase of the account is reversed now (only such an account may be below zero).
     pub has_open_reversal: bool,
 }
@@ -731,16 +733,23 @@ pub fn books(c: &Connection) -> rusqlite::Result<Books> {
         })?
         .collect::<rusqlite::Result<_>>()?;
 
-    let sums: Vec<(String, i64)> = c
-        .prepare("SELECT account, sum(amount_atomic) FROM ledger GROUP BY account")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+    // Every account with ledger rows or a balance: the balance column must equal the ledger's sum.
+    let sums: Vec<(String, i64, i64)> = c
+        .prepare(
+            "SELECT a.address, coalesce((SELECT sum(l.amount_atomic) FROM ledger l WHERE l.account = a.address), 0), \
+             a.balance_atomic FROM accounts a \
+             WHERE a.balance_atomic != 0 OR EXISTS (SELECT 1 FROM ledger l WHERE l.account = a.address) \
+             ORDER BY a.address",
+        )?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<rusqlite::Result<_>>()?;
     let mut accounts = Vec::with_capacity(sums.len());
-    for (account, sum_atomic) in sums {
+    for (account, sum_atomic, balance_column_atomic) in sums {
         let has_open_reversal = has_open_reversal(c, &account)?;
         accounts.push(AccountTotal {
             account,
             sum_atomic,
+            balance_column_atomic,
             has_open_reversal,
         });
     }

@@ -156,15 +156,6 @@ impl Store {
         .await
     }
 
-    /// Refunds and closes the requests a stopped process left `in_flight` (run once at start, before any request
-    /// is served). Returns how many.
-    pub async fn recover_in_flight(&self, now: i64) -> Result<usize, StoreError> {
-        self.write(move |tx| {
-            super::usage::recover_in_flight(tx, now).map_err(|e| StoreError::Task(e.to_string()))
-        })
-        .await
-    }
-
     /// Reverses or restores every claimed purchase whose payment's index state disagrees with its last reversal
     /// event (a database from before reversals existed). Returns what it did.
     pub async fn reconcile_reversals(&self, now: i64) -> Result<Vec<ReversalEvent>, StoreError> {
