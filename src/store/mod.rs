@@ -9,6 +9,8 @@
 //! transactions and migrations.
 
 pub mod billing;
+pub mod migrate;
+pub mod postgres;
 pub mod reversals;
 pub mod transfers;
 pub mod usage;
