@@ -425,7 +425,7 @@ fn default_rpc_timeout_ms() -> u64 {
     10_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// SQLite file; relative paths are relative to the config file's folder. Default `x402-gateway.db` when
@@ -443,15 +443,6 @@ pub struct DatabaseConfig {
     pub fsync_metering: bool,
 }
 
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        DatabaseConfig {
-            path: None,
-            url: None,
-            fsync_metering: false,
-        }
-    }
-}
 
 fn default_db_path() -> PathBuf {
     PathBuf::from("x402-gateway.db")
@@ -546,7 +537,9 @@ impl DatabaseConfig {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(invalid(
                 "database.url",
-                format!("environment variable `{var}` must hold a postgres:// or postgresql:// URL"),
+                format!(
+                    "environment variable `{var}` must hold a postgres:// or postgresql:// URL"
+                ),
             ));
         }
         Ok((
@@ -1585,7 +1578,8 @@ pay_to = "0x1111111111111111111111111111111111111111"
     #[test]
     fn database_url_comes_from_the_environment_and_selects_postgres() {
         let env = |name: &str| {
-            (name == "DATABASE_URL").then(|| "postgres://gw:hunter2@db.internal:5432/x402".to_string())
+            (name == "DATABASE_URL")
+                .then(|| "postgres://gw:hunter2@db.internal:5432/x402".to_string())
         };
         let parse = |db: &str| {
             Config::parse(&format!("{MINIMAL}[database]\n{db}\n"), Path::new("t.toml"))
@@ -1601,22 +1595,35 @@ pay_to = "0x1111111111111111111111111111111111111111"
         assert!(!format!("{s:?}").contains("hunter2"));
         assert!(!url.to_string().contains("hunter2"));
         let err = s.require_sqlite().unwrap_err().to_string();
-        assert!(err.contains("database.url") && err.contains("migrate"), "{err}");
+        assert!(
+            err.contains("database.url") && err.contains("migrate"),
+            "{err}"
+        );
 
         let literal = parse("url = \"postgres://gw:hunter2@db.internal/x402\"")
             .unwrap_err()
             .to_string();
-        assert!(literal.contains("database.url") && literal.contains("environment variable"), "{literal}");
+        assert!(
+            literal.contains("database.url") && literal.contains("environment variable"),
+            "{literal}"
+        );
         assert!(!literal.contains("hunter2"), "{literal}");
-        let both = parse("url = \"$DATABASE_URL\"\npath = \"g.db\"").unwrap_err().to_string();
-        assert!(both.contains("database.path") && both.contains("database.url"), "{both}");
+        let both = parse("url = \"$DATABASE_URL\"\npath = \"g.db\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            both.contains("database.path") && both.contains("database.url"),
+            "{both}"
+        );
         let unset = parse("url = \"$NOPE\"").unwrap_err().to_string();
         assert!(unset.contains("`NOPE` is not set"), "{unset}");
 
         let sqlite = parse("path = \"g.db\"").unwrap();
         assert_eq!(
             sqlite.database,
-            Database::Sqlite { path: PathBuf::from("/srv/g.db") }
+            Database::Sqlite {
+                path: PathBuf::from("/srv/g.db")
+            }
         );
         assert_eq!(sqlite.require_sqlite().unwrap(), Path::new("/srv/g.db"));
     }

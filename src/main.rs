@@ -241,7 +241,10 @@ async fn migrate(config: &std::path::Path) -> Result<()> {
         println!("applied migration {} {}", m.version, m.name);
     }
     if report.applied.is_empty() {
-        println!("schema version {}: up to date, nothing to apply", report.version);
+        println!(
+            "schema version {}: up to date, nothing to apply",
+            report.version
+        );
     } else {
         println!(
             "schema version {} (was {}; {} migrations applied)",

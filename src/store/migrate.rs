@@ -57,11 +57,12 @@ fn sqlite_version(path: &Path) -> Result<u32, StoreError> {
     if !path.exists() {
         return Ok(0);
     }
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
-        StoreError::Open {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }
-    })?;
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| {
+            StoreError::Open {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            }
+        })?;
     Ok(conn.pragma_query_value(None, "user_version", |row| row.get(0))?)
 }

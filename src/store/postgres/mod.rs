@@ -29,7 +29,7 @@ const POOL_SIZE: usize = 4;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Key of the transaction-scoped advisory lock that serialises migrations (any constant; "x402mig" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7834_3032_6d69_67;
+const MIGRATION_LOCK: i64 = 0x0078_3430_326d_6967;
 
 /// Why a PostgreSQL operation failed. Messages name the server by its redacted URL, never the password.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +49,9 @@ pub enum PgError {
         found: u32,
         known: u32,
     },
-    #[error("PostgreSQL database {target} has a migration history this binary does not know: {message}")]
+    #[error(
+        "PostgreSQL database {target} has a migration history this binary does not know: {message}"
+    )]
     History { target: String, message: String },
 }
 
@@ -140,10 +142,7 @@ impl PgStore {
         let known = schema()?;
         let client = self.client().await?;
         let exists: bool = client
-            .query_one(
-                "SELECT to_regclass('schema_migrations') IS NOT NULL",
-                &[],
-            )
+            .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
             .await
             .map_err(|e| self.query_error(&e))?
             .get(0);
@@ -151,7 +150,10 @@ impl PgStore {
             return Ok(0);
         }
         let rows = client
-            .query("SELECT version, name FROM schema_migrations ORDER BY version", &[])
+            .query(
+                "SELECT version, name FROM schema_migrations ORDER BY version",
+                &[],
+            )
             .await
             .map_err(|e| self.query_error(&e))?;
         let recorded: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -184,7 +186,10 @@ impl PgStore {
             .await
             .map_err(|e| self.query_error(&e))?;
             let rows = tx
-                .query("SELECT version, name FROM schema_migrations ORDER BY version", &[])
+                .query(
+                    "SELECT version, name FROM schema_migrations ORDER BY version",
+                    &[],
+                )
                 .await
                 .map_err(|e| self.query_error(&e))?;
             let recorded: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -195,15 +200,17 @@ impl PgStore {
                 tx.commit().await.map_err(|e| self.query_error(&e))?;
                 break;
             };
-            tx.batch_execute(&next.sql).await.map_err(|e| PgError::Query {
-                target: self.target.clone(),
-                message: format!(
-                    "migration {} ({}): {}",
-                    next.version,
-                    next.name,
-                    db_error(&e)
-                ),
-            })?;
+            tx.batch_execute(&next.sql)
+                .await
+                .map_err(|e| PgError::Query {
+                    target: self.target.clone(),
+                    message: format!(
+                        "migration {} ({}): {}",
+                        next.version,
+                        next.name,
+                        db_error(&e)
+                    ),
+                })?;
             tx.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
                 &[&i64::from(next.version), &next.name, &super::now_unix()],
