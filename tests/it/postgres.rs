@@ -608,8 +608,45 @@ async fn a_database_ahead_of_the_binary_is_refused() {
         .unwrap()
         .get(0);
     assert_eq!(n, known + 1);
+
+    // Another history (a version this binary knows under another name) is refused too, naming both.
+    client
+        .batch_execute(
+            "DELETE FROM schema_migrations WHERE name = 'from_the_future';
+             UPDATE schema_migrations SET name = 'someone_elses' WHERE version = 2",
+        )
+        .await
+        .unwrap();
+    let out = run(&["migrate"], &config, &db.url);
+    let stderr = text(&out).1;
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr
+            .contains("schema_migrations has 2 `someone_elses` where this binary has 2 `checkout`"),
+        "{stderr}"
+    );
     drop(client);
     db.drop_db().await;
+}
+
+/// An unreachable server fails `migrate` at once, saying so, without printing the password.
+#[test]
+fn migrate_names_an_unreachable_server_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = postgres_config(dir.path());
+    // Port 1 on loopback: nothing listens there.
+    let out = run(
+        &["migrate"],
+        &config,
+        "postgres://gw:hunter2@127.0.0.1:1/x402",
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("PostgreSQL postgres://127.0.0.1:1/…") && stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(!format!("{stdout}{stderr}").contains("hunter2"));
 }
 
 /// The money rules written in PostgreSQL's dialect hold: the ledger is append-only (PL/pgSQL triggers), a debit

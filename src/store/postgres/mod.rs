@@ -85,14 +85,19 @@ impl PgStore {
     /// Builds the pool; the first connection is made by the first query (so a bad URL fails there, with its
     /// reason).
     pub fn connect(url: &PostgresUrl) -> Result<PgStore, PgError> {
-        let target = url.to_string();
+        Self::connect_to(url.expose(), url.to_string())
+    }
+
+    /// [`PgStore::connect`] with the URL in the clear and its redacted form for messages.
+    fn connect_to(url: &str, target: String) -> Result<PgStore, PgError> {
         let connect_error = |message: String| PgError::Connect {
             target: target.clone(),
             message,
         };
-        let mut config = tokio_postgres::Config::from_str(url.expose())
+        // The parser's message never quotes the URL, so it cannot leak the password.
+        let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|e| connect_error(format!("not a valid PostgreSQL URL: {e}")))?;
-        if config.get_ssl_mode() == SslMode::Require {
+        if !matches!(config.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
             return Err(connect_error(
                 "sslmode=require: this build does not speak TLS to PostgreSQL yet (see README \"PostgreSQL (in \
                  progress)\"); connect over a private network or a local socket"
@@ -303,6 +308,27 @@ fn pool_error(e: &deadpool_postgres::PoolError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn tls_only_urls_are_refused_up_front() {
+        let err = PgStore::connect_to(
+            "postgres://gw:hunter2@db.example/x?sslmode=require",
+            "postgres://db.example/…".into(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("sslmode=require") && err.contains("TLS"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        // Prefer (the default) and disable connect without TLS.
+        assert!(PgStore::connect_to("postgres://gw@db.example/x", "t".into()).is_ok());
+        assert!(
+            PgStore::connect_to("postgres://gw@db.example/x?sslmode=disable", "t".into()).is_ok()
+        );
+    }
 
     #[test]
     fn postgres_schema_has_the_same_migrations_as_sqlite() {
