@@ -443,7 +443,6 @@ pub struct DatabaseConfig {
     pub fsync_metering: bool,
 }
 
-
 fn default_db_path() -> PathBuf {
     PathBuf::from("x402-gateway.db")
 }

@@ -629,6 +629,94 @@ async fn a_database_ahead_of_the_binary_is_refused() {
     db.drop_db().await;
 }
 
+/// TLS (rustls, the platform's trust store): with `sslmode=require`, `migrate` connects over TLS when the server's
+/// certificate chains to a trusted CA (`SSL_CERT_FILE`, as for the rest of the machine), and refuses a server whose
+/// CA it does not trust. scripts/test runs the cluster with TLS on and a throwaway CA (`X402_TEST_POSTGRES_CA`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_over_tls_verifies_the_server() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let Some(ca) = std::env::var("X402_TEST_POSTGRES_CA")
+        .ok()
+        .filter(|c| !c.is_empty())
+    else {
+        assert!(
+            std::env::var("X402_POSTGRES_REQUIRED").as_deref() != Ok("1"),
+            "X402_POSTGRES_REQUIRED=1 but X402_TEST_POSTGRES_CA is not set"
+        );
+        eprintln!(
+            "SKIPPED: X402_TEST_POSTGRES_CA is not set (scripts/test's cluster runs TLS with its own CA)"
+        );
+        return db.drop_db().await;
+    };
+    let url = if db.url.contains("sslmode=") {
+        db.url
+            .replace("sslmode=disable", "sslmode=require")
+            .replace("sslmode=prefer", "sslmode=require")
+    } else {
+        format!(
+            "{}{}sslmode=require",
+            db.url,
+            if db.url.contains('?') { "&" } else { "?" }
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = postgres_config(dir.path());
+    let migrate = |ca_file: &str| {
+        Command::new(BIN)
+            .args(["migrate", "--config"])
+            .arg(&config)
+            .env(URL_VAR, &url)
+            .env("X402_LOG", "warn")
+            .env("SSL_CERT_FILE", ca_file)
+            // No other trust roots: only SSL_CERT_FILE decides.
+            .env("SSL_CERT_DIR", dir.path())
+            .output()
+            .unwrap()
+    };
+    // A CA the server's certificate does not chain to: the handshake is refused, nothing is applied.
+    let stranger = dir.path().join("stranger.crt");
+    let other_ca = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=stranger",
+        ])
+        .arg("-keyout")
+        .arg(dir.path().join("stranger.key"))
+        .arg("-out")
+        .arg(&stranger)
+        .output()
+        .unwrap();
+    assert!(other_ca.status.success(), "{other_ca:?}");
+    let refused = migrate(stranger.to_str().unwrap());
+    let (stdout, stderr) = text(&refused);
+    assert!(!refused.status.success(), "{stdout}{stderr}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    let client = db.client().await;
+    let applied: bool = client
+        .query_one("SELECT to_regclass('chain_binding') IS NOT NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!applied, "a migration ran over an unverified connection");
+
+    // The right CA: migrated over TLS.
+    let out = migrate(&ca);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("applied migration 1 indexer"), "{stdout}");
+    drop(client);
+    db.drop_db().await;
+}
+
 /// An unreachable server fails `migrate` at once, saying so, without printing the password.
 #[test]
 fn migrate_names_an_unreachable_server_without_its_password() {

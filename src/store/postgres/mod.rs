@@ -7,15 +7,18 @@
 //! this module, and every other command refuses a PostgreSQL config (`config::POSTGRES_MIGRATE_ONLY`).
 //!
 //! Driver: tokio-postgres (async, pure Rust) with deadpool-postgres (a pool with no background task of its own).
-//! No TLS yet: the connector is `NoTls`, so `sslmode=require` is refused up front instead of failing mid-handshake;
-//! rustls (already in the build for HTTPS) through tokio-postgres-rustls is the planned way.
+//! TLS is rustls (already in the build for HTTPS) through tokio-postgres-rustls, with the platform's trust store
+//! (rustls-platform-verifier: on Linux the system CA bundle, or `SSL_CERT_FILE`), so a private CA is trusted the
+//! way the rest of the machine trusts it. `sslmode` follows libpq: `prefer` (the default) tries TLS and falls back
+//! to plain only when the server does not offer it, `require` insists (and verifies the certificate: unlike libpq,
+//! rustls never accepts an unverified one), `disable` never tries.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
-use tokio_postgres::config::SslMode;
+use rustls_platform_verifier::ConfigVerifierExt;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::PostgresUrl;
 
@@ -97,20 +100,15 @@ impl PgStore {
         // The parser's message never quotes the URL, so it cannot leak the password.
         let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|e| connect_error(format!("not a valid PostgreSQL URL: {e}")))?;
-        if !matches!(config.get_ssl_mode(), SslMode::Disable | SslMode::Prefer) {
-            return Err(connect_error(
-                "sslmode=require: this build does not speak TLS to PostgreSQL yet (see README \"PostgreSQL (in \
-                 progress)\"); connect over a private network or a local socket"
-                    .to_string(),
-            ));
-        }
+        let tls = rustls::ClientConfig::with_platform_verifier()
+            .map_err(|e| connect_error(format!("TLS set-up: {e}")))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("x402-gateway");
         let manager = Manager::from_config(
             config,
-            NoTls,
+            MakeRustlsConnect::new(tls),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -310,24 +308,23 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn tls_only_urls_are_refused_up_front() {
+    async fn every_sslmode_builds_a_pool() {
+        for url in [
+            "postgres://gw@db.example/x",
+            "postgres://gw@db.example/x?sslmode=disable",
+            "postgres://gw@db.example/x?sslmode=require",
+        ] {
+            assert!(PgStore::connect_to(url, "t".into()).is_ok(), "{url}");
+        }
         let err = PgStore::connect_to(
-            "postgres://gw:hunter2@db.example/x?sslmode=require",
-            "postgres://db.example/…".into(),
+            "postgres://gw:hunter2@db.example/x?sslmode=sometimes",
+            "t".into(),
         )
         .err()
         .unwrap()
         .to_string();
-        assert!(
-            err.contains("sslmode=require") && err.contains("TLS"),
-            "{err}"
-        );
+        assert!(err.contains("not a valid PostgreSQL URL"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
-        // Prefer (the default) and disable connect without TLS.
-        assert!(PgStore::connect_to("postgres://gw@db.example/x", "t".into()).is_ok());
-        assert!(
-            PgStore::connect_to("postgres://gw@db.example/x?sslmode=disable", "t".into()).is_ok()
-        );
     }
 
     #[test]
