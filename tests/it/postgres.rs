@@ -533,6 +533,21 @@ async fn migrate_twice_is_idempotent() {
         again.contains(&format!("schema version {last}: up to date")),
         "{again}"
     );
+    // And an SQLite file ahead of the binary is refused by `migrate` as by `serve`.
+    rusqlite::Connection::open(dir.path().join("gateway.db"))
+        .unwrap()
+        .pragma_update(None, "user_version", last + 1)
+        .unwrap();
+    let out = run(&["migrate"], &lite, "");
+    let stderr = text(&out).1;
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "is at schema version {}, newer than this binary knows ({last})",
+            last + 1
+        )),
+        "{stderr}"
+    );
     drop(client);
     db.drop_db().await;
 }
