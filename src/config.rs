@@ -425,12 +425,17 @@ fn default_rpc_timeout_ms() -> u64 {
     10_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
-    /// SQLite file; relative paths are relative to the config file's folder.
-    #[serde(default = "default_db_path")]
-    pub path: PathBuf,
+    /// SQLite file; relative paths are relative to the config file's folder. Default `x402-gateway.db` when
+    /// `url` is not set either.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// PostgreSQL instead of SQLite: `"$NAME"`, the environment variable holding a `postgres://` URL (it carries
+    /// the password, so a literal URL is refused). Only `migrate` runs on PostgreSQL so far.
+    #[serde(default)]
+    pub url: Option<String>,
     /// Sync every per-request metering commit (credit reservations, settlements, pool usage rows) to disk before
     /// answering. Default false: they survive a crash of the process; a power cut can drop the last few, always in
     /// the customer's favour (see README "Durability"). Payments, claims, keys and grants are always synced.
@@ -438,17 +443,111 @@ pub struct DatabaseConfig {
     pub fsync_metering: bool,
 }
 
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        DatabaseConfig {
-            path: default_db_path(),
-            fsync_metering: false,
+fn default_db_path() -> PathBuf {
+    PathBuf::from("x402-gateway.db")
+}
+
+/// What `serve` and every other command but `migrate` answer for a PostgreSQL config: the store layer is not
+/// ported yet, and a gateway that quietly used SQLite instead would split the ledger in two.
+pub const POSTGRES_MIGRATE_ONLY: &str = "[database] url selects PostgreSQL, which is supported by `x402-gateway \
+     migrate` only so far: `serve`, `index` and the other commands still run on SQLite only (the store layer is not \
+     ported to PostgreSQL yet; see README \"PostgreSQL (in progress)\"). Use [database] path (SQLite) to run the \
+     gateway";
+
+/// The database engine a config selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// `[database] path` (or neither key): the embedded SQLite file.
+    Sqlite { path: PathBuf },
+    /// `[database] url = "$NAME"`: a PostgreSQL server.
+    Postgres { url: PostgresUrl },
+}
+
+impl Database {
+    /// `SQLite` or `PostgreSQL`, for messages.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Database::Sqlite { .. } => "SQLite",
+            Database::Postgres { .. } => "PostgreSQL",
         }
     }
 }
 
-fn default_db_path() -> PathBuf {
-    PathBuf::from("x402-gateway.db")
+/// A `postgres://` URL read from the environment. It carries the password: `Debug` and `Display` show it through
+/// [`redact_url`]; [`PostgresUrl::expose`] is for the driver only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl(String);
+
+impl PostgresUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PostgresUrl({})", redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for PostgresUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl DatabaseConfig {
+    /// The engine and, for every command that still needs it, the SQLite path (the default one under PostgreSQL:
+    /// those commands refuse before opening it, see [`Settings::require_sqlite`]).
+    fn resolve(
+        &self,
+        base_dir: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(Database, PathBuf), ConfigError> {
+        let relative = self.path.clone().unwrap_or_else(default_db_path);
+        let path = if relative.is_absolute() {
+            relative
+        } else {
+            base_dir.join(relative)
+        };
+        let Some(raw) = &self.url else {
+            return Ok((Database::Sqlite { path: path.clone() }, path));
+        };
+        if self.path.is_some() {
+            return Err(invalid(
+                "database.url",
+                "`database.path` and `database.url` are both set: choose one engine, `path` for SQLite or `url` \
+                 for PostgreSQL",
+            ));
+        }
+        let Some(var) = raw.strip_prefix('$') else {
+            return Err(invalid(
+                "database.url",
+                "must name an environment variable, e.g. `url = \"$DATABASE_URL\"`: a PostgreSQL URL carries its \
+                 password, and secrets never go in the config file",
+            ));
+        };
+        let url = env(var).ok_or_else(|| {
+            invalid(
+                "database.url",
+                format!("environment variable `{var}` is not set"),
+            )
+        })?;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(invalid(
+                "database.url",
+                format!(
+                    "environment variable `{var}` must hold a postgres:// or postgresql:// URL"
+                ),
+            ));
+        }
+        Ok((
+            Database::Postgres {
+                url: PostgresUrl(url),
+            },
+            path,
+        ))
+    }
 }
 
 /// How x402 payments are settled.
@@ -598,6 +697,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub public_url: Option<String>,
     pub chain: ChainSettings,
+    /// The database engine and where it is (`[database] path` or `url`).
+    pub database: Database,
+    /// The SQLite file. Every command but `migrate` uses it, so each of them first calls
+    /// [`Settings::require_sqlite`], which refuses a PostgreSQL config instead of opening this (default) path.
     pub database_path: PathBuf,
     /// Durability of per-request metering commits (`[database] fsync_metering`).
     pub metering_durability: crate::store::Durability,
@@ -819,6 +922,14 @@ pub struct Model {
 }
 
 impl Settings {
+    /// The SQLite file, or [`POSTGRES_MIGRATE_ONLY`] as an error when the config selects PostgreSQL.
+    pub fn require_sqlite(&self) -> Result<&Path, ConfigError> {
+        match &self.database {
+            Database::Sqlite { path } => Ok(path),
+            Database::Postgres { .. } => Err(invalid("database.url", POSTGRES_MIGRATE_ONLY)),
+        }
+    }
+
     pub fn model(&self, id: &str) -> Option<&Model> {
         self.models.iter().find(|m| m.id == id)
     }
@@ -1024,11 +1135,7 @@ impl Config {
             Some(w) => w,
         };
 
-        let database_path = if self.database.path.is_absolute() {
-            self.database.path.clone()
-        } else {
-            base_dir.join(&self.database.path)
-        };
+        let (database, database_path) = self.database.resolve(base_dir, env)?;
 
         if let Some(url) = &self.server.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
@@ -1116,6 +1223,7 @@ impl Config {
                 reorg_window,
                 rpc_timeout: Duration::from_millis(chain.rpc_timeout_ms),
             },
+            database,
             database_path,
             metering_durability: if self.database.fsync_metering {
                 crate::store::Durability::Full
@@ -1464,6 +1572,59 @@ pay_to = "0x1111111111111111111111111111111111111111"
         Config::parse(text, Path::new("test.toml"))?.resolve(Path::new("/srv"), &|name| {
             (name == "RPC_SECRET").then(|| "https://rpc.example/key123".to_string())
         })
+    }
+
+    #[test]
+    fn database_url_comes_from_the_environment_and_selects_postgres() {
+        let env = |name: &str| {
+            (name == "DATABASE_URL")
+                .then(|| "postgres://gw:hunter2@db.internal:5432/x402".to_string())
+        };
+        let parse = |db: &str| {
+            Config::parse(&format!("{MINIMAL}[database]\n{db}\n"), Path::new("t.toml"))
+                .unwrap()
+                .resolve(Path::new("/srv"), &env)
+        };
+        let s = parse("url = \"$DATABASE_URL\"").unwrap();
+        let Database::Postgres { url } = &s.database else {
+            panic!("expected PostgreSQL, got {:?}", s.database)
+        };
+        assert_eq!(url.expose(), "postgres://gw:hunter2@db.internal:5432/x402");
+        // The password never reaches a log line.
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!url.to_string().contains("hunter2"));
+        let err = s.require_sqlite().unwrap_err().to_string();
+        assert!(
+            err.contains("database.url") && err.contains("migrate"),
+            "{err}"
+        );
+
+        let literal = parse("url = \"postgres://gw:hunter2@db.internal/x402\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            literal.contains("database.url") && literal.contains("environment variable"),
+            "{literal}"
+        );
+        assert!(!literal.contains("hunter2"), "{literal}");
+        let both = parse("url = \"$DATABASE_URL\"\npath = \"g.db\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            both.contains("database.path") && both.contains("database.url"),
+            "{both}"
+        );
+        let unset = parse("url = \"$NOPE\"").unwrap_err().to_string();
+        assert!(unset.contains("`NOPE` is not set"), "{unset}");
+
+        let sqlite = parse("path = \"g.db\"").unwrap();
+        assert_eq!(
+            sqlite.database,
+            Database::Sqlite {
+                path: PathBuf::from("/srv/g.db")
+            }
+        );
+        assert_eq!(sqlite.require_sqlite().unwrap(), Path::new("/srv/g.db"));
     }
 
     #[test]

@@ -57,6 +57,13 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Apply the database migrations this binary knows (SQLite `[database] path` or PostgreSQL `[database] url`)
+    /// and print what was applied and the resulting schema version. Safe to run again: a current database is left
+    /// as it is; a database newer than the binary is refused.
+    Migrate {
+        #[arg(long, short, env = "X402_CONFIG")]
+        config: PathBuf,
+    },
     /// List indexed transfers to payTo from the database (no RPC needed).
     Payments {
         #[arg(long, short, env = "X402_CONFIG")]
@@ -212,8 +219,41 @@ fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--log: {e}"))
 }
 
+/// The settings of every command but `migrate`: they all run on SQLite only so far, so a PostgreSQL config is
+/// refused here, before anything opens a database.
 fn load(path: &std::path::Path) -> Result<Settings> {
-    Ok(Config::load(path)?)
+    let settings = Config::load(path)?;
+    settings.require_sqlite()?;
+    Ok(settings)
+}
+
+/// `migrate`: the configured database, on either engine, brought to this binary's schema version.
+async fn migrate(config: &std::path::Path) -> Result<()> {
+    let settings = Config::load(config)?;
+    let database = &settings.database;
+    let location = match database {
+        x402_gateway::config::Database::Sqlite { path } => path.display().to_string(),
+        x402_gateway::config::Database::Postgres { url } => url.to_string(),
+    };
+    println!("database: {} {location}", database.engine());
+    let report = x402_gateway::store::migrate::migrate(database).await?;
+    for m in &report.applied {
+        println!("applied migration {} {}", m.version, m.name);
+    }
+    if report.applied.is_empty() {
+        println!(
+            "schema version {}: up to date, nothing to apply",
+            report.version
+        );
+    } else {
+        println!(
+            "schema version {} (was {}; {} migrations applied)",
+            report.version,
+            report.before,
+            report.applied.len()
+        );
+    }
+    Ok(())
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.
@@ -271,6 +311,7 @@ async fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Migrate { config } => migrate(&config).await,
         Command::Payments {
             config,
             status,

@@ -241,7 +241,11 @@ pub async fn serve_with_env(
              does. Use this only for seed-000 client compatibility."
         );
     }
-    let store = Store::open(&settings.database_path)?;
+    // PostgreSQL runs `migrate` only so far: never fall back to the default SQLite path behind the operator's back.
+    let path = settings
+        .require_sqlite()
+        .map_err(|e| ServeError::Config(e.to_string()))?;
+    let store = Store::open(path)?;
     store.set_metering_durability(settings.metering_durability);
     let now = (clock)();
     let recovered = crate::billing::metering::recover_interrupted(&store, now).await?;

@@ -12,7 +12,11 @@
 
 pub mod audit;
 pub mod billing;
+/// `x402-gateway migrate`, on either engine.
+pub mod migrate;
 pub mod ops;
+/// The PostgreSQL engine (issue 14, in progress): its schema and migrations so far.
+pub mod postgres;
 pub mod reversals;
 pub mod transfers;
 pub mod usage;
@@ -412,7 +416,8 @@ pub struct Migration {
     pub sql: String,
 }
 
-/// Splits `schema.sql` at its `-- migration: N name` lines; versions must run 1, 2, 3 … without gaps.
+/// Splits a schema file (`schema.sql`, and `schema.postgres.sql` for PostgreSQL) at its `-- migration: N name`
+/// lines; versions must run 1, 2, 3 … without gaps.
 pub fn migrations(schema: &str) -> Result<Vec<Migration>, StoreError> {
     let mut out: Vec<Migration> = Vec::new();
     for line in schema.lines() {

@@ -1,5 +1,6 @@
 //! The one integration-test binary (one link instead of one per file). Every test runs against a real anvil
-//! chain from the project's npm install and a real SQLite file; servers bind 127.0.0.1:0.
+//! chain from the project's npm install and a real SQLite file (the `postgres` tests also on a real PostgreSQL, see
+//! scripts/postgres-test-cluster); servers bind 127.0.0.1:0.
 
 mod audit;
 mod checkout;
@@ -13,6 +14,7 @@ mod fuzz;
 mod indexer;
 mod limits;
 mod metering;
+mod postgres;
 mod proxy;
 mod reversals;
 mod rpc_faults;
