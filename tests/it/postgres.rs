@@ -977,3 +977,171 @@ async fn money_rules_hold_under_concurrent_writers_on_postgres() {
     drop(setup);
     db.drop_db().await;
 }
+
+/// Metering as several replicas would run it on one PostgreSQL (`store::postgres::usage`): 60 reservations race for
+/// a balance that covers 20, then each reserved request is settled while three "replicas" run the start-up recovery
+/// at the same moment (as a replica that believes the others died would). Every row ends settled or refunded —
+/// never both, never twice — and the balance is exact to the atomic unit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_settle_or_refund_exactly_once_across_replicas_on_postgres() {
+    use std::sync::Arc;
+    use x402_gateway::store::postgres::{money, usage};
+    use x402_gateway::store::usage::{NewUsage, Outcome};
+    use x402_gateway::usdc::Usdc;
+
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    migrate_ok(&postgres_config(dir.path()), &db.url);
+    let setup = db.client().await;
+    money::append_ledger(
+        &setup,
+        "0xbb",
+        "topup",
+        Usdc(1_000_000),
+        None,
+        None,
+        None,
+        0,
+    )
+    .await
+    .unwrap();
+    let key = x402_gateway::keys::generate().unwrap();
+    let key_id = money::insert_credit_key_if_none(&setup, &key, "0xbb", "claim", 0)
+        .await
+        .unwrap()
+        .unwrap();
+    let row = |i: usize| NewUsage {
+        request_id: format!("req_{i}"),
+        key_id,
+        account: "0xbb".into(),
+        key_kind: "credit",
+        model: "m".into(),
+        stream: false,
+        started_at: 1,
+        bound_prompt_tokens: 100,
+        bound_output_tokens: 100,
+        input_per_mtok: Usdc(1),
+        output_per_mtok: Usdc(1),
+    };
+    const RESERVE: Usdc = Usdc(50_000);
+    const COST: Usdc = Usdc(10_000);
+
+    // 1. Reservations from 60 connections at once.
+    let mut clients = Vec::new();
+    for _ in 0..60 {
+        clients.push(db.client().await);
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(clients.len()));
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            let (barrier, row) = (barrier.clone(), row(i));
+            tokio::spawn(async move {
+                let tx = client.transaction().await.unwrap();
+                barrier.wait().await;
+                let reserved = usage::reserve(&tx, &row, RESERVE).await;
+                tx.commit().await.unwrap();
+                reserved.ok()
+            })
+        })
+        .collect();
+    let mut reserved = Vec::new();
+    for t in tasks {
+        reserved.extend(t.await.unwrap());
+    }
+    assert_eq!(
+        reserved.len(),
+        20,
+        "1.00 USDC covers 20 reservations of 0.05"
+    );
+
+    // 2. Settle every request while three replicas recover "interrupted" requests at the same time.
+    let mut clients = Vec::new();
+    for _ in 0..reserved.len() + 3 {
+        clients.push(db.client().await);
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(clients.len()));
+    let mut settlers = Vec::new();
+    let mut recoverers = Vec::new();
+    for (i, mut client) in clients.into_iter().enumerate() {
+        let barrier = barrier.clone();
+        if let Some(&id) = reserved.get(i) {
+            settlers.push(tokio::spawn(async move {
+                let tx = client.transaction().await.unwrap();
+                barrier.wait().await;
+                let outcome = Outcome {
+                    cost: COST,
+                    status: "ok",
+                    usage_source: "upstream",
+                    ..Outcome::default()
+                };
+                let settled = usage::settle_credit(&tx, id, "0xbb", key_id, RESERVE, &outcome, 2)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+                settled.charged
+            }));
+        } else {
+            recoverers.push(tokio::spawn(async move {
+                barrier.wait().await;
+                usage::recover_in_flight(&mut client, 2).await.unwrap()
+            }));
+        }
+    }
+    let mut charged = 0i64;
+    let mut settled = 0usize;
+    for t in settlers {
+        let c = t.await.unwrap();
+        if c > Usdc::ZERO {
+            settled += 1;
+            charged += c.atomic();
+        }
+    }
+    let mut recovered = 0usize;
+    for t in recoverers {
+        recovered += t.await.unwrap();
+    }
+    assert_eq!(
+        settled + recovered,
+        reserved.len(),
+        "each request settled or refunded, once"
+    );
+    assert_eq!(charged, settled as i64 * COST.atomic());
+    let row = setup
+        .query_one(
+            "SELECT (SELECT balance_atomic FROM accounts WHERE address = '0xbb'), \
+             (SELECT sum(amount_atomic) FROM ledger)::BIGINT, \
+             (SELECT count(*) FROM ledger WHERE kind = 'refund'), \
+             (SELECT count(*) FROM usage WHERE status = 'in_flight'), \
+             (SELECT count(*) FROM usage WHERE status = 'ok'), \
+             (SELECT count(*) FROM usage WHERE status = 'interrupted')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (balance, sum, refunds, in_flight, ok, interrupted): (i64, i64, i64, i64, i64, i64) = (
+        row.get(0),
+        row.get(1),
+        row.get(2),
+        row.get(3),
+        row.get(4),
+        row.get(5),
+    );
+    assert_eq!(balance, 1_000_000 - charged, "exact to the atomic unit");
+    assert_eq!(sum, balance);
+    assert_eq!(refunds, reserved.len() as i64, "one refund per reservation");
+    assert_eq!(
+        (in_flight, ok, interrupted),
+        (0, settled as i64, recovered as i64)
+    );
+    eprintln!(
+        "[postgres] 60 racing reservations: 20 taken; then {settled} settled and {recovered} refunded by 3 racing \
+         recoveries; balance {}",
+        Usdc(balance)
+    );
+    drop(setup);
+    db.drop_db().await;
+}

@@ -14,6 +14,7 @@
 //! rustls never accepts an unverified one), `disable` never tries.
 
 pub mod money;
+pub mod usage;
 
 use std::str::FromStr;
 use std::time::Duration;
