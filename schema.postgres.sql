@@ -346,3 +346,13 @@ INSERT INTO seat_slots (pool, block, seat_no, subscription_id, expires_at)
               AND (e.subscription_id < s.subscription_id)) + 1,
            s.subscription_id, s.expires_at
     FROM seats s;
+
+-- migration: 8 replica leases
+-- Several gateway replicas on one database: each holds a lease it renews while it runs, and each of its in-flight
+-- credit reservations names it; a replica that stops renewing loses its reservations to the others' recovery,
+-- exactly once (see schema.sql).
+CREATE TABLE replica_leases (
+    replica_id TEXT    PRIMARY KEY,
+    expires_at BIGINT  NOT NULL
+);
+ALTER TABLE usage ADD COLUMN replica_id TEXT;

@@ -357,3 +357,14 @@ INSERT INTO seat_slots (pool, block, seat_no, subscription_id, expires_at)
               AND (e.subscription_id < s.subscription_id)) + 1,
            s.subscription_id, s.expires_at
     FROM seats s;
+
+-- migration: 8 replica leases
+-- Several gateway replicas on one database (PostgreSQL): each holds a lease it renews while it runs, and each of
+-- its in-flight credit reservations names it. A replica that stops renewing (it crashed) loses its reservations to
+-- the others' recovery, exactly once (each row is claimed by a guarded update that re-checks the lease); a live
+-- replica's are never touched. A single SQLite process leaves `replica_id` NULL and recovers at start-up as before.
+CREATE TABLE replica_leases (
+    replica_id TEXT    PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+);
+ALTER TABLE usage ADD COLUMN replica_id TEXT;

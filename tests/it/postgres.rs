@@ -1145,3 +1145,107 @@ async fn reservations_settle_or_refund_exactly_once_across_replicas_on_postgres(
     drop(setup);
     db.drop_db().await;
 }
+
+/// Replica leases (`store::postgres::lease`): replica A reserves three requests under its lease; replica B's
+/// recovery leaves them alone while A's lease lives (even one renewed a moment before it expires), and once A stops
+/// renewing (it crashed), three recoveries racing at once refund each exactly once; A's late settlement then charges
+/// nothing. The balance is exact throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_replicas_reservations_are_refunded_once_and_a_live_ones_never() {
+    use x402_gateway::store::postgres::{lease, money, usage};
+    use x402_gateway::store::usage::{NewUsage, Outcome};
+    use x402_gateway::usdc::Usdc;
+
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    migrate_ok(&postgres_config(dir.path()), &db.url);
+    let mut a = db.client().await;
+    money::append_ledger(&a, "0xcc", "topup", Usdc(1_000), None, None, None, 0)
+        .await
+        .unwrap();
+    let key = x402_gateway::keys::generate().unwrap();
+    let key_id = money::insert_credit_key_if_none(&a, &key, "0xcc", "claim", 0)
+        .await
+        .unwrap()
+        .unwrap();
+    const TTL: i64 = 30;
+    lease::renew(&a, "replica-a", 100, TTL).await.unwrap();
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let tx = a.transaction().await.unwrap();
+        let row = NewUsage {
+            request_id: format!("req_a{i}"),
+            key_id,
+            account: "0xcc".into(),
+            key_kind: "credit",
+            model: "m".into(),
+            stream: true,
+            started_at: 100,
+            bound_prompt_tokens: 10,
+            bound_output_tokens: 10,
+            input_per_mtok: Usdc(1),
+            output_per_mtok: Usdc(1),
+        };
+        let id = usage::reserve(&tx, &row, Usdc(100)).await.unwrap();
+        lease::hold(&tx, id, "replica-a").await.unwrap();
+        tx.commit().await.unwrap();
+        held.push(id);
+    }
+    assert_eq!(lease_test_balance(&a).await, 700);
+
+    // Replica B while A's lease lives: nothing to recover. A renews just before expiry; still nothing.
+    let mut b = db.client().await;
+    assert_eq!(lease::recover_expired(&mut b, 110).await.unwrap(), 0);
+    lease::renew(&a, "replica-a", 129, TTL).await.unwrap();
+    assert_eq!(lease::recover_expired(&mut b, 140).await.unwrap(), 0);
+    assert_eq!(lease_test_balance(&a).await, 700);
+
+    // A crashes (stops renewing): at 160 its lease (until 159) has expired. Three recoveries race.
+    let mut recoverers = Vec::new();
+    for _ in 0..3 {
+        let mut c = db.client().await;
+        recoverers.push(tokio::spawn(async move {
+            lease::recover_expired(&mut c, 160).await.unwrap()
+        }));
+    }
+    let mut refunded = 0;
+    for r in recoverers {
+        refunded += r.await.unwrap();
+    }
+    assert_eq!(refunded, 3, "each reservation refunded exactly once");
+    assert_eq!(lease_test_balance(&a).await, 1_000);
+
+    // A's settlement arriving after all (it was only slow): charged nothing, the refund stands.
+    let tx = a.transaction().await.unwrap();
+    let outcome = Outcome {
+        cost: Usdc(40),
+        status: "ok",
+        usage_source: "upstream",
+        ..Outcome::default()
+    };
+    let settled = usage::settle_credit(&tx, held[0], "0xcc", key_id, Usdc(100), &outcome, 161)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(settled.charged, Usdc::ZERO);
+    assert_eq!(lease_test_balance(&a).await, 1_000);
+    drop((a, b));
+    db.drop_db().await;
+}
+
+/// The balance of 0xcc, checked equal to its ledger's sum.
+async fn lease_test_balance(c: &tokio_postgres::Client) -> i64 {
+    let r = c
+        .query_one(
+            "SELECT balance_atomic, (SELECT sum(amount_atomic) FROM ledger)::BIGINT FROM accounts \
+             WHERE address = '0xcc'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (b, s): (i64, i64) = (r.get(0), r.get(1));
+    assert_eq!(b, s, "balance column = ledger sum");
+    b
+}
