@@ -1249,3 +1249,49 @@ async fn lease_test_balance(c: &tokio_postgres::Client) -> i64 {
     assert_eq!(b, s, "balance column = ledger sum");
     b
 }
+
+/// Leadership (`store::postgres::leader`): one replica leads; a second cannot while the first's session lives; when
+/// the leader's connection is cut (its backend terminated, as a crash or a network cut would), it knows it no longer
+/// leads and another replica takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_leads_and_another_takes_over_when_its_session_dies() {
+    use x402_gateway::store::postgres::leader;
+
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let a = db.client().await;
+    let a_pid: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let leading = leader::try_lead(a)
+        .await
+        .unwrap()
+        .expect("the first replica leads");
+    assert!(leading.still_leading().await);
+    for _ in 0..3 {
+        assert!(
+            leader::try_lead(db.client().await).await.unwrap().is_none(),
+            "a second leader while the first lives"
+        );
+    }
+    // The leader's connection dies.
+    let admin = db.client().await;
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&a_pid])
+        .await
+        .unwrap();
+    assert!(!leading.still_leading().await, "a cut leader knows it");
+    let next = crate::support::wait_for("another replica to take over", || async {
+        leader::try_lead(db.client().await).await.unwrap()
+    })
+    .await;
+    assert!(next.still_leading().await);
+    // A graceful step-down hands over at once.
+    next.resign().await.unwrap();
+    assert!(leader::try_lead(db.client().await).await.unwrap().is_some());
+    drop((leading, admin));
+    db.drop_db().await;
+}

@@ -13,6 +13,7 @@
 //! to plain only when the server does not offer it, `require` insists (and verifies the certificate: unlike libpq,
 //! rustls never accepts an unverified one), `disable` never tries.
 
+pub mod leader;
 pub mod lease;
 pub mod money;
 pub mod usage;
