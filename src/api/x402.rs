@@ -322,9 +322,7 @@ async fn stored_answer(state: &AppState, id: &str, payload_hash: &str) -> Result
     let id_hash = sha256_hex(&[id.as_bytes()]);
     let found = state
         .store
-        .read(move |c| -> Result<_, crate::store::StoreError> {
-            Ok(crate::store::x402::idempotent_answer(c, &id_hash)?)
-        })
+        .x402_idempotent_answer(id_hash)
         .await
         .map_err(internal)?;
     Ok(match found {
@@ -343,15 +341,7 @@ async fn store_answer(state: &AppState, id: &str, payload_hash: String, answer: 
     let now = state.billing.now();
     let result = state
         .store
-        .write(move |tx| -> Result<_, crate::store::StoreError> {
-            Ok(crate::store::x402::store_idempotent_answer(
-                tx,
-                &id_hash,
-                &payload_hash,
-                &sealed,
-                now,
-            )?)
-        })
+        .x402_store_idempotent_answer(id_hash, payload_hash, sealed, now)
         .await;
     if let Err(e) = result {
         tracing::warn!(error = %e, "storing a payment-identifier answer failed");

@@ -252,6 +252,35 @@ pub struct FailedResettlement {
 /// The reorg watcher's whole operations: each is one write transaction, so a settlement's events, its new
 /// transaction, its claim copy and the purchase's reversal state always commit together.
 impl super::Store {
+    /// The stored answer for a payment-identifier (by the SHA-256 of the id): `(payload_hash, encrypted response)`.
+    pub async fn x402_idempotent_answer(
+        &self,
+        id_hash: String,
+    ) -> Result<Option<(String, Vec<u8>)>, super::StoreError> {
+        self.read(move |c| -> Result<_, super::StoreError> { Ok(idempotent_answer(c, &id_hash)?) })
+            .await
+    }
+
+    /// Stores the answer for a payment-identifier unless one is stored already (`false` then).
+    pub async fn x402_store_idempotent_answer(
+        &self,
+        id_hash: String,
+        payload_hash: String,
+        response: Vec<u8>,
+        now: i64,
+    ) -> Result<bool, super::StoreError> {
+        self.write(move |tx| -> Result<_, super::StoreError> {
+            Ok(store_idempotent_answer(
+                tx,
+                &id_hash,
+                &payload_hash,
+                &response,
+                now,
+            )?)
+        })
+        .await
+    }
+
     /// Settlements whose transfer the indexer now holds only as `orphaned`.
     pub async fn orphaned_settlements(&self) -> Result<Vec<SettlementRow>, super::StoreError> {
         self.read(|c| Ok(orphaned_settlements(c)?)).await
