@@ -356,3 +356,13 @@ CREATE TABLE replica_leases (
     expires_at BIGINT  NOT NULL
 );
 ALTER TABLE usage ADD COLUMN replica_id TEXT;
+
+-- migration: 9 request slots
+-- Requests in flight per owner across replicas (see schema.sql): numbered slots taken by a guarded upsert.
+CREATE TABLE request_slots (
+    owner      TEXT    NOT NULL,
+    slot_no    BIGINT  NOT NULL CHECK (slot_no >= 1),
+    replica_id TEXT    NOT NULL,
+    request_id TEXT    NOT NULL,
+    PRIMARY KEY (owner, slot_no)
+);

@@ -368,3 +368,16 @@ CREATE TABLE replica_leases (
     expires_at INTEGER NOT NULL
 );
 ALTER TABLE usage ADD COLUMN replica_id TEXT;
+
+-- migration: 9 request slots
+-- Requests in flight per owner across replicas: a pool subscription serves one request at a time, a credit account
+-- at most `[limits] credit_key_max_in_flight`, whichever replica receives them. A slot is a numbered row taken by
+-- one guarded upsert (free, or held by a replica whose lease has expired) and released by its request. A single
+-- SQLite process keeps its slots in memory and leaves this table empty.
+CREATE TABLE request_slots (
+    owner      TEXT    NOT NULL, -- subscription:<id> or account:<address>
+    slot_no    INTEGER NOT NULL CHECK (slot_no >= 1),
+    replica_id TEXT    NOT NULL,
+    request_id TEXT    NOT NULL,
+    PRIMARY KEY (owner, slot_no)
+);

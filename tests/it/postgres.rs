@@ -1295,3 +1295,101 @@ async fn one_replica_leads_and_another_takes_over_when_its_session_dies() {
     drop((leading, admin));
     db.drop_db().await;
 }
+
+/// Request slots across replicas (`store::postgres::slots`): ten requests of one pool subscription arriving at
+/// two replicas at once get exactly one slot; a credit account with a cap of 3 gets exactly 3; a crashed replica's
+/// slot is taken over once its lease expires, and its late release does not free the new holder's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_slots_hold_across_replicas_on_postgres() {
+    use std::sync::Arc;
+    use x402_gateway::store::postgres::{lease, slots};
+
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    migrate_ok(&postgres_config(dir.path()), &db.url);
+    let setup = db.client().await;
+    for r in ["replica-a", "replica-b"] {
+        lease::renew(&setup, r, 100, 30).await.unwrap();
+    }
+    let race = |owner: &'static str, limit: u32| {
+        let db_url = db.url.clone();
+        async move {
+            let mut clients = Vec::new();
+            for _ in 0..10 {
+                clients.push(connect(&db_url).await);
+            }
+            let barrier = Arc::new(tokio::sync::Barrier::new(clients.len()));
+            let tasks: Vec<_> = clients
+                .into_iter()
+                .enumerate()
+                .map(|(i, client)| {
+                    let barrier = barrier.clone();
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        let replica = if i % 2 == 0 { "replica-a" } else { "replica-b" };
+                        slots::acquire(
+                            &client,
+                            owner,
+                            limit,
+                            replica,
+                            &format!("req_{owner}_{i}"),
+                            105,
+                        )
+                        .await
+                        .unwrap()
+                    })
+                })
+                .collect();
+            let mut held = Vec::new();
+            for t in tasks {
+                held.extend(t.await.unwrap());
+            }
+            held
+        }
+    };
+    let pool = race("subscription:7", 1).await;
+    assert_eq!(pool.len(), 1, "one request at a time per subscription");
+    let credit = race("account:0xdd", 3).await;
+    assert_eq!(credit.len(), 3, "the account's cap");
+
+    // The pool slot's holder's replica stops renewing; at 140 (its lease ended at 130) another request takes it.
+    let old = pool[0].clone();
+    let (holder, other) = if old.request_id.ends_with(['0', '2', '4', '6', '8']) {
+        ("replica-a", "replica-b")
+    } else {
+        ("replica-b", "replica-a")
+    };
+    lease::renew(&setup, other, 135, 30).await.unwrap();
+    assert!(
+        slots::acquire(&setup, "subscription:7", 1, other, "req_new", 125)
+            .await
+            .unwrap()
+            .is_none(),
+        "not while {holder}'s lease lives"
+    );
+    let new = slots::acquire(&setup, "subscription:7", 1, other, "req_new", 140)
+        .await
+        .unwrap()
+        .expect("a crashed replica's slot is taken over");
+    assert!(
+        !slots::release(&setup, &old).await.unwrap(),
+        "a late release frees nothing"
+    );
+    assert!(
+        slots::acquire(&setup, "subscription:7", 1, other, "req_third", 141)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(slots::release(&setup, &new).await.unwrap());
+    assert!(
+        slots::acquire(&setup, "subscription:7", 1, other, "req_third", 142)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    drop(setup);
+    db.drop_db().await;
+}

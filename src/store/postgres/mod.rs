@@ -16,6 +16,7 @@
 pub mod leader;
 pub mod lease;
 pub mod money;
+pub mod slots;
 pub mod usage;
 
 use std::str::FromStr;
