@@ -187,13 +187,14 @@ fn insert_new(
         TransferStatus::Seen
     };
     let confirmed_at = (status == TransferStatus::Confirmed).then_some(now);
-    let changed = tx
+    // `ON CONFLICT DO NOTHING … RETURNING id`: no row when the transfer is already indexed (both engines).
+    let inserted: Option<i64> = tx
         .prepare_cached(
-            "INSERT OR IGNORE INTO transfers (tx_hash, log_index, block_number, block_hash, block_time, from_address, \
+            "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, block_time, from_address, \
              to_address, value_atomic, status, first_seen_at, confirmed_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING RETURNING id",
         )?
-        .execute(params![
+        .query_row(params![
             t.tx_hash,
             t.log_index as i64,
             t.block_number as i64,
@@ -205,11 +206,11 @@ fn insert_new(
             status.as_str(),
             now,
             confirmed_at,
-        ])?;
-    if changed == 0 {
+        ], |r| r.get(0))
+        .optional()?;
+    let Some(id) = inserted else {
         return Ok(None);
-    }
-    let id = tx.last_insert_rowid();
+    };
     Ok(Some(Transfer {
         id,
         tx_hash: t.tx_hash.clone(),

@@ -65,9 +65,9 @@ pub fn insert_settlement(c: &Connection, s: &NewSettlement<'_>) -> rusqlite::Res
     c.prepare_cached(
         "INSERT INTO x402_settlements (tx_hash, payer, nonce, x402_version, authorization, signature, requirements, \
          resource, product, amount_atomic, key_id, status, settled_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'settled', ?12, ?12)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'settled', ?12, ?12) RETURNING id",
     )?
-    .execute(params![
+    .query_row(params![
         s.tx_hash,
         s.payer,
         s.nonce,
@@ -80,8 +80,7 @@ pub fn insert_settlement(c: &Connection, s: &NewSettlement<'_>) -> rusqlite::Res
         s.amount_atomic,
         s.key_id,
         s.now
-    ])?;
-    Ok(c.last_insert_rowid())
+    ], |r| r.get(0))
 }
 
 /// The settlement whose current transaction is `tx_hash`.
