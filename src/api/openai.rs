@@ -24,7 +24,6 @@ use crate::proxy::{
 };
 use crate::store::StoreError;
 use crate::store::usage::NewUsage;
-use crate::usdc::Usdc;
 
 /// Largest accepted chat request body.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -404,9 +403,8 @@ async fn chat(
         }
     };
 
-    let reserved = (record.kind == "credit").then(|| prepared.bound.cost(&prices));
     forward(
-        state, model, prepared, charge, started, now, request_id, reserved, None,
+        state, model, prepared, charge, started, now, request_id, None,
     )
     .await
 }
@@ -482,7 +480,6 @@ async fn per_request(
         started,
         state.billing.now(),
         request_id,
-        None,
         Some(paid),
     )
     .await
@@ -499,18 +496,24 @@ async fn forward(
     started: Instant,
     now: i64,
     request_id: &str,
-    reserved: Option<Usdc>,
     paid: Option<super::x402::PaidRequest>,
 ) -> Result<Response, Response> {
     let settings = state.settings.clone();
-    let mut meter = Meter::new(state.store.clone(), charge, started, prepared.bound, now);
+    // A stream's cost is known only at its end: its answer carries the hold instead.
+    let reserved = match &charge {
+        Charge::Credit { reserved, .. } => Some(*reserved),
+        _ => None,
+    };
+    let proxy::Prepared {
+        body,
+        stream,
+        client_wants_usage,
+        bound,
+    } = prepared;
+    let mut meter = Meter::new(state.store.clone(), charge, started, bound, now);
     let overhead = started.elapsed();
     meter.set_overhead(overhead);
-    let upstream = match state
-        .proxy
-        .send(&settings, model, prepared.body.clone(), request_id)
-        .await
-    {
+    let upstream = match state.proxy.send(&settings, model, body, request_id).await {
         Ok(r) => r,
         Err(e) => {
             let outcome = meter.outcome(None, 0, "upstream_error", None);
@@ -551,11 +554,11 @@ async fn forward(
         },
     };
     let overhead_header = format!("{:.3}", overhead.as_secs_f64() * 1e3);
-    if prepared.stream {
+    if stream {
         let stream = MeteredStream::new(
             Box::pin(upstream.bytes_stream()),
-            !prepared.client_wants_usage,
-            prepared.bound.output_tokens(),
+            !client_wants_usage,
+            bound.output_tokens(),
             meter,
         );
         let mut response = Response::new(Body::from_stream(stream));

@@ -150,11 +150,7 @@ fn refuse_unbounded_fields(body: &Map<String, Value>) -> Result<(), BadParam> {
     for field in ["max_new_tokens", "min_tokens"] {
         if body.get(field).is_some_and(|v| !v.is_null()) {
             return Err(bad(
-                if field == "max_new_tokens" {
-                    "max_new_tokens"
-                } else {
-                    "min_tokens"
-                },
+                field,
                 format!("`{field}` is not served; limit the output with `max_completion_tokens`"),
             ));
         }
@@ -189,17 +185,14 @@ fn choices(body: &Map<String, Value>, model: &Model, payer: Payer) -> Result<u64
 /// The client's own output limit: the smaller of the two fields it may set (each must be a positive integer).
 fn requested_output(body: &Map<String, Value>) -> Result<Option<u64>, BadParam> {
     let mut requested: Option<u64> = None;
-    for (field, param) in [
-        ("max_tokens", "max_tokens"),
-        ("max_completion_tokens", "max_completion_tokens"),
-    ] {
+    for field in ["max_tokens", "max_completion_tokens"] {
         match body.get(field) {
             None | Some(Value::Null) => {}
             Some(v) => {
                 let n = v
                     .as_u64()
                     .filter(|n| *n > 0)
-                    .ok_or_else(|| bad(param, format!("`{field}` must be a positive integer")))?;
+                    .ok_or_else(|| bad(field, format!("`{field}` must be a positive integer")))?;
                 requested = Some(requested.map_or(n, |r| r.min(n)));
             }
         }
