@@ -83,11 +83,10 @@ pub fn append_ledger(
     note: Option<&str>,
     now: i64,
 ) -> Result<Usdc, LedgerError> {
-    ensure_account(c, address, now)?;
     let guarded = kind == LedgerKind::Debit;
     // The last two conditions refuse an i64 overflow (SQLite would turn it into a float).
-    let after: Option<i64> = c
-        .prepare_cached(
+    let change = || -> rusqlite::Result<Option<i64>> {
+        c.prepare_cached(
             "UPDATE accounts SET balance_atomic = balance_atomic + ?2 \
              WHERE address = ?1 AND (?3 = 0 OR balance_atomic + ?2 >= 0) \
              AND (?2 <= 0 OR balance_atomic <= 9223372036854775807 - ?2) \
@@ -95,7 +94,15 @@ pub fn append_ledger(
              RETURNING balance_atomic",
         )?
         .query_row(params![address, amount.0, guarded], |r| r.get(0))
-        .optional()?;
+        .optional()
+    };
+    // The account exists on every per-request path (a reservation, a refund): create it only when the guarded
+    // statement found no row and the reason is that it is new.
+    let mut after = change()?;
+    if after.is_none() && !account_exists(c, address)? {
+        ensure_account(c, address, now)?;
+        after = change()?;
+    }
     let Some(after) = after else {
         return Err(LedgerError::Insufficient {
             balance: balance(c, address)?,
@@ -184,10 +191,6 @@ pub fn take_seat(
     expires_at: i64,
     now: i64,
 ) -> rusqlite::Result<bool> {
-    // A capacity lowered below the seats held: sold out until enough expire.
-    if seats_taken(c, pool, block, now)? >= seats {
-        return Ok(false);
-    }
     let held: std::collections::HashSet<i64> = {
         let mut stmt = c.prepare_cached(
             "SELECT seat_no FROM seat_slots WHERE pool = ?1 AND block = ?2 AND expires_at > ?3",
@@ -195,6 +198,10 @@ pub fn take_seat(
         let rows = stmt.query_map(params![pool, block, now], |r| r.get(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
+    // A capacity lowered below the seats held: sold out until enough expire.
+    if held.len() >= seats as usize {
+        return Ok(false);
+    }
     let mut take = c.prepare_cached(
         "INSERT INTO seat_slots (pool, block, seat_no, subscription_id, expires_at) VALUES (?1, ?2, ?3, ?4, ?5) \
          ON CONFLICT (pool, block, seat_no) DO UPDATE SET subscription_id = excluded.subscription_id, \

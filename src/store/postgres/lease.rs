@@ -6,8 +6,7 @@
 
 use tokio_postgres::GenericClient;
 
-use super::money::{MoneyError, append_ledger};
-use crate::usdc::Usdc;
+use super::money::MoneyError;
 
 /// Renews (or takes) `replica`'s lease until `now + ttl_secs`.
 pub async fn renew(
@@ -35,65 +34,21 @@ pub async fn hold(c: &impl GenericClient, usage_id: i64, replica: &str) -> Resul
     Ok(())
 }
 
-/// The lease condition: no live lease of the row's replica at the time in parameter `$n`.
-fn lease_expired(n: u8) -> String {
-    format!(
-        "NOT EXISTS (SELECT 1 FROM replica_leases l WHERE l.replica_id = usage.replica_id AND l.expires_at > ${n})"
-    )
-}
-
-/// Refunds the in-flight reservations of replicas whose lease has expired at `now` (or that never had one), each in
-/// its own short transaction; returns how many this call refunded.
+/// Refunds the in-flight reservations of replicas whose lease has expired at `now`, each in its own short
+/// transaction; returns how many this call refunded. The lease is re-checked in the claiming statement, so a replica
+/// that renewed since the listing keeps its row.
 pub async fn recover_expired(
     client: &mut tokio_postgres::Client,
     now: i64,
 ) -> Result<usize, MoneyError> {
-    let rows = client
-        .query(
-            &format!(
-                "SELECT id, account, key_id, reserved_atomic FROM usage WHERE status = 'in_flight' \
-                 AND replica_id IS NOT NULL AND {} ORDER BY id",
-                lease_expired(1)
-            ),
-            &[&now],
-        )
-        .await?;
-    let mut recovered = 0;
-    for row in rows {
-        let (id, account, key_id, reserved): (i64, String, i64, i64) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        let tx = client.transaction().await?;
-        // The lease is re-checked in the claiming statement: a replica that renewed since the SELECT keeps its row.
-        let claimed = tx
-            .execute(
-                &format!(
-                    "UPDATE usage SET status = 'interrupted', usage_source = 'none' \
-                     WHERE id = $1 AND status = 'in_flight' AND {}",
-                    lease_expired(2)
-                ),
-                &[&id, &now],
-            )
-            .await?;
-        if claimed == 0 {
-            continue;
-        }
-        if reserved > 0 {
-            append_ledger(
-                &tx,
-                &account,
-                "refund",
-                Usdc(reserved),
-                None,
-                Some(key_id),
-                Some(&format!(
-                    "request #{id}: its replica's lease expired; reservation returned"
-                )),
-                now,
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        recovered += 1;
-    }
-    Ok(recovered)
+    super::usage::recover_where(
+        client,
+        now,
+        Some(
+            "replica_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM replica_leases l \
+             WHERE l.replica_id = usage.replica_id AND l.expires_at > $1)",
+        ),
+        "(its replica's lease expired)",
+    )
+    .await
 }

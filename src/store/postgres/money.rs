@@ -38,22 +38,25 @@ pub async fn append_ledger(
     note: Option<&str>,
     now: i64,
 ) -> Result<Usdc, MoneyError> {
-    c.execute(
-        "INSERT INTO accounts (address, created_at) VALUES ($1, $2) ON CONFLICT (address) DO NOTHING",
-        &[&address, &now],
-    )
-    .await?;
     // The last two conditions refuse a bigint overflow (PostgreSQL would raise an error).
-    let row = c
-        .query_opt(
-            "UPDATE accounts SET balance_atomic = balance_atomic + $2 \
-             WHERE address = $1 AND (NOT $3 OR balance_atomic + $2 >= 0) \
-             AND ($2 <= 0 OR balance_atomic <= 9223372036854775807 - $2) \
-             AND ($2 >= 0 OR balance_atomic >= -9223372036854775807 - 1 - $2) \
-             RETURNING balance_atomic",
-            &[&address, &amount.0, &guarded(kind)],
+    const CHANGE: &str = "UPDATE accounts SET balance_atomic = balance_atomic + $2 \
+         WHERE address = $1 AND (NOT $3 OR balance_atomic + $2 >= 0) \
+         AND ($2 <= 0 OR balance_atomic <= 9223372036854775807 - $2) \
+         AND ($2 >= 0 OR balance_atomic >= -9223372036854775807 - 1 - $2) \
+         RETURNING balance_atomic";
+    let guard = guarded(kind);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&address, &amount.0, &guard];
+    // The account exists on every per-request path: it is created (and the statement run again) only when the
+    // guarded statement changed nothing, which also covers a concurrent first append creating it meanwhile.
+    let mut row = c.query_opt(CHANGE, &params).await?;
+    if row.is_none() {
+        c.execute(
+            "INSERT INTO accounts (address, created_at) VALUES ($1, $2) ON CONFLICT (address) DO NOTHING",
+            &[&address, &now],
         )
         .await?;
+        row = c.query_opt(CHANGE, &params).await?;
+    }
     let Some(row) = row else {
         let balance: i64 = c
             .query_one(

@@ -131,25 +131,39 @@ pub async fn recover_in_flight(
     client: &mut tokio_postgres::Client,
     now: i64,
 ) -> Result<usize, MoneyError> {
+    recover_where(client, now, None, "interrupted by a restart").await
+}
+
+/// The recovery loop of [`recover_in_flight`] and `lease::recover_expired`: every `in_flight` row that also meets
+/// `condition` (SQL over `usage` whose parameter `$1` is `now`; checked both when listing and in the claiming
+/// update, so a row that stops meeting it meanwhile is left alone) is claimed and refunded, one transaction each.
+pub(super) async fn recover_where(
+    client: &mut tokio_postgres::Client,
+    now: i64,
+    condition: Option<&str>,
+    why: &str,
+) -> Result<usize, MoneyError> {
+    // `$1` is `now` in both statements (the condition's parameter), `$2` the claimed row's id.
+    let extra = condition.map_or(String::new(), |c| format!(" AND {c}"));
     let rows = client
         .query(
-            "SELECT id, account, key_id, reserved_atomic FROM usage WHERE status = 'in_flight' ORDER BY id",
-            &[],
+            &format!(
+                "SELECT id, account, key_id, reserved_atomic FROM usage \
+                 WHERE status = 'in_flight' AND $1::BIGINT IS NOT NULL{extra} ORDER BY id"
+            ),
+            &[&now],
         )
         .await?;
+    let claim = format!(
+        "UPDATE usage SET status = 'interrupted', usage_source = 'none' \
+         WHERE id = $2 AND status = 'in_flight' AND $1::BIGINT IS NOT NULL{extra}"
+    );
     let mut recovered = 0;
     for row in rows {
         let (id, account, key_id, reserved): (i64, String, i64, i64) =
             (row.get(0), row.get(1), row.get(2), row.get(3));
         let tx = client.transaction().await?;
-        let claimed = tx
-            .execute(
-                "UPDATE usage SET status = 'interrupted', usage_source = 'none' \
-                 WHERE id = $1 AND status = 'in_flight'",
-                &[&id],
-            )
-            .await?;
-        if claimed == 0 {
+        if tx.execute(&claim, &[&now, &id]).await? == 0 {
             continue;
         }
         if reserved > 0 {
@@ -160,9 +174,7 @@ pub async fn recover_in_flight(
                 Usdc(reserved),
                 None,
                 Some(key_id),
-                Some(&format!(
-                    "request #{id} interrupted by a restart: reservation returned"
-                )),
+                Some(&format!("request #{id} {why}: reservation returned")),
                 now,
             )
             .await?;
