@@ -158,15 +158,23 @@ impl PgStore {
         if !exists {
             return Ok(0);
         }
-        let rows = client
+        let recorded = self.recorded_history(&**client).await?;
+        self.check_history(&recorded, &known)
+    }
+
+    /// The migrations `schema_migrations` records, in order: (version, name).
+    async fn recorded_history(
+        &self,
+        c: &impl tokio_postgres::GenericClient,
+    ) -> Result<Vec<(i64, String)>, PgError> {
+        let rows = c
             .query(
                 "SELECT version, name FROM schema_migrations ORDER BY version",
                 &[],
             )
             .await
             .map_err(|e| self.query_error(&e))?;
-        let recorded: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        self.check_history(&recorded, &known)
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     /// Applies every pending migration of `schema.postgres.sql`, each in its own transaction that also records it
@@ -194,14 +202,7 @@ impl PgStore {
             )
             .await
             .map_err(|e| self.query_error(&e))?;
-            let rows = tx
-                .query(
-                    "SELECT version, name FROM schema_migrations ORDER BY version",
-                    &[],
-                )
-                .await
-                .map_err(|e| self.query_error(&e))?;
-            let recorded: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let recorded = self.recorded_history(&*tx).await?;
             let current = self.check_history(&recorded, &known)?;
             before.get_or_insert(current);
             let Some(next) = known.iter().find(|m| m.version == current + 1) else {
