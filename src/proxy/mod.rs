@@ -151,16 +151,6 @@ impl Slots {
             owner,
         })
     }
-
-    /// Requests `owner` has in flight.
-    pub fn held(&self, owner: &SlotOwner) -> u32 {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(owner)
-            .copied()
-            .unwrap_or(0)
-    }
 }
 
 impl Drop for SlotGuard {
