@@ -690,9 +690,22 @@ async fn exploit(config: &str) {
             for (k, v) in trick.as_object().unwrap() {
                 body[k] = v.clone();
             }
-            let req = m.chat(&key, &body);
+            let m = &m;
+            let key = &key;
             async move {
-                let resp = req.send().await.unwrap();
+                // An attacker retries every 429 (busy: the in-flight cap) until it is served or told it cannot
+                // pay, so the balance runs out whatever the cap and the machine's speed.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+                let resp = loop {
+                    let resp = m.chat(key, &body).send().await.unwrap();
+                    if resp.status() != StatusCode::TOO_MANY_REQUESTS
+                        || std::time::Instant::now() > deadline
+                    {
+                        break resp;
+                    }
+                    let _ = resp.bytes().await;
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                };
                 let status = resp.status();
                 if disconnect && status == StatusCode::OK {
                     let mut s = resp.bytes_stream();
