@@ -65,7 +65,7 @@ impl Billing {
                         LedgerError::Insufficient { balance, needed } => {
                             ReserveError::Insufficient { balance, needed }
                         }
-                        LedgerError::Sqlite(e) => ReserveError::Store(StoreError::Sqlite(e)),
+                        LedgerError::Store(e) => ReserveError::Store(e),
                     })
             })
             .await
@@ -88,7 +88,7 @@ pub async fn settle_credit(
         .write_with(store.metering_durability(), move |tx| {
             usage::settle_credit(tx, usage_id, &account, key_id, reserved, &outcome, now).map_err(
                 |e| match e {
-                    LedgerError::Sqlite(e) => StoreError::Sqlite(e),
+                    LedgerError::Store(e) => e,
                     other => StoreError::Task(other.to_string()),
                 },
             )
@@ -118,7 +118,7 @@ pub async fn recover_interrupted(store: &Store, now: i64) -> Result<usize, Store
     store
         .write(move |tx| {
             usage::recover_in_flight(tx, now).map_err(|e| match e {
-                LedgerError::Sqlite(e) => StoreError::Sqlite(e),
+                LedgerError::Store(e) => e,
                 other => StoreError::Task(other.to_string()),
             })
         })

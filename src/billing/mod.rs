@@ -122,14 +122,14 @@ fn describe(c: &ClaimRecord) -> String {
 
 impl From<rusqlite::Error> for ClaimError {
     fn from(e: rusqlite::Error) -> Self {
-        ClaimError::Store(StoreError::Sqlite(e))
+        ClaimError::Store(StoreError::from(e))
     }
 }
 
 impl From<LedgerError> for ClaimError {
     fn from(e: LedgerError) -> Self {
         match e {
-            LedgerError::Sqlite(e) => e.into(),
+            LedgerError::Store(e) => ClaimError::Store(e),
             // Claims only add to balances.
             other => ClaimError::Store(StoreError::Task(other.to_string())),
         }
@@ -263,7 +263,7 @@ pub enum RotateError {
 
 impl From<rusqlite::Error> for RotateError {
     fn from(e: rusqlite::Error) -> Self {
-        RotateError::Store(StoreError::Sqlite(e))
+        RotateError::Store(StoreError::from(e))
     }
 }
 
@@ -1079,7 +1079,7 @@ pub async fn grant(
                 now,
             )
             .map_err(|e| match e {
-                LedgerError::Sqlite(e) => StoreError::Sqlite(e),
+                LedgerError::Store(e) => e,
                 other => StoreError::Task(other.to_string()),
             })?;
             let minted =

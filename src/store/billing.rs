@@ -44,7 +44,13 @@ pub enum LedgerError {
     #[error("insufficient balance: {balance} available, {needed} needed")]
     Insufficient { balance: Usdc, needed: Usdc },
     #[error(transparent)]
-    Sqlite(#[from] rusqlite::Error),
+    Store(#[from] super::StoreError),
+}
+
+impl From<rusqlite::Error> for LedgerError {
+    fn from(e: rusqlite::Error) -> Self {
+        LedgerError::Store(e.into())
+    }
 }
 
 /// Creates the account row if it is new.

@@ -18,6 +18,7 @@ pub mod ops;
 /// The PostgreSQL engine (issue 14, in progress): its schema and migrations so far.
 pub mod postgres;
 pub mod reversals;
+pub mod sql;
 pub mod transfers;
 pub mod usage;
 pub mod x402;
@@ -38,8 +39,17 @@ const WRITE_QUEUE: usize = 1024;
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    /// The engine refused or failed a statement; `refusal` says when a constraint was the reason.
+    #[error("{engine} error: {message}")]
+    Database {
+        engine: &'static str,
+        message: String,
+        refusal: Option<sql::Refusal>,
+    },
+    #[error("column {column}: {message}")]
+    Decode { column: usize, message: String },
+    #[error("no row for: {0}")]
+    NoRow(String),
     #[error("cannot open database {path}: {message}")]
     Open { path: PathBuf, message: String },
     #[error("schema.sql: {0}")]
@@ -70,6 +80,36 @@ pub enum StoreError {
     Commit(String),
     #[error("a database task failed: {0}")]
     Task(String),
+}
+
+impl StoreError {
+    /// The constraint a refused statement broke, if that was the reason.
+    pub fn refusal(&self) -> Option<sql::Refusal> {
+        match self {
+            StoreError::Database { refusal, .. } => *refusal,
+            _ => None,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database {
+            engine: "SQLite",
+            refusal: sql::sqlite_refusal(&e),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        StoreError::Database {
+            engine: "PostgreSQL",
+            refusal: sql::postgres_refusal(&e),
+            message: postgres::db_error(&e),
+        }
+    }
 }
 
 /// Delivers a job's result once the batch it ran in has committed (`None`) or failed to (`Some(reason)`).

@@ -118,7 +118,7 @@ fn purchase(c: &Connection, origin: &str) -> rusqlite::Result<Option<(String, Us
 
 fn ledger_error(e: LedgerError) -> rusqlite::Error {
     match e {
-        LedgerError::Sqlite(e) => e,
+        LedgerError::Store(e) => rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
         // Only a debit can be refused; a reversal or reinstatement never is (an overflow of i64 aside).
         other => rusqlite::Error::ToSqlConversionFailure(other.to_string().into()),
     }

@@ -283,7 +283,7 @@ pub fn schema() -> Result<Vec<super::Migration>, PgError> {
 }
 
 /// The server's own words (message, detail, hint) when it sent an error, else the driver's.
-fn db_error(e: &tokio_postgres::Error) -> String {
+pub(crate) fn db_error(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut out = format!("{}: {}", db.severity(), db.message());
