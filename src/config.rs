@@ -447,13 +447,6 @@ fn default_db_path() -> PathBuf {
     PathBuf::from("x402-gateway.db")
 }
 
-/// What `serve` and every other command but `migrate` answer for a PostgreSQL config: the store layer is not
-/// ported yet, and a gateway that quietly used SQLite instead would split the ledger in two.
-pub const POSTGRES_MIGRATE_ONLY: &str = "[database] url selects PostgreSQL, which is supported by `x402-gateway \
-     migrate` only so far: `serve`, `index` and the other commands still run on SQLite only (the store layer is not \
-     ported to PostgreSQL yet; see README \"PostgreSQL (in progress)\"). Use [database] path (SQLite) to run the \
-     gateway";
-
 /// The database engine a config selects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Database {
@@ -479,6 +472,11 @@ impl Database {
 pub struct PostgresUrl(String);
 
 impl PostgresUrl {
+    /// A URL from wherever the caller got it (the environment, a test's server).
+    pub fn new(url: String) -> PostgresUrl {
+        PostgresUrl(url)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -497,13 +495,12 @@ impl std::fmt::Display for PostgresUrl {
 }
 
 impl DatabaseConfig {
-    /// The engine and, for every command that still needs it, the SQLite path (the default one under PostgreSQL:
-    /// those commands refuse before opening it, see [`Settings::require_sqlite`]).
+    /// The engine and where its database is.
     fn resolve(
         &self,
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<(Database, PathBuf), ConfigError> {
+    ) -> Result<Database, ConfigError> {
         let relative = self.path.clone().unwrap_or_else(default_db_path);
         let path = if relative.is_absolute() {
             relative
@@ -511,7 +508,7 @@ impl DatabaseConfig {
             base_dir.join(relative)
         };
         let Some(raw) = &self.url else {
-            return Ok((Database::Sqlite { path: path.clone() }, path));
+            return Ok(Database::Sqlite { path });
         };
         if self.path.is_some() {
             return Err(invalid(
@@ -541,12 +538,9 @@ impl DatabaseConfig {
                 ),
             ));
         }
-        Ok((
-            Database::Postgres {
-                url: PostgresUrl(url),
-            },
-            path,
-        ))
+        Ok(Database::Postgres {
+            url: PostgresUrl(url),
+        })
     }
 }
 
@@ -699,9 +693,6 @@ pub struct Settings {
     pub chain: ChainSettings,
     /// The database engine and where it is (`[database] path` or `url`).
     pub database: Database,
-    /// The SQLite file. Every command but `migrate` uses it, so each of them first calls
-    /// [`Settings::require_sqlite`], which refuses a PostgreSQL config instead of opening this (default) path.
-    pub database_path: PathBuf,
     /// Durability of per-request metering commits (`[database] fsync_metering`).
     pub metering_durability: crate::store::Durability,
     pub docs_url: Option<String>,
@@ -922,14 +913,6 @@ pub struct Model {
 }
 
 impl Settings {
-    /// The SQLite file, or [`POSTGRES_MIGRATE_ONLY`] as an error when the config selects PostgreSQL.
-    pub fn require_sqlite(&self) -> Result<&Path, ConfigError> {
-        match &self.database {
-            Database::Sqlite { path } => Ok(path),
-            Database::Postgres { .. } => Err(invalid("database.url", POSTGRES_MIGRATE_ONLY)),
-        }
-    }
-
     pub fn model(&self, id: &str) -> Option<&Model> {
         self.models.iter().find(|m| m.id == id)
     }
@@ -1135,7 +1118,7 @@ impl Config {
             Some(w) => w,
         };
 
-        let (database, database_path) = self.database.resolve(base_dir, env)?;
+        let database = self.database.resolve(base_dir, env)?;
 
         if let Some(url) = &self.server.public_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
@@ -1224,7 +1207,6 @@ impl Config {
                 rpc_timeout: Duration::from_millis(chain.rpc_timeout_ms),
             },
             database,
-            database_path,
             metering_durability: if self.database.fsync_metering {
                 crate::store::Durability::Full
             } else {
@@ -1593,11 +1575,6 @@ pay_to = "0x1111111111111111111111111111111111111111"
         // The password never reaches a log line.
         assert!(!format!("{s:?}").contains("hunter2"));
         assert!(!url.to_string().contains("hunter2"));
-        let err = s.require_sqlite().unwrap_err().to_string();
-        assert!(
-            err.contains("database.url") && err.contains("migrate"),
-            "{err}"
-        );
 
         let literal = parse("url = \"postgres://gw:hunter2@db.internal/x402\"")
             .unwrap_err()
@@ -1624,7 +1601,12 @@ pay_to = "0x1111111111111111111111111111111111111111"
                 path: PathBuf::from("/srv/g.db")
             }
         );
-        assert_eq!(sqlite.require_sqlite().unwrap(), Path::new("/srv/g.db"));
+        assert_eq!(
+            sqlite.database,
+            Database::Sqlite {
+                path: PathBuf::from("/srv/g.db")
+            }
+        );
     }
 
     #[test]
@@ -1635,7 +1617,12 @@ pay_to = "0x1111111111111111111111111111111111111111"
         assert_eq!(s.chain.network.token_name, "USD Coin");
         assert_eq!(s.chain.confirmations, 12);
         assert_eq!(s.chain.reorg_window, 64);
-        assert_eq!(s.database_path, PathBuf::from("/srv/x402-gateway.db"));
+        assert_eq!(
+            s.database,
+            Database::Sqlite {
+                path: PathBuf::from("/srv/x402-gateway.db")
+            }
+        );
         assert_eq!(s.metering_durability, crate::store::Durability::Relaxed);
         let synced = resolve(&format!("{MINIMAL}[database]\nfsync_metering = true\n")).unwrap();
         assert_eq!(synced.metering_durability, crate::store::Durability::Full);

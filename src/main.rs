@@ -219,12 +219,20 @@ fn init_logging(format: LogFormat, filter: &str) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("--log: {e}"))
 }
 
-/// The settings of every command but `migrate`: they all run on SQLite only so far, so a PostgreSQL config is
-/// refused here, before anything opens a database.
+/// The settings of a command.
 fn load(path: &std::path::Path) -> Result<Settings> {
-    let settings = Config::load(path)?;
-    settings.require_sqlite()?;
-    Ok(settings)
+    Ok(Config::load(path)?)
+}
+
+/// The lock that keeps a second gateway off a SQLite file (`GatewayLock`); PostgreSQL is shared by replicas, which
+/// coordinate in the database (`store::replicas`).
+fn lock_sqlite(settings: &Settings) -> Result<Option<x402_gateway::store::GatewayLock>> {
+    match &settings.database {
+        x402_gateway::config::Database::Sqlite { path } => {
+            Ok(Some(x402_gateway::store::GatewayLock::acquire(path)?))
+        }
+        x402_gateway::config::Database::Postgres { .. } => Ok(None),
+    }
 }
 
 /// `migrate`: the configured database, on either engine, brought to this binary's schema version.
@@ -293,13 +301,13 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let settings = load(&config)?;
-            let _lock = x402_gateway::store::GatewayLock::acquire(&settings.database_path)?;
+            let _lock = lock_sqlite(&settings)?;
             serve(settings, shutdown).await
         }
         Command::Index { config, once } => {
             let settings = load(&config)?;
-            let _lock = x402_gateway::store::GatewayLock::acquire(&settings.database_path)?;
-            let store = Store::open(&settings.database_path)?;
+            let _lock = lock_sqlite(&settings)?;
+            let store = Store::open_database(&settings.database).await?;
             let status = StatusHandle::default();
             let chain_settings = settings.chain.clone();
             if once {
@@ -335,7 +343,7 @@ async fn main() -> Result<()> {
                     json,
                 },
         } => {
-            let store = Store::open(&load(&config)?.database_path)?;
+            let store = Store::open_database(&load(&config)?.database).await?;
             let view = billing::account_view(&store, address).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
@@ -426,7 +434,7 @@ async fn keys_command(command: KeysCommand) -> Result<()> {
             account,
             json,
         } => {
-            let store = Store::open(&load(&config)?.database_path)?;
+            let store = Store::open_database(&load(&config)?.database).await?;
             let keys = billing::list_keys(&store, account.map(|a| format!("{a:#x}"))).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&keys)?);
@@ -438,7 +446,7 @@ async fn keys_command(command: KeysCommand) -> Result<()> {
             Ok(())
         }
         KeysCommand::Revoke { config, public_id } => {
-            let store = Store::open(&load(&config)?.database_path)?;
+            let store = Store::open_database(&load(&config)?.database).await?;
             let id = public_id
                 .trim_start_matches("sk-")
                 .split('-')
@@ -459,7 +467,7 @@ async fn keys_command(command: KeysCommand) -> Result<()> {
             note,
         } => {
             anyhow::ensure!(amount > Usdc::ZERO, "the amount must be positive");
-            let store = Store::open(&load(&config)?.database_path)?;
+            let store = Store::open_database(&load(&config)?.database).await?;
             let (balance, key) = billing::grant(&store, address, amount, note, now_unix()).await?;
             println!("granted {amount} USDC to {address:#x}; balance {balance} USDC");
             if let Some(key) = key {
@@ -474,10 +482,10 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
     match command {
         AuditCommand::Verify { config, json } => {
             let settings = load(&config)?;
-            let store = Store::open(&settings.database_path)?;
+            let store = Store::open_database(&settings.database).await?;
             eprintln!(
                 "audit verify: database {}, chain {}, payTo {:#x}",
-                settings.database_path.display(),
+                store.path().display(),
                 settings.chain.network.chain_id,
                 settings.chain.pay_to
             );
@@ -536,7 +544,7 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
                     .transpose()
             };
             let (from, to) = (time("from", &from)?, time("to", &to)?);
-            let store = Store::open(&load(&config)?.database_path)?;
+            let store = Store::open_database(&load(&config)?.database).await?;
             let mut w: Box<dyn Write> = match &out {
                 Some(path) => Box::new(std::io::BufWriter::new(
                     std::fs::File::create(path)
@@ -627,7 +635,7 @@ async fn serve(settings: Settings, shutdown: CancellationToken) -> Result<()> {
 }
 
 async fn payments(settings: &Settings, status: Option<TransferStatus>, json: bool) -> Result<()> {
-    let store = Store::open(&settings.database_path)?;
+    let store = Store::open_database(&settings.database).await?;
     let head = store.checkpoint().await?.map(|c| c.number);
     let rows = store.list_transfers(status).await?;
     if json {

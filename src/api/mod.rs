@@ -13,6 +13,7 @@ pub mod limits;
 pub mod openai;
 pub mod openapi;
 mod ops;
+pub mod replica;
 pub mod x402;
 
 use std::net::SocketAddr;
@@ -241,19 +242,27 @@ pub async fn serve_with_env(
              does. Use this only for seed-000 client compatibility."
         );
     }
-    // PostgreSQL runs `migrate` only so far: never fall back to the default SQLite path behind the operator's back.
-    let path = settings
-        .require_sqlite()
-        .map_err(|e| ServeError::Config(e.to_string()))?;
-    let store = Store::open(path)?;
+    let store = Store::open_database(&settings.database).await?;
     store.set_metering_durability(settings.metering_durability);
     let now = (clock)();
-    let recovered = crate::billing::metering::recover_interrupted(&store, now).await?;
-    if recovered > 0 {
-        tracing::warn!(
-            requests = recovered,
-            "refunded the reservations of requests interrupted by the last stop"
+    if store.replica_id().is_some() {
+        // Several replicas may share the database: take the lease before the first reservation names this
+        // replica; the lease task sweeps reservations of replicas that died, never a live one's.
+        store.renew_lease(now).await?;
+        tracing::info!(
+            replica = store.replica_id().unwrap_or("-"),
+            engine = store.engine().name(),
+            "replica started"
         );
+    } else {
+        // The only process on this file: whatever is in flight was left by its last stop.
+        let recovered = crate::billing::metering::recover_interrupted(&store, now).await?;
+        if recovered > 0 {
+            tracing::warn!(
+                requests = recovered,
+                "refunded the reservations of requests interrupted by the last stop"
+            );
+        }
     }
     // Purchases whose payments left the chain while no reversal code ran (a database from before migration 6):
     // the indexer reconciles the rest as it changes transfers.
@@ -265,36 +274,57 @@ pub async fn serve_with_env(
         );
     }
     let status = StatusHandle::default();
-    let indexer = crate::chain::spawn(
-        settings.chain.clone(),
-        store.clone(),
-        status.clone(),
-        shutdown.clone(),
-    )?;
+    // Fail now on an indexer that cannot be built (bad config), not in the leader loop.
+    crate::chain::Indexer::new(settings.chain.clone(), store.clone(), status.clone())?;
     let engine = settings
         .x402
         .as_ref()
         .map(|x| crate::x402::from_settings(x, &settings.chain, env))
         .transpose()
         .map_err(|e| ServeError::Config(e.to_string()))?;
-    let mut state = AppState::new(settings, store.clone(), status.clone(), clock)?;
-    if let Some(engine) = engine {
+    let chain_settings = settings.chain.clone();
+    let mut state = AppState::new(settings, store.clone(), status.clone(), clock.clone())?;
+    if let Some(engine) = &engine {
         tracing::info!(network = %engine.network().caip2(), "standard x402 payments enabled");
-        crate::x402::reorg::spawn(
-            store,
-            engine.clone(),
-            state.billing.clone(),
-            shutdown.clone(),
-        );
-        state = state.with_x402(engine);
+        state = state.with_x402(engine.clone());
     }
+    // The indexer and the x402 reorg watcher run on the leader only (always this process on SQLite).
+    let leader_work: replica::StartLeaderWork = {
+        let (store, billing, status) = (store.clone(), state.billing.clone(), status.clone());
+        Box::new(move |term: CancellationToken| {
+            let mut tasks = Vec::new();
+            match crate::chain::spawn(
+                chain_settings.clone(),
+                store.clone(),
+                status.clone(),
+                term.clone(),
+            ) {
+                Ok(indexer) => tasks.push(tokio::spawn(async move {
+                    if let Ok(Err(e)) = indexer.await {
+                        tracing::warn!(error = %e, "the indexer had stopped");
+                    }
+                })),
+                Err(e) => tracing::error!(error = %e, "cannot start the indexer"),
+            }
+            if let Some(engine) = &engine {
+                tasks.push(crate::x402::reorg::spawn(
+                    store.clone(),
+                    engine.clone(),
+                    billing.clone(),
+                    term,
+                ));
+            }
+            tasks
+        })
+    };
+    let leadership = replica::spawn_leadership(store.clone(), leader_work, shutdown.clone());
+    let lease = replica::spawn_lease(store, clock, shutdown.clone());
     let options = ServerOptions {
         header_read_timeout: state.settings.limits.header_read_timeout,
     };
     let served = run_with(listener, router(state), shutdown.clone(), options).await;
     shutdown.cancel();
-    if let Ok(Err(e)) = indexer.await {
-        tracing::warn!(error = %e, "the indexer had stopped");
-    }
+    let _ = leadership.await;
+    let _ = lease.await;
     Ok(served?)
 }

@@ -17,6 +17,7 @@ pub mod migrate;
 pub mod ops;
 /// The PostgreSQL engine (issue 14, in progress): its schema and migrations so far.
 pub mod postgres;
+pub mod replicas;
 pub mod reversals;
 pub mod sql;
 pub mod transfers;
@@ -74,6 +75,15 @@ pub enum StoreError {
         "database {path} is in use by another running x402-gateway (serve or index): its lock {lock} is held; stop that process first (one gateway per database file)"
     )]
     InUse { path: PathBuf, lock: PathBuf },
+    #[error(
+        "PostgreSQL database {target} is at schema version {found}, behind this binary ({known}); run `x402-gateway \
+         migrate --config …` first (a gateway never migrates a shared database on its own)"
+    )]
+    Behind {
+        target: String,
+        found: u32,
+        known: u32,
+    },
     #[error("the database writer has stopped")]
     WriterGone,
     #[error("the write was not committed: {0}")]
@@ -136,23 +146,129 @@ pub enum Durability {
     Relaxed,
 }
 
+/// Connections a gateway's PostgreSQL pool holds at most: writes and reads each hold one for a transaction's
+/// length, on blocking-pool threads.
+const PG_POOL_SIZE: usize = 32;
+
+fn pg_open_error(e: postgres::PgError) -> StoreError {
+    match e {
+        postgres::PgError::TooNew {
+            target,
+            found,
+            known,
+        } => StoreError::TooNew {
+            path: PathBuf::from(target),
+            found,
+            known,
+        },
+        other => StoreError::Open {
+            path: PathBuf::from("PostgreSQL"),
+            message: other.to_string(),
+        },
+    }
+}
+
+fn pg_pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Database {
+        engine: "PostgreSQL",
+        message: postgres::pool_error(&e),
+        refusal: None,
+    }
+}
+
+/// Runs `f` in one PostgreSQL transaction on a pooled connection (READ COMMITTED: every money rule is a guarded
+/// statement or a unique key, which hold under any number of writers); commits if it returns `Ok`.
+fn pg_write<T, E>(
+    pool: &deadpool_postgres::Pool,
+    durability: Durability,
+    f: impl FnOnce(&dyn sql::Sql) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<StoreError>,
+{
+    let handle = tokio::runtime::Handle::current();
+    let mut client = handle.block_on(pool.get()).map_err(pg_pool_error)?;
+    let tx = handle
+        .block_on(client.transaction())
+        .map_err(StoreError::from)?;
+    if durability == Durability::Relaxed {
+        // PostgreSQL's form of the same trade: the commit is acknowledged before its WAL record is flushed.
+        handle
+            .block_on(tx.batch_execute("SET LOCAL synchronous_commit = off"))
+            .map_err(StoreError::from)?;
+    }
+    let result = f(&sql::PgSql::new(&tx, &handle));
+    match result {
+        Ok(value) => {
+            handle
+                .block_on(tx.commit())
+                .map_err(|e| StoreError::Commit(postgres::db_error(&e)))?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = handle.block_on(tx.rollback());
+            Err(e)
+        }
+    }
+}
+
+/// Runs `f` in a read-only REPEATABLE READ transaction: one consistent snapshot, like a SQLite reader in WAL mode.
+fn pg_read<T, E>(
+    pool: &deadpool_postgres::Pool,
+    f: impl FnOnce(&dyn sql::Sql) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<StoreError>,
+{
+    let handle = tokio::runtime::Handle::current();
+    let mut client = handle.block_on(pool.get()).map_err(pg_pool_error)?;
+    let tx = handle
+        .block_on(
+            client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start(),
+        )
+        .map_err(StoreError::from)?;
+    let result = f(&sql::PgSql::new(&tx, &handle));
+    let _ = handle.block_on(tx.rollback());
+    result
+}
+
 /// Most jobs committed together by one `COMMIT` (group commit).
 const MAX_BATCH: usize = 256;
 
-/// A handle to the database; cheap to clone.
+/// A handle to the database, SQLite or PostgreSQL; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
+    engine: Arc<EngineHandle>,
+}
+
+/// The engine behind a [`Store`].
+enum EngineHandle {
+    Sqlite,
+    Postgres(PgHandle),
+}
+
+/// A PostgreSQL pool: every write is one transaction on a pooled connection, driven from a blocking-pool thread.
+struct PgHandle {
+    pool: deadpool_postgres::Pool,
 }
 
 struct Inner {
+    /// The SQLite file, or for PostgreSQL the server's URL without credentials (for messages).
     path: PathBuf,
-    /// Dropped with the last handle, which stops the checkpoint thread.
-    _checkpointer: std::sync::mpsc::Sender<()>,
+    /// Dropped with the last handle, which stops the checkpoint thread (SQLite).
+    _checkpointer: Option<std::sync::mpsc::Sender<()>>,
     /// Durability of per-request metering writes; `Relaxed` unless the operator asks for more.
     metering_full: std::sync::atomic::AtomicBool,
-    writer: mpsc::Sender<WriteJob>,
+    /// The SQLite writer thread's queue (`None` on PostgreSQL).
+    writer: Option<mpsc::Sender<WriteJob>>,
     readers: Mutex<Vec<Connection>>,
+    /// This process's replica id on PostgreSQL (`store::replicas`); `None` on SQLite.
+    replica: Option<String>,
 }
 
 /// Current unix time in seconds.
@@ -231,12 +347,67 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
-                _checkpointer: start_checkpointer(path)?,
+                _checkpointer: Some(start_checkpointer(path)?),
                 metering_full: std::sync::atomic::AtomicBool::new(false),
-                writer: tx,
+                writer: Some(tx),
                 readers: Mutex::new(Vec::new()),
+                replica: None,
             }),
+            engine: Arc::new(EngineHandle::Sqlite),
         })
+    }
+
+    /// Connects to PostgreSQL and checks its schema is exactly this binary's (`x402-gateway migrate` brings it
+    /// there: a running gateway never migrates a shared database behind the other replicas' backs).
+    pub async fn open_postgres(url: &crate::config::PostgresUrl) -> Result<Store, StoreError> {
+        let pg = postgres::PgStore::connect_with(url, PG_POOL_SIZE).map_err(pg_open_error)?;
+        let target = pg.target().to_string();
+        let version = pg.schema_version().await.map_err(pg_open_error)?;
+        let known = postgres::schema().map_err(pg_open_error)?.len() as u32;
+        if version < known {
+            return Err(StoreError::Behind {
+                target,
+                found: version,
+                known,
+            });
+        }
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: PathBuf::from(&target),
+                _checkpointer: None,
+                metering_full: std::sync::atomic::AtomicBool::new(false),
+                writer: None,
+                readers: Mutex::new(Vec::new()),
+                replica: Some(replicas::new_replica_id()),
+            }),
+            engine: Arc::new(EngineHandle::Postgres(PgHandle {
+                pool: pg.pool().clone(),
+            })),
+        })
+    }
+
+    /// Opens the database the config names: a SQLite file (created and migrated if needed) or PostgreSQL.
+    pub async fn open_database(database: &crate::config::Database) -> Result<Store, StoreError> {
+        match database {
+            crate::config::Database::Sqlite { path } => Store::open(path),
+            crate::config::Database::Postgres { url } => Store::open_postgres(url).await,
+        }
+    }
+
+    /// The PostgreSQL pool, when this store runs on PostgreSQL.
+    fn pg_pool(&self) -> Option<&deadpool_postgres::Pool> {
+        match &*self.engine {
+            EngineHandle::Postgres(pg) => Some(&pg.pool),
+            EngineHandle::Sqlite => None,
+        }
+    }
+
+    /// Which engine this store runs on.
+    pub fn engine(&self) -> sql::Engine {
+        match *self.engine {
+            EngineHandle::Sqlite => sql::Engine::Sqlite,
+            EngineHandle::Postgres(_) => sql::Engine::Postgres,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -283,6 +454,9 @@ impl Store {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
     {
+        let Some(writer) = self.inner.writer.clone() else {
+            return Err(E::from(StoreError::WriterGone));
+        };
         let (reply_tx, reply_rx) = oneshot::channel();
         let run: JobFn = Box::new(move |tx: &Transaction<'_>| match f(tx) {
             Ok(value) => {
@@ -301,8 +475,7 @@ impl Store {
                 (false, finish)
             }
         });
-        self.inner
-            .writer
+        writer
             .send(WriteJob { run, durability })
             .await
             .map_err(|_| E::from(StoreError::WriterGone))?;

@@ -464,6 +464,89 @@ pub fn without_rate_limits(config: String) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// The engine the gateway suites run on. `X402_TEST_ENGINE=postgres` (scripts/test runs the money suites a second
+// time so) gives each gateway a fresh PostgreSQL database of its own on `X402_TEST_POSTGRES_URL`'s server,
+// migrated with the real `migrate`, in place of the SQLite file its config names.
+
+/// The environment variable a PostgreSQL-mode config names in `[database] url`.
+pub const TEST_DATABASE_URL_VAR: &str = "X402_TEST_DATABASE_URL";
+
+/// Whether this run puts the gateway suites on PostgreSQL.
+pub fn on_postgres() -> bool {
+    std::env::var("X402_TEST_ENGINE").as_deref() == Ok("postgres")
+}
+
+/// `url` with its database name replaced by `name` (query kept).
+pub fn with_dbname(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let end = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{name}", &base[..end]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// A fresh PostgreSQL database on the test server, migrated to this binary's schema; returns its URL.
+pub async fn fresh_postgres_database() -> String {
+    let server = std::env::var("X402_TEST_POSTGRES_URL").expect(
+        "X402_TEST_ENGINE=postgres needs X402_TEST_POSTGRES_URL (scripts/test starts a throwaway cluster)",
+    );
+    let name = format!("x402_gw_{:016x}", rand::random::<u64>());
+    let (client, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+        .await
+        .expect("connects to the test PostgreSQL");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("creates a test database");
+    let url = with_dbname(&server, &name);
+    let database = x402_gateway::config::Database::Postgres {
+        url: x402_gateway::config::PostgresUrl::new(url.clone()),
+    };
+    x402_gateway::store::migrate::migrate(&database)
+        .await
+        .expect("migrates the test database");
+    url
+}
+
+/// On PostgreSQL, `config` with its `[database]` table's `path` replaced by `url = "$X402_TEST_DATABASE_URL"`
+/// and that variable pointing at a fresh database (kept across restarts: an existing variable is reused).
+async fn engine_config(config: String, env: &mut Vec<(String, String)>) -> String {
+    if !on_postgres() {
+        return config;
+    }
+    let mut in_database = false;
+    let mut out = String::with_capacity(config.len());
+    for line in config.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            in_database = trimmed == "[database]";
+        }
+        if in_database && trimmed.starts_with("path") {
+            out.push_str(&format!("url = \"${TEST_DATABASE_URL_VAR}\"\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if !env.iter().any(|(k, _)| k == TEST_DATABASE_URL_VAR) {
+        env.push((
+            TEST_DATABASE_URL_VAR.to_string(),
+            fresh_postgres_database().await,
+        ));
+    }
+    out
+}
+
 /// The gateway running in this process (indexer + HTTP) on a temp database, with a movable clock.
 pub struct Gateway {
     pub base: String,
@@ -472,7 +555,10 @@ pub struct Gateway {
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     pub config: String,
+    /// The SQLite file the config names (unused on PostgreSQL: see [`Gateway::store`]).
     pub db: std::path::PathBuf,
+    /// The database the gateway really runs on.
+    pub database: x402_gateway::config::Database,
     env: Vec<(String, String)>,
 }
 
@@ -507,16 +593,18 @@ impl Gateway {
         env: &[(&str, &str)],
     ) -> Gateway {
         let config = without_rate_limits(config);
-        let env: Vec<(String, String)> = env
+        let mut env: Vec<(String, String)> = env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
+        let config = engine_config(config, &mut env).await;
         let settings = Config::parse(&config, std::path::Path::new("test.toml"))
             .unwrap()
             .resolve(std::path::Path::new("/"), &|name| {
                 env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
             })
             .unwrap();
+        let database = settings.database.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
@@ -545,6 +633,7 @@ impl Gateway {
             task,
             config,
             db,
+            database,
             env,
         };
         // Ready (database migrated) once /healthz answers.
@@ -632,7 +721,8 @@ impl Gateway {
         self.clock.store(t, Ordering::SeqCst);
     }
 
+    /// The gateway's database, on whichever engine it runs.
     pub async fn store(&self) -> Store {
-        Store::open(&self.db).unwrap()
+        Store::open_database(&self.database).await.unwrap()
     }
 }

@@ -94,11 +94,21 @@ impl PgStore {
     /// Builds the pool; the first connection is made by the first query (so a bad URL fails there, with its
     /// reason).
     pub fn connect(url: &PostgresUrl) -> Result<PgStore, PgError> {
-        Self::connect_to(url.expose(), url.to_string())
+        Self::connect_to(url.expose(), url.to_string(), POOL_SIZE)
+    }
+
+    /// [`PgStore::connect`] with a pool of `size` connections.
+    pub fn connect_with(url: &PostgresUrl, size: usize) -> Result<PgStore, PgError> {
+        Self::connect_to(url.expose(), url.to_string(), size)
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
     }
 
     /// [`PgStore::connect`] with the URL in the clear and its redacted form for messages.
-    fn connect_to(url: &str, target: String) -> Result<PgStore, PgError> {
+    fn connect_to(url: &str, target: String, size: usize) -> Result<PgStore, PgError> {
         let connect_error = |message: String| PgError::Connect {
             target: target.clone(),
             message,
@@ -120,7 +130,7 @@ impl PgStore {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
+            .max_size(size)
             .build()
             .map_err(|e| connect_error(e.to_string()))?;
         Ok(PgStore { pool, target })
@@ -303,7 +313,7 @@ pub(crate) fn db_error(e: &tokio_postgres::Error) -> String {
     }
 }
 
-fn pool_error(e: &deadpool_postgres::PoolError) -> String {
+pub(crate) fn pool_error(e: &deadpool_postgres::PoolError) -> String {
     match e {
         deadpool_postgres::PoolError::Backend(e) => db_error(e),
         other => other.to_string(),
@@ -321,11 +331,12 @@ mod tests {
             "postgres://gw@db.example/x?sslmode=disable",
             "postgres://gw@db.example/x?sslmode=require",
         ] {
-            assert!(PgStore::connect_to(url, "t".into()).is_ok(), "{url}");
+            assert!(PgStore::connect_to(url, "t".into(), 1).is_ok(), "{url}");
         }
         let err = PgStore::connect_to(
             "postgres://gw:hunter2@db.example/x?sslmode=sometimes",
             "t".into(),
+            1,
         )
         .err()
         .unwrap()

@@ -1,0 +1,182 @@
+//! Several gateway replicas on one PostgreSQL database: who this replica is, its lease, and leadership.
+//!
+//! - **Identity and lease.** Each replica has an id (host, process, random suffix) and renews a row of
+//!   `replica_leases` while it runs; its in-flight credit reservations and request slots name it. A replica that
+//!   stops renewing (it crashed, its machine died) loses them to the next sweep of any other replica, each claimed
+//!   by a guarded statement that re-checks the lease, so they are refunded exactly once and a live replica's never.
+//! - **Leadership.** Exactly one replica runs the indexer and the x402 reorg watcher: whoever holds a session-level
+//!   advisory lock on a connection it keeps. PostgreSQL releases the lock the moment that session ends (a SIGKILL
+//!   closes the socket), so another replica's next attempt wins within its polling interval, with no lease clock to
+//!   trust; a leader whose session is gone learns it from [`Leadership::still_leading`] and stops.
+//!
+//! On SQLite there is one process per database file (`GatewayLock`): it always leads, has no id and no lease, and
+//! recovers every in-flight reservation at start-up.
+
+use super::{Store, StoreError};
+
+/// Key of the leadership lock ("x402lead" in ASCII).
+const LEADER_LOCK: i64 = 0x7834_3032_6c65_6164;
+
+/// How long a lease lasts without renewal: a crashed replica's reservations wait this long before another refunds
+/// them (a request in flight on a live replica is never affected).
+pub const LEASE_TTL_SECS: i64 = 15;
+
+/// How often a replica renews its lease and sweeps expired replicas' reservations.
+pub const LEASE_RENEW: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A unique id for this process's replica: host name, process id and a random suffix (a restarted process on the
+/// same host gets a new id, so it never inherits its previous life's reservations).
+pub fn new_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// This replica's claim to run the leader-only work.
+pub enum Leadership {
+    /// The only process on a SQLite file.
+    Sole,
+    /// The advisory lock, held by the session of this connection (taken out of the pool: dropping it closes the
+    /// session, which releases the lock, instead of returning a locked session to the pool).
+    Postgres(deadpool_postgres::ClientWrapper),
+}
+
+impl Leadership {
+    /// Whether this replica still leads (its lock's session is alive). Call it before each step of leader work.
+    pub async fn still_leading(&self) -> bool {
+        match self {
+            Leadership::Sole => true,
+            Leadership::Postgres(client) => client
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() \
+                     AND classid = (($1::bigint >> 32) & 4294967295)::oid \
+                     AND objid = ($1::bigint & 4294967295)::oid AND objsubid = 1 AND granted",
+                    &[&LEADER_LOCK],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) == 1)
+                .unwrap_or(false),
+        }
+    }
+
+    /// Steps down so that another replica takes over at once (a clean shutdown).
+    pub async fn resign(self) {
+        if let Leadership::Postgres(client) = self {
+            let _ = client
+                .execute("SELECT pg_advisory_unlock($1)", &[&LEADER_LOCK])
+                .await;
+        }
+    }
+}
+
+impl Store {
+    /// This replica's id (PostgreSQL); `None` on SQLite.
+    pub fn replica_id(&self) -> Option<&str> {
+        self.inner.replica.as_deref()
+    }
+
+    /// Renews this replica's lease until `now + LEASE_TTL_SECS` (nothing on SQLite).
+    pub async fn renew_lease(&self, now: i64) -> Result<(), StoreError> {
+        let Some(replica) = self.inner.replica.clone() else {
+            return Ok(());
+        };
+        self.write(move |c| -> Result<(), StoreError> {
+            let c: &dyn super::sql::Sql = c;
+            c.execute(
+                "INSERT INTO replica_leases (replica_id, expires_at) VALUES (?1, ?2) \
+                 ON CONFLICT (replica_id) DO UPDATE SET expires_at = excluded.expires_at",
+                crate::params![replica, now + LEASE_TTL_SECS],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Tries to become the leader; `None` while another replica leads. Always leads on SQLite.
+    pub async fn try_lead(&self) -> Result<Option<Leadership>, StoreError> {
+        let Some(pool) = self.pg_pool() else {
+            return Ok(Some(Leadership::Sole));
+        };
+        let client = pool.get().await.map_err(super::pg_pool_error)?;
+        let won: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+            .await?
+            .get(0);
+        Ok(won.then(|| Leadership::Postgres(deadpool_postgres::Object::take(client))))
+    }
+
+    /// Refunds the in-flight reservations of replicas whose lease has expired at `now` (they crashed); returns
+    /// how many. Each row is claimed by one guarded update that re-checks the lease (`WHERE status = 'in_flight'
+    /// AND` no live lease), then refunded, in one short transaction per row: a reservation is refunded exactly once
+    /// whichever replicas sweep at the same time, and a live replica's (or a settled one) is never touched.
+    pub async fn recover_dead_replicas(&self, now: i64) -> Result<usize, StoreError> {
+        if self.inner.replica.is_none() {
+            return Ok(0);
+        }
+        let candidates: Vec<i64> = self
+            .read(move |c| -> Result<Vec<i64>, StoreError> {
+                let c: &dyn super::sql::Sql = c;
+                c.query_map(
+                    "SELECT id FROM usage WHERE status = 'in_flight' AND replica_id IS NOT NULL \
+                     AND NOT EXISTS (SELECT 1 FROM replica_leases l WHERE l.replica_id = usage.replica_id \
+                     AND l.expires_at > ?1) ORDER BY id",
+                    crate::params![now],
+                    |r| r.get(0),
+                )
+            })
+            .await?;
+        let mut recovered = 0;
+        for id in candidates {
+            let refunded = self
+                .write(move |tx| -> Result<bool, StoreError> {
+                    let c: &dyn super::sql::Sql = tx;
+                    let claimed = c.query_opt(
+                        "UPDATE usage SET status = 'interrupted', usage_source = 'none' \
+                         WHERE id = ?1 AND status = 'in_flight' AND NOT EXISTS (SELECT 1 FROM replica_leases l \
+                         WHERE l.replica_id = usage.replica_id AND l.expires_at > ?2) \
+                         RETURNING account, key_id, reserved_atomic, replica_id",
+                        crate::params![id, now],
+                        |r| {
+                            Ok((
+                                r.get::<String>(0)?,
+                                r.get::<i64>(1)?,
+                                r.get::<i64>(2)?,
+                                r.get::<Option<String>>(3)?,
+                            ))
+                        },
+                    )?;
+                    let Some((account, key_id, reserved, replica)) = claimed else {
+                        return Ok(false);
+                    };
+                    if reserved > 0 {
+                        super::billing::append_ledger(
+                            tx,
+                            &account,
+                            super::billing::LedgerKind::Refund,
+                            crate::usdc::Usdc(reserved),
+                            None,
+                            Some(key_id),
+                            Some(&format!(
+                                "request #{id} interrupted: replica {} stopped, reservation returned",
+                                replica.unwrap_or_default()
+                            )),
+                            now,
+                        )
+                        .map_err(|e| match e {
+                            super::billing::LedgerError::Store(e) => e,
+                            other => StoreError::Task(other.to_string()),
+                        })?;
+                    }
+                    Ok(true)
+                })
+                .await?;
+            recovered += usize::from(refunded);
+        }
+        Ok(recovered)
+    }
+}
