@@ -58,7 +58,7 @@ impl AppState {
         let limits = Arc::new(limits::Limits::new(&settings.limits, clock.clone()));
         let billing = Billing::new(settings.clone(), store.clone(), indexer.clone(), clock)
             .map_err(|e| ServeError::Config(e.to_string()))?;
-        let proxy = crate::proxy::Proxy::new(&settings)
+        let proxy = crate::proxy::Proxy::new(&settings, &store)
             .map_err(|e| ServeError::Config(format!("upstream HTTP client: {e}")))?;
         Ok(AppState {
             settings,

@@ -340,7 +340,13 @@ async fn chat(
             .map_err(|e| bound_refused(&model_id, e))?;
         // One request at a time per subscription, whichever of its keys (a rotated one too) sends it.
         let owner = SlotOwner::Subscription(record.subscription_id.unwrap_or(-record.id));
-        let Some(slot) = state.proxy.slots().try_acquire(owner, 1) else {
+        let slot = state
+            .proxy
+            .slots()
+            .try_acquire(owner, 1, &request_id, state.billing.now())
+            .await
+            .map_err(|e| OpenAiError::internal(e).into_response())?;
+        let Some(slot) = slot else {
             crate::metrics::record_metering_refusal(&model_id, "in_flight");
             return Err(OpenAiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -357,11 +363,18 @@ async fn chat(
         let prepared = proxy::prepare(object, body_len, model, &settings, Payer::Credit)
             .map_err(|e| bound_refused(&model_id, e))?;
         let limit = settings.limits.credit_key_max_in_flight;
-        let Some(slot) = state
+        let slot = state
             .proxy
             .slots()
-            .try_acquire(SlotOwner::Account(record.account.clone()), limit)
-        else {
+            .try_acquire(
+                SlotOwner::Account(record.account.clone()),
+                limit,
+                &request_id,
+                state.billing.now(),
+            )
+            .await
+            .map_err(|e| OpenAiError::internal(e).into_response())?;
+        let Some(slot) = slot else {
             crate::metrics::record_metering_refusal(&model_id, "in_flight");
             return Err(OpenAiError::new(
                 StatusCode::TOO_MANY_REQUESTS,

@@ -53,7 +53,7 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(settings: &Settings) -> Result<Proxy, reqwest::Error> {
+    pub fn new(settings: &Settings, store: &Store) -> Result<Proxy, reqwest::Error> {
         let clients = settings
             .upstreams
             .iter()
@@ -67,7 +67,7 @@ impl Proxy {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Proxy {
             clients,
-            slots: Slots::default(),
+            slots: Slots::for_store(store),
         })
     }
 
@@ -126,36 +126,104 @@ pub enum SlotOwner {
     Account(String),
 }
 
-/// Requests in flight per owner.
-#[derive(Debug, Clone, Default)]
-pub struct Slots(Arc<Mutex<HashMap<SlotOwner, u32>>>);
+/// Requests in flight per owner: counted in this process on SQLite (one process per database), and in the
+/// database's `request_slots` on PostgreSQL, so the limits hold across every replica.
+#[derive(Clone, Default)]
+pub struct Slots {
+    local: Arc<Mutex<HashMap<SlotOwner, u32>>>,
+    shared: Option<Store>,
+}
+
+impl std::fmt::Debug for Slots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.shared.is_some() {
+            "Slots(shared)"
+        } else {
+            "Slots(local)"
+        })
+    }
+}
 
 /// Holds one slot; dropping it (completion, error, panic, disconnect) frees it.
 #[derive(Debug)]
 pub struct SlotGuard {
     slots: Slots,
     owner: SlotOwner,
+    /// The shared slot's number and holder (PostgreSQL).
+    shared: Option<(i64, String)>,
+}
+
+impl SlotOwner {
+    /// The owner's key in `request_slots`.
+    fn key(&self) -> String {
+        match self {
+            SlotOwner::Subscription(id) => format!("subscription:{id}"),
+            SlotOwner::Account(account) => format!("account:{account}"),
+        }
+    }
 }
 
 impl Slots {
-    /// Takes a slot of `owner` if it has fewer than `limit` in flight.
-    pub fn try_acquire(&self, owner: SlotOwner, limit: u32) -> Option<SlotGuard> {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+    /// Slots for `store`: shared through the database when several replicas may run on it.
+    pub fn for_store(store: &Store) -> Slots {
+        Slots {
+            local: Arc::default(),
+            shared: store.replica_id().is_some().then(|| store.clone()),
+        }
+    }
+
+    /// Takes a slot of `owner` for `request_id` if it has fewer than `limit` in flight (`now`: the gateway's clock,
+    /// for the holders' leases).
+    pub async fn try_acquire(
+        &self,
+        owner: SlotOwner,
+        limit: u32,
+        request_id: &str,
+        now: i64,
+    ) -> Result<Option<SlotGuard>, crate::store::StoreError> {
+        if let Some(store) = &self.shared {
+            let taken = store
+                .take_request_slot(owner.key(), limit, request_id.to_string(), now)
+                .await?;
+            return Ok(taken.map(|slot_no| SlotGuard {
+                slots: self.clone(),
+                owner,
+                shared: Some((slot_no, request_id.to_string())),
+            }));
+        }
+        let mut held = self.local.lock().unwrap_or_else(|p| p.into_inner());
         let n = held.entry(owner.clone()).or_insert(0);
         if *n >= limit {
-            return None;
+            return Ok(None);
         }
         *n += 1;
-        Some(SlotGuard {
+        Ok(Some(SlotGuard {
             slots: self.clone(),
             owner,
-        })
+            shared: None,
+        }))
     }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        let mut held = self.slots.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((slot_no, request_id)) = self.shared.take() {
+            let Some(store) = self.slots.shared.clone() else {
+                return;
+            };
+            let owner = self.owner.key();
+            // Freed in the background: a release that fails (the database is away) leaves the slot to expire with
+            // this replica's lease, never held forever.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if let Err(e) = store.release_request_slot(owner, slot_no, request_id).await {
+                        tracing::warn!(error = %e, "cannot free a request slot; it frees when this replica's lease expires");
+                    }
+                });
+            }
+            return;
+        }
+        let mut held = self.slots.local.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = held.get_mut(&self.owner) {
             *n = n.saturating_sub(1);
             if *n == 0 {

@@ -179,4 +179,68 @@ impl Store {
         }
         Ok(recovered)
     }
+
+    /// Takes one of `limit` request slots of `owner` for `request_id` (PostgreSQL: the slot is shared by every
+    /// replica); `None` when all are held by live replicas. A slot is a numbered row taken by one guarded upsert —
+    /// it succeeds only if the slot is free or its holder's lease has expired — so two replicas never hold one slot.
+    pub async fn take_request_slot(
+        &self,
+        owner: String,
+        limit: u32,
+        request_id: String,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let Some(replica) = self.inner.replica.clone() else {
+            return Ok(None);
+        };
+        self.write(move |tx| -> Result<Option<i64>, StoreError> {
+            let c: &dyn super::sql::Sql = tx;
+            let held: std::collections::HashSet<i64> = c
+                .query_map(
+                    "SELECT slot_no FROM request_slots s WHERE owner = ?1 AND EXISTS (SELECT 1 FROM replica_leases l \
+                     WHERE l.replica_id = s.replica_id AND l.expires_at > ?2)",
+                    crate::params![owner, now],
+                    |r| r.get(0),
+                )?
+                .into_iter()
+                .collect();
+            if held.len() >= limit as usize {
+                return Ok(None);
+            }
+            // Free numbers first; a racer may take one between the read and the upsert, so try a few.
+            for slot_no in (1..=i64::from(limit)).filter(|n| !held.contains(n)).take(8) {
+                let taken = c.execute(
+                    "INSERT INTO request_slots (owner, slot_no, replica_id, request_id) VALUES (?1, ?2, ?3, ?4) \
+                     ON CONFLICT (owner, slot_no) DO UPDATE SET replica_id = excluded.replica_id, \
+                     request_id = excluded.request_id \
+                     WHERE NOT EXISTS (SELECT 1 FROM replica_leases l WHERE l.replica_id = request_slots.replica_id \
+                     AND l.expires_at > ?5)",
+                    crate::params![owner, slot_no, replica, request_id, now],
+                )?;
+                if taken == 1 {
+                    return Ok(Some(slot_no));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// Frees a slot taken by [`Store::take_request_slot`], only if `request_id` still holds it (a slot taken over
+    /// after this replica's lease expired is not freed by its late release).
+    pub async fn release_request_slot(
+        &self,
+        owner: String,
+        slot_no: i64,
+        request_id: String,
+    ) -> Result<bool, StoreError> {
+        self.write(move |tx| -> Result<bool, StoreError> {
+            let c: &dyn super::sql::Sql = tx;
+            Ok(c.execute(
+                "DELETE FROM request_slots WHERE owner = ?1 AND slot_no = ?2 AND request_id = ?3",
+                crate::params![owner, slot_no, request_id],
+            )? == 1)
+        })
+        .await
+    }
 }
