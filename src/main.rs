@@ -308,6 +308,20 @@ async fn main() -> Result<()> {
             let settings = load(&config)?;
             let _lock = lock_sqlite(&settings)?;
             let store = Store::open_database(&settings.database).await?;
+            // On PostgreSQL the indexer is the leader's work: wait for leadership so that a running replica's
+            // indexer and this one never index at once.
+            let _leadership = loop {
+                if let Some(l) = store.try_lead().await? {
+                    break l;
+                }
+                eprintln!(
+                    "another gateway replica leads (runs the indexer); waiting for leadership"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                }
+            };
             let status = StatusHandle::default();
             let chain_settings = settings.chain.clone();
             if once {

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::sql::{Row, Sql, ToValue};
+use super::sql::{Engine, Row, Sql, ToValue};
 use super::{Store, StoreError, now_unix};
 use crate::params;
 use crate::usdc::Usdc;
@@ -231,6 +231,25 @@ fn insert_new(
 }
 
 /// [`Store::bind_chain`]'s statements; `path` only names the database in the refusal.
+/// Key of the transaction-scoped lock that orders the index's writes on PostgreSQL ("x402idx" in ASCII).
+const INDEX_WRITE_LOCK: i64 = 0x0078_3430_3269_6478;
+
+/// Orders this transaction after every other index write in progress (PostgreSQL). The index's writes read, then
+/// write (the checkpoint, then the rows below it; the rows of a range, then their new status), which is safe only
+/// while they run one at a time: SQLite's single writer does that; on PostgreSQL the leader's range fetch and its
+/// WebSocket task — and, for a moment, an old and a new leader — would otherwise interleave, and a `seen` row
+/// inserted under a range being applied could be confirmed without ever being checked. The lock is released by the
+/// transaction's end.
+fn serialize_index_writes(c: &dyn Sql) -> Result<(), StoreError> {
+    if c.engine() == Engine::Postgres {
+        c.execute(
+            "SELECT pg_advisory_xact_lock(?1)",
+            params![INDEX_WRITE_LOCK],
+        )?;
+    }
+    Ok(())
+}
+
 fn bind_chain_in(
     c: &dyn Sql,
     path: &Path,
@@ -238,6 +257,7 @@ fn bind_chain_in(
     token: &str,
     pay_to: &str,
 ) -> Result<(), StoreError> {
+    serialize_index_writes(c)?;
     // Single writer: read, then insert when absent. A second concurrent binder would fail on the primary key.
     let existing: Option<(i64, String, String)> = c.query_opt(
         "SELECT chain_id, token_address, pay_to FROM chain_binding WHERE id = 1",
@@ -293,6 +313,7 @@ fn read_recent_block(c: &dyn Sql, number: u64) -> Result<Option<BlockRef>, Store
 /// [`Store::apply_range`]'s statements but the reversals, which the caller runs in the same transaction.
 /// `now` stamps the status changes.
 fn apply_range_in(c: &dyn Sql, update: &RangeUpdate, now: i64) -> Result<RangeOutcome, StoreError> {
+    serialize_index_writes(c)?;
     let mut outcome = RangeOutcome::default();
     let head = update.to;
     let fetched: HashSet<(&str, u64)> = update
@@ -431,6 +452,7 @@ fn rollback_in(
     old_head: u64,
     now: i64,
 ) -> Result<Vec<Transfer>, StoreError> {
+    serialize_index_writes(c)?;
     // Single writer: the rows read are updated by id without re-checking their status, and their count is
     // what the `reorgs` row records.
     let gone = select_transfers(
@@ -474,7 +496,9 @@ fn rollback_in(
 
 /// [`Store::record_announced`]'s statements.
 fn record_announced_in(c: &dyn Sql, t: &NewTransfer) -> Result<bool, StoreError> {
-    // Single writer: the checkpoint read here must not move before the insert commits (see `apply_range_in`).
+    serialize_index_writes(c)?;
+    // The checkpoint read here cannot move before the insert commits: `serialize_index_writes` (PostgreSQL), the
+    // single writer (SQLite).
     let checkpoint = read_checkpoint(c)?;
     if checkpoint
         .as_ref()
