@@ -75,7 +75,7 @@ async fn account_balance(store: &Store, account: Address) -> Usdc {
 
 async fn events(store: &Store) -> Vec<ReversalEvent> {
     store
-        .read(|c| -> Result<_, StoreError> { Ok(reversals::list(c)?) })
+        .read(|c| -> Result<_, StoreError> { reversals::list(c) })
         .await
         .unwrap()
 }
@@ -371,7 +371,7 @@ async fn reversals_restart_in_the_middle_does_not_reverse_twice() {
     assert_eq!(account_balance(&store, payer).await, Usdc::ZERO);
     // Running the reconcile by hand again changes nothing either.
     let again = store
-        .write(|tx| -> Result<_, StoreError> { Ok(reversals::reconcile_all(tx, 0)?) })
+        .write(|tx| -> Result<_, StoreError> { reversals::reconcile_all(tx, 0) })
         .await
         .unwrap();
     assert!(again.is_empty(), "{again:?}");
@@ -474,7 +474,7 @@ async fn reversals_x402_settlement_re_mined_by_the_payer_is_adopted_and_restored
     assert_eq!(ev[1].tx_hash.as_deref(), Some(own.as_str()));
     assert_eq!(account_balance(&store, payer.address()).await, usdc("10"));
     let x402_events = store
-        .read(|c| -> Result<_, StoreError> { Ok(x402_gateway::store::x402::list_events(c)?) })
+        .read(|c| -> Result<_, StoreError> { x402_gateway::store::x402::list_events(c) })
         .await
         .unwrap();
     let kinds: Vec<&str> = x402_events.iter().map(|e| e.kind.as_str()).collect();

@@ -191,7 +191,7 @@ impl X402Gateway {
         self.store()
             .await
             .read(|c| -> Result<_, x402_gateway::store::StoreError> {
-                Ok(x402_gateway::store::x402::list_settlements(c)?)
+                x402_gateway::store::x402::list_settlements(c)
             })
             .await
             .unwrap()
@@ -830,7 +830,7 @@ async fn x402_routes_reorged_settlement_is_resubmitted_or_suspended() {
     .await;
     let events = store
         .read(|c| -> Result<_, x402_gateway::store::StoreError> {
-            Ok(x402_gateway::store::x402::list_events(c)?)
+            x402_gateway::store::x402::list_events(c)
         })
         .await
         .unwrap();
