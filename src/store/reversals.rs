@@ -161,6 +161,8 @@ pub fn reverse(
     now: i64,
 ) -> Result<Option<ReversalEvent>, StoreError> {
     let s: &dyn Sql = c;
+    // Read the last step, then write the next: one reconciler at a time (see `serialize_index_writes`).
+    super::transfers::serialize_index_writes(s)?;
     let seq = last_seq(s, origin)?;
     if seq % 2 == 1 {
         return Ok(None);
@@ -212,6 +214,8 @@ pub fn restore(
     now: i64,
 ) -> Result<Option<ReversalEvent>, StoreError> {
     let s: &dyn Sql = c;
+    // Read the last step, then write the next: one reconciler at a time (see `serialize_index_writes`).
+    super::transfers::serialize_index_writes(s)?;
     let seq = last_seq(s, origin)?;
     if seq % 2 == 0 {
         return Ok(None);

@@ -234,13 +234,13 @@ fn insert_new(
 /// Key of the transaction-scoped lock that orders the index's writes on PostgreSQL ("x402idx" in ASCII).
 const INDEX_WRITE_LOCK: i64 = 0x0078_3430_3269_6478;
 
-/// Orders this transaction after every other index write in progress (PostgreSQL). The index's writes read, then
+/// Orders this transaction after every other index write (and reversal step) in progress (PostgreSQL). The index's writes read, then
 /// write (the checkpoint, then the rows below it; the rows of a range, then their new status), which is safe only
 /// while they run one at a time: SQLite's single writer does that; on PostgreSQL the leader's range fetch and its
 /// WebSocket task — and, for a moment, an old and a new leader — would otherwise interleave, and a `seen` row
 /// inserted under a range being applied could be confirmed without ever being checked. The lock is released by the
 /// transaction's end.
-fn serialize_index_writes(c: &dyn Sql) -> Result<(), StoreError> {
+pub(crate) fn serialize_index_writes(c: &dyn Sql) -> Result<(), StoreError> {
     if c.engine() == Engine::Postgres {
         c.execute(
             "SELECT pg_advisory_xact_lock(?1)",
