@@ -219,7 +219,7 @@ impl Stack {
             async move {
                 store
                     .read(move |c| -> Result<_, x402_gateway::store::StoreError> {
-                        Ok(x402_gateway::store::usage::by_request_id(c, &id)?)
+                        x402_gateway::store::usage::by_request_id(c, &id)
                     })
                     .await
                     .unwrap()

@@ -778,7 +778,7 @@ async fn x402_routes_reorged_settlement_is_resubmitted_or_suspended() {
     // The new transaction is linked to the purchase too.
     let claims = store
         .read(move |c| -> Result<_, x402_gateway::store::StoreError> {
-            Ok(x402_gateway::store::billing::claim_of(c, &new_tx)?)
+            x402_gateway::store::billing::claim_of(c, &new_tx)
         })
         .await
         .unwrap();
