@@ -50,14 +50,6 @@ pub enum LedgerError {
     Store(#[from] StoreError),
 }
 
-/// TEMPORARY bridge, to delete at the merge: `store::ops::admin_overview` still returns `rusqlite::Result` on this
-/// branch and calls [`all_seats_taken`] with `?`. Its port to `&dyn Sql` (another branch) makes this unused.
-impl From<StoreError> for rusqlite::Error {
-    fn from(e: StoreError) -> Self {
-        rusqlite::Error::ToSqlConversionFailure(Box::new(e))
-    }
-}
-
 /// Creates the account row if it is new.
 pub fn ensure_account(c: &dyn Sql, address: &str, now: i64) -> Result<(), StoreError> {
     c.execute(
