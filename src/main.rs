@@ -605,15 +605,13 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
             } else {
                 write!(w, "[")?;
             }
-            let mut after = 0;
+            let mut after = None;
             let mut n = 0u64;
             loop {
                 let page =
                     audit::read_page(&store, dataset.clone(), after, audit::MAX_LIMIT, now_unix())
                         .await?;
-                let Some((last, _)) = page.last() else { break };
-                after = *last;
-                for (_, row) in &page {
+                for row in &page.rows {
                     if csv {
                         write!(w, "{}", audit::csv_line(columns, row))?;
                     } else {
@@ -625,6 +623,10 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
                         )?;
                     }
                     n += 1;
+                }
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
                 }
             }
             if !csv {
