@@ -12,7 +12,7 @@
 //! An optional filter is written `(col = ?N OR ?N IS NULL)`, the column first: PostgreSQL types a parameter at its
 //! first use, and `?N IS NULL` alone gives it none ("could not determine data type of parameter").
 
-use super::reversals::ReversalEvent;
+use super::reversals::{self, ReversalEvent};
 use super::sql::{Engine, Row, Sql};
 use super::transfers::TransferStatus;
 use super::{Store, StoreError};
@@ -964,72 +964,6 @@ impl Store {
             Ok(state)
         })
         .await
-    }
-}
-
-// ---- Interim bridge: revert this commit once store/reversals.rs and store/ops.rs are on `&dyn Sql` ----
-
-/// The four reads of `store::reversals` this file needs, on `&dyn Sql`, until that file is ported (same SQL).
-mod reversals {
-    use super::super::sql::Sql;
-    use super::{ReversalEvent, StoreError};
-    use crate::params;
-    use crate::usdc::Usdc;
-
-    pub fn origin_of(c: &dyn Sql, tx_hash: &str) -> Result<Option<String>, StoreError> {
-        c.query_opt(
-            "SELECT coalesce(origin_tx, tx_hash) FROM claims WHERE tx_hash = ?1",
-            params![tx_hash],
-            |r| r.get(0),
-        )
-    }
-
-    pub fn is_reversed(c: &dyn Sql, origin: &str) -> Result<bool, StoreError> {
-        let seq: i64 = c.query_value(
-            "SELECT coalesce(max(seq), 0) FROM claim_reversals WHERE claim_tx = ?1",
-            params![origin],
-        )?;
-        Ok(seq % 2 == 1)
-    }
-
-    pub fn of_purchase(c: &dyn Sql, origin: &str) -> Result<Vec<ReversalEvent>, StoreError> {
-        select(c, "claim_tx = ?1", params![origin])
-    }
-
-    pub fn list(c: &dyn Sql) -> Result<Vec<ReversalEvent>, StoreError> {
-        select(c, "1 = 1", params![])
-    }
-
-    fn select(
-        c: &dyn Sql,
-        filter: &str,
-        args: &[&dyn crate::store::sql::ToValue],
-    ) -> Result<Vec<ReversalEvent>, StoreError> {
-        c.query_map(
-            &format!(
-                "SELECT claim_tx, kind, account, amount_atomic, cause, tx_hash, at FROM claim_reversals \
-                 WHERE {filter} ORDER BY id"
-            ),
-            args,
-            |r| {
-                Ok(ReversalEvent {
-                    claim_tx: r.get(0)?,
-                    kind: r.get(1)?,
-                    account: r.get(2)?,
-                    amount_usdc: Usdc(r.get(3)?),
-                    cause: r.get(4)?,
-                    tx_hash: r.get(5)?,
-                    at: r.get(6)?,
-                })
-            },
-        )
-    }
-}
-
-/// Lets the unported `store::ops::admin_overview` (`rusqlite::Result`) call this file's readers.
-impl From<StoreError> for rusqlite::Error {
-    fn from(e: StoreError) -> Self {
-        rusqlite::Error::ToSqlConversionFailure(Box::new(e))
     }
 }
 
