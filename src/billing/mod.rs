@@ -121,14 +121,6 @@ fn describe(c: &ClaimRecord) -> String {
     }
 }
 
-// Only `store::x402::insert_settlement` still returns `rusqlite::Result` (its port is on another branch); delete
-// this impl once it returns `StoreError`.
-impl From<rusqlite::Error> for ClaimError {
-    fn from(e: rusqlite::Error) -> Self {
-        ClaimError::Store(StoreError::from(e))
-    }
-}
-
 impl From<LedgerError> for ClaimError {
     fn from(e: LedgerError) -> Self {
         match e {

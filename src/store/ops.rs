@@ -4,8 +4,6 @@
 //! This module owns their SQL (or calls the concern's own store function) so the HTTP handlers and `serve` never
 //! see a connection or a transaction.
 
-use rusqlite::Connection;
-
 use super::audit::{self, KeyRow, PaymentsPage, RevenueDay};
 use super::reversals::{self, ReversalEvent};
 use super::sql::{Engine, Sql};
@@ -113,7 +111,7 @@ fn reorg_count(c: &dyn Sql) -> Result<i64, StoreError> {
 ///
 /// Still takes a SQLite `Connection` (not `&dyn Sql`) because `audit::latest_payments`, `audit::revenue`,
 /// `audit::latest_keys` and `billing::all_seats_taken` do; its own statements already run through [`Sql`].
-pub fn admin_overview(c: &Connection, now: i64) -> Result<AdminOverview, StoreError> {
+pub fn admin_overview(c: &dyn Sql, now: i64) -> Result<AdminOverview, StoreError> {
     let latest_payments = audit::latest_payments(c, LATEST)?;
     let revenue = audit::revenue(c, Some(now - REVENUE_DAYS * 86_400), None)?;
     let s: &dyn Sql = c;

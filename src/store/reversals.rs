@@ -19,7 +19,6 @@
 //! `seq` = reversed, even = restored, `(claim_tx, seq)` unique): running it again, after a crash or a restart,
 //! changes nothing.
 
-use rusqlite::Connection;
 use serde::Serialize;
 
 use super::StoreError;
@@ -155,7 +154,7 @@ fn record(c: &dyn Sql, origin: &str, seq: i64, ev: &ReversalEvent) -> Result<(),
 /// Takes a SQLite `Connection` until `billing::append_ledger` takes `&dyn Sql`; its own statements already run
 /// through [`Sql`].
 pub fn reverse(
-    c: &Connection,
+    c: &dyn Sql,
     origin: &str,
     cause: &str,
     now: i64,
@@ -208,7 +207,7 @@ pub fn reverse(
 ///
 /// Takes a SQLite `Connection` until `billing::append_ledger` takes `&dyn Sql`.
 pub fn restore(
-    c: &Connection,
+    c: &dyn Sql,
     origin: &str,
     by: &str,
     now: i64,
@@ -262,7 +261,7 @@ pub fn restore(
 ///
 /// Takes a SQLite `Connection` because [`reverse`] and [`restore`] still do.
 pub fn reconcile_origin(
-    c: &Connection,
+    c: &dyn Sql,
     origin: &str,
     now: i64,
 ) -> Result<Option<ReversalEvent>, StoreError> {
@@ -278,7 +277,7 @@ pub fn reconcile_origin(
 ///
 /// Takes a SQLite `Connection` because [`reconcile_origin`] still does.
 pub fn reconcile_tx(
-    c: &Connection,
+    c: &dyn Sql,
     tx_hash: &str,
     now: i64,
 ) -> Result<Option<ReversalEvent>, StoreError> {
@@ -292,7 +291,7 @@ pub fn reconcile_tx(
 /// in the order they were claimed.
 ///
 /// Takes a SQLite `Connection` because [`reconcile_origin`] still does.
-pub fn reconcile_all(c: &Connection, now: i64) -> Result<Vec<ReversalEvent>, StoreError> {
+pub fn reconcile_all(c: &dyn Sql, now: i64) -> Result<Vec<ReversalEvent>, StoreError> {
     let s: &dyn Sql = c;
     // `claims` has no id column (its key is the tx hash): claim time, then the key, is an order both engines have.
     let origins: Vec<String> = s.query_map(
@@ -360,15 +359,6 @@ fn event(r: &Row) -> Result<ReversalEvent, StoreError> {
     })
 }
 
-/// TEMPORARY, until `store/audit.rs` returns `StoreError`: lets its functions that still return
-/// `rusqlite::Result` call [`origin_of`], [`of_purchase`] and [`is_reversed`] with `?`. Delete it when merging
-/// the ported `audit.rs` (nothing else needs it).
-impl From<StoreError> for rusqlite::Error {
-    fn from(e: StoreError) -> Self {
-        rusqlite::Error::ToSqlConversionFailure(Box::new(e))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,7 +385,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
         {
-            let c = Connection::open(&path).unwrap();
+            let c = rusqlite::Connection::open(&path).unwrap();
             for m in crate::store::migrations(crate::store::SCHEMA_SQL)
                 .unwrap()
                 .iter()
