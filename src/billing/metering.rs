@@ -57,9 +57,10 @@ impl Billing {
     /// row, in one transaction; returns the usage row's id.
     pub async fn reserve_request(&self, row: NewUsage, amount: Usdc) -> Result<i64, ReserveError> {
         let store = self.store();
+        let replica = store.replica_id().map(str::to_string);
         store
             .write_with(store.metering_durability(), move |tx| {
-                usage::reserve(tx, &row, amount)
+                usage::reserve(tx, &row, amount, replica.as_deref())
                     .map(|(id, _left)| id)
                     .map_err(|e| match e {
                         LedgerError::Insufficient { balance, needed } => {

@@ -661,6 +661,19 @@ impl Gateway {
         gw
     }
 
+    /// The gateway's settings, resolved with the environment it was started with (its database URL included).
+    pub fn settings(&self) -> x402_gateway::config::Settings {
+        Config::parse(&self.config, std::path::Path::new("test.toml"))
+            .unwrap()
+            .resolve(std::path::Path::new("/"), &|name| {
+                self.env
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            })
+            .unwrap()
+    }
+
     /// Stops the server and starts a new one on the same database and config.
     pub async fn restart(self) -> Gateway {
         self.shutdown.cancel();
