@@ -18,6 +18,9 @@
 //! Client, servers and PostgreSQL share the machine; the CPU figure is this process's (client and gateways), not
 //! PostgreSQL's.
 
+#[path = "support/postgres.rs"]
+mod postgres;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -28,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use x402_gateway::api::{self, AppState};
 use x402_gateway::billing::{catalog::claim_text, system_clock};
 use x402_gateway::chain::StatusHandle;
-use x402_gateway::config::{Config, Database, PostgresUrl};
+use x402_gateway::config::Config;
 use x402_gateway::params;
 use x402_gateway::store::{Store, StoreError};
 
@@ -51,35 +54,6 @@ fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// A fresh, migrated PostgreSQL database on `server`; returns its URL.
-async fn fresh_postgres(server: &str) -> anyhow::Result<String> {
-    let name = format!("x402_bench_{:016x}", rand::random::<u64>());
-    let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
-    let show = |row: tokio_postgres::Row| row.get::<_, String>(0);
-    println!(
-        "PostgreSQL {}: fsync = {}, synchronous_commit = {}",
-        show(client.query_one("SHOW server_version", &[]).await?),
-        show(client.query_one("SHOW fsync", &[]).await?),
-        show(client.query_one("SHOW synchronous_commit", &[]).await?)
-    );
-    let (base, query) = server.split_once('?').unwrap_or((server, ""));
-    let root = base.rsplit_once('/').map_or(base, |(r, _)| r);
-    let url = if query.is_empty() {
-        format!("{root}/{name}")
-    } else {
-        format!("{root}/{name}?{query}")
-    };
-    x402_gateway::store::migrate::migrate(&Database::Postgres {
-        url: PostgresUrl::new(url.clone()),
-    })
-    .await?;
-    Ok(url)
-}
-
 struct Figures {
     setup: String,
     elapsed: Duration,
@@ -93,9 +67,7 @@ struct Figures {
 async fn main() -> anyhow::Result<()> {
     let n = env_usize("CLAIMS", 20_000);
     let concurrency = env_usize("CONCURRENCY", 64);
-    let server = std::env::var("X402_TEST_POSTGRES_URL")
-        .ok()
-        .filter(|u| !u.is_empty());
+    let server = postgres::server();
     let engines = std::env::var("ENGINES").unwrap_or_else(|_| {
         if server.is_some() {
             "sqlite,postgres1,postgres2".into()
@@ -117,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
         };
         let url = match (replicas, &server) {
             (0, _) => None,
-            (_, Some(server)) => Some(fresh_postgres(server).await?),
+            (_, Some(server)) => Some(postgres::fresh_database(server).await?),
             (_, None) => anyhow::bail!("{setup} needs X402_TEST_POSTGRES_URL"),
         };
         let figures = run(setup, n, concurrency, url, replicas.max(1)).await?;
@@ -166,10 +138,14 @@ confirmations = 3
 rate_limits = false
 "#
     );
-    let settings = Config::parse(&config, std::path::Path::new("bench.toml"))?
-        .resolve(dir.path(), &|name| {
-            (name == "BENCH_DATABASE_URL").then(|| url.clone()).flatten()
-        })?;
+    let settings = Config::parse(&config, std::path::Path::new("bench.toml"))?.resolve(
+        dir.path(),
+        &|name| {
+            (name == "BENCH_DATABASE_URL")
+                .then(|| url.clone())
+                .flatten()
+        },
+    )?;
 
     // Synthetic confirmed transfers and their signed claims.
     let payers: Vec<PrivateKeySigner> = (0..64).map(|_| PrivateKeySigner::random()).collect();
