@@ -1401,3 +1401,82 @@ async fn request_slots_hold_across_replicas_on_postgres() {
     drop(setup);
     db.drop_db().await;
 }
+
+/// Two gateways on one PostgreSQL database: one leads (runs the indexer), the other follows — it reports the shared
+/// checkpoint, is ready, and serves claims from the index the leader writes; when the leader stops, the follower
+/// takes over and indexes on from the shared checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_serves_from_the_shared_index_and_takes_over_when_the_leader_stops() {
+    use crate::checkout::{CONFIRMATIONS, Options, T0, claim_sig, config_text, usdc};
+    use crate::support::*;
+    use reqwest::StatusCode;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicI64;
+
+    if server_url().is_none() {
+        return;
+    }
+    let url = fresh_postgres_database().await;
+    let chain = TestChain::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("unused.db");
+    let config = config_text(&chain, &db, &Options::default()).replace(
+        &format!("path = \"{}\"", db.display()),
+        &format!("url = \"${TEST_DATABASE_URL_VAR}\""),
+    );
+    assert!(config.contains(TEST_DATABASE_URL_VAR), "{config}");
+    let env = [(TEST_DATABASE_URL_VAR, url.as_str())];
+    let clock = Arc::new(AtomicI64::new(T0));
+    let role = |gw: &Gateway| {
+        let (http, base) = (gw.http.clone(), gw.base.clone());
+        async move {
+            let body: serde_json::Value = http
+                .get(format!("{base}/healthz"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some((
+                body["indexer"]["role"].as_str()?.to_string(),
+                body["indexer"]["indexedHead"].as_u64(),
+            ))
+        }
+    };
+    let leader = Gateway::start_with_env(config.clone(), db.clone(), clock.clone(), &env).await;
+    wait_for("the first gateway to lead and index", || async {
+        matches!(role(&leader).await, Some((r, Some(_))) if r == "leader").then_some(())
+    })
+    .await;
+    let follower = Gateway::start_with_env(config, db, clock, &env).await;
+    wait_for(
+        "the second gateway to follow the shared checkpoint",
+        || async {
+            matches!(role(&follower).await, Some((r, Some(_))) if r == "follower").then_some(())
+        },
+    )
+    .await;
+    let (status, _, ready) = follower.get("/readyz", None).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+
+    // A payment indexed by the leader is claimed at the follower, once, whichever replica is asked again.
+    let (tx, block) = chain.pay(0, usdc("10")).await;
+    leader.confirm(&chain, block, CONFIRMATIONS).await;
+    let body = serde_json::json!({"txHash": tx, "amount": "10.00", "signature": claim_sig(chain.payer(0), &tx)});
+    let (status, _, claimed) = follower.post("/api/agent/topup", body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{claimed}");
+    let (status, _, again) = leader.post("/api/agent/topup", body).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+    assert_eq!(again["error"]["code"], "already_claimed", "{again}");
+
+    // The leader stops; the follower takes over and indexes new blocks.
+    leader.stop().await;
+    wait_for("the follower to take over", || async {
+        matches!(role(&follower).await, Some((r, _)) if r == "leader").then_some(())
+    })
+    .await;
+    let head = chain.head().await;
+    chain.mine(3).await;
+    follower.wait_indexed(head + 3).await;
+}

@@ -674,6 +674,12 @@ impl Gateway {
             .unwrap()
     }
 
+    /// Stops the server (a clean shutdown: its requests finish, a leader resigns).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+
     /// Stops the server and starts a new one on the same database and config.
     pub async fn restart(self) -> Gateway {
         self.shutdown.cancel();
