@@ -112,7 +112,7 @@ pub fn spawn_lease(store: Store, clock: Clock, shutdown: CancellationToken) -> J
             if let Err(e) = store.renew_lease(now).await {
                 tracing::warn!(error = %e, "cannot renew this replica's lease");
             }
-            match store.recover_dead_replicas(now).await {
+            match crate::billing::metering::recover_dead_replicas(&store, now).await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
                     requests = n,

@@ -125,3 +125,9 @@ pub async fn recover_interrupted(store: &Store, now: i64) -> Result<usize, Store
         })
         .await
 }
+
+/// Refunds the in-flight reservations of replicas whose lease expired (they crashed): each exactly once, a live
+/// replica's never (see `Store::recover_dead_replicas`); returns how many. Run by every replica's lease task.
+pub async fn recover_dead_replicas(store: &Store, now: i64) -> Result<usize, StoreError> {
+    store.recover_dead_replicas(now).await
+}
