@@ -308,6 +308,20 @@ async fn main() -> Result<()> {
             let settings = load(&config)?;
             let _lock = lock_sqlite(&settings)?;
             let store = Store::open_database(&settings.database).await?;
+            // On PostgreSQL the indexer is the leader's work: wait for leadership so that a running replica's
+            // indexer and this one never index at once.
+            let _leadership = loop {
+                if let Some(l) = store.try_lead().await? {
+                    break l;
+                }
+                eprintln!(
+                    "another gateway replica leads (runs the indexer); waiting for leadership"
+                );
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                }
+            };
             let status = StatusHandle::default();
             let chain_settings = settings.chain.clone();
             if once {
@@ -591,15 +605,13 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
             } else {
                 write!(w, "[")?;
             }
-            let mut after = 0;
+            let mut after = None;
             let mut n = 0u64;
             loop {
                 let page =
                     audit::read_page(&store, dataset.clone(), after, audit::MAX_LIMIT, now_unix())
                         .await?;
-                let Some((last, _)) = page.last() else { break };
-                after = *last;
-                for (_, row) in &page {
+                for row in &page.rows {
                     if csv {
                         write!(w, "{}", audit::csv_line(columns, row))?;
                     } else {
@@ -611,6 +623,10 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
                         )?;
                     }
                     n += 1;
+                }
+                match page.next {
+                    Some(next) => after = Some(next),
+                    None => break,
                 }
             }
             if !csv {

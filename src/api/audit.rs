@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -207,10 +207,11 @@ async fn listing(
     dataset: Dataset,
     name: &str,
 ) -> Response {
+    // Opaque to clients, an integer here: an id, or a claim time for claims (see `audit::read_page`).
     let after = match q.get("cursor").map(|c| c.parse::<i64>()) {
-        None => 0,
-        Some(Ok(c)) if c >= 0 => c,
-        Some(_) => return bad("cursor", "not a cursor from a previous page's nextCursor"),
+        None => None,
+        Some(Ok(c)) => Some(c),
+        Some(Err(_)) => return bad("cursor", "not a cursor from a previous page's nextCursor"),
     };
     let limit = match u64_param(&q, "limit") {
         Ok(None) => audit::DEFAULT_LIMIT,
@@ -227,14 +228,11 @@ async fn listing(
         return csv_stream(state, dataset, after, name);
     }
     match audit::read_page(&state.store, dataset, after, limit, now).await {
-        Ok(rows) => {
-            let next = (rows.len() == limit as usize)
-                .then(|| rows.last().map(|(id, _)| id.to_string()))
-                .flatten();
-            let data: Vec<Value> = rows.into_iter().map(|(_, v)| v).collect();
+        Ok(page) => {
+            let next = page.next.map(|c| c.to_string());
             (
                 [(header::CACHE_CONTROL, "no-store")],
-                Json(json!({"data": data, "nextCursor": next})),
+                Json(json!({"data": page.rows, "nextCursor": next})),
             )
                 .into_response()
         }
@@ -242,8 +240,8 @@ async fn listing(
     }
 }
 
-/// Streams every row after `after` as CSV, reading 500 rows per page.
-fn csv_stream(state: AppState, dataset: Dataset, after: i64, name: &str) -> Response {
+/// Streams every row after the cursor `after` as CSV, reading 500 rows per page.
+fn csv_stream(state: AppState, dataset: Dataset, after: Option<i64>, name: &str) -> Response {
     const PAGE: u32 = 500;
     let columns = dataset.columns();
     let now = state.billing.now();
@@ -263,15 +261,15 @@ fn csv_stream(state: AppState, dataset: Dataset, after: i64, name: &str) -> Resp
                     tracing::error!(error = %e, "CSV export failed mid-stream");
                     std::io::Error::other(e.to_string())
                 })?;
-            if page.is_empty() {
+            if page.rows.is_empty() {
                 return Ok(None);
             }
-            let next = (page.len() == PAGE as usize).then(|| page.last().map(|(id, _)| *id));
             let mut chunk = String::new();
-            for (_, row) in &page {
+            for row in &page.rows {
                 chunk.push_str(&audit::csv_line(columns, row));
             }
-            Ok(Some((chunk.into_bytes(), next.flatten())))
+            // `None` ends the stream; `Some(cursor)` reads the next page.
+            Ok(Some((chunk.into_bytes(), page.next.map(Some))))
         }
     });
     use futures::StreamExt;

@@ -343,7 +343,7 @@ async fn chat(
         let slot = state
             .proxy
             .slots()
-            .try_acquire(owner, 1, &request_id, state.billing.now())
+            .try_acquire(owner, 1, request_id, state.billing.now())
             .await
             .map_err(|e| OpenAiError::internal(e).into_response())?;
         let Some(slot) = slot else {
@@ -369,7 +369,7 @@ async fn chat(
             .try_acquire(
                 SlotOwner::Account(record.account.clone()),
                 limit,
-                &request_id,
+                request_id,
                 state.billing.now(),
             )
             .await

@@ -1,8 +1,9 @@
 //! Audit: read-only views of payments, claims, the ledger and keys (for `/api/audit/*` and `audit export`), CSV
 //! encoding, and reconciliation against the chain ([`verify`]).
 //!
-//! Every listing is a [`Dataset`] read in pages ordered by row id; the cursor is the last id of a page, so a page
-//! never shifts when new rows arrive. Money is given twice: a decimal string (`…Usdc`) and the exact atomic integer
+//! Every listing is a [`Dataset`] read in keyset pages ([`read_page`]): payments, the ledger and keys in id order
+//! (the cursor is the last id of a page), claims in claim-time order (the cursor is the claim time of a page's last
+//! row, and a page ends at a whole second), so a page never shifts when new rows arrive. Money is given twice: a decimal string (`…Usdc`) and the exact atomic integer
 //! as a string (`…Atomic`). Key secrets and hashes are never read.
 //!
 //! This module owns what the rows mean and how they are shown (confirmations, key states, JSON and CSV shapes);
@@ -192,7 +193,8 @@ pub fn payments_json(page: &PaymentsPage) -> Vec<(i64, Value)> {
 /// A claims-listing row.
 pub fn claim_json(r: &ClaimRow) -> Value {
     let mut o = Map::new();
-    o.insert("id".into(), json!(r.id));
+    // A claim's key is its tx hash: claims have no numeric id.
+    o.insert("id".into(), json!(r.tx_hash));
     o.insert("txHash".into(), json!(r.tx_hash));
     o.insert("account".into(), json!(r.account));
     o.insert("kind".into(), json!(r.kind));
@@ -203,7 +205,7 @@ pub fn claim_json(r: &ClaimRow) -> Value {
     o.insert("blocks".into(), blocks(&r.blocks_json));
     o.insert("expiresAt".into(), time(r.expires_at));
     o.insert("keyPublicId".into(), json!(r.key_public_id));
-    o.insert("claimedAt".into(), time(r.claimed_at));
+    o.insert("claimedAt".into(), time(Some(r.claimed_at)));
     Value::Object(o)
 }
 
@@ -263,24 +265,60 @@ pub fn revenue_json(v: &RevenueDay) -> Value {
     Value::Object(o)
 }
 
-/// Reads one page through the store: rows with id > `after`, in id order, at most `limit` (clamped to
-/// `1..=MAX_LIMIT`), as `(id, row)` pairs; `now` decides which keys have expired.
+/// One page of a listing: its rows, and the cursor of the next page (`None` after the last page).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    pub rows: Vec<Value>,
+    pub next: Option<i64>,
+}
+
+impl Page {
+    /// A page of `rows` read with `limit`: a full page has a next one, after the cursor of its last row.
+    fn of<T>(
+        rows: &[T],
+        limit: u32,
+        cursor: impl Fn(&T) -> i64,
+        json: impl Fn(&T) -> Value,
+    ) -> Page {
+        let full = rows.len() >= limit as usize;
+        Page {
+            next: rows.last().filter(|_| full).map(cursor),
+            rows: rows.iter().map(json).collect(),
+        }
+    }
+}
+
+/// Reads one page through the store: the rows after the cursor `after` (`None`: from the first row), and the next
+/// page's cursor. Payments, the ledger and keys: the rows with id > `after`, in id order, at most `limit` (clamped
+/// to `1..=MAX_LIMIT`); the cursor is the last row's id. Claims: the claims after the claim time `after`, in claim
+/// time then tx hash order, `limit` rows and the rest of the last row's second (so a page may hold more than
+/// `limit` when several claims share that second); the cursor is the last row's claim time. `now` decides which
+/// keys have expired.
 pub async fn read_page(
     store: &Store,
     dataset: Dataset,
-    after: i64,
+    after: Option<i64>,
     limit: u32,
     now: i64,
-) -> Result<Vec<(i64, Value)>, StoreError> {
+) -> Result<Page, StoreError> {
     let limit = limit.clamp(1, MAX_LIMIT);
+    let id = after.unwrap_or(0);
     Ok(match dataset {
-        Dataset::Payments(f) => payments_json(&store.audit_payments(f, after, limit).await?),
-        Dataset::Claims(f) => store
-            .audit_claims(f, after, limit)
-            .await?
-            .iter()
-            .map(|r| (r.id, claim_json(r)))
-            .collect(),
+        Dataset::Payments(f) => {
+            let page = store.audit_payments(f, id, limit).await?;
+            Page::of(
+                &page.rows,
+                limit,
+                |r| r.id,
+                |r| payment_json(page.indexed_head, r),
+            )
+        }
+        Dataset::Claims(f) => Page::of(
+            &store.audit_claims(f, after, limit).await?,
+            limit,
+            |r| r.claimed_at,
+            claim_json,
+        ),
         Dataset::Ledger {
             account,
             from_time,
@@ -291,19 +329,19 @@ pub async fn read_page(
                 from_time,
                 to_time,
             };
-            store
-                .audit_ledger(filter, after, limit)
-                .await?
-                .iter()
-                .map(|r| (r.id, ledger_json(r)))
-                .collect()
+            Page::of(
+                &store.audit_ledger(filter, id, limit).await?,
+                limit,
+                |r| r.id,
+                ledger_json,
+            )
         }
-        Dataset::Keys { account } => store
-            .audit_keys(account, after, limit)
-            .await?
-            .iter()
-            .map(|r| (r.id, key_json(r, now)))
-            .collect(),
+        Dataset::Keys { account } => Page::of(
+            &store.audit_keys(account, id, limit).await?,
+            limit,
+            |r| r.id,
+            |r| key_json(r, now),
+        ),
     })
 }
 

@@ -24,7 +24,7 @@
 //!
 //! Each discrepancy names the check, the row and what differs. The run prints a progress line every 2 s.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use alloy::primitives::B256;
@@ -500,6 +500,14 @@ fn check_books(books: Books) -> (Vec<Discrepancy>, Counts) {
             );
         }
     }
+    // Which spelling of a transaction is the original claim when several spell it: the lower-case one the gateway
+    // writes, if there is one, else the first in claim order.
+    let lower_case: HashSet<&str> = books
+        .claims
+        .iter()
+        .map(|c| c.tx_hash.as_str())
+        .filter(|tx| !tx.bytes().any(|b| b.is_ascii_uppercase()))
+        .collect();
     let mut seen: HashMap<String, String> = HashMap::new();
     for claim in &books.claims {
         let (tx, account, kind) = (&claim.tx_hash, &claim.account, &claim.kind);
@@ -509,7 +517,14 @@ fn check_books(books: Books) -> (Vec<Discrepancy>, Counts) {
         let reversed = claim.purchase_reversed;
         counts.claims += 1;
         let subject = format!("claim {tx}");
-        if let Some(first) = seen.insert(tx.to_ascii_lowercase(), tx.clone()) {
+        let lower = tx.to_ascii_lowercase();
+        let previous = seen.insert(lower.clone(), tx.clone());
+        let original = if lower_case.contains(lower.as_str()) {
+            Some(lower)
+        } else {
+            previous
+        };
+        if let Some(first) = original.filter(|first| first != tx) {
             out.push(d(
                 "claims",
                 &subject,
@@ -787,4 +802,59 @@ fn open_reversals(events: &[ReversalEvent]) -> usize {
         last.insert(&e.claim_tx, &e.kind);
     }
     last.values().filter(|k| **k == "reversed").count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::audit::{ClaimFacts, Credited};
+
+    fn claim(tx_hash: &str) -> ClaimFacts {
+        ClaimFacts {
+            tx_hash: tx_hash.into(),
+            account: "0xa".into(),
+            kind: "topup".into(),
+            paid_atomic: 0,
+            price_atomic: 0,
+            surplus_atomic: 0,
+            subscription_id: None,
+            origin_tx: None,
+            confirmed: true,
+            purchase_reversed: false,
+            payers: Vec::new(),
+            reversal: Credited::default(),
+            reinstatement: Credited::default(),
+            topup: Credited::default(),
+            surplus: Credited::default(),
+            recorded_reversed_atomic: 0,
+            recorded_restored_atomic: 0,
+            subscription_tx: None,
+        }
+    }
+
+    fn claimed_twice(order: &[&str]) -> Vec<String> {
+        let books = Books {
+            claims: order.iter().map(|tx| claim(tx)).collect(),
+            ..Default::default()
+        };
+        check_books(books)
+            .0
+            .into_iter()
+            .filter(|d| d.detail.contains("claimed twice"))
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_lower_case_spelling_is_the_original_of_a_transaction_claimed_twice() {
+        let named = ["[claims] claim 0xAB: transaction claimed twice (also as 0xab)"];
+        // Whichever comes first in claim order.
+        assert_eq!(claimed_twice(&["0xAB", "0xab"]), named);
+        assert_eq!(claimed_twice(&["0xab", "0xAB"]), named);
+        // No lower-case spelling: the first in claim order is the original.
+        assert_eq!(
+            claimed_twice(&["0xAb", "0xaB"]),
+            ["[claims] claim 0xaB: transaction claimed twice (also as 0xAb)"]
+        );
+    }
 }

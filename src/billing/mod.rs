@@ -24,6 +24,7 @@ use crate::keys::{self, KeyGenError, NewKey};
 use crate::store::billing::{
     self as sql, ClaimRecord, KeyRecord, LedgerError, LedgerKind, LedgerRow,
 };
+use crate::store::sql::Sql;
 use crate::store::transfers::TransferStatus;
 use crate::store::{Store, StoreError};
 use crate::usdc::Usdc;
@@ -117,12 +118,6 @@ fn describe(c: &ClaimRecord) -> String {
             )
         }
         _ => format!("{} USDC of credits, by {}", c.price_usdc, c.account),
-    }
-}
-
-impl From<rusqlite::Error> for ClaimError {
-    fn from(e: rusqlite::Error) -> Self {
-        ClaimError::Store(StoreError::from(e))
     }
 }
 
@@ -261,12 +256,6 @@ pub enum RotateError {
     KeyGen(#[from] KeyGenError),
 }
 
-impl From<rusqlite::Error> for RotateError {
-    fn from(e: rusqlite::Error) -> Self {
-        RotateError::Store(StoreError::from(e))
-    }
-}
-
 /// A key presented on `/v1/*` that is valid now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthorizedKey {
@@ -349,7 +338,7 @@ impl Billing {
         let now = self.now();
         let taken = self
             .store
-            .read(move |c| -> Result<_, StoreError> { Ok(sql::all_seats_taken(c, now)?) })
+            .read(move |c| -> Result<_, StoreError> { sql::all_seats_taken(c, now) })
             .await?;
         let taken: HashMap<(String, String), u32> =
             taken.into_iter().map(|(p, b, n)| ((p, b), n)).collect();
@@ -743,7 +732,7 @@ impl Billing {
         let live: Vec<KeyRecord> = {
             let account = account.clone();
             self.store
-                .read(move |c| -> Result<_, StoreError> { Ok(sql::list_keys(c, Some(&account))?) })
+                .read(move |c| -> Result<_, StoreError> { sql::list_keys(c, Some(&account)) })
                 .await?
                 .into_iter()
                 .filter(|k| k.is_live())
@@ -888,7 +877,7 @@ pub(crate) struct Redeem<'a> {
 
 /// The effects of a claim, inside the caller's write transaction (which has checked that `tx_hash` is not claimed
 /// and what it paid): account, subscription and seats or credits, key, ledger rows and, last, the claim row.
-pub(crate) fn redeem(tx: &rusqlite::Connection, r: Redeem<'_>) -> Result<Claimed, ClaimError> {
+pub(crate) fn redeem(tx: &dyn Sql, r: Redeem<'_>) -> Result<Claimed, ClaimError> {
     let Redeem {
         tx_hash,
         payer,
@@ -1033,7 +1022,7 @@ pub async fn list_keys(
     account: Option<String>,
 ) -> Result<Vec<KeyRecord>, StoreError> {
     store
-        .read(move |c| -> Result<_, StoreError> { Ok(sql::list_keys(c, account.as_deref())?) })
+        .read(move |c| -> Result<_, StoreError> { sql::list_keys(c, account.as_deref()) })
         .await
 }
 
@@ -1044,13 +1033,7 @@ pub async fn revoke_key(store: &Store, public_id: String, now: i64) -> Result<bo
             let Some((record, _)) = sql::key_by_public_id(tx, &public_id)? else {
                 return Ok(false);
             };
-            Ok(sql::revoke_key(
-                tx,
-                record.id,
-                "revoked by the operator",
-                None,
-                now,
-            )?)
+            sql::revoke_key(tx, record.id, "revoked by the operator", None, now)
         })
         .await
 }

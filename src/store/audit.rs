@@ -3,14 +3,20 @@
 //!
 //! This module owns the SQL of those reads and returns plain row structs; what the rows mean (confirmations, key
 //! states, JSON and CSV shapes, what counts as a discrepancy) is decided in `crate::audit`, which never sees a
-//! connection. Listings page by row id (`rowid` for claims): a page is the rows after the last id of the previous
-//! one, so a page never shifts when new rows arrive.
-
-use rusqlite::{Connection, OptionalExtension, ToSql, params};
+//! connection. Every listing is a keyset page on real columns, the same SQL on both engines. Payments, the ledger
+//! and keys page by their `id`: a page is the rows after the last id of the previous one. Claims have no numeric
+//! key (their key is the tx hash), so they page by claim time, then tx hash: a page ends at a whole second of claim
+//! time and the next one starts after it (see [`claims_page`]). Either way a page never shifts when new rows
+//! arrive.
+//!
+//! An optional filter is written `(col = ?N OR ?N IS NULL)`, the column first: PostgreSQL types a parameter at its
+//! first use, and `?N IS NULL` alone gives it none ("could not determine data type of parameter").
 
 use super::reversals::{self, ReversalEvent};
+use super::sql::{Engine, Row, Sql};
 use super::transfers::TransferStatus;
 use super::{Store, StoreError};
+use crate::params;
 
 /// Filters of the payments listing (all optional; combined with AND).
 #[derive(Debug, Clone, Default)]
@@ -74,11 +80,9 @@ pub struct PaymentsPage {
     pub rows: Vec<PaymentRow>,
 }
 
-/// One claim with what it bought.
+/// One claim with what it bought. Its key is the tx hash (claims have no numeric id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRow {
-    /// The claim's `rowid` (the listing's cursor).
-    pub id: i64,
     pub tx_hash: String,
     pub account: String,
     /// `subscription` or `topup`.
@@ -92,7 +96,8 @@ pub struct ClaimRow {
     pub blocks_json: Option<String>,
     pub expires_at: Option<i64>,
     pub key_public_id: Option<String>,
-    pub claimed_at: Option<i64>,
+    /// Unix seconds (the listing's order and cursor).
+    pub claimed_at: i64,
 }
 
 /// One ledger row.
@@ -182,66 +187,67 @@ pub struct PaymentDetail {
     pub reversals: Vec<ReversalEvent>,
 }
 
+const PAYMENT_SELECT: &str = "SELECT t.id, t.tx_hash, t.log_index, t.block_number, t.block_hash, t.block_time, \
+     t.from_address, t.to_address, t.value_atomic, t.status, t.first_seen_at, t.confirmed_at, t.orphaned_at, \
+     EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash) FROM transfers t";
+
+fn payment_row(r: &Row) -> Result<PaymentRow, StoreError> {
+    Ok(PaymentRow {
+        id: r.get(0)?,
+        tx_hash: r.get(1)?,
+        log_index: r.get(2)?,
+        block_number: r.get(3)?,
+        block_hash: r.get(4)?,
+        block_time: r.get(5)?,
+        from: r.get(6)?,
+        to: r.get(7)?,
+        value_atomic: r.get(8)?,
+        status: r.get(9)?,
+        first_seen_at: r.get(10)?,
+        confirmed_at: r.get(11)?,
+        orphaned_at: r.get(12)?,
+        claimed: r.get(13)?,
+    })
+}
+
 /// The payments listing's rows with id > `after`, in id order, at most `limit`.
 pub fn payments_page(
-    c: &Connection,
+    c: &dyn Sql,
     f: &PaymentFilter,
     after: i64,
     limit: u32,
-) -> rusqlite::Result<PaymentsPage> {
+) -> Result<PaymentsPage, StoreError> {
     let indexed_head = indexed_head(c)?;
-    let mut stmt = c.prepare_cached(
-        "SELECT t.id, t.tx_hash, t.log_index, t.block_number, t.block_hash, t.block_time, t.from_address, \
-         t.to_address, t.value_atomic, t.status, t.first_seen_at, t.confirmed_at, t.orphaned_at, \
-         EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash) \
-         FROM transfers t WHERE t.id > ?1 \
-         AND (?2 IS NULL OR t.status = ?2) AND (?3 IS NULL OR t.from_address = ?3) \
-         AND (?4 IS NULL OR t.block_number >= ?4) AND (?5 IS NULL OR t.block_number <= ?5) \
-         AND (?6 IS NULL OR coalesce(t.block_time, t.first_seen_at) >= ?6) \
-         AND (?7 IS NULL OR coalesce(t.block_time, t.first_seen_at) < ?7) \
-         AND (?8 IS NULL OR t.value_atomic >= ?8) ORDER BY t.id LIMIT ?9",
+    let rows = c.query_map(
+        &format!(
+            "{PAYMENT_SELECT} WHERE t.id > ?1 \
+             AND (t.status = ?2 OR ?2 IS NULL) AND (t.from_address = ?3 OR ?3 IS NULL) \
+             AND (t.block_number >= ?4 OR ?4 IS NULL) AND (t.block_number <= ?5 OR ?5 IS NULL) \
+             AND (coalesce(t.block_time, t.first_seen_at) >= ?6 OR ?6 IS NULL) \
+             AND (coalesce(t.block_time, t.first_seen_at) < ?7 OR ?7 IS NULL) \
+             AND (t.value_atomic >= ?8 OR ?8 IS NULL) ORDER BY t.id LIMIT ?9"
+        ),
+        params![
+            after,
+            f.status.map(|s| s.as_str()),
+            f.payer,
+            f.from_block,
+            f.to_block,
+            f.from_time,
+            f.to_time,
+            f.min_atomic,
+            limit
+        ],
+        payment_row,
     )?;
-    let limit = i64::from(limit);
-    let args: [&dyn ToSql; 9] = [
-        &after,
-        &f.status.map(|s| s.as_str()),
-        &f.payer,
-        &f.from_block.map(|b| b as i64),
-        &f.to_block.map(|b| b as i64),
-        &f.from_time,
-        &f.to_time,
-        &f.min_atomic,
-        &limit,
-    ];
-    let rows = stmt
-        .query_map(&args[..], |r| {
-            Ok(PaymentRow {
-                id: r.get(0)?,
-                tx_hash: r.get(1)?,
-                log_index: r.get(2)?,
-                block_number: r.get(3)?,
-                block_hash: r.get(4)?,
-                block_time: r.get(5)?,
-                from: r.get(6)?,
-                to: r.get(7)?,
-                value_atomic: r.get(8)?,
-                status: r.get(9)?,
-                first_seen_at: r.get(10)?,
-                confirmed_at: r.get(11)?,
-                orphaned_at: r.get(12)?,
-                claimed: r.get(13)?,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
     Ok(PaymentsPage { indexed_head, rows })
 }
 
 /// The last `n` payments by id, oldest first: the rows after `max(id) - n`. Ids are not dense once a reorg
-/// deleted rows, so this may return fewer than `n` (the status page shows what it gets).
-pub fn latest_payments(c: &Connection, n: u32) -> rusqlite::Result<PaymentsPage> {
-    let max_id: i64 = c.query_row("SELECT coalesce(max(id), 0) FROM transfers", [], |r| {
-        r.get(0)
-    })?;
+/// deleted rows (or, on PostgreSQL, a rolled-back insert used one up), so this may return fewer than `n` (the status
+/// page shows what it gets).
+pub fn latest_payments(c: &dyn Sql, n: u32) -> Result<PaymentsPage, StoreError> {
+    let max_id: i64 = c.query_value("SELECT coalesce(max(id), 0) FROM transfers", params![])?;
     payments_page(
         c,
         &PaymentFilter::default(),
@@ -250,160 +256,191 @@ pub fn latest_payments(c: &Connection, n: u32) -> rusqlite::Result<PaymentsPage>
     )
 }
 
-/// The claims listing's rows with `rowid` > `after`, in `rowid` order, at most `limit`.
+const CLAIM_SELECT: &str = "SELECT c.tx_hash, c.account, c.kind, c.paid_atomic, c.price_atomic, c.surplus_atomic, \
+     s.pool, s.blocks, s.expires_at, k.public_id, c.claimed_at FROM claims c \
+     LEFT JOIN subscriptions s ON s.id = c.subscription_id LEFT JOIN api_keys k ON k.id = c.key_id";
+
+/// The claims listing's filters, as parameters `?1` to `?4` (the keyset's come after them).
+const CLAIM_FILTERS: &str = "(c.account = ?1 OR ?1 IS NULL) AND (c.kind = ?2 OR ?2 IS NULL) \
+     AND (c.claimed_at >= ?3 OR ?3 IS NULL) AND (c.claimed_at < ?4 OR ?4 IS NULL)";
+
+fn claim_row(r: &Row) -> Result<ClaimRow, StoreError> {
+    Ok(ClaimRow {
+        tx_hash: r.get(0)?,
+        account: r.get(1)?,
+        kind: r.get(2)?,
+        paid_atomic: r.get(3)?,
+        price_atomic: r.get(4)?,
+        surplus_atomic: r.get(5)?,
+        pool: r.get(6)?,
+        blocks_json: r.get(7)?,
+        expires_at: r.get(8)?,
+        key_public_id: r.get(9)?,
+        claimed_at: r.get(10)?,
+    })
+}
+
+/// A page of the claims listing: the claims with `claimed_at` > `after` (all of them for `None`), in (claim time, tx
+/// hash) order. A page ends at a whole second: it is the first `limit` rows plus the rest of the last row's second,
+/// so it holds more than `limit` rows when claims of one second straddle the limit, and fewer than `limit` only at
+/// the end. The next page is the claims after the last row's `claimed_at`.
+///
+/// Claims have no numeric id (the key is the tx hash, and PostgreSQL has no `rowid`); claim time is the order they
+/// were made in, and a whole-second page keeps the cursor one number.
 pub fn claims_page(
-    c: &Connection,
+    c: &dyn Sql,
     f: &ClaimFilter,
-    after: i64,
+    after: Option<i64>,
     limit: u32,
-) -> rusqlite::Result<Vec<ClaimRow>> {
-    let mut stmt = c.prepare_cached(
-        "SELECT c.rowid, c.tx_hash, c.account, c.kind, c.paid_atomic, c.price_atomic, c.surplus_atomic, \
-         s.pool, s.blocks, s.expires_at, k.public_id, c.claimed_at FROM claims c \
-         LEFT JOIN subscriptions s ON s.id = c.subscription_id LEFT JOIN api_keys k ON k.id = c.key_id \
-         WHERE c.rowid > ?1 AND (?2 IS NULL OR c.account = ?2) AND (?3 IS NULL OR c.kind = ?3) \
-         AND (?4 IS NULL OR c.claimed_at >= ?4) AND (?5 IS NULL OR c.claimed_at < ?5) \
-         ORDER BY c.rowid LIMIT ?6",
+) -> Result<Vec<ClaimRow>, StoreError> {
+    let mut rows = c.query_map(
+        &format!(
+            "{CLAIM_SELECT} WHERE {CLAIM_FILTERS} AND (c.claimed_at > ?5 OR ?5 IS NULL) \
+             ORDER BY c.claimed_at, c.tx_hash LIMIT ?6"
+        ),
+        params![f.account, f.kind, f.from_time, f.to_time, after, limit],
+        claim_row,
     )?;
-    let limit = i64::from(limit);
-    let args: [&dyn ToSql; 6] = [
-        &after,
-        &f.account,
-        &f.kind,
-        &f.from_time,
-        &f.to_time,
-        &limit,
-    ];
-    let rows = stmt.query_map(&args[..], |r| {
-        Ok(ClaimRow {
-            id: r.get(0)?,
-            tx_hash: r.get(1)?,
-            account: r.get(2)?,
-            kind: r.get(3)?,
-            paid_atomic: r.get(4)?,
-            price_atomic: r.get(5)?,
-            surplus_atomic: r.get(6)?,
-            pool: r.get(7)?,
-            blocks_json: r.get(8)?,
-            expires_at: r.get(9)?,
-            key_public_id: r.get(10)?,
-            claimed_at: r.get(11)?,
-        })
-    })?;
-    rows.collect()
+    if rows.len() == limit as usize
+        && let Some(last) = rows.last()
+    {
+        let (second, tx_hash) = (last.claimed_at, last.tx_hash.clone());
+        let rest = c.query_map(
+            &format!(
+                "{CLAIM_SELECT} WHERE {CLAIM_FILTERS} AND c.claimed_at = ?5 AND c.tx_hash > ?6 \
+                 ORDER BY c.tx_hash"
+            ),
+            params![f.account, f.kind, f.from_time, f.to_time, second, tx_hash],
+            claim_row,
+        )?;
+        rows.extend(rest);
+    }
+    Ok(rows)
+}
+
+const LEDGER_SELECT: &str = "SELECT l.id, l.account, l.kind, l.amount_atomic, l.balance_after, l.tx_hash, \
+     k.public_id, l.note, l.created_at FROM ledger l LEFT JOIN api_keys k ON k.id = l.key_id";
+
+fn ledger_row(r: &Row) -> Result<LedgerRow, StoreError> {
+    Ok(LedgerRow {
+        id: r.get(0)?,
+        account: r.get(1)?,
+        kind: r.get(2)?,
+        amount_atomic: r.get(3)?,
+        balance_after_atomic: r.get(4)?,
+        tx_hash: r.get(5)?,
+        key_public_id: r.get(6)?,
+        note: r.get(7)?,
+        created_at: r.get(8)?,
+    })
 }
 
 /// The ledger listing's rows with id > `after`, in id order, at most `limit`.
 pub fn ledger_page(
-    c: &Connection,
+    c: &dyn Sql,
     f: &LedgerFilter,
     after: i64,
     limit: u32,
-) -> rusqlite::Result<Vec<LedgerRow>> {
-    let mut stmt = c.prepare_cached(
-        "SELECT l.id, l.account, l.kind, l.amount_atomic, l.balance_after, l.tx_hash, k.public_id, l.note, \
-         l.created_at FROM ledger l LEFT JOIN api_keys k ON k.id = l.key_id \
-         WHERE l.id > ?1 AND (?2 IS NULL OR l.account = ?2) AND (?3 IS NULL OR l.created_at >= ?3) \
-         AND (?4 IS NULL OR l.created_at < ?4) ORDER BY l.id LIMIT ?5",
-    )?;
-    let limit = i64::from(limit);
-    let args: [&dyn ToSql; 5] = [&after, &f.account, &f.from_time, &f.to_time, &limit];
-    let rows = stmt.query_map(&args[..], |r| {
-        Ok(LedgerRow {
-            id: r.get(0)?,
-            account: r.get(1)?,
-            kind: r.get(2)?,
-            amount_atomic: r.get(3)?,
-            balance_after_atomic: r.get(4)?,
-            tx_hash: r.get(5)?,
-            key_public_id: r.get(6)?,
-            note: r.get(7)?,
-            created_at: r.get(8)?,
-        })
-    })?;
-    rows.collect()
+) -> Result<Vec<LedgerRow>, StoreError> {
+    c.query_map(
+        &format!(
+            "{LEDGER_SELECT} WHERE l.id > ?1 AND (l.account = ?2 OR ?2 IS NULL) \
+             AND (l.created_at >= ?3 OR ?3 IS NULL) AND (l.created_at < ?4 OR ?4 IS NULL) ORDER BY l.id LIMIT ?5"
+        ),
+        params![after, f.account, f.from_time, f.to_time, limit],
+        ledger_row,
+    )
 }
 
 /// The keys listing's rows with id > `after`, in id order, at most `limit`.
 pub fn keys_page(
-    c: &Connection,
+    c: &dyn Sql,
     account: Option<&str>,
     after: i64,
     limit: u32,
-) -> rusqlite::Result<Vec<KeyRow>> {
-    let mut stmt = c.prepare_cached(
+) -> Result<Vec<KeyRow>, StoreError> {
+    c.query_map(
         "SELECT k.id, k.public_id, k.kind, k.account, s.pool, s.blocks, s.expires_at, k.created_at, \
          k.created_by, k.revoked_at, k.revoked_reason, k.suspended_at FROM api_keys k \
          LEFT JOIN subscriptions s ON s.id = k.subscription_id \
-         WHERE k.id > ?1 AND (?2 IS NULL OR k.account = ?2) ORDER BY k.id LIMIT ?3",
-    )?;
-    let rows = stmt.query_map(params![after, account, i64::from(limit)], |r| {
-        Ok(KeyRow {
-            id: r.get(0)?,
-            public_id: r.get(1)?,
-            kind: r.get(2)?,
-            account: r.get(3)?,
-            pool: r.get(4)?,
-            blocks_json: r.get(5)?,
-            expires_at: r.get(6)?,
-            created_at: r.get(7)?,
-            created_by: r.get(8)?,
-            revoked_at: r.get(9)?,
-            revoked_reason: r.get(10)?,
-            suspended_at: r.get(11)?,
-        })
-    })?;
-    rows.collect()
+         WHERE k.id > ?1 AND (k.account = ?2 OR ?2 IS NULL) ORDER BY k.id LIMIT ?3",
+        params![after, account, limit],
+        |r| {
+            Ok(KeyRow {
+                id: r.get(0)?,
+                public_id: r.get(1)?,
+                kind: r.get(2)?,
+                account: r.get(3)?,
+                pool: r.get(4)?,
+                blocks_json: r.get(5)?,
+                expires_at: r.get(6)?,
+                created_at: r.get(7)?,
+                created_by: r.get(8)?,
+                revoked_at: r.get(9)?,
+                revoked_reason: r.get(10)?,
+                suspended_at: r.get(11)?,
+            })
+        },
+    )
 }
 
 /// The last `n` keys by id, oldest first (the rows after `max(id) - n`, like [`latest_payments`]).
-pub fn latest_keys(c: &Connection, n: u32) -> rusqlite::Result<Vec<KeyRow>> {
-    let max_id: i64 = c.query_row("SELECT coalesce(max(id), 0) FROM api_keys", [], |r| {
-        r.get(0)
-    })?;
+pub fn latest_keys(c: &dyn Sql, n: u32) -> Result<Vec<KeyRow>, StoreError> {
+    let max_id: i64 = c.query_value("SELECT coalesce(max(id), 0) FROM api_keys", params![])?;
     keys_page(c, None, (max_id - i64::from(n)).max(0), n)
+}
+
+/// The UTC day (`YYYY-MM-DD`) of a unix-seconds expression, in the engine's dialect.
+fn utc_day(engine: Engine, seconds: &str) -> String {
+    match engine {
+        Engine::Sqlite => format!("date({seconds}, 'unixepoch')"),
+        Engine::Postgres => {
+            format!("to_char(to_timestamp({seconds}) AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
+        }
+    }
 }
 
 /// Revenue per UTC day in `[from_time, to_time)`, oldest day first.
 pub fn revenue(
-    c: &Connection,
+    c: &dyn Sql,
     from_time: Option<i64>,
     to_time: Option<i64>,
-) -> rusqlite::Result<Vec<RevenueDay>> {
+) -> Result<Vec<RevenueDay>, StoreError> {
     use std::collections::BTreeMap;
     let mut days: BTreeMap<String, RevenueDay> = BTreeMap::new();
-    let mut stmt = c.prepare_cached(
-        "SELECT date(coalesce(block_time, first_seen_at), 'unixepoch') AS d, sum(value_atomic), count(*) \
-         FROM transfers WHERE status = 'confirmed' \
-         AND (?1 IS NULL OR coalesce(block_time, first_seen_at) >= ?1) \
-         AND (?2 IS NULL OR coalesce(block_time, first_seen_at) < ?2) GROUP BY d",
+    let received = c.query_map(
+        &format!(
+            "SELECT {} AS d, sum(value_atomic), count(*) FROM transfers WHERE status = 'confirmed' \
+             AND (coalesce(block_time, first_seen_at) >= ?1 OR ?1 IS NULL) \
+             AND (coalesce(block_time, first_seen_at) < ?2 OR ?2 IS NULL) GROUP BY d",
+            utc_day(c.engine(), "coalesce(block_time, first_seen_at)")
+        ),
+        params![from_time, to_time],
+        |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?, r.get::<i64>(2)?)),
     )?;
-    for row in stmt.query_map(params![from_time, to_time], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })? {
-        let (d, sum, n) = row?;
+    for (d, sum, n) in received {
         let day = days.entry(d).or_default();
         day.received_atomic += sum;
         day.payments += n;
     }
-    let mut stmt = c.prepare_cached(
-        "SELECT date(claimed_at, 'unixepoch') AS d, kind, sum(price_atomic), sum(surplus_atomic), count(*) \
-         FROM claims WHERE (?1 IS NULL OR claimed_at >= ?1) AND (?2 IS NULL OR claimed_at < ?2) GROUP BY d, kind",
+    let claimed = c.query_map(
+        &format!(
+            "SELECT {} AS d, kind, sum(price_atomic), sum(surplus_atomic), count(*) FROM claims \
+             WHERE (claimed_at >= ?1 OR ?1 IS NULL) AND (claimed_at < ?2 OR ?2 IS NULL) GROUP BY d, kind",
+            utc_day(c.engine(), "claimed_at")
+        ),
+        params![from_time, to_time],
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get::<i64>(2)?,
+                r.get::<i64>(3)?,
+                r.get::<i64>(4)?,
+            ))
+        },
     )?;
-    for row in stmt.query_map(params![from_time, to_time], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, String>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, i64>(3)?,
-            r.get::<_, i64>(4)?,
-        ))
-    })? {
-        let (d, kind, price, surplus, n) = row?;
+    for (d, kind, price, surplus, n) in claimed {
         let day = days.entry(d).or_default();
         day.claims += n;
         day.surplus_atomic += surplus;
@@ -423,24 +460,22 @@ pub fn revenue(
 }
 
 /// The indexer's checkpoint block, if it has indexed one.
-fn indexed_head(c: &Connection) -> rusqlite::Result<Option<i64>> {
-    c.query_row(
+fn indexed_head(c: &dyn Sql) -> Result<Option<i64>, StoreError> {
+    c.query_opt(
         "SELECT block_number FROM checkpoint WHERE id = 1",
-        [],
+        params![],
         |r| r.get(0),
     )
-    .optional()
 }
 
 /// Everything about one transaction; `None` when it has neither a transfer to payTo nor a claim.
-pub fn payment_detail(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<PaymentDetail>> {
+pub fn payment_detail(c: &dyn Sql, tx_hash: &str) -> Result<Option<PaymentDetail>, StoreError> {
     let head = indexed_head(c)?;
-    let mut stmt = c.prepare_cached(
+    let mut transfers: Vec<PaymentTransfer> = c.query_map(
         "SELECT id, log_index, block_number, block_hash, block_time, from_address, to_address, value_atomic, status, \
          first_seen_at, confirmed_at, orphaned_at FROM transfers WHERE tx_hash = ?1 ORDER BY id",
-    )?;
-    let mut transfers: Vec<PaymentTransfer> = stmt
-        .query_map([tx_hash], |r| {
+        params![tx_hash],
+        |r| {
             Ok(PaymentTransfer {
                 id: r.get(0)?,
                 log_index: r.get(1)?,
@@ -456,53 +491,40 @@ pub fn payment_detail(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<
                 orphaned_at: r.get(11)?,
                 history: Vec::new(),
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+        },
+    )?;
     for t in &mut transfers {
-        let mut h = c.prepare_cached(
+        t.history = c.query_map(
             "SELECT status, at, head_block, reason FROM transfer_status_history WHERE transfer_id = ?1 ORDER BY id",
-        )?;
-        t.history = h
-            .query_map([t.id], |r| {
+            params![t.id],
+            |r| {
                 Ok(StatusChange {
                     status: r.get(0)?,
                     at: r.get(1)?,
                     head_block: r.get(2)?,
                     reason: r.get(3)?,
                 })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
+            },
+        )?;
     }
-    // The claim and the ledger rows are read through the listings' own queries (one row after `id - 1`), so the
-    // detail shows them exactly as the listings do.
-    let rowid: Option<i64> = c
-        .query_row(
-            "SELECT rowid FROM claims WHERE tx_hash = ?1",
-            [tx_hash],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let claim = match rowid {
-        Some(id) => claims_page(c, &ClaimFilter::default(), id - 1, 1)?.pop(),
-        None => None,
-    };
-    let mut stmt = c.prepare_cached("SELECT id FROM ledger WHERE tx_hash = ?1 ORDER BY id")?;
-    let ids: Vec<i64> = stmt
-        .query_map([tx_hash], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut ledger = Vec::new();
-    for id in ids {
-        if let Some(row) = ledger_page(c, &LedgerFilter::default(), id - 1, 1)?.pop() {
-            ledger.push(row);
-        }
-    }
+    // The claim and the ledger rows are read with the listings' own SELECTs and row readers, so the detail shows
+    // them exactly as the listings do.
+    let claim = c.query_opt(
+        &format!("{CLAIM_SELECT} WHERE c.tx_hash = ?1"),
+        params![tx_hash],
+        claim_row,
+    )?;
+    let ledger = c.query_map(
+        &format!("{LEDGER_SELECT} WHERE l.tx_hash = ?1 ORDER BY l.id"),
+        params![tx_hash],
+        ledger_row,
+    )?;
     if transfers.is_empty() && claim.is_none() {
         return Ok(None);
     }
-    let confirmed_value_atomic: i64 = c.query_row(
+    let confirmed_value_atomic: i64 = c.query_value(
         "SELECT coalesce(sum(value_atomic), 0) FROM transfers WHERE tx_hash = ?1 AND status = 'confirmed'",
-        [tx_hash],
-        |r| r.get(0),
+        params![tx_hash],
     )?;
     let reversals = match reversals::origin_of(c, tx_hash)? {
         Some(origin) => reversals::of_purchase(c, &origin)?,
@@ -611,7 +633,7 @@ pub struct SubscriptionFacts {
 /// The rows `audit verify` checks the database against itself with (claims, ledger, seats).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Books {
-    /// In claim (`rowid`) order.
+    /// In claim order: claim time, then tx hash.
     pub claims: Vec<ClaimFacts>,
     /// Transactions credited by `topup` / `surplus` ledger rows that no claim names.
     pub credits_without_claim: Vec<String>,
@@ -625,13 +647,12 @@ pub struct Books {
 }
 
 /// Reads [`Books`].
-pub fn books(c: &Connection) -> rusqlite::Result<Books> {
-    let mut stmt = c.prepare(
+pub fn books(c: &dyn Sql) -> Result<Books, StoreError> {
+    let mut claims: Vec<ClaimFacts> = c.query_map(
         "SELECT tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, origin_tx \
-         FROM claims ORDER BY rowid",
-    )?;
-    let mut claims: Vec<ClaimFacts> = stmt
-        .query_map([], |r| {
+         FROM claims ORDER BY claimed_at, tx_hash",
+        params![],
+        |r| {
             Ok(ClaimFacts {
                 tx_hash: r.get(0)?,
                 account: r.get(1)?,
@@ -652,97 +673,94 @@ pub fn books(c: &Connection) -> rusqlite::Result<Books> {
                 recorded_restored_atomic: 0,
                 subscription_tx: None,
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+        },
+    )?;
     for claim in &mut claims {
         let tx = claim.tx_hash.as_str();
-        claim.confirmed = c
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM transfers WHERE lower(tx_hash) = lower(?1) AND status = 'confirmed')",
-            )?
-            .query_row([tx], |r| r.get(0))?;
+        claim.confirmed = c.query_value(
+            "SELECT EXISTS (SELECT 1 FROM transfers WHERE lower(tx_hash) = lower(?1) AND status = 'confirmed')",
+            params![tx],
+        )?;
         let purchase = claim.origin_tx.as_deref().unwrap_or(tx);
         claim.purchase_reversed = reversals::is_reversed(c, purchase)?;
-        claim.payers = c
-            .prepare_cached(
-                "SELECT from_address, sum(value_atomic) FROM transfers WHERE lower(tx_hash) = lower(?1) \
-                 AND status = 'confirmed' GROUP BY from_address",
-            )?
-            .query_map([tx], |r| {
+        claim.payers = c.query_map(
+            "SELECT from_address, sum(value_atomic) FROM transfers WHERE lower(tx_hash) = lower(?1) \
+             AND status = 'confirmed' GROUP BY from_address",
+            params![tx],
+            |r| {
                 Ok(PayerTotal {
                     payer: r.get(0)?,
                     value_atomic: r.get(1)?,
                 })
-            })?
-            .collect::<rusqlite::Result<_>>()?;
-        let credited = |kind: &str| -> rusqlite::Result<Credited> {
-            c.prepare_cached(
+            },
+        )?;
+        let credited = |kind: &str| -> Result<Credited, StoreError> {
+            c.query_one(
                 "SELECT count(*), coalesce(sum(amount_atomic), 0) FROM ledger WHERE lower(tx_hash) = lower(?1) \
                  AND kind = ?2",
-            )?
-            .query_row(params![tx, kind], |r| {
-                Ok(Credited {
-                    rows: r.get(0)?,
-                    sum_atomic: r.get(1)?,
-                })
-            })
+                params![tx, kind],
+                |r| {
+                    Ok(Credited {
+                        rows: r.get(0)?,
+                        sum_atomic: r.get(1)?,
+                    })
+                },
+            )
         };
         claim.reversal = credited("reversal")?;
         claim.reinstatement = credited("reinstatement")?;
         claim.topup = credited("topup")?;
         claim.surplus = credited("surplus")?;
-        (claim.recorded_reversed_atomic, claim.recorded_restored_atomic) = c
-            .prepare_cached(
-                "SELECT coalesce(sum(CASE WHEN kind = 'reversed' THEN amount_atomic END), 0), \
-                 coalesce(sum(CASE WHEN kind = 'restored' THEN amount_atomic END), 0) FROM claim_reversals \
-                 WHERE claim_tx = ?1",
-            )?
-            .query_row([tx], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        (claim.recorded_reversed_atomic, claim.recorded_restored_atomic) = c.query_one(
+            "SELECT coalesce(sum(CASE WHEN kind = 'reversed' THEN amount_atomic END), 0), \
+             coalesce(sum(CASE WHEN kind = 'restored' THEN amount_atomic END), 0) FROM claim_reversals \
+             WHERE claim_tx = ?1",
+            params![tx],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
         // A subscription that cannot be read counts as missing: the check reports the claim, not a failed run.
         claim.subscription_tx = match claim.subscription_id {
             Some(id) => c
-                .query_row(
+                .query_opt(
                     "SELECT tx_hash FROM subscriptions WHERE id = ?1",
-                    [id],
+                    params![id],
                     |r| r.get(0),
                 )
-                .ok(),
+                .ok()
+                .flatten(),
             None => None,
         };
     }
 
-    let credits_without_claim = c
-        .prepare(
-            "SELECT DISTINCT l.tx_hash FROM ledger l WHERE l.tx_hash IS NOT NULL AND l.kind IN ('topup', 'surplus') \
-             AND NOT EXISTS (SELECT 1 FROM claims c WHERE lower(c.tx_hash) = lower(l.tx_hash))",
-        )?
-        .query_map([], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    let credits_without_claim = c.query_map(
+        "SELECT DISTINCT l.tx_hash FROM ledger l WHERE l.tx_hash IS NOT NULL AND l.kind IN ('topup', 'surplus') \
+         AND NOT EXISTS (SELECT 1 FROM claims c WHERE lower(c.tx_hash) = lower(l.tx_hash)) ORDER BY l.tx_hash",
+        params![],
+        |r| r.get(0),
+    )?;
 
-    let ledger = c
-        .prepare(
-            "SELECT id, account, amount_atomic, balance_after FROM ledger ORDER BY account, id",
-        )?
-        .query_map([], |r| {
+    let ledger = c.query_map(
+        "SELECT id, account, amount_atomic, balance_after FROM ledger ORDER BY account, id",
+        params![],
+        |r| {
             Ok(LedgerStep {
                 id: r.get(0)?,
                 account: r.get(1)?,
                 amount_atomic: r.get(2)?,
                 balance_after_atomic: r.get(3)?,
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+        },
+    )?;
 
     // Every account with ledger rows or a balance: the balance column must equal the ledger's sum.
-    let sums: Vec<(String, i64, i64)> = c
-        .prepare(
-            "SELECT a.address, coalesce((SELECT sum(l.amount_atomic) FROM ledger l WHERE l.account = a.address), 0), \
-             a.balance_atomic FROM accounts a \
-             WHERE a.balance_atomic != 0 OR EXISTS (SELECT 1 FROM ledger l WHERE l.account = a.address) \
-             ORDER BY a.address",
-        )?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+    let sums: Vec<(String, i64, i64)> = c.query_map(
+        "SELECT a.address, coalesce((SELECT sum(l.amount_atomic) FROM ledger l WHERE l.account = a.address), 0), \
+         a.balance_atomic FROM accounts a \
+         WHERE a.balance_atomic != 0 OR EXISTS (SELECT 1 FROM ledger l WHERE l.account = a.address) \
+         ORDER BY a.address",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
     let mut accounts = Vec::with_capacity(sums.len());
     for (account, sum_atomic, balance_column_atomic) in sums {
         let has_open_reversal = has_open_reversal(c, &account)?;
@@ -754,39 +772,37 @@ pub fn books(c: &Connection) -> rusqlite::Result<Books> {
         });
     }
 
-    let seats = c
-        .prepare(
-            "SELECT st.subscription_id, st.pool, st.block, st.expires_at, s.id, s.pool, s.blocks, s.expires_at \
-             FROM seats st LEFT JOIN subscriptions s ON s.id = st.subscription_id ORDER BY st.subscription_id, st.block",
-        )?
-        .query_map([], |r| {
+    let seats = c.query_map(
+        "SELECT st.subscription_id, st.pool, st.block, st.expires_at, s.id, s.pool, s.blocks, s.expires_at \
+         FROM seats st LEFT JOIN subscriptions s ON s.id = st.subscription_id ORDER BY st.subscription_id, st.block",
+        params![],
+        |r| {
             Ok(SeatFacts {
                 subscription_id: r.get(0)?,
                 pool: r.get(1)?,
                 block: r.get(2)?,
                 expires_at: r.get(3)?,
-                subscription_exists: r.get::<_, Option<i64>>(4)?.is_some(),
+                subscription_exists: r.get::<Option<i64>>(4)?.is_some(),
                 subscription_pool: r.get(5)?,
                 subscription_blocks_json: r.get(6)?,
                 subscription_expires_at: r.get(7)?,
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+        },
+    )?;
 
-    let subscriptions = c
-        .prepare(
-            "SELECT s.id, s.blocks, (SELECT count(*) FROM seats st WHERE st.subscription_id = s.id), \
-             EXISTS (SELECT 1 FROM claims c WHERE lower(c.tx_hash) = lower(s.tx_hash)) FROM subscriptions s ORDER BY s.id",
-        )?
-        .query_map([], |r| {
+    let subscriptions = c.query_map(
+        "SELECT s.id, s.blocks, (SELECT count(*) FROM seats st WHERE st.subscription_id = s.id), \
+         EXISTS (SELECT 1 FROM claims c WHERE lower(c.tx_hash) = lower(s.tx_hash)) FROM subscriptions s ORDER BY s.id",
+        params![],
+        |r| {
             Ok(SubscriptionFacts {
                 id: r.get(0)?,
                 blocks_json: r.get(1)?,
                 seats_held: r.get(2)?,
                 claimed: r.get(3)?,
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+        },
+    )?;
 
     Ok(Books {
         claims,
@@ -799,12 +815,15 @@ pub fn books(c: &Connection) -> rusqlite::Result<Books> {
 }
 
 /// Whether a purchase of `account` is reversed now (its last `claim_reversals` event is `reversed`).
-fn has_open_reversal(c: &Connection, account: &str) -> rusqlite::Result<bool> {
-    c.prepare_cached(
-        "SELECT 1 FROM claim_reversals r WHERE r.account = ?1 AND r.kind = 'reversed' \
-         AND r.seq = (SELECT max(seq) FROM claim_reversals x WHERE x.claim_tx = r.claim_tx) LIMIT 1",
-    )?
-    .exists([account])
+fn has_open_reversal(c: &dyn Sql, account: &str) -> Result<bool, StoreError> {
+    Ok(c
+        .query_opt(
+            "SELECT 1 FROM claim_reversals r WHERE r.account = ?1 AND r.kind = 'reversed' \
+             AND r.seq = (SELECT max(seq) FROM claim_reversals x WHERE x.claim_tx = r.claim_tx) LIMIT 1",
+            params![account],
+            |_| Ok(()),
+        )?
+        .is_some())
 }
 
 /// One settled (not `in_flight`) metered request, with what it was charged and at which prices.
@@ -829,35 +848,35 @@ pub struct SettledUsage {
 }
 
 /// Calls `each` with every settled usage row in id order. A visitor rather than a `Vec`: the usage table is the
-/// largest one, and `audit verify` needs each row only once.
+/// largest one, and `audit verify` needs each row only once (both engines stream the rows).
 pub fn each_settled_usage(
-    c: &Connection,
+    c: &dyn Sql,
     each: &mut dyn FnMut(SettledUsage),
-) -> rusqlite::Result<()> {
-    let mut stmt = c.prepare(
+) -> Result<(), StoreError> {
+    c.each_row(
         "SELECT request_id, key_kind, model, status, usage_source, prompt_tokens, completion_tokens, reserved_atomic, \
          cost_atomic, input_price_atomic, output_price_atomic, overrun_tokens, uncharged_atomic FROM usage \
          WHERE status != 'in_flight' ORDER BY id",
-    )?;
-    let mut rows = stmt.query([])?;
-    while let Some(r) = rows.next()? {
-        each(SettledUsage {
-            request_id: r.get(0)?,
-            key_kind: r.get(1)?,
-            model: r.get(2)?,
-            status: r.get(3)?,
-            usage_source: r.get(4)?,
-            prompt_tokens: r.get(5)?,
-            completion_tokens: r.get(6)?,
-            reserved_atomic: r.get(7)?,
-            cost_atomic: r.get(8)?,
-            input_price_atomic: r.get(9)?,
-            output_price_atomic: r.get(10)?,
-            overrun_tokens: r.get(11)?,
-            uncharged_atomic: r.get(12)?,
-        });
-    }
-    Ok(())
+        params![],
+        &mut |r| {
+            each(SettledUsage {
+                request_id: r.get(0)?,
+                key_kind: r.get(1)?,
+                model: r.get(2)?,
+                status: r.get(3)?,
+                usage_source: r.get(4)?,
+                prompt_tokens: r.get(5)?,
+                completion_tokens: r.get(6)?,
+                reserved_atomic: r.get(7)?,
+                cost_atomic: r.get(8)?,
+                input_price_atomic: r.get(9)?,
+                output_price_atomic: r.get(10)?,
+                overrun_tokens: r.get(11)?,
+                uncharged_atomic: r.get(12)?,
+            });
+            Ok(())
+        },
+    )
 }
 
 impl Store {
@@ -868,7 +887,7 @@ impl Store {
         after: i64,
         limit: u32,
     ) -> Result<PaymentsPage, StoreError> {
-        self.read(move |c| Ok(payments_page(c, &filter, after, limit)?))
+        self.read(move |c| payments_page(c, &filter, after, limit))
             .await
     }
 
@@ -876,10 +895,10 @@ impl Store {
     pub async fn audit_claims(
         &self,
         filter: ClaimFilter,
-        after: i64,
+        after: Option<i64>,
         limit: u32,
     ) -> Result<Vec<ClaimRow>, StoreError> {
-        self.read(move |c| Ok(claims_page(c, &filter, after, limit)?))
+        self.read(move |c| claims_page(c, &filter, after, limit))
             .await
     }
 
@@ -890,7 +909,7 @@ impl Store {
         after: i64,
         limit: u32,
     ) -> Result<Vec<LedgerRow>, StoreError> {
-        self.read(move |c| Ok(ledger_page(c, &filter, after, limit)?))
+        self.read(move |c| ledger_page(c, &filter, after, limit))
             .await
     }
 
@@ -901,7 +920,7 @@ impl Store {
         after: i64,
         limit: u32,
     ) -> Result<Vec<KeyRow>, StoreError> {
-        self.read(move |c| Ok(keys_page(c, account.as_deref(), after, limit)?))
+        self.read(move |c| keys_page(c, account.as_deref(), after, limit))
             .await
     }
 
@@ -911,8 +930,7 @@ impl Store {
         from_time: Option<i64>,
         to_time: Option<i64>,
     ) -> Result<Vec<RevenueDay>, StoreError> {
-        self.read(move |c| Ok(revenue(c, from_time, to_time)?))
-            .await
+        self.read(move |c| revenue(c, from_time, to_time)).await
     }
 
     /// Everything about one transaction (see [`payment_detail`]).
@@ -920,17 +938,17 @@ impl Store {
         &self,
         tx_hash: String,
     ) -> Result<Option<PaymentDetail>, StoreError> {
-        self.read(move |c| Ok(payment_detail(c, &tx_hash)?)).await
+        self.read(move |c| payment_detail(c, &tx_hash)).await
     }
 
     /// The rows `audit verify` checks claims, the ledger and seats with (see [`books`]).
     pub async fn audit_books(&self) -> Result<Books, StoreError> {
-        self.read(|c| Ok(books(c)?)).await
+        self.read(|c| books(c)).await
     }
 
     /// Every reversal and restore, oldest first.
     pub async fn reversal_events(&self) -> Result<Vec<ReversalEvent>, StoreError> {
-        self.read(|c| Ok(reversals::list(c)?)).await
+        self.read(|c| reversals::list(c)).await
     }
 
     /// Folds every settled usage row into `state` on a blocking thread, and hands the state back when the scan is
@@ -976,10 +994,10 @@ mod tests {
                         ],
                     )?;
                 }
-                tx.execute("DELETE FROM transfers WHERE id = 2", [])?;
+                tx.execute("DELETE FROM transfers WHERE id = 2", params![])?;
                 tx.execute(
                     "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 5, '0xb5', 0)",
-                    [],
+                    params![],
                 )?;
                 Ok(())
             })
@@ -1011,10 +1029,7 @@ mod tests {
     async fn latest_rows_are_the_ids_after_max_minus_n_even_across_a_gap() {
         let (_dir, store) = store_with_transfers().await;
         // max(id) = 5, so the window is ids 2..=5; id 2 is gone, which leaves 3 rows (the status page's behaviour).
-        let latest = store
-            .read(|c| Ok::<_, StoreError>(latest_payments(c, 4)?))
-            .await
-            .unwrap();
+        let latest = store.read(|c| latest_payments(c, 4)).await.unwrap();
         assert_eq!(
             latest.rows.iter().map(|r| r.id).collect::<Vec<_>>(),
             [3, 4, 5]
@@ -1039,6 +1054,99 @@ mod tests {
         assert_eq!(detail.confirmed_value_atomic, 40);
         assert_eq!(detail.claim, None);
         assert_eq!(store.audit_payment("0xt2".into()).await.unwrap(), None);
+    }
+
+    /// Claims of accounts `0xa` (tx 0x01..0x03 at second 100, 0x05 at 300) and `0xb` (0x04 at 200).
+    async fn store_with_claims() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("c.db")).unwrap();
+        store
+            .write(|tx| -> Result<(), StoreError> {
+                for account in ["0xa", "0xb"] {
+                    tx.execute(
+                        "INSERT INTO accounts (address, created_at) VALUES (?1, 0)",
+                        params![account],
+                    )?;
+                }
+                // Inserted out of claim-time order: the listing's order is claim time, then tx hash.
+                for (tx_hash, account, at) in [
+                    ("0x05", "0xa", 300i64),
+                    ("0x03", "0xa", 100),
+                    ("0x04", "0xb", 200),
+                    ("0x01", "0xa", 100),
+                    ("0x02", "0xa", 100),
+                ] {
+                    tx.execute(
+                        "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, \
+                         claimed_at) VALUES (?1, ?2, 'topup', 10, 10, 0, ?3)",
+                        params![tx_hash, account, at],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn claims_page_by_claim_time_in_whole_seconds() {
+        let (_dir, store) = store_with_claims().await;
+        let txs = |rows: Vec<ClaimRow>| rows.into_iter().map(|r| r.tx_hash).collect::<Vec<_>>();
+        // Two rows asked for, but second 100 holds three: the page ends at the end of that second.
+        let page = store
+            .audit_claims(ClaimFilter::default(), None, 2)
+            .await
+            .unwrap();
+        assert_eq!(txs(page), ["0x01", "0x02", "0x03"]);
+        let page = store
+            .audit_claims(ClaimFilter::default(), Some(100), 2)
+            .await
+            .unwrap();
+        assert_eq!(txs(page), ["0x04", "0x05"]);
+        let page = store
+            .audit_claims(ClaimFilter::default(), Some(300), 2)
+            .await
+            .unwrap();
+        assert!(page.is_empty());
+        // The rest of a second is read with the page's filters.
+        let only_a = ClaimFilter {
+            account: Some("0xa".into()),
+            ..Default::default()
+        };
+        let page = store.audit_claims(only_a.clone(), None, 1).await.unwrap();
+        assert_eq!(txs(page), ["0x01", "0x02", "0x03"]);
+        let page = store.audit_claims(only_a, Some(100), 1).await.unwrap();
+        assert_eq!(txs(page), ["0x05"]);
+        // The listing's next cursor is the last row's claim time, until a page is not full.
+        let mut cursors = Vec::new();
+        let mut after = None;
+        loop {
+            let dataset = crate::audit::Dataset::Claims(ClaimFilter::default());
+            let page = crate::audit::read_page(&store, dataset, after, 2, 0)
+                .await
+                .unwrap();
+            cursors.push((page.rows.len(), page.next));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(cursors, [(3, Some(100)), (2, Some(300)), (0, None)]);
+        let detail = store.audit_payment("0x02".into()).await.unwrap().unwrap();
+        assert_eq!(
+            detail.claim.map(|c| (c.account, c.claimed_at)),
+            Some(("0xa".to_string(), 100))
+        );
+        let books = store.audit_books().await.unwrap();
+        assert_eq!(
+            books
+                .claims
+                .iter()
+                .map(|c| c.tx_hash.as_str())
+                .collect::<Vec<_>>(),
+            ["0x01", "0x02", "0x03", "0x04", "0x05"]
+        );
     }
 
     #[tokio::test]

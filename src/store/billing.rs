@@ -3,8 +3,11 @@
 //! checks (not claimed yet, seats left) and its effects (claim row, subscription, seats, key, ledger rows) commit
 //! together or not at all.
 
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
+
+use super::StoreError;
+use super::sql::{Row, Sql};
+use crate::params;
 
 use crate::keys::NewKey;
 use crate::usdc::Usdc;
@@ -44,29 +47,26 @@ pub enum LedgerError {
     #[error("insufficient balance: {balance} available, {needed} needed")]
     Insufficient { balance: Usdc, needed: Usdc },
     #[error(transparent)]
-    Store(#[from] super::StoreError),
-}
-
-impl From<rusqlite::Error> for LedgerError {
-    fn from(e: rusqlite::Error) -> Self {
-        LedgerError::Store(e.into())
-    }
+    Store(#[from] StoreError),
 }
 
 /// Creates the account row if it is new.
-pub fn ensure_account(c: &Connection, address: &str, now: i64) -> rusqlite::Result<()> {
-    c.prepare_cached("INSERT OR IGNORE INTO accounts (address, created_at) VALUES (?1, ?2)")?
-        .execute(params![address, now])?;
+pub fn ensure_account(c: &dyn Sql, address: &str, now: i64) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO accounts (address, created_at) VALUES (?1, ?2) ON CONFLICT (address) DO NOTHING",
+        params![address, now],
+    )?;
     Ok(())
 }
 
 /// The account's balance (`accounts.balance_atomic`, equal to its last ledger row's running total and to the sum of
 /// its rows; 0 for an account that has none).
-pub fn balance(c: &Connection, address: &str) -> rusqlite::Result<Usdc> {
-    let b: Option<i64> = c
-        .prepare_cached("SELECT balance_atomic FROM accounts WHERE address = ?1")?
-        .query_row([address], |r| r.get(0))
-        .optional()?;
+pub fn balance(c: &dyn Sql, address: &str) -> Result<Usdc, StoreError> {
+    let b: Option<i64> = c.query_opt(
+        "SELECT balance_atomic FROM accounts WHERE address = ?1",
+        params![address],
+        |r| r.get(0),
+    )?;
     Ok(Usdc(b.unwrap_or(0)))
 }
 
@@ -80,7 +80,7 @@ pub fn balance(c: &Connection, address: &str) -> rusqlite::Result<Usdc> {
 /// balance the statement returned.
 #[allow(clippy::too_many_arguments)]
 pub fn append_ledger(
-    c: &Connection,
+    c: &dyn Sql,
     address: &str,
     kind: LedgerKind,
     amount: Usdc,
@@ -91,16 +91,16 @@ pub fn append_ledger(
 ) -> Result<Usdc, LedgerError> {
     let guarded = kind == LedgerKind::Debit;
     // The last two conditions refuse an i64 overflow (SQLite would turn it into a float).
-    let change = || -> rusqlite::Result<Option<i64>> {
-        c.prepare_cached(
+    let change = || -> Result<Option<i64>, StoreError> {
+        c.query_opt(
             "UPDATE accounts SET balance_atomic = balance_atomic + ?2 \
              WHERE address = ?1 AND (?3 = 0 OR balance_atomic + ?2 >= 0) \
              AND (?2 <= 0 OR balance_atomic <= 9223372036854775807 - ?2) \
              AND (?2 >= 0 OR balance_atomic >= -9223372036854775807 - 1 - ?2) \
              RETURNING balance_atomic",
-        )?
-        .query_row(params![address, amount.0, guarded], |r| r.get(0))
-        .optional()
+            params![address, amount.0, guarded],
+            |r| r.get(0),
+        )
     };
     // The account exists on every per-request path (a reservation, a refund): create it only when the guarded
     // statement found no row and the reason is that it is new.
@@ -115,49 +115,45 @@ pub fn append_ledger(
             needed: Usdc(amount.0.saturating_neg()),
         });
     };
-    c.prepare_cached(
+    c.execute(
         "INSERT INTO ledger (account, kind, amount_atomic, balance_after, tx_hash, key_id, note, created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![address, kind.as_str(), amount.0, after, tx_hash, key_id, note, now])?;
+        params![address, kind.as_str(), amount.0, after, tx_hash, key_id, note, now],
+    )?;
     Ok(Usdc(after))
 }
 
 /// Seats of `pool`/`block` held by subscriptions that have not expired at `now`.
-pub fn seats_taken(c: &Connection, pool: &str, block: &str, now: i64) -> rusqlite::Result<u32> {
-    c.prepare_cached(
+pub fn seats_taken(c: &dyn Sql, pool: &str, block: &str, now: i64) -> Result<u32, StoreError> {
+    c.query_value::<i64>(
         "SELECT count(*) FROM seats WHERE pool = ?1 AND block = ?2 AND expires_at > ?3",
-    )?
-    .query_row(params![pool, block, now], |r| r.get::<_, i64>(0))
+        params![pool, block, now],
+    )
     .map(|n| n as u32)
 }
 
 /// Seats held at `now`, per (pool, block).
-pub fn all_seats_taken(c: &Connection, now: i64) -> rusqlite::Result<Vec<(String, String, u32)>> {
-    let mut stmt = c.prepare_cached(
+pub fn all_seats_taken(c: &dyn Sql, now: i64) -> Result<Vec<(String, String, u32)>, StoreError> {
+    c.query_map(
         "SELECT pool, block, count(*) FROM seats WHERE expires_at > ?1 GROUP BY pool, block",
-    )?;
-    let rows = stmt.query_map([now], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u32))
-    })?;
-    rows.collect()
+        params![now],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get::<i64>(2)? as u32)),
+    )
 }
 
 /// Stores a new key; returns its row id.
 pub fn insert_key(
-    c: &Connection,
+    c: &dyn Sql,
     key: &NewKey,
     kind: &str,
     account: &str,
     subscription_id: Option<i64>,
     created_by: &str,
     now: i64,
-) -> rusqlite::Result<i64> {
-    c.prepare_cached(
+) -> Result<i64, StoreError> {
+    c.query_one(
         "INSERT INTO api_keys (public_id, secret_hash, kind, account, subscription_id, created_at, created_by) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
-    )?
-    .query_row(
         params![key.public_id, key.secret_hash.as_slice(), kind, account, subscription_id, now, created_by],
         |r| r.get(0),
     )
@@ -167,66 +163,57 @@ pub fn insert_key(
 /// when the account keeps the key it has. One statement guarded by the unique index of live credit keys, so two
 /// concurrent first top-ups can never mint two.
 pub fn insert_credit_key_if_none(
-    c: &Connection,
+    c: &dyn Sql,
     key: &NewKey,
     account: &str,
     created_by: &str,
     now: i64,
-) -> rusqlite::Result<Option<i64>> {
-    c.prepare_cached(
+) -> Result<Option<i64>, StoreError> {
+    c.query_opt(
         "INSERT INTO api_keys (public_id, secret_hash, kind, account, subscription_id, created_at, created_by) \
          VALUES (?1, ?2, 'credit', ?3, NULL, ?4, ?5) \
          ON CONFLICT (account) WHERE kind = 'credit' AND revoked_at IS NULL DO NOTHING RETURNING id",
-    )?
-    .query_row(
         params![key.public_id, key.secret_hash.as_slice(), account, now, created_by],
         |r| r.get(0),
     )
-    .optional()
 }
 
 /// Takes one seat of `pool`/`block` (capacity `seats`) for a subscription until `expires_at`; `false` when the block
 /// is sold out at `now`. A seat is a numbered slot taken by one guarded upsert — it succeeds only if the slot is free
 /// or its holder has expired — so concurrent claims can never take one seat twice, on any engine.
 pub fn take_seat(
-    c: &Connection,
+    c: &dyn Sql,
     pool: &str,
     block: &str,
     seats: u32,
     subscription_id: i64,
     expires_at: i64,
     now: i64,
-) -> rusqlite::Result<bool> {
-    let held: std::collections::HashSet<i64> = {
-        let mut stmt = c.prepare_cached(
+) -> Result<bool, StoreError> {
+    let held: std::collections::HashSet<i64> = c
+        .query_map(
             "SELECT seat_no FROM seat_slots WHERE pool = ?1 AND block = ?2 AND expires_at > ?3",
-        )?;
-        let rows = stmt.query_map(params![pool, block, now], |r| r.get(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+            params![pool, block, now],
+            |r| r.get(0),
+        )?
+        .into_iter()
+        .collect();
     // A capacity lowered below the seats held: sold out until enough expire.
     if held.len() >= seats as usize {
         return Ok(false);
     }
-    let mut take = c.prepare_cached(
-        "INSERT INTO seat_slots (pool, block, seat_no, subscription_id, expires_at) VALUES (?1, ?2, ?3, ?4, ?5) \
-         ON CONFLICT (pool, block, seat_no) DO UPDATE SET subscription_id = excluded.subscription_id, \
-         expires_at = excluded.expires_at WHERE seat_slots.expires_at <= ?6",
-    )?;
     for seat_no in (1..=i64::from(seats)).filter(|n| !held.contains(n)) {
-        if take.execute(params![
-            pool,
-            block,
-            seat_no,
-            subscription_id,
-            expires_at,
-            now
-        ])? == 1
-        {
-            c.prepare_cached(
+        let taken = c.execute(
+            "INSERT INTO seat_slots (pool, block, seat_no, subscription_id, expires_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (pool, block, seat_no) DO UPDATE SET subscription_id = excluded.subscription_id, \
+             expires_at = excluded.expires_at WHERE seat_slots.expires_at <= ?6",
+            params![pool, block, seat_no, subscription_id, expires_at, now],
+        )?;
+        if taken == 1 {
+            c.execute(
                 "INSERT INTO seats (subscription_id, pool, block, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            )?
-            .execute(params![subscription_id, pool, block, expires_at])?;
+                params![subscription_id, pool, block, expires_at],
+            )?;
             return Ok(true);
         }
     }
@@ -234,12 +221,12 @@ pub fn take_seat(
 }
 
 /// The id of the account's live credit key, if it has one.
-pub fn live_credit_key(c: &Connection, account: &str) -> rusqlite::Result<Option<i64>> {
-    c.prepare_cached(
+pub fn live_credit_key(c: &dyn Sql, account: &str) -> Result<Option<i64>, StoreError> {
+    c.query_opt(
         "SELECT id FROM api_keys WHERE account = ?1 AND kind = 'credit' AND revoked_at IS NULL ORDER BY id DESC LIMIT 1",
-    )?
-    .query_row([account], |r| r.get(0))
-    .optional()
+        params![account],
+        |r| r.get(0),
+    )
 }
 
 /// What a claimed transaction bought.
@@ -264,49 +251,49 @@ pub struct ClaimRecord {
     pub claimed_at: i64,
 }
 
-pub fn claim_of(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<ClaimRecord>> {
-    c.prepare_cached(
+pub fn claim_of(c: &dyn Sql, tx_hash: &str) -> Result<Option<ClaimRecord>, StoreError> {
+    c.query_opt(
         "SELECT c.tx_hash, c.account, c.kind, c.paid_atomic, c.price_atomic, c.surplus_atomic, s.pool, s.blocks, \
          s.expires_at, k.public_id, c.claimed_at FROM claims c \
          LEFT JOIN subscriptions s ON s.id = c.subscription_id LEFT JOIN api_keys k ON k.id = c.key_id \
          WHERE c.tx_hash = ?1",
-    )?
-    .query_row([tx_hash], |r| {
-        let blocks: Option<String> = r.get(7)?;
-        Ok(ClaimRecord {
-            tx_hash: r.get(0)?,
-            account: r.get(1)?,
-            kind: r.get(2)?,
-            paid_usdc: Usdc(r.get(3)?),
-            price_usdc: Usdc(r.get(4)?),
-            surplus_usdc: Usdc(r.get(5)?),
-            pool: r.get(6)?,
-            blocks: blocks.and_then(|b| serde_json::from_str(&b).ok()),
-            expires_at: r.get(8)?,
-            key_id: r.get(9)?,
-            claimed_at: r.get(10)?,
-        })
-    })
-    .optional()
+        params![tx_hash],
+        |r| {
+            let blocks: Option<String> = r.get(7)?;
+            Ok(ClaimRecord {
+                tx_hash: r.get(0)?,
+                account: r.get(1)?,
+                kind: r.get(2)?,
+                paid_usdc: Usdc(r.get(3)?),
+                price_usdc: Usdc(r.get(4)?),
+                surplus_usdc: Usdc(r.get(5)?),
+                pool: r.get(6)?,
+                blocks: blocks.and_then(|b| serde_json::from_str(&b).ok()),
+                expires_at: r.get(8)?,
+                key_id: r.get(9)?,
+                claimed_at: r.get(10)?,
+            })
+        },
+    )
 }
 
 /// Confirmed value of a transaction per payer: `(from, sum)`, ordered by payer.
 pub fn confirmed_value_by_payer(
-    c: &Connection,
+    c: &dyn Sql,
     tx_hash: &str,
-) -> rusqlite::Result<Vec<(String, Usdc)>> {
-    let mut stmt = c.prepare_cached(
+) -> Result<Vec<(String, Usdc)>, StoreError> {
+    c.query_map(
         "SELECT from_address, sum(value_atomic) FROM transfers WHERE tx_hash = ?1 AND status = 'confirmed' \
          GROUP BY from_address ORDER BY from_address",
-    )?;
-    let rows = stmt.query_map([tx_hash], |r| Ok((r.get(0)?, Usdc(r.get(1)?))))?;
-    rows.collect()
+        params![tx_hash],
+        |r| Ok((r.get(0)?, Usdc(r.get(1)?))),
+    )
 }
 
 /// The claim row itself: inserted last in a claim's transaction; `false` when the transaction is already claimed.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_claim(
-    c: &Connection,
+    c: &dyn Sql,
     tx_hash: &str,
     account: &str,
     kind: &str,
@@ -316,14 +303,12 @@ pub fn insert_claim(
     key_id: Option<i64>,
     signature: Option<&str>,
     now: i64,
-) -> rusqlite::Result<bool> {
-    let changed = c
-        .prepare_cached(
-            "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, \
-             key_id, signature, claimed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
-             ON CONFLICT (tx_hash) DO NOTHING",
-        )?
-        .execute(params![
+) -> Result<bool, StoreError> {
+    let changed = c.execute(
+        "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, \
+         key_id, signature, claimed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+         ON CONFLICT (tx_hash) DO NOTHING",
+        params![
             tx_hash,
             account,
             kind,
@@ -334,7 +319,8 @@ pub fn insert_claim(
             key_id,
             signature,
             now
-        ])?;
+        ],
+    )?;
     Ok(changed == 1)
 }
 
@@ -371,7 +357,7 @@ const KEY_SELECT: &str = "SELECT k.id, k.public_id, k.kind, k.account, k.subscri
      s.expires_at, k.created_at, k.created_by, k.revoked_at, k.revoked_reason, k.secret_hash, k.suspended_at, k.suspended_by FROM api_keys k \
      LEFT JOIN subscriptions s ON s.id = k.subscription_id";
 
-fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
+fn key_from_row(r: &Row) -> Result<KeyRecord, StoreError> {
     let blocks: Option<String> = r.get(6)?;
     Ok(KeyRecord {
         id: r.get(0)?,
@@ -392,34 +378,37 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRecord> {
 }
 
 /// Keys, newest first, optionally of one account.
-pub fn list_keys(c: &Connection, account: Option<&str>) -> rusqlite::Result<Vec<KeyRecord>> {
-    let mut stmt = c.prepare_cached(&format!(
-        "{KEY_SELECT} WHERE ?1 IS NULL OR k.account = ?1 ORDER BY k.id DESC"
-    ))?;
-    let rows = stmt.query_map([account], key_from_row)?;
-    rows.collect()
+pub fn list_keys(c: &dyn Sql, account: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+    c.query_map(
+        // The CAST types the parameter for PostgreSQL, which cannot infer it from `?1 IS NULL`.
+        &format!(
+            "{KEY_SELECT} WHERE CAST(?1 AS TEXT) IS NULL OR k.account = ?1 ORDER BY k.id DESC"
+        ),
+        params![account],
+        key_from_row,
+    )
 }
 
 /// A key by public id, with its stored hash.
 pub fn key_by_public_id(
-    c: &Connection,
+    c: &dyn Sql,
     public_id: &str,
-) -> rusqlite::Result<Option<(KeyRecord, Vec<u8>)>> {
-    c.prepare_cached(&format!("{KEY_SELECT} WHERE k.public_id = ?1"))?
-        .query_row([public_id], |r| {
-            Ok((key_from_row(r)?, r.get::<_, Vec<u8>>(12)?))
-        })
-        .optional()
+) -> Result<Option<(KeyRecord, Vec<u8>)>, StoreError> {
+    c.query_opt(
+        &format!("{KEY_SELECT} WHERE k.public_id = ?1"),
+        params![public_id],
+        |r| Ok((key_from_row(r)?, r.get::<Vec<u8>>(12)?)),
+    )
 }
 
 /// Revokes a live key; `false` when it does not exist or is already revoked.
 pub fn revoke_key(
-    c: &Connection,
+    c: &dyn Sql,
     id: i64,
     reason: &str,
     replaced_by: Option<i64>,
     now: i64,
-) -> rusqlite::Result<bool> {
+) -> Result<bool, StoreError> {
     let n = c.execute(
         "UPDATE api_keys SET revoked_at = ?2, revoked_reason = ?3, replaced_by = ?4 WHERE id = ?1 AND revoked_at IS NULL",
         params![id, now, reason, replaced_by],
@@ -428,7 +417,7 @@ pub fn revoke_key(
 }
 
 /// Links a rotated key to the key that replaced it.
-pub fn set_replaced_by(c: &Connection, id: i64, replaced_by: i64) -> rusqlite::Result<()> {
+pub fn set_replaced_by(c: &dyn Sql, id: i64, replaced_by: i64) -> Result<(), StoreError> {
     c.execute(
         "UPDATE api_keys SET replaced_by = ?2 WHERE id = ?1",
         params![id, replaced_by],
@@ -439,7 +428,7 @@ pub fn set_replaced_by(c: &Connection, id: i64, replaced_by: i64) -> rusqlite::R
 /// Stores a subscription; returns its row id.
 #[allow(clippy::too_many_arguments)]
 pub fn insert_subscription(
-    c: &Connection,
+    c: &dyn Sql,
     account: &str,
     pool: &str,
     blocks: &[String],
@@ -447,13 +436,11 @@ pub fn insert_subscription(
     tx_hash: &str,
     starts_at: i64,
     expires_at: i64,
-) -> rusqlite::Result<i64> {
+) -> Result<i64, StoreError> {
     let blocks_json = serde_json::to_string(blocks).unwrap_or_else(|_| "[]".into());
-    c.prepare_cached(
+    c.query_one(
         "INSERT INTO subscriptions (account, pool, blocks, price_atomic, tx_hash, starts_at, expires_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
-    )?
-    .query_row(
         params![account, pool, blocks_json, price.0, tx_hash, starts_at, expires_at],
         |r| r.get(0),
     )
@@ -472,34 +459,33 @@ pub struct LedgerRow {
     pub created_at: i64,
 }
 
-pub fn ledger_of(c: &Connection, account: &str) -> rusqlite::Result<Vec<LedgerRow>> {
-    let mut stmt = c.prepare_cached(
+pub fn ledger_of(c: &dyn Sql, account: &str) -> Result<Vec<LedgerRow>, StoreError> {
+    c.query_map(
         "SELECT id, kind, amount_atomic, balance_after, tx_hash, note, created_at FROM ledger WHERE account = ?1 \
          ORDER BY id",
-    )?;
-    let rows = stmt.query_map([account], |r| {
-        Ok(LedgerRow {
-            id: r.get(0)?,
-            kind: r.get(1)?,
-            amount_usdc: Usdc(r.get(2)?),
-            balance_after_usdc: Usdc(r.get(3)?),
-            tx_hash: r.get(4)?,
-            note: r.get(5)?,
-            created_at: r.get(6)?,
-        })
-    })?;
-    rows.collect()
+        params![account],
+        |r| {
+            Ok(LedgerRow {
+                id: r.get(0)?,
+                kind: r.get(1)?,
+                amount_usdc: Usdc(r.get(2)?),
+                balance_after_usdc: Usdc(r.get(3)?),
+                tx_hash: r.get(4)?,
+                note: r.get(5)?,
+                created_at: r.get(6)?,
+            })
+        },
+    )
 }
 
 /// Claims of an account, oldest first.
-pub fn claims_of_account(c: &Connection, account: &str) -> rusqlite::Result<Vec<ClaimRecord>> {
-    let hashes: Vec<String> = {
-        let mut stmt = c.prepare_cached(
-            "SELECT tx_hash FROM claims WHERE account = ?1 ORDER BY claimed_at, rowid",
-        )?;
-        stmt.query_map([account], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?
-    };
+pub fn claims_of_account(c: &dyn Sql, account: &str) -> Result<Vec<ClaimRecord>, StoreError> {
+    // Claims of one second are ordered by tx hash (the primary key), the same on every engine.
+    let hashes: Vec<String> = c.query_map(
+        "SELECT tx_hash FROM claims WHERE account = ?1 ORDER BY claimed_at, tx_hash",
+        params![account],
+        |r| r.get(0),
+    )?;
     let mut out = Vec::with_capacity(hashes.len());
     for h in hashes {
         if let Some(c) = claim_of(c, &h)? {
@@ -509,18 +495,22 @@ pub fn claims_of_account(c: &Connection, account: &str) -> rusqlite::Result<Vec<
     Ok(out)
 }
 
-pub fn account_exists(c: &Connection, address: &str) -> rusqlite::Result<bool> {
-    c.prepare_cached("SELECT 1 FROM accounts WHERE address = ?1")?
-        .exists([address])
+pub fn account_exists(c: &dyn Sql, address: &str) -> Result<bool, StoreError> {
+    Ok(c.query_opt(
+        "SELECT 1 FROM accounts WHERE address = ?1",
+        params![address],
+        |_| Ok(()),
+    )?
+    .is_some())
 }
 
 /// Records a used rotation message; `false` when (account, signed_at) was used before.
 pub fn use_rotation_nonce(
-    c: &Connection,
+    c: &dyn Sql,
     account: &str,
     signed_at: i64,
     now: i64,
-) -> rusqlite::Result<bool> {
+) -> Result<bool, StoreError> {
     let n = c.execute(
         "INSERT INTO rotation_nonces (account, signed_at, used_at) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
         params![account, signed_at, now],
@@ -531,16 +521,16 @@ pub fn use_rotation_nonce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Store, StoreError};
+    use crate::store::Store;
 
     const A: &str = "0xaaaa";
 
-    fn ledger(c: &Connection, kind: LedgerKind, amount: i64) -> Result<Usdc, LedgerError> {
+    fn ledger(c: &dyn Sql, kind: LedgerKind, amount: i64) -> Result<Usdc, LedgerError> {
         append_ledger(c, A, kind, Usdc(amount), None, None, None, 0)
     }
 
-    fn row_count(c: &Connection) -> i64 {
-        c.query_row("SELECT count(*) FROM ledger", [], |r| r.get(0))
+    fn row_count(c: &dyn Sql) -> i64 {
+        c.query_value("SELECT count(*) FROM ledger", params![])
             .unwrap()
     }
 
@@ -550,6 +540,7 @@ mod tests {
         let store = Store::open(&dir.path().join("g.db")).unwrap();
         store
             .write(|c| -> Result<_, StoreError> {
+                let c: &dyn Sql = c;
                 assert_eq!(ledger(c, LedgerKind::Topup, 10).unwrap(), Usdc(10));
                 // Over the balance: refused, nothing written.
                 let refused = ledger(c, LedgerKind::Debit, -11).unwrap_err();
@@ -568,10 +559,10 @@ mod tests {
                 assert_eq!(ledger(c, LedgerKind::Topup, 7).unwrap(), Usdc(2));
                 // An overflow is refused, not wrapped or turned into a float.
                 assert!(ledger(c, LedgerKind::Grant, i64::MAX).is_err());
-                let (last, sum): (i64, i64) = c.query_row(
+                let (last, sum): (i64, i64) = c.query_one(
                     "SELECT (SELECT balance_after FROM ledger ORDER BY id DESC LIMIT 1), \
                      (SELECT sum(amount_atomic) FROM ledger)",
-                    [],
+                    params![],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )?;
                 assert_eq!((balance(c, A)?, last, sum), (Usdc(2), 2, 2));
@@ -608,6 +599,7 @@ mod tests {
         let store = Store::open(&dir.path().join("s.db")).unwrap();
         store
             .write(|c| -> Result<_, StoreError> {
+                let c: &dyn Sql = c;
                 ensure_account(c, A, 0)?;
                 let blocks = vec!["asia".to_string()];
                 let sub = |tx: &str, expires: i64| {
@@ -622,7 +614,7 @@ mod tests {
                     "INSERT INTO seat_slots (pool, block, seat_no, subscription_id, expires_at) \
                      VALUES ('p', 'asia', 1, ?1, 300) ON CONFLICT (pool, block, seat_no) DO UPDATE SET \
                      subscription_id = excluded.subscription_id WHERE seat_slots.expires_at <= 50",
-                    [s3],
+                    params![s3],
                 )?;
                 assert_eq!(stolen, 0);
                 // At 150 the first holder has expired: its slot is free again.

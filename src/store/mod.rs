@@ -435,13 +435,14 @@ impl Store {
         }
     }
 
-    /// Runs `f` in one `BEGIN IMMEDIATE` transaction on the writer thread; commits if it returns `Ok`, and
-    /// answers once the commit is synced to disk.
+    /// Runs `f` in one write transaction — on SQLite a `BEGIN IMMEDIATE` batch on the writer thread, on
+    /// PostgreSQL a transaction on a pooled connection — commits if it returns `Ok`, and answers once the commit is
+    /// durable.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&dyn sql::Sql) -> Result<T, E> + Send + 'static,
     {
         self.write_with(Durability::Full, f).await
     }
@@ -452,8 +453,14 @@ impl Store {
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&dyn sql::Sql) -> Result<T, E> + Send + 'static,
     {
+        if let EngineHandle::Postgres(pg) = &*self.engine {
+            let pool = pg.pool.clone();
+            return tokio::task::spawn_blocking(move || pg_write(&pool, durability, f))
+                .await
+                .map_err(|e| E::from(StoreError::Task(e.to_string())))?;
+        }
         let Some(writer) = self.inner.writer.clone() else {
             return Err(E::from(StoreError::WriterGone));
         };
@@ -484,13 +491,20 @@ impl Store {
             .map_err(|_| E::from(StoreError::WriterGone))?
     }
 
-    /// Runs `f` with a read-only connection on the blocking pool.
+    /// Runs `f` on a consistent read-only snapshot on the blocking pool (a SQLite reader connection in WAL mode, or
+    /// a PostgreSQL REPEATABLE READ READ ONLY transaction); it never waits for the writer.
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        F: FnOnce(&dyn sql::Sql) -> Result<T, E> + Send + 'static,
     {
+        if let EngineHandle::Postgres(pg) = &*self.engine {
+            let pool = pg.pool.clone();
+            return tokio::task::spawn_blocking(move || pg_read(&pool, f))
+                .await
+                .map_err(|e| E::from(StoreError::Task(e.to_string())))?;
+        }
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let conn = match inner.readers.lock().map(|mut pool| pool.pop()) {
@@ -772,7 +786,7 @@ mod tests {
     async fn synchronous_seen_by(store: &Store, durability: Durability) -> i64 {
         store
             .write_with(durability, |tx| -> Result<i64, StoreError> {
-                Ok(tx.query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+                tx.query_value("PRAGMA synchronous", crate::params![])
             })
             .await
             .unwrap()
@@ -792,7 +806,7 @@ mod tests {
             .write_with(Durability::Relaxed, |tx| -> Result<(), StoreError> {
                 tx.execute(
                     "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 9, '0xcd', 0)",
-                    [],
+                    crate::params![],
                 )?;
                 Ok(())
             })
@@ -802,7 +816,7 @@ mod tests {
         let reopened = Store::open(&path).unwrap();
         let got: i64 = reopened
             .read(|c| -> Result<i64, StoreError> {
-                Ok(c.query_row("SELECT block_number FROM checkpoint", [], |r| r.get(0))?)
+                c.query_value("SELECT block_number FROM checkpoint", crate::params![])
             })
             .await
             .unwrap();
@@ -817,9 +831,12 @@ mod tests {
         let before = std::fs::metadata(&path).unwrap().len();
         store
             .write(|tx| -> Result<(), StoreError> {
-                tx.execute_batch("CREATE TABLE filler (b BLOB)")?;
+                tx.execute("CREATE TABLE filler (b BLOB)", crate::params![])?;
                 for _ in 0..64 {
-                    tx.execute("INSERT INTO filler VALUES (zeroblob(4096))", [])?;
+                    tx.execute(
+                        "INSERT INTO filler VALUES (zeroblob(4096))",
+                        crate::params![],
+                    )?;
                 }
                 Ok(())
             })
@@ -846,16 +863,16 @@ mod tests {
             .write(|tx| -> Result<i64, StoreError> {
                 tx.execute(
                     "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 7, '0xab', 0)",
-                    [],
+                    crate::params![],
                 )?;
-                Ok(tx.last_insert_rowid())
+                tx.query_value("SELECT count(*) FROM checkpoint", crate::params![])
             })
             .await
             .unwrap();
         assert_eq!(n, 1);
         let got: i64 = store
             .read(|c| -> Result<i64, StoreError> {
-                Ok(c.query_row("SELECT block_number FROM checkpoint", [], |r| r.get(0))?)
+                c.query_value("SELECT block_number FROM checkpoint", crate::params![])
             })
             .await
             .unwrap();
@@ -865,7 +882,7 @@ mod tests {
         let store = Store::open(&path).unwrap();
         let mode: String = store
             .read(|c| -> Result<String, StoreError> {
-                Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?)
+                c.query_value("PRAGMA journal_mode", crate::params![])
             })
             .await
             .unwrap();
@@ -880,7 +897,7 @@ mod tests {
             .write(|tx| {
                 tx.execute(
                     "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 7, '0xab', 0)",
-                    [],
+                    crate::params![],
                 )?;
                 Err(StoreError::Schema("boom".into()))
             })
@@ -888,7 +905,7 @@ mod tests {
         assert!(result.is_err());
         let count: i64 = store
             .read(|c| -> Result<i64, StoreError> {
-                Ok(c.query_row("SELECT count(*) FROM checkpoint", [], |r| r.get(0))?)
+                c.query_value("SELECT count(*) FROM checkpoint", crate::params![])
             })
             .await
             .unwrap();

@@ -4,11 +4,11 @@
 //! This module owns their SQL (or calls the concern's own store function) so the HTTP handlers and `serve` never
 //! see a connection or a transaction.
 
-use rusqlite::Connection;
-
 use super::audit::{self, KeyRow, PaymentsPage, RevenueDay};
 use super::reversals::{self, ReversalEvent};
+use super::sql::{Engine, Sql};
 use super::{Store, StoreError};
+use crate::params;
 
 /// Keys of one kind in one state (`live`, `revoked`, `suspended` or `expired`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,46 +58,70 @@ pub struct MetricCounts {
     pub keys: Vec<KeyCount>,
 }
 
+/// Proves the database takes a durable write that changes nothing: rewrites the schema version where the engine
+/// keeps it. SQLite: `PRAGMA user_version` in the file's header. PostgreSQL: the newest row of the migration
+/// runner's `schema_migrations`, updated to itself (a new row version in the WAL, flushed at commit like any other
+/// write; refused by a read-only server or transaction).
+pub fn probe_write(c: &dyn Sql) -> Result<(), StoreError> {
+    match c.engine() {
+        Engine::Sqlite => {
+            let v: i64 = c.query_value("PRAGMA user_version", params![])?;
+            // A pragma takes no bound parameter; `v` is the integer just read.
+            c.execute(&format!("PRAGMA user_version = {v}"), params![])?;
+        }
+        Engine::Postgres => {
+            c.execute(
+                "UPDATE schema_migrations SET applied_at = applied_at \
+                 WHERE version = (SELECT max(version) FROM schema_migrations)",
+                params![],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Rows the status page lists of payments and of keys.
 const LATEST: u32 = 20;
 /// Days of revenue the status page shows.
 const REVENUE_DAYS: i64 = 14;
 
 /// Keys per kind and state at `now`, ordered by kind then state.
-pub fn key_counts(c: &Connection, now: i64) -> rusqlite::Result<Vec<KeyCount>> {
-    let mut stmt = c.prepare_cached(
+pub fn key_counts(c: &dyn Sql, now: i64) -> Result<Vec<KeyCount>, StoreError> {
+    c.query_map(
         "SELECT k.kind, CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked' WHEN k.suspended_at IS NOT NULL THEN 'suspended' \
          WHEN s.expires_at IS NOT NULL AND s.expires_at <= ?1 THEN 'expired' ELSE 'live' END AS state, \
          count(*) FROM api_keys k LEFT JOIN subscriptions s ON s.id = k.subscription_id \
          GROUP BY k.kind, state ORDER BY k.kind, state",
-    )?;
-    let rows = stmt.query_map([now], |r| {
-        Ok(KeyCount {
-            kind: r.get(0)?,
-            state: r.get(1)?,
-            count: r.get(2)?,
-        })
-    })?;
-    rows.collect()
+        params![now],
+        |r| {
+            Ok(KeyCount {
+                kind: r.get(0)?,
+                state: r.get(1)?,
+                count: r.get(2)?,
+            })
+        },
+    )
 }
 
-fn reorg_count(c: &Connection) -> rusqlite::Result<i64> {
-    c.query_row("SELECT count(*) FROM reorgs", [], |r| r.get(0))
+fn reorg_count(c: &dyn Sql) -> Result<i64, StoreError> {
+    c.query_value("SELECT count(*) FROM reorgs", params![])
 }
 
 /// Reads [`AdminOverview`] at `now`.
-pub fn admin_overview(c: &Connection, now: i64) -> rusqlite::Result<AdminOverview> {
+///
+/// Still takes a SQLite `Connection` (not `&dyn Sql`) because `audit::latest_payments`, `audit::revenue`,
+/// `audit::latest_keys` and `billing::all_seats_taken` do; its own statements already run through [`Sql`].
+pub fn admin_overview(c: &dyn Sql, now: i64) -> Result<AdminOverview, StoreError> {
     let latest_payments = audit::latest_payments(c, LATEST)?;
     let revenue = audit::revenue(c, Some(now - REVENUE_DAYS * 86_400), None)?;
-    let total_claimed_atomic: i64 = c.query_row(
+    let s: &dyn Sql = c;
+    let total_claimed_atomic: i64 = s.query_value(
         "SELECT coalesce(sum(price_atomic), 0) FROM claims",
-        [],
-        |r| r.get(0),
+        params![],
     )?;
-    let total_received_atomic: i64 = c.query_row(
+    let total_received_atomic: i64 = s.query_value(
         "SELECT coalesce(sum(value_atomic), 0) FROM transfers WHERE status = 'confirmed'",
-        [],
-        |r| r.get(0),
+        params![],
     )?;
     let seats = super::billing::all_seats_taken(c, now)?
         .into_iter()
@@ -111,22 +135,23 @@ pub fn admin_overview(c: &Connection, now: i64) -> rusqlite::Result<AdminOvervie
         total_received_atomic,
         seats,
         latest_keys,
-        key_counts: key_counts(c, now)?,
-        reorgs: reorg_count(c)?,
+        key_counts: key_counts(s, now)?,
+        reorgs: reorg_count(s)?,
     })
 }
 
 /// Reads [`MetricCounts`] at `now`.
-pub fn metric_counts(c: &Connection, now: i64) -> rusqlite::Result<MetricCounts> {
-    let mut stmt = c.prepare_cached("SELECT status, count(*) FROM transfers GROUP BY status")?;
-    let transfers = stmt
-        .query_map([], |r| {
+pub fn metric_counts(c: &dyn Sql, now: i64) -> Result<MetricCounts, StoreError> {
+    let transfers = c.query_map(
+        "SELECT status, count(*) FROM transfers GROUP BY status",
+        params![],
+        |r| {
             Ok(StatusCount {
                 status: r.get(0)?,
                 count: r.get(1)?,
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+        },
+    )?;
     Ok(MetricCounts {
         transfers,
         reorgs: reorg_count(c)?,
@@ -137,29 +162,24 @@ pub fn metric_counts(c: &Connection, now: i64) -> rusqlite::Result<MetricCounts>
 impl Store {
     /// The status page's figures at `now` (see [`admin_overview`]).
     pub async fn admin_overview(&self, now: i64) -> Result<AdminOverview, StoreError> {
-        self.read(move |c| Ok(admin_overview(c, now)?)).await
+        self.read(move |c| admin_overview(c, now)).await
     }
 
     /// The database gauges of `/metrics` at `now` (see [`metric_counts`]).
     pub async fn metric_counts(&self, now: i64) -> Result<MetricCounts, StoreError> {
-        self.read(move |c| Ok(metric_counts(c, now)?)).await
+        self.read(move |c| metric_counts(c, now)).await
     }
 
     /// Proves the database takes a durable write: rewrites the schema version in the file's header, which goes
     /// through the writer thread and the journal like any other write, and changes nothing.
     pub async fn probe_write(&self) -> Result<(), StoreError> {
-        self.write(|tx| -> Result<(), StoreError> {
-            let v: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-            tx.pragma_update(None, "user_version", v)?;
-            Ok(())
-        })
-        .await
+        self.write(|tx| probe_write(tx)).await
     }
 
     /// Reverses or restores every claimed purchase whose payment's index state disagrees with its last reversal
     /// event (a database from before reversals existed). Returns what it did.
     pub async fn reconcile_reversals(&self, now: i64) -> Result<Vec<ReversalEvent>, StoreError> {
-        self.write(move |tx| Ok(reversals::reconcile_all(tx, now)?))
+        self.write(move |tx| reversals::reconcile_all(tx, now))
             .await
     }
 }

@@ -19,10 +19,12 @@
 //! `seq` = reversed, even = restored, `(claim_tx, seq)` unique): running it again, after a crash or a restart,
 //! changes nothing.
 
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use super::StoreError;
 use super::billing::{LedgerError, LedgerKind, append_ledger};
+use super::sql::{Row, Sql};
+use crate::params;
 use crate::usdc::Usdc;
 
 /// What a reconcile did to one purchase.
@@ -42,20 +44,24 @@ pub struct ReversalEvent {
 }
 
 /// The original claim's tx hash of the purchase that `tx_hash` is a claim of, if it is claimed.
-pub fn origin_of(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<String>> {
-    c.prepare_cached("SELECT coalesce(origin_tx, tx_hash) FROM claims WHERE tx_hash = ?1")?
-        .query_row([tx_hash], |r| r.get(0))
-        .optional()
+pub fn origin_of(c: &dyn Sql, tx_hash: &str) -> Result<Option<String>, StoreError> {
+    c.query_opt(
+        "SELECT coalesce(origin_tx, tx_hash) FROM claims WHERE tx_hash = ?1",
+        params![tx_hash],
+        |r| r.get(0),
+    )
 }
 
 /// Whether the purchase is reversed now (its last event is `reversed`).
-pub fn is_reversed(c: &Connection, origin: &str) -> rusqlite::Result<bool> {
+pub fn is_reversed(c: &dyn Sql, origin: &str) -> Result<bool, StoreError> {
     Ok(last_seq(c, origin)? % 2 == 1)
 }
 
-fn last_seq(c: &Connection, origin: &str) -> rusqlite::Result<i64> {
-    c.prepare_cached("SELECT coalesce(max(seq), 0) FROM claim_reversals WHERE claim_tx = ?1")?
-        .query_row([origin], |r| r.get(0))
+fn last_seq(c: &dyn Sql, origin: &str) -> Result<i64, StoreError> {
+    c.query_value(
+        "SELECT coalesce(max(seq), 0) FROM claim_reversals WHERE claim_tx = ?1",
+        params![origin],
+    )
 }
 
 /// What the index says about a purchase's transactions.
@@ -70,23 +76,24 @@ enum Backing {
 }
 
 /// The transactions of a purchase: its original claim's and its copies'.
-fn transactions(c: &Connection, origin: &str) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = c.prepare_cached(
+fn transactions(c: &dyn Sql, origin: &str) -> Result<Vec<String>, StoreError> {
+    c.query_map(
         "SELECT tx_hash FROM claims WHERE tx_hash = ?1 UNION SELECT tx_hash FROM claims WHERE origin_tx = ?1",
-    )?;
-    let rows = stmt.query_map([origin], |r| r.get(0))?;
-    rows.collect()
+        params![origin],
+        |r| r.get(0),
+    )
 }
 
-fn backing(c: &Connection, origin: &str) -> rusqlite::Result<(Backing, Option<String>)> {
+fn backing(c: &dyn Sql, origin: &str) -> Result<(Backing, Option<String>), StoreError> {
     let (mut all, mut live) = (0i64, 0i64);
     for tx in transactions(c, origin)? {
-        let (n, l, confirmed): (i64, i64, i64) = c
-            .prepare_cached(
-                "SELECT count(*), coalesce(sum(status <> 'orphaned'), 0), coalesce(sum(status = 'confirmed'), 0) \
-                 FROM transfers WHERE tx_hash = ?1",
-            )?
-            .query_row([&tx], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        // `CASE … THEN 1 ELSE 0`, not a summed comparison: PostgreSQL has no sum() of booleans.
+        let (n, l, confirmed): (i64, i64, i64) = c.query_one(
+            "SELECT count(*), coalesce(sum(CASE WHEN status <> 'orphaned' THEN 1 ELSE 0 END), 0), \
+             coalesce(sum(CASE WHEN status = 'confirmed' THEN 1 ELSE 0 END), 0) FROM transfers WHERE tx_hash = ?1",
+            params![tx],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
         if confirmed > 0 {
             return Ok((Backing::Confirmed, Some(tx)));
         }
@@ -101,50 +108,65 @@ fn backing(c: &Connection, origin: &str) -> rusqlite::Result<(Backing, Option<St
 }
 
 /// The purchase's account, its credits (what a reversal takes back) and its subscription.
-fn purchase(c: &Connection, origin: &str) -> rusqlite::Result<Option<(String, Usdc, Option<i64>)>> {
-    c.prepare_cached(
+fn purchase(c: &dyn Sql, origin: &str) -> Result<Option<(String, Usdc, Option<i64>)>, StoreError> {
+    c.query_opt(
         "SELECT account, kind, paid_atomic, surplus_atomic, subscription_id FROM claims WHERE tx_hash = ?1",
-    )?
-    .query_row([origin], |r| {
-        let kind: String = r.get(1)?;
-        let paid: i64 = r.get(2)?;
-        let surplus: i64 = r.get(3)?;
-        // A top-up credited its price and its surplus (= what it paid); a subscription only its surplus.
-        let credits = if kind == "topup" { paid } else { surplus };
-        Ok((r.get(0)?, Usdc(credits), r.get(4)?))
-    })
-    .optional()
+        params![origin],
+        |r| {
+            let kind: String = r.get(1)?;
+            let paid: i64 = r.get(2)?;
+            let surplus: i64 = r.get(3)?;
+            // A top-up credited its price and its surplus (= what it paid); a subscription only its surplus.
+            let credits = if kind == "topup" { paid } else { surplus };
+            Ok((r.get(0)?, Usdc(credits), r.get(4)?))
+        },
+    )
 }
 
-fn ledger_error(e: LedgerError) -> rusqlite::Error {
+fn ledger_error(e: LedgerError) -> StoreError {
     match e {
-        LedgerError::Store(e) => rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        LedgerError::Store(e) => e,
         // Only a debit can be refused; a reversal or reinstatement never is (an overflow of i64 aside).
-        other => rusqlite::Error::ToSqlConversionFailure(other.to_string().into()),
+        other => StoreError::Task(other.to_string()),
     }
 }
 
-fn record(c: &Connection, origin: &str, seq: i64, ev: &ReversalEvent) -> rusqlite::Result<()> {
-    c.prepare_cached(
+fn record(c: &dyn Sql, origin: &str, seq: i64, ev: &ReversalEvent) -> Result<(), StoreError> {
+    c.execute(
         "INSERT INTO claim_reversals (claim_tx, seq, kind, account, amount_atomic, cause, tx_hash, at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![origin, seq, ev.kind, ev.account, ev.amount_usdc.atomic(), ev.cause, ev.tx_hash, ev.at])?;
+        params![
+            origin,
+            seq,
+            ev.kind,
+            ev.account,
+            ev.amount_usdc.atomic(),
+            ev.cause,
+            ev.tx_hash,
+            ev.at
+        ],
+    )?;
     Ok(())
 }
 
 /// Reverses the purchase unless it is reversed already. `cause`: `reorg`, `settlement_failed`.
+///
+/// Takes a SQLite `Connection` until `billing::append_ledger` takes `&dyn Sql`; its own statements already run
+/// through [`Sql`].
 pub fn reverse(
-    c: &Connection,
+    c: &dyn Sql,
     origin: &str,
     cause: &str,
     now: i64,
-) -> rusqlite::Result<Option<ReversalEvent>> {
-    let seq = last_seq(c, origin)?;
+) -> Result<Option<ReversalEvent>, StoreError> {
+    let s: &dyn Sql = c;
+    // Read the last step, then write the next: one reconciler at a time (see `serialize_index_writes`).
+    super::transfers::serialize_index_writes(s)?;
+    let seq = last_seq(s, origin)?;
     if seq % 2 == 1 {
         return Ok(None);
     }
-    let Some((account, credits, subscription)) = purchase(c, origin)? else {
+    let Some((account, credits, subscription)) = purchase(s, origin)? else {
         return Ok(None);
     };
     if credits > Usdc::ZERO {
@@ -161,11 +183,11 @@ pub fn reverse(
         .map_err(ledger_error)?;
     }
     if let Some(sub) = subscription {
-        c.prepare_cached(
+        s.execute(
             "UPDATE api_keys SET suspended_at = ?2, suspended_by = ?3 WHERE subscription_id = ?1 \
              AND suspended_at IS NULL",
-        )?
-        .execute(params![sub, now, origin])?;
+            params![sub, now, origin],
+        )?;
     }
     let ev = ReversalEvent {
         claim_tx: origin.to_string(),
@@ -176,28 +198,33 @@ pub fn reverse(
         tx_hash: None,
         at: now,
     };
-    record(c, origin, seq + 1, &ev)?;
+    record(s, origin, seq + 1, &ev)?;
     tracing::warn!(claim = %origin, account = %ev.account, credits = %credits, %cause, "claimed payment reversed: its transaction left the canonical chain");
     Ok(Some(ev))
 }
 
 /// Restores a reversed purchase; `by` is the confirmed transaction that backs it again.
+///
+/// Takes a SQLite `Connection` until `billing::append_ledger` takes `&dyn Sql`.
 pub fn restore(
-    c: &Connection,
+    c: &dyn Sql,
     origin: &str,
     by: &str,
     now: i64,
-) -> rusqlite::Result<Option<ReversalEvent>> {
-    let seq = last_seq(c, origin)?;
+) -> Result<Option<ReversalEvent>, StoreError> {
+    let s: &dyn Sql = c;
+    // Read the last step, then write the next: one reconciler at a time (see `serialize_index_writes`).
+    super::transfers::serialize_index_writes(s)?;
+    let seq = last_seq(s, origin)?;
     if seq % 2 == 0 {
         return Ok(None);
     }
     // Exactly what the reversal took back, not what the claim says now.
-    let (account, amount): (String, i64) = c
-        .prepare_cached(
-            "SELECT account, amount_atomic FROM claim_reversals WHERE claim_tx = ?1 AND seq = ?2",
-        )?
-        .query_row(params![origin, seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (account, amount): (String, i64) = s.query_one(
+        "SELECT account, amount_atomic FROM claim_reversals WHERE claim_tx = ?1 AND seq = ?2",
+        params![origin, seq],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     if amount > 0 {
         append_ledger(
             c,
@@ -211,10 +238,10 @@ pub fn restore(
         )
         .map_err(ledger_error)?;
     }
-    c.prepare_cached(
+    s.execute(
         "UPDATE api_keys SET suspended_at = NULL, suspended_by = NULL WHERE suspended_by = ?1",
-    )?
-    .execute([origin])?;
+        params![origin],
+    )?;
     let ev = ReversalEvent {
         claim_tx: origin.to_string(),
         kind: "restored".into(),
@@ -224,18 +251,20 @@ pub fn restore(
         tx_hash: Some(by.to_string()),
         at: now,
     };
-    record(c, origin, seq + 1, &ev)?;
+    record(s, origin, seq + 1, &ev)?;
     tracing::info!(claim = %origin, account = %ev.account, credits = %ev.amount_usdc, tx = %by, "reversed claim restored: its payment is confirmed again");
     Ok(Some(ev))
 }
 
 /// Brings one purchase in line with the index: reverses it when all its transfers are orphaned, restores it when
 /// one is confirmed again, else leaves it.
+///
+/// Takes a SQLite `Connection` because [`reverse`] and [`restore`] still do.
 pub fn reconcile_origin(
-    c: &Connection,
+    c: &dyn Sql,
     origin: &str,
     now: i64,
-) -> rusqlite::Result<Option<ReversalEvent>> {
+) -> Result<Option<ReversalEvent>, StoreError> {
     match backing(c, origin)? {
         (Backing::Gone, _) => reverse(c, origin, "reorg", now),
         (Backing::Confirmed, Some(by)) => restore(c, origin, &by, now),
@@ -245,25 +274,31 @@ pub fn reconcile_origin(
 
 /// [`reconcile_origin`] for the purchase `tx_hash` is a claim of, if any: called for every transfer whose status
 /// changed, in the same transaction.
+///
+/// Takes a SQLite `Connection` because [`reconcile_origin`] still does.
 pub fn reconcile_tx(
-    c: &Connection,
+    c: &dyn Sql,
     tx_hash: &str,
     now: i64,
-) -> rusqlite::Result<Option<ReversalEvent>> {
+) -> Result<Option<ReversalEvent>, StoreError> {
     match origin_of(c, tx_hash)? {
         Some(origin) => reconcile_origin(c, &origin, now),
         None => Ok(None),
     }
 }
 
-/// Reconciles every purchase (at start-up: a database written before reversals existed, or by `index` alone).
-pub fn reconcile_all(c: &Connection, now: i64) -> rusqlite::Result<Vec<ReversalEvent>> {
-    let origins: Vec<String> = {
-        let mut stmt =
-            c.prepare("SELECT tx_hash FROM claims WHERE origin_tx IS NULL ORDER BY rowid")?;
-        stmt.query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?
-    };
+/// Reconciles every purchase (at start-up: a database written before reversals existed, or by `index` alone),
+/// in the order they were claimed.
+///
+/// Takes a SQLite `Connection` because [`reconcile_origin`] still does.
+pub fn reconcile_all(c: &dyn Sql, now: i64) -> Result<Vec<ReversalEvent>, StoreError> {
+    let s: &dyn Sql = c;
+    // `claims` has no id column (its key is the tx hash): claim time, then the key, is an order both engines have.
+    let origins: Vec<String> = s.query_map(
+        "SELECT tx_hash FROM claims WHERE origin_tx IS NULL ORDER BY claimed_at, tx_hash",
+        params![],
+        |r| r.get(0),
+    )?;
     let mut out = Vec::new();
     for o in origins {
         if let Some(ev) = reconcile_origin(c, &o, now)? {
@@ -275,49 +310,53 @@ pub fn reconcile_all(c: &Connection, now: i64) -> rusqlite::Result<Vec<ReversalE
 
 /// Whether the account has credits from anything but the purchase `origin` that are not reversed: other
 /// claims with credits, or operator grants. A credit key funded that way must not be revoked with this purchase.
-pub fn other_funding(c: &Connection, account: &str, origin: &str) -> rusqlite::Result<bool> {
+pub fn other_funding(c: &dyn Sql, account: &str, origin: &str) -> Result<bool, StoreError> {
     let grants = c
-        .prepare_cached("SELECT 1 FROM ledger WHERE account = ?1 AND kind = 'grant' LIMIT 1")?
-        .exists([account])?;
+        .query_opt(
+            "SELECT 1 FROM ledger WHERE account = ?1 AND kind = 'grant' LIMIT 1",
+            params![account],
+            |_| Ok(()),
+        )?
+        .is_some();
     if grants {
         return Ok(true);
     }
-    c.prepare_cached(
+    Ok(c.query_opt(
         "SELECT 1 FROM claims cl WHERE cl.account = ?1 AND cl.origin_tx IS NULL AND cl.tx_hash <> ?2 \
          AND (cl.kind = 'topup' OR cl.surplus_atomic > 0) \
          AND coalesce((SELECT max(seq) FROM claim_reversals r WHERE r.claim_tx = cl.tx_hash), 0) % 2 = 0 LIMIT 1",
+        params![account, origin],
+        |_| Ok(()),
     )?
-    .exists(params![account, origin])
+    .is_some())
 }
 
 /// Every reversal and restore, oldest first.
-pub fn list(c: &Connection) -> rusqlite::Result<Vec<ReversalEvent>> {
-    select(c, "1 = 1", "")
+pub fn list(c: &dyn Sql) -> Result<Vec<ReversalEvent>, StoreError> {
+    c.query_map(&select(""), params![], event)
 }
 
 /// The reversals and restores of one purchase (its original claim's tx hash), oldest first.
-pub fn of_purchase(c: &Connection, origin: &str) -> rusqlite::Result<Vec<ReversalEvent>> {
-    select(c, "claim_tx = ?1", origin)
+pub fn of_purchase(c: &dyn Sql, origin: &str) -> Result<Vec<ReversalEvent>, StoreError> {
+    c.query_map(&select("WHERE claim_tx = ?1 "), params![origin], event)
 }
 
-fn select(c: &Connection, filter: &str, arg: &str) -> rusqlite::Result<Vec<ReversalEvent>> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT claim_tx, kind, account, amount_atomic, cause, tx_hash, at FROM claim_reversals WHERE {filter} \
-         ORDER BY id"
-    ))?;
-    let params: &[&dyn rusqlite::ToSql] = if filter.contains("?1") { &[&arg] } else { &[] };
-    let rows = stmt.query_map(params, |r| {
-        Ok(ReversalEvent {
-            claim_tx: r.get(0)?,
-            kind: r.get(1)?,
-            account: r.get(2)?,
-            amount_usdc: Usdc(r.get(3)?),
-            cause: r.get(4)?,
-            tx_hash: r.get(5)?,
-            at: r.get(6)?,
-        })
-    })?;
-    rows.collect()
+fn select(filter: &str) -> String {
+    format!(
+        "SELECT claim_tx, kind, account, amount_atomic, cause, tx_hash, at FROM claim_reversals {filter}ORDER BY id"
+    )
+}
+
+fn event(r: &Row) -> Result<ReversalEvent, StoreError> {
+    Ok(ReversalEvent {
+        claim_tx: r.get(0)?,
+        kind: r.get(1)?,
+        account: r.get(2)?,
+        amount_usdc: Usdc(r.get(3)?),
+        cause: r.get(4)?,
+        tx_hash: r.get(5)?,
+        at: r.get(6)?,
+    })
 }
 
 #[cfg(test)]
@@ -329,7 +368,7 @@ mod tests {
     const A: &str = "0xaaaa";
     const TX: &str = "0x01";
 
-    fn transfer(c: &Connection, status: &str, block_hash: &str) -> rusqlite::Result<()> {
+    fn transfer(c: &dyn Sql, status: &str, block_hash: &str) -> Result<(), StoreError> {
         c.execute(
             "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, from_address, to_address, \
              value_atomic, status, first_seen_at) VALUES (?1, 0, 1, ?2, ?3, '0xbb', 10, ?4, 0)",
@@ -346,7 +385,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
         {
-            let c = Connection::open(&path).unwrap();
+            let c = rusqlite::Connection::open(&path).unwrap();
             for m in crate::store::migrations(crate::store::SCHEMA_SQL)
                 .unwrap()
                 .iter()
@@ -356,12 +395,13 @@ mod tests {
             }
             c.pragma_update(None, "user_version", 4).unwrap();
             ensure_account(&c, A, 0).unwrap();
+            let s: &dyn Sql = &c;
             for (tx, status, block) in [
                 ("0x0a", "orphaned", "0xb1"),
                 ("0x0b", "orphaned", "0xb2"),
                 ("0x0c", "confirmed", "0xb3"),
             ] {
-                c.execute(
+                s.execute(
                     "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, from_address, to_address, \
                      value_atomic, status, first_seen_at) VALUES (?1, 0, 1, ?2, ?3, '0xbb', 10, ?4, 0)",
                     params![tx, block, A, status],
@@ -370,14 +410,14 @@ mod tests {
             }
             // 0x0a: credits, re-submitted as 0x0c (confirmed). 0x0b: credits, re-submission failed.
             for tx in ["0x0a", "0x0b"] {
-                c.execute(
+                s.execute(
                     "INSERT INTO ledger (account, kind, amount_atomic, balance_after, tx_hash, created_at) \
                      VALUES (?1, 'topup', 10, (SELECT coalesce(sum(amount_atomic), 0) + 10 FROM ledger), ?2, 0)",
                     params![A, tx],
                 )
                 .unwrap();
                 insert_claim(&c, tx, A, "topup", Usdc(10), Usdc(10), None, None, None, 0).unwrap();
-                c.execute(
+                s.execute(
                     "INSERT INTO x402_settlements (tx_hash, payer, nonce, x402_version, authorization, signature, \
                      requirements, resource, product, amount_atomic, status, settled_at, updated_at) \
                      VALUES (?1, ?2, ?1, 2, '{}', '0x', '{}', 'r', 'credits', 10, 'settled', 0, 0)",
@@ -405,10 +445,10 @@ mod tests {
                 assert_eq!(done[0].claim_tx, "0x0b");
                 assert_eq!(balance(c, A)?, Usdc(10));
                 assert!(
-                    c.execute("UPDATE ledger SET amount_atomic = 0", [])
+                    c.execute("UPDATE ledger SET amount_atomic = 0", params![])
                         .is_err()
                 );
-                assert!(c.execute("DELETE FROM ledger", []).is_err());
+                assert!(c.execute("DELETE FROM ledger", params![]).is_err());
                 Ok(())
             })
             .await
@@ -431,7 +471,7 @@ mod tests {
                     "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, from_address, \
                      to_address, value_atomic, status, first_seen_at) VALUES ('0x02', 0, 1, '0xb9', ?1, '0xbb', \
                      10, 'orphaned', 0)",
-                    [A],
+                    params![A],
                 )?;
                 assert!(reconcile_tx(c, "0x02", 1)?.is_some());
                 assert!(!other_funding(c, A, TX)?);
@@ -461,7 +501,7 @@ mod tests {
                     .map_err(ledger_error)?;
                 assert_eq!(reconcile_tx(c, TX, 1)?, None, "confirmed: nothing to do");
 
-                c.execute("UPDATE transfers SET status = 'orphaned' WHERE tx_hash = ?1", [TX])?;
+                c.execute("UPDATE transfers SET status = 'orphaned' WHERE tx_hash = ?1", params![TX])?;
                 let ev = reconcile_tx(c, TX, 2)?.expect("reversed");
                 assert_eq!((ev.kind.as_str(), ev.amount_usdc), ("reversed", Usdc(10)));
                 assert_eq!(balance(c, A)?, Usdc(-4));
@@ -485,7 +525,7 @@ mod tests {
                     c.execute(
                         "INSERT INTO ledger (account, kind, amount_atomic, balance_after, created_at) \
                          VALUES (?1, 'debit', -1, -5, 0)",
-                        [A],
+                        params![A],
                     )
                     .is_err()
                 );
@@ -498,7 +538,7 @@ mod tests {
                 // Mined again: seen restores nothing, confirmed restores once.
                 transfer(c, "seen", "0xb2")?;
                 assert_eq!(reconcile_tx(c, TX, 4)?, None);
-                c.execute("UPDATE transfers SET status = 'confirmed' WHERE block_hash = '0xb2'", [])?;
+                c.execute("UPDATE transfers SET status = 'confirmed' WHERE block_hash = '0xb2'", params![])?;
                 let ev = reconcile_tx(c, TX, 5)?.expect("restored");
                 assert_eq!((ev.kind.as_str(), ev.amount_usdc), ("restored", Usdc(10)));
                 assert_eq!(balance(c, A)?, Usdc(7));

@@ -4,11 +4,13 @@
 //! leaves either all of it or none of it, and a restart resumes at checkpoint + 1 with no gap and no duplicate.
 
 use std::collections::HashSet;
+use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
 
+use super::sql::{Engine, Row, Sql, ToValue};
 use super::{Store, StoreError, now_unix};
+use crate::params;
 use crate::usdc::Usdc;
 
 /// Where a transfer stands.
@@ -127,15 +129,15 @@ pub struct RangeOutcome {
 const TRANSFER_COLUMNS: &str = "id, tx_hash, log_index, block_number, block_hash, block_time, from_address, \
      to_address, value_atomic, status, first_seen_at, confirmed_at, orphaned_at";
 
-fn transfer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Transfer> {
+fn transfer_from_row(row: &Row) -> Result<Transfer, StoreError> {
     let status: String = row.get(9)?;
     Ok(Transfer {
         id: row.get(0)?,
         tx_hash: row.get(1)?,
-        log_index: row.get::<_, i64>(2)? as u64,
-        block_number: row.get::<_, i64>(3)? as u64,
+        log_index: row.get::<i64>(2)? as u64,
+        block_number: row.get::<i64>(3)? as u64,
         block_hash: row.get(4)?,
-        block_time: row.get::<_, Option<i64>>(5)?.map(|t| t as u64),
+        block_time: row.get::<Option<i64>>(5)?.map(|t| t as u64),
         from: row.get(6)?,
         to: row.get(7)?,
         value: Usdc(row.get(8)?),
@@ -147,28 +149,29 @@ fn transfer_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Transfer> {
 }
 
 fn record_status(
-    tx: &Transaction<'_>,
+    c: &dyn Sql,
     transfer_id: i64,
     status: TransferStatus,
     head: u64,
     reason: &str,
-) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+) -> Result<(), StoreError> {
+    c.execute(
         "INSERT INTO transfer_status_history (transfer_id, status, at, head_block, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![transfer_id, status.as_str(), now_unix(), head as i64, reason])?;
+        params![transfer_id, status.as_str(), now_unix(), head as i64, reason],
+    )?;
     Ok(())
 }
 
 fn select_transfers(
-    conn: &Connection,
+    c: &dyn Sql,
     where_clause: &str,
-    args: &[&dyn rusqlite::ToSql],
-) -> rusqlite::Result<Vec<Transfer>> {
-    let sql = format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE {where_clause}");
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let rows = stmt.query_map(args, transfer_from_row)?;
-    rows.collect()
+    args: &[&dyn ToValue],
+) -> Result<Vec<Transfer>, StoreError> {
+    c.query_map(
+        &format!("SELECT {TRANSFER_COLUMNS} FROM transfers WHERE {where_clause}"),
+        args,
+        transfer_from_row,
+    )
 }
 
 /// Inserts a transfer unless that (block hash, log index) is already stored: `confirmed` at once when its block
@@ -176,10 +179,10 @@ fn select_transfers(
 /// The row itself is the first entry of its history (`first_seen_at`, and `confirmed_at` equal to it when it was
 /// found confirmed); `transfer_status_history` records the changes after that.
 fn insert_new(
-    tx: &Transaction<'_>,
+    c: &dyn Sql,
     t: &NewTransfer,
     confirm_upto: i64,
-) -> rusqlite::Result<Option<Transfer>> {
+) -> Result<Option<Transfer>, StoreError> {
     let now = now_unix();
     let status = if (t.block_number as i64) <= confirm_upto {
         TransferStatus::Confirmed
@@ -188,13 +191,11 @@ fn insert_new(
     };
     let confirmed_at = (status == TransferStatus::Confirmed).then_some(now);
     // `ON CONFLICT DO NOTHING … RETURNING id`: no row when the transfer is already indexed (both engines).
-    let inserted: Option<i64> = tx
-        .prepare_cached(
-            "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, block_time, from_address, \
-             to_address, value_atomic, status, first_seen_at, confirmed_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING RETURNING id",
-        )?
-        .query_row(params![
+    let inserted: Option<i64> = c.query_opt(
+        "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, block_time, from_address, \
+         to_address, value_atomic, status, first_seen_at, confirmed_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING RETURNING id",
+        params![
             t.tx_hash,
             t.log_index as i64,
             t.block_number as i64,
@@ -206,8 +207,9 @@ fn insert_new(
             status.as_str(),
             now,
             confirmed_at,
-        ], |r| r.get(0))
-        .optional()?;
+        ],
+        |r| r.get(0),
+    )?;
     let Some(id) = inserted else {
         return Ok(None);
     };
@@ -228,6 +230,311 @@ fn insert_new(
     }))
 }
 
+/// [`Store::bind_chain`]'s statements; `path` only names the database in the refusal.
+/// Key of the transaction-scoped lock that orders the index's writes on PostgreSQL ("x402idx" in ASCII).
+const INDEX_WRITE_LOCK: i64 = 0x0078_3430_3269_6478;
+
+/// Orders this transaction after every other index write (and reversal step) in progress (PostgreSQL). The index's writes read, then
+/// write (the checkpoint, then the rows below it; the rows of a range, then their new status), which is safe only
+/// while they run one at a time: SQLite's single writer does that; on PostgreSQL the leader's range fetch and its
+/// WebSocket task — and, for a moment, an old and a new leader — would otherwise interleave, and a `seen` row
+/// inserted under a range being applied could be confirmed without ever being checked. The lock is released by the
+/// transaction's end.
+pub(crate) fn serialize_index_writes(c: &dyn Sql) -> Result<(), StoreError> {
+    if c.engine() == Engine::Postgres {
+        c.execute(
+            "SELECT pg_advisory_xact_lock(?1)",
+            params![INDEX_WRITE_LOCK],
+        )?;
+    }
+    Ok(())
+}
+
+fn bind_chain_in(
+    c: &dyn Sql,
+    path: &Path,
+    chain_id: u64,
+    token: &str,
+    pay_to: &str,
+) -> Result<(), StoreError> {
+    serialize_index_writes(c)?;
+    // Single writer: read, then insert when absent. A second concurrent binder would fail on the primary key.
+    let existing: Option<(i64, String, String)> = c.query_opt(
+        "SELECT chain_id, token_address, pay_to FROM chain_binding WHERE id = 1",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let expected = format!("chain {chain_id}, token {token}, payTo {pay_to}");
+    match existing {
+        None => {
+            c.execute(
+                "INSERT INTO chain_binding (id, chain_id, token_address, pay_to, created_at) VALUES (1, ?1, ?2, ?3, ?4)",
+                params![chain_id as i64, token, pay_to, now_unix()],
+            )?;
+            Ok(())
+        }
+        Some((c, t, p)) if c as u64 == chain_id && t == token && p == pay_to => Ok(()),
+        Some((c, t, p)) => Err(StoreError::BindingMismatch {
+            path: path.to_path_buf(),
+            found: format!("chain {c}, token {t}, payTo {p}"),
+            expected,
+        }),
+    }
+}
+
+fn read_checkpoint(c: &dyn Sql) -> Result<Option<Checkpoint>, StoreError> {
+    c.query_opt(
+        "SELECT block_number, block_hash FROM checkpoint WHERE id = 1",
+        params![],
+        |r| {
+            Ok(Checkpoint {
+                number: r.get::<i64>(0)? as u64,
+                hash: r.get(1)?,
+            })
+        },
+    )
+}
+
+fn read_recent_block(c: &dyn Sql, number: u64) -> Result<Option<BlockRef>, StoreError> {
+    c.query_opt(
+        "SELECT number, hash, parent_hash, timestamp FROM recent_blocks WHERE number = ?1",
+        params![number as i64],
+        |r| {
+            Ok(BlockRef {
+                number: r.get::<i64>(0)? as u64,
+                hash: r.get(1)?,
+                parent_hash: r.get(2)?,
+                timestamp: r.get::<i64>(3)? as u64,
+            })
+        },
+    )
+}
+
+/// [`Store::apply_range`]'s statements but the reversals, which the caller runs in the same transaction.
+/// `now` stamps the status changes.
+fn apply_range_in(c: &dyn Sql, update: &RangeUpdate, now: i64) -> Result<RangeOutcome, StoreError> {
+    serialize_index_writes(c)?;
+    let mut outcome = RangeOutcome::default();
+    let head = update.to;
+    let fetched: HashSet<(&str, u64)> = update
+        .transfers
+        .iter()
+        .map(|t| (t.block_hash.as_str(), t.log_index))
+        .collect();
+
+    // Depth reached: confirmations = head − block + 1 ≥ N  ⇔  block ≤ head + 1 − N.
+    let confirm_upto = (head + 1)
+        .checked_sub(update.confirmations)
+        .map(|v| v as i64)
+        .unwrap_or(-1);
+    for t in &update.transfers {
+        if let Some(row) = insert_new(c, t, confirm_upto)? {
+            outcome.inserted += 1;
+            if row.status == TransferStatus::Confirmed {
+                outcome.newly_confirmed.push(row);
+            }
+            continue;
+        }
+        // Already stored: a WebSocket announcement, or a block that comes back after a reorg.
+        // Single writer: the rows read here are updated by id below without re-checking their status.
+        let back = select_transfers(
+            c,
+            "block_hash = ?1 AND log_index = ?2 AND status = 'orphaned'",
+            params![t.block_hash, t.log_index as i64],
+        )?;
+        for row in back {
+            c.execute(
+                "UPDATE transfers SET status = 'seen', orphaned_at = NULL WHERE id = ?1",
+                params![row.id],
+            )?;
+            record_status(
+                c,
+                row.id,
+                TransferStatus::Seen,
+                head,
+                "block is canonical again",
+            )?;
+            outcome.reappeared.push(row);
+        }
+    }
+
+    // Rows announced over WebSocket whose block the canonical range does not contain were reorged away.
+    // Single writer: a `seen` row inserted by a concurrent `record_announced` after this read would be missed
+    // here and, once below the checkpoint, confirmed by a later range although its block is not canonical.
+    let stale = select_transfers(
+        c,
+        "status = 'seen' AND block_number BETWEEN ?1 AND ?2",
+        params![update.from as i64, update.to as i64],
+    )?;
+    for row in stale
+        .into_iter()
+        .filter(|r| !fetched.contains(&(r.block_hash.as_str(), r.log_index)))
+    {
+        c.execute(
+            "UPDATE transfers SET status = 'orphaned', orphaned_at = ?2 WHERE id = ?1",
+            params![row.id, now],
+        )?;
+        record_status(
+            c,
+            row.id,
+            TransferStatus::Orphaned,
+            head,
+            "block not in the canonical chain",
+        )?;
+        outcome.orphaned.push(row);
+    }
+
+    for h in &update.headers {
+        c.execute(
+            "INSERT INTO recent_blocks (number, hash, parent_hash, timestamp) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (number) DO UPDATE SET hash = excluded.hash, parent_hash = excluded.parent_hash, \
+             timestamp = excluded.timestamp",
+            params![h.number as i64, h.hash, h.parent_hash, h.timestamp as i64],
+        )?;
+    }
+    let keep_from = update.to.saturating_sub(update.reorg_window) as i64;
+    c.execute(
+        "DELETE FROM recent_blocks WHERE number < ?1",
+        params![keep_from],
+    )?;
+    let to_hash = update
+        .headers
+        .iter()
+        .find(|h| h.number == update.to)
+        .map(|h| h.hash.clone())
+        .ok_or_else(|| {
+            StoreError::Schema(format!(
+                "range update without the header of block {}",
+                update.to
+            ))
+        })?;
+    c.execute(
+        "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, ?1, ?2, ?3) \
+         ON CONFLICT (id) DO UPDATE SET block_number = excluded.block_number, block_hash = excluded.block_hash, \
+         updated_at = excluded.updated_at",
+        params![update.to as i64, to_hash, now],
+    )?;
+
+    // Single writer: as above, the rows read are updated by id without re-checking their status.
+    let newly = select_transfers(
+        c,
+        "status = 'seen' AND block_number <= ?1",
+        params![confirm_upto],
+    )?;
+    for mut row in newly {
+        c.execute(
+            "UPDATE transfers SET status = 'confirmed', confirmed_at = ?2 WHERE id = ?1",
+            params![row.id, now],
+        )?;
+        record_status(
+            c,
+            row.id,
+            TransferStatus::Confirmed,
+            head,
+            "required confirmations reached",
+        )?;
+        row.status = TransferStatus::Confirmed;
+        row.confirmed_at = Some(now);
+        outcome.newly_confirmed.push(row);
+    }
+    outcome.pending = select_transfers(
+        c,
+        "status = 'seen' ORDER BY block_number, log_index",
+        params![],
+    )?;
+    Ok(outcome)
+}
+
+/// [`Store::rollback_to`]'s statements but the reversals, which the caller runs in the same transaction.
+fn rollback_in(
+    c: &dyn Sql,
+    fork: &BlockRef,
+    old_head: u64,
+    now: i64,
+) -> Result<Vec<Transfer>, StoreError> {
+    serialize_index_writes(c)?;
+    // Single writer: the rows read are updated by id without re-checking their status, and their count is
+    // what the `reorgs` row records.
+    let gone = select_transfers(
+        c,
+        "block_number > ?1 AND status != 'orphaned'",
+        params![fork.number as i64],
+    )?;
+    for row in &gone {
+        c.execute(
+            "UPDATE transfers SET status = 'orphaned', orphaned_at = ?2 WHERE id = ?1",
+            params![row.id, now],
+        )?;
+        record_status(
+            c,
+            row.id,
+            TransferStatus::Orphaned,
+            fork.number,
+            "reorg: block left the canonical chain",
+        )?;
+    }
+    c.execute(
+        "DELETE FROM recent_blocks WHERE number > ?1",
+        params![fork.number as i64],
+    )?;
+    c.execute(
+        "UPDATE checkpoint SET block_number = ?1, block_hash = ?2, updated_at = ?3 WHERE id = 1",
+        params![fork.number as i64, fork.hash, now],
+    )?;
+    c.execute(
+        "INSERT INTO reorgs (detected_at, fork_block, old_head, depth, orphaned_transfers) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            now,
+            fork.number as i64,
+            old_head as i64,
+            old_head.saturating_sub(fork.number) as i64,
+            gone.len() as i64
+        ],
+    )?;
+    Ok(gone)
+}
+
+/// [`Store::record_announced`]'s statements.
+fn record_announced_in(c: &dyn Sql, t: &NewTransfer) -> Result<bool, StoreError> {
+    serialize_index_writes(c)?;
+    // The checkpoint read here cannot move before the insert commits: `serialize_index_writes` (PostgreSQL), the
+    // single writer (SQLite).
+    let checkpoint = read_checkpoint(c)?;
+    if checkpoint
+        .as_ref()
+        .is_some_and(|cp| t.block_number <= cp.number)
+    {
+        return Ok(false);
+    }
+    Ok(insert_new(c, t, -1)?.is_some())
+}
+
+fn list_transfers_in(
+    c: &dyn Sql,
+    status: Option<TransferStatus>,
+) -> Result<Vec<Transfer>, StoreError> {
+    match status {
+        Some(s) => select_transfers(
+            c,
+            "status = ?1 ORDER BY block_number, log_index, id",
+            params![s.as_str()],
+        ),
+        None => select_transfers(c, "1 = 1 ORDER BY block_number, log_index, id", params![]),
+    }
+}
+
+fn transfers_of_tx_in(c: &dyn Sql, tx_hash: &str) -> Result<Vec<Transfer>, StoreError> {
+    select_transfers(
+        c,
+        "tx_hash = ?1 ORDER BY block_number, log_index, id",
+        params![tx_hash],
+    )
+}
+
+fn count_reorgs(c: &dyn Sql) -> Result<u64, StoreError> {
+    Ok(c.query_value::<i64>("SELECT count(*) FROM reorgs", params![])? as u64)
+}
+
 impl Store {
     /// Ties the database to one chain, token and payTo on first use; refuses a different one afterwards.
     pub async fn bind_chain(
@@ -237,137 +544,24 @@ impl Store {
         pay_to: String,
     ) -> Result<(), StoreError> {
         let path = self.path().to_path_buf();
-        self.write(move |tx| {
-            let existing: Option<(i64, String, String)> = tx
-                .query_row("SELECT chain_id, token_address, pay_to FROM chain_binding WHERE id = 1", [], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .optional()?;
-            let expected = format!("chain {chain_id}, token {token}, payTo {pay_to}");
-            match existing {
-                None => {
-                    tx.execute(
-                        "INSERT INTO chain_binding (id, chain_id, token_address, pay_to, created_at) VALUES (1, ?1, ?2, ?3, ?4)",
-                        params![chain_id as i64, token, pay_to, now_unix()],
-                    )?;
-                    Ok(())
-                }
-                Some((c, t, p)) if c as u64 == chain_id && t == token && p == pay_to => Ok(()),
-                Some((c, t, p)) => Err(StoreError::BindingMismatch {
-                    path,
-                    found: format!("chain {c}, token {t}, payTo {p}"),
-                    expected,
-                }),
-            }
-        })
-        .await
+        self.write(move |tx| bind_chain_in(tx, &path, chain_id, &token, &pay_to))
+            .await
     }
 
     pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
-        self.read(read_checkpoint).await
+        self.read(|c| read_checkpoint(c)).await
     }
 
     /// The stored canonical hash of block `number`, if it is in the window.
     pub async fn recent_block(&self, number: u64) -> Result<Option<BlockRef>, StoreError> {
-        self.read(move |c| -> Result<_, StoreError> {
-            Ok(c.query_row(
-                "SELECT number, hash, parent_hash, timestamp FROM recent_blocks WHERE number = ?1",
-                [number as i64],
-                |r| {
-                    Ok(BlockRef {
-                        number: r.get::<_, i64>(0)? as u64,
-                        hash: r.get(1)?,
-                        parent_hash: r.get(2)?,
-                        timestamp: r.get::<_, i64>(3)? as u64,
-                    })
-                },
-            )
-            .optional()?)
-        })
-        .await
+        self.read(move |c| read_recent_block(c, number)).await
     }
 
     /// Applies one fetched range atomically; see [`RangeUpdate`].
     pub async fn apply_range(&self, update: RangeUpdate) -> Result<RangeOutcome, StoreError> {
         self.write(move |tx| {
-            let mut outcome = RangeOutcome::default();
-            let head = update.to;
-            let fetched: HashSet<(&str, u64)> =
-                update.transfers.iter().map(|t| (t.block_hash.as_str(), t.log_index)).collect();
-
-            // Depth reached: confirmations = head − block + 1 ≥ N  ⇔  block ≤ head + 1 − N.
-            let confirm_upto = (head + 1).checked_sub(update.confirmations).map(|v| v as i64).unwrap_or(-1);
-            for t in &update.transfers {
-                if let Some(row) = insert_new(tx, t, confirm_upto)? {
-                    outcome.inserted += 1;
-                    if row.status == TransferStatus::Confirmed {
-                        outcome.newly_confirmed.push(row);
-                    }
-                    continue;
-                }
-                // Already stored: a WebSocket announcement, or a block that comes back after a reorg.
-                let back = select_transfers(
-                    tx,
-                    "block_hash = ?1 AND log_index = ?2 AND status = 'orphaned'",
-                    &[&t.block_hash, &(t.log_index as i64)],
-                )?;
-                for row in back {
-                    tx.execute("UPDATE transfers SET status = 'seen', orphaned_at = NULL WHERE id = ?1", [row.id])?;
-                    record_status(tx, row.id, TransferStatus::Seen, head, "block is canonical again")?;
-                    outcome.reappeared.push(row);
-                }
-            }
-
-            // Rows announced over WebSocket whose block the canonical range does not contain were reorged away.
-            let stale = select_transfers(
-                tx,
-                "status = 'seen' AND block_number BETWEEN ?1 AND ?2",
-                &[&(update.from as i64), &(update.to as i64)],
-            )?;
-            for row in stale.into_iter().filter(|r| !fetched.contains(&(r.block_hash.as_str(), r.log_index))) {
-                tx.execute("UPDATE transfers SET status = 'orphaned', orphaned_at = ?2 WHERE id = ?1", params![
-                    row.id,
-                    now_unix()
-                ])?;
-                record_status(tx, row.id, TransferStatus::Orphaned, head, "block not in the canonical chain")?;
-                outcome.orphaned.push(row);
-            }
-
-            {
-                let mut put = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO recent_blocks (number, hash, parent_hash, timestamp) VALUES (?1, ?2, ?3, ?4)",
-                )?;
-                for h in &update.headers {
-                    put.execute(params![h.number as i64, h.hash, h.parent_hash, h.timestamp as i64])?;
-                }
-            }
-            let keep_from = update.to.saturating_sub(update.reorg_window) as i64;
-            tx.execute("DELETE FROM recent_blocks WHERE number < ?1", [keep_from])?;
-            let to_hash = update
-                .headers
-                .iter()
-                .find(|h| h.number == update.to)
-                .map(|h| h.hash.clone())
-                .ok_or_else(|| StoreError::Schema(format!("range update without the header of block {}", update.to)))?;
-            tx.execute(
-                "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, ?1, ?2, ?3) \
-                 ON CONFLICT(id) DO UPDATE SET block_number = excluded.block_number, block_hash = excluded.block_hash, \
-                 updated_at = excluded.updated_at",
-                params![update.to as i64, to_hash, now_unix()],
-            )?;
-
-            let newly = select_transfers(tx, "status = 'seen' AND block_number <= ?1", &[&confirm_upto])?;
             let now = now_unix();
-            for mut row in newly {
-                tx.execute("UPDATE transfers SET status = 'confirmed', confirmed_at = ?2 WHERE id = ?1", params![
-                    row.id, now
-                ])?;
-                record_status(tx, row.id, TransferStatus::Confirmed, head, "required confirmations reached")?;
-                row.status = TransferStatus::Confirmed;
-                row.confirmed_at = Some(now);
-                outcome.newly_confirmed.push(row);
-            }
-            outcome.pending = select_transfers(tx, "status = 'seen' ORDER BY block_number, log_index", &[])?;
+            let outcome = apply_range_in(tx, &update, now)?;
             // Claimed payments whose transfers left the chain, or came back confirmed: reversed or restored in
             // this same transaction (see `store::reversals`).
             let changed: HashSet<&str> = outcome
@@ -391,29 +585,14 @@ impl Store {
         old_head: u64,
     ) -> Result<Vec<Transfer>, StoreError> {
         self.write(move |tx| {
-            let gone = select_transfers(tx, "block_number > ?1 AND status != 'orphaned'", &[&(fork.number as i64)])?;
             let now = now_unix();
-            for row in &gone {
-                tx.execute("UPDATE transfers SET status = 'orphaned', orphaned_at = ?2 WHERE id = ?1", params![
-                    row.id, now
-                ])?;
-                record_status(tx, row.id, TransferStatus::Orphaned, fork.number, "reorg: block left the canonical chain")?;
-            }
+            let gone = rollback_in(tx, &fork, old_head, now)?;
             // A claimed payment whose every transfer is gone is reversed in this same transaction: no window in
             // which the index says "orphaned" while its credits and keys still work.
             let hashes: HashSet<&str> = gone.iter().map(|t| t.tx_hash.as_str()).collect();
             for hash in hashes {
                 super::reversals::reconcile_tx(tx, hash, now)?;
             }
-            tx.execute("DELETE FROM recent_blocks WHERE number > ?1", [fork.number as i64])?;
-            tx.execute(
-                "UPDATE checkpoint SET block_number = ?1, block_hash = ?2, updated_at = ?3 WHERE id = 1",
-                params![fork.number as i64, fork.hash, now],
-            )?;
-            tx.execute(
-                "INSERT INTO reorgs (detected_at, fork_block, old_head, depth, orphaned_transfers) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![now, fork.number as i64, old_head as i64, old_head.saturating_sub(fork.number) as i64, gone.len() as i64],
-            )?;
             Ok(gone)
         })
         .await
@@ -422,17 +601,7 @@ impl Store {
     /// Records a transfer announced by a WebSocket subscription as `seen`, unless its block is already indexed
     /// (then the range fetch owns it). Returns whether a row was added.
     pub async fn record_announced(&self, t: NewTransfer) -> Result<bool, StoreError> {
-        self.write(move |tx| {
-            let checkpoint = read_checkpoint(tx)?;
-            if checkpoint
-                .as_ref()
-                .is_some_and(|c| t.block_number <= c.number)
-            {
-                return Ok(false);
-            }
-            Ok(insert_new(tx, &t, -1)?.is_some())
-        })
-        .await
+        self.write(move |tx| record_announced_in(tx, &t)).await
     }
 
     /// Transfers in block order, optionally of one status.
@@ -440,50 +609,16 @@ impl Store {
         &self,
         status: Option<TransferStatus>,
     ) -> Result<Vec<Transfer>, StoreError> {
-        self.read(move |c| -> Result<_, StoreError> {
-            Ok(match status {
-                Some(s) => select_transfers(
-                    c,
-                    "status = ?1 ORDER BY block_number, log_index, id",
-                    &[&s.as_str()],
-                )?,
-                None => select_transfers(c, "1 = 1 ORDER BY block_number, log_index, id", &[])?,
-            })
-        })
-        .await
+        self.read(move |c| list_transfers_in(c, status)).await
     }
 
     /// All stored transfers of one transaction.
     pub async fn transfers_of_tx(&self, tx_hash: String) -> Result<Vec<Transfer>, StoreError> {
-        self.read(move |c| -> Result<_, StoreError> {
-            Ok(select_transfers(
-                c,
-                "tx_hash = ?1 ORDER BY block_number, log_index, id",
-                &[&tx_hash],
-            )?)
-        })
-        .await
+        self.read(move |c| transfers_of_tx_in(c, &tx_hash)).await
     }
 
     /// How many reorgs have been handled.
     pub async fn reorg_count(&self) -> Result<u64, StoreError> {
-        self.read(|c| -> Result<_, StoreError> {
-            Ok(c.query_row("SELECT count(*) FROM reorgs", [], |r| r.get::<_, i64>(0))? as u64)
-        })
-        .await
+        self.read(|c| count_reorgs(c)).await
     }
-}
-
-fn read_checkpoint(c: &Connection) -> Result<Option<Checkpoint>, StoreError> {
-    Ok(c.query_row(
-        "SELECT block_number, block_hash FROM checkpoint WHERE id = 1",
-        [],
-        |r| {
-            Ok(Checkpoint {
-                number: r.get::<_, i64>(0)? as u64,
-                hash: r.get(1)?,
-            })
-        },
-    )
-    .optional()?)
 }

@@ -6,10 +6,12 @@
 //! the unused part and records what was actually charged, which is never more than the reservation: what an
 //! upstream produced beyond it is recorded (`overrun_tokens`, `uncharged_atomic`), not charged.
 
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use serde::Serialize;
 
+use super::StoreError;
 use super::billing::{LedgerError, LedgerKind, append_ledger, balance};
+use super::sql::{Row, Sql};
+use crate::params;
 use crate::usdc::Usdc;
 
 /// A request about to be forwarded.
@@ -61,11 +63,7 @@ pub struct Settled {
 
 /// Writes the usage row of a credit request and reserves `reserve` from its account. Returns the row id and the
 /// balance left after the reservation.
-pub fn reserve(
-    tx: &Transaction<'_>,
-    usage: &NewUsage,
-    reserve: Usdc,
-) -> Result<(i64, Usdc), LedgerError> {
+pub fn reserve(tx: &dyn Sql, usage: &NewUsage, reserve: Usdc) -> Result<(i64, Usdc), LedgerError> {
     let left = append_ledger(
         tx,
         &usage.account,
@@ -80,44 +78,38 @@ pub fn reserve(
     Ok((id, left))
 }
 
-fn insert(
-    tx: &Connection,
-    usage: &NewUsage,
-    reserved: Usdc,
-    status: &str,
-) -> rusqlite::Result<i64> {
-    tx.prepare_cached(
+fn insert(tx: &dyn Sql, usage: &NewUsage, reserved: Usdc, status: &str) -> Result<i64, StoreError> {
+    tx.query_one(
         "INSERT INTO usage (request_id, key_id, account, key_kind, model, stream, reserved_atomic, status, started_at, \
          bound_prompt_tokens, bound_output_tokens, input_price_atomic, output_price_atomic) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) RETURNING id",
-    )?
-    .query_row(params![
-        usage.request_id,
-        usage.key_id,
-        usage.account,
-        usage.key_kind,
-        usage.model,
-        usage.stream,
-        reserved.atomic(),
-        status,
-        usage.started_at,
-        usage.bound_prompt_tokens.min(i64::MAX as u64) as i64,
-        usage.bound_output_tokens.min(i64::MAX as u64) as i64,
-        usage.input_per_mtok.atomic(),
-        usage.output_per_mtok.atomic(),
-    ], |r| r.get(0))
+        params![
+            usage.request_id,
+            usage.key_id,
+            usage.account,
+            usage.key_kind,
+            usage.model,
+            usage.stream,
+            reserved.atomic(),
+            status,
+            usage.started_at,
+            usage.bound_prompt_tokens.min(i64::MAX as u64) as i64,
+            usage.bound_output_tokens.min(i64::MAX as u64) as i64,
+            usage.input_per_mtok.atomic(),
+            usage.output_per_mtok.atomic(),
+        ],
+        |r| r.get(0),
+    )
 }
 
 /// Writes a request's outcome, only while it is still `in_flight` (the guard that makes settlement happen at most
 /// once, whoever else — a start-up recovery, another replica — reaches the row). Returns whether it did.
-fn finish(tx: &Connection, id: i64, outcome: &Outcome, charged: Usdc) -> rusqlite::Result<bool> {
-    let changed = tx
-        .prepare_cached(
-            "UPDATE usage SET prompt_tokens = ?2, completion_tokens = ?3, cost_atomic = ?4, status = ?5, \
-             usage_source = ?6, http_status = ?7, duration_ms = ?8, overhead_us = ?9, overrun_tokens = ?10, \
-             uncharged_atomic = ?11 WHERE id = ?1 AND status = 'in_flight'",
-        )?
-        .execute(params![
+fn finish(tx: &dyn Sql, id: i64, outcome: &Outcome, charged: Usdc) -> Result<bool, StoreError> {
+    let changed = tx.execute(
+        "UPDATE usage SET prompt_tokens = ?2, completion_tokens = ?3, cost_atomic = ?4, status = ?5, \
+         usage_source = ?6, http_status = ?7, duration_ms = ?8, overhead_us = ?9, overrun_tokens = ?10, \
+         uncharged_atomic = ?11 WHERE id = ?1 AND status = 'in_flight'",
+        params![
             id,
             outcome.prompt_tokens as i64,
             outcome.completion_tokens as i64,
@@ -129,7 +121,8 @@ fn finish(tx: &Connection, id: i64, outcome: &Outcome, charged: Usdc) -> rusqlit
             outcome.overhead_us as i64,
             outcome.overrun_tokens.min(i64::MAX as u64) as i64,
             outcome.uncharged.atomic().max(0),
-        ])?;
+        ],
+    )?;
     Ok(changed == 1)
 }
 
@@ -137,7 +130,7 @@ fn finish(tx: &Connection, id: i64, outcome: &Outcome, charged: Usdc) -> rusqlit
 /// exceeds the reservation, whatever the upstream reported: the excess is the operator's recorded loss
 /// (`uncharged_atomic`, `overrun_tokens`), never a debit the account did not reserve.
 pub fn settle_credit(
-    tx: &Transaction<'_>,
+    tx: &dyn Sql,
     usage_id: i64,
     account: &str,
     key_id: i64,
@@ -194,10 +187,10 @@ pub fn settle_credit(
 
 /// Records a finished subscription request (nothing to charge).
 pub fn record_subscription(
-    tx: &Transaction<'_>,
+    tx: &dyn Sql,
     usage: &NewUsage,
     outcome: &Outcome,
-) -> rusqlite::Result<()> {
+) -> Result<(), StoreError> {
     let id = insert(tx, usage, Usdc::ZERO, "in_flight")?;
     finish(tx, id, outcome, Usdc::ZERO)?;
     Ok(())
@@ -206,19 +199,17 @@ pub fn record_subscription(
 /// Refunds and closes requests left `in_flight` by a process that stopped mid-request. Returns how many. Each row
 /// is claimed by a guarded update (`WHERE status = 'in_flight'`) before its refund, so a row is refunded at most
 /// once whatever else settles or recovers it.
-pub fn recover_in_flight(tx: &Transaction<'_>, now: i64) -> Result<usize, LedgerError> {
-    let rows: Vec<(i64, String, i64, i64)> = {
-        let mut stmt = tx.prepare(
-            "SELECT id, account, key_id, reserved_atomic FROM usage WHERE status = 'in_flight'",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+pub fn recover_in_flight(tx: &dyn Sql, now: i64) -> Result<usize, LedgerError> {
+    let rows: Vec<(i64, String, i64, i64)> = tx.query_map(
+        "SELECT id, account, key_id, reserved_atomic FROM usage WHERE status = 'in_flight' ORDER BY id",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+    )?;
     let mut recovered = 0;
     for (id, account, key_id, reserved) in &rows {
         let claimed = tx.execute(
             "UPDATE usage SET status = 'interrupted', usage_source = 'none' WHERE id = ?1 AND status = 'in_flight'",
-            [id],
+            params![id],
         )?;
         if claimed == 0 {
             continue;
@@ -269,31 +260,32 @@ pub struct UsageRow {
 }
 
 /// A key's totals since `since` (unix seconds).
-pub fn totals(c: &Connection, key_id: i64, since: i64) -> rusqlite::Result<Totals> {
-    c.prepare_cached(
+pub fn totals(c: &dyn Sql, key_id: i64, since: i64) -> Result<Totals, StoreError> {
+    c.query_one(
         "SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), \
          coalesce(sum(cost_atomic), 0) FROM usage WHERE key_id = ?1 AND started_at >= ?2",
-    )?
-    .query_row(params![key_id, since], |r| {
-        Ok(Totals {
-            requests: r.get::<_, i64>(0)? as u64,
-            prompt_tokens: r.get::<_, i64>(1)? as u64,
-            completion_tokens: r.get::<_, i64>(2)? as u64,
-            cost_usdc: Usdc(r.get(3)?),
-        })
-    })
+        params![key_id, since],
+        |r| {
+            Ok(Totals {
+                requests: r.get::<i64>(0)? as u64,
+                prompt_tokens: r.get::<i64>(1)? as u64,
+                completion_tokens: r.get::<i64>(2)? as u64,
+                cost_usdc: Usdc(r.get(3)?),
+            })
+        },
+    )
 }
 
 const USAGE_COLUMNS: &str = "request_id, model, stream, prompt_tokens, completion_tokens, cost_atomic, status, \
      usage_source, started_at, duration_ms";
 
-fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
+fn usage_row(r: &Row) -> Result<UsageRow, StoreError> {
     Ok(UsageRow {
         request_id: r.get(0)?,
         model: r.get(1)?,
         stream: r.get(2)?,
-        prompt_tokens: r.get::<_, i64>(3)? as u64,
-        completion_tokens: r.get::<_, i64>(4)? as u64,
+        prompt_tokens: r.get::<i64>(3)? as u64,
+        completion_tokens: r.get::<i64>(4)? as u64,
         cost_usdc: Usdc(r.get(5)?),
         status: r.get(6)?,
         usage_source: r.get(7)?,
@@ -303,19 +295,19 @@ fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
 }
 
 /// A key's most recent requests, newest first.
-pub fn recent(c: &Connection, key_id: i64, limit: u32) -> rusqlite::Result<Vec<UsageRow>> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {USAGE_COLUMNS} FROM usage WHERE key_id = ?1 ORDER BY id DESC LIMIT ?2"
-    ))?;
-    let rows = stmt.query_map(params![key_id, limit], usage_row)?;
-    rows.collect()
+pub fn recent(c: &dyn Sql, key_id: i64, limit: u32) -> Result<Vec<UsageRow>, StoreError> {
+    c.query_map(
+        &format!("SELECT {USAGE_COLUMNS} FROM usage WHERE key_id = ?1 ORDER BY id DESC LIMIT ?2"),
+        params![key_id, limit],
+        usage_row,
+    )
 }
 
 /// The usage row of a request id (tests and audits).
-pub fn by_request_id(c: &Connection, request_id: &str) -> rusqlite::Result<Option<UsageRow>> {
-    c.prepare_cached(&format!(
-        "SELECT {USAGE_COLUMNS} FROM usage WHERE request_id = ?1"
-    ))?
-    .query_row([request_id], usage_row)
-    .optional()
+pub fn by_request_id(c: &dyn Sql, request_id: &str) -> Result<Option<UsageRow>, StoreError> {
+    c.query_opt(
+        &format!("SELECT {USAGE_COLUMNS} FROM usage WHERE request_id = ?1"),
+        params![request_id],
+        usage_row,
+    )
 }

@@ -1,7 +1,9 @@
 //! SQL of standard x402 payments: settlements (for linking and reorg handling), their events, and the
 //! `payment-identifier` answers. Functions take a connection: callers compose them inside one transaction.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use super::StoreError;
+use super::sql::{Row, Sql};
+use crate::params;
 
 /// A settlement to record.
 #[derive(Debug, Clone)]
@@ -39,10 +41,11 @@ pub struct SettlementRow {
     pub status: String,
 }
 
-const COLUMNS: &str = "id, tx_hash, payer, nonce, x402_version, authorization, signature, requirements, resource, \
-                       product, amount_atomic, key_id, status";
+/// `authorization` is a reserved word in PostgreSQL: quoted (SQLite takes the quoted name too).
+const COLUMNS: &str = "id, tx_hash, payer, nonce, x402_version, \"authorization\", signature, requirements, \
+                       resource, product, amount_atomic, key_id, status";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SettlementRow> {
+fn row(r: &Row) -> Result<SettlementRow, StoreError> {
     Ok(SettlementRow {
         id: r.get(0)?,
         tx_hash: r.get(1)?,
@@ -61,61 +64,63 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SettlementRow> {
 }
 
 /// Records a settlement; returns its id.
-pub fn insert_settlement(c: &Connection, s: &NewSettlement<'_>) -> rusqlite::Result<i64> {
-    c.prepare_cached(
-        "INSERT INTO x402_settlements (tx_hash, payer, nonce, x402_version, authorization, signature, requirements, \
-         resource, product, amount_atomic, key_id, status, settled_at, updated_at) \
+pub fn insert_settlement(c: &dyn Sql, s: &NewSettlement<'_>) -> Result<i64, StoreError> {
+    c.query_value(
+        "INSERT INTO x402_settlements (tx_hash, payer, nonce, x402_version, \"authorization\", signature, \
+         requirements, resource, product, amount_atomic, key_id, status, settled_at, updated_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'settled', ?12, ?12) RETURNING id",
-    )?
-    .query_row(params![
-        s.tx_hash,
-        s.payer,
-        s.nonce,
-        s.x402_version,
-        s.authorization,
-        s.signature,
-        s.requirements,
-        s.resource,
-        s.product,
-        s.amount_atomic,
-        s.key_id,
-        s.now
-    ], |r| r.get(0))
+        params![
+            s.tx_hash,
+            s.payer,
+            s.nonce,
+            s.x402_version,
+            s.authorization,
+            s.signature,
+            s.requirements,
+            s.resource,
+            s.product,
+            s.amount_atomic,
+            s.key_id,
+            s.now
+        ],
+    )
 }
 
 /// The settlement whose current transaction is `tx_hash`.
-pub fn settlement_by_tx(c: &Connection, tx_hash: &str) -> rusqlite::Result<Option<SettlementRow>> {
-    c.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM x402_settlements WHERE tx_hash = ?1"
-    ))?
-    .query_row([tx_hash], row)
-    .optional()
+pub fn settlement_by_tx(c: &dyn Sql, tx_hash: &str) -> Result<Option<SettlementRow>, StoreError> {
+    c.query_opt(
+        &format!("SELECT {COLUMNS} FROM x402_settlements WHERE tx_hash = ?1"),
+        params![tx_hash],
+        row,
+    )
 }
 
 /// All settlements, oldest first.
-pub fn list_settlements(c: &Connection) -> rusqlite::Result<Vec<SettlementRow>> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM x402_settlements ORDER BY id"
-    ))?;
-    let rows = stmt.query_map([], row)?;
-    rows.collect()
+pub fn list_settlements(c: &dyn Sql) -> Result<Vec<SettlementRow>, StoreError> {
+    c.query_map(
+        &format!("SELECT {COLUMNS} FROM x402_settlements ORDER BY id"),
+        params![],
+        row,
+    )
 }
 
 /// Live settlements whose transaction the indexer has seen and that are now only orphaned (reorged out and not
 /// mined again).
-pub fn orphaned_settlements(c: &Connection) -> rusqlite::Result<Vec<SettlementRow>> {
-    let mut stmt = c.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM x402_settlements s WHERE s.status = 'settled' \
-         AND EXISTS (SELECT 1 FROM transfers t WHERE t.tx_hash = s.tx_hash) \
-         AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.tx_hash = s.tx_hash AND t.status <> 'orphaned') \
-         ORDER BY s.id"
-    ))?;
-    let rows = stmt.query_map([], row)?;
-    rows.collect()
+pub fn orphaned_settlements(c: &dyn Sql) -> Result<Vec<SettlementRow>, StoreError> {
+    c.query_map(
+        &format!(
+            "SELECT {COLUMNS} FROM x402_settlements s WHERE s.status = 'settled' \
+             AND EXISTS (SELECT 1 FROM transfers t WHERE t.tx_hash = s.tx_hash) \
+             AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.tx_hash = s.tx_hash AND t.status <> 'orphaned') \
+             ORDER BY s.id"
+        ),
+        params![],
+        row,
+    )
 }
 
 /// Points a settlement at a new transaction (a re-submission of the same authorization).
-pub fn replace_tx(c: &Connection, id: i64, tx_hash: &str, now: i64) -> rusqlite::Result<()> {
+pub fn replace_tx(c: &dyn Sql, id: i64, tx_hash: &str, now: i64) -> Result<(), StoreError> {
     c.execute(
         "UPDATE x402_settlements SET tx_hash = ?2, updated_at = ?3 WHERE id = ?1",
         params![id, tx_hash, now],
@@ -124,7 +129,7 @@ pub fn replace_tx(c: &Connection, id: i64, tx_hash: &str, now: i64) -> rusqlite:
 }
 
 /// Marks a settlement failed (its transfer is gone and could not be re-submitted).
-pub fn mark_failed(c: &Connection, id: i64, now: i64) -> rusqlite::Result<()> {
+pub fn mark_failed(c: &dyn Sql, id: i64, now: i64) -> Result<(), StoreError> {
     c.execute(
         "UPDATE x402_settlements SET status = 'failed', updated_at = ?2 WHERE id = ?1",
         params![id, now],
@@ -134,17 +139,17 @@ pub fn mark_failed(c: &Connection, id: i64, now: i64) -> rusqlite::Result<()> {
 
 /// Appends an event of a settlement.
 pub fn insert_event(
-    c: &Connection,
+    c: &dyn Sql,
     settlement_id: i64,
     kind: &str,
     tx_hash: Option<&str>,
     detail: Option<&str>,
     now: i64,
-) -> rusqlite::Result<()> {
-    c.prepare_cached(
+) -> Result<(), StoreError> {
+    c.execute(
         "INSERT INTO x402_events (settlement_id, kind, tx_hash, detail, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![settlement_id, kind, tx_hash, detail, now])?;
+        params![settlement_id, kind, tx_hash, detail, now],
+    )?;
     Ok(())
 }
 
@@ -158,45 +163,46 @@ pub struct EventRow {
 }
 
 /// All events, oldest first.
-pub fn list_events(c: &Connection) -> rusqlite::Result<Vec<EventRow>> {
-    let mut stmt = c.prepare_cached(
+pub fn list_events(c: &dyn Sql) -> Result<Vec<EventRow>, StoreError> {
+    c.query_map(
         "SELECT settlement_id, kind, tx_hash, detail FROM x402_events ORDER BY id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(EventRow {
-            settlement_id: r.get(0)?,
-            kind: r.get(1)?,
-            tx_hash: r.get(2)?,
-            detail: r.get(3)?,
-        })
-    })?;
-    rows.collect()
+        params![],
+        |r| {
+            Ok(EventRow {
+                settlement_id: r.get(0)?,
+                kind: r.get(1)?,
+                tx_hash: r.get(2)?,
+                detail: r.get(3)?,
+            })
+        },
+    )
 }
 
 /// The stored answer for a payment-identifier: `(payload_hash, encrypted response)`.
 pub fn idempotent_answer(
-    c: &Connection,
+    c: &dyn Sql,
     id_hash: &str,
-) -> rusqlite::Result<Option<(String, Vec<u8>)>> {
-    c.prepare_cached("SELECT payload_hash, response FROM x402_idempotency WHERE id_hash = ?1")?
-        .query_row([id_hash], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
+) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+    c.query_opt(
+        "SELECT payload_hash, response FROM x402_idempotency WHERE id_hash = ?1",
+        params![id_hash],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
 }
 
 /// Stores the answer for a payment-identifier unless one is stored already; `false` then.
 pub fn store_idempotent_answer(
-    c: &Connection,
+    c: &dyn Sql,
     id_hash: &str,
     payload_hash: &str,
     response: &[u8],
     now: i64,
-) -> rusqlite::Result<bool> {
-    let n = c
-        .prepare_cached(
-            "INSERT INTO x402_idempotency (id_hash, payload_hash, response, created_at) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (id_hash) DO NOTHING",
-        )?
-        .execute(params![id_hash, payload_hash, response, now])?;
+) -> Result<bool, StoreError> {
+    let n = c.execute(
+        "INSERT INTO x402_idempotency (id_hash, payload_hash, response, created_at) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (id_hash) DO NOTHING",
+        params![id_hash, payload_hash, response, now],
+    )?;
     Ok(n == 1)
 }
 
@@ -204,7 +210,7 @@ pub fn store_idempotent_answer(
 /// re-submitted transfer can never be claimed by txHash either. The copy names the purchase's original claim
 /// (`origin_tx`), so a confirmation of `new` restores a purchase that was reversed when `old` left the chain.
 /// `false` when `new` already has a claim.
-pub fn link_claim(c: &Connection, old: &str, new: &str, now: i64) -> rusqlite::Result<bool> {
+pub fn link_claim(c: &dyn Sql, old: &str, new: &str, now: i64) -> Result<bool, StoreError> {
     let n = c.execute(
         "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, \
          key_id, signature, claimed_at, origin_tx) SELECT ?2, account, kind, paid_atomic, price_atomic, \
@@ -218,19 +224,19 @@ pub fn link_claim(c: &Connection, old: &str, new: &str, now: i64) -> rusqlite::R
 /// Indexed, not orphaned, unclaimed transactions with a transfer of exactly `value` from `from` to `to`: where a
 /// payer may have used a settlement's authorization themselves. Newest first.
 pub fn adoption_candidates(
-    c: &Connection,
+    c: &dyn Sql,
     from: &str,
     to: &str,
     value: i64,
-) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = c.prepare_cached(
+) -> Result<Vec<String>, StoreError> {
+    c.query_map(
         "SELECT t.tx_hash FROM transfers t WHERE t.from_address = ?1 AND t.to_address = ?2 \
          AND t.value_atomic = ?3 AND t.status <> 'orphaned' \
          AND NOT EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash) GROUP BY t.tx_hash \
          ORDER BY max(t.id) DESC LIMIT 16",
-    )?;
-    let rows = stmt.query_map(params![from, to, value], |r| r.get(0))?;
-    rows.collect()
+        params![from, to, value],
+        |r| r.get(0),
+    )
 }
 
 /// A settlement the reorg watcher could not settle again: what is needed to take its purchase back.
@@ -256,8 +262,7 @@ impl super::Store {
         &self,
         id_hash: String,
     ) -> Result<Option<(String, Vec<u8>)>, super::StoreError> {
-        self.read(move |c| -> Result<_, super::StoreError> { Ok(idempotent_answer(c, &id_hash)?) })
-            .await
+        self.read(move |c| idempotent_answer(c, &id_hash)).await
     }
 
     /// Stores the answer for a payment-identifier unless one is stored already (`false` then).
@@ -268,21 +273,13 @@ impl super::Store {
         response: Vec<u8>,
         now: i64,
     ) -> Result<bool, super::StoreError> {
-        self.write(move |tx| -> Result<_, super::StoreError> {
-            Ok(store_idempotent_answer(
-                tx,
-                &id_hash,
-                &payload_hash,
-                &response,
-                now,
-            )?)
-        })
-        .await
+        self.write(move |tx| store_idempotent_answer(tx, &id_hash, &payload_hash, &response, now))
+            .await
     }
 
     /// Settlements whose transfer the indexer now holds only as `orphaned`.
     pub async fn orphaned_settlements(&self) -> Result<Vec<SettlementRow>, super::StoreError> {
-        self.read(|c| Ok(orphaned_settlements(c)?)).await
+        self.read(|c| orphaned_settlements(c)).await
     }
 
     /// Indexed, unclaimed transactions that may carry a settlement's authorization (see [`adoption_candidates`]).
@@ -292,7 +289,7 @@ impl super::Store {
         to: String,
         value: i64,
     ) -> Result<Vec<String>, super::StoreError> {
-        self.read(move |c| Ok(adoption_candidates(c, &from, &to, value)?))
+        self.read(move |c| adoption_candidates(c, &from, &to, value))
             .await
     }
 

@@ -19,6 +19,7 @@ use x402_gateway::store::Store;
 use x402_gateway::usdc::Usdc;
 
 use crate::support::*;
+use x402_gateway::params;
 
 pub(crate) const CHAIN_ID: u64 = 31337;
 pub(crate) const CONFIRMATIONS: u64 = 3;
@@ -166,8 +167,8 @@ pub(crate) async fn state_counts(store: &Store) -> (i64, i64, i64, i64, i64) {
     store
         .read(|c| -> Result<_, x402_gateway::store::StoreError> {
             let n = |t: &str| {
-                c.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| {
-                    r.get::<_, i64>(0)
+                c.query_one(&format!("SELECT count(*) FROM {t}"), params![], |r| {
+                    r.get::<i64>(0)
                 })
             };
             Ok((

@@ -23,19 +23,18 @@ use x402_gateway::usdc::Usdc;
 use crate::checkout::{self, CHAIN_ID, Options, claim_sig, state_counts, usdc};
 use crate::proxy::{PRICES, Stack, assert_openai_error, messages, sse_events};
 use crate::support::*;
+use x402_gateway::params;
 
 /// Every ledger row of `account` in order: (kind, amount, balance_after).
 async fn ledger_of(store: &Store, account: &str) -> Vec<(String, i64, i64)> {
     let account = account.to_string();
     store
         .read(move |c| -> Result<_, StoreError> {
-            let mut stmt = c.prepare(
+            c.query_map(
                 "SELECT kind, amount_atomic, balance_after FROM ledger WHERE account = ?1 ORDER BY id",
-            )?;
-            let rows = stmt
-                .query_map([&account], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+                params![account],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
         })
         .await
         .unwrap()
@@ -252,9 +251,9 @@ async fn five_hundred_racing_claims_of_one_payment_buy_exactly_one_thing() {
     }
     let (claim_tx, claim_account): (String, String) = store
         .read(|c| -> Result<_, StoreError> {
-            Ok(c.query_row("SELECT tx_hash, account FROM claims", [], |r| {
+            c.query_one("SELECT tx_hash, account FROM claims", params![], |r| {
                 Ok((r.get(0)?, r.get(1)?))
-            })?)
+            })
         })
         .await
         .unwrap();
@@ -306,11 +305,10 @@ async fn two_hundred_racing_credit_requests_spend_exactly_the_balance() {
     );
     let (ok_rows, billed): (i64, i64) = store
         .read(move |c| -> Result<_, StoreError> {
-            Ok(c.query_row(
-                "SELECT count(*), coalesce(sum(cost_atomic), 0) FROM usage WHERE account = ?1 AND status = 'ok'",
-                [format!("{:#x}", alloy::primitives::Address::repeat_byte(0x21))],
+            c.query_one(
+                "SELECT count(*), coalesce(sum(cost_atomic), 0) FROM usage WHERE account = ?1 AND status = 'ok'", params![format!("{:#x}", alloy::primitives::Address::repeat_byte(0x21))],
                 |r| Ok((r.get(0)?, r.get(1)?)),
-            )?)
+            )
         })
         .await
         .unwrap();
@@ -386,11 +384,11 @@ async fn race_credit_requests(s: &Stack, key: &str, bodies: &[Value]) -> (usize,
         async move {
             let open: i64 = store
                 .read(|c| -> Result<_, StoreError> {
-                    Ok(c.query_row(
+                    c.query_one(
                         "SELECT count(*) FROM usage WHERE status = 'in_flight'",
-                        [],
+                        params![],
                         |r| r.get(0),
-                    )?)
+                    )
                 })
                 .await
                 .unwrap();
@@ -418,7 +416,7 @@ async fn pool_keys_hammered_from_many_connections_run_one_request_at_a_time() {
     let seat_rows = || async {
         store
             .read(|c| -> Result<i64, StoreError> {
-                Ok(c.query_row("SELECT count(*) FROM seats", [], |r| r.get(0))?)
+                c.query_one("SELECT count(*) FROM seats", params![], |r| r.get(0))
             })
             .await
             .unwrap()
@@ -504,11 +502,11 @@ async fn pool_keys_hammered_from_many_connections_run_one_request_at_a_time() {
     assert_eq!(seat_rows().await, seats_before);
     let usage_rows: i64 = store
         .read(|c| -> Result<i64, StoreError> {
-            Ok(c.query_row(
+            c.query_one(
                 "SELECT count(*) FROM usage WHERE key_kind = 'subscription' AND status = 'ok'",
-                [],
+                params![],
                 |r| r.get(0),
-            )?)
+            )
         })
         .await
         .unwrap();

@@ -44,6 +44,7 @@ use x402_gateway::x402::{AnyPaymentPayload, PaymentPayload, PaymentRequired};
 
 use crate::support::*;
 use crate::x402_routes::{network, required};
+use x402_gateway::params;
 
 /// 2026-01-01T01:00:00Z: inside the pool's asia block.
 const NOW: i64 = 1_767_225_600 + 3600;
@@ -312,29 +313,40 @@ impl Target {
                 let mut h = Sha256::new();
                 for table in STATE_TABLES {
                     h.update(table.as_bytes());
-                    let mut stmt = c.prepare(&format!("SELECT * FROM {table} ORDER BY rowid"))?;
-                    let columns = stmt.column_count();
-                    let mut rows = stmt.query([])?;
-                    while let Some(row) = rows.next()? {
-                        for i in 0..columns {
-                            use rusqlite::types::ValueRef;
-                            match row.get_ref(i)? {
-                                ValueRef::Null => h.update([0]),
-                                ValueRef::Integer(n) => {
-                                    h.update([1]);
-                                    h.update(n.to_le_bytes());
+                    // Each row encoded, then sorted: the digest does not depend on the order rows come back in.
+                    let mut rows: Vec<Vec<u8>> = Vec::new();
+                    c.each_row(&format!("SELECT * FROM {table}"), params![], &mut |row| {
+                        let mut out = Vec::new();
+                        for value in &row.0 {
+                            use x402_gateway::store::sql::Value;
+                            match value {
+                                Value::Null => out.push(0),
+                                Value::Int(n) => {
+                                    out.push(1);
+                                    out.extend(n.to_le_bytes());
                                 }
-                                ValueRef::Real(f) => {
-                                    h.update([2]);
-                                    h.update(f.to_le_bytes());
+                                Value::Real(f) => {
+                                    out.push(2);
+                                    out.extend(f.to_le_bytes());
                                 }
-                                ValueRef::Text(t) | ValueRef::Blob(t) => {
-                                    h.update([3]);
-                                    h.update((t.len() as u64).to_le_bytes());
-                                    h.update(t);
+                                Value::Text(t) => {
+                                    out.push(3);
+                                    out.extend((t.len() as u64).to_le_bytes());
+                                    out.extend(t.as_bytes());
+                                }
+                                Value::Blob(t) => {
+                                    out.push(3);
+                                    out.extend((t.len() as u64).to_le_bytes());
+                                    out.extend(t);
                                 }
                             }
                         }
+                        rows.push(out);
+                        Ok(())
+                    })?;
+                    rows.sort();
+                    for row in rows {
+                        h.update(row);
                     }
                 }
                 Ok(alloy::hex::encode(h.finalize()))
@@ -351,11 +363,11 @@ impl Target {
             async move {
                 let open: i64 = store
                     .read(|c| -> Result<i64, StoreError> {
-                        Ok(c.query_row(
+                        c.query_one(
                             "SELECT count(*) FROM usage WHERE status = 'in_flight'",
-                            [],
+                            params![],
                             |r| r.get(0),
-                        )?)
+                        )
                     })
                     .await
                     .unwrap();

@@ -29,6 +29,7 @@ use x402_gateway::store::transfers::TransferStatus;
 use x402_gateway::usdc::Usdc;
 
 use crate::support::*;
+use x402_gateway::params;
 
 /// 2026-01-01T00:00:00Z.
 const T0: i64 = 1_767_225_600;
@@ -230,8 +231,8 @@ async fn state_counts(store: &Store) -> (i64, i64, i64, i64) {
     store
         .read(|c| -> Result<_, x402_gateway::store::StoreError> {
             let n = |t: &str| {
-                c.query_row(&format!("SELECT count(*) FROM {t}"), [], |r| {
-                    r.get::<_, i64>(0)
+                c.query_one(&format!("SELECT count(*) FROM {t}"), params![], |r| {
+                    r.get::<i64>(0)
                 })
             };
             Ok((n("claims")?, n("api_keys")?, n("ledger")?, n("usage")?))

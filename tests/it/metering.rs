@@ -25,6 +25,7 @@ use x402_gateway::usdc::Usdc;
 
 use crate::proxy::{MIDNIGHT, messages, sse_events};
 use crate::support::*;
+use x402_gateway::params;
 
 /// The `max_output_tokens` of the `demo` model.
 const CAP: u64 = 40;
@@ -248,25 +249,25 @@ struct Row {
 async fn usage_rows(store: &Store) -> Vec<Row> {
     store
         .read(|c| -> Result<_, StoreError> {
-            let mut stmt = c.prepare(
+            c.query_map(
                 "SELECT status, usage_source, prompt_tokens, completion_tokens, reserved_atomic, cost_atomic, \
                  bound_prompt_tokens, bound_output_tokens, overrun_tokens, uncharged_atomic FROM usage ORDER BY id",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok(Row {
-                    status: r.get(0)?,
-                    usage_source: r.get(1)?,
-                    prompt_tokens: r.get::<_, i64>(2)? as u64,
-                    completion_tokens: r.get::<_, i64>(3)? as u64,
-                    reserved: r.get(4)?,
-                    cost: r.get(5)?,
-                    bound_prompt: r.get::<_, i64>(6)? as u64,
-                    bound_output: r.get::<_, i64>(7)? as u64,
-                    overrun_tokens: r.get::<_, i64>(8)? as u64,
-                    uncharged: r.get(9)?,
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                params![],
+                |r| {
+                    Ok(Row {
+                        status: r.get(0)?,
+                        usage_source: r.get(1)?,
+                        prompt_tokens: r.get(2)?,
+                        completion_tokens: r.get(3)?,
+                        reserved: r.get(4)?,
+                        cost: r.get(5)?,
+                        bound_prompt: r.get(6)?,
+                        bound_output: r.get(7)?,
+                        overrun_tokens: r.get(8)?,
+                        uncharged: r.get(9)?,
+                    })
+                },
+            )
         })
         .await
         .unwrap()
@@ -276,11 +277,11 @@ async fn usage_rows(store: &Store) -> Vec<Row> {
 async fn ledger_sum(store: &Store) -> i64 {
     store
         .read(|c| -> Result<_, StoreError> {
-            Ok(c.query_row(
+            c.query_one(
                 "SELECT coalesce(sum(amount_atomic), 0) FROM ledger",
-                [],
-                |r| r.get::<_, i64>(0),
-            )?)
+                params![],
+                |r| r.get::<i64>(0),
+            )
         })
         .await
         .unwrap()
@@ -828,17 +829,21 @@ async fn audit_verify_checks_every_charge_and_lists_overruns() {
     assert_eq!(report.overruns[0].uncharged, Usdc(rows[2].uncharged));
 
     // Tamper as the old code settled: an undercharge with no overrun recorded, and a charge beyond the reservation.
-    let db = rusqlite::Connection::open(&m.gw.db).unwrap();
-    db.execute(
-        "UPDATE usage SET cost_atomic = cost_atomic - 1 WHERE id = 1",
-        [],
-    )
-    .unwrap();
-    db.execute(
-        "UPDATE usage SET cost_atomic = reserved_atomic + 5 WHERE id = 2",
-        [],
-    )
-    .unwrap();
+    m.store()
+        .await
+        .write(|c| -> Result<(), StoreError> {
+            c.execute(
+                "UPDATE usage SET cost_atomic = cost_atomic - 1 WHERE id = 1",
+                params![],
+            )?;
+            c.execute(
+                "UPDATE usage SET cost_atomic = reserved_atomic + 5 WHERE id = 2",
+                params![],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
     let report = audit(&m).await;
     let text: Vec<String> = report.discrepancies.iter().map(|d| d.to_string()).collect();
     assert!(

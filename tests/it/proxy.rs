@@ -16,6 +16,7 @@ use x402_gateway::store::Store;
 use x402_gateway::usdc::Usdc;
 
 use crate::support::*;
+use x402_gateway::params;
 
 /// 2026-01-01T00:00:00Z, a Thursday midnight UTC.
 pub(crate) const MIDNIGHT: i64 = 1_767_225_600;
@@ -219,7 +220,7 @@ impl Stack {
             async move {
                 store
                     .read(move |c| -> Result<_, x402_gateway::store::StoreError> {
-                        Ok(x402_gateway::store::usage::by_request_id(c, &id)?)
+                        x402_gateway::store::usage::by_request_id(c, &id)
                     })
                     .await
                     .unwrap()
@@ -622,9 +623,9 @@ async fn a_restart_refunds_requests_left_in_flight() {
     // A reservation whose process died before settling it.
     store
         .write(move |tx| -> Result<_, x402_gateway::store::StoreError> {
-            let key_id: i64 = tx.query_row(
+            let key_id: i64 = tx.query_one(
                 "SELECT id FROM api_keys WHERE account = ?1",
-                [&account],
+                params![account],
                 |r| r.get(0),
             )?;
             let usage = x402_gateway::store::usage::NewUsage {

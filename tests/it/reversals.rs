@@ -66,16 +66,14 @@ async fn reorg(chain: &TestChain, depth: u64) {
 async fn account_balance(store: &Store, account: Address) -> Usdc {
     let a = format!("{account:#x}");
     store
-        .read(move |c| -> Result<_, StoreError> {
-            Ok(x402_gateway::store::billing::balance(c, &a)?)
-        })
+        .read(move |c| -> Result<_, StoreError> { x402_gateway::store::billing::balance(c, &a) })
         .await
         .unwrap()
 }
 
 async fn events(store: &Store) -> Vec<ReversalEvent> {
     store
-        .read(|c| -> Result<_, StoreError> { Ok(reversals::list(c)?) })
+        .read(|c| -> Result<_, StoreError> { reversals::list(c) })
         .await
         .unwrap()
 }
@@ -85,9 +83,7 @@ async fn ledger_kinds(store: &Store, account: Address, kind: &str) -> Vec<Usdc> 
     let a = format!("{account:#x}");
     let kind = kind.to_string();
     store
-        .read(move |c| -> Result<_, StoreError> {
-            Ok(x402_gateway::store::billing::ledger_of(c, &a)?)
-        })
+        .read(move |c| -> Result<_, StoreError> { x402_gateway::store::billing::ledger_of(c, &a) })
         .await
         .unwrap()
         .into_iter()
@@ -371,7 +367,7 @@ async fn reversals_restart_in_the_middle_does_not_reverse_twice() {
     assert_eq!(account_balance(&store, payer).await, Usdc::ZERO);
     // Running the reconcile by hand again changes nothing either.
     let again = store
-        .write(|tx| -> Result<_, StoreError> { Ok(reversals::reconcile_all(tx, 0)?) })
+        .write(|tx| -> Result<_, StoreError> { reversals::reconcile_all(tx, 0) })
         .await
         .unwrap();
     assert!(again.is_empty(), "{again:?}");
@@ -474,7 +470,7 @@ async fn reversals_x402_settlement_re_mined_by_the_payer_is_adopted_and_restored
     assert_eq!(ev[1].tx_hash.as_deref(), Some(own.as_str()));
     assert_eq!(account_balance(&store, payer.address()).await, usdc("10"));
     let x402_events = store
-        .read(|c| -> Result<_, StoreError> { Ok(x402_gateway::store::x402::list_events(c)?) })
+        .read(|c| -> Result<_, StoreError> { x402_gateway::store::x402::list_events(c) })
         .await
         .unwrap();
     let kinds: Vec<&str> = x402_events.iter().map(|e| e.kind.as_str()).collect();
@@ -489,9 +485,7 @@ async fn reversals_x402_settlement_re_mined_by_the_payer_is_adopted_and_restored
     assert_eq!(gw.settlements().await[0].status, "settled");
     // The adopted transaction cannot be claimed again by txHash.
     let claimed = store
-        .read(move |c| -> Result<_, StoreError> {
-            Ok(x402_gateway::store::billing::claim_of(c, &own)?)
-        })
+        .read(move |c| -> Result<_, StoreError> { x402_gateway::store::billing::claim_of(c, &own) })
         .await
         .unwrap();
     assert!(claimed.is_some());

@@ -520,7 +520,7 @@ pub async fn fresh_postgres_database() -> String {
 
 /// On PostgreSQL, `config` with its `[database]` table's `path` replaced by `url = "$X402_TEST_DATABASE_URL"`
 /// and that variable pointing at a fresh database (kept across restarts: an existing variable is reused).
-async fn engine_config(config: String, env: &mut Vec<(String, String)>) -> String {
+pub async fn engine_config(config: String, env: &mut Vec<(String, String)>) -> String {
     if !on_postgres() {
         return config;
     }
