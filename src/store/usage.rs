@@ -78,6 +78,17 @@ pub fn reserve(tx: &dyn Sql, usage: &NewUsage, reserve: Usdc) -> Result<(i64, Us
     Ok((id, left))
 }
 
+/// Names `replica` as the holder of in-flight reservation `id`, in the reservation's own transaction (PostgreSQL
+/// replicas): the holder's lease keeps the row its own, and once that lease expires (the replica died) a live
+/// replica's sweep refunds it. Without the name no sweep ever reaches the row.
+pub fn hold_for_replica(tx: &dyn Sql, id: i64, replica: &str) -> Result<(), StoreError> {
+    tx.execute(
+        "UPDATE usage SET replica_id = ?2 WHERE id = ?1 AND status = 'in_flight'",
+        params![id, replica],
+    )?;
+    Ok(())
+}
+
 fn insert(tx: &dyn Sql, usage: &NewUsage, reserved: Usdc, status: &str) -> Result<i64, StoreError> {
     tx.query_one(
         "INSERT INTO usage (request_id, key_id, account, key_kind, model, stream, reserved_atomic, status, started_at, \

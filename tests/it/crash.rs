@@ -644,7 +644,7 @@ fn public_id(key: &str) -> String {
     key.split('-').nth(1).unwrap_or_default().to_string()
 }
 
-struct Agent {
+pub(crate) struct Agent {
     index: usize,
     signer: PrivateKeySigner,
     rng: StdRng,
@@ -660,7 +660,8 @@ enum ChatEnd {
 }
 
 impl Agent {
-    async fn run(mut self, s: Arc<Shared>) -> AgentRecord {
+    /// Pays, claims and chats until `s.stop`; [`finish_agents`] then runs its final check.
+    async fn run(mut self, s: Arc<Shared>) -> Agent {
         while !s.stop.load(Ordering::SeqCst) {
             if self.credit_key.is_none() {
                 self.buy_credits(&s).await;
@@ -688,8 +689,7 @@ impl Agent {
                 self.buy_credits(&s).await;
             }
         }
-        self.final_check(&s).await;
-        self.record
+        self
     }
 
     async fn buy_credits(&mut self, s: &Shared) {
@@ -1230,10 +1230,14 @@ async fn killer(
                 let (s, db, pid) = (s.clone(), db.to_path_buf(), process.pid());
                 if tokio::task::spawn_blocking(move || {
                     // A plain read-only connection: it reads while the server is frozen mid-write.
-                    let Ok(c) = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+                    let Ok(c) = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                    else {
                         return false;
                     };
-                    let writes = || c.query_row(WRITES_COMMITTED, [], |r| r.get(0)).unwrap_or(-1);
+                    let writes = || {
+                        c.query_row(WRITES_COMMITTED, [], |r| r.get(0))
+                            .unwrap_or(-1)
+                    };
                     kill_after_commit(&writes, &s.writes_in_flight, pid)
                 })
                 .await
@@ -1604,7 +1608,13 @@ pub(crate) fn check_ground_truth(
     // 4. Subscriptions and seats: one subscription per subscription claim, one seat per bought block.
     let sub_claims = claims.iter().filter(|c| c.2 == "subscription").count();
     assert_eq!(subscriptions.len(), sub_claims);
-    let seats: Vec<(i64, String, String, i64)> = c.query_map("SELECT subscription_id, pool, block, expires_at FROM seats", params![], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).unwrap();
+    let seats: Vec<(i64, String, String, i64)> = c
+        .query_map(
+            "SELECT subscription_id, pool, block, expires_at FROM seats",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
     let mut expected_seats = 0;
     for (id, account, pool, blocks, price, tx, expires) in &subscriptions {
         let blocks: Vec<String> = serde_json::from_str(blocks).unwrap();
@@ -1926,7 +1936,10 @@ pub(crate) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// their confirmations.
 pub(crate) fn start_miner(
     chain: &Arc<TestChain>,
-) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>) {
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let mining = tokio_util::sync::CancellationToken::new();
     let miner = tokio::spawn({
         let chain = chain.clone();
@@ -1942,10 +1955,7 @@ pub(crate) fn start_miner(
 }
 
 /// One task per agent (its choices drawn from `seed`), running until `shared.stop`.
-pub(crate) fn spawn_agents(
-    shared: &Arc<Shared>,
-    seed: u64,
-) -> Vec<tokio::task::JoinHandle<AgentRecord>> {
+pub(crate) fn spawn_agents(shared: &Arc<Shared>, seed: u64) -> Vec<tokio::task::JoinHandle<Agent>> {
     (0..AGENTS)
         .map(|i| {
             let signer = shared.payers.signers[i].clone();
@@ -1966,28 +1976,40 @@ pub(crate) fn spawn_agents(
         .collect()
 }
 
-/// Stops the agents and collects their records (each ends with its final check of its keys).
+/// Stops the agents; once every request has settled (`wait_settled`, up to `settle_deadline`), each checks its
+/// keys and reads its balance. Returns their records and how long the settling took.
 pub(crate) async fn finish_agents(
     shared: &Shared,
-    agents: Vec<tokio::task::JoinHandle<AgentRecord>>,
+    agents: Vec<tokio::task::JoinHandle<Agent>>,
+    store: &Store,
+    settle_deadline: Duration,
     log: &Arc<Mutex<ServerLog>>,
-) -> Vec<AgentRecord> {
+) -> (Vec<AgentRecord>, Duration) {
+    let failed = |e: tokio::task::JoinError| -> ! {
+        panic!(
+            "an agent failed: {e}\nserver log tail:\n{}",
+            log.lock().unwrap().tail_text()
+        )
+    };
     shared.stop.store(true, Ordering::SeqCst);
-    let mut records = Vec::new();
+    let mut stopped = Vec::new();
     for agent in agents {
-        records.push(
+        stopped.push(
             tokio::time::timeout(Duration::from_secs(180), agent)
                 .await
                 .expect("agents finish")
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "an agent failed: {e}\nserver log tail:\n{}",
-                        log.lock().unwrap().tail_text()
-                    )
-                }),
+                .unwrap_or_else(|e| failed(e)),
         );
     }
-    records
+    // The balance an agent reads must not still hold a reservation: a stream settles just after its last byte; a
+    // dead replica's reservation waits for its lease to expire (PostgreSQL).
+    let settled_in = wait_settled(store, settle_deadline).await;
+    let mut records = Vec::new();
+    for mut agent in stopped {
+        agent.final_check(shared).await;
+        records.push(agent.record);
+    }
+    (records, settled_in)
 }
 
 /// Runs `f` on a read snapshot of the store (either engine).
@@ -1996,10 +2018,7 @@ pub(crate) async fn read_db<T: Send + 'static>(
     f: impl FnOnce(&dyn Sql) -> T + Send + 'static,
 ) -> T {
     store
-        .read(move |c| -> Result<T, StoreError> {
-            let c: &dyn Sql = c;
-            Ok(f(c))
-        })
+        .read(move |c| -> Result<T, StoreError> { Ok(f(c)) })
         .await
         .unwrap_or_else(|e| panic!("reading the database: {e}"))
 }
@@ -2011,7 +2030,6 @@ pub(crate) async fn wait_settled(store: &Store, deadline: Duration) -> Duration 
     loop {
         let in_flight: Result<i64, StoreError> = store
             .read(|c| {
-                let c: &dyn Sql = c;
                 c.query_value(
                     "SELECT count(*) FROM usage WHERE status = 'in_flight'",
                     params![],
@@ -2205,13 +2223,11 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
 
     let (process_now, report) = killer(&shared, process, &launch, &db, &log, kills, &mut rng).await;
     process = process_now;
-    let records = finish_agents(&shared, agents, &log).await;
-
     // Quiesce: streams settle after their last byte; the index reaches the head.
     let store = Store::open_database(&x402_gateway::config::Database::Sqlite { path: db.clone() })
         .await
         .unwrap();
-    wait_settled(&store, DEADLINE).await;
+    let (records, _) = finish_agents(&shared, agents, &store, DEADLINE, &log).await;
     mining.cancel();
     miner.await.unwrap();
     wait_index_at_head(&shared, DEADLINE).await;

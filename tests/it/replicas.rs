@@ -32,13 +32,12 @@ use x402_gateway::config::{Database, PostgresUrl};
 use x402_gateway::params;
 use x402_gateway::store::Store;
 use x402_gateway::store::replicas::LEASE_TTL_SECS;
-use x402_gateway::store::sql::Sql;
 
 use crate::crash::{
     KillReport, Launch, Payers, Process, ServerLog, Shared, UpstreamLog, WRITES_COMMITTED, aim,
     check_end_state, check_enough_happened, check_logs, config_text, env_or, finish_agents,
-    kill_after_commit, print_summary, spawn_agents, start_miner, start_upstream, wait_index_at_head,
-    wait_settled,
+    kill_after_commit, print_summary, spawn_agents, start_miner, start_upstream,
+    wait_index_at_head,
 };
 use crate::support::*;
 
@@ -99,12 +98,7 @@ impl Balancer {
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 stats.connections.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(relay(
-                    client,
-                    backends.clone(),
-                    next.clone(),
-                    stats.clone(),
-                ));
+                tokio::spawn(relay(client, backends.clone(), next.clone(), stats.clone()));
             }
         });
         balancer
@@ -219,7 +213,9 @@ impl Fleet<'_> {
     /// Tells the agents the fleet changed (an agent whose request failed retries at once).
     fn moved(&self) {
         let url = self.balancer.url.clone();
-        self.shared.server.send_replace((self.generation, Some(url)));
+        self.shared
+            .server
+            .send_replace((self.generation, Some(url)));
     }
 
     /// The live replica that leads (by its log), waiting up to 3 s for one (leadership moves within a second of
@@ -263,8 +259,9 @@ impl Fleet<'_> {
     /// SIGKILLs `kills` times at moments drawn from `rng`, starting a replacement after each.
     async fn run_killer(&mut self, kills: usize, rng: &mut StdRng) -> KillReport {
         let mut report = KillReport::default();
-        while report.kills < kills {
-            // The last planned kill takes the leader if no kill has yet.
+        // Until the leader has died at least once: the last planned kill (and any after it) aims at the leader if no
+        // kill has taken it yet.
+        while report.kills < kills || report.leader_killed == 0 {
             let roll = if report.leader_killed == 0 && report.kills + 1 >= kills {
                 0
             } else {
@@ -309,7 +306,6 @@ impl Fleet<'_> {
                                 let writes = || {
                                     handle
                                         .block_on(store.read(|c| {
-                                            let c: &dyn Sql = c;
                                             c.query_value::<i64>(WRITES_COMMITTED, params![])
                                         }))
                                         .unwrap_or(-1)
@@ -468,11 +464,9 @@ async fn three_replicas_on_postgresql_survive_sigkills() {
     let agents = spawn_agents(&shared, seed);
 
     let report = fleet.run_killer(kills, &mut rng).await;
-    let records = finish_agents(&shared, agents, &log).await;
-
     // A dead replica's reservations are refunded by a live one once its lease has expired (and a sweep ran).
     let settle_deadline = Duration::from_secs(LEASE_TTL_SECS as u64 * 4);
-    let settled_in = wait_settled(&store, settle_deadline).await;
+    let (records, settled_in) = finish_agents(&shared, agents, &store, settle_deadline, &log).await;
     mining.cancel();
     miner.await.unwrap();
     wait_index_at_head(&shared, DEADLINE).await;
@@ -481,6 +475,30 @@ async fn three_replicas_on_postgresql_survive_sigkills() {
             .unwrap()
     })
     .await;
+    // What each live replica's readiness probe answers (a balancer's health check would use it): printed, not
+    // asserted.
+    let mut readiness = Vec::new();
+    for replica in &fleet.live {
+        let role = if replica.process.leads() {
+            "leader"
+        } else {
+            "follower"
+        };
+        let answer = match shared
+            .http
+            .get(format!("http://{}/readyz", replica.backend.addr))
+            .send()
+            .await
+        {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let body: serde_json::Value = resp.json().await.unwrap_or_default();
+                format!("{status} {}", body["reasons"])
+            }
+            Err(e) => format!("no answer: {e}"),
+        };
+        readiness.push(format!("{role} → {answer}"));
+    }
     for replica in fleet.live.drain(..) {
         replica.process.sigkill();
     }
@@ -489,16 +507,14 @@ async fn three_replicas_on_postgresql_survive_sigkills() {
     check_logs(&log, &checked);
     launch.audit_verify();
     check_enough_happened(&shared, &report, kills);
-    assert!(
-        report.leader_killed >= 1,
-        "no kill took the indexer leader"
-    );
+    assert!(report.leader_killed >= 1, "no kill took the indexer leader");
     print_summary("replicas", seed, started, &report, &shared, &checked, &log);
     let leaders = log.lock().unwrap().leaders.clone();
     println!(
         "replicas summary: {} kills aimed at the leader, {} kills took the leader ({} leadership terms began: \
          generations {leaders:?}), {} times two replicas at once; balancer: {} connections, {} met a dead replica; \
-         {} replica leases written; the last reservations settled {:.1} s after the agents stopped",
+         {} replica leases written; the last reservations settled {:.1} s after the agents stopped; /readyz of the \
+         live replicas at the end: {}",
         report.at_leader,
         report.leader_killed,
         leaders.len(),
@@ -507,5 +523,6 @@ async fn three_replicas_on_postgresql_survive_sigkills() {
         balancer.stats.refused.load(Ordering::Relaxed),
         leases,
         settled_in.as_secs_f64(),
+        readiness.join("; "),
     );
 }
