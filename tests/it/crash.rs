@@ -2039,10 +2039,18 @@ pub(crate) async fn wait_settled(store: &Store, deadline: Duration) -> Duration 
         if in_flight.as_ref().is_ok_and(|n| *n == 0) {
             return start.elapsed();
         }
-        assert!(
-            start.elapsed() < deadline,
-            "requests still in flight after {deadline:?}: {in_flight:?}"
-        );
+        if start.elapsed() >= deadline {
+            let rows: Vec<(i64, String, Option<String>)> = read_db(store, |c| {
+                c.query_map(
+                    "SELECT id, request_id, replica_id FROM usage WHERE status = 'in_flight' ORDER BY id",
+                    params![],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .unwrap()
+            })
+            .await;
+            panic!("requests still in flight after {deadline:?} (id, request, replica): {rows:?}");
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
