@@ -5,6 +5,9 @@
 //! - **direct**: the demo upstream itself (the baseline);
 //! - **gateway**: the real `x402-gateway serve` binary with a credit key (each request reserves the worst-case
 //!   cost, forwards, settles from `usage` and writes a usage row, all in SQLite with `synchronous=FULL`);
+//! - **pg** and **pg x2**, when `X402_TEST_POSTGRES_URL` names a PostgreSQL server (`scripts/postgres-test-cluster`
+//!   starts a throwaway one): the same binary and config on a fresh PostgreSQL database, one process, then two
+//!   processes (two replicas) on that database with requests taken in turn;
 //! - **LiteLLM**: the LiteLLM proxy (PyPI `litellm[proxy]`), configured against the same upstream, when
 //!   `LITELLM` names its executable (scripts/bench-proxy installs it; otherwise that column is skipped).
 //!
@@ -19,6 +22,8 @@
 
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/postgres.rs"]
+mod postgres;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,12 +54,37 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-/// Where requests go, and how to authenticate.
+/// Where requests go (one URL, or several replicas taken in turn), and how to authenticate.
 #[derive(Clone)]
 struct Target {
     name: &'static str,
-    url: String,
+    urls: Arc<Vec<String>>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
     key: String,
+    /// The gateway processes behind it, for their CPU time (none for the baseline and LiteLLM).
+    pids: Vec<u32>,
+}
+
+impl Target {
+    fn new(name: &'static str, urls: Vec<String>, key: String, pids: Vec<u32>) -> Target {
+        Target {
+            name,
+            urls: Arc::new(urls),
+            next: Arc::default(),
+            key,
+            pids,
+        }
+    }
+
+    /// The next replica's base URL (round robin).
+    fn url(&self) -> &str {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.urls[i % self.urls.len()]
+    }
+
+    fn cpu(&self) -> Duration {
+        self.pids.iter().map(|pid| cpu_time(*pid)).sum()
+    }
 }
 
 /// The outcome of one load phase.
@@ -79,7 +109,7 @@ fn body() -> serde_json::Value {
 
 async fn one(http: &reqwest::Client, target: &Target) -> bool {
     let resp = http
-        .post(format!("{}/v1/chat/completions", target.url))
+        .post(format!("{}/v1/chat/completions", target.url()))
         .bearer_auth(&target.key)
         .json(&body())
         .send()
@@ -270,15 +300,35 @@ async fn start_litellm(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let target = Target {
-        name: "LiteLLM",
-        url,
-        key: "none".into(),
-    };
+    let target = Target::new("LiteLLM", vec![url], "none".into(), Vec::new());
     Ok(Some((child, target, version)))
 }
 
 /// Opens `n` SSE streams to the slow model and waits until each has received its first chunk.
+/// `x402-gateway keys grant` for the benchmark's credit account; returns the key it prints.
+async fn grant_key(config: &std::path::Path, envs: &[(&str, &str)]) -> anyhow::Result<String> {
+    let granted = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
+        .args(["keys", "grant", "--config"])
+        .arg(config)
+        .arg(format!("{:#x}", Address::repeat_byte(0xbe)))
+        .arg("1000000")
+        .env("DEMO_UPSTREAM_KEY", "upstream-secret")
+        .envs(envs.iter().copied())
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&granted.stdout).to_string();
+    Ok(stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("sk-"))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no key in `keys grant` output: {stdout}{}",
+                String::from_utf8_lossy(&granted.stderr)
+            )
+        })?
+        .to_string())
+}
+
 async fn open_streams(
     gateway: &Target,
     n: u64,
@@ -296,7 +346,7 @@ async fn open_streams(
         let tx = tx.clone();
         tasks.push(tokio::spawn(async move {
             let resp = http
-                .post(format!("{}/v1/chat/completions", gateway.url))
+                .post(format!("{}/v1/chat/completions", gateway.url()))
                 .bearer_auth(&gateway.key)
                 .json(
                     &json!({"model": "slow", "messages": [{"role": "user", "content": "hold"}],
@@ -387,9 +437,7 @@ async fn main() -> anyhow::Result<()> {
     // The gateway: a dev chain for its indexer, a config with both upstreams, and a credit key.
     let chain = dev::start_chain(&dev::find_anvil(None)?, 0, "1".parse()?).await?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
+    let config_text = |database: &str| {
         format!(
             r#"[server]
 listen = "127.0.0.1:0"
@@ -405,7 +453,7 @@ pay_to = "{pay_to:#x}"
 confirmations = 1
 
 [database]
-path = "gateway.db"
+{database}
 fsync_metering = {fsync_metering}
 
 # One credit key carries the whole load (64 clients, 2,000 req/s, 1,000 open streams): lift its in-flight cap.
@@ -439,43 +487,56 @@ output_usdc_per_mtok = "2.50"
             rpc = chain.anvil.endpoint(),
             pay_to = chain.pay_to,
             fsync_metering = std::env::var("FSYNC_METERING").is_ok_and(|v| v == "1"),
-        ),
-    )?;
-    let granted = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
-        .args(["keys", "grant", "--config"])
-        .arg(&config)
-        .arg(format!("{:#x}", Address::repeat_byte(0xbe)))
-        .arg("1000000")
-        .env("DEMO_UPSTREAM_KEY", "upstream-secret")
-        .output()
-        .await?;
-    let stdout = String::from_utf8_lossy(&granted.stdout).to_string();
-    let key = stdout
-        .split_whitespace()
-        .find(|w| w.starts_with("sk-"))
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "no key in `keys grant` output: {stdout}{}",
-                String::from_utf8_lossy(&granted.stderr)
-            )
-        })?
-        .to_string();
+        )
+    };
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, config_text("path = \"gateway.db\""))?;
+    let key = grant_key(&config, &[]).await?;
     let (gateway_child, gateway_url) =
         gateway::start_gateway(&config, &[("DEMO_UPSTREAM_KEY", "upstream-secret")]).await?;
     let gateway_pid = gateway_child.id().unwrap_or(0);
 
-    let direct = Target {
-        name: "direct",
-        url: fast_url.trim_end_matches("/v1").to_string(),
-        key: "upstream-secret".into(),
-    };
-    let gateway = Target {
-        name: "gateway",
-        url: gateway_url,
-        key,
-    };
+    let direct = Target::new(
+        "direct",
+        vec![fast_url.trim_end_matches("/v1").to_string()],
+        "upstream-secret".into(),
+        Vec::new(),
+    );
+    let gateway = Target::new("gateway", vec![gateway_url], key, vec![gateway_pid]);
+
+    // With a PostgreSQL server: the same gateway on PostgreSQL, one replica and two (two processes on one
+    // database, requests taken in turn; the second replica shares the first one's key, as replicas do).
+    let mut pg_targets = Vec::new();
+    let mut _pg_children = Vec::new();
+    if let Some(server) = postgres::server() {
+        let url = postgres::fresh_database(&server).await?;
+        let pg_config = dir.path().join("gateway-pg.toml");
+        std::fs::write(&pg_config, config_text("url = \"$BENCH_DATABASE_URL\""))?;
+        let envs = [
+            ("DEMO_UPSTREAM_KEY", "upstream-secret"),
+            ("BENCH_DATABASE_URL", url.as_str()),
+        ];
+        let key = grant_key(&pg_config, &envs).await?;
+        let (first, first_url) = gateway::start_gateway(&pg_config, &envs).await?;
+        let (second, second_url) = gateway::start_gateway(&pg_config, &envs).await?;
+        let pids = [first.id().unwrap_or(0), second.id().unwrap_or(0)];
+        pg_targets.push(Target::new(
+            "pg",
+            vec![first_url.clone()],
+            key.clone(),
+            vec![pids[0]],
+        ));
+        pg_targets.push(Target::new(
+            "pg x2",
+            vec![first_url, second_url],
+            key,
+            pids.to_vec(),
+        ));
+        _pg_children = vec![first, second];
+    }
     let litellm = start_litellm(dir.path(), &fast_url).await?;
     let mut targets = vec![direct, gateway.clone()];
+    targets.extend(pg_targets);
     let mut litellm_version = None;
     let _litellm_child = litellm.map(|(child, target, version)| {
         targets.push(target);
@@ -515,12 +576,12 @@ output_usdc_per_mtok = "2.50"
     let mut gateway_cpu: Vec<(String, f64)> = Vec::new();
     for t in &targets {
         drain(&http, t).await;
-        let cpu = cpu_time(gateway_pid);
+        let cpu = t.cpu();
         let phase = max_throughput(&http, t, concurrency, seconds).await;
-        if t.name == "gateway" {
-            let used = cpu_time(gateway_pid).saturating_sub(cpu);
+        if !t.pids.is_empty() {
+            let used = t.cpu().saturating_sub(cpu);
             gateway_cpu.push((
-                format!("max, {concurrency} clients"),
+                format!("{} at max, {concurrency} clients", t.name),
                 used.as_secs_f64() * 1e6 / phase.latencies.len().max(1) as f64,
             ));
         }
@@ -529,12 +590,12 @@ output_usdc_per_mtok = "2.50"
     for &rate in &rates {
         for t in &targets {
             drain(&http, t).await;
-            let cpu = cpu_time(gateway_pid);
+            let cpu = t.cpu();
             let phase = fixed_rate(&http, t, rate, seconds).await;
-            if t.name == "gateway" {
-                let used = cpu_time(gateway_pid).saturating_sub(cpu);
+            if !t.pids.is_empty() {
+                let used = t.cpu().saturating_sub(cpu);
                 gateway_cpu.push((
-                    format!("{rate} req/s"),
+                    format!("{} at {rate} req/s", t.name),
                     used.as_secs_f64() * 1e6 / phase.latencies.len().max(1) as f64,
                 ));
             }
@@ -571,7 +632,8 @@ output_usdc_per_mtok = "2.50"
     }
     for (load, us) in &gateway_cpu {
         println!(
-            "  gateway CPU time per request at {load}: {us:.0} µs (user + system, all threads)"
+            "  gateway CPU time per request, {load}: {us:.0} µs (user + system, all threads of its processes; \
+             PostgreSQL's own CPU not included)"
         );
     }
     let max_load = format!("max, {concurrency} clients");

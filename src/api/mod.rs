@@ -317,7 +317,8 @@ pub async fn serve_with_env(
             tasks
         })
     };
-    let leadership = replica::spawn_leadership(store.clone(), leader_work, shutdown.clone());
+    let leadership =
+        replica::spawn_leadership(store.clone(), status.clone(), leader_work, shutdown.clone());
     let lease = replica::spawn_lease(store, clock, shutdown.clone());
     let options = ServerOptions {
         header_read_timeout: state.settings.limits.header_read_timeout,

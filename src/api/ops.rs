@@ -32,6 +32,7 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
             "reorgs": s.reorgs,
             "rpcErrors": s.rpc_errors,
             "wsConnected": s.ws_connected,
+            "role": if s.follower { "follower" } else { "leader" },
             "lastError": s.last_error,
             "fatal": s.fatal,
         },

@@ -23,6 +23,7 @@ pub type StartLeaderWork = Box<dyn Fn(CancellationToken) -> Vec<JoinHandle<()>> 
 /// lost (and tries again). Each term's work gets its own token, so nothing of a lost term keeps running.
 pub fn spawn_leadership(
     store: Store,
+    status: crate::chain::StatusHandle,
     start: StartLeaderWork,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
@@ -35,6 +36,7 @@ pub fn spawn_leadership(
             let leadership = match leadership {
                 Ok(Some(l)) => l,
                 Ok(None) => {
+                    follow(&store, &status).await;
                     if wait(&shutdown, LEAD_POLL).await {
                         return;
                     }
@@ -54,6 +56,9 @@ pub fn spawn_leadership(
                     "this replica leads: running the indexer and the x402 reorg watcher"
                 );
             }
+            status.update(|s| {
+                s.follower = false;
+            });
             let term = shutdown.child_token();
             let tasks = start(term.clone());
             let stopping = loop {
@@ -75,6 +80,24 @@ pub fn spawn_leadership(
             }
         }
     })
+}
+
+/// A follower's status: the shared checkpoint as the index's progress (so `/healthz` and `/readyz` answer for the
+/// database this replica serves from), no chain head of its own.
+async fn follow(store: &Store, status: &crate::chain::StatusHandle) {
+    match store.checkpoint().await {
+        Ok(checkpoint) => status.update(|s| {
+            s.follower = true;
+            s.indexed_head = checkpoint.map(|c| c.number);
+            s.chain_head = None;
+            s.ws_connected = false;
+            s.last_error = None;
+        }),
+        Err(e) => status.update(|s| {
+            s.follower = true;
+            s.last_error = Some(format!("cannot read the shared checkpoint: {e}"));
+        }),
+    }
 }
 
 /// Renews this replica's lease and refunds the reservations of replicas whose lease expired, every

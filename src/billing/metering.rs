@@ -55,22 +55,19 @@ impl Billing {
 
     /// Debits `amount` (the bound's worst-case cost) from the request's account and writes its `in_flight` usage
     /// row, in one transaction; returns the usage row's id.
-    /// On PostgreSQL the row names this replica, so that another replica refunds it if this one dies.
     pub async fn reserve_request(&self, row: NewUsage, amount: Usdc) -> Result<i64, ReserveError> {
         let store = self.store();
         let replica = store.replica_id().map(str::to_string);
         store
             .write_with(store.metering_durability(), move |tx| {
-                let (id, _left) = usage::reserve(tx, &row, amount).map_err(|e| match e {
-                    LedgerError::Insufficient { balance, needed } => {
-                        ReserveError::Insufficient { balance, needed }
-                    }
-                    LedgerError::Store(e) => ReserveError::Store(e),
-                })?;
-                if let Some(replica) = &replica {
-                    usage::hold_for_replica(tx, id, replica)?;
-                }
-                Ok(id)
+                usage::reserve(tx, &row, amount, replica.as_deref())
+                    .map(|(id, _left)| id)
+                    .map_err(|e| match e {
+                        LedgerError::Insufficient { balance, needed } => {
+                            ReserveError::Insufficient { balance, needed }
+                        }
+                        LedgerError::Store(e) => ReserveError::Store(e),
+                    })
             })
             .await
     }

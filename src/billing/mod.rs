@@ -680,7 +680,7 @@ impl Billing {
                 if !sql::insert_claim(
                     tx, &tx_hash, &payer, "topup", p.paid, p.paid, None, None, None, now,
                 )? {
-                    return Err(ClaimError::PaymentChanged);
+                    return Err(lost_claim_race(tx, &tx_hash));
                 }
                 let r = &p.record;
                 crate::store::x402::insert_settlement(
@@ -876,6 +876,18 @@ pub(crate) struct Redeem<'a> {
 }
 
 /// The effects of a claim, inside the caller's write transaction (which has checked that `tx_hash` is not claimed
+/// The claim row was refused although the claim was checked as new in this transaction: another claim of the same
+/// payment committed in between (several writers on PostgreSQL; one writer on SQLite never gets here). The loser
+/// gets the answer it would have got had it come second — `already_claimed` with the winner's record — and its
+/// transaction (key, ledger rows, seats) rolls back.
+fn lost_claim_race(tx: &dyn Sql, tx_hash: &str) -> ClaimError {
+    match sql::claim_of(tx, tx_hash) {
+        Ok(Some(existing)) => ClaimError::AlreadyClaimed(Box::new(existing)),
+        Ok(None) => ClaimError::PaymentChanged,
+        Err(e) => ClaimError::Store(e),
+    }
+}
+
 /// and what it paid): account, subscription and seats or credits, key, ledger rows and, last, the claim row.
 pub(crate) fn redeem(tx: &dyn Sql, r: Redeem<'_>) -> Result<Claimed, ClaimError> {
     let Redeem {
@@ -951,7 +963,7 @@ pub(crate) fn redeem(tx: &dyn Sql, r: Redeem<'_>) -> Result<Claimed, ClaimError>
                 signature.as_deref(),
                 now,
             )? {
-                return Err(ClaimError::PaymentChanged);
+                return Err(lost_claim_race(tx, &tx_hash));
             }
             Ok(Claimed::Subscription(Subscribed {
                 api_key: key.full.clone(),
@@ -1001,7 +1013,7 @@ pub(crate) fn redeem(tx: &dyn Sql, r: Redeem<'_>) -> Result<Claimed, ClaimError>
                 signature.as_deref(),
                 now,
             )? {
-                return Err(ClaimError::PaymentChanged);
+                return Err(lost_claim_race(tx, &tx_hash));
             }
             Ok(Claimed::Topup(ToppedUp {
                 amount,

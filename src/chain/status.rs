@@ -20,6 +20,9 @@ pub struct IndexerStatus {
     pub transfers_indexed: u64,
     /// Whether the WebSocket wake-up subscription is live (always false without `rpc_ws`).
     pub ws_connected: bool,
+    /// Another replica leads and runs the indexer (PostgreSQL): `indexed_head` is the shared checkpoint as this
+    /// replica last read it, and the chain head is the leader's to know.
+    pub follower: bool,
 }
 
 impl IndexerStatus {

@@ -207,8 +207,14 @@ impl Store {
             if held.len() >= limit as usize {
                 return Ok(None);
             }
-            // Free numbers first; a racer may take one between the read and the upsert, so try a few.
-            for slot_no in (1..=i64::from(limit)).filter(|n| !held.contains(n)).take(8) {
+            // Free numbers, from a random one on: racers for the same owner spread over the free slots instead of
+            // all queueing on the lowest (each loser of a slot tries the next).
+            let limit = i64::from(limit);
+            let start = rand::random_range(0..limit);
+            let free = (0..limit)
+                .map(|i| (start + i) % limit + 1)
+                .filter(|n| !held.contains(n));
+            for slot_no in free.take(64) {
                 let taken = c.execute(
                     "INSERT INTO request_slots (owner, slot_no, replica_id, request_id) VALUES (?1, ?2, ?3, ?4) \
                      ON CONFLICT (owner, slot_no) DO UPDATE SET replica_id = excluded.replica_id, \

@@ -63,7 +63,12 @@ pub struct Settled {
 
 /// Writes the usage row of a credit request and reserves `reserve` from its account. Returns the row id and the
 /// balance left after the reservation.
-pub fn reserve(tx: &dyn Sql, usage: &NewUsage, reserve: Usdc) -> Result<(i64, Usdc), LedgerError> {
+pub fn reserve(
+    tx: &dyn Sql,
+    usage: &NewUsage,
+    reserve: Usdc,
+    replica: Option<&str>,
+) -> Result<(i64, Usdc), LedgerError> {
     let left = append_ledger(
         tx,
         &usage.account,
@@ -74,26 +79,22 @@ pub fn reserve(tx: &dyn Sql, usage: &NewUsage, reserve: Usdc) -> Result<(i64, Us
         Some(&format!("reserve for request {}", usage.request_id)),
         usage.started_at,
     )?;
-    let id = insert(tx, usage, reserve, "in_flight")?;
+    let id = insert(tx, usage, reserve, "in_flight", replica)?;
     Ok((id, left))
 }
 
-/// Names `replica` as the holder of in-flight reservation `id`, in the reservation's own transaction (PostgreSQL
-/// replicas): the holder's lease keeps the row its own, and once that lease expires (the replica died) a live
-/// replica's sweep refunds it. Without the name no sweep ever reaches the row.
-pub fn hold_for_replica(tx: &dyn Sql, id: i64, replica: &str) -> Result<(), StoreError> {
-    tx.execute(
-        "UPDATE usage SET replica_id = ?2 WHERE id = ?1 AND status = 'in_flight'",
-        params![id, replica],
-    )?;
-    Ok(())
-}
-
-fn insert(tx: &dyn Sql, usage: &NewUsage, reserved: Usdc, status: &str) -> Result<i64, StoreError> {
+/// `replica`: the PostgreSQL replica holding an `in_flight` reservation (`store::replicas`); `None` on SQLite.
+fn insert(
+    tx: &dyn Sql,
+    usage: &NewUsage,
+    reserved: Usdc,
+    status: &str,
+    replica: Option<&str>,
+) -> Result<i64, StoreError> {
     tx.query_one(
         "INSERT INTO usage (request_id, key_id, account, key_kind, model, stream, reserved_atomic, status, started_at, \
-         bound_prompt_tokens, bound_output_tokens, input_price_atomic, output_price_atomic) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) RETURNING id",
+         bound_prompt_tokens, bound_output_tokens, input_price_atomic, output_price_atomic, replica_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) RETURNING id",
         params![
             usage.request_id,
             usage.key_id,
@@ -108,6 +109,7 @@ fn insert(tx: &dyn Sql, usage: &NewUsage, reserved: Usdc, status: &str) -> Resul
             usage.bound_output_tokens.min(i64::MAX as u64) as i64,
             usage.input_per_mtok.atomic(),
             usage.output_per_mtok.atomic(),
+            replica,
         ],
         |r| r.get(0),
     )
@@ -202,7 +204,7 @@ pub fn record_subscription(
     usage: &NewUsage,
     outcome: &Outcome,
 ) -> Result<(), StoreError> {
-    let id = insert(tx, usage, Usdc::ZERO, "in_flight")?;
+    let id = insert(tx, usage, Usdc::ZERO, "in_flight", None)?;
     finish(tx, id, outcome, Usdc::ZERO)?;
     Ok(())
 }

@@ -796,12 +796,7 @@ async fn a_json_request_whose_client_hung_up_is_still_settled_from_its_usage() {
 }
 
 async fn audit(m: &Meter) -> x402_gateway::audit::verify::Report {
-    let settings =
-        x402_gateway::config::Config::parse(&m.gw.config, std::path::Path::new("test.toml"))
-            .unwrap()
-            .resolve(std::path::Path::new("/"), &|_| None)
-            .unwrap();
-    x402_gateway::audit::verify::verify(&settings, &m.store().await, &mut |_| {})
+    x402_gateway::audit::verify::verify(&m.gw.settings(), &m.store().await, &mut |_| {})
         .await
         .unwrap()
 }

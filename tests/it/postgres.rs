@@ -101,7 +101,7 @@ fn write_config(dir: &Path, database: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[chain]\nnetwork = \"base\"\nrpc_http = [\"https://mainnet.base.org\"]\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[chain]\nnetwork = \"base\"\nrpc_http = [\"https://mainnet.base.org\"]\n\
              pay_to = \"0x1111111111111111111111111111111111111111\"\n\n[database]\n{database}\n"
         ),
     )
@@ -809,23 +809,31 @@ async fn ledger_rules_hold_on_postgres() {
     db.drop_db().await;
 }
 
-/// `serve` (and every command but `migrate`) refuses a PostgreSQL config at start, saying why, instead of running
-/// on a default SQLite file. Needs no server: it refuses before connecting.
-#[test]
-fn serve_refuses_a_postgres_config() {
+/// `serve` (and the other commands) on a PostgreSQL database that is behind the binary refuse at start and say to
+/// run `migrate` (a replica never migrates a shared database on its own); an unreachable server is named without
+/// its password. Neither falls back to a default SQLite file.
+#[tokio::test]
+async fn serve_refuses_a_database_behind_the_binary_or_out_of_reach() {
     let dir = tempfile::tempdir().unwrap();
     let config = postgres_config(dir.path());
-    let url = "postgres://gw:hunter2@127.0.0.1:1/x402";
+    let unreachable = "postgres://gw:hunter2@127.0.0.1:1/x402?connect_timeout=2";
     for args in [&["serve"][..], &["index", "--once"], &["payments"]] {
-        let out = run(args, &config, url);
+        let out = run(args, &config, unreachable);
         let (stdout, stderr) = text(&out);
         assert!(!out.status.success(), "{args:?}: {stdout}{stderr}");
-        assert!(
-            stderr.contains("config key `database.url`")
-                && stderr.contains("supported by `x402-gateway migrate` only so far"),
-            "{args:?}: {stderr}"
-        );
+        assert!(stderr.contains("PostgreSQL"), "{args:?}: {stderr}");
         assert!(!stderr.contains("hunter2"), "{stderr}");
+    }
+    if let Some(db) = TestDb::create().await {
+        // An empty database: behind by every migration.
+        let out = run(&["serve"], &config, &db.url);
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{stdout}{stderr}");
+        assert!(
+            stderr.contains("behind this binary") && stderr.contains("migrate"),
+            "{stderr}"
+        );
+        db.drop_db().await;
     }
     assert!(
         !dir.path().join("x402-gateway.db").exists(),

@@ -620,7 +620,8 @@ async fn a_restart_refunds_requests_left_in_flight() {
     let key = s.credit_key(0x55, "2".parse().unwrap()).await;
     let store = s.gw.store().await;
     let account = format!("{:#x}", alloy::primitives::Address::repeat_byte(0x55));
-    // A reservation whose process died before settling it.
+    // A reservation whose process died before settling it (on PostgreSQL: held by a replica with no live lease).
+    let replica = on_postgres().then_some("replica-that-died");
     store
         .write(move |tx| -> Result<_, x402_gateway::store::StoreError> {
             let key_id: i64 = tx.query_one(
@@ -641,7 +642,7 @@ async fn a_restart_refunds_requests_left_in_flight() {
                 input_per_mtok: PRICES.input_per_mtok,
                 output_per_mtok: PRICES.output_per_mtok,
             };
-            x402_gateway::store::usage::reserve(tx, &usage, Usdc(500_000))
+            x402_gateway::store::usage::reserve(tx, &usage, Usdc(500_000), replica)
                 .map_err(|e| x402_gateway::store::StoreError::Task(e.to_string()))?;
             Ok(())
         })
@@ -649,8 +650,12 @@ async fn a_restart_refunds_requests_left_in_flight() {
         .unwrap();
     assert_eq!(s.balance(&key).await, "1.50".parse().unwrap());
     let gw = s.gw.restart().await;
-    let (_, _, usage) = gw.get("/v1/usage", Some(&key)).await;
-    assert_eq!(usage["credits"]["balanceUsdc"], "2.00");
+    // SQLite refunds at start; a PostgreSQL replica at its first sweep of expired leases, right after.
+    let usage = wait_for("the reservation to be refunded", || async {
+        let (_, _, usage) = gw.get("/v1/usage", Some(&key)).await;
+        (usage["credits"]["balanceUsdc"] == "2.00").then_some(usage)
+    })
+    .await;
     assert_eq!(usage["recent"][0]["status"], "interrupted");
 }
 

@@ -14,7 +14,6 @@ use alloy::signers::SignerSync;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use x402_gateway::billing::catalog::claim_text;
-use x402_gateway::config::Config;
 use x402_gateway::store::reversals::{self, ReversalEvent};
 use x402_gateway::store::{Store, StoreError};
 use x402_gateway::usdc::Usdc;
@@ -101,12 +100,8 @@ async fn wait_events(store: &Store, n: usize) -> Vec<ReversalEvent> {
 }
 
 /// `audit verify` against the chain, for the gateway's config.
-async fn audit(config: &str, store: &Store) -> x402_gateway::audit::verify::Report {
-    let settings = Config::parse(config, std::path::Path::new("t.toml"))
-        .unwrap()
-        .resolve(std::path::Path::new("/"), &|_| Some("secret".to_string()))
-        .unwrap();
-    x402_gateway::audit::verify::verify(&settings, store, &mut |_| {})
+async fn audit(gw: &Gateway, store: &Store) -> x402_gateway::audit::verify::Report {
+    x402_gateway::audit::verify::verify(&gw.settings(), store, &mut |_| {})
         .await
         .unwrap()
 }
@@ -179,7 +174,7 @@ async fn reversals_credit_topup_reorged_out_goes_negative_and_comes_back_when_mi
     let (_, _, usage) = s.gw.get("/v1/usage", Some(&key)).await;
     assert_eq!(usage["credits"]["balanceUsdc"], "-0.00002", "{usage}");
     // An auditor sees the reversal and no discrepancy (the negative balance is explained by it).
-    let report = audit(&s.gw.config, &store).await;
+    let report = audit(&s.gw, &store).await;
     assert!(report.is_clean(), "{:?}", report.discrepancies);
     assert_eq!(report.reversals.len(), 1);
 
@@ -196,7 +191,7 @@ async fn reversals_credit_topup_reorged_out_goes_negative_and_comes_back_when_mi
     );
     let (status, answer) = chat(&s, &key).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    let report = audit(&s.gw.config, &store).await;
+    let report = audit(&s.gw, &store).await;
     assert!(report.is_clean(), "{:?}", report.discrepancies);
     assert_eq!(report.reversals.len(), 2);
     // The auditor's view of the payment shows both, and the ledger rows that went with them.
@@ -264,7 +259,7 @@ async fn reversals_pool_subscription_reorged_out_is_suspended_then_restored() {
     assert_eq!(account_balance(&store, payer).await, usdc("0.50"));
     let (status, answer) = chat(&s, &key).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    let report = audit(&s.gw.config, &store).await;
+    let report = audit(&s.gw, &store).await;
     assert!(report.is_clean(), "{:?}", report.discrepancies);
 }
 
@@ -385,7 +380,7 @@ async fn reversals_restart_in_the_middle_does_not_reverse_twice() {
     );
     assert_eq!(account_balance(&store, payer).await, usdc("12"));
     assert_eq!(ledger_kinds(&store, payer, "reinstatement").await.len(), 1);
-    let report = audit(&gw.config, &store).await;
+    let report = audit(&gw, &store).await;
     assert!(report.is_clean(), "{:?}", report.discrepancies);
 }
 

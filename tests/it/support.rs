@@ -547,6 +547,16 @@ pub async fn engine_config(config: String, env: &mut Vec<(String, String)>) -> S
     out
 }
 
+/// Fails a PostgreSQL run whose gateway config kept SQLite (a config without a `[database] path` line).
+pub fn assert_engine(database: &x402_gateway::config::Database) {
+    if on_postgres() {
+        assert!(
+            matches!(database, x402_gateway::config::Database::Postgres { .. }),
+            "X402_TEST_ENGINE=postgres but this gateway runs on {database:?}"
+        );
+    }
+}
+
 /// The gateway running in this process (indexer + HTTP) on a temp database, with a movable clock.
 pub struct Gateway {
     pub base: String,
@@ -605,6 +615,7 @@ impl Gateway {
             })
             .unwrap();
         let database = settings.database.clone();
+        assert_engine(&database);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
@@ -648,6 +659,19 @@ impl Gateway {
         })
         .await;
         gw
+    }
+
+    /// The gateway's settings, resolved with the environment it was started with (its database URL included).
+    pub fn settings(&self) -> x402_gateway::config::Settings {
+        Config::parse(&self.config, std::path::Path::new("test.toml"))
+            .unwrap()
+            .resolve(std::path::Path::new("/"), &|name| {
+                self.env
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            })
+            .unwrap()
     }
 
     /// Stops the server and starts a new one on the same database and config.

@@ -133,6 +133,7 @@ impl X402Gateway {
             .resolve(std::path::Path::new("/"), &env)
             .unwrap();
         let database = settings.database.clone();
+        assert_engine(&database);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
