@@ -7,13 +7,17 @@
 //! (`check_ground_truth`), and `audit verify` must exit 0. A second test runs two processes on one database at once
 //! (the overlap of a deploy), whose start-up refund must not be returned twice.
 //!
+//! The harness (the launcher, the agents, the killer's aim, the ground-truth checks, which read the database through
+//! the product's `Store` so they hold on either engine) is shared with `replicas.rs`, which runs three replicas on
+//! one PostgreSQL under the same agents.
+//!
 //! Short form (CI, 30 kills): `cargo test --test it crash::`. Long form: `CRASH_KILLS=200 cargo test --test it
 //! crash::sigkill -- --nocapture` (any number). `CRASH_SEED=N` replays the same kill plan and agent choices (thread
 //! timing still differs from run to run, so the interleaving does too). The summary is printed (`--nocapture`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,26 +39,29 @@ use tokio::sync::watch;
 use x402_gateway::billing::catalog::{claim_text, rotate_text};
 use x402_gateway::dev::contracts::TestUSDC;
 use x402_gateway::dev::upstream::{self, DemoConfig, DemoStats};
+use x402_gateway::params;
 use x402_gateway::proxy::pricing::Prices;
+use x402_gateway::store::sql::Sql;
+use x402_gateway::store::{Store, StoreError};
 use x402_gateway::usdc::Usdc;
 
 use crate::support::*;
 
 /// The binary under test; `X402_GATEWAY_BIN` overrides it (as in `audit.rs`).
-fn bin() -> String {
+pub(crate) fn bin() -> String {
     std::env::var("X402_GATEWAY_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_x402-gateway").to_string())
 }
 
-const CHAIN_ID: u64 = 31337;
-const CONFIRMATIONS: u64 = 2;
+pub(crate) const CHAIN_ID: u64 = 31337;
+pub(crate) const CONFIRMATIONS: u64 = 2;
 /// Kills in the short form; `CRASH_KILLS` sets another number.
 const SHORT_KILLS: usize = 30;
 /// Agent tasks, one paying address each (anvil's dev wallets 2..4, plus account 5 funded here).
-const AGENTS: usize = 4;
+pub(crate) const AGENTS: usize = 4;
 /// Longest one agent operation (a claim, a rotation, a wait for the index) may take across restarts.
-const OP_DEADLINE: Duration = Duration::from_secs(90);
-const POOL: &str = "crash";
+pub(crate) const OP_DEADLINE: Duration = Duration::from_secs(90);
+pub(crate) const POOL: &str = "crash";
 /// Pool blocks: (name, hours, price). Together they cover the whole UTC day, so an "am"+"pm" key always works
 /// whatever the wall-clock hour (the real binary runs on the wall clock).
 const BLOCKS: [(&str, &str, &str); 2] =
@@ -67,7 +74,7 @@ const MODELS: [(&str, &str, &str); 2] = [
 ];
 /// `max_output_tokens` of both models: the output bound (reserved for credit keys, and sent upstream) when a request
 /// names no `max_tokens`.
-const MODEL_CAP: u64 = 64;
+pub(crate) const MODEL_CAP: u64 = 64;
 const MIN_TOPUP: &str = "1.00";
 
 fn usdc(s: &str) -> Usdc {
@@ -89,7 +96,7 @@ fn block_price(name: &str) -> Usdc {
     usdc(BLOCKS.iter().find(|(n, _, _)| *n == name).unwrap().2)
 }
 
-fn config_text(chain: &TestChain, upstream: &str) -> String {
+pub(crate) fn config_text(chain: &TestChain, upstream: &str) -> String {
     let blocks: Vec<String> = BLOCKS
         .iter()
         .map(|(name, hours, price)| {
@@ -155,32 +162,64 @@ rate_limits = false
 // The gateway process.
 
 /// What every generation of the server wrote to stderr: a tail for failure messages, panics, and the refunds
-/// its start-up recovery reported.
+/// its start-up recovery (SQLite) or a replica's sweep of a dead replica's reservations (PostgreSQL) reported.
 #[derive(Default)]
-struct ServerLog {
+pub(crate) struct ServerLog {
     tail: VecDeque<String>,
-    panics: Vec<String>,
-    /// Sum of `requests` over the "refunded the reservations …" start-up lines.
-    recovered_reported: u64,
+    pub(crate) panics: Vec<String>,
+    /// Sum of `requests` over the "refunded the reservations …" lines.
+    pub(crate) recovered_reported: u64,
+    /// Generations that logged "this replica leads" (PostgreSQL), in order.
+    pub(crate) leaders: Vec<u64>,
 }
 
 impl ServerLog {
-    fn tail_text(&self) -> String {
+    pub(crate) fn tail_text(&self) -> String {
         self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
     }
 }
 
+/// How to start `serve`: its config, and the environment it needs (the PostgreSQL URL the config names).
+pub(crate) struct Launch {
+    pub(crate) config: PathBuf,
+    pub(crate) env: Vec<(String, String)>,
+}
+
+impl Launch {
+    pub(crate) fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(bin());
+        command
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    /// `audit verify` on the database, which must exit 0.
+    pub(crate) fn audit_verify(&self) {
+        let verify = self.command(&["audit", "verify"]).output().unwrap();
+        assert!(
+            verify.status.success(),
+            "audit verify: {}\n{}",
+            String::from_utf8_lossy(&verify.stdout),
+            String::from_utf8_lossy(&verify.stderr)
+        );
+    }
+}
+
 /// One `x402-gateway serve` process.
-struct Process {
+pub(crate) struct Process {
     child: Child,
     listening: std::sync::mpsc::Receiver<String>,
+    /// Whether it leads (runs the indexer), by its log: set on "this replica leads", cleared on "leadership lost".
+    leads: Arc<AtomicBool>,
 }
 
 impl Process {
-    fn spawn(config: &Path, generation: u64, log: &Arc<Mutex<ServerLog>>) -> Process {
-        let mut child = Command::new(bin())
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(config)
+    pub(crate) fn spawn(launch: &Launch, generation: u64, log: &Arc<Mutex<ServerLog>>) -> Process {
+        let mut child = launch
+            .command(&["--log-format", "json", "serve"])
             .env("X402_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -188,7 +227,8 @@ impl Process {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, listening) = std::sync::mpsc::channel();
-        let log = log.clone();
+        let leads = Arc::new(AtomicBool::new(false));
+        let (log, leading) = (log.clone(), leads.clone());
         // Drains stderr for the process's whole life, so a full pipe never blocks the server.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -205,17 +245,37 @@ impl Process {
                 if message.starts_with("refunded the reservations") {
                     log.recovered_reported += event["fields"]["requests"].as_u64().unwrap_or(0);
                 }
+                if message.starts_with("this replica leads") {
+                    leading.store(true, Ordering::SeqCst);
+                    log.leaders.push(generation);
+                }
+                if message.starts_with("leadership lost") {
+                    leading.store(false, Ordering::SeqCst);
+                }
                 log.tail.push_back(format!("[gen {generation}] {line}"));
                 if log.tail.len() > 300 {
                     log.tail.pop_front();
                 }
             }
         });
-        Process { child, listening }
+        Process {
+            child,
+            listening,
+            leads,
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it said it leads (and has not said it lost it).
+    pub(crate) fn leads(&self) -> bool {
+        self.leads.load(Ordering::SeqCst)
     }
 
     /// The base URL from the "listening on" line.
-    async fn wait_listening(&mut self, log: &Arc<Mutex<ServerLog>>) -> String {
+    pub(crate) async fn wait_listening(&mut self, log: &Arc<Mutex<ServerLog>>) -> String {
         let start = Instant::now();
         loop {
             if let Ok(url) = self.listening.try_recv() {
@@ -237,7 +297,7 @@ impl Process {
     }
 
     /// SIGKILL (`Child::kill` sends SIGKILL on Unix): no handler runs, nothing is flushed or finished.
-    fn sigkill(self) {
+    pub(crate) fn sigkill(self) {
         drop(self);
     }
 }
@@ -255,7 +315,7 @@ impl Drop for Process {
 
 /// A request the upstream received.
 #[derive(Debug, Clone)]
-struct Served {
+pub(crate) struct Served {
     model: String,
     /// Sent with a credit key (the agents mark their prompts: `c0 c1 …` for credit keys, `p0 p1 …` for pool keys).
     credit: bool,
@@ -266,7 +326,7 @@ struct Served {
 }
 
 #[derive(Clone, Default)]
-struct UpstreamLog(Arc<Mutex<HashMap<String, Served>>>);
+pub(crate) struct UpstreamLog(pub(crate) Arc<Mutex<HashMap<String, Served>>>);
 
 async fn record_upstream_request(
     axum::extract::State(log): axum::extract::State<UpstreamLog>,
@@ -314,7 +374,7 @@ async fn record_upstream_request(
     .await
 }
 
-async fn start_upstream(log: UpstreamLog, token_delay: Duration) -> String {
+pub(crate) async fn start_upstream(log: UpstreamLog, token_delay: Duration) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/v1", listener.local_addr().unwrap());
     let demo = DemoConfig {
@@ -332,59 +392,78 @@ async fn start_upstream(log: UpstreamLog, token_delay: Duration) -> String {
 // What agents and the killer share.
 
 #[derive(Default)]
-struct Stats {
-    payments: AtomicU64,
-    claims_ok: AtomicU64,
+pub(crate) struct Stats {
+    pub(crate) payments: AtomicU64,
+    pub(crate) claims_ok: AtomicU64,
     /// Sum of the round-trip times of claims answered 200, in µs (the window the kills on the wire aim at).
-    claim_ok_micros: AtomicU64,
+    pub(crate) claim_ok_micros: AtomicU64,
     /// Claim attempts that got no answer (the server died under them).
-    claim_answers_lost: AtomicU64,
+    pub(crate) claim_answers_lost: AtomicU64,
     /// Retried claims answered 409 `already_claimed` naming our purchase: the lost attempt had committed.
-    claims_recovered_by_409: AtomicU64,
+    pub(crate) claims_recovered_by_409: AtomicU64,
     /// 202 pending / 404 not indexed / 429 answers before the claim went through.
-    claim_waits: AtomicU64,
-    rotations: AtomicU64,
-    rotation_answers_lost: AtomicU64,
-    chats_sent: AtomicU64,
-    chats_json_done: AtomicU64,
-    chats_stream_done: AtomicU64,
-    chats_lost: AtomicU64,
-    chats_refused_402: AtomicU64,
-    pool_chats_done: AtomicU64,
-    pool_chats_outside_window: AtomicU64,
-    too_many_requests: AtomicU64,
+    pub(crate) claim_waits: AtomicU64,
+    pub(crate) rotations: AtomicU64,
+    pub(crate) rotation_answers_lost: AtomicU64,
+    pub(crate) chats_sent: AtomicU64,
+    pub(crate) chats_json_done: AtomicU64,
+    pub(crate) chats_stream_done: AtomicU64,
+    pub(crate) chats_lost: AtomicU64,
+    pub(crate) chats_refused_402: AtomicU64,
+    pub(crate) pool_chats_done: AtomicU64,
+    pub(crate) pool_chats_outside_window: AtomicU64,
+    pub(crate) too_many_requests: AtomicU64,
 }
 
-fn bump(c: &AtomicU64) {
+pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-fn get(c: &AtomicU64) -> u64 {
+pub(crate) fn get(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
 }
 
-struct Shared {
-    /// (generation, base URL while that generation serves).
-    server: watch::Sender<(u64, Option<String>)>,
-    stop: AtomicBool,
+pub(crate) struct Shared {
+    /// (generation, base URL while that generation serves). With replicas the URL is the balancer's, always up,
+    /// and the generation moves at each kill and restart.
+    pub(crate) server: watch::Sender<(u64, Option<String>)>,
+    pub(crate) stop: AtomicBool,
     /// Claim and rotation POSTs on the wire (the killer aims at them).
-    writes_in_flight: AtomicUsize,
+    pub(crate) writes_in_flight: AtomicUsize,
     /// Streams whose headers arrived and whose body is still coming.
-    streams_in_flight: AtomicUsize,
-    http: reqwest::Client,
-    stats: Stats,
-    chain: Arc<TestChain>,
-    payers: Payers,
+    pub(crate) streams_in_flight: AtomicUsize,
+    pub(crate) http: reqwest::Client,
+    pub(crate) stats: Stats,
+    pub(crate) chain: Arc<TestChain>,
+    pub(crate) payers: Payers,
 }
 
 /// A request's fate as the client saw it.
-enum Answer {
+pub(crate) enum Answer {
     Got(StatusCode, Value),
     /// No complete answer: the connection failed or the body was cut.
     Lost,
 }
 
 impl Shared {
+    pub(crate) fn new(
+        url: String,
+        http: reqwest::Client,
+        chain: Arc<TestChain>,
+        payers: Payers,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            server: watch::Sender::new((0, Some(url))),
+            stop: AtomicBool::new(false),
+            writes_in_flight: AtomicUsize::new(0),
+            streams_in_flight: AtomicUsize::new(0),
+            http,
+            stats: Stats::default(),
+            chain,
+            payers,
+        })
+    }
+
     /// The serving generation and its base URL, waiting through a restart.
     async fn server(&self) -> (u64, String) {
         let mut rx = self.server.subscribe();
@@ -417,7 +496,7 @@ impl Shared {
         (generation, read_answer(sent).await)
     }
 
-    async fn get(&self, path: &str, key: Option<&str>) -> (u64, Answer) {
+    pub(crate) async fn get(&self, path: &str, key: Option<&str>) -> (u64, Answer) {
         let (generation, base) = self.server().await;
         let mut req = self.http.get(format!("{base}{path}"));
         if let Some(k) = key {
@@ -458,14 +537,14 @@ fn now_unix() -> i64 {
 }
 
 /// The agents' wallets on one provider.
-struct Payers {
+pub(crate) struct Payers {
     provider: DynProvider,
     signers: Vec<PrivateKeySigner>,
 }
 
 impl Payers {
     /// anvil's dev wallets 2..4 (funded by the chain set-up) and account 5, funded here.
-    async fn new(chain: &TestChain) -> Payers {
+    pub(crate) async fn new(chain: &TestChain) -> Payers {
         let mut signers: Vec<PrivateKeySigner> = chain.dev.agents.clone();
         let keys = chain.dev.anvil.keys();
         for key in keys
@@ -547,7 +626,7 @@ struct ChatDone {
 }
 
 #[derive(Debug, Default)]
-struct AgentRecord {
+pub(crate) struct AgentRecord {
     address: String,
     payments: Vec<Payment>,
     /// Claims the agent saw succeed, with the key public id the answer (200 or 409) said they minted.
@@ -565,7 +644,7 @@ fn public_id(key: &str) -> String {
     key.split('-').nth(1).unwrap_or_default().to_string()
 }
 
-struct Agent {
+pub(crate) struct Agent {
     index: usize,
     signer: PrivateKeySigner,
     rng: StdRng,
@@ -581,7 +660,8 @@ enum ChatEnd {
 }
 
 impl Agent {
-    async fn run(mut self, s: Arc<Shared>) -> AgentRecord {
+    /// Pays, claims and chats until `s.stop`; [`finish_agents`] then runs its final check.
+    async fn run(mut self, s: Arc<Shared>) -> Agent {
         while !s.stop.load(Ordering::SeqCst) {
             if self.credit_key.is_none() {
                 self.buy_credits(&s).await;
@@ -609,8 +689,7 @@ impl Agent {
                 self.buy_credits(&s).await;
             }
         }
-        self.final_check(&s).await;
-        self.record
+        self
     }
 
     async fn buy_credits(&mut self, s: &Shared) {
@@ -1052,20 +1131,25 @@ impl Agent {
 // The killer.
 
 #[derive(Debug, Default)]
-struct KillReport {
-    kills: usize,
-    anytime: usize,
-    during_write: usize,
-    after_commit: usize,
-    during_stream: usize,
-    during_startup: usize,
+pub(crate) struct KillReport {
+    pub(crate) kills: usize,
+    pub(crate) anytime: usize,
+    pub(crate) during_write: usize,
+    pub(crate) after_commit: usize,
+    pub(crate) during_stream: usize,
+    pub(crate) during_startup: usize,
     /// Aimed kills that found nothing to aim at within 3 s and killed anyway.
-    unaimed: usize,
-    restart_ms: Vec<u128>,
+    pub(crate) unaimed: usize,
+    /// Replicas: kills aimed at the indexer leader, kills whose victim led (aimed or not), kills of a second
+    /// replica at the same moment.
+    pub(crate) at_leader: usize,
+    pub(crate) leader_killed: usize,
+    pub(crate) two_at_once: usize,
+    pub(crate) restart_ms: Vec<u128>,
 }
 
 /// Waits up to 3 s for `counter` to be non-zero; says whether it was.
-async fn aim(counter: &AtomicUsize) -> bool {
+pub(crate) async fn aim(counter: &AtomicUsize) -> bool {
     let start = Instant::now();
     while counter.load(Ordering::SeqCst) == 0 {
         if start.elapsed() > Duration::from_secs(3) {
@@ -1076,36 +1160,32 @@ async fn aim(counter: &AtomicUsize) -> bool {
     true
 }
 
-/// Waits (up to 3 s) for a claim or rotation to commit while its request is on the wire, and SIGKILLs the server
-/// (`pid`) before the answer leaves; says whether it did. While a write is on the wire the server is frozen
-/// (SIGSTOP) every few hundred µs for a look at the database: if the write has committed, it dies frozen, so its
-/// answer cannot leave; if not, it thaws (SIGCONT). Runs on a blocking thread.
-fn kill_after_commit(db: &Path, s: &Shared, pid: u32) -> bool {
-    let Ok(c) = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
-        return false;
-    };
-    let writes = || {
-        c.query_row(
-            "SELECT (SELECT count(*) FROM claims) + (SELECT count(*) FROM rotation_nonces)",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .unwrap_or(-1)
-    };
+/// Claims and rotations committed: what a write the killer aims at adds to.
+pub(crate) const WRITES_COMMITTED: &str =
+    "SELECT (SELECT count(*) FROM claims) + (SELECT count(*) FROM rotation_nonces)";
+
+/// Waits (up to 3 s) for a claim or rotation to commit while its request is on the wire (`on_the_wire` > 0), and
+/// SIGKILLs the server (`pid`) before the answer leaves; says whether it did. While a write is on the wire the
+/// server is frozen (SIGSTOP) every few hundred µs for a look at the database (`writes_committed`, -1 when it
+/// cannot tell): if the write has committed, it dies frozen, so its answer cannot leave; if not, it thaws
+/// (SIGCONT). Runs on a blocking thread.
+pub(crate) fn kill_after_commit(
+    writes_committed: &dyn Fn() -> i64,
+    on_the_wire: &AtomicUsize,
+    pid: u32,
+) -> bool {
     // SAFETY: kill(2) with plain integers, on our own child (reaped later by `Process::sigkill`).
     let signal = |sig: i32| unsafe { libc::kill(pid as i32, sig) };
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(3) {
-        if s.writes_in_flight.load(Ordering::SeqCst) == 0 {
+        if on_the_wire.load(Ordering::SeqCst) == 0 {
             std::thread::sleep(Duration::from_micros(200));
             continue;
         }
-        let before = writes();
-        while s.writes_in_flight.load(Ordering::SeqCst) > 0
-            && start.elapsed() < Duration::from_secs(3)
-        {
+        let before = writes_committed();
+        while on_the_wire.load(Ordering::SeqCst) > 0 && start.elapsed() < Duration::from_secs(3) {
             signal(libc::SIGSTOP);
-            if writes() > before {
+            if writes_committed() > before {
                 signal(libc::SIGKILL);
                 return true;
             }
@@ -1121,7 +1201,7 @@ fn kill_after_commit(db: &Path, s: &Shared, pid: u32) -> bool {
 async fn killer(
     s: &Arc<Shared>,
     mut process: Process,
-    config: &Path,
+    launch: &Launch,
     db: &Path,
     log: &Arc<Mutex<ServerLog>>,
     kills: usize,
@@ -1147,10 +1227,21 @@ async fn killer(
             50..75 => {
                 // Right after a claim or rotation commits, before its answer leaves: the client must learn from
                 // its retry (409 naming the purchase; a rotation) what it bought.
-                let (s, db, pid) = (s.clone(), db.to_path_buf(), process.child.id());
-                if tokio::task::spawn_blocking(move || kill_after_commit(&db, &s, pid))
-                    .await
-                    .unwrap()
+                let (s, db, pid) = (s.clone(), db.to_path_buf(), process.pid());
+                if tokio::task::spawn_blocking(move || {
+                    // A plain read-only connection: it reads while the server is frozen mid-write.
+                    let Ok(c) = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                    else {
+                        return false;
+                    };
+                    let writes = || {
+                        c.query_row(WRITES_COMMITTED, [], |r| r.get(0))
+                            .unwrap_or(-1)
+                    };
+                    kill_after_commit(&writes, &s.writes_in_flight, pid)
+                })
+                .await
+                .unwrap()
                 {
                     report.after_commit += 1;
                 } else {
@@ -1172,7 +1263,7 @@ async fn killer(
         if report.kills < kills && rng.random_bool(0.15) {
             // Die again while starting: during migrations, the in-flight refunds, or the first requests.
             generation += 1;
-            let early = Process::spawn(config, generation, log);
+            let early = Process::spawn(launch, generation, log);
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..80))).await;
             early.sigkill();
             report.kills += 1;
@@ -1180,7 +1271,7 @@ async fn killer(
         }
         generation += 1;
         let started = Instant::now();
-        process = Process::spawn(config, generation, log);
+        process = Process::spawn(launch, generation, log);
         let url = process.wait_listening(log).await;
         report.restart_ms.push(started.elapsed().as_millis());
         s.server.send_replace((generation, Some(url)));
@@ -1193,7 +1284,7 @@ async fn killer(
 
 /// A USDC Transfer log to payTo, read from the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct ChainTransfer {
+pub(crate) struct ChainTransfer {
     tx: String,
     log_index: u64,
     block_hash: String,
@@ -1201,7 +1292,7 @@ struct ChainTransfer {
     value: i64,
 }
 
-async fn chain_transfers(chain: &TestChain) -> Vec<ChainTransfer> {
+pub(crate) async fn chain_transfers(chain: &TestChain) -> Vec<ChainTransfer> {
     let head = chain.head().await;
     let filter = Filter::new()
         .address(chain.token())
@@ -1232,33 +1323,32 @@ async fn chain_transfers(chain: &TestChain) -> Vec<ChainTransfer> {
 
 /// Figures from the final checks, for the summary.
 #[derive(Debug, Default)]
-struct Checked {
-    transfers: usize,
-    claims: usize,
-    subscriptions: usize,
-    keys: usize,
-    rotated_keys: usize,
-    ledger_rows: usize,
-    credit_requests: usize,
-    pool_requests: usize,
-    interrupted: usize,
+pub(crate) struct Checked {
+    pub(crate) transfers: usize,
+    pub(crate) claims: usize,
+    pub(crate) subscriptions: usize,
+    pub(crate) keys: usize,
+    pub(crate) rotated_keys: usize,
+    pub(crate) ledger_rows: usize,
+    pub(crate) credit_requests: usize,
+    pub(crate) pool_requests: usize,
+    pub(crate) interrupted: usize,
     /// Streams the client received whole whose settlement the kill beat: refunded in full at the restart.
-    delivered_then_refunded: usize,
+    pub(crate) delivered_then_refunded: usize,
     /// Requests settled (and charged) whose answer the kill took from the client.
-    settled_but_answer_lost: usize,
+    pub(crate) settled_but_answer_lost: usize,
     /// Pool-key streams received whole whose usage row the kill beat.
-    pool_rows_lost: usize,
+    pub(crate) pool_rows_lost: usize,
 }
 
 /// Every check of the end state against the chain, the upstream's log and the agents' records. Panics naming the
 /// first discrepancy.
-fn check_ground_truth(
-    db: &Path,
+pub(crate) fn check_ground_truth(
+    c: &dyn Sql,
     chain: &[ChainTransfer],
     agents: &[AgentRecord],
     upstream: &HashMap<String, Served>,
 ) -> Checked {
-    let c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     let mut out = Checked::default();
     let payments: HashMap<&str, (&AgentRecord, &Payment)> = agents
         .iter()
@@ -1279,23 +1369,16 @@ fn check_ground_truth(
         "the chain's payments to payTo are not the agents' payments"
     );
     assert_eq!(chain.len(), chain_txs.len(), "one transfer log per payment");
-    let mut stmt = c
-        .prepare("SELECT tx_hash, log_index, block_hash, from_address, value_atomic, status FROM transfers")
-        .unwrap();
-    let rows: Vec<(String, u64, String, String, i64, String)> = stmt
-        .query_map([], |r| {
+    let rows: Vec<(String, u64, String, String, i64, String)> = c.query_map("SELECT tx_hash, log_index, block_hash, from_address, value_atomic, status FROM transfers", params![], |r| {
             Ok((
                 r.get(0)?,
-                r.get::<_, i64>(1)? as u64,
+                r.get::<i64>(1)? as u64,
                 r.get(2)?,
                 r.get(3)?,
                 r.get(4)?,
                 r.get(5)?,
             ))
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+        }).unwrap();
     let mut by_log: HashMap<(String, u64), usize> = HashMap::new();
     for (tx, log_index, _, _, _, _) in &rows {
         *by_log.entry((tx.clone(), *log_index)).or_default() += 1;
@@ -1342,10 +1425,7 @@ fn check_ground_truth(
         Option<i64>,
         Option<i64>,
     );
-    let claims: Vec<ClaimRow> = c
-        .prepare("SELECT tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, key_id FROM claims")
-        .unwrap()
-        .query_map([], |r| {
+    let claims: Vec<ClaimRow> = c.query_map("SELECT tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, key_id FROM claims", params![], |r| {
             Ok((
                 r.get(0)?,
                 r.get(1)?,
@@ -1356,10 +1436,7 @@ fn check_ground_truth(
                 r.get(6)?,
                 r.get(7)?,
             ))
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+        }).unwrap();
     let claimed: HashSet<&str> = claims.iter().map(|c| c.0.as_str()).collect();
     assert_eq!(claimed.len(), claims.len(), "a tx claimed twice");
     assert_eq!(
@@ -1392,10 +1469,8 @@ fn check_ground_truth(
             if kind == "topup" { *paid } else { *surplus };
         // What the agent was told (200 or 409) names the key this claim minted.
         let key_public: Option<String> = key.map(|k| {
-            c.query_row("SELECT public_id FROM api_keys WHERE id = ?1", [k], |r| {
-                r.get(0)
-            })
-            .unwrap()
+            c.query_value("SELECT public_id FROM api_keys WHERE id = ?1", params![k])
+                .unwrap()
         });
         assert_eq!(
             agent.claims.get(tx.as_str()),
@@ -1419,10 +1494,7 @@ fn check_ground_truth(
         Option<String>,
         Option<i64>,
     );
-    let keys: Vec<KeyRow> = c
-        .prepare("SELECT id, public_id, kind, account, subscription_id, created_by, revoked_at, revoked_reason, replaced_by FROM api_keys")
-        .unwrap()
-        .query_map([], |r| {
+    let keys: Vec<KeyRow> = c.query_map("SELECT id, public_id, kind, account, subscription_id, created_by, revoked_at, revoked_reason, replaced_by FROM api_keys", params![], |r| {
             Ok((
                 r.get(0)?,
                 r.get(1)?,
@@ -1434,10 +1506,7 @@ fn check_ground_truth(
                 r.get(7)?,
                 r.get(8)?,
             ))
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+        }).unwrap();
     let by_id: HashMap<i64, &KeyRow> = keys.iter().map(|k| (k.0, k)).collect();
     let minted_by_claims: Vec<i64> = claims.iter().filter_map(|c| c.7).collect();
     let distinct: HashSet<i64> = minted_by_claims.iter().copied().collect();
@@ -1499,10 +1568,7 @@ fn check_ground_truth(
     );
     out.rotated_keys = replaced.len();
     let live: Vec<&KeyRow> = keys.iter().filter(|k| k.6.is_none()).collect();
-    let subscriptions: Vec<(i64, String, String, String, i64, String, i64)> = c
-        .prepare("SELECT id, account, pool, blocks, price_atomic, tx_hash, expires_at FROM subscriptions")
-        .unwrap()
-        .query_map([], |r| {
+    let subscriptions: Vec<(i64, String, String, String, i64, String, i64)> = c.query_map("SELECT id, account, pool, blocks, price_atomic, tx_hash, expires_at FROM subscriptions", params![], |r| {
             Ok((
                 r.get(0)?,
                 r.get(1)?,
@@ -1512,10 +1578,7 @@ fn check_ground_truth(
                 r.get(5)?,
                 r.get(6)?,
             ))
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+        }).unwrap();
     for sub in &subscriptions {
         let n = live.iter().filter(|k| k.4 == Some(sub.0)).count();
         assert_eq!(n, 1, "subscription {} has {n} live keys", sub.0);
@@ -1546,12 +1609,12 @@ fn check_ground_truth(
     let sub_claims = claims.iter().filter(|c| c.2 == "subscription").count();
     assert_eq!(subscriptions.len(), sub_claims);
     let seats: Vec<(i64, String, String, i64)> = c
-        .prepare("SELECT subscription_id, pool, block, expires_at FROM seats")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+        .query_map(
+            "SELECT subscription_id, pool, block, expires_at FROM seats",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
     let mut expected_seats = 0;
     for (id, account, pool, blocks, price, tx, expires) in &subscriptions {
         let blocks: Vec<String> = serde_json::from_str(blocks).unwrap();
@@ -1600,10 +1663,7 @@ fn check_ground_truth(
         String,
         String,
     );
-    let usage: Vec<UsageRow> = c
-        .prepare("SELECT id, request_id, key_id, account, key_kind, model, stream, prompt_tokens, completion_tokens, reserved_atomic, cost_atomic, status, usage_source FROM usage")
-        .unwrap()
-        .query_map([], |r| {
+    let usage: Vec<UsageRow> = c.query_map("SELECT id, request_id, key_id, account, key_kind, model, stream, prompt_tokens, completion_tokens, reserved_atomic, cost_atomic, status, usage_source FROM usage", params![], |r| {
             Ok((
                 r.get(0)?,
                 r.get(1)?,
@@ -1612,17 +1672,14 @@ fn check_ground_truth(
                 r.get(4)?,
                 r.get(5)?,
                 r.get(6)?,
-                r.get::<_, i64>(7)? as u64,
-                r.get::<_, i64>(8)? as u64,
+                r.get::<i64>(7)? as u64,
+                r.get::<i64>(8)? as u64,
                 r.get(9)?,
                 r.get(10)?,
                 r.get(11)?,
                 r.get(12)?,
             ))
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+        }).unwrap();
     let usage_by_request: HashMap<&str, &UsageRow> =
         usage.iter().map(|u| (u.1.as_str(), u)).collect();
     assert_eq!(usage_by_request.len(), usage.len(), "a request id twice");
@@ -1765,10 +1822,7 @@ fn check_ground_truth(
         Option<i64>,
         Option<String>,
     );
-    let ledger: Vec<LedgerRow> = c
-        .prepare("SELECT id, account, kind, amount_atomic, balance_after, tx_hash, key_id, note FROM ledger ORDER BY id")
-        .unwrap()
-        .query_map([], |r| {
+    let ledger: Vec<LedgerRow> = c.query_map("SELECT id, account, kind, amount_atomic, balance_after, tx_hash, key_id, note FROM ledger ORDER BY id", params![], |r| {
             Ok((
                 r.get(0)?,
                 r.get(1)?,
@@ -1779,10 +1833,7 @@ fn check_ground_truth(
                 r.get(6)?,
                 r.get(7)?,
             ))
-        })
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+        }).unwrap();
     out.ledger_rows = ledger.len();
     let mut running: HashMap<&str, i64> = HashMap::new();
     let mut paid_in: HashMap<&str, i64> = HashMap::new();
@@ -1819,9 +1870,13 @@ fn check_ground_truth(
                         .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next())
                         .and_then(|n| n.parse::<i64>().ok())
                         .unwrap_or_else(|| panic!("ledger row {id}: unexpected note `{note}`"));
+                    // A settlement; a refund at a SQLite start-up; a refund by a replica sweeping the
+                    // reservations of a replica whose lease expired (PostgreSQL).
                     assert!(
                         note.starts_with("settle request #")
-                            || note.ends_with("interrupted by a restart: reservation returned"),
+                            || note.ends_with("interrupted by a restart: reservation returned")
+                            || (note.contains(" interrupted: replica ")
+                                && note.ends_with(" stopped, reservation returned")),
                         "ledger row {id}: unexpected note `{note}`"
                     );
                     digits
@@ -1866,48 +1921,25 @@ fn check_ground_truth(
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
-    let kills: usize = std::env::var("CRASH_KILLS")
+// ---------------------------------------------------------------------------------------------------------------
+// The run: set-up, agents, the end, shared by this suite and `replicas.rs`.
+
+/// `name`'s value in the environment, parsed, else `default`.
+pub(crate) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(SHORT_KILLS);
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    println!("crash: seed {seed} (replay the plan with CRASH_SEED={seed}), {kills} kills");
-    let started = Instant::now();
-    let mut rng = StdRng::seed_from_u64(seed);
+        .unwrap_or(default)
+}
 
-    let chain = Arc::new(TestChain::start().await);
-    let payers = Payers::new(&chain).await;
-    let upstream_log = UpstreamLog::default();
-    // 2 ms a token: streams last long enough (up to ~130 ms) for kills to land inside them.
-    let upstream_url = start_upstream(upstream_log.clone(), Duration::from_millis(2)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, config_text(&chain, &upstream_url)).unwrap();
-    let db = dir.path().join("gateway.db");
-    let log = Arc::new(Mutex::new(ServerLog::default()));
-
-    let mut process = Process::spawn(&config, 0, &log);
-    let url = process.wait_listening(&log).await;
-    let shared = Arc::new(Shared {
-        server: watch::Sender::new((0, Some(url))),
-        stop: AtomicBool::new(false),
-        writes_in_flight: AtomicUsize::new(0),
-        streams_in_flight: AtomicUsize::new(0),
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap(),
-        stats: Stats::default(),
-        chain: chain.clone(),
-        payers,
-    });
-
-    // Blocks keep coming (payments also mine their own), so payments reach their confirmations.
+/// Mines a block every 150 ms until the token is cancelled (payments also mine their own), so payments reach
+/// their confirmations.
+pub(crate) fn start_miner(
+    chain: &Arc<TestChain>,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
     let mining = tokio_util::sync::CancellationToken::new();
     let miner = tokio::spawn({
         let chain = chain.clone();
@@ -1919,8 +1951,12 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
             }
         }
     });
+    (mining, miner)
+}
 
-    let agents: Vec<_> = (0..AGENTS)
+/// One task per agent (its choices drawn from `seed`), running until `shared.stop`.
+pub(crate) fn spawn_agents(shared: &Arc<Shared>, seed: u64) -> Vec<tokio::task::JoinHandle<Agent>> {
+    (0..AGENTS)
         .map(|i| {
             let signer = shared.payers.signers[i].clone();
             let agent = Agent {
@@ -1937,58 +1973,116 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
             };
             tokio::spawn(agent.run(shared.clone()))
         })
-        .collect();
+        .collect()
+}
 
-    let (process_now, report) = killer(&shared, process, &config, &db, &log, kills, &mut rng).await;
-    process = process_now;
+/// Stops the agents; once every request has settled (`wait_settled`, up to `settle_deadline`), each checks its
+/// keys and reads its balance. Returns their records and how long the settling took.
+pub(crate) async fn finish_agents(
+    shared: &Shared,
+    agents: Vec<tokio::task::JoinHandle<Agent>>,
+    store: &Store,
+    settle_deadline: Duration,
+    log: &Arc<Mutex<ServerLog>>,
+) -> (Vec<AgentRecord>, Duration) {
+    let failed = |e: tokio::task::JoinError| -> ! {
+        panic!(
+            "an agent failed: {e}\nserver log tail:\n{}",
+            log.lock().unwrap().tail_text()
+        )
+    };
     shared.stop.store(true, Ordering::SeqCst);
-    let mut records = Vec::new();
+    let mut stopped = Vec::new();
     for agent in agents {
-        records.push(
+        stopped.push(
             tokio::time::timeout(Duration::from_secs(180), agent)
                 .await
                 .expect("agents finish")
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "an agent failed: {e}\nserver log tail:\n{}",
-                        log.lock().unwrap().tail_text()
-                    )
-                }),
+                .unwrap_or_else(|e| failed(e)),
         );
     }
+    // The balance an agent reads must not still hold a reservation: a stream settles just after its last byte; a
+    // dead replica's reservation waits for its lease to expire (PostgreSQL).
+    let settled_in = wait_settled(store, settle_deadline).await;
+    let mut records = Vec::new();
+    for mut agent in stopped {
+        agent.final_check(shared).await;
+        records.push(agent.record);
+    }
+    (records, settled_in)
+}
 
-    // Quiesce: streams settle after their last byte; the index reaches the head.
-    wait_for("every request settled", || {
-        let db = db.clone();
-        async move {
-            let c = Connection::open_with_flags(&db, OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
-            let n: i64 = c
-                .query_row(
+/// Runs `f` on a read snapshot of the store (either engine).
+pub(crate) async fn read_db<T: Send + 'static>(
+    store: &Store,
+    f: impl FnOnce(&dyn Sql) -> T + Send + 'static,
+) -> T {
+    store
+        .read(move |c| -> Result<T, StoreError> { Ok(f(c)) })
+        .await
+        .unwrap_or_else(|e| panic!("reading the database: {e}"))
+}
+
+/// Polls (up to `deadline`) until no `usage` row is in flight: streams settle after their last byte; on
+/// PostgreSQL a dead replica's reservations wait for its lease to expire and a live replica's sweep.
+pub(crate) async fn wait_settled(store: &Store, deadline: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let in_flight: Result<i64, StoreError> = store
+            .read(|c| {
+                c.query_value(
                     "SELECT count(*) FROM usage WHERE status = 'in_flight'",
-                    [],
-                    |r| r.get(0),
+                    params![],
                 )
-                .ok()?;
-            (n == 0).then_some(())
+            })
+            .await;
+        if in_flight.as_ref().is_ok_and(|n| *n == 0) {
+            return start.elapsed();
         }
-    })
-    .await;
-    mining.cancel();
-    miner.await.unwrap();
-    let head = chain.head().await;
-    wait_for("the index at the chain head", || async {
-        match shared.get("/healthz", None).await {
-            (_, Answer::Got(_, h)) => h["indexer"]["indexedHead"]
-                .as_u64()
-                .filter(|n| *n >= head)
-                .map(|_| ()),
-            _ => None,
+        if start.elapsed() >= deadline {
+            let rows: Vec<(i64, String, Option<String>)> = read_db(store, |c| {
+                c.query_map(
+                    "SELECT id, request_id, replica_id FROM usage WHERE status = 'in_flight' ORDER BY id",
+                    params![],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .unwrap()
+            })
+            .await;
+            panic!("requests still in flight after {deadline:?} (id, request, replica): {rows:?}");
         }
-    })
-    .await;
-    process.sigkill();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
-    let chain_log = chain_transfers(&chain).await;
+/// Polls `/healthz` until the gateway (whichever replica leads, behind a balancer) has indexed the chain's head.
+pub(crate) async fn wait_index_at_head(shared: &Shared, deadline: Duration) {
+    let head = shared.chain.head().await;
+    let start = Instant::now();
+    loop {
+        if let (_, Answer::Got(_, h)) = shared.get("/healthz", None).await
+            && h["indexer"]["indexedHead"]
+                .as_u64()
+                .is_some_and(|n| n >= head)
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "the index did not reach the chain head {head} within {deadline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The chain's side of the ground truth and every check against it, through `store`.
+pub(crate) async fn check_end_state(
+    store: &Store,
+    chain: &TestChain,
+    records: Vec<AgentRecord>,
+    upstream: &UpstreamLog,
+) -> Checked {
+    let chain_log = chain_transfers(chain).await;
     // The logs are the whole story of payTo's balance (it receives nothing else and spends nothing).
     let pay_to_balance = TestUSDC::new(chain.token(), &chain.provider)
         .balanceOf(chain.pay_to())
@@ -1999,33 +2093,29 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         pay_to_balance,
         U256::from(chain_log.iter().map(|t| t.value).sum::<i64>() as u64)
     );
-    let served = upstream_log.0.lock().unwrap().clone();
-    let checked = check_ground_truth(&db, &chain_log, &records, &served);
+    let served = upstream.0.lock().unwrap().clone();
+    read_db(store, move |c| {
+        check_ground_truth(c, &chain_log, &records, &served)
+    })
+    .await
+}
 
+/// No panic in any process's log, and every refund a log reported is an interrupted row.
+pub(crate) fn check_logs(log: &Arc<Mutex<ServerLog>>, checked: &Checked) {
     let server_log = log.lock().unwrap();
     assert!(
         server_log.panics.is_empty(),
         "the gateway panicked: {:?}",
         server_log.panics
     );
-    // Every interrupted row was refunded by a start-up (a kill between that commit and its log line is possible,
-    // so the log may report fewer).
+    // Every interrupted row was refunded by a start-up or a sweep (a kill between that commit and its log line is
+    // possible, so the logs may report fewer).
     assert!(server_log.recovered_reported <= checked.interrupted as u64);
+}
 
-    let verify = Command::new(bin())
-        .args(["audit", "verify", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "audit verify: {}\n{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
-    );
-
+/// Enough happened for the checks to mean something.
+pub(crate) fn check_enough_happened(shared: &Shared, report: &KillReport, kills: usize) {
     let st = &shared.stats;
-    // Enough happened for the checks above to mean something.
     assert!(report.kills >= kills);
     assert!(
         get(&st.claims_ok) + get(&st.claims_recovered_by_409) >= AGENTS as u64,
@@ -2035,10 +2125,23 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         get(&st.chats_json_done) + get(&st.chats_stream_done) >= 20,
         "too few chat requests"
     );
+}
+
+/// The summary (`--nocapture`), each line prefixed by `label`.
+pub(crate) fn print_summary(
+    label: &str,
+    seed: u64,
+    started: Instant,
+    report: &KillReport,
+    shared: &Shared,
+    checked: &Checked,
+    log: &Arc<Mutex<ServerLog>>,
+) {
+    let st = &shared.stats;
     let restart = &report.restart_ms;
     let mean_restart = restart.iter().sum::<u128>() / restart.len().max(1) as u128;
     println!(
-        "crash summary: seed {seed}; {} SIGKILLs in {:.1} s ({} at a random time, {} with a claim or rotation on \
+        "{label} summary: seed {seed}; {} SIGKILLs in {:.1} s ({} at a random time, {} with a claim or rotation on \
          the wire, {} right after a claim or rotation committed, {} mid-stream, {} during start-up, {} aimed but nothing in flight within 3 s); restart to \
          listening: mean {mean_restart} ms, max {} ms",
         report.kills,
@@ -2052,7 +2155,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         restart.iter().max().copied().unwrap_or(0),
     );
     println!(
-        "crash summary: {} payments, all indexed once and confirmed ({} transfers); {} claims ({} subscriptions): \
+        "{label} summary: {} payments, all indexed once and confirmed ({} transfers); {} claims ({} subscriptions): \
          {} answered 200 (mean round trip {} µs), {} answers lost to a kill, {} recovered by the 409 naming the purchase; {} waits \
          (pending / not indexed); {} key rotations ({} answers lost), {} keys in all, {} replaced",
         get(&st.payments),
@@ -2070,11 +2173,11 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         checked.rotated_keys,
     );
     println!(
-        "crash summary: {} chat requests sent: {} JSON + {} streamed credit answers received whole, {} pool-key \
+        "{label} summary: {} chat requests sent: {} JSON + {} streamed credit answers received whole, {} pool-key \
          answers ({} outside the window), {} refused 402 for their worst case, {} lost to a kill, {} 429; usage \
-         rows: {} credit ({} interrupted and refunded at restart, {} of them streams the client had received \
-         whole; {} settled whose answer was lost), {} pool ({} pool streams received whole whose row the kill beat); {} ledger rows; the gateway logged {} refunds at \
-         start-up; audit verify: clean",
+         rows: {} credit ({} interrupted and refunded, {} of them streams the client had received \
+         whole; {} settled whose answer was lost), {} pool ({} pool streams received whole whose row the kill beat); {} ledger rows; the gateway logged {} refunds; \
+         audit verify: clean",
         get(&st.chats_sent),
         get(&st.chats_json_done),
         get(&st.chats_stream_done),
@@ -2090,8 +2193,59 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         checked.pool_requests,
         checked.pool_rows_lost,
         checked.ledger_rows,
-        server_log.recovered_reported,
+        log.lock().unwrap().recovered_reported,
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    let kills: usize = env_or("CRASH_KILLS", SHORT_KILLS);
+    let seed: u64 = env_or("CRASH_SEED", rand::rng().random());
+    println!("crash: seed {seed} (replay the plan with CRASH_SEED={seed}), {kills} kills");
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let chain = Arc::new(TestChain::start().await);
+    let payers = Payers::new(&chain).await;
+    let upstream_log = UpstreamLog::default();
+    // 2 ms a token: streams last long enough (up to ~130 ms) for kills to land inside them.
+    let upstream_url = start_upstream(upstream_log.clone(), Duration::from_millis(2)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let launch = Launch {
+        config: dir.path().join("config.toml"),
+        env: Vec::new(),
+    };
+    std::fs::write(&launch.config, config_text(&chain, &upstream_url)).unwrap();
+    let db = dir.path().join("gateway.db");
+    let log = Arc::new(Mutex::new(ServerLog::default()));
+
+    let mut process = Process::spawn(&launch, 0, &log);
+    let url = process.wait_listening(&log).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let shared = Shared::new(url, http, chain.clone(), payers);
+    let (mining, miner) = start_miner(&chain);
+    let agents = spawn_agents(&shared, seed);
+
+    let (process_now, report) = killer(&shared, process, &launch, &db, &log, kills, &mut rng).await;
+    process = process_now;
+    // Quiesce: streams settle after their last byte; the index reaches the head.
+    let store = Store::open_database(&x402_gateway::config::Database::Sqlite { path: db.clone() })
+        .await
+        .unwrap();
+    let (records, _) = finish_agents(&shared, agents, &store, DEADLINE, &log).await;
+    mining.cancel();
+    miner.await.unwrap();
+    wait_index_at_head(&shared, DEADLINE).await;
+    process.sigkill();
+
+    let checked = check_end_state(&store, &chain, records, &upstream_log).await;
+    check_logs(&log, &checked);
+    launch.audit_verify();
+    check_enough_happened(&shared, &report, kills);
+    print_summary("crash", seed, started, &report, &shared, &checked, &log);
 }
 
 /// The start-up refund assumes the previous process is dead. A second gateway started on the same database while
@@ -2105,14 +2259,18 @@ async fn a_second_gateway_on_the_database_refuses_to_start_while_the_first_runs(
     // 100 ms a token: a 50-token JSON answer takes 5 s, time enough to try the second process under it.
     let upstream_url = start_upstream(UpstreamLog::default(), Duration::from_millis(100)).await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, config_text(&chain, &upstream_url)).unwrap();
+    let launch = Launch {
+        config: dir.path().join("config.toml"),
+        env: Vec::new(),
+    };
+    let config = &launch.config;
+    std::fs::write(config, config_text(&chain, &upstream_url)).unwrap();
     let db = dir.path().join("gateway.db");
     let account = "0x1111111111111111111111111111111111111111";
     let granted = usdc("5.00");
     let out = Command::new(bin())
         .args(["keys", "grant", "--config"])
-        .arg(&config)
+        .arg(config)
         .args([account, "5.00"])
         .output()
         .unwrap();
@@ -2130,7 +2288,7 @@ async fn a_second_gateway_on_the_database_refuses_to_start_while_the_first_runs(
         .to_string();
 
     let log = Arc::new(Mutex::new(ServerLog::default()));
-    let mut first = Process::spawn(&config, 0, &log);
+    let mut first = Process::spawn(&launch, 0, &log);
     let first_url = first.wait_listening(&log).await;
     let http = reqwest::Client::new();
     let request = tokio::spawn({
@@ -2163,7 +2321,7 @@ async fn a_second_gateway_on_the_database_refuses_to_start_while_the_first_runs(
     for command in ["serve", "index"] {
         let mut second = Command::new(bin())
             .args([command, "--config"])
-            .arg(&config)
+            .arg(config)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -2210,7 +2368,7 @@ async fn a_second_gateway_on_the_database_refuses_to_start_while_the_first_runs(
 
     // SIGKILL releases the lock with the process: the next gateway starts at once and sees the same balance.
     first.sigkill();
-    let mut second = Process::spawn(&config, 1, &log);
+    let mut second = Process::spawn(&launch, 1, &log);
     let second_url = second.wait_listening(&log).await;
     let usage: Value = http
         .get(format!("{second_url}/v1/usage"))

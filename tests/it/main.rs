@@ -16,6 +16,7 @@ mod limits;
 mod metering;
 mod postgres;
 mod proxy;
+mod replicas;
 mod reversals;
 mod rpc_faults;
 mod secrets;
