@@ -286,7 +286,7 @@ pub async fn serve_with_env(
     let mut state = AppState::new(settings, store.clone(), status.clone(), clock.clone())?;
     if let Some(engine) = &engine {
         tracing::info!(network = %engine.network().caip2(), "standard x402 payments enabled");
-        state = state.with_x402(engine.clone());
+        state = state.with_x402(engine.clone().with_store(&store));
     }
     // The indexer and the x402 reorg watcher run on the leader only (always this process on SQLite).
     let leader_work: replica::StartLeaderWork = {

@@ -252,6 +252,15 @@ pub struct Store {
     engine: Arc<EngineHandle>,
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("engine", &self.engine().name())
+            .field("at", &self.inner.path)
+            .finish()
+    }
+}
+
 /// The engine behind a [`Store`].
 enum EngineHandle {
     Sqlite,

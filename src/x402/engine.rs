@@ -64,6 +64,9 @@ pub struct X402 {
     settler: Arc<dyn Settler>,
     clock: Arc<dyn Clock>,
     in_flight: InFlight,
+    /// The database shared by several replicas (PostgreSQL): an authorization in flight is also held there, so a
+    /// copy of the same payment sent to another replica is a duplicate too, not a second settlement attempt.
+    shared: Option<crate::store::Store>,
 }
 
 impl std::fmt::Debug for X402 {
@@ -82,7 +85,14 @@ impl X402 {
             settler,
             clock,
             in_flight: InFlight::new(),
+            shared: None,
         }
+    }
+
+    /// Holds authorizations in flight in `store` as well when several replicas may share it (PostgreSQL).
+    pub fn with_store(mut self, store: &crate::store::Store) -> X402 {
+        self.shared = store.replica_id().is_some().then(|| store.clone());
+        self
     }
 
     pub fn network(&self) -> &Network {
@@ -139,11 +149,18 @@ impl X402 {
                 self.clock.now(),
             )
             .ok_or(PaymentError::Rejected(Reason::Duplicate))?;
+        let shared = match &self.shared {
+            Some(store) => {
+                Some(SharedHold::take(store, auth.from, auth.nonce, self.clock.now()).await?)
+            }
+            None => None,
+        };
         Ok(Reservation {
             settler: self.settler.clone(),
             req,
             verified,
             claim,
+            shared,
         })
     }
 
@@ -181,6 +198,68 @@ pub struct Reservation {
     req: PaymentRequest,
     verified: Verified,
     claim: Claim,
+    shared: Option<SharedHold>,
+}
+
+/// An authorization held in the shared database (a `request_slots` row of owner `x402:<from>:<nonce>`, limit 1),
+/// for as long as its reservation lives. Released when the settlement's outcome is known (then the chain refuses a
+/// replay: the nonce is used); kept when it is unknown, until this replica's lease expires.
+#[derive(Debug)]
+struct SharedHold {
+    store: crate::store::Store,
+    owner: String,
+    slot: i64,
+    holder: String,
+    keep: bool,
+}
+
+impl SharedHold {
+    async fn take(
+        store: &crate::store::Store,
+        from: Address,
+        nonce: alloy::primitives::B256,
+        now: u64,
+    ) -> Result<SharedHold, PaymentError> {
+        let owner = format!("x402:{from:#x}:{nonce:#x}");
+        let holder = format!("x402-{:016x}", rand::random::<u64>());
+        let now = i64::try_from(now).unwrap_or(i64::MAX);
+        match store
+            .take_request_slot(owner.clone(), 1, holder.clone(), now)
+            .await
+        {
+            Ok(Some(slot)) => Ok(SharedHold {
+                store: store.clone(),
+                owner,
+                slot,
+                holder,
+                keep: false,
+            }),
+            Ok(None) => Err(Reason::Duplicate.into()),
+            Err(e) => Err(PaymentError::Unavailable {
+                what: "the shared in-flight guard",
+                message: e.to_string(),
+            }),
+        }
+    }
+}
+
+impl Drop for SharedHold {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        let (store, owner, slot, holder) = (
+            self.store.clone(),
+            std::mem::take(&mut self.owner),
+            self.slot,
+            std::mem::take(&mut self.holder),
+        );
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = store.release_request_slot(owner, slot, holder).await;
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for dyn Settler {
@@ -206,10 +285,18 @@ impl Reservation {
     /// client may retry; when the outcome is unknown, or on success, it stays blocked.
     pub async fn settle(self) -> Result<Settlement, PaymentError> {
         let result = self.settler.settle(&self.req, &self.verified).await;
+        let mut shared = self.shared;
         match &result {
-            Ok(_) | Err(PaymentError::OutcomeUnknown { .. }) => self.claim.settled(),
+            Ok(_) => self.claim.settled(),
+            Err(PaymentError::OutcomeUnknown { .. }) => {
+                self.claim.settled();
+                if let Some(hold) = shared.as_mut() {
+                    hold.keep = true;
+                }
+            }
             Err(_) => drop(self.claim),
         }
+        drop(shared);
         result
     }
 }

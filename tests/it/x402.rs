@@ -339,6 +339,57 @@ async fn x402_same_header_twice_concurrently_settles_once() {
     );
 }
 
+/// Two replicas on one PostgreSQL database (two engines, each with its own in-process guard and its own store):
+/// while one holds a payment's authorization (verified, not settled yet), the same payment sent to the other is a
+/// `duplicate_payment` — held in the shared database — not a second settlement; once the first settles, a copy is
+/// refused by the chain (`nonce_already_used`). USDC moves once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x402_a_payment_held_by_one_replica_is_a_duplicate_at_another() {
+    if std::env::var("X402_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .is_none()
+    {
+        assert!(
+            std::env::var("X402_POSTGRES_REQUIRED").as_deref() != Ok("1"),
+            "X402_POSTGRES_REQUIRED=1 but X402_TEST_POSTGRES_URL is not set"
+        );
+        eprintln!("SKIPPED: X402_TEST_POSTGRES_URL is not set");
+        return;
+    }
+    let database = x402_gateway::config::Database::Postgres {
+        url: x402_gateway::config::PostgresUrl::new(fresh_postgres_database().await),
+    };
+    let f = Fixture::start().await;
+    let (a, b) = (
+        Store::open_database(&database).await.unwrap(),
+        Store::open_database(&database).await.unwrap(),
+    );
+    // Both replicas are alive (their leases run on the engines' clock, as in `serve`).
+    for store in [&a, &b] {
+        store.renew_lease(f.now as i64).await.unwrap();
+    }
+    let (first, second) = (f.engine().with_store(&a), f.engine().with_store(&b));
+    let offer = f.offer(usdc("1.00"));
+    let payment = f.payment(f.chain.payer(1), &offer, |_| {}).await;
+    let before = f.balance(f.chain.pay_to()).await;
+
+    let held = first.reserve(payment.clone(), &offer).await.unwrap();
+    assert_eq!(
+        rejected_code(second.pay(payment.clone(), &offer).await),
+        "duplicate_payment"
+    );
+    held.settle().await.unwrap();
+    assert_eq!(
+        rejected_code(second.pay(payment, &offer).await),
+        "nonce_already_used"
+    );
+    assert_eq!(
+        f.balance(f.chain.pay_to()).await - before,
+        U256::from(1_000_000)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x402_invalid_payments_get_the_right_reason_and_no_transfer() {
     let f = Fixture::start().await;
