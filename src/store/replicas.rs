@@ -193,43 +193,51 @@ impl Store {
         let Some(replica) = self.inner.replica.clone() else {
             return Ok(None);
         };
-        self.write(move |tx| -> Result<Option<i64>, StoreError> {
-            let c: &dyn super::sql::Sql = tx;
-            let held: std::collections::HashSet<i64> = c
-                .query_map(
+        let held: std::collections::HashSet<i64> = {
+            let owner = owner.clone();
+            self.read(move |c| -> Result<Vec<i64>, StoreError> {
+                c.query_map(
                     "SELECT slot_no FROM request_slots s WHERE owner = ?1 AND EXISTS (SELECT 1 FROM replica_leases l \
                      WHERE l.replica_id = s.replica_id AND l.expires_at > ?2)",
                     crate::params![owner, now],
                     |r| r.get(0),
-                )?
-                .into_iter()
-                .collect();
-            if held.len() >= limit as usize {
-                return Ok(None);
+                )
+            })
+            .await?
+            .into_iter()
+            .collect()
+        };
+        if held.len() >= limit as usize {
+            return Ok(None);
+        }
+        // Free numbers, from a random one on: racers for the same owner spread over the free slots instead of all
+        // queueing on the lowest (each loser of a slot tries the next). Each attempt is its own short transaction:
+        // an upsert locks the row it conflicts with even when its WHERE refuses, so one transaction trying several
+        // slots could hold one row while waiting for another — and deadlock with a racer going the other way.
+        let limit = i64::from(limit);
+        let start = rand::random_range(0..limit);
+        let free = (0..limit)
+            .map(|i| (start + i) % limit + 1)
+            .filter(|n| !held.contains(n));
+        for slot_no in free.take(64) {
+            let (owner, replica, request_id) = (owner.clone(), replica.clone(), request_id.clone());
+            let taken = self
+                .write_with(super::Durability::Relaxed, move |c| -> Result<bool, StoreError> {
+                    Ok(c.execute(
+                        "INSERT INTO request_slots (owner, slot_no, replica_id, request_id) VALUES (?1, ?2, ?3, ?4) \
+                         ON CONFLICT (owner, slot_no) DO UPDATE SET replica_id = excluded.replica_id, \
+                         request_id = excluded.request_id \
+                         WHERE NOT EXISTS (SELECT 1 FROM replica_leases l \
+                         WHERE l.replica_id = request_slots.replica_id AND l.expires_at > ?5)",
+                        crate::params![owner, slot_no, replica, request_id, now],
+                    )? == 1)
+                })
+                .await?;
+            if taken {
+                return Ok(Some(slot_no));
             }
-            // Free numbers, from a random one on: racers for the same owner spread over the free slots instead of
-            // all queueing on the lowest (each loser of a slot tries the next).
-            let limit = i64::from(limit);
-            let start = rand::random_range(0..limit);
-            let free = (0..limit)
-                .map(|i| (start + i) % limit + 1)
-                .filter(|n| !held.contains(n));
-            for slot_no in free.take(64) {
-                let taken = c.execute(
-                    "INSERT INTO request_slots (owner, slot_no, replica_id, request_id) VALUES (?1, ?2, ?3, ?4) \
-                     ON CONFLICT (owner, slot_no) DO UPDATE SET replica_id = excluded.replica_id, \
-                     request_id = excluded.request_id \
-                     WHERE NOT EXISTS (SELECT 1 FROM replica_leases l WHERE l.replica_id = request_slots.replica_id \
-                     AND l.expires_at > ?5)",
-                    crate::params![owner, slot_no, replica, request_id, now],
-                )?;
-                if taken == 1 {
-                    return Ok(Some(slot_no));
-                }
-            }
-            Ok(None)
-        })
-        .await
+        }
+        Ok(None)
     }
 
     /// Frees a slot taken by [`Store::take_request_slot`], only if `request_id` still holds it (a slot taken over
@@ -240,8 +248,8 @@ impl Store {
         slot_no: i64,
         request_id: String,
     ) -> Result<bool, StoreError> {
-        self.write(move |tx| -> Result<bool, StoreError> {
-            let c: &dyn super::sql::Sql = tx;
+        // Relaxed: a slot lost by a crash before its release is synced frees itself with this replica's lease.
+        self.write_with(super::Durability::Relaxed, move |c| -> Result<bool, StoreError> {
             Ok(c.execute(
                 "DELETE FROM request_slots WHERE owner = ?1 AND slot_no = ?2 AND request_id = ?3",
                 crate::params![owner, slot_no, request_id],
