@@ -137,7 +137,8 @@ impl Store {
                     let c: &dyn super::sql::Sql = tx;
                     let claimed = c.query_opt(
                         "UPDATE usage SET status = 'interrupted', usage_source = 'none' \
-                         WHERE id = ?1 AND status = 'in_flight' AND NOT EXISTS (SELECT 1 FROM replica_leases l \
+                         WHERE id = ?1 AND status = 'in_flight' AND replica_id IS NOT NULL \
+                         AND NOT EXISTS (SELECT 1 FROM replica_leases l \
                          WHERE l.replica_id = usage.replica_id AND l.expires_at > ?2) \
                          RETURNING account, key_id, reserved_atomic, replica_id",
                         crate::params![id, now],
@@ -207,13 +208,13 @@ impl Store {
             if held.len() >= limit as usize {
                 return Ok(None);
             }
-            // Free numbers, from a random one on: racers for the same owner spread over the free slots instead of
-            // all queueing on the lowest (each loser of a slot tries the next).
-            let limit = i64::from(limit);
-            let start = rand::random_range(0..limit);
-            let free = (0..limit)
-                .map(|i| (start + i) % limit + 1)
-                .filter(|n| !held.contains(n));
+            // Free numbers in ascending order, as `billing::take_seat` takes seats. A slot this transaction loses
+            // stays locked by it until it ends (`ON CONFLICT DO UPDATE` locks the conflicting row even when its
+            // `WHERE` refuses the update), so racers must lock slots in one order: with each starting from a random
+            // number and wrapping around, two racers each holding a lost slot wait for each other and PostgreSQL
+            // aborts one with `deadlock detected` (the race test `request_slots_hold_across_replicas_on_postgres`
+            // found it). In one order, a racer waits only for holders of higher numbers than any it holds.
+            let free = (1..=i64::from(limit)).filter(|n| !held.contains(n));
             for slot_no in free.take(64) {
                 let taken = c.execute(
                     "INSERT INTO request_slots (owner, slot_no, replica_id, request_id) VALUES (?1, ?2, ?3, ?4) \
