@@ -875,7 +875,6 @@ pub(crate) struct Redeem<'a> {
     pub now: i64,
 }
 
-/// The effects of a claim, inside the caller's write transaction (which has checked that `tx_hash` is not claimed
 /// The claim row was refused although the claim was checked as new in this transaction: another claim of the same
 /// payment committed in between (several writers on PostgreSQL; one writer on SQLite never gets here). The loser
 /// gets the answer it would have got had it come second — `already_claimed` with the winner's record — and its
@@ -888,6 +887,7 @@ fn lost_claim_race(tx: &dyn Sql, tx_hash: &str) -> ClaimError {
     }
 }
 
+/// The effects of a claim, inside the caller's write transaction (which has checked that `tx_hash` is not claimed
 /// and what it paid): account, subscription and seats or credits, key, ledger rows and, last, the claim row.
 pub(crate) fn redeem(tx: &dyn Sql, r: Redeem<'_>) -> Result<Claimed, ClaimError> {
     let Redeem {
@@ -913,7 +913,11 @@ pub(crate) fn redeem(tx: &dyn Sql, r: Redeem<'_>) -> Result<Claimed, ClaimError>
             let sub_id = sql::insert_subscription(
                 tx, &payer, &slug, &blocks, price, &tx_hash, now, expires_at,
             )?;
-            for b in &blocks {
+            // Seats in one order (by block name) whatever order the buyer listed them in: two claims of the same
+            // blocks on PostgreSQL lock their seat rows in the same order, so they queue instead of deadlocking.
+            let mut in_order: Vec<&String> = blocks.iter().collect();
+            in_order.sort();
+            for b in in_order {
                 let seats = pool.block(b).map_or(0, |x| x.seats);
                 // One guarded statement per seat (see `take_seat`); a sold-out block rolls the whole claim back.
                 if !sql::take_seat(tx, &slug, b, seats, sub_id, expires_at, now)? {

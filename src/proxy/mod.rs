@@ -216,8 +216,25 @@ impl Drop for SlotGuard {
             // this replica's lease, never held forever.
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(async move {
-                    if let Err(e) = store.release_request_slot(owner, slot_no, request_id).await {
-                        tracing::warn!(error = %e, "cannot free a request slot; it frees when this replica's lease expires");
+                    // A live replica's lease does not expire: a slot whose release failed would stay taken
+                    // until this replica stops, so retry a while before giving up.
+                    let mut delay = std::time::Duration::from_millis(100);
+                    for attempt in 1..=6 {
+                        match store
+                            .release_request_slot(owner.clone(), slot_no, request_id.clone())
+                            .await
+                        {
+                            Ok(_) => return,
+                            Err(e) if attempt == 6 => tracing::error!(
+                                error = %e,
+                                owner,
+                                "cannot free a request slot; it stays taken until this replica stops"
+                            ),
+                            Err(_) => {
+                                tokio::time::sleep(delay).await;
+                                delay *= 2;
+                            }
+                        }
                     }
                 });
             }

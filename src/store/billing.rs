@@ -102,11 +102,16 @@ pub fn append_ledger(
             |r| r.get(0),
         )
     };
-    // The account exists on every per-request path (a reservation, a refund): create it only when the guarded
-    // statement found no row and the reason is that it is new.
+    // The account exists on every per-request path (a reservation, a refund), so it is looked for only when the
+    // guarded statement changed nothing, and the statement then runs once more whether it had to be created or not:
+    // under PostgreSQL's READ COMMITTED another writer may have created it (committed its first entry) between our
+    // statement and our look, and that entry's account must not make ours a refusal. (`ensure_account` waits for a
+    // concurrent creation still in progress, and the second statement sees it.)
     let mut after = change()?;
-    if after.is_none() && !account_exists(c, address)? {
-        ensure_account(c, address, now)?;
+    if after.is_none() {
+        if !account_exists(c, address)? {
+            ensure_account(c, address, now)?;
+        }
         after = change()?;
     }
     let Some(after) = after else {

@@ -137,7 +137,8 @@ impl Store {
                     let c: &dyn super::sql::Sql = tx;
                     let claimed = c.query_opt(
                         "UPDATE usage SET status = 'interrupted', usage_source = 'none' \
-                         WHERE id = ?1 AND status = 'in_flight' AND NOT EXISTS (SELECT 1 FROM replica_leases l \
+                         WHERE id = ?1 AND status = 'in_flight' AND replica_id IS NOT NULL \
+                         AND NOT EXISTS (SELECT 1 FROM replica_leases l \
                          WHERE l.replica_id = usage.replica_id AND l.expires_at > ?2) \
                          RETURNING account, key_id, reserved_atomic, replica_id",
                         crate::params![id, now],
@@ -249,12 +250,15 @@ impl Store {
         request_id: String,
     ) -> Result<bool, StoreError> {
         // Relaxed: a slot lost by a crash before its release is synced frees itself with this replica's lease.
-        self.write_with(super::Durability::Relaxed, move |c| -> Result<bool, StoreError> {
-            Ok(c.execute(
+        self.write_with(
+            super::Durability::Relaxed,
+            move |c| -> Result<bool, StoreError> {
+                Ok(c.execute(
                 "DELETE FROM request_slots WHERE owner = ?1 AND slot_no = ?2 AND request_id = ?3",
                 crate::params![owner, slot_no, request_id],
             )? == 1)
-        })
+            },
+        )
         .await
     }
 }

@@ -122,17 +122,18 @@ fn finish(tx: &dyn Sql, id: i64, outcome: &Outcome, charged: Usdc) -> Result<boo
         "UPDATE usage SET prompt_tokens = ?2, completion_tokens = ?3, cost_atomic = ?4, status = ?5, \
          usage_source = ?6, http_status = ?7, duration_ms = ?8, overhead_us = ?9, overrun_tokens = ?10, \
          uncharged_atomic = ?11 WHERE id = ?1 AND status = 'in_flight'",
+        // Counts are `u64`s bound saturated at `i64::MAX` (`ToValue for u64`), never wrapped negative.
         params![
             id,
-            outcome.prompt_tokens as i64,
-            outcome.completion_tokens as i64,
+            outcome.prompt_tokens,
+            outcome.completion_tokens,
             charged.atomic(),
             outcome.status,
             outcome.usage_source,
             outcome.http_status,
-            outcome.duration_ms as i64,
-            outcome.overhead_us as i64,
-            outcome.overrun_tokens.min(i64::MAX as u64) as i64,
+            outcome.duration_ms,
+            outcome.overhead_us,
+            outcome.overrun_tokens,
             outcome.uncharged.atomic().max(0),
         ],
     )?;
@@ -323,4 +324,56 @@ pub fn by_request_id(c: &dyn Sql, request_id: &str) -> Result<Option<UsageRow>, 
         params![request_id],
         usage_row,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Store, billing};
+
+    #[tokio::test]
+    async fn counts_beyond_i64_are_stored_saturated_never_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("u.db")).unwrap();
+        store
+            .write(|c| -> Result<_, StoreError> {
+                billing::ensure_account(c, "0xaa", 0)?;
+                let key = crate::keys::generate().unwrap();
+                let key_id = billing::insert_credit_key_if_none(c, &key, "0xaa", "claim", 0)?.unwrap();
+                let row = NewUsage {
+                    request_id: "req_1".into(),
+                    key_id,
+                    account: "0xaa".into(),
+                    key_kind: "subscription",
+                    model: "m".into(),
+                    stream: true,
+                    started_at: 0,
+                    bound_prompt_tokens: u64::MAX,
+                    bound_output_tokens: u64::MAX,
+                    input_per_mtok: Usdc::ZERO,
+                    output_per_mtok: Usdc::ZERO,
+                };
+                let outcome = Outcome {
+                    prompt_tokens: u64::MAX,
+                    completion_tokens: u64::MAX,
+                    status: "ok",
+                    usage_source: "upstream",
+                    duration_ms: u64::MAX,
+                    overhead_us: u64::MAX,
+                    overrun_tokens: u64::MAX,
+                    ..Outcome::default()
+                };
+                record_subscription(c, &row, &outcome)?;
+                let stored: Vec<i64> = c.query_one(
+                    "SELECT prompt_tokens, completion_tokens, duration_ms, overhead_us, overrun_tokens, \
+                     bound_prompt_tokens, bound_output_tokens FROM usage",
+                    params![],
+                    |r| (0..7).map(|i| r.get(i)).collect(),
+                )?;
+                assert_eq!(stored, vec![i64::MAX; 7]);
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
 }

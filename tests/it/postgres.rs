@@ -1,15 +1,26 @@
 //! PostgreSQL, the second engine (issue 14, in progress): the real `migrate` on a real PostgreSQL (scripts/test
 //! starts a throwaway cluster and exports `X402_TEST_POSTGRES_URL`), the schema twin compared with SQLite's,
 //! idempotence, concurrent migrators, a database ahead of the binary, the ledger rules in PL/pgSQL, and the
-//! refusals of a PostgreSQL config by `serve` and of a literal URL in the file.
+//! refusals of a PostgreSQL config by `serve` and of a literal URL in the file. Then the product's own money and
+//! replica code raced by several `Store`s on one database, as several gateway replicas run it (see "Several
+//! replicas on one database" below).
 //!
 //! Each test creates its own database with a random name on the shared server, so they run in parallel.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
 
 use tokio_postgres::NoTls;
+use x402_gateway::config::{Database, PostgresUrl};
+use x402_gateway::params;
+use x402_gateway::store::billing::LedgerError;
+use x402_gateway::store::sql::Sql;
+use x402_gateway::store::usage::{self, NewUsage, Outcome};
+use x402_gateway::store::{Store, StoreError};
+use x402_gateway::usdc::Usdc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_x402-gateway");
 
@@ -752,60 +763,92 @@ fn migrate_names_an_unreachable_server_without_its_password() {
     assert!(!format!("{stdout}{stderr}").contains("hunter2"));
 }
 
-/// The money rules written in PostgreSQL's dialect hold: the ledger is append-only (PL/pgSQL triggers), a debit
-/// never ends below zero, a reversal may (migration 6's constraints, replaced in place), and a claim is unique.
+/// The ledger rules on PostgreSQL, through the product's own store (`Store::write`, `store::billing`): a reversal
+/// may take a balance below zero and then no debit passes, not even 1, and nothing is written for it; a claim is
+/// unique. Behind the functions, the database holds the same rules on its own, and the store reports each refusal
+/// with the server's words: the ledger is append-only (PL/pgSQL triggers), a debit row never ends below zero and a
+/// row's sign matches its kind (migration 6's constraints, replaced in place; both reported as constraint refusals).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ledger_rules_hold_on_postgres() {
-    let Some(db) = TestDb::create().await else {
+    use x402_gateway::store::billing::{self, LedgerError, LedgerKind};
+    use x402_gateway::store::sql::Refusal;
+
+    let Some((db, stores)) = replicas(1).await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    migrate_ok(&postgres_config(dir.path()), &db.url);
-    let client = db.client().await;
-    client
-        .batch_execute(
-            "INSERT INTO accounts (address, created_at) VALUES ('0xaa', 0);
-             INSERT INTO ledger (account, kind, amount_atomic, balance_after, created_at)
-                 VALUES ('0xaa', 'topup', 5, 5, 0);
-             INSERT INTO ledger (account, kind, amount_atomic, balance_after, created_at)
-                 VALUES ('0xaa', 'reversal', -7, -2, 0);",
-        )
+    let store = &stores[0];
+    let (after_reversal, refused, claims) = store
+        .write(|c| -> Result<_, LedgerError> {
+            let entry = |kind, amount| {
+                billing::append_ledger(c, "0xaa", kind, Usdc(amount), None, None, None, 0)
+            };
+            assert_eq!(entry(LedgerKind::Topup, 5)?, Usdc(5));
+            let after_reversal = entry(LedgerKind::Reversal, -7)?;
+            let refused = match entry(LedgerKind::Debit, -1) {
+                Err(LedgerError::Insufficient { balance, needed }) => Some((balance, needed)),
+                Err(e) => return Err(e),
+                Ok(_) => None,
+            };
+            let claim = || {
+                billing::insert_claim(
+                    c,
+                    "0xc1",
+                    "0xaa",
+                    "topup",
+                    Usdc(5),
+                    Usdc(5),
+                    None,
+                    None,
+                    None,
+                    0,
+                )
+            };
+            Ok((after_reversal, refused, (claim()?, claim()?)))
+        })
         .await
         .unwrap();
-    let err = |sql: &'static str| {
-        let client = &client;
-        async move {
-            client
-                .batch_execute(sql)
-                .await
-                .expect_err(sql)
-                .as_db_error()
-                .map(|e| e.message().to_string())
-                .unwrap_or_default()
-        }
-    };
+    assert_eq!(after_reversal, Usdc(-2), "a reversal may go below zero");
     assert_eq!(
-        err("UPDATE ledger SET note = 'x'").await,
-        "the ledger is append-only"
+        refused,
+        Some((Usdc(-2), Usdc(1))),
+        "then no debit passes, not even 1"
     );
-    assert_eq!(err("DELETE FROM ledger").await, "the ledger is append-only");
-    assert!(
-        err(
-            "INSERT INTO ledger (account, kind, amount_atomic, balance_after, created_at)
-             VALUES ('0xaa', 'debit', -1, -3, 0)"
-        )
-        .await
-        .contains("ledger_debit_not_negative")
+    assert_eq!(claims, (true, false), "a transaction is claimed once");
+    assert_eq!(balance_checked(store, "0xaa").await, -2);
+
+    // The database's own rules, each statement refused on its own (a refused statement ends its transaction).
+    let refused = |sql: &'static str| async move {
+        store
+            .write(move |c| -> Result<usize, StoreError> { c.execute(sql, params![]) })
+            .await
+            .expect_err(sql)
+    };
+    for sql in ["UPDATE ledger SET note = 'x'", "DELETE FROM ledger"] {
+        let e = refused(sql).await;
+        assert!(e.to_string().contains("the ledger is append-only"), "{e}");
+    }
+    for (sql, constraint) in [
+        (
+            "INSERT INTO ledger (account, kind, amount_atomic, balance_after, created_at) \
+             VALUES ('0xaa', 'debit', -1, -3, 0)",
+            "ledger_debit_not_negative",
+        ),
+        (
+            "INSERT INTO ledger (account, kind, amount_atomic, balance_after, created_at) \
+             VALUES ('0xaa', 'topup', -1, 4, 0)",
+            "ledger_sign_check",
+        ),
+    ] {
+        let e = refused(sql).await;
+        assert!(e.to_string().contains(constraint), "{e}");
+        assert_eq!(e.refusal(), Some(Refusal::Constraint), "{e}");
+    }
+    assert_eq!(
+        balance_checked(store, "0xaa").await,
+        -2,
+        "nothing refused was written"
     );
-    assert!(
-        err(
-            "INSERT INTO ledger (account, kind, amount_atomic, balance_after, created_at)
-             VALUES ('0xaa', 'topup', -1, 4, 0)"
-        )
-        .await
-        .contains("ledger_sign_check")
-    );
-    drop(client);
+    drop(stores);
     db.drop_db().await;
 }
 
@@ -883,176 +926,375 @@ fn test_database_urls_keep_the_server_and_query() {
     );
 }
 
-/// The money rules as the PostgreSQL store states them (`store::postgres::money`), raced by many connections at
-/// once, each in its own READ COMMITTED transaction, all released together by a barrier: the guarded debit never
-/// overdraws (exactly the balance's worth of debits pass), the last seat is sold once, and one account never gets
-/// two live credit keys. A "read the balance, then write" done the same way would let every racer see the same
-/// balance.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn money_rules_hold_under_concurrent_writers_on_postgres() {
-    use std::sync::Arc;
-    use x402_gateway::store::postgres::money::{self, MoneyError};
-    use x402_gateway::usdc::Usdc;
+// ---- Several replicas on one database ---------------------------------------------------------------------------
+//
+// The race tests below run the product's own code: each "replica" is a `Store` opened on the same migrated database
+// as `serve` opens it (its own connection pool, its own replica id), and racers call the real store functions inside
+// `Store::write` transactions (`store::billing`, `store::usage`) or the real replica methods (`Store::renew_lease`,
+// `Store::recover_dead_replicas`, `Store::try_lead`, `Store::take_request_slot`). Time is the caller's `now`, so
+// the tests drive leases without sleeping.
 
-    let Some(db) = TestDb::create().await else {
-        return;
+/// A fresh database migrated by the product's `migrate`, and `n` replicas on it.
+async fn replicas(n: usize) -> Option<(TestDb, Vec<Store>)> {
+    let db = TestDb::create().await?;
+    let database = Database::Postgres {
+        url: PostgresUrl::new(db.url.clone()),
     };
-    let dir = tempfile::tempdir().unwrap();
-    migrate_ok(&postgres_config(dir.path()), &db.url);
-    let setup = db.client().await;
-    money::append_ledger(&setup, "0xaa", "topup", Usdc(25), None, None, None, 0)
+    x402_gateway::store::migrate::migrate(&database)
         .await
         .unwrap();
-    for i in 0..20i64 {
-        setup
-            .execute(
-                "INSERT INTO subscriptions (id, account, pool, blocks, price_atomic, tx_hash, starts_at, expires_at) \
-                 VALUES ($1, '0xaa', 'p', '[\"asia\"]', 1, $2, 0, 1000)",
-                &[&(i + 1), &format!("0x{i:02x}")],
-            )
+    let mut stores = Vec::new();
+    for _ in 0..n {
+        stores.push(Store::open_database(&database).await.unwrap());
+    }
+    let ids: BTreeSet<&str> = stores.iter().map(|s| s.replica_id().unwrap()).collect();
+    assert_eq!(ids.len(), n, "each replica has an id of its own");
+    Some((db, stores))
+}
+
+/// The replica id of `store` (PostgreSQL always has one).
+fn replica_of(store: &Store) -> Option<String> {
+    store.replica_id().map(str::to_string)
+}
+
+/// Releases `n` racers at once. Each waits on a blocking thread — inside its transaction when it waits in a
+/// `Store::write` closure, so all of them have begun before any statement runs. A racer that never arrives fails
+/// the test after [`support::DEADLINE`] instead of hanging it.
+struct Gate {
+    n: usize,
+    arrived: Mutex<usize>,
+    all_in: Condvar,
+}
+
+impl Gate {
+    fn new(n: usize) -> Arc<Gate> {
+        Arc::new(Gate {
+            n,
+            arrived: Mutex::new(0),
+            all_in: Condvar::new(),
+        })
+    }
+
+    /// Blocks until all `n` racers are here (call it on a blocking thread).
+    fn wait(&self) {
+        let deadline = Instant::now() + crate::support::DEADLINE;
+        let mut arrived = self.arrived.lock().unwrap_or_else(|p| p.into_inner());
+        *arrived += 1;
+        self.all_in.notify_all();
+        while *arrived < self.n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "only {} of {} racers reached the gate",
+                *arrived,
+                self.n
+            );
+            arrived = self
+                .all_in
+                .wait_timeout(arrived, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// [`Gate::wait`] from async code.
+    async fn wait_async(self: &Arc<Gate>) {
+        let gate = self.clone();
+        tokio::task::spawn_blocking(move || gate.wait())
             .await
             .unwrap();
     }
+}
 
-    const RACERS: usize = 40;
-    let mut clients = Vec::new();
-    for _ in 0..RACERS {
-        clients.push(db.client().await);
-    }
-    let barrier = Arc::new(tokio::sync::Barrier::new(RACERS));
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut client)| {
-            let barrier = barrier.clone();
+/// The balance of `account`, read by `store`, after checking it equals the sum of its ledger rows and its last row's
+/// running balance (what `audit verify` checks).
+async fn balance_checked(store: &Store, account: &'static str) -> i64 {
+    store
+        .read(move |c| -> Result<i64, StoreError> {
+            let (balance, sum, last): (i64, i64, Option<i64>) = c.query_one(
+                "SELECT balance_atomic, \
+                 (SELECT coalesce(sum(amount_atomic), 0) FROM ledger WHERE account = ?1), \
+                 (SELECT balance_after FROM ledger WHERE account = ?1 ORDER BY id DESC LIMIT 1) \
+                 FROM accounts WHERE address = ?1",
+                params![account],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            assert_eq!(balance, sum, "{account}: balance column = ledger sum");
+            assert_eq!(
+                Some(balance),
+                last,
+                "{account}: balance column = last running balance"
+            );
+            Ok(balance)
+        })
+        .await
+        .unwrap()
+}
+
+/// One integer from a query run by `store` (counts in the assertions).
+async fn count(store: &Store, sql: &'static str) -> i64 {
+    store
+        .read(move |c| -> Result<i64, StoreError> { c.query_value(sql, params![]) })
+        .await
+        .unwrap()
+}
+
+/// Runs `f(i, c)` for `i` in `0..n`, each in its own `Store::write` transaction on the replicas in turn, all
+/// released together once every transaction has begun; returns the results in order.
+async fn race<T, F>(stores: &[Store], n: usize, f: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, &dyn Sql) -> Result<T, StoreError> + Send + Sync + 'static,
+{
+    let (f, gate) = (Arc::new(f), Gate::new(n));
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (store, f, gate) = (stores[i % stores.len()].clone(), f.clone(), gate.clone());
             tokio::spawn(async move {
-                let tx = client.transaction().await.unwrap();
-                barrier.wait().await;
-                let debit =
-                    money::append_ledger(&tx, "0xaa", "debit", Usdc(-1), None, None, None, 1).await;
-                let seat = if i < 20 {
-                    Some(
-                        money::take_seat(&tx, "p", "asia", 5, i as i64 + 1, 1000, 1)
-                            .await
-                            .unwrap(),
-                    )
-                } else {
-                    None
-                };
-                let key = x402_gateway::keys::generate().unwrap();
-                let minted = if i < 10 {
-                    money::insert_credit_key_if_none(&tx, &key, "0xaa", "claim", 1)
-                        .await
-                        .unwrap()
-                        .is_some()
-                } else {
-                    false
-                };
-                tx.commit().await.unwrap();
-                (debit, seat, minted)
+                store
+                    .write(move |c| {
+                        gate.wait();
+                        f(i, c)
+                    })
+                    .await
             })
         })
         .collect();
-    let mut debited = 0;
-    let mut refused = 0;
-    let mut seats = 0;
-    let mut keys = 0;
-    for t in tasks {
-        let (debit, seat, minted) = t.await.unwrap();
-        match debit {
-            Ok(_) => debited += 1,
-            Err(MoneyError::Insufficient { .. }) => refused += 1,
-            Err(e) => panic!("{e}"),
-        }
-        seats += usize::from(seat == Some(true));
-        keys += usize::from(minted);
+    let mut out = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        out.push(
+            t.await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("racer {i}: {e}")),
+        );
     }
-    assert_eq!((debited, refused), (25, RACERS - 25));
-    assert_eq!(seats, 5, "5 seats, sold once each");
-    assert_eq!(keys, 1, "one live credit key per account");
-    let row = setup
-        .query_one(
-            "SELECT (SELECT balance_atomic FROM accounts WHERE address = '0xaa'), \
-             (SELECT sum(amount_atomic) FROM ledger)::BIGINT, (SELECT min(balance_after) FROM ledger), \
-             (SELECT count(*) FROM seats WHERE pool = 'p' AND block = 'asia')",
-            &[],
-        )
+    out
+}
+
+/// The money rules (`store::billing`) raced on four replicas, each racer in its own READ COMMITTED transaction, all
+/// released together once every transaction has begun, one rule at a time (racers that first debited one account
+/// would queue on its row and never race for the rest):
+/// - 40 debits of 1 on a balance of 25: exactly 25 pass, and the balance, the ledger's sum and the lowest running
+///   balance all end at 0 (a "read the balance, then write" lets every racer see the same balance and fails this);
+/// - 20 subscriptions of 20 payers claim a block of 5 seats: 5 are sold, once each;
+/// - 10 first top-ups of one account, each minting a credit key if it has none (as a top-up claim does): one key;
+/// - 20 first credits to an account that does not exist yet: all land, each on the one before (none is mistaken for
+///   a refusal because another writer created the account meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_rules_hold_under_concurrent_writers_on_postgres() {
+    use x402_gateway::store::billing::{self, LedgerKind};
+
+    let Some((db, stores)) = replicas(4).await else {
+        return;
+    };
+    let subscriptions: Vec<i64> = stores[0]
+        .write(|c| -> Result<_, LedgerError> {
+            billing::append_ledger(c, "0xaa", LedgerKind::Topup, Usdc(25), None, None, None, 0)?;
+            let blocks = vec!["asia".to_string()];
+            let mut ids = Vec::new();
+            for i in 0..20 {
+                let payer = format!("0xs{i:02}");
+                billing::ensure_account(c, &payer, 0)?;
+                ids.push(billing::insert_subscription(
+                    c,
+                    &payer,
+                    "p",
+                    &blocks,
+                    Usdc(1),
+                    &format!("0x{i:02x}"),
+                    0,
+                    1000,
+                )?);
+            }
+            Ok(ids)
+        })
         .await
         .unwrap();
-    let (balance, sum, lowest, seat_rows): (i64, i64, i64, i64) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
-    assert_eq!((balance, sum, lowest, seat_rows), (0, 0, 0, 5));
-    drop(setup);
+    let store = &stores[1];
+
+    // Debits.
+    let debits = race(&stores, 40, |_, c| {
+        match billing::append_ledger(c, "0xaa", LedgerKind::Debit, Usdc(-1), None, None, None, 1) {
+            Ok(_) => Ok(true),
+            Err(LedgerError::Insufficient { .. }) => Ok(false),
+            Err(LedgerError::Store(e)) => Err(e),
+        }
+    })
+    .await;
+    let passed = debits.iter().filter(|d| **d).count();
+    assert_eq!((passed, debits.len() - passed), (25, 15));
+    assert_eq!(balance_checked(store, "0xaa").await, 0);
+    assert_eq!(
+        count(
+            store,
+            "SELECT min(balance_after) FROM ledger WHERE account = '0xaa'"
+        )
+        .await,
+        0,
+        "never below zero, even for a moment"
+    );
+
+    // Seats.
+    let seats = race(&stores, subscriptions.len(), move |i, c| {
+        billing::take_seat(c, "p", "asia", 5, subscriptions[i], 1000, 1)
+    })
+    .await;
+    assert_eq!(
+        seats.iter().filter(|s| **s).count(),
+        5,
+        "5 seats, sold once each"
+    );
+    assert_eq!(
+        count(
+            store,
+            "SELECT count(*) FROM seats WHERE pool = 'p' AND block = 'asia'"
+        )
+        .await,
+        5
+    );
+    assert_eq!(
+        count(
+            store,
+            "SELECT count(DISTINCT subscription_id) FROM seat_slots WHERE pool = 'p' AND block = 'asia' \
+             AND expires_at > 1"
+        )
+        .await,
+        5,
+        "each seat's slot held by its own buyer"
+    );
+
+    // Credit keys.
+    let keys: Vec<_> = (0..10)
+        .map(|_| x402_gateway::keys::generate().unwrap())
+        .collect();
+    let minted = race(&stores, keys.len(), move |i, c| {
+        let minted = billing::insert_credit_key_if_none(c, &keys[i], "0xaa", "claim", 2)?;
+        billing::append_ledger(c, "0xaa", LedgerKind::Topup, Usdc(1), None, None, None, 2)
+            .map_err(|e| match e {
+                LedgerError::Store(e) => e,
+                other => panic!("{other}"),
+            })?;
+        Ok(minted.is_some())
+    })
+    .await;
+    assert_eq!(
+        minted.iter().filter(|m| **m).count(),
+        1,
+        "one live credit key per account"
+    );
+    assert_eq!(
+        count(
+            store,
+            "SELECT count(*) FROM api_keys WHERE account = '0xaa' AND kind = 'credit' AND revoked_at IS NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(balance_checked(store, "0xaa").await, 10);
+
+    // First credits to a new account.
+    let landed: BTreeSet<i64> = race(&stores, 20, |_, c| {
+        billing::append_ledger(c, "0xnew", LedgerKind::Topup, Usdc(1), None, None, None, 3)
+            .map(|after| after.atomic())
+            .map_err(|e| match e {
+                LedgerError::Store(e) => e,
+                refused => panic!("a first credit to a new account was refused: {refused}"),
+            })
+    })
+    .await
+    .into_iter()
+    .collect();
+    assert_eq!(
+        landed,
+        (1..=20).collect::<BTreeSet<_>>(),
+        "each credit lands on the one before"
+    );
+    assert_eq!(balance_checked(store, "0xnew").await, 20);
+    drop(stores);
     db.drop_db().await;
 }
 
-/// Metering as several replicas would run it on one PostgreSQL (`store::postgres::usage`): 60 reservations race for
-/// a balance that covers 20, then each reserved request is settled while three "replicas" run the start-up recovery
-/// at the same moment (as a replica that believes the others died would). Every row ends settled or refunded —
-/// never both, never twice — and the balance is exact to the atomic unit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reservations_settle_or_refund_exactly_once_across_replicas_on_postgres() {
-    use std::sync::Arc;
-    use x402_gateway::store::postgres::{money, usage};
-    use x402_gateway::store::usage::{NewUsage, Outcome};
-    use x402_gateway::usdc::Usdc;
-
-    let Some(db) = TestDb::create().await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    migrate_ok(&postgres_config(dir.path()), &db.url);
-    let setup = db.client().await;
-    money::append_ledger(
-        &setup,
-        "0xbb",
-        "topup",
-        Usdc(1_000_000),
-        None,
-        None,
-        None,
-        0,
-    )
-    .await
-    .unwrap();
-    let key = x402_gateway::keys::generate().unwrap();
-    let key_id = money::insert_credit_key_if_none(&setup, &key, "0xbb", "claim", 0)
-        .await
-        .unwrap()
-        .unwrap();
-    let row = |i: usize| NewUsage {
-        request_id: format!("req_{i}"),
+/// A credit request's row, as the proxy writes it.
+fn credit_request(request_id: String, key_id: i64, account: &str, started_at: i64) -> NewUsage {
+    NewUsage {
+        request_id,
         key_id,
-        account: "0xbb".into(),
+        account: account.into(),
         key_kind: "credit",
         model: "m".into(),
         stream: false,
-        started_at: 1,
+        started_at,
         bound_prompt_tokens: 100,
         bound_output_tokens: 100,
         input_per_mtok: Usdc(1),
         output_per_mtok: Usdc(1),
+    }
+}
+
+/// Tops `account` up by `amount` and mints its credit key; returns the key's id.
+async fn funded_account(store: &Store, account: &'static str, amount: i64) -> i64 {
+    use x402_gateway::store::billing::{self, LedgerError, LedgerKind};
+    let key = x402_gateway::keys::generate().unwrap();
+    store
+        .write(move |c| -> Result<i64, LedgerError> {
+            billing::append_ledger(
+                c,
+                account,
+                LedgerKind::Topup,
+                Usdc(amount),
+                None,
+                None,
+                None,
+                0,
+            )?;
+            Ok(billing::insert_credit_key_if_none(c, &key, account, "claim", 0)?.unwrap())
+        })
+        .await
+        .unwrap()
+}
+
+/// Metering as several replicas run it (`store::usage` inside `Store::write_with`, the replicas' sweep
+/// `Store::recover_dead_replicas`): 60 reservations on four replicas race for a balance that covers 20; each
+/// reserved row names the replica that holds it. Then three other replicas sweep at the same moment, believing the
+/// first four dead (their leases have expired at the sweep's `now`: a slow replica, or a network cut, looks exactly
+/// like that), while the serving replicas settle half of their requests; they settle the other half after the
+/// sweeps, too late. Every row ends settled or refunded — never both, never twice — a late settlement charges
+/// nothing, and the balance is exact to the atomic unit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_settle_or_refund_exactly_once_across_replicas_on_postgres() {
+    let Some((db, stores)) = replicas(7).await else {
+        return;
     };
+    let (serving, sweepers) = stores.split_at(4);
+    let key_id = funded_account(&serving[0], "0xbb", 1_000_000).await;
+    for s in serving {
+        s.renew_lease(100).await.unwrap();
+    }
     const RESERVE: Usdc = Usdc(50_000);
     const COST: Usdc = Usdc(10_000);
 
-    // 1. Reservations from 60 connections at once.
-    let mut clients = Vec::new();
-    for _ in 0..60 {
-        clients.push(db.client().await);
-    }
-    let barrier = Arc::new(tokio::sync::Barrier::new(clients.len()));
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(i, mut client)| {
-            let (barrier, row) = (barrier.clone(), row(i));
+    // 1. 60 reservations at once, 15 on each serving replica.
+    const RACERS: usize = 60;
+    let gate = Gate::new(RACERS);
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let replica = i % serving.len();
+            let store = serving[replica].clone();
+            let gate = gate.clone();
+            let row = credit_request(format!("req_{i}"), key_id, "0xbb", 101);
             tokio::spawn(async move {
-                let tx = client.transaction().await.unwrap();
-                barrier.wait().await;
-                let reserved = usage::reserve(&tx, &row, RESERVE).await;
-                tx.commit().await.unwrap();
-                reserved.ok()
+                let holder = replica_of(&store);
+                let reserved = store
+                    .write_with(store.metering_durability(), move |c| {
+                        gate.wait();
+                        usage::reserve(c, &row, RESERVE, holder.as_deref())
+                    })
+                    .await;
+                match reserved {
+                    Ok((id, _left)) => Some((replica, id)),
+                    Err(LedgerError::Insufficient { .. }) => None,
+                    Err(e) => panic!("{e}"),
+                }
             })
         })
         .collect();
@@ -1065,45 +1307,71 @@ async fn reservations_settle_or_refund_exactly_once_across_replicas_on_postgres(
         20,
         "1.00 USDC covers 20 reservations of 0.05"
     );
+    assert_eq!(balance_checked(&serving[0], "0xbb").await, 0);
+    for &(replica, id) in &reserved {
+        let named: Option<String> = serving[0]
+            .read(move |c| -> Result<_, StoreError> {
+                c.query_value("SELECT replica_id FROM usage WHERE id = ?1", params![id])
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            named,
+            replica_of(&serving[replica]),
+            "a reservation names its replica"
+        );
+    }
 
-    // 2. Settle every request while three replicas recover "interrupted" requests at the same time.
-    let mut clients = Vec::new();
-    for _ in 0..reserved.len() + 3 {
-        clients.push(db.client().await);
+    // 2. Three other replicas sweep at 200 (the serving replicas' leases ended at 115) while the serving replicas
+    //    settle half of the requests, all released together. The other half settle only after the sweeps, as a
+    //    replica that was merely slow would: every one of those was swept, and its settlement must charge nothing.
+    for s in sweepers {
+        // Each sweeper's pool holds a live connection before the race (the lease of every serving replica lives
+        // at 100, so this sweep finds nothing), so it starts as fast as the settlers in their open transactions.
+        assert_eq!(s.recover_dead_replicas(100).await.unwrap(), 0);
     }
-    let barrier = Arc::new(tokio::sync::Barrier::new(clients.len()));
-    let mut settlers = Vec::new();
-    let mut recoverers = Vec::new();
-    for (i, mut client) in clients.into_iter().enumerate() {
-        let barrier = barrier.clone();
-        if let Some(&id) = reserved.get(i) {
-            settlers.push(tokio::spawn(async move {
-                let tx = client.transaction().await.unwrap();
-                barrier.wait().await;
-                let outcome = Outcome {
-                    cost: COST,
-                    status: "ok",
-                    usage_source: "upstream",
-                    ..Outcome::default()
-                };
-                let settled = usage::settle_credit(&tx, id, "0xbb", key_id, RESERVE, &outcome, 2)
-                    .await
-                    .unwrap();
-                tx.commit().await.unwrap();
-                settled.charged
-            }));
-        } else {
-            recoverers.push(tokio::spawn(async move {
-                barrier.wait().await;
-                usage::recover_in_flight(&mut client, 2).await.unwrap()
-            }));
-        }
-    }
-    let mut charged = 0i64;
-    let mut settled = 0usize;
+    let settle = |replica: usize, id: i64, gate: Option<Arc<Gate>>| {
+        let store = serving[replica].clone();
+        tokio::spawn(async move {
+            let outcome = Outcome {
+                cost: COST,
+                status: "ok",
+                usage_source: "upstream",
+                ..Outcome::default()
+            };
+            store
+                .write_with(store.metering_durability(), move |c| {
+                    if let Some(gate) = gate {
+                        gate.wait();
+                    }
+                    usage::settle_credit(c, id, "0xbb", key_id, RESERVE, &outcome, 200)
+                })
+                .await
+                .unwrap()
+                .charged
+        })
+    };
+    let (racing, late): (Vec<_>, Vec<_>) = reserved.iter().partition(|(_, id)| id % 2 == 0);
+    let gate = Gate::new(racing.len() + sweepers.len());
+    let settlers: Vec<_> = racing
+        .iter()
+        .map(|&&(replica, id)| settle(replica, id, Some(gate.clone())))
+        .collect();
+    let recoverers: Vec<_> = sweepers
+        .iter()
+        .map(|store| {
+            let (store, gate) = (store.clone(), gate.clone());
+            tokio::spawn(async move {
+                gate.wait_async().await;
+                store.recover_dead_replicas(200).await.unwrap()
+            })
+        })
+        .collect();
+    let (mut charged, mut settled) = (0i64, 0usize);
     for t in settlers {
         let c = t.await.unwrap();
         if c > Usdc::ZERO {
+            assert_eq!(c, COST);
             settled += 1;
             charged += c.atomic();
         }
@@ -1112,241 +1380,272 @@ async fn reservations_settle_or_refund_exactly_once_across_replicas_on_postgres(
     for t in recoverers {
         recovered += t.await.unwrap();
     }
+    for &&(replica, id) in &late {
+        assert_eq!(
+            settle(replica, id, None).await.unwrap(),
+            Usdc::ZERO,
+            "a swept request's late settlement charges nothing"
+        );
+    }
+    assert!(
+        recovered >= late.len(),
+        "the sweeps refunded every request still in flight"
+    );
     assert_eq!(
         settled + recovered,
         reserved.len(),
         "each request settled or refunded, once"
     );
-    assert_eq!(charged, settled as i64 * COST.atomic());
-    let row = setup
-        .query_one(
-            "SELECT (SELECT balance_atomic FROM accounts WHERE address = '0xbb'), \
-             (SELECT sum(amount_atomic) FROM ledger)::BIGINT, \
-             (SELECT count(*) FROM ledger WHERE kind = 'refund'), \
-             (SELECT count(*) FROM usage WHERE status = 'in_flight'), \
-             (SELECT count(*) FROM usage WHERE status = 'ok'), \
-             (SELECT count(*) FROM usage WHERE status = 'interrupted')",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (balance, sum, refunds, in_flight, ok, interrupted): (i64, i64, i64, i64, i64, i64) = (
-        row.get(0),
-        row.get(1),
-        row.get(2),
-        row.get(3),
-        row.get(4),
-        row.get(5),
-    );
+    let store = &sweepers[0];
+    let balance = balance_checked(store, "0xbb").await;
     assert_eq!(balance, 1_000_000 - charged, "exact to the atomic unit");
-    assert_eq!(sum, balance);
-    assert_eq!(refunds, reserved.len() as i64, "one refund per reservation");
     assert_eq!(
-        (in_flight, ok, interrupted),
-        (0, settled as i64, recovered as i64)
+        count(store, "SELECT count(*) FROM ledger WHERE kind = 'refund'").await,
+        reserved.len() as i64,
+        "one refund per reservation"
+    );
+    let statuses = (
+        count(
+            store,
+            "SELECT count(*) FROM usage WHERE status = 'in_flight'",
+        )
+        .await,
+        count(store, "SELECT count(*) FROM usage WHERE status = 'ok'").await,
+        count(
+            store,
+            "SELECT count(*) FROM usage WHERE status = 'interrupted'",
+        )
+        .await,
+    );
+    assert_eq!(statuses, (0, settled as i64, recovered as i64));
+    assert_eq!(
+        store.recover_dead_replicas(300).await.unwrap(),
+        0,
+        "nothing is refunded twice"
     );
     eprintln!(
-        "[postgres] 60 racing reservations: 20 taken; then {settled} settled and {recovered} refunded by 3 racing \
-         recoveries; balance {}",
+        "[postgres] 60 racing reservations on 4 replicas: 20 taken; then {settled} settled and {recovered} refunded \
+         by 3 racing sweeps; balance {}",
         Usdc(balance)
     );
-    drop(setup);
+    drop(stores);
     db.drop_db().await;
 }
 
-/// Replica leases (`store::postgres::lease`): replica A reserves three requests under its lease; replica B's
-/// recovery leaves them alone while A's lease lives (even one renewed a moment before it expires), and once A stops
-/// renewing (it crashed), three recoveries racing at once refund each exactly once; A's late settlement then charges
-/// nothing. The balance is exact throughout.
+/// Replica leases (`Store::renew_lease`, `Store::recover_dead_replicas`): replica A reserves nine requests under its
+/// lease, replica B one under its own. B's sweep leaves A's alone while A's lease lives, even past the lease's
+/// first end once A has renewed it a moment before; once A stops renewing (it crashed), three sweeps racing at once
+/// (B, C, D) refund each of A's reservations exactly once and never B's, whose lease lives; A's late settlement then
+/// charges nothing, and B's settles as usual. The balance is exact throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_replicas_reservations_are_refunded_once_and_a_live_ones_never() {
-    use x402_gateway::store::postgres::{lease, money, usage};
-    use x402_gateway::store::usage::{NewUsage, Outcome};
-    use x402_gateway::usdc::Usdc;
+    use x402_gateway::store::replicas::LEASE_TTL_SECS;
 
-    let Some(db) = TestDb::create().await else {
+    let Some((db, stores)) = replicas(4).await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    migrate_ok(&postgres_config(dir.path()), &db.url);
-    let mut a = db.client().await;
-    money::append_ledger(&a, "0xcc", "topup", Usdc(1_000), None, None, None, 0)
-        .await
-        .unwrap();
-    let key = x402_gateway::keys::generate().unwrap();
-    let key_id = money::insert_credit_key_if_none(&a, &key, "0xcc", "claim", 0)
-        .await
-        .unwrap()
-        .unwrap();
-    const TTL: i64 = 30;
-    lease::renew(&a, "replica-a", 100, TTL).await.unwrap();
-    let mut held = Vec::new();
-    for i in 0..3 {
-        let tx = a.transaction().await.unwrap();
-        let row = NewUsage {
-            request_id: format!("req_a{i}"),
-            key_id,
-            account: "0xcc".into(),
-            key_kind: "credit",
-            model: "m".into(),
-            stream: true,
-            started_at: 100,
-            bound_prompt_tokens: 10,
-            bound_output_tokens: 10,
-            input_per_mtok: Usdc(1),
-            output_per_mtok: Usdc(1),
-        };
-        let id = usage::reserve(&tx, &row, Usdc(100)).await.unwrap();
-        lease::hold(&tx, id, "replica-a").await.unwrap();
-        tx.commit().await.unwrap();
-        held.push(id);
-    }
-    assert_eq!(lease_test_balance(&a).await, 700);
-
-    // Replica B while A's lease lives: nothing to recover. A renews just before expiry; still nothing.
-    let mut b = db.client().await;
-    assert_eq!(lease::recover_expired(&mut b, 110).await.unwrap(), 0);
-    lease::renew(&a, "replica-a", 129, TTL).await.unwrap();
-    assert_eq!(lease::recover_expired(&mut b, 140).await.unwrap(), 0);
-    assert_eq!(lease_test_balance(&a).await, 700);
-
-    // A crashes (stops renewing): at 160 its lease (until 159) has expired. Three recoveries race.
-    let mut recoverers = Vec::new();
-    for _ in 0..3 {
-        let mut c = db.client().await;
-        recoverers.push(tokio::spawn(async move {
-            lease::recover_expired(&mut c, 160).await.unwrap()
-        }));
-    }
-    let mut refunded = 0;
-    for r in recoverers {
-        refunded += r.await.unwrap();
-    }
-    assert_eq!(refunded, 3, "each reservation refunded exactly once");
-    assert_eq!(lease_test_balance(&a).await, 1_000);
-
-    // A's settlement arriving after all (it was only slow): charged nothing, the refund stands.
-    let tx = a.transaction().await.unwrap();
-    let outcome = Outcome {
-        cost: Usdc(40),
-        status: "ok",
-        usage_source: "upstream",
-        ..Outcome::default()
+    let (a, b) = (&stores[0], &stores[1]);
+    let key_id = funded_account(a, "0xcc", 10_000).await;
+    let t0 = 100;
+    a.renew_lease(t0).await.unwrap();
+    b.renew_lease(t0).await.unwrap();
+    let reserve = |store: &Store, request: String| {
+        let (store, holder) = (store.clone(), replica_of(store));
+        let row = credit_request(request, key_id, "0xcc", t0);
+        async move {
+            store
+                .write_with(store.metering_durability(), move |c| {
+                    usage::reserve(c, &row, Usdc(100), holder.as_deref())
+                })
+                .await
+                .unwrap()
+                .0
+        }
     };
-    let settled = usage::settle_credit(&tx, held[0], "0xcc", key_id, Usdc(100), &outcome, 161)
+    let mut held = Vec::new();
+    for i in 0..9 {
+        held.push(reserve(a, format!("req_a{i}")).await);
+    }
+    let b_held = reserve(b, "req_b".into()).await;
+    assert_eq!(balance_checked(a, "0xcc").await, 9_000);
+
+    // While A's lease lives, no sweep finds anything (this also gives each sweeper's pool a live connection).
+    for s in &stores[1..] {
+        assert_eq!(s.recover_dead_replicas(t0).await.unwrap(), 0);
+    }
+    // B's sweep later: still nothing. A (and B) renew a moment before their leases end; past that first end, still
+    // nothing.
+    assert_eq!(b.recover_dead_replicas(t0 + 10).await.unwrap(), 0);
+    let renewed = t0 + LEASE_TTL_SECS - 1;
+    a.renew_lease(renewed).await.unwrap();
+    b.renew_lease(renewed).await.unwrap();
+    assert_eq!(
+        b.recover_dead_replicas(t0 + LEASE_TTL_SECS + 5)
+            .await
+            .unwrap(),
+        0,
+        "a renewed lease keeps its reservations"
+    );
+    assert_eq!(balance_checked(a, "0xcc").await, 9_000);
+
+    // A crashes (stops renewing); B keeps renewing. When A's renewed lease has ended, three sweeps race.
+    let crashed = renewed + LEASE_TTL_SECS;
+    b.renew_lease(crashed - 1).await.unwrap();
+    let gate = Gate::new(3);
+    let sweeps: Vec<_> = stores[1..]
+        .iter()
+        .map(|s| {
+            let (s, gate) = (s.clone(), gate.clone());
+            tokio::spawn(async move {
+                gate.wait_async().await;
+                s.recover_dead_replicas(crashed).await.unwrap()
+            })
+        })
+        .collect();
+    let mut refunded = 0;
+    for s in sweeps {
+        refunded += s.await.unwrap();
+    }
+    assert_eq!(
+        refunded, 9,
+        "each of A's reservations refunded exactly once"
+    );
+    assert_eq!(balance_checked(a, "0xcc").await, 9_900);
+    assert_eq!(
+        count(b, "SELECT count(*) FROM ledger WHERE kind = 'refund'").await,
+        9
+    );
+    let b_status: String = b
+        .read(move |c| -> Result<_, StoreError> {
+            c.query_value("SELECT status FROM usage WHERE id = ?1", params![b_held])
+        })
         .await
         .unwrap();
-    tx.commit().await.unwrap();
-    assert_eq!(settled.charged, Usdc::ZERO);
-    assert_eq!(lease_test_balance(&a).await, 1_000);
-    drop((a, b));
+    assert_eq!(
+        b_status, "in_flight",
+        "a live replica's reservation is never swept"
+    );
+
+    // A's settlement arriving after all (it was only slow): charged nothing, the refund stands. B's settles.
+    let settle = |store: &Store, id: i64| {
+        let store = store.clone();
+        async move {
+            let outcome = Outcome {
+                cost: Usdc(40),
+                status: "ok",
+                usage_source: "upstream",
+                ..Outcome::default()
+            };
+            store
+                .write_with(store.metering_durability(), move |c| {
+                    usage::settle_credit(c, id, "0xcc", key_id, Usdc(100), &outcome, crashed + 1)
+                })
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(settle(a, held[0]).await.charged, Usdc::ZERO);
+    assert_eq!(balance_checked(a, "0xcc").await, 9_900);
+    let settled = settle(b, b_held).await;
+    assert_eq!((settled.charged, settled.balance), (Usdc(40), Usdc(9_960)));
+    assert_eq!(balance_checked(a, "0xcc").await, 9_960);
+    drop(stores);
     db.drop_db().await;
 }
 
-/// The balance of 0xcc, checked equal to its ledger's sum.
-async fn lease_test_balance(c: &tokio_postgres::Client) -> i64 {
-    let r = c
-        .query_one(
-            "SELECT balance_atomic, (SELECT sum(amount_atomic) FROM ledger)::BIGINT FROM accounts \
-             WHERE address = '0xcc'",
-            &[],
-        )
-        .await
-        .unwrap();
-    let (b, s): (i64, i64) = (r.get(0), r.get(1));
-    assert_eq!(b, s, "balance column = ledger sum");
-    b
-}
-
-/// Leadership (`store::postgres::leader`): one replica leads; a second cannot while the first's session lives; when
-/// the leader's connection is cut (its backend terminated, as a crash or a network cut would), it knows it no longer
-/// leads and another replica takes over.
+/// Leadership (`Store::try_lead`): one replica leads; no other can while the leader's session lives (nor the
+/// leader itself a second time, from another connection of its pool); when the leader's connection is cut (its
+/// backend terminated, as a crash or a network cut would), it knows it no longer leads and another replica takes
+/// over; a graceful step-down hands over at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_leads_and_another_takes_over_when_its_session_dies() {
-    use x402_gateway::store::postgres::leader;
-
-    let Some(db) = TestDb::create().await else {
+    let Some((db, stores)) = replicas(3).await else {
         return;
     };
-    let a = db.client().await;
-    let a_pid: i32 = a
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let leading = leader::try_lead(a)
+    let (a, b, c) = (&stores[0], &stores[1], &stores[2]);
+    let leading = a
+        .try_lead()
         .await
         .unwrap()
         .expect("the first replica leads");
     assert!(leading.still_leading().await);
-    for _ in 0..3 {
+    for s in [a, b, c, b, c] {
         assert!(
-            leader::try_lead(db.client().await).await.unwrap().is_none(),
+            s.try_lead().await.unwrap().is_none(),
             "a second leader while the first lives"
         );
     }
-    // The leader's connection dies.
+    // The leader's connection dies: the session holding the lock in this database is terminated.
     let admin = db.client().await;
+    let holders: Vec<i32> = admin
+        .query(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(holders.len(), 1, "one session holds the leadership");
     admin
-        .execute("SELECT pg_terminate_backend($1)", &[&a_pid])
+        .execute("SELECT pg_terminate_backend($1)", &[&holders[0]])
         .await
         .unwrap();
     assert!(!leading.still_leading().await, "a cut leader knows it");
     let next = crate::support::wait_for("another replica to take over", || async {
-        leader::try_lead(db.client().await).await.unwrap()
+        b.try_lead().await.unwrap()
     })
     .await;
     assert!(next.still_leading().await);
+    assert!(a.try_lead().await.unwrap().is_none());
+    assert!(c.try_lead().await.unwrap().is_none());
     // A graceful step-down hands over at once.
-    next.resign().await.unwrap();
-    assert!(leader::try_lead(db.client().await).await.unwrap().is_some());
-    drop((leading, admin));
+    next.resign().await;
+    let third = c
+        .try_lead()
+        .await
+        .unwrap()
+        .expect("a resigned leader hands over");
+    assert!(third.still_leading().await);
+    drop((leading, third, admin));
+    drop(stores);
     db.drop_db().await;
 }
 
-/// Request slots across replicas (`store::postgres::slots`): ten requests of one pool subscription arriving at
-/// two replicas at once get exactly one slot; a credit account with a cap of 3 gets exactly 3; a crashed replica's
-/// slot is taken over once its lease expires, and its late release does not free the new holder's slot.
+/// Request slots across replicas (`Store::take_request_slot`, `Store::release_request_slot`): ten requests of one
+/// pool subscription arriving at two replicas at once get exactly one slot; ten of a credit account capped at 3 get
+/// exactly 3; the pool slot is refused to the other replica while its holder's lease lives, taken over once that
+/// lease has expired (the holder crashed), and the holder's late release does not free the new holder's slot; a
+/// proper release frees it at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_slots_hold_across_replicas_on_postgres() {
-    use std::sync::Arc;
-    use x402_gateway::store::postgres::{lease, slots};
+    use x402_gateway::store::replicas::LEASE_TTL_SECS;
 
-    let Some(db) = TestDb::create().await else {
+    let Some((db, stores)) = replicas(2).await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    migrate_ok(&postgres_config(dir.path()), &db.url);
-    let setup = db.client().await;
-    for r in ["replica-a", "replica-b"] {
-        lease::renew(&setup, r, 100, 30).await.unwrap();
+    let t0 = 100;
+    for s in &stores {
+        s.renew_lease(t0).await.unwrap();
     }
     let race = |owner: &'static str, limit: u32| {
-        let db_url = db.url.clone();
+        let stores = stores.clone();
         async move {
-            let mut clients = Vec::new();
-            for _ in 0..10 {
-                clients.push(connect(&db_url).await);
-            }
-            let barrier = Arc::new(tokio::sync::Barrier::new(clients.len()));
-            let tasks: Vec<_> = clients
-                .into_iter()
-                .enumerate()
-                .map(|(i, client)| {
-                    let barrier = barrier.clone();
+            let gate = Gate::new(10);
+            let tasks: Vec<_> = (0..10)
+                .map(|i| {
+                    let (replica, gate) = (i % 2, gate.clone());
+                    let store = stores[replica].clone();
                     tokio::spawn(async move {
-                        barrier.wait().await;
-                        let replica = if i % 2 == 0 { "replica-a" } else { "replica-b" };
-                        slots::acquire(
-                            &client,
-                            owner,
-                            limit,
-                            replica,
-                            &format!("req_{owner}_{i}"),
-                            105,
-                        )
-                        .await
-                        .unwrap()
+                        gate.wait_async().await;
+                        let request = format!("req_{owner}_{i}");
+                        store
+                            .take_request_slot(owner.into(), limit, request.clone(), t0 + 5)
+                            .await
+                            .unwrap()
+                            .map(|slot| (replica, slot, request))
                     })
                 })
                 .collect();
@@ -1360,45 +1659,42 @@ async fn request_slots_hold_across_replicas_on_postgres() {
     let pool = race("subscription:7", 1).await;
     assert_eq!(pool.len(), 1, "one request at a time per subscription");
     let credit = race("account:0xdd", 3).await;
+    let numbers: BTreeSet<i64> = credit.iter().map(|(_, slot, _)| *slot).collect();
     assert_eq!(credit.len(), 3, "the account's cap");
+    assert_eq!(numbers, BTreeSet::from([1, 2, 3]));
 
-    // The pool slot's holder's replica stops renewing; at 140 (its lease ended at 130) another request takes it.
-    let old = pool[0].clone();
-    let (holder, other) = if old.request_id.ends_with(['0', '2', '4', '6', '8']) {
-        ("replica-a", "replica-b")
-    } else {
-        ("replica-b", "replica-a")
+    // The pool slot's holder stops renewing (it crashed); the other replica renews.
+    let (holder, old_slot, old_request) = pool[0].clone();
+    let other = &stores[1 - holder];
+    let take = |request: &str, now: i64| {
+        other.take_request_slot("subscription:7".into(), 1, request.into(), now)
     };
-    lease::renew(&setup, other, 135, 30).await.unwrap();
+    let expired = t0 + LEASE_TTL_SECS;
+    other.renew_lease(expired - 1).await.unwrap();
     assert!(
-        slots::acquire(&setup, "subscription:7", 1, other, "req_new", 125)
-            .await
-            .unwrap()
-            .is_none(),
-        "not while {holder}'s lease lives"
+        take("req_new", expired - 1).await.unwrap().is_none(),
+        "not while the holder's lease lives"
     );
-    let new = slots::acquire(&setup, "subscription:7", 1, other, "req_new", 140)
+    let new_slot = take("req_new", expired)
         .await
         .unwrap()
         .expect("a crashed replica's slot is taken over");
     assert!(
-        !slots::release(&setup, &old).await.unwrap(),
+        !stores[holder]
+            .release_request_slot("subscription:7".into(), old_slot, old_request)
+            .await
+            .unwrap(),
         "a late release frees nothing"
     );
+    assert!(take("req_third", expired + 1).await.unwrap().is_none());
     assert!(
-        slots::acquire(&setup, "subscription:7", 1, other, "req_third", 141)
+        other
+            .release_request_slot("subscription:7".into(), new_slot, "req_new".into())
             .await
             .unwrap()
-            .is_none()
     );
-    assert!(slots::release(&setup, &new).await.unwrap());
-    assert!(
-        slots::acquire(&setup, "subscription:7", 1, other, "req_third", 142)
-            .await
-            .unwrap()
-            .is_some()
-    );
-    drop(setup);
+    assert!(take("req_third", expired + 2).await.unwrap().is_some());
+    drop(stores);
     db.drop_db().await;
 }
 

@@ -1,10 +1,10 @@
-//! The PostgreSQL engine (issue 14, in progress): a small connection pool and the migrations of
-//! `schema.postgres.sql`. It owns the PostgreSQL schema's version: migrations run in order, one transaction each,
-//! serialised by an advisory lock (so two `migrate` runs, or several replicas starting at once, apply each migration
-//! exactly once), and a database that is ahead of this binary, or whose history differs, is refused.
+//! The PostgreSQL engine: the connection pool and the migrations of `schema.postgres.sql`. It owns the PostgreSQL
+//! schema's version: migrations run in order, one transaction each, serialised by an advisory lock (so two
+//! `migrate` runs, or several replicas starting at once, apply each migration exactly once), and a database that is
+//! ahead of this binary, or whose history differs, is refused.
 //!
-//! The store traits (billing, transfers, usage, x402, audit) are not ported yet: only `x402-gateway migrate` uses
-//! this module, and every other command refuses a PostgreSQL config (`config::POSTGRES_MIGRATE_ONLY`).
+//! Queries are not here: every store function is written once against `store::sql::Sql` and runs on either engine
+//! (`Store::open_postgres` builds its pool with [`PgStore::connect_with`]; `store::sql::PgSql` drives it).
 //!
 //! Driver: tokio-postgres (async, pure Rust) with deadpool-postgres (a pool with no background task of its own).
 //! TLS is rustls (already in the build for HTTPS) through tokio-postgres-rustls, with the platform's trust store
@@ -12,12 +12,6 @@
 //! way the rest of the machine trusts it. `sslmode` follows libpq: `prefer` (the default) tries TLS and falls back
 //! to plain only when the server does not offer it, `require` insists (and verifies the certificate: unlike libpq,
 //! rustls never accepts an unverified one), `disable` never tries.
-
-pub mod leader;
-pub mod lease;
-pub mod money;
-pub mod slots;
-pub mod usage;
 
 use std::str::FromStr;
 use std::time::Duration;
