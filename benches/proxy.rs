@@ -5,8 +5,8 @@
 //! - **direct**: the demo upstream itself (the baseline);
 //! - **gateway**: the real `x402-gateway serve` binary with a credit key (each request reserves the worst-case
 //!   cost, forwards, settles from `usage` and writes a usage row, all in SQLite with `synchronous=FULL`);
-//! - **pg** and **pg x2**, when `X402_TEST_POSTGRES_URL` names a PostgreSQL server (`scripts/postgres-test-cluster`
-//!   starts a throwaway one): the same binary and config on a fresh PostgreSQL database, one process, then two
+//! - **pg** and **pg x2**, with `BENCH_POSTGRES=1` and `X402_TEST_POSTGRES_URL` naming a PostgreSQL server
+//!   (`scripts/postgres-test-cluster` starts a throwaway one): the same binary and config on a fresh PostgreSQL database, one process, then two
 //!   processes (two replicas) on that database with requests taken in turn;
 //! - **LiteLLM**: the LiteLLM proxy (PyPI `litellm[proxy]`), configured against the same upstream, when
 //!   `LITELLM` names its executable (scripts/bench-proxy installs it; otherwise that column is skipped).
@@ -508,7 +508,10 @@ output_usdc_per_mtok = "2.50"
     // database, requests taken in turn; the second replica shares the first one's key, as replicas do).
     let mut pg_targets = Vec::new();
     let mut _pg_children = Vec::new();
-    if let Some(server) = postgres::server() {
+    // Asked for with BENCH_POSTGRES=1 (`cargo test --all-targets` runs this binary too, with a server set).
+    let server =
+        postgres::server().filter(|_| std::env::var("BENCH_POSTGRES").is_ok_and(|v| v == "1"));
+    if let Some(server) = server {
         let url = postgres::fresh_database(&server).await?;
         let pg_config = dir.path().join("gateway-pg.toml");
         std::fs::write(&pg_config, config_text("url = \"$BENCH_DATABASE_URL\""))?;
