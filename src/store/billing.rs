@@ -545,7 +545,6 @@ mod tests {
         let store = Store::open(&dir.path().join("g.db")).unwrap();
         store
             .write(|c| -> Result<_, StoreError> {
-                let c: &dyn Sql = c;
                 assert_eq!(ledger(c, LedgerKind::Topup, 10).unwrap(), Usdc(10));
                 // Over the balance: refused, nothing written.
                 let refused = ledger(c, LedgerKind::Debit, -11).unwrap_err();
@@ -604,7 +603,6 @@ mod tests {
         let store = Store::open(&dir.path().join("s.db")).unwrap();
         store
             .write(|c| -> Result<_, StoreError> {
-                let c: &dyn Sql = c;
                 ensure_account(c, A, 0)?;
                 let blocks = vec!["asia".to_string()];
                 let sub = |tx: &str, expires: i64| {

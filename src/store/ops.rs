@@ -109,17 +109,14 @@ fn reorg_count(c: &dyn Sql) -> Result<i64, StoreError> {
 
 /// Reads [`AdminOverview`] at `now`.
 ///
-/// Still takes a SQLite `Connection` (not `&dyn Sql`) because `audit::latest_payments`, `audit::revenue`,
-/// `audit::latest_keys` and `billing::all_seats_taken` do; its own statements already run through [`Sql`].
 pub fn admin_overview(c: &dyn Sql, now: i64) -> Result<AdminOverview, StoreError> {
     let latest_payments = audit::latest_payments(c, LATEST)?;
     let revenue = audit::revenue(c, Some(now - REVENUE_DAYS * 86_400), None)?;
-    let s: &dyn Sql = c;
-    let total_claimed_atomic: i64 = s.query_value(
+    let total_claimed_atomic: i64 = c.query_value(
         "SELECT coalesce(sum(price_atomic), 0) FROM claims",
         params![],
     )?;
-    let total_received_atomic: i64 = s.query_value(
+    let total_received_atomic: i64 = c.query_value(
         "SELECT coalesce(sum(value_atomic), 0) FROM transfers WHERE status = 'confirmed'",
         params![],
     )?;
@@ -135,8 +132,8 @@ pub fn admin_overview(c: &dyn Sql, now: i64) -> Result<AdminOverview, StoreError
         total_received_atomic,
         seats,
         latest_keys,
-        key_counts: key_counts(s, now)?,
-        reorgs: reorg_count(s)?,
+        key_counts: key_counts(c, now)?,
+        reorgs: reorg_count(c)?,
     })
 }
 

@@ -86,7 +86,6 @@ impl Store {
             return Ok(());
         };
         self.write(move |c| -> Result<(), StoreError> {
-            let c: &dyn super::sql::Sql = c;
             c.execute(
                 "INSERT INTO replica_leases (replica_id, expires_at) VALUES (?1, ?2) \
                  ON CONFLICT (replica_id) DO UPDATE SET expires_at = excluded.expires_at",
@@ -120,7 +119,6 @@ impl Store {
         }
         let candidates: Vec<i64> = self
             .read(move |c| -> Result<Vec<i64>, StoreError> {
-                let c: &dyn super::sql::Sql = c;
                 c.query_map(
                     "SELECT id FROM usage WHERE status = 'in_flight' AND replica_id IS NOT NULL \
                      AND NOT EXISTS (SELECT 1 FROM replica_leases l WHERE l.replica_id = usage.replica_id \
@@ -133,47 +131,12 @@ impl Store {
         let mut recovered = 0;
         for id in candidates {
             let refunded = self
-                .write(move |tx| -> Result<bool, StoreError> {
-                    let c: &dyn super::sql::Sql = tx;
-                    let claimed = c.query_opt(
-                        "UPDATE usage SET status = 'interrupted', usage_source = 'none' \
-                         WHERE id = ?1 AND status = 'in_flight' AND replica_id IS NOT NULL \
-                         AND NOT EXISTS (SELECT 1 FROM replica_leases l \
-                         WHERE l.replica_id = usage.replica_id AND l.expires_at > ?2) \
-                         RETURNING account, key_id, reserved_atomic, replica_id",
-                        crate::params![id, now],
-                        |r| {
-                            Ok((
-                                r.get::<String>(0)?,
-                                r.get::<i64>(1)?,
-                                r.get::<i64>(2)?,
-                                r.get::<Option<String>>(3)?,
-                            ))
-                        },
-                    )?;
-                    let Some((account, key_id, reserved, replica)) = claimed else {
-                        return Ok(false);
-                    };
-                    if reserved > 0 {
-                        super::billing::append_ledger(
-                            tx,
-                            &account,
-                            super::billing::LedgerKind::Refund,
-                            crate::usdc::Usdc(reserved),
-                            None,
-                            Some(key_id),
-                            Some(&format!(
-                                "request #{id} interrupted: replica {} stopped, reservation returned",
-                                replica.unwrap_or_default()
-                            )),
-                            now,
-                        )
+                .write(move |c| {
+                    super::usage::interrupt(c, id, now, super::usage::Interrupted::ByDeadReplica)
                         .map_err(|e| match e {
                             super::billing::LedgerError::Store(e) => e,
                             other => StoreError::Task(other.to_string()),
-                        })?;
-                    }
-                    Ok(true)
+                        })
                 })
                 .await?;
             recovered += usize::from(refunded);

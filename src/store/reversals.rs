@@ -159,14 +159,13 @@ pub fn reverse(
     cause: &str,
     now: i64,
 ) -> Result<Option<ReversalEvent>, StoreError> {
-    let s: &dyn Sql = c;
     // Read the last step, then write the next: one reconciler at a time (see `serialize_index_writes`).
-    super::transfers::serialize_index_writes(s)?;
-    let seq = last_seq(s, origin)?;
+    super::transfers::serialize_index_writes(c)?;
+    let seq = last_seq(c, origin)?;
     if seq % 2 == 1 {
         return Ok(None);
     }
-    let Some((account, credits, subscription)) = purchase(s, origin)? else {
+    let Some((account, credits, subscription)) = purchase(c, origin)? else {
         return Ok(None);
     };
     if credits > Usdc::ZERO {
@@ -183,7 +182,7 @@ pub fn reverse(
         .map_err(ledger_error)?;
     }
     if let Some(sub) = subscription {
-        s.execute(
+        c.execute(
             "UPDATE api_keys SET suspended_at = ?2, suspended_by = ?3 WHERE subscription_id = ?1 \
              AND suspended_at IS NULL",
             params![sub, now, origin],
@@ -198,7 +197,7 @@ pub fn reverse(
         tx_hash: None,
         at: now,
     };
-    record(s, origin, seq + 1, &ev)?;
+    record(c, origin, seq + 1, &ev)?;
     tracing::warn!(claim = %origin, account = %ev.account, credits = %credits, %cause, "claimed payment reversed: its transaction left the canonical chain");
     Ok(Some(ev))
 }
@@ -212,15 +211,14 @@ pub fn restore(
     by: &str,
     now: i64,
 ) -> Result<Option<ReversalEvent>, StoreError> {
-    let s: &dyn Sql = c;
     // Read the last step, then write the next: one reconciler at a time (see `serialize_index_writes`).
-    super::transfers::serialize_index_writes(s)?;
-    let seq = last_seq(s, origin)?;
+    super::transfers::serialize_index_writes(c)?;
+    let seq = last_seq(c, origin)?;
     if seq % 2 == 0 {
         return Ok(None);
     }
     // Exactly what the reversal took back, not what the claim says now.
-    let (account, amount): (String, i64) = s.query_one(
+    let (account, amount): (String, i64) = c.query_one(
         "SELECT account, amount_atomic FROM claim_reversals WHERE claim_tx = ?1 AND seq = ?2",
         params![origin, seq],
         |r| Ok((r.get(0)?, r.get(1)?)),
@@ -238,7 +236,7 @@ pub fn restore(
         )
         .map_err(ledger_error)?;
     }
-    s.execute(
+    c.execute(
         "UPDATE api_keys SET suspended_at = NULL, suspended_by = NULL WHERE suspended_by = ?1",
         params![origin],
     )?;
@@ -251,7 +249,7 @@ pub fn restore(
         tx_hash: Some(by.to_string()),
         at: now,
     };
-    record(s, origin, seq + 1, &ev)?;
+    record(c, origin, seq + 1, &ev)?;
     tracing::info!(claim = %origin, account = %ev.account, credits = %ev.amount_usdc, tx = %by, "reversed claim restored: its payment is confirmed again");
     Ok(Some(ev))
 }
@@ -292,9 +290,8 @@ pub fn reconcile_tx(
 ///
 /// Takes a SQLite `Connection` because [`reconcile_origin`] still does.
 pub fn reconcile_all(c: &dyn Sql, now: i64) -> Result<Vec<ReversalEvent>, StoreError> {
-    let s: &dyn Sql = c;
     // `claims` has no id column (its key is the tx hash): claim time, then the key, is an order both engines have.
-    let origins: Vec<String> = s.query_map(
+    let origins: Vec<String> = c.query_map(
         "SELECT tx_hash FROM claims WHERE origin_tx IS NULL ORDER BY claimed_at, tx_hash",
         params![],
         |r| r.get(0),

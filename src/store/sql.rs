@@ -608,14 +608,9 @@ impl<'a, C: deadpool_postgres::GenericClient + Sync> PgSql<'a, C> {
         PgSql { client, handle }
     }
 
-    fn prepare(
-        &self,
-        sql: &str,
-    ) -> Result<(tokio_postgres::Statement, Vec<PgParam>), tokio_postgres::Error> {
-        let statement = self
-            .handle
-            .block_on(self.client.prepare_cached(&to_postgres_placeholders(sql)))?;
-        Ok((statement, Vec::new()))
+    fn prepare(&self, sql: &str) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        self.handle
+            .block_on(self.client.prepare_cached(&to_postgres_placeholders(sql)))
     }
 }
 
@@ -629,7 +624,7 @@ impl<C: deadpool_postgres::GenericClient + Sync> Sql for PgSql<'_, C> {
     }
 
     fn execute(&self, sql: &str, params: &[&dyn ToValue]) -> Result<usize, StoreError> {
-        let (statement, _) = self.prepare(sql)?;
+        let statement = self.prepare(sql)?;
         let bound = bind(params);
         let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = bound
             .iter()
@@ -648,7 +643,7 @@ impl<C: deadpool_postgres::GenericClient + Sync> Sql for PgSql<'_, C> {
         f: &mut dyn FnMut(Row) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         use futures::StreamExt;
-        let (statement, _) = self.prepare(sql)?;
+        let statement = self.prepare(sql)?;
         let bound = bind(params);
         let stream = self
             .handle

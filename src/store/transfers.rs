@@ -162,6 +162,15 @@ fn record_status(
     Ok(())
 }
 
+/// Marks transfer `id` orphaned at `now`, with its history row.
+fn orphan(c: &dyn Sql, id: i64, now: i64, head: u64, reason: &str) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE transfers SET status = 'orphaned', orphaned_at = ?2 WHERE id = ?1",
+        params![id, now],
+    )?;
+    record_status(c, id, TransferStatus::Orphaned, head, reason)
+}
+
 fn select_transfers(
     c: &dyn Sql,
     where_clause: &str,
@@ -370,17 +379,7 @@ fn apply_range_in(c: &dyn Sql, update: &RangeUpdate, now: i64) -> Result<RangeOu
         .into_iter()
         .filter(|r| !fetched.contains(&(r.block_hash.as_str(), r.log_index)))
     {
-        c.execute(
-            "UPDATE transfers SET status = 'orphaned', orphaned_at = ?2 WHERE id = ?1",
-            params![row.id, now],
-        )?;
-        record_status(
-            c,
-            row.id,
-            TransferStatus::Orphaned,
-            head,
-            "block not in the canonical chain",
-        )?;
+        orphan(c, row.id, now, head, "block not in the canonical chain")?;
         outcome.orphaned.push(row);
     }
 
@@ -461,14 +460,10 @@ fn rollback_in(
         params![fork.number as i64],
     )?;
     for row in &gone {
-        c.execute(
-            "UPDATE transfers SET status = 'orphaned', orphaned_at = ?2 WHERE id = ?1",
-            params![row.id, now],
-        )?;
-        record_status(
+        orphan(
             c,
             row.id,
-            TransferStatus::Orphaned,
+            now,
             fork.number,
             "reorg: block left the canonical chain",
         )?;

@@ -214,37 +214,71 @@ pub fn record_subscription(
 /// is claimed by a guarded update (`WHERE status = 'in_flight'`) before its refund, so a row is refunded at most
 /// once whatever else settles or recovers it.
 pub fn recover_in_flight(tx: &dyn Sql, now: i64) -> Result<usize, LedgerError> {
-    let rows: Vec<(i64, String, i64, i64)> = tx.query_map(
-        "SELECT id, account, key_id, reserved_atomic FROM usage WHERE status = 'in_flight' ORDER BY id",
+    let ids: Vec<i64> = tx.query_map(
+        "SELECT id FROM usage WHERE status = 'in_flight' ORDER BY id",
         params![],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        |r| r.get(0),
     )?;
     let mut recovered = 0;
-    for (id, account, key_id, reserved) in &rows {
-        let claimed = tx.execute(
-            "UPDATE usage SET status = 'interrupted', usage_source = 'none' WHERE id = ?1 AND status = 'in_flight'",
-            params![id],
-        )?;
-        if claimed == 0 {
-            continue;
-        }
-        recovered += 1;
-        if *reserved > 0 {
-            append_ledger(
-                tx,
-                account,
-                LedgerKind::Refund,
-                Usdc(*reserved),
-                None,
-                Some(*key_id),
-                Some(&format!(
-                    "request #{id} interrupted by a restart: reservation returned"
-                )),
-                now,
-            )?;
-        }
+    for id in ids {
+        recovered += usize::from(interrupt(tx, id, now, Interrupted::ByRestart)?);
     }
     Ok(recovered)
+}
+
+/// Whose stop left a request `in_flight`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupted {
+    /// The only process on the database stopped (SQLite start-up).
+    ByRestart,
+    /// Its replica stopped renewing its lease (PostgreSQL): claimed only while that lease is expired at `now`.
+    ByDeadReplica,
+}
+
+/// Claims in-flight request `id` as interrupted — one guarded `UPDATE … WHERE status = 'in_flight'` (and, for a
+/// dead replica, no live lease) `RETURNING` what it reserved — then returns the reservation to its account. A row
+/// already settled, refunded, or held by a live replica is left alone: `false`.
+pub fn interrupt(tx: &dyn Sql, id: i64, now: i64, by: Interrupted) -> Result<bool, LedgerError> {
+    let claimed = tx.query_opt(
+        "UPDATE usage SET status = 'interrupted', usage_source = 'none' WHERE id = ?1 AND status = 'in_flight' \
+         AND (?3 = 0 OR (replica_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM replica_leases l \
+         WHERE l.replica_id = usage.replica_id AND l.expires_at > ?2))) \
+         RETURNING account, key_id, reserved_atomic, replica_id",
+        params![id, now, by == Interrupted::ByDeadReplica],
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<i64>(1)?,
+                r.get::<i64>(2)?,
+                r.get::<Option<String>>(3)?,
+            ))
+        },
+    )?;
+    let Some((account, key_id, reserved, replica)) = claimed else {
+        return Ok(false);
+    };
+    if reserved > 0 {
+        let note = match by {
+            Interrupted::ByRestart => {
+                format!("request #{id} interrupted by a restart: reservation returned")
+            }
+            Interrupted::ByDeadReplica => format!(
+                "request #{id} interrupted: replica {} stopped, reservation returned",
+                replica.unwrap_or_default()
+            ),
+        };
+        append_ledger(
+            tx,
+            &account,
+            LedgerKind::Refund,
+            Usdc(reserved),
+            None,
+            Some(key_id),
+            Some(&note),
+            now,
+        )?;
+    }
+    Ok(true)
 }
 
 /// Totals of a key's requests.
