@@ -910,9 +910,12 @@ pub(crate) fn redeem(tx: &dyn Sql, r: Redeem<'_>) -> Result<Claimed, ClaimError>
     match (product, pool) {
         (Product::Pool { slug, blocks }, Some(pool)) => {
             let expires_at = now + pool.duration_secs();
-            let sub_id = sql::insert_subscription(
+            let Some(sub_id) = sql::insert_subscription(
                 tx, &payer, &slug, &blocks, price, &tx_hash, now, expires_at,
-            )?;
+            )?
+            else {
+                return Err(lost_claim_race(tx, &tx_hash));
+            };
             // Seats in one order (by block name) whatever order the buyer listed them in: two claims of the same
             // blocks on PostgreSQL lock their seat rows in the same order, so they queue instead of deadlocking.
             let mut in_order: Vec<&String> = blocks.iter().collect();

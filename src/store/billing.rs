@@ -441,11 +441,13 @@ pub fn insert_subscription(
     tx_hash: &str,
     starts_at: i64,
     expires_at: i64,
-) -> Result<i64, StoreError> {
+) -> Result<Option<i64>, StoreError> {
     let blocks_json = serde_json::to_string(blocks).unwrap_or_else(|_| "[]".into());
-    c.query_one(
+    // A subscription is unique per payment: `None` when another claim of the same payment holds it (several
+    // writers; a plain INSERT would abort the whole transaction on PostgreSQL instead of letting it answer).
+    c.query_opt(
         "INSERT INTO subscriptions (account, pool, blocks, price_atomic, tx_hash, starts_at, expires_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (tx_hash) DO NOTHING RETURNING id",
         params![account, pool, blocks_json, price.0, tx_hash, starts_at, expires_at],
         |r| r.get(0),
     )
@@ -608,7 +610,11 @@ mod tests {
                 let sub = |tx: &str, expires: i64| {
                     insert_subscription(c, A, "p", &blocks, Usdc(1), tx, 0, expires)
                 };
-                let (s1, s2, s3) = (sub("0x1", 100)?, sub("0x2", 200)?, sub("0x3", 300)?);
+                let (s1, s2, s3) = (
+                    sub("0x1", 100)?.unwrap(),
+                    sub("0x2", 200)?.unwrap(),
+                    sub("0x3", 300)?.unwrap(),
+                );
                 assert!(take_seat(c, "p", "asia", 2, s1, 100, 0)?);
                 assert!(take_seat(c, "p", "asia", 2, s2, 200, 0)?);
                 assert!(!take_seat(c, "p", "asia", 2, s3, 300, 0)?, "sold out");

@@ -1079,16 +1079,19 @@ async fn money_rules_hold_under_concurrent_writers_on_postgres() {
             for i in 0..20 {
                 let payer = format!("0xs{i:02}");
                 billing::ensure_account(c, &payer, 0)?;
-                ids.push(billing::insert_subscription(
-                    c,
-                    &payer,
-                    "p",
-                    &blocks,
-                    Usdc(1),
-                    &format!("0x{i:02x}"),
-                    0,
-                    1000,
-                )?);
+                ids.push(
+                    billing::insert_subscription(
+                        c,
+                        &payer,
+                        "p",
+                        &blocks,
+                        Usdc(1),
+                        &format!("0x{i:02x}"),
+                        0,
+                        1000,
+                    )?
+                    .expect("a new subscription"),
+                );
             }
             Ok(ids)
         })
