@@ -132,6 +132,8 @@ pub enum SlotOwner {
 pub struct Slots {
     local: Arc<Mutex<HashMap<SlotOwner, u32>>>,
     shared: Option<Store>,
+    /// Shared slots this process is still freeing, per owner key: a guard's release runs after it is dropped.
+    releasing: Arc<Mutex<HashMap<String, u32>>>,
 }
 
 impl std::fmt::Debug for Slots {
@@ -169,6 +171,7 @@ impl Slots {
         Slots {
             local: Arc::default(),
             shared: store.replica_id().is_some().then(|| store.clone()),
+            releasing: Arc::default(),
         }
     }
 
@@ -182,9 +185,22 @@ impl Slots {
         now: i64,
     ) -> Result<Option<SlotGuard>, crate::store::StoreError> {
         if let Some(store) = &self.shared {
-            let taken = store
-                .take_request_slot(owner.key(), limit, request_id.to_string(), now)
+            let key = owner.key();
+            let mut taken = store
+                .take_request_slot(key.clone(), limit, request_id.to_string(), now)
                 .await?;
+            // The owner's previous request on this replica may have just finished, its slot still being freed
+            // in the background: wait (briefly) for those releases and try once more, so that an agent's
+            // sequential requests are never refused for a request that is already over.
+            if taken.is_none() && self.is_releasing(&key) {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                while self.is_releasing(&key) && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                taken = store
+                    .take_request_slot(key, limit, request_id.to_string(), now)
+                    .await?;
+            }
             return Ok(taken.map(|slot_no| SlotGuard {
                 slots: self.clone(),
                 owner,
@@ -205,6 +221,47 @@ impl Slots {
     }
 }
 
+/// Calls its closure when dropped: ends a counted release however the release task ends.
+struct ReleaseDone(Option<Box<dyn FnOnce() + Send>>);
+
+impl Drop for ReleaseDone {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            done();
+        }
+    }
+}
+
+impl Slots {
+    fn is_releasing(&self, key: &str) -> bool {
+        self.releasing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .is_some_and(|n| *n > 0)
+    }
+
+    /// Counts a release of `key` in progress until the returned closure is called.
+    fn start_release(&self, key: &str) -> impl FnOnce() + Send + 'static {
+        *self
+            .releasing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_string())
+            .or_insert(0) += 1;
+        let (releasing, key) = (self.releasing.clone(), key.to_string());
+        move || {
+            let mut map = releasing.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = map.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&key);
+                }
+            }
+        }
+    }
+}
+
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         if let Some((slot_no, request_id)) = self.shared.take() {
@@ -212,10 +269,11 @@ impl Drop for SlotGuard {
                 return;
             };
             let owner = self.owner.key();
-            // Freed in the background: a release that fails (the database is away) leaves the slot to expire with
-            // this replica's lease, never held forever.
+            // Freed in the background (a drop cannot wait); `try_acquire` on this replica waits for it.
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let done = self.slots.start_release(&owner);
                 handle.spawn(async move {
+                    let _done = ReleaseDone(Some(Box::new(done)));
                     // A live replica's lease does not expire: a slot whose release failed would stay taken
                     // until this replica stops, so retry a while before giving up.
                     let mut delay = std::time::Duration::from_millis(100);
