@@ -53,9 +53,12 @@ pub struct Config {
     /// OpenAI-compatible backends: `[[upstreams]]`.
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
-    /// Models served, each on an upstream with its prices: `[[models]]`.
+    /// Models served, each on one or more upstreams with its prices: `[[models]]`.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// Failover and cooldown of deployments.
+    #[serde(default)]
+    pub routing: RoutingConfig,
     /// Standard x402 payments (`PAYMENT-SIGNATURE`); absent = not offered.
     #[serde(default)]
     pub x402: Option<X402Config>,
@@ -197,6 +200,24 @@ pub struct UpstreamConfig {
     /// `max_completion_tokens` for an upstream that rejects the other (which is then removed from the request).
     #[serde(default)]
     pub output_limit_field: OutputLimitField,
+    /// Longest wait for the response's status line and headers, in milliseconds (default: `read_timeout_ms`). A
+    /// deployment that has not answered by then is failed over (nothing has reached the client yet).
+    #[serde(default)]
+    pub first_byte_timeout_ms: Option<u64>,
+    /// How Anthropic Messages requests (`POST /v1/messages`) reach this upstream: `translate` (default: sent as
+    /// chat completions, the answer translated back) or `native` (the upstream serves `/v1/messages` itself, as
+    /// vLLM and SGLang do).
+    #[serde(default)]
+    pub messages_api: MessagesApi,
+}
+
+/// How `/v1/messages` is served by an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessagesApi {
+    #[default]
+    Translate,
+    Native,
 }
 
 /// Where the output bound is written in a forwarded request.
@@ -222,11 +243,16 @@ fn default_read_timeout_ms() -> u64 {
 pub struct ModelConfig {
     /// The id agents send as `model`.
     pub id: String,
-    /// `[[upstreams]]` name.
-    pub upstream: String,
-    /// The model name the upstream knows (defaults to `id`).
+    /// `[[upstreams]]` name, for a model served by one deployment (else `deployments`).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// The model name the upstream knows (defaults to `id`), with `upstream`.
     #[serde(default)]
     pub upstream_model: Option<String>,
+    /// The upstreams serving this model (instead of `upstream`): requests are spread by weight over the healthy
+    /// ones, the least busy preferred, and failed over before any byte reaches the client.
+    #[serde(default)]
+    pub deployments: Vec<DeploymentConfig>,
     /// Credit price per million input tokens, a decimal string.
     pub input_usdc_per_mtok: String,
     /// Credit price per million output tokens.
@@ -247,6 +273,58 @@ pub struct ModelConfig {
     /// offered. `max_tokens` is capped to what it covers at `output_usdc_per_mtok`.
     #[serde(default)]
     pub per_request_usdc: Option<String>,
+}
+
+/// One upstream serving a model: `[[models]] deployments = [{ upstream = "gpu-a", weight = 2 }]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentConfig {
+    /// `[[upstreams]]` name.
+    pub upstream: String,
+    /// Share of the traffic relative to the model's other deployments (default 1).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// The model name this upstream knows (defaults to the model's `upstream_model`, else its `id`).
+    #[serde(default)]
+    pub upstream_model: Option<String>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// `[routing]`: how failing deployments are taken out of rotation and brought back.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Consecutive failures (connect error, timeout before the first byte, 429, 5xx) after which a deployment
+    /// cools down.
+    #[serde(default = "default_failures_before_cooldown")]
+    pub failures_before_cooldown: u32,
+    /// How long a deployment cools down before it is probed (`GET <base_url>/models`) and, if it answers, used
+    /// again.
+    #[serde(default = "default_cooldown_secs")]
+    pub cooldown_secs: u64,
+    /// Retry a request that failed before any byte reached the client once on another deployment.
+    #[serde(default = "default_true")]
+    pub retry_other_deployment: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            failures_before_cooldown: default_failures_before_cooldown(),
+            cooldown_secs: default_cooldown_secs(),
+            retry_other_deployment: true,
+        }
+    }
+}
+
+fn default_failures_before_cooldown() -> u32 {
+    3
+}
+fn default_cooldown_secs() -> u64 {
+    30
 }
 
 fn default_max_output_tokens() -> u64 {
@@ -705,6 +783,8 @@ pub struct Settings {
     pub ready_max_lag_blocks: u64,
     pub upstreams: Vec<Upstream>,
     pub models: Vec<Model>,
+    /// `[routing]` validated.
+    pub routing: Routing,
     /// `[limits]` validated.
     pub limits: Limits,
 }
@@ -891,16 +971,58 @@ pub struct Upstream {
     pub api_key: Option<String>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// Longest wait for the response headers.
+    pub first_byte_timeout: Duration,
     pub output_limit_field: OutputLimitField,
+    pub messages_api: MessagesApi,
+}
+
+/// `[routing]` validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routing {
+    pub failures_before_cooldown: u32,
+    pub cooldown: Duration,
+    pub retry_other_deployment: bool,
+}
+
+impl RoutingConfig {
+    fn resolve(&self) -> Result<Routing, ConfigError> {
+        if self.failures_before_cooldown == 0 {
+            return Err(invalid(
+                "routing.failures_before_cooldown",
+                "must be at least 1",
+            ));
+        }
+        if self.cooldown_secs == 0 || self.cooldown_secs > 86_400 {
+            return Err(invalid(
+                "routing.cooldown_secs",
+                "must be between 1 and 86400",
+            ));
+        }
+        Ok(Routing {
+            failures_before_cooldown: self.failures_before_cooldown,
+            cooldown: Duration::from_secs(self.cooldown_secs),
+            retry_other_deployment: self.retry_other_deployment,
+        })
+    }
+}
+
+/// One upstream serving a model, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployment {
+    /// Index into `Settings::upstreams`.
+    pub upstream: usize,
+    pub weight: u32,
+    /// The model name sent to this upstream.
+    pub upstream_model: String,
 }
 
 /// A validated model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Model {
     pub id: String,
-    /// Index into `Settings::upstreams`.
-    pub upstream: usize,
-    pub upstream_model: String,
+    /// Where it is served: one or more deployments (never empty).
+    pub deployments: Vec<Deployment>,
     pub input_per_mtok: Usdc,
     pub output_per_mtok: Usdc,
     pub max_output_tokens: u64,
@@ -1183,6 +1305,7 @@ impl Config {
                 .unwrap_or(chain.confirmations.saturating_mul(3)),
             upstreams,
             models,
+            routing: self.routing.resolve()?,
             docs_url: self.server.docs_url.clone(),
             facilitator: self.server.facilitator.clone(),
             pools,
@@ -1286,7 +1409,11 @@ fn resolve_models(
             api_key,
             connect_timeout: Duration::from_millis(u.connect_timeout_ms),
             read_timeout: Duration::from_millis(u.read_timeout_ms),
+            first_byte_timeout: Duration::from_millis(
+                u.first_byte_timeout_ms.unwrap_or(u.read_timeout_ms),
+            ),
             output_limit_field: u.output_limit_field,
+            messages_api: u.messages_api,
         });
     }
     let mut out_models: Vec<Model> = Vec::new();
@@ -1298,15 +1425,59 @@ fn resolve_models(
         if out_models.iter().any(|x| x.id == m.id) {
             return Err(invalid(&key("id"), format!("`{}` is defined twice", m.id)));
         }
-        let upstream = out_up
-            .iter()
-            .position(|u| u.name == m.upstream)
-            .ok_or_else(|| {
+        let find = |field: String, name: &str| {
+            out_up.iter().position(|u| u.name == name).ok_or_else(|| {
                 invalid(
-                    &key("upstream"),
-                    format!("`{}` is not a configured [[upstreams]] name", m.upstream),
+                    &field,
+                    format!("`{name}` is not a configured [[upstreams]] name"),
                 )
-            })?;
+            })
+        };
+        let default_upstream_model = m.upstream_model.clone().unwrap_or_else(|| m.id.clone());
+        let deployments = match (&m.upstream, m.deployments.is_empty()) {
+            (Some(name), true) => vec![Deployment {
+                upstream: find(key("upstream"), name)?,
+                weight: 1,
+                upstream_model: default_upstream_model,
+            }],
+            (None, false) => {
+                let mut out: Vec<Deployment> = Vec::new();
+                for (j, d) in m.deployments.iter().enumerate() {
+                    let field = |k: &str| key(&format!("deployments[{j}].{k}"));
+                    let upstream = find(field("upstream"), &d.upstream)?;
+                    if out.iter().any(|o| o.upstream == upstream) {
+                        return Err(invalid(
+                            &field("upstream"),
+                            format!("`{}` is listed twice for this model", d.upstream),
+                        ));
+                    }
+                    if d.weight == 0 || d.weight > 1_000 {
+                        return Err(invalid(&field("weight"), "must be between 1 and 1000"));
+                    }
+                    out.push(Deployment {
+                        upstream,
+                        weight: d.weight,
+                        upstream_model: d
+                            .upstream_model
+                            .clone()
+                            .unwrap_or_else(|| default_upstream_model.clone()),
+                    });
+                }
+                out
+            }
+            (Some(_), false) => {
+                return Err(invalid(
+                    &key("deployments"),
+                    "set either `upstream` (one deployment) or `deployments`, not both",
+                ));
+            }
+            (None, true) => {
+                return Err(invalid(
+                    &key("upstream"),
+                    "missing: name the [[upstreams]] serving this model (or list `deployments`)",
+                ));
+            }
+        };
         if m.max_output_tokens == 0 {
             return Err(invalid(&key("max_output_tokens"), "must be positive"));
         }
@@ -1321,8 +1492,7 @@ fn resolve_models(
         }
         out_models.push(Model {
             id: m.id.clone(),
-            upstream,
-            upstream_model: m.upstream_model.clone().unwrap_or_else(|| m.id.clone()),
+            deployments,
             input_per_mtok: parse_usdc(&key("input_usdc_per_mtok"), &m.input_usdc_per_mtok)?,
             output_per_mtok: parse_usdc(&key("output_usdc_per_mtok"), &m.output_usdc_per_mtok)?,
             max_output_tokens: m.max_output_tokens,

@@ -55,6 +55,20 @@ pub const METERING_UNCHARGED: &str = "x402_metering_uncharged_usdc_atomic";
 /// `best_of`, unbounded content parts) or a key had too many in flight.
 pub const METERING_REFUSED: &str = "x402_metering_refused_total";
 
+// Deployments (refreshed at scrape time from the router, except the histogram and the failover counter).
+/// Gauge `{model, upstream}`: 1 while the deployment is in rotation, 0 while it cools down.
+pub const DEPLOYMENT_HEALTHY: &str = "x402_deployment_healthy";
+/// Gauge `{model, upstream}`: requests the deployment is answering now.
+pub const DEPLOYMENT_IN_FLIGHT: &str = "x402_deployment_in_flight_requests";
+/// Counter `{model, upstream}`: failures before an answer (connect error, timeout before headers, 429, 5xx).
+pub const DEPLOYMENT_FAILURES: &str = "x402_deployment_failures_total";
+/// Counter `{model, upstream}`: cooldowns entered.
+pub const DEPLOYMENT_COOLDOWNS: &str = "x402_deployment_cooldowns_total";
+/// Histogram `{model, upstream}`: time to the response headers (first byte), seconds.
+pub const DEPLOYMENT_LATENCY: &str = "x402_deployment_first_byte_seconds";
+/// Counter `{model}`: requests retried on another deployment after a failure before any byte was sent.
+pub const DEPLOYMENT_FAILOVERS: &str = "x402_deployment_failovers_total";
+
 // Unpaid traffic (`[limits]`).
 /// Counter `{limit="keyless|claims", scope="ip|all"}`: requests refused with 429 by the rate limits (the client's
 /// own bucket, or the one all clients share).
@@ -96,6 +110,10 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process-wide recorder's handle, installing the recorder on first use. Safe to call from every server in a
@@ -105,6 +123,11 @@ pub fn handle() -> &'static PrometheusHandle {
         let builder = || {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(PROXY_OVERHEAD.to_string()), OVERHEAD_BUCKETS)
+                .expect("non-empty buckets")
+                .set_buckets_for_metric(
+                    Matcher::Full(DEPLOYMENT_LATENCY.to_string()),
+                    LATENCY_BUCKETS,
+                )
                 .expect("non-empty buckets")
         };
         let handle = match builder().install_recorder() {
@@ -167,6 +190,28 @@ fn describe() {
         METERING_REFUSED,
         "Requests refused before forwarding: not boundable (n, best_of, content parts) or too many in flight."
     );
+    describe_gauge!(
+        DEPLOYMENT_HEALTHY,
+        "1 while a deployment (model on an upstream) is in rotation, 0 while it cools down."
+    );
+    describe_gauge!(
+        DEPLOYMENT_IN_FLIGHT,
+        "Requests a deployment is answering now."
+    );
+    describe_counter!(
+        DEPLOYMENT_FAILURES,
+        "Deployment failures before an answer: connect error, timeout before the headers, 429, 5xx."
+    );
+    describe_counter!(DEPLOYMENT_COOLDOWNS, "Cooldowns a deployment entered.");
+    describe_histogram!(
+        DEPLOYMENT_LATENCY,
+        Unit::Seconds,
+        "Time to a deployment's response headers."
+    );
+    describe_counter!(
+        DEPLOYMENT_FAILOVERS,
+        "Requests retried on another deployment after a failure before any byte reached the client."
+    );
     describe_counter!(
         RATE_LIMITED,
         "Requests refused by the rate limits (429), by limit and scope (ip, all)."
@@ -215,6 +260,28 @@ pub fn record_overrun(model: &str, tokens: u64, uncharged_atomic: u64) {
     if uncharged_atomic > 0 {
         metrics::counter!(METERING_UNCHARGED, "model" => model.to_string())
             .increment(uncharged_atomic);
+    }
+}
+
+/// Records a deployment's time to its response headers.
+pub fn record_deployment_latency(model: &str, upstream: &str, latency: std::time::Duration) {
+    metrics::histogram!(DEPLOYMENT_LATENCY, "model" => model.to_string(), "upstream" => upstream.to_string())
+        .record(latency.as_secs_f64());
+}
+
+/// Records a request retried on another deployment.
+pub fn record_failover(model: &str) {
+    metrics::counter!(DEPLOYMENT_FAILOVERS, "model" => model.to_string()).increment(1);
+}
+
+/// Sets the deployment gauges and counters from the router's state (at scrape time).
+pub fn refresh_deployments(status: &[crate::proxy::router::DeploymentStatus]) {
+    for d in status {
+        let labels = [("model", d.model.clone()), ("upstream", d.upstream.clone())];
+        metrics::gauge!(DEPLOYMENT_HEALTHY, &labels).set(if d.healthy { 1.0 } else { 0.0 });
+        metrics::gauge!(DEPLOYMENT_IN_FLIGHT, &labels).set(d.in_flight as f64);
+        metrics::counter!(DEPLOYMENT_FAILURES, &labels).absolute(d.failures);
+        metrics::counter!(DEPLOYMENT_COOLDOWNS, &labels).absolute(d.cooldowns);
     }
 }
 

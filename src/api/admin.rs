@@ -217,6 +217,37 @@ async fn render(state: &AppState) -> Result<String, StoreError> {
     }
     h.push_str("</table>");
 
+    // Deployments: where each model is served, and whether it is in rotation.
+    h.push_str("<h2 id=\"deployments\">Deployments</h2><table id=\"deployments-table\"><tr><th>Model</th><th>Upstream</th>\
+        <th>Weight</th><th>State</th><th>In flight</th><th>Answered</th><th>Failures</th><th>Cooldowns</th>\
+        <th>First byte (ms, smoothed)</th></tr>");
+    for d in state.proxy.router().status(std::time::Instant::now()) {
+        let (class, health) = if d.healthy {
+            ("ok", "healthy".to_string())
+        } else {
+            (
+                "bad",
+                format!("cooling down ({} s left)", d.cooldown_remaining_secs),
+            )
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"{class}\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            escape(&d.model),
+            escape(&d.upstream),
+            d.weight,
+            escape(&health),
+            d.in_flight,
+            d.answered,
+            d.failures,
+            d.cooldowns,
+            d.latency_ms
+                .map_or("–".to_string(), |ms| format!("{ms:.1}")),
+        );
+    }
+    h.push_str("</table>");
+
     // Payments.
     let _ = write!(h, "<h2 id=\"payments\">Recent payments</h2>");
     if data.payments.is_empty() {

@@ -266,7 +266,7 @@ async fn v1(
                 return (
                     StatusCode::NOT_FOUND,
                     Json(json!({"error": {
-                        "message": format!("`{}` is not served here; this gateway serves POST /v1/chat/completions, GET /v1/models and GET /v1/usage", uri.path()),
+                        "message": format!("`{}` is not served here; this gateway serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and /v1/messages, GET /v1/models and GET /v1/usage", uri.path()),
                         "type": "invalid_request_error",
                         "param": null,
                         "code": "unknown_endpoint",

@@ -183,6 +183,25 @@ fn facts(settings: &Settings, base: &str, x402: bool) -> Facts {
             "outputModes": stream_modes,
         }),
         json!({
+            "id": "inference-apis",
+            "name": "Completions, embeddings, Responses and Anthropic Messages",
+            "description": format!(
+                "The same keys and per-token metering on POST {base}/v1/completions (legacy completions), \
+                 {base}/v1/embeddings (input tokens only), {base}/v1/responses (OpenAI Responses API, JSON or SSE) \
+                 and {base}/v1/messages (Anthropic Messages API: key in x-api-key or Authorization: Bearer, \
+                 Anthropic's errors and stream events). Models: {model_list}."
+            ),
+            "tags": ["llm", "completions", "embeddings", "responses", "anthropic", "messages", "inference"],
+            "examples": [format!(
+                "curl {base}/v1/messages -H 'x-api-key: sk-…' -H 'anthropic-version: 2023-06-01' \
+                 -H 'Content-Type: application/json' -d '{{\"model\":\"{}\",\"max_tokens\":256,\
+                 \"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'",
+                models.first().copied().unwrap_or("MODEL")
+            )],
+            "inputModes": json_modes,
+            "outputModes": stream_modes,
+        }),
+        json!({
             "id": "list-models",
             "name": "List models",
             "description": format!(

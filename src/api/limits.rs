@@ -426,6 +426,8 @@ impl Limits {
 pub enum Family {
     /// `/v1/*`: `{"error": {"message", "type", "param", "code"}}`.
     OpenAi,
+    /// `/v1/messages`: Anthropic's `{"type": "error", "error": {"type", "message"}}`.
+    Anthropic,
     /// `/api/agent/*`: `{"success": false, "error": {"code", "message"}}`.
     Agent,
     /// `/x402/*`: the agent shape, with the x402 routes' CORS and cache headers.
@@ -464,10 +466,17 @@ impl Route {
             body_limit,
             streams: false,
         };
-        if path == "/v1/chat/completions" && method == Method::POST {
+        if let Some(api) = crate::proxy::Api::of_path(path)
+            && method == Method::POST
+        {
+            let family = if api == crate::proxy::Api::Messages {
+                Family::Anthropic
+            } else {
+                Family::OpenAi
+            };
             return Route {
                 streams: true,
-                ..route(Family::OpenAi, Budget::Keyless, CHAT_BODY_BYTES)
+                ..route(family, Budget::Keyless, CHAT_BODY_BYTES)
             };
         }
         if path == "/v1" || path.starts_with("/v1/") {
@@ -518,6 +527,10 @@ pub fn refusal(
             };
             json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
         }
+        Family::Anthropic => crate::proxy::anthropic::error_body(
+            crate::proxy::anthropic::error_type(status.as_u16()),
+            &message,
+        ),
         Family::Agent | Family::X402 => {
             json!({"success": false, "error": {"code": code, "message": message}})
         }
@@ -557,7 +570,12 @@ enum Credential {
 }
 
 async fn credential(state: &AppState, headers: &HeaderMap) -> Credential {
-    let Some(presented) = super::audit::bearer(headers) else {
+    let Some(presented) = super::audit::bearer(headers).or_else(|| {
+        headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    }) else {
         return Credential::None;
     };
     if crate::keys::parse(presented).is_some() {
@@ -731,7 +749,7 @@ async fn read_body(
             route.family,
             StatusCode::PAYLOAD_TOO_LARGE,
             // The codes the handlers used before this middleware read bodies.
-            if route.family == Family::OpenAi {
+            if matches!(route.family, Family::OpenAi | Family::Anthropic) {
                 "request_too_large"
             } else {
                 "body_too_large"

@@ -1,8 +1,13 @@
-//! OpenAI-compatible routes: `POST /v1/chat/completions`, `GET /v1/models`, `GET /v1/usage`.
+//! The inference routes — OpenAI's `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
+//! `/v1/responses` and Anthropic's `POST /v1/messages` — and `GET /v1/models`, `GET /v1/usage`.
 //!
-//! Every error here is `{"error": {"message", "type", "param", "code"}}` with all four keys — malformed JSON and
-//! wrong content types included — except "pay first": a request without a valid key (or an expired one) gets the
-//! seed's 402 catalog, the body agents read to buy access. Every response carries `x-request-id`.
+//! Every inference API takes the same path: key (or per-request payment), bound, reservation, routing to a
+//! deployment, metering of the answer, settlement (`crate::proxy`). Every error is `{"error": {"message", "type",
+//! "param", "code"}}` with all four keys — malformed JSON and wrong content types included — except on
+//! `/v1/messages`, whose errors are Anthropic's `{"type": "error", "error": {"type", "message"}}`, and "pay first":
+//! a request without a valid key (or an expired one) gets the seed's 402 catalog, the body agents read to buy
+//! access. Keys are read from `Authorization: Bearer` or `x-api-key` (Anthropic's SDKs). Every response carries
+//! `x-request-id`.
 
 use std::time::Instant;
 
@@ -20,7 +25,8 @@ use crate::billing::AuthorizedKey;
 use crate::billing::metering::ReserveError;
 use crate::proxy::pricing::Prices;
 use crate::proxy::{
-    self, BoundError, Charge, Meter, MeteredStream, Payer, SlotOwner, UpstreamError, windows,
+    self, Api, BoundError, Charge, Meter, MeteredStream, Payer, SendError, SlotOwner,
+    UpstreamError, windows,
 };
 use crate::store::StoreError;
 use crate::store::usage::NewUsage;
@@ -33,6 +39,10 @@ const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses))
+        .route("/v1/messages", post(messages))
         .route("/v1/models", get(list_models))
         .route("/v1/usage", get(key_usage))
         // Another method on these routes: an OpenAI-shaped 405 (axum's own has no body).
@@ -43,7 +53,7 @@ pub fn router() -> Router<AppState> {
 
 /// Another method on an OpenAI route: 405 with `Allow`, in the OpenAI error shape (axum's own 405 has no body).
 async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
-    let allowed = if uri.path() == "/v1/chat/completions" {
+    let allowed = if Api::of_path(uri.path()).is_some() {
         "POST"
     } else {
         "GET"
@@ -152,10 +162,7 @@ async fn authorize(
     if let Some(Extension(key)) = checked {
         return Ok(key);
     }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::keys::from_bearer);
+    let presented = presented_key(headers);
     let mut message = None;
     if let Some(key) = presented {
         match state.billing.authorize(key).await {
@@ -176,6 +183,52 @@ async fn authorize(
     Err(super::agent::payment_required_with(state, headers, message).await)
 }
 
+/// The API key a request presents: `Authorization: Bearer` (OpenAI's SDKs), else `x-api-key` (Anthropic's).
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::keys::from_bearer)
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        })
+}
+
+/// Rewrites an error answer of `/v1/messages` into Anthropic's shape (`{"type": "error", "error": {"type",
+/// "message"}}`), keeping its status and headers. The 402 catalog is left as it is: it is the body agents read to
+/// pay, on every route.
+async fn anthropic_error(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || status == StatusCode::PAYMENT_REQUIRED
+    {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let parsed: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if parsed["type"] == "error" {
+        return Response::from_parts(parts, Body::from(bytes));
+    }
+    let message = parsed["error"]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("HTTP {}", status.as_u16()));
+    let body =
+        proxy::anthropic::error_body(proxy::anthropic::error_type(status.as_u16()), &message);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, Body::from(body.to_string()))
+}
+
 fn price_of(model: &crate::config::Model) -> Prices {
     Prices {
         input_per_mtok: model.input_per_mtok,
@@ -184,6 +237,53 @@ fn price_of(model: &crate::config::Model) -> Prices {
 }
 
 async fn chat_completions(
+    state: State<AppState>,
+    checked: Option<Extension<AuthorizedKey>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    infer(Api::Chat, state, checked, headers, body).await
+}
+
+async fn completions(
+    state: State<AppState>,
+    checked: Option<Extension<AuthorizedKey>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    infer(Api::Completions, state, checked, headers, body).await
+}
+
+async fn embeddings(
+    state: State<AppState>,
+    checked: Option<Extension<AuthorizedKey>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    infer(Api::Embeddings, state, checked, headers, body).await
+}
+
+async fn responses(
+    state: State<AppState>,
+    checked: Option<Extension<AuthorizedKey>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    infer(Api::Responses, state, checked, headers, body).await
+}
+
+/// Anthropic Messages: the same path, with Anthropic's error shape.
+async fn messages(
+    state: State<AppState>,
+    checked: Option<Extension<AuthorizedKey>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    anthropic_error(infer(Api::Messages, state, checked, headers, body).await).await
+}
+
+async fn infer(
+    api: Api,
     State(state): State<AppState>,
     checked: Option<Extension<AuthorizedKey>>,
     headers: HeaderMap,
@@ -199,7 +299,7 @@ async fn chat_completions(
             // settled for the answer the upstream produced. (A stream's body is metered by `MeteredStream`.)
             let id = request_id.clone();
             let task = tokio::spawn(async move {
-                match chat(&state, &headers, checked, body, started, &id).await {
+                match serve(api, &state, &headers, checked, body, started, &id).await {
                     Ok(r) => r,
                     Err(r) => r,
                 }
@@ -237,7 +337,8 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, OpenAiError
         .map_err(|_| too_large())
 }
 
-async fn chat(
+async fn serve(
+    api: Api,
     state: &AppState,
     headers: &HeaderMap,
     checked: Option<Extension<AuthorizedKey>>,
@@ -248,7 +349,7 @@ async fn chat(
     let key = match authorize(state, headers, checked).await {
         Ok(key) => key,
         Err(catalog) => {
-            return per_request(state, headers, body, started, request_id, catalog).await;
+            return per_request(api, state, headers, body, started, request_id, catalog).await;
         }
     };
     let (object, model_id) = parse_request(headers, &body)?;
@@ -336,8 +437,9 @@ async fn chat(
             .retry_after(wait)
             .into_response());
         }
-        let prepared = proxy::prepare(object, body_len, model, &settings, Payer::Subscription)
+        let prepared = proxy::prepare(api, object, body_len, model, Payer::Subscription)
             .map_err(|e| bound_refused(&model_id, e))?;
+        untranslatable(&prepared, model, &settings)?;
         // One request at a time per subscription, whichever of its keys (a rotated one too) sends it.
         let owner = SlotOwner::Subscription(record.subscription_id.unwrap_or(-record.id));
         let slot = state
@@ -360,8 +462,9 @@ async fn chat(
         let usage = new_usage(&prepared);
         (prepared, Charge::Subscription { usage, slot })
     } else {
-        let prepared = proxy::prepare(object, body_len, model, &settings, Payer::Credit)
+        let prepared = proxy::prepare(api, object, body_len, model, Payer::Credit)
             .map_err(|e| bound_refused(&model_id, e))?;
+        untranslatable(&prepared, model, &settings)?;
         let limit = settings.limits.credit_key_max_in_flight;
         let slot = state
             .proxy
@@ -425,6 +528,7 @@ async fn chat(
 /// A keyless request: served when its model has a per-request price and it carries a valid x402 payment;
 /// otherwise the 402 (the catalog body, with a `PAYMENT-REQUIRED` header offering that price when there is one).
 async fn per_request(
+    api: Api,
     state: &AppState,
     headers: &HeaderMap,
     body: Bytes,
@@ -450,13 +554,8 @@ async fn per_request(
         return Err(unknown_model(&model_id));
     };
     // Bound first: the price must cover the prompt bound and the output it buys, before a payment is looked at.
-    let prepared = match proxy::prepare(
-        object,
-        body.len(),
-        model,
-        &settings,
-        Payer::PerRequest { price },
-    ) {
+    let prepared = match proxy::prepare(api, object, body.len(), model, Payer::PerRequest { price })
+    {
         Ok(p) => p,
         Err(BoundError::Unaffordable { needed, price }) => {
             crate::metrics::record_metering_refusal(&model_id, "prompt_over_price");
@@ -469,21 +568,23 @@ async fn per_request(
         }
         Err(e) => return Err(bound_refused(&model_id, e)),
     };
-    let paid = match super::x402::authorize_per_request(state, headers, &model_id, price).await? {
-        Some(paid) => paid,
-        None => {
-            let mut challenge = catalog;
-            if let Some(offer) =
-                super::x402::per_request_challenge(state, headers, &model_id, price)
-                && let Some(v) = offer.headers().get(crate::x402::header::PAYMENT_REQUIRED)
-            {
-                challenge
-                    .headers_mut()
-                    .insert(crate::x402::header::PAYMENT_REQUIRED, v.clone());
+    untranslatable(&prepared, model, &settings)?;
+    let paid =
+        match super::x402::authorize_per_request(state, headers, api, &model_id, price).await? {
+            Some(paid) => paid,
+            None => {
+                let mut challenge = catalog;
+                if let Some(offer) =
+                    super::x402::per_request_challenge(state, headers, api, &model_id, price)
+                    && let Some(v) = offer.headers().get(crate::x402::header::PAYMENT_REQUIRED)
+                {
+                    challenge
+                        .headers_mut()
+                        .insert(crate::x402::header::PAYMENT_REQUIRED, v.clone());
+                }
+                return Err(challenge);
             }
-            return Err(challenge);
-        }
-    };
+        };
     let charge = Charge::PerRequest { model: model_id };
     forward(
         state,
@@ -517,23 +618,44 @@ async fn forward(
         Charge::Credit { reserved, .. } => Some(*reserved),
         _ => None,
     };
-    let proxy::Prepared {
-        body,
-        stream,
-        client_wants_usage,
-        bound,
-    } = prepared;
+    let (api, stream, client_wants_usage, bound) = (
+        prepared.api,
+        prepared.stream,
+        prepared.client_wants_usage,
+        prepared.bound,
+    );
     let mut meter = Meter::new(state.store.clone(), charge, started, bound, now);
     let overhead = started.elapsed();
     meter.set_overhead(overhead);
-    let upstream = match state.proxy.send(&settings, model, body, request_id).await {
-        Ok(r) => r,
+    let answer = match state
+        .proxy
+        .send(&settings, model, &prepared, request_id)
+        .await
+    {
+        Ok(answer) => answer,
         Err(e) => {
             let outcome = meter.outcome(None, 0, "upstream_error", None);
             meter.settle(outcome).await;
-            return Err(upstream_error(e).into_response());
+            return Err(match e {
+                SendError::Upstream(e) => upstream_error(e).into_response(),
+                SendError::Untranslatable(p) => {
+                    OpenAiError::invalid(p.param, p.message).into_response()
+                }
+                SendError::NoDeployment => OpenAiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_error",
+                    "no_deployment",
+                    format!("the model `{}` has no deployment to serve it", model.id),
+                )
+                .into_response(),
+            });
         }
     };
+    let translated = answer.translated;
+    // The API the upstream answered in (an Anthropic request may have been sent as chat completions).
+    let upstream_api = if translated { Api::Chat } else { api };
+    meter.set_attempt(answer.attempt);
+    let upstream = answer.response;
     let status = upstream.status();
     if !status.is_success() {
         let code = status.as_u16();
@@ -568,12 +690,21 @@ async fn forward(
     };
     let overhead_header = format!("{:.3}", overhead.as_secs_f64() * 1e3);
     if stream {
-        let stream = MeteredStream::new(
+        // Only OpenAI streams have a usage chunk the gateway may have asked for on the client's behalf; a
+        // translated stream keeps it for the translator, which turns it into Anthropic's `message_delta` usage.
+        let strip_usage = matches!(upstream_api, Api::Chat | Api::Completions)
+            && !client_wants_usage
+            && !translated;
+        let mut stream = MeteredStream::new(
             Box::pin(upstream.bytes_stream()),
-            !client_wants_usage,
+            upstream_api.dialect(),
+            strip_usage,
             bound.output_tokens(),
             meter,
         );
+        if translated {
+            stream = stream.reframed(Box::new(proxy::anthropic::StreamTranslator::new(&model.id)));
+        }
         let mut response = Response::new(Body::from_stream(stream));
         let h = response.headers_mut();
         h.insert(
@@ -599,14 +730,20 @@ async fn forward(
             return Err(upstream_error(e).into_response());
         }
     };
-    let usage = proxy::usage_of_response(&body);
+    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let usage = upstream_api.usage_of(&parsed);
     let delivered = if usage.is_some() {
         0
     } else {
-        proxy::estimate_completion_tokens(&body)
+        upstream_api.estimate_output_tokens(&parsed)
     };
     let outcome = meter.outcome(usage, delivered, "ok", Some(status.as_u16()));
     let settled = meter.settle(outcome).await;
+    let body = if translated {
+        Bytes::from(proxy::anthropic::response_from_chat(&parsed, &model.id).to_string())
+    } else {
+        body
+    };
     let mut response = (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "application/json")],
@@ -711,6 +848,19 @@ async fn read_limited(
         out.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(out))
+}
+
+/// A request a deployment would need translated and that cannot be: 400 naming the parameter, before anything
+/// is reserved or paid.
+#[allow(clippy::result_large_err)] // The error is the response to send, as in the handlers.
+fn untranslatable(
+    prepared: &proxy::Prepared,
+    model: &crate::config::Model,
+    settings: &crate::config::Settings,
+) -> Result<(), Response> {
+    prepared
+        .check_translatable(model, settings)
+        .map_err(|p| OpenAiError::invalid(p.param, p.message).into_response())
 }
 
 /// A request the gateway cannot bound: 400 naming the parameter.

@@ -163,6 +163,36 @@ pub const ROUTES: &[RouteDoc] = &[
         Access::ApiKey,
     ),
     r(
+        "post",
+        "/v1/completions",
+        "inference",
+        "OpenAI legacy completions (prompt: string, strings or token ids; JSON or SSE stream), metered per token",
+        Access::ApiKey,
+    ),
+    r(
+        "post",
+        "/v1/embeddings",
+        "inference",
+        "OpenAI embeddings (input: string, strings or token ids), metered on input tokens",
+        Access::ApiKey,
+    ),
+    r(
+        "post",
+        "/v1/responses",
+        "inference",
+        "OpenAI Responses API (JSON, or SSE events ending in response.completed with usage), metered per token; \
+         stored state (previous_response_id, conversation) and hosted tools are refused",
+        Access::ApiKey,
+    ),
+    r(
+        "post",
+        "/v1/messages",
+        "inference",
+        "Anthropic Messages API (max_tokens required; JSON or SSE message_start … message_stop), key in x-api-key \
+         or Authorization: Bearer, Anthropic's error shape; metered per token",
+        Access::ApiKey,
+    ),
+    r(
         "get",
         "/v1/models",
         "inference",
@@ -350,7 +380,7 @@ pub fn document(public_url: Option<&str>) -> Value {
         }
         let security = match route.access {
             Access::Public => None,
-            Access::ApiKey => Some(json!([{"apiKey": []}, {}])),
+            Access::ApiKey => Some(json!([{"apiKey": []}, {"anthropicApiKey": []}, {}])),
             Access::Auditor => Some(json!([{"auditorToken": []}, {"adminToken": []}])),
             Access::Admin => Some(json!([{"adminToken": []}])),
         };
@@ -420,7 +450,7 @@ pub fn document(public_url: Option<&str>) -> Value {
                 json!({"description": "the request body did not arrive within the request timeout"}),
             );
         }
-        if route.path != "/v1/chat/completions" {
+        if crate::proxy::Api::of_path(route.path).is_none() {
             let timeout = "the answer did not start within the request timeout (the work still completes); see Retry-After";
             let description = match responses.get("503").and_then(|r| r["description"].as_str()) {
                 Some(earlier) => format!("{earlier}; or {timeout}"),
@@ -444,6 +474,7 @@ pub fn document(public_url: Option<&str>) -> Value {
         "paths": paths,
         "components": {"securitySchemes": {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "an API key sk-…"},
+            "anthropicApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "the same API key sk-…, as Anthropic's SDKs send it"},
             "auditorToken": {"type": "http", "scheme": "bearer", "description": "the read-only auditor token"},
             "adminToken": {"type": "http", "scheme": "bearer", "description": "the operator's admin token"},
         }},

@@ -38,6 +38,7 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         },
         "chainId": state.settings.chain.network.chain_id,
         "payTo": format!("{:#x}", state.settings.chain.pay_to),
+        "deployments": state.proxy.router().status(std::time::Instant::now()),
     });
     let code = if healthy {
         StatusCode::OK
@@ -51,8 +52,9 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// 200 when the gateway can take payments right now: the indexer runs, lags the chain by at most
-/// `server.ready_max_lag_blocks`, and the database accepts a write. 503 with the reasons otherwise.
+/// 200 when the gateway can take payments and serve right now: the indexer runs, lags the chain by at most
+/// `server.ready_max_lag_blocks`, the database accepts a write, and every model has a deployment in rotation.
+/// 503 with the reasons otherwise.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let s = state.indexer.snapshot();
     let bound = state.settings.ready_max_lag_blocks;
@@ -66,6 +68,13 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             "the indexer lags the chain head by {lag} blocks (more than {bound})"
         )),
         _ => {}
+    }
+    let unserved = state.proxy.router().models_without_healthy_deployment();
+    if !unserved.is_empty() {
+        reasons.push(format!(
+            "no healthy deployment (every one is cooling down after failures) for: {}",
+            unserved.join(", ")
+        ));
     }
     // A real write, through the writer thread and the journal (see `Store::probe_write`).
     let writable = state.store.probe_write().await;
@@ -89,6 +98,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             "lag": s.lag(),
             "maxLag": bound,
             "databaseWritable": writable.is_ok(),
+            "modelsWithoutHealthyDeployment": unserved,
         })),
     )
 }
@@ -109,6 +119,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
     metrics::gauge!(m::INDEXER_UP).set(if s.fatal.is_none() { 1.0 } else { 0.0 });
     metrics::counter!(m::RPC_ERRORS).absolute(s.rpc_errors);
+    m::refresh_deployments(&state.proxy.router().status(std::time::Instant::now()));
     let now = state.billing.now();
     match state.store.metric_counts(now).await {
         Ok(counts) => {

@@ -800,6 +800,7 @@ fn per_request_offer(
     state: &AppState,
     engine: &X402,
     headers: &HeaderMap,
+    api: crate::proxy::Api,
     model: &str,
     price: Usdc,
 ) -> Result<PaymentRequired, Answer> {
@@ -807,10 +808,11 @@ fn per_request_offer(
         state,
         engine,
         headers,
-        "/v1/chat/completions",
+        api.path(),
         price,
         format!(
-            "one chat completion of `{model}` ({price} USDC, max_tokens capped to what it covers)"
+            "one {} request to `{model}` ({price} USDC, its output capped to what the price covers)",
+            api.name()
         ),
     )
 }
@@ -824,11 +826,12 @@ fn openai_error(status: StatusCode, code: &str, message: String) -> Value {
 pub fn per_request_challenge(
     state: &AppState,
     headers: &HeaderMap,
+    api: crate::proxy::Api,
     model: &str,
     price: Usdc,
 ) -> Option<Response> {
     let engine = state.x402.as_ref()?;
-    let offered = per_request_offer(state, engine, headers, model, price).ok()?;
+    let offered = per_request_offer(state, engine, headers, api, model, price).ok()?;
     Some(
         Answer::new(
             StatusCode::PAYMENT_REQUIRED,
@@ -843,7 +846,7 @@ pub fn per_request_challenge(
     )
 }
 
-/// The payment half of per-request x402 on `/v1/chat/completions`: `Ok(None)` when the request carries no payment
+/// The payment half of per-request x402 on the inference routes (`/v1/chat/completions` and the others): `Ok(None)` when the request carries no payment
 /// header (fall back to keys / the 402); `Ok(Some(paid))` when a payment for `price` verified and is reserved,
 /// with `max_tokens` (and `max_completion_tokens`, if sent) in `body` capped to what the price covers at
 /// `output_usdc_per_mtok`; `Err(response)` (402 + `PAYMENT-RESPONSE`, OpenAI error body) otherwise. Call
@@ -852,14 +855,15 @@ pub fn per_request_challenge(
 pub async fn authorize_per_request(
     state: &AppState,
     headers: &HeaderMap,
+    api: crate::proxy::Api,
     model: &str,
     price: Usdc,
 ) -> Result<Option<PaidRequest>, Response> {
     let Some(engine) = state.x402.as_ref() else {
         return Ok(None);
     };
-    let offered =
-        per_request_offer(state, engine, headers, model, price).map_err(Answer::into_response)?;
+    let offered = per_request_offer(state, engine, headers, api, model, price)
+        .map_err(Answer::into_response)?;
     let unreadable = |message: String, code: &str| {
         Answer::new(
             StatusCode::PAYMENT_REQUIRED,

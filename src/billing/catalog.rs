@@ -140,6 +140,24 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
         },
     }));
     let require = settings.auth.claims_require_signature;
+    // What a key buys: the models and the inference APIs that serve them (every one metered the same way).
+    let models: Vec<Value> = settings
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "inputUsdcPerMtok": m.input_per_mtok,
+                "outputUsdcPerMtok": m.output_per_mtok,
+                "maxOutputTokens": m.max_output_tokens,
+                "perRequestUsdc": m.per_request,
+            })
+        })
+        .collect();
+    let endpoints: Vec<Value> = crate::proxy::Api::ALL
+        .iter()
+        .map(|api| json!({"api": api.name(), "method": "POST", "endpoint": endpoint(settings, api.path())}))
+        .collect();
     json!({
         "error": "Payment Required",
         "message": "Subscribe or purchase credits to access AI inference. Pay USDC to payTo, wait for the \
@@ -154,6 +172,8 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
             "payTo": format!("{:#x}", settings.chain.pay_to),
             "facilitator": settings.facilitator,
             "products": products,
+            "models": models,
+            "endpoints": endpoints,
             "claim": {
                 "signatureRequired": require,
                 "message": CLAIM_TEXT_TEMPLATE.replace("{chainId}", &chain_id.to_string()),

@@ -17,6 +17,7 @@
 
 use serde_json::{Map, Value, json};
 
+use super::api::Api;
 use super::pricing::Prices;
 use crate::config::{Model, OutputLimitField};
 use crate::usdc::Usdc;
@@ -92,26 +93,76 @@ fn bad(param: &'static str, message: impl Into<String>) -> BadParam {
 /// Content part types that are text: bounded by their bytes.
 const TEXT_PARTS: &[&str] = &["text", "refusal", "input_text"];
 
-/// Computes the bound of `body` (a chat request of `body_len` bytes as the client sent it) and rewrites `body` so
-/// that the upstream cannot exceed it.
+/// Output tokens a legacy completion generates when the request names no `max_tokens` (OpenAI's and vLLM's
+/// default): the gateway writes it explicitly so the upstream's default cannot differ from the bound.
+pub const COMPLETIONS_DEFAULT_MAX_TOKENS: u64 = 16;
+
+/// Computes the bound of `body` (a request of `api` of `body_len` bytes as the client sent it) and rewrites `body`
+/// so that the upstream cannot exceed it.
 pub fn bound_request(
+    api: Api,
     body: &mut Map<String, Value>,
     body_len: usize,
     model: &Model,
     field: OutputLimitField,
     payer: Payer,
 ) -> Result<Bound, BoundError> {
-    refuse_unbounded_fields(body)?;
-    let choices = choices(body, model, payer)?;
-    let prompt_tokens = prompt_bound(body, body_len, model)?;
-    let mut output = requested_output(body)?
+    let extra_prompt = match api {
+        Api::Chat => {
+            refuse_unbounded_fields(body)?;
+            chat_parts_bound(body, model)?
+        }
+        Api::Completions => {
+            refuse_unbounded_fields(body)?;
+            0
+        }
+        Api::Embeddings => 0,
+        Api::Responses => responses_parts_bound(body, model)?,
+        Api::Messages => messages_parts_bound(body, model)?,
+    };
+    let prompt_tokens = (body_len as u64)
+        .saturating_add(TEMPLATE_TOKEN_MARGIN)
+        .saturating_add(extra_prompt);
+    if api == Api::Embeddings {
+        // Input tokens only: nothing is generated.
+        if let Payer::PerRequest { price } = payer {
+            let needed = model_prices(model).cost(prompt_tokens, 0);
+            if needed > price {
+                return Err(BoundError::Unaffordable { needed, price });
+            }
+        }
+        return Ok(Bound {
+            prompt_tokens,
+            output_tokens_per_choice: 0,
+            choices: 1,
+        });
+    }
+    let choices = match api {
+        Api::Chat => choices(body, model, payer)?,
+        Api::Completions => completion_choices(body, model, payer)?,
+        _ => 1,
+    };
+    let requested = match api {
+        Api::Chat => requested_output(body)?,
+        Api::Completions => Some(
+            positive(body, "max_tokens")?
+                .unwrap_or(COMPLETIONS_DEFAULT_MAX_TOKENS)
+                .min(positive(body, "max_completion_tokens")?.unwrap_or(u64::MAX)),
+        ),
+        Api::Responses => positive(body, "max_output_tokens")?,
+        Api::Messages => Some(positive(body, "max_tokens")?.ok_or_else(|| {
+            bad(
+                "max_tokens",
+                "`max_tokens` is required: the most tokens to generate before stopping",
+            )
+        })?),
+        Api::Embeddings => None,
+    };
+    let mut output = requested
         .unwrap_or(model.max_output_tokens)
         .min(model.max_output_tokens);
     if let Payer::PerRequest { price } = payer {
-        let prices = Prices {
-            input_per_mtok: model.input_per_mtok,
-            output_per_mtok: model.output_per_mtok,
-        };
+        let prices = model_prices(model);
         let affordable = prices.max_output_tokens(price, prompt_tokens);
         if affordable == 0 {
             return Err(BoundError::Unaffordable {
@@ -121,12 +172,254 @@ pub fn bound_request(
         }
         output = output.min(affordable);
     }
-    write_output_limit(body, field, output);
+    match api {
+        Api::Chat => write_output_limit(body, field, output),
+        // These APIs have one output field: written, and any other length field removed so no upstream reads it.
+        Api::Completions | Api::Messages => {
+            body.insert("max_tokens".into(), json!(output));
+            body.remove("max_completion_tokens");
+        }
+        Api::Responses => {
+            body.insert("max_output_tokens".into(), json!(output));
+            body.remove("max_tokens");
+            body.remove("max_completion_tokens");
+        }
+        Api::Embeddings => {}
+    }
     Ok(Bound {
         prompt_tokens,
         output_tokens_per_choice: output,
         choices,
     })
+}
+
+fn model_prices(model: &Model) -> Prices {
+    Prices {
+        input_per_mtok: model.input_per_mtok,
+        output_per_mtok: model.output_per_mtok,
+    }
+}
+
+/// `field` as a positive integer, if present.
+fn positive(body: &Map<String, Value>, field: &'static str) -> Result<Option<u64>, BadParam> {
+    match body.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n > 0)
+            .map(Some)
+            .ok_or_else(|| bad(field, format!("`{field}` must be a positive integer"))),
+    }
+}
+
+/// Legacy completions: one choice per prompt × `n` (vLLM and OpenAI both generate every prompt of an array).
+fn completion_choices(
+    body: &Map<String, Value>,
+    model: &Model,
+    payer: Payer,
+) -> Result<u64, BadParam> {
+    let prompts = match body.get("prompt") {
+        Some(Value::String(_)) => 1,
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(bad("prompt", "`prompt` must not be empty"));
+        }
+        // Token ids: one prompt.
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => 1,
+        Some(Value::Array(items))
+            if items.iter().all(|i| i.is_string())
+                || items
+                    .iter()
+                    .all(|i| i.as_array().is_some_and(|t| t.iter().all(Value::is_number))) =>
+        {
+            items.len() as u64
+        }
+        _ => {
+            return Err(bad(
+                "prompt",
+                "`prompt` must be a string, an array of strings, an array of token ids or an array of those",
+            ));
+        }
+    };
+    let n = positive(body, "n")?.unwrap_or(1);
+    let total = n.saturating_mul(prompts);
+    let allowed = match payer {
+        Payer::Credit => model.max_choices,
+        Payer::Subscription | Payer::PerRequest { .. } => 1,
+    };
+    if total > allowed {
+        return Err(bad(
+            if prompts > 1 { "prompt" } else { "n" },
+            format!(
+                "{prompts} prompt(s) × n = {n} makes {total} completions; this key and model serve at most {allowed} \
+                 per request"
+            ),
+        ));
+    }
+    Ok(total)
+}
+
+/// A content part's bound: text parts cost their bytes (already counted); others their configured bound.
+fn part_bound(
+    kind: &str,
+    text_kinds: &[&str],
+    model: &Model,
+    param: &'static str,
+) -> Result<u64, BadParam> {
+    if text_kinds.contains(&kind) {
+        return Ok(0);
+    }
+    model.content_part_tokens.get(kind).copied().ok_or_else(|| {
+        bad(
+            param,
+            format!(
+                "content parts of type `{}` are not served by `{}`: their token count cannot be bounded from the \
+                 request (send text, or ask the operator to set a per-part bound)",
+                if kind.is_empty() { "(none)" } else { kind },
+                model.id
+            ),
+        )
+    })
+}
+
+/// Responses API: stored state and hosted tools add input the body does not show; media parts need their bound.
+fn responses_parts_bound(body: &Map<String, Value>, model: &Model) -> Result<u64, BadParam> {
+    for (field, why) in [
+        (
+            "previous_response_id",
+            "it continues a stored response whose input the gateway cannot see",
+        ),
+        (
+            "conversation",
+            "it continues a stored conversation whose input the gateway cannot see",
+        ),
+        (
+            "prompt",
+            "a stored prompt template adds input the gateway cannot see",
+        ),
+    ] {
+        if body.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(bad(
+                field,
+                format!("`{field}` is not served: {why}; send the whole input"),
+            ));
+        }
+    }
+    if body.get("background").and_then(Value::as_bool) == Some(true) {
+        return Err(bad(
+            "background",
+            "background responses are not served: the answer must be metered while it is delivered",
+        ));
+    }
+    for tool in body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let kind = tool.get("type").and_then(Value::as_str).unwrap_or("");
+        if !matches!(kind, "function" | "custom") {
+            return Err(bad(
+                "tools",
+                format!(
+                    "hosted tools (`{kind}`) are not served: what they fetch adds input the gateway cannot bound"
+                ),
+            ));
+        }
+    }
+    const TEXT: &[&str] = &[
+        "input_text",
+        "output_text",
+        "text",
+        "refusal",
+        "summary_text",
+        "reasoning_text",
+    ];
+    let mut extra = 0u64;
+    for item in body
+        .get("input")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if item.get("type").and_then(Value::as_str) == Some("item_reference") {
+            return Err(bad(
+                "input",
+                "`item_reference` inputs are not served: they name stored items the gateway cannot see",
+            ));
+        }
+        for part in item
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+            extra = extra.saturating_add(part_bound(kind, TEXT, model, "input")?);
+        }
+    }
+    Ok(extra)
+}
+
+/// Anthropic Messages: server tools add input the body does not show; media blocks need their bound.
+fn messages_parts_bound(body: &Map<String, Value>, model: &Model) -> Result<u64, BadParam> {
+    for field in ["mcp_servers", "container"] {
+        if body.get(field).is_some_and(|v| !v.is_null()) {
+            return Err(bad(
+                field,
+                format!(
+                    "`{field}` is not served: what it fetches adds input the gateway cannot bound"
+                ),
+            ));
+        }
+    }
+    for tool in body
+        .get("tools")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let kind = tool.get("type").and_then(Value::as_str).unwrap_or("custom");
+        if ["web_search", "web_fetch", "code_execution"]
+            .iter()
+            .any(|p| kind.starts_with(p))
+        {
+            return Err(bad(
+                "tools",
+                format!(
+                    "server tools (`{kind}`) are not served: what they fetch adds input the gateway cannot bound"
+                ),
+            ));
+        }
+    }
+    const TEXT: &[&str] = &["text", "tool_use", "thinking", "redacted_thinking"];
+    fn blocks(content: &Value, model: &Model, extra: &mut u64) -> Result<(), BadParam> {
+        for block in content.as_array().into_iter().flatten() {
+            let kind = block.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind == "tool_result" {
+                blocks(block.get("content").unwrap_or(&Value::Null), model, extra)?;
+                continue;
+            }
+            *extra = extra.saturating_add(part_bound(kind, TEXT, model, "messages")?);
+        }
+        Ok(())
+    }
+    let mut extra = 0u64;
+    let Some(messages) = body.get("messages").and_then(Value::as_array) else {
+        return Err(bad("messages", "`messages` must be an array of messages"));
+    };
+    for message in messages {
+        blocks(
+            message.get("content").unwrap_or(&Value::Null),
+            model,
+            &mut extra,
+        )?;
+    }
+    blocks(
+        body.get("system").unwrap_or(&Value::Null),
+        model,
+        &mut extra,
+    )?;
+    Ok(extra)
 }
 
 /// Fields that make an upstream generate more than `max_tokens × n`, or name a length the gateway does not bound.
@@ -201,7 +494,11 @@ fn requested_output(body: &Map<String, Value>) -> Result<Option<u64>, BadParam> 
 }
 
 /// Writes the bound where the upstream reads it, removing the field it does not read (so it cannot read it).
-fn write_output_limit(body: &mut Map<String, Value>, field: OutputLimitField, output: u64) {
+pub(crate) fn write_output_limit(
+    body: &mut Map<String, Value>,
+    field: OutputLimitField,
+    output: u64,
+) {
     match field {
         OutputLimitField::Both => {
             body.insert("max_tokens".into(), json!(output));
@@ -218,12 +515,8 @@ fn write_output_limit(body: &mut Map<String, Value>, field: OutputLimitField, ou
     }
 }
 
-/// Body bytes + template margin + the configured bound of every non-text content part.
-fn prompt_bound(
-    body: &Map<String, Value>,
-    body_len: usize,
-    model: &Model,
-) -> Result<u64, BadParam> {
+/// The configured bound of every non-text content part of a chat request.
+fn chat_parts_bound(body: &Map<String, Value>, model: &Model) -> Result<u64, BadParam> {
     let Some(messages) = body.get("messages").and_then(Value::as_array) else {
         return Err(bad(
             "messages",
@@ -232,31 +525,17 @@ fn prompt_bound(
     };
     let mut extra: u64 = 0;
     for message in messages {
-        let Some(parts) = message.get("content").and_then(Value::as_array) else {
-            continue;
-        };
-        for part in parts {
+        for part in message
+            .get("content")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
-            if TEXT_PARTS.contains(&kind) {
-                continue;
-            }
-            let Some(tokens) = model.content_part_tokens.get(kind) else {
-                return Err(bad(
-                    "messages",
-                    format!(
-                        "content parts of type `{}` are not served by `{}`: their token count cannot be bounded \
-                         from the request (send text, or ask the operator to set a per-part bound)",
-                        if kind.is_empty() { "(none)" } else { kind },
-                        model.id
-                    ),
-                ));
-            };
-            extra = extra.saturating_add(*tokens);
+            extra = extra.saturating_add(part_bound(kind, TEXT_PARTS, model, "messages")?);
         }
     }
-    Ok((body_len as u64)
-        .saturating_add(TEMPLATE_TOKEN_MARGIN)
-        .saturating_add(extra))
+    Ok(extra)
 }
 
 #[cfg(test)]
@@ -267,8 +546,11 @@ mod tests {
     fn model(max_choices: u64) -> Model {
         Model {
             id: "m".into(),
-            upstream: 0,
-            upstream_model: "m".into(),
+            deployments: vec![crate::config::Deployment {
+                upstream: 0,
+                weight: 1,
+                upstream_model: "m".into(),
+            }],
             input_per_mtok: "0.60".parse().unwrap(),
             output_per_mtok: "2.50".parse().unwrap(),
             max_output_tokens: 100,
@@ -288,7 +570,14 @@ mod tests {
     fn run(v: Value, payer: Payer) -> Result<(Bound, Map<String, Value>), BoundError> {
         let mut b = body(v);
         let len = serde_json::to_vec(&b).unwrap().len();
-        let bound = bound_request(&mut b, len, &model(4), OutputLimitField::Both, payer)?;
+        let bound = bound_request(
+            Api::Chat,
+            &mut b,
+            len,
+            &model(4),
+            OutputLimitField::Both,
+            payer,
+        )?;
         Ok((bound, b))
     }
 
@@ -318,6 +607,7 @@ mod tests {
     fn one_field_upstreams_lose_the_other_field() {
         let mut b = body(json!({"messages": [], "max_tokens": 5, "max_completion_tokens": 9}));
         bound_request(
+            Api::Chat,
             &mut b,
             10,
             &model(1),
@@ -329,6 +619,7 @@ mod tests {
         assert!(!b.contains_key("max_completion_tokens"));
         let mut b = body(json!({"messages": [], "max_tokens": 5}));
         bound_request(
+            Api::Chat,
             &mut b,
             10,
             &model(1),

@@ -11,8 +11,11 @@
 //! (`usage_source = reservation`). An upstream that generates past the bound is an **overrun**: a stream is cut at
 //! the bound, the reservation is charged, and the usage row and a metric record it.
 
+pub mod anthropic;
+pub mod api;
 pub mod bound;
 pub mod pricing;
+pub mod router;
 pub mod sse;
 pub mod windows;
 
@@ -27,13 +30,15 @@ use bytes::Bytes;
 use futures::Stream;
 use serde_json::{Value, json};
 
-use crate::config::{Model, Settings};
+use crate::config::{MessagesApi, Model, OutputLimitField, Settings, Upstream};
 use crate::store::Store;
 use crate::store::usage::{NewUsage, Outcome};
 use crate::usdc::Usdc;
+pub use api::Api;
 pub use bound::{BadParam, Bound, BoundError, Payer, TEMPLATE_TOKEN_MARGIN};
 use pricing::Prices;
-use sse::{Usage, UsageTap};
+use router::{Attempt, Router};
+use sse::{Dialect, Usage, UsageTap};
 
 /// Why the upstream could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -46,10 +51,32 @@ pub enum UpstreamError {
     Failed { upstream: String, message: String },
 }
 
-/// One HTTP client per upstream (each with its own timeouts) and the per-key concurrency slots.
+/// One HTTP client per upstream (each with its own timeouts), the router over every model's deployments, and the
+/// per-key concurrency slots.
 pub struct Proxy {
     clients: Vec<reqwest::Client>,
+    router: Arc<Router>,
     slots: Slots,
+}
+
+/// What an upstream answered, and on which deployment (held in flight until the answer is metered).
+pub struct Answer {
+    pub response: reqwest::Response,
+    pub attempt: Attempt,
+    /// The upstream speaks another API than the client's (an Anthropic Messages request sent as chat
+    /// completions): the answer must be translated back.
+    pub translated: bool,
+}
+
+/// Why a request was not answered by any deployment.
+#[derive(Debug)]
+pub enum SendError {
+    /// Every deployment tried failed before answering.
+    Upstream(UpstreamError),
+    /// The request cannot be expressed in the upstream's API (a translation refused a parameter).
+    Untranslatable(BadParam),
+    /// The model has no deployment (not configured).
+    NoDeployment,
 }
 
 impl Proxy {
@@ -65,35 +92,163 @@ impl Proxy {
                     .build()
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Proxy {
+        let router = Arc::new(Router::new(settings));
+        let proxy = Proxy {
             clients,
+            router,
             slots: Slots::for_store(store),
-        })
+        };
+        proxy.start_prober(settings);
+        Ok(proxy)
     }
 
     pub fn slots(&self) -> &Slots {
         &self.slots
     }
 
-    /// Posts `body` to the model's upstream `/chat/completions`.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Probes cooled-down deployments once a second (`GET <base_url>/models`) until the proxy is dropped.
+    fn start_prober(&self, settings: &Settings) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let router = Arc::downgrade(&self.router);
+        let clients = self.clients.clone();
+        let upstreams = settings.upstreams.clone();
+        handle.spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(router) = router.upgrade() else {
+                    return;
+                };
+                for deployment in router.due_for_probe(Instant::now()) {
+                    let (Some(upstream), Some(client)) = (
+                        upstreams.get(deployment.upstream),
+                        clients.get(deployment.upstream),
+                    ) else {
+                        continue;
+                    };
+                    let mut probe = client.get(format!("{}/models", upstream.base_url)).timeout(
+                        upstream
+                            .first_byte_timeout
+                            .min(std::time::Duration::from_secs(5)),
+                    );
+                    if let Some(key) = &upstream.api_key {
+                        probe = probe.bearer_auth(key);
+                    }
+                    let ok = probe.send().await.is_ok_and(|r| r.status().is_success());
+                    router.probed(&deployment, ok, Instant::now());
+                }
+            }
+        });
+    }
+
+    /// Sends `prepared` to a deployment of `model` chosen by the router; a failure before any answer (connect
+    /// error, no headers within the first-byte timeout, 429 or 5xx) is retried once on another deployment.
     pub async fn send(
         &self,
         settings: &Settings,
         model: &Model,
-        body: Vec<u8>,
+        prepared: &Prepared,
         request_id: &str,
-    ) -> Result<reqwest::Response, UpstreamError> {
-        let upstream = &settings.upstreams[model.upstream];
-        let client = &self.clients[model.upstream];
-        let mut req = client
-            .post(format!("{}/chat/completions", upstream.base_url))
-            .header("content-type", "application/json")
-            .header("x-request-id", request_id)
-            .body(body);
-        if let Some(key) = &upstream.api_key {
-            req = req.bearer_auth(key);
+    ) -> Result<Answer, SendError> {
+        let attempts = if self.router.routing().retry_other_deployment {
+            2
+        } else {
+            1
+        };
+        let mut tried: Vec<usize> = Vec::new();
+        let mut random = |n: u64| rand::random::<u64>() % n.max(1);
+        let mut last_error = None;
+        let mut last_answer: Option<Answer> = None;
+        while tried.len() < attempts {
+            let Some((index, attempt)) =
+                self.router
+                    .pick(&model.id, &tried, Instant::now(), &mut random)
+            else {
+                break;
+            };
+            if !tried.is_empty() {
+                crate::metrics::record_failover(&model.id);
+            }
+            tried.push(index);
+            let deployment = &attempt.deployment;
+            let (Some(upstream), Some(client)) = (
+                settings.upstreams.get(deployment.upstream),
+                self.clients.get(deployment.upstream),
+            ) else {
+                return Err(SendError::NoDeployment);
+            };
+            let outgoing = prepared
+                .for_upstream(&deployment.upstream_model, upstream)
+                .map_err(SendError::Untranslatable)?;
+            let mut req = client
+                .post(format!("{}{}", upstream.base_url, outgoing.path))
+                .header("content-type", "application/json")
+                .header("x-request-id", request_id)
+                .body(outgoing.body);
+            if let Some(key) = &upstream.api_key {
+                req = req.bearer_auth(key);
+                if outgoing.anthropic {
+                    // Servers of Anthropic's API read the key from here.
+                    req = req.header("x-api-key", key.as_str());
+                }
+            }
+            if outgoing.anthropic {
+                req = req.header("anthropic-version", "2023-06-01");
+            }
+            let answered = tokio::time::timeout(upstream.first_byte_timeout, req.send()).await;
+            match answered {
+                Ok(Ok(response)) => {
+                    let status = response.status();
+                    let failed = status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                        || status.is_server_error();
+                    if !failed {
+                        self.router.succeeded(&attempt, Instant::now());
+                        return Ok(Answer {
+                            response,
+                            attempt,
+                            translated: outgoing.translated,
+                        });
+                    }
+                    self.router.failed(&attempt, Instant::now());
+                    tracing::warn!(model = %model.id, upstream = %upstream.name, status = status.as_u16(),
+                        "deployment answered with an error status");
+                    // Kept: if no other deployment answers, this answer is the one the client reads.
+                    last_answer = Some(Answer {
+                        response,
+                        attempt,
+                        translated: outgoing.translated,
+                    });
+                    last_error = None;
+                }
+                Ok(Err(e)) => {
+                    self.router.failed(&attempt, Instant::now());
+                    last_answer = None;
+                    let e = classify(&upstream.name, e);
+                    tracing::warn!(model = %model.id, error = %e, "deployment failed before answering");
+                    last_error = Some(e);
+                }
+                Err(_) => {
+                    self.router.failed(&attempt, Instant::now());
+                    last_answer = None;
+                    tracing::warn!(model = %model.id, upstream = %upstream.name,
+                        "deployment sent no response headers within its first-byte timeout");
+                    last_error = Some(UpstreamError::Timeout {
+                        upstream: upstream.name.clone(),
+                    });
+                }
+            }
         }
-        req.send().await.map_err(|e| classify(&upstream.name, e))
+        if let Some(answer) = last_answer {
+            return Ok(answer);
+        }
+        Err(last_error.map_or(SendError::NoDeployment, SendError::Upstream))
     }
 }
 
@@ -311,8 +466,9 @@ impl Drop for SlotGuard {
 /// What the request was rewritten to and how it will be billed.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    /// The body sent upstream.
-    pub body: Vec<u8>,
+    pub api: Api,
+    /// The bounded request in the client's API (the model name and the deployment's details are set per attempt).
+    pub body: serde_json::Map<String, Value>,
     pub stream: bool,
     /// Whether the client asked for the usage chunk itself.
     pub client_wants_usage: bool,
@@ -320,78 +476,151 @@ pub struct Prepared {
     pub bound: Bound,
 }
 
-/// Rewrites a client body (`body_len` bytes as received) for the upstream: bounded (see [`bound`]), the
-/// upstream's model name, and `stream_options.include_usage` merged in for streams.
+/// A request as one deployment receives it.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Under the upstream's base URL.
+    pub path: &'static str,
+    pub body: Vec<u8>,
+    /// Sent in another API than the client's (Messages as chat completions).
+    pub translated: bool,
+    /// Sent in Anthropic's API (its version header goes with it).
+    pub anthropic: bool,
+}
+
+impl Prepared {
+    /// The request for `upstream`, naming `upstream_model`: the output bound in the field(s) it reads, and an
+    /// Anthropic request translated to chat completions when it does not serve `/v1/messages`.
+    pub fn for_upstream(
+        &self,
+        upstream_model: &str,
+        upstream: &Upstream,
+    ) -> Result<Outgoing, BadParam> {
+        let translate =
+            self.api == Api::Messages && upstream.messages_api == MessagesApi::Translate;
+        let (api, mut body) = if translate {
+            (Api::Chat, anthropic::request_to_chat(&self.body)?)
+        } else {
+            (self.api, self.body.clone())
+        };
+        if api == Api::Chat {
+            bound::write_output_limit(
+                &mut body,
+                upstream.output_limit_field,
+                self.bound.output_tokens_per_choice,
+            );
+        }
+        if self.stream && matches!(api, Api::Chat | Api::Completions) {
+            let options = body.entry("stream_options").or_insert_with(|| json!({}));
+            if let Some(options) = options.as_object_mut() {
+                options.insert("include_usage".into(), json!(true));
+            }
+        }
+        body.insert("model".into(), json!(upstream_model));
+        let body = serde_json::to_vec(&body).map_err(|e| BadParam {
+            param: "body",
+            message: e.to_string(),
+        })?;
+        Ok(Outgoing {
+            path: api.upstream_path(),
+            body,
+            translated: translate,
+            anthropic: api == Api::Messages,
+        })
+    }
+}
+
+impl Prepared {
+    /// Refuses, before anything is reserved or paid, a request that some deployment of `model` would need
+    /// translated and that cannot be (an Anthropic request with a block chat completions cannot carry).
+    pub fn check_translatable(&self, model: &Model, settings: &Settings) -> Result<(), BadParam> {
+        let translates = model.deployments.iter().any(|d| {
+            settings
+                .upstreams
+                .get(d.upstream)
+                .is_some_and(|u| u.messages_api == MessagesApi::Translate)
+        });
+        if self.api == Api::Messages && translates {
+            anthropic::request_to_chat(&self.body)?;
+        }
+        Ok(())
+    }
+}
+
+/// Bounds a client body of `api` (`body_len` bytes as received) for the upstream (see [`bound`]).
 pub fn prepare(
+    api: Api,
     mut body: serde_json::Map<String, Value>,
     body_len: usize,
     model: &Model,
-    settings: &Settings,
     payer: Payer,
 ) -> Result<Prepared, BoundError> {
     let bad = |param: &'static str, message: &str| BadParam {
         param,
         message: message.to_string(),
     };
-    if !body.get("messages").is_some_and(Value::is_array) {
-        return Err(bad("messages", "`messages` must be an array of chat messages").into());
+    match api {
+        Api::Chat | Api::Messages if !body.get("messages").is_some_and(Value::is_array) => {
+            return Err(bad("messages", "`messages` must be an array of messages").into());
+        }
+        Api::Completions if !body.contains_key("prompt") => {
+            return Err(bad("prompt", "`prompt` is required").into());
+        }
+        Api::Embeddings
+            if !body
+                .get("input")
+                .is_some_and(|v| v.is_string() || v.is_array()) =>
+        {
+            return Err(bad(
+                "input",
+                "`input` must be a string or an array of strings or token ids",
+            )
+            .into());
+        }
+        Api::Responses
+            if !body
+                .get("input")
+                .is_some_and(|v| v.is_string() || v.is_array()) =>
+        {
+            return Err(bad(
+                "input",
+                "`input` must be a string or an array of input items",
+            )
+            .into());
+        }
+        _ => {}
     }
     let stream = match body.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(bad("stream", "`stream` must be a boolean").into()),
     };
-    let field = settings
-        .upstreams
-        .get(model.upstream)
-        .map(|u| u.output_limit_field)
-        .unwrap_or_default();
-    let bound = bound::bound_request(&mut body, body_len, model, field, payer)?;
+    if stream && api == Api::Embeddings {
+        return Err(bad("stream", "embeddings are not streamed").into());
+    }
+    let bound = bound::bound_request(
+        api,
+        &mut body,
+        body_len,
+        model,
+        OutputLimitField::Both,
+        payer,
+    )?;
     let mut client_wants_usage = false;
-    if stream {
+    if stream && matches!(api, Api::Chat | Api::Completions) {
         let options = body.entry("stream_options").or_insert_with(|| json!({}));
         if !options.is_object() {
             return Err(bad("stream_options", "`stream_options` must be an object").into());
         }
         client_wants_usage = options["include_usage"].as_bool() == Some(true);
-        options["include_usage"] = json!(true);
     }
-    body.insert("model".into(), json!(model.upstream_model));
-    let body = serde_json::to_vec(&body).map_err(|e| BadParam {
-        param: "body",
-        message: e.to_string(),
-    })?;
     Ok(Prepared {
+        api,
         body,
         stream,
         client_wants_usage,
         bound,
     })
-}
-
-/// Usage from a non-streamed response body, if it has one.
-pub fn usage_of_response(body: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| serde_json::from_value(v.get("usage")?.clone()).ok())
-}
-
-/// Completion tokens estimated from a non-streamed response's text (4 bytes a token).
-pub fn estimate_completion_tokens(body: &[u8]) -> u64 {
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return 0;
-    };
-    let mut bytes = 0usize;
-    for choice in v["choices"].as_array().into_iter().flatten() {
-        let message = &choice["message"];
-        for field in ["content", "reasoning_content", "reasoning"] {
-            bytes += message[field].as_str().map_or(0, str::len);
-        }
-        for call in message["tool_calls"].as_array().into_iter().flatten() {
-            bytes += call["function"]["arguments"].as_str().map_or(0, str::len);
-        }
-    }
-    (bytes as u64).div_ceil(4)
 }
 
 /// How a request is billed, and what settles it.
@@ -413,6 +642,8 @@ pub enum Charge {
 /// The open bill of one request; `settle` closes it exactly once.
 pub struct Meter {
     _in_flight: crate::metrics::InFlight,
+    /// The deployment answering, counted in flight until the meter is settled or dropped.
+    attempt: Option<Attempt>,
     store: Store,
     billing: Option<Charge>,
     started: Instant,
@@ -425,6 +656,7 @@ impl Meter {
     pub fn new(store: Store, billing: Charge, started: Instant, bound: Bound, now: i64) -> Meter {
         Meter {
             _in_flight: crate::metrics::InFlight::start(),
+            attempt: None,
             store,
             billing: Some(billing),
             started,
@@ -432,6 +664,11 @@ impl Meter {
             bound,
             now,
         }
+    }
+
+    /// The deployment answering this request (in flight until the meter closes).
+    pub fn set_attempt(&mut self, attempt: Attempt) {
+        self.attempt = Some(attempt);
     }
 
     /// Time the gateway spent before the upstream was called.
@@ -614,23 +851,81 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
 pub struct MeteredStream {
     inner: Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>,
     tap: UsageTap,
+    dialect: Dialect,
     meter: Option<Meter>,
     finished: bool,
+    /// Rewrites the upstream's events into the client's API (Anthropic events from a chat stream).
+    reframe: Option<Box<dyn Reframe>>,
+}
+
+/// Rewrites complete SSE events of one API into another's, as they pass.
+pub trait Reframe: Send {
+    /// Complete events in, the events to send now out.
+    fn events(&mut self, events: &[u8]) -> Bytes;
+    /// The upstream stream ended without its proper end: what closes the client's stream, if anything.
+    fn end(&mut self) -> Bytes;
+}
+
+impl Reframe for anthropic::StreamTranslator {
+    fn events(&mut self, events: &[u8]) -> Bytes {
+        self.translate(events)
+    }
+    fn end(&mut self) -> Bytes {
+        self.finish()
+    }
 }
 
 impl MeteredStream {
-    /// `output_limit`: output chunks (all choices together) after which the stream is cut.
+    /// `dialect`: the upstream's event format; `output_limit`: output chunks (all choices together) after which the
+    /// stream is cut.
     pub fn new(
         inner: Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>,
+        dialect: Dialect,
         strip_usage_event: bool,
         output_limit: u64,
         meter: Meter,
     ) -> MeteredStream {
         MeteredStream {
             inner,
-            tap: UsageTap::new(strip_usage_event).with_output_limit(output_limit),
+            tap: UsageTap::for_dialect(dialect, strip_usage_event).with_output_limit(output_limit),
+            dialect,
             meter: Some(meter),
             finished: false,
+            reframe: None,
+        }
+    }
+
+    /// Sends the events through `reframe` on their way to the client.
+    pub fn reframed(mut self, reframe: Box<dyn Reframe>) -> MeteredStream {
+        self.reframe = Some(reframe);
+        self
+    }
+
+    /// Bytes on their way to the client.
+    fn out(&mut self, bytes: Bytes) -> Bytes {
+        match &mut self.reframe {
+            Some(r) if !bytes.is_empty() => r.events(&bytes),
+            _ => bytes,
+        }
+    }
+
+    /// The gateway's own error event, in the upstream's dialect (a reframe turns it into the client's).
+    fn error_event(&self, message: &str, code: &str) -> String {
+        match self.dialect {
+            Dialect::OpenAi => {
+                let event = json!({"error": {"message": message, "type": "upstream_error", "param": null, "code": code}});
+                format!("data: {event}\n\n")
+            }
+            Dialect::Responses => {
+                let event =
+                    json!({"type": "error", "code": code, "message": message, "param": null});
+                format!("event: error\ndata: {event}\n\n")
+            }
+            Dialect::Anthropic => {
+                let event =
+                    json!({"type": "error", "error": {"type": "api_error", "message": message}});
+                format!("event: error\ndata: {event}\n\n")
+            }
         }
     }
 
@@ -648,13 +943,31 @@ impl MeteredStream {
         self.close("overrun_cut");
         // Drop the upstream response now: hyper closes the connection, the upstream stops generating.
         self.inner = Box::pin(futures::stream::empty());
-        let event = json!({"error": {
-            "message": "the upstream generated more output than this request's bound; the stream was cut there",
-            "type": "upstream_error", "param": null, "code": "output_bound_exceeded",
-        }});
         let mut out = forwarded.to_vec();
-        out.extend_from_slice(format!("data: {event}\n\ndata: [DONE]\n\n").as_bytes());
-        Bytes::from(out)
+        out.extend_from_slice(
+            self.error_event(
+                "the upstream generated more output than this request's bound; the stream was cut there",
+                "output_bound_exceeded",
+            )
+            .as_bytes(),
+        );
+        if self.dialect == Dialect::OpenAi {
+            out.extend_from_slice(b"data: [DONE]\n\n");
+        }
+        let out = self.out(Bytes::from(out));
+        self.end_reframe(out)
+    }
+
+    /// Appends what closes a reframed stream that did not end properly.
+    fn end_reframe(&mut self, out: Bytes) -> Bytes {
+        match &mut self.reframe {
+            Some(r) => {
+                let mut all = out.to_vec();
+                all.extend_from_slice(&r.end());
+                Bytes::from(all)
+            }
+            None => out,
+        }
     }
 }
 
@@ -674,6 +987,7 @@ impl Stream for MeteredStream {
                         let out = self.cut_at_bound(out);
                         return Poll::Ready(Some(Ok(out)));
                     }
+                    let out = self.out(out);
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(out)));
                     }
@@ -693,13 +1007,19 @@ impl Stream for MeteredStream {
                     self.close(status);
                     let timed_out = e.is_timeout();
                     tracing::warn!(error = %e.without_url(), "upstream stream ended with an error");
-                    let event = json!({"error": {
-                        "message": format!("the upstream stream failed: {}", if timed_out { "timed out" } else { "connection closed" }),
-                        "type": "upstream_error", "param": null, "code": status,
-                    }});
+                    let message = format!(
+                        "the upstream stream failed: {}",
+                        if timed_out {
+                            "timed out"
+                        } else {
+                            "connection closed"
+                        }
+                    );
                     let mut out = rest.to_vec();
-                    out.extend_from_slice(format!("data: {event}\n\n").as_bytes());
-                    return Poll::Ready(Some(Ok(Bytes::from(out))));
+                    out.extend_from_slice(self.error_event(&message, status).as_bytes());
+                    let out = self.out(Bytes::from(out));
+                    let out = self.end_reframe(out);
+                    return Poll::Ready(Some(Ok(out)));
                 }
                 Poll::Ready(None) => {
                     self.finished = true;
@@ -710,8 +1030,12 @@ impl Stream for MeteredStream {
                     }
                     let status = if self.tap.done { "ok" } else { "upstream_cut" };
                     self.close(status);
-                    if !rest.is_empty() {
-                        return Poll::Ready(Some(Ok(rest)));
+                    let mut out = self.out(rest);
+                    if status != "ok" {
+                        out = self.end_reframe(out);
+                    }
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out)));
                     }
                     return Poll::Ready(None);
                 }

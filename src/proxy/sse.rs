@@ -1,9 +1,16 @@
-//! The SSE usage tap: reads an OpenAI chat-completion event stream as it passes through.
+//! The SSE usage tap: reads an upstream's event stream as it passes through, in the dialect of the API it speaks.
 //!
-//! Complete events are forwarded unchanged, byte for byte. The tap records the `usage` object (vLLM sends it with
-//! `choices: null`, OpenAI with `choices: []`), counts the content chunks actually delivered (the fallback when a
-//! stream ends without usage), and notices `data: [DONE]`. When the gateway injected `include_usage` on the
-//! client's behalf, the usage-only event is held back so the client sees the stream it asked for.
+//! Complete events are forwarded unchanged, byte for byte. The tap records the usage the stream reports, counts
+//! the output chunks actually delivered (the fallback when a stream ends without usage), and notices the stream's
+//! proper end. Per dialect ([`Dialect`]):
+//! - **OpenAI** chat and legacy completions: the `usage` chunk (vLLM sends it with `choices: null`, OpenAI with
+//!   `choices: []`), `choices[].delta` (chat) or `choices[].text` (completions) as output, `data: [DONE]` as the
+//!   end. When the gateway injected `include_usage` on the client's behalf, the usage-only event is held back so
+//!   the client sees the stream it asked for.
+//! - **Responses**: `response.*.delta` events as output, the usage of `response.completed` (or `incomplete`,
+//!   `failed`) as usage and end.
+//! - **Anthropic** Messages: `content_block_delta` as output, input tokens from `message_start`, output tokens
+//!   from `message_delta` (cumulative), `message_stop` as the end.
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
@@ -17,10 +24,24 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
+/// The event format of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// `data: {chat.completion.chunk | text_completion}` … `data: [DONE]`.
+    OpenAi,
+    /// OpenAI Responses API events (`event: response.output_text.delta` …).
+    Responses,
+    /// Anthropic Messages events (`event: message_start` … `message_stop`).
+    Anthropic,
+}
+
 /// An incremental reader of one SSE response.
 #[derive(Debug)]
 pub struct UsageTap {
+    dialect: Dialect,
     pending: BytesMut,
+    /// Anthropic: input tokens from `message_start`, until `message_delta` brings the output count.
+    input_tokens: Option<u64>,
     strip_usage_event: bool,
     /// Usage from the stream, once seen.
     pub usage: Option<Usage>,
@@ -46,6 +67,9 @@ struct Chunk {
 struct Choice {
     #[serde(default)]
     delta: Option<Delta>,
+    /// Legacy completions stream their output here.
+    #[serde(default)]
+    text: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -83,8 +107,15 @@ impl Delta {
 impl UsageTap {
     /// `strip_usage_event`: drop the usage-only event from what is forwarded.
     pub fn new(strip_usage_event: bool) -> UsageTap {
+        UsageTap::for_dialect(Dialect::OpenAi, strip_usage_event)
+    }
+
+    /// A tap for a stream in `dialect` (`strip_usage_event` applies to the OpenAI dialect only).
+    pub fn for_dialect(dialect: Dialect, strip_usage_event: bool) -> UsageTap {
         UsageTap {
+            dialect,
             pending: BytesMut::new(),
+            input_tokens: None,
             strip_usage_event,
             usage: None,
             done: false,
@@ -142,6 +173,96 @@ impl UsageTap {
         if data.is_empty() {
             return true;
         }
+        match self.dialect {
+            Dialect::OpenAi => self.inspect_openai(data),
+            Dialect::Responses => self.inspect_responses(data),
+            Dialect::Anthropic => self.inspect_anthropic(data),
+        }
+    }
+
+    /// Counts `outputs` more output chunks; false (and `over_limit`) when that passes the bound.
+    fn count_output(&mut self, outputs: u64) -> bool {
+        if outputs > 0 {
+            if self.content_chunks.saturating_add(outputs) > self.output_limit {
+                // Past the bound the gateway wrote into the request: the upstream ignores it. Nothing more is
+                // forwarded (the caller cuts the stream).
+                self.over_limit = true;
+                return false;
+            }
+            self.content_chunks += outputs;
+        }
+        true
+    }
+
+    fn inspect_responses(&mut self, data: &str) -> bool {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(data) else {
+            return true;
+        };
+        let kind = event["type"].as_str().unwrap_or("");
+        if kind.starts_with("response.")
+            && kind.ends_with(".delta")
+            && event["delta"].as_str().is_some_and(|d| !d.is_empty())
+            && !self.count_output(1)
+        {
+            return false;
+        }
+        if matches!(
+            kind,
+            "response.completed" | "response.incomplete" | "response.failed"
+        ) {
+            self.done = true;
+            let usage = &event["response"]["usage"];
+            if let (Some(input), Some(output)) = (
+                usage["input_tokens"].as_u64(),
+                usage["output_tokens"].as_u64(),
+            ) {
+                self.usage = Some(Usage {
+                    prompt_tokens: input,
+                    completion_tokens: output,
+                });
+            }
+        }
+        true
+    }
+
+    fn inspect_anthropic(&mut self, data: &str) -> bool {
+        let Ok(event) = serde_json::from_str::<serde_json::Value>(data) else {
+            return true;
+        };
+        match event["type"].as_str().unwrap_or("") {
+            "message_start" => {
+                if let Some(input) = anthropic_input_tokens(&event["message"]["usage"]) {
+                    self.input_tokens = Some(input);
+                }
+            }
+            "content_block_delta" => {
+                let delta = &event["delta"];
+                let has_output = ["text", "partial_json", "thinking"]
+                    .iter()
+                    .any(|f| delta[*f].as_str().is_some_and(|t| !t.is_empty()));
+                if has_output && !self.count_output(1) {
+                    return false;
+                }
+            }
+            "message_delta" => {
+                let usage = &event["usage"];
+                if let Some(input) = anthropic_input_tokens(usage) {
+                    self.input_tokens = Some(input);
+                }
+                if let Some(output) = usage["output_tokens"].as_u64() {
+                    self.usage = Some(Usage {
+                        prompt_tokens: self.input_tokens.unwrap_or(0),
+                        completion_tokens: output,
+                    });
+                }
+            }
+            "message_stop" => self.done = true,
+            _ => {}
+        }
+        true
+    }
+
+    fn inspect_openai(&mut self, data: &str) -> bool {
         if data == "[DONE]" {
             self.done = true;
             return true;
@@ -152,16 +273,13 @@ impl UsageTap {
         let choices = chunk.choices.unwrap_or_default();
         let outputs = choices
             .iter()
-            .filter(|c| c.delta.as_ref().is_some_and(Delta::has_output))
+            .filter(|c| {
+                c.delta.as_ref().is_some_and(Delta::has_output)
+                    || c.text.as_deref().is_some_and(|t| !t.is_empty())
+            })
             .count() as u64;
-        if outputs > 0 {
-            if self.content_chunks.saturating_add(outputs) > self.output_limit {
-                // Past the bound the gateway wrote into the request: the upstream ignores it. Nothing more is
-                // forwarded (the caller cuts the stream).
-                self.over_limit = true;
-                return false;
-            }
-            self.content_chunks += outputs;
+        if !self.count_output(outputs) {
+            return false;
         }
         if let Some(usage) = chunk.usage {
             self.usage = Some(usage);
@@ -171,6 +289,18 @@ impl UsageTap {
         }
         true
     }
+}
+
+/// Anthropic's input tokens: uncached + written to cache + read from cache (all are prompt tokens the upstream
+/// processed), if the usage object names any.
+pub fn anthropic_input_tokens(usage: &serde_json::Value) -> Option<u64> {
+    let fields = [
+        "input_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ];
+    let values: Vec<u64> = fields.iter().filter_map(|f| usage[*f].as_u64()).collect();
+    (!values.is_empty()).then(|| values.iter().fold(0u64, |a, b| a.saturating_add(*b)))
 }
 
 /// Index just past the blank line that ends the first complete event, if any.
@@ -291,6 +421,67 @@ mod tests {
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning\":\"hm\"}},{\"index\":1,\"delta\":{\"content\":\"x\"}}]}\n\n",
         ).as_bytes());
         assert_eq!(tap.content_chunks, 3);
+    }
+
+    #[test]
+    fn completions_text_counts_as_output() {
+        let mut tap = UsageTap::new(true).with_output_limit(2);
+        tap.feed(
+            b"data: {\"choices\":[{\"index\":0,\"text\":\"a\"},{\"index\":1,\"text\":\"b\"}]}\n\n",
+        );
+        assert_eq!(tap.content_chunks, 2);
+        tap.feed(b"data: {\"choices\":[{\"index\":0,\"text\":\"c\"}]}\n\n");
+        assert!(tap.over_limit);
+    }
+
+    #[test]
+    fn responses_events_give_output_usage_and_end() {
+        let stream = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\" there\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":2}}}\n\n",
+        );
+        let mut tap = UsageTap::for_dialect(Dialect::Responses, false);
+        let out = tap.feed(stream.as_bytes());
+        assert_eq!(out.as_ref(), stream.as_bytes());
+        assert_eq!(tap.content_chunks, 2);
+        assert!(tap.done);
+        assert_eq!(
+            tap.usage,
+            Some(Usage {
+                prompt_tokens: 5,
+                completion_tokens: 2
+            })
+        );
+        let mut tap = UsageTap::for_dialect(Dialect::Responses, false).with_output_limit(1);
+        let out = tap.feed(stream.as_bytes());
+        assert!(tap.over_limit && !String::from_utf8_lossy(&out).contains("there"));
+    }
+
+    #[test]
+    fn anthropic_events_give_input_then_output_usage() {
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":9,\"cache_read_input_tokens\":3,\"output_tokens\":1}}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":4}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let mut tap = UsageTap::for_dialect(Dialect::Anthropic, false);
+        for piece in stream.as_bytes().chunks(7) {
+            tap.feed(piece);
+        }
+        assert!(tap.done);
+        assert_eq!(tap.content_chunks, 1);
+        assert_eq!(
+            tap.usage,
+            Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 4
+            })
+        );
     }
 
     #[test]

@@ -554,7 +554,7 @@ async fn auditor_api_operations_and_verify() {
         let concrete = path
             .replace("{txHash}", &sub_tx)
             .replace("{address}", &a0)
-            .replace("{rest}", "embeddings");
+            .replace("{rest}", "images/generations");
         for method in item.as_object().unwrap().keys() {
             let req = c.http.request(
                 method.to_uppercase().parse().unwrap(),

@@ -608,7 +608,15 @@ async fn agent_cards_are_cached_and_read_by_the_a2a_sdk() {
         .iter()
         .map(|s| s["id"].as_str().unwrap())
         .collect();
-    assert_eq!(skills, ["chat-completion", "list-models", "buy-access"]);
+    assert_eq!(
+        skills,
+        [
+            "chat-completion",
+            "inference-apis",
+            "list-models",
+            "buy-access"
+        ]
+    );
     assert_eq!(
         card["securitySchemes"]["bearer"]["httpAuthSecurityScheme"]["scheme"],
         "Bearer"
@@ -678,7 +686,7 @@ async fn agent_cards_are_cached_and_read_by_the_a2a_sdk() {
     assert_eq!(legacy["capabilities"]["streaming"], true);
     assert_eq!(legacy["securitySchemes"]["bearer"]["type"], "http");
     assert_eq!(legacy["securitySchemes"]["x402"]["in"], "header");
-    assert_eq!(legacy["skills"].as_array().unwrap().len(), 3);
+    assert_eq!(legacy["skills"].as_array().unwrap().len(), 4);
     let resp = gw
         .http
         .get(format!("{}/.well-known/agent.json", gw.base))

@@ -407,6 +407,8 @@ impl std::fmt::Debug for Case {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shape {
     OpenAi,
+    /// Anthropic's `{"type": "error", "error": {"type", "message"}}` (`/v1/messages`), or the 402 catalog.
+    Anthropic,
     Agent,
     X402,
     Audit,
@@ -414,7 +416,9 @@ enum Shape {
 }
 
 fn shape_of(path: &str) -> Shape {
-    if path.starts_with("/v1") {
+    if path == "/v1/messages" {
+        Shape::Anthropic
+    } else if path.starts_with("/v1") {
         Shape::OpenAi
     } else if path.starts_with("/api/agent/") && path != "/api/agent/plans" {
         Shape::Agent
@@ -1191,7 +1195,9 @@ fn route_cases(t: &Target, method_doc: &str, path: &str) -> BoxedStrategy<Case> 
     ]
     .boxed();
     let (target, body): (BoxedStrategy<String>, BoxedStrategy<Vec<u8>>) = match path {
-        "/v1/chat/completions" => (Just(path.to_string()).boxed(), chat_body()),
+        "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings" | "/v1/responses" | "/v1/messages" => {
+            (Just(path.to_string()).boxed(), chat_body())
+        }
         "/api/agent/topup" | "/api/agent/subscribe-pool" | "/api/agent/keys/rotate" => {
             (Just(path.to_string()).boxed(), claim_body(t, path))
         }
@@ -1269,7 +1275,7 @@ fn route_cases(t: &Target, method_doc: &str, path: &str) -> BoxedStrategy<Case> 
             small_body,
         ),
         "/v1/{rest}" => (
-            prop::collection::vec(segment(vec!["embeddings".into(), "models".into(), "x".into()]), 1..3)
+            prop::collection::vec(segment(vec!["images".into(), "models".into(), "x".into()]), 1..3)
                 .prop_map(|s| format!("/v1/{}", s.join("/")))
                 .boxed(),
             small_body,
@@ -1295,7 +1301,7 @@ fn route_cases(t: &Target, method_doc: &str, path: &str) -> BoxedStrategy<Case> 
     } else {
         Focus::Plain
     };
-    let headers = if path == "/v1/chat/completions" {
+    let headers = if x402_gateway::proxy::Api::of_path(path).is_some() {
         // Key holders, and keyless requests paying per request.
         prop_oneof![2 => headers(t, Focus::Keys), 1 => headers(t, Focus::Payment)].boxed()
     } else {
@@ -1357,6 +1363,21 @@ fn shape_ok(shape: Shape, status: StatusCode, headers: &HeaderMap, body: &[u8]) 
                 && v["error"] == "Payment Required"
                 && v["x402"].is_object();
             openai || catalog
+        }
+        Shape::Anthropic => {
+            // A client error is never labelled as the server's (`api_error`, `overloaded_error`).
+            let anthropic = v["type"] == "error"
+                && s(&v["error"]["type"])
+                && s(&v["error"]["message"])
+                && !(status.is_client_error()
+                    && matches!(
+                        v["error"]["type"].as_str(),
+                        Some("api_error" | "overloaded_error")
+                    ));
+            let catalog = status == StatusCode::PAYMENT_REQUIRED
+                && v["error"] == "Payment Required"
+                && v["x402"].is_object();
+            anthropic || catalog
         }
         Shape::Agent => {
             v["success"] == false && s(&v["error"]["code"]) && s(&v["error"]["message"])

@@ -567,7 +567,7 @@ async fn every_route_refuses_an_oversized_body_in_its_shape() {
         }
     }
     assert!(routes.len() >= 15, "{routes:?}");
-    routes.push(("POST".into(), "/v1/embeddings".into()));
+    routes.push(("POST".into(), "/v1/images/generations".into()));
     routes.push(("GET".into(), "/v1".into()));
     routes.push(("PUT".into(), "/not/a/route".into()));
 
@@ -578,17 +578,21 @@ async fn every_route_refuses_an_oversized_body_in_its_shape() {
             .map(|seg| if seg.starts_with('{') { "x" } else { seg })
             .collect::<Vec<_>>()
             .join("/");
-        let (family, limit) = if method == "POST" && path == "/v1/chat/completions" {
-            ("openai", 4 * 1024 * 1024)
-        } else if path == "/v1" || path.starts_with("/v1/") {
-            ("openai", 16 * 1024)
-        } else if path.starts_with("/api/agent/") {
-            ("agent", 16 * 1024)
-        } else if path.starts_with("/x402/") {
-            ("x402", 16 * 1024)
-        } else {
-            ("plain", 1024)
-        };
+        let inference = x402_gateway::proxy::Api::of_path(&path);
+        let (family, limit) =
+            if method == "POST" && inference == Some(x402_gateway::proxy::Api::Messages) {
+                ("anthropic", 4 * 1024 * 1024)
+            } else if method == "POST" && inference.is_some() {
+                ("openai", 4 * 1024 * 1024)
+            } else if path == "/v1" || path.starts_with("/v1/") {
+                ("openai", 16 * 1024)
+            } else if path.starts_with("/api/agent/") {
+                ("agent", 16 * 1024)
+            } else if path.starts_with("/x402/") {
+                ("x402", 16 * 1024)
+            } else {
+                ("plain", 1024)
+            };
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let over = vec![b'{'; limit + 1];
         // Declared by Content-Length, and chunked (no length: counted while it arrives); with and without a key.
@@ -616,6 +620,10 @@ async fn every_route_refuses_an_oversized_body_in_its_shape() {
             );
             match family {
                 "openai" => assert_openai_error(&body, "request_too_large"),
+                "anthropic" => {
+                    assert_eq!(body["type"], "error", "{body}");
+                    assert_eq!(body["error"]["type"], "request_too_large", "{body}");
+                }
                 "agent" | "x402" => assert_agent_error(&body, "body_too_large"),
                 _ => assert_plain_error(&body, "body_too_large"),
             }

@@ -526,7 +526,7 @@ async fn every_bad_request_gets_an_openai_error() {
     assert_eq!(body["x402"]["version"], 2);
     assert_eq!(s.balance(&key).await, "1".parse().unwrap());
     // A valid key on a path that is not served.
-    let (status, _, body) = s.gw.get("/v1/embeddings", Some(&key)).await;
+    let (status, _, body) = s.gw.get("/v1/images/generations", Some(&key)).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_openai_error(&body, "unknown_endpoint");
 }

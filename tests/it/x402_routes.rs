@@ -1041,11 +1041,12 @@ async fn per_request_app(chain: &TestChain, db: &std::path::Path) -> String {
                     let price = model.per_request.unwrap();
                     let object: serde_json::Map<String, Value> =
                         serde_json::from_slice(&body).unwrap();
+                    let chat = x402_gateway::proxy::Api::Chat;
                     let prepared = match x402_gateway::proxy::prepare(
+                        chat,
                         object,
                         body.len(),
                         &model,
-                        &state.settings,
                         x402_gateway::proxy::Payer::PerRequest { price },
                     ) {
                         Ok(p) => p,
@@ -1053,13 +1054,18 @@ async fn per_request_app(chain: &TestChain, db: &std::path::Path) -> String {
                             return (StatusCode::BAD_REQUEST, format!("{e:?}")).into_response();
                         }
                     };
-                    let forwarded: Value = serde_json::from_slice(&prepared.body).unwrap();
-                    match routes::authorize_per_request(&state, &headers, "kimi-k2.6", price).await
+                    let forwarded = Value::Object(prepared.body.clone());
+                    match routes::authorize_per_request(&state, &headers, chat, "kimi-k2.6", price)
+                        .await
                     {
-                        Ok(None) => {
-                            routes::per_request_challenge(&state, &headers, "kimi-k2.6", price)
-                                .unwrap()
-                        }
+                        Ok(None) => routes::per_request_challenge(
+                            &state,
+                            &headers,
+                            chat,
+                            "kimi-k2.6",
+                            price,
+                        )
+                        .unwrap(),
                         Err(response) => response,
                         Ok(Some(paid)) => match paid.settle(&state).await {
                             Ok(s) => (
