@@ -12,6 +12,7 @@
 //! the bound, the reservation is charged, and the usage row and a metric record it.
 
 pub mod bound;
+pub mod key_rates;
 pub mod pricing;
 pub mod sse;
 pub mod windows;
