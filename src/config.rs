@@ -11,6 +11,7 @@ use std::time::Duration;
 use alloy::primitives::Address;
 use serde::Deserialize;
 
+use crate::proxy::key_rates::{KeyRate, MAX_TOKENS_PER_MINUTE};
 use crate::usdc::Usdc;
 
 /// Why a configuration cannot be used.
@@ -118,6 +119,10 @@ pub struct LimitsConfig {
     /// reserved before it is forwarded, so this bounds the operator's exposure to one key, not its balance.
     #[serde(default = "default_credit_key_max_in_flight")]
     pub credit_key_max_in_flight: u32,
+    /// API keys whose per-key rate buckets (`requests_per_minute`, `tokens_per_minute` of `[credits]` and
+    /// `[[pools]]`) are kept in memory; keys with full buckets are forgotten first when full.
+    #[serde(default = "default_max_rate_tracked_keys")]
+    pub max_rate_tracked_keys: u32,
 }
 
 impl Default for LimitsConfig {
@@ -137,6 +142,7 @@ impl Default for LimitsConfig {
             header_read_timeout_secs: default_header_read_timeout_secs(),
             trusted_proxies: Vec::new(),
             credit_key_max_in_flight: default_credit_key_max_in_flight(),
+            max_rate_tracked_keys: default_max_rate_tracked_keys(),
         }
     }
 }
@@ -170,6 +176,9 @@ fn default_claims_burst() -> u32 {
     10
 }
 fn default_max_tracked_clients() -> u32 {
+    100_000
+}
+fn default_max_rate_tracked_keys() -> u32 {
     100_000
 }
 fn default_request_timeout_secs() -> u64 {
@@ -348,6 +357,13 @@ pub struct PoolConfig {
     #[serde(default = "default_duration_days")]
     pub duration_days: u32,
     pub blocks: Vec<BlockConfig>,
+    /// Requests one key of this pool may make per minute (absent: no limit).
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Tokens (prompt bound + output bound, given back down to the actual use) one key of this pool may take per
+    /// minute (absent: no limit).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
 }
 
 fn default_duration_days() -> u32 {
@@ -373,12 +389,20 @@ pub struct BlockConfig {
 pub struct CreditsConfig {
     #[serde(default = "default_min_topup")]
     pub min_topup_usdc: String,
+    /// Requests one credit key may make per minute (absent: no limit).
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Tokens one credit key may take per minute (absent: no limit).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
 }
 
 impl Default for CreditsConfig {
     fn default() -> Self {
         CreditsConfig {
             min_topup_usdc: default_min_topup(),
+            requests_per_minute: None,
+            tokens_per_minute: None,
         }
     }
 }
@@ -846,6 +870,8 @@ pub struct Limits {
     pub trusted_proxies: Vec<IpNet>,
     /// Requests in flight per credit account.
     pub credit_key_max_in_flight: u32,
+    /// Keys whose per-key rate buckets are kept in memory (`proxy::key_rates::KeyRates::new`).
+    pub max_rate_tracked_keys: u32,
 }
 
 impl LimitsConfig {
@@ -919,6 +945,12 @@ impl LimitsConfig {
                 "must be between 1 and 100000",
             ));
         }
+        if !(64..=10_000_000).contains(&self.max_rate_tracked_keys) {
+            return Err(invalid(
+                "limits.max_rate_tracked_keys",
+                "must be between 64 and 10000000",
+            ));
+        }
         let trusted_proxies = self
             .trusted_proxies
             .iter()
@@ -940,6 +972,7 @@ impl LimitsConfig {
             header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
             trusted_proxies,
             credit_key_max_in_flight: self.credit_key_max_in_flight,
+            max_rate_tracked_keys: self.max_rate_tracked_keys,
         })
     }
 }
@@ -1052,6 +1085,8 @@ pub struct Pool {
     pub models: Vec<String>,
     pub duration_days: u32,
     pub blocks: Vec<Block>,
+    /// Per-key rates of this pool's keys.
+    pub key_rate: KeyRate,
 }
 
 impl Pool {
@@ -1087,6 +1122,8 @@ impl Block {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credits {
     pub min_topup: Usdc,
+    /// Per-key rates of credit keys.
+    pub key_rate: KeyRate,
 }
 
 /// Validated auth settings (tokens already read from the environment).
@@ -1266,6 +1303,11 @@ impl Config {
         if min_topup == Usdc::ZERO {
             return Err(invalid("credits.min_topup_usdc", "must be positive"));
         }
+        let credit_key_rate = resolve_key_rate(
+            "credits",
+            self.credits.requests_per_minute,
+            self.credits.tokens_per_minute,
+        )?;
         let token = |key: &str, var: &Option<String>| -> Result<Option<String>, ConfigError> {
             match var {
                 None => Ok(None),
@@ -1309,7 +1351,10 @@ impl Config {
             docs_url: self.server.docs_url.clone(),
             facilitator: self.server.facilitator.clone(),
             pools,
-            credits: Credits { min_topup },
+            credits: Credits {
+                min_topup,
+                key_rate: credit_key_rate,
+            },
             auth,
             listen: self.server.listen,
             public_url: self
@@ -1599,9 +1644,41 @@ fn resolve_pools(pools: &[PoolConfig]) -> Result<Vec<Pool>, ConfigError> {
             models: p.models.clone(),
             duration_days: p.duration_days,
             blocks,
+            key_rate: resolve_key_rate(
+                &format!("pools[{i}]"),
+                p.requests_per_minute,
+                p.tokens_per_minute,
+            )?,
         });
     }
     Ok(out)
+}
+
+/// A product's `requests_per_minute` and `tokens_per_minute` (under `table`, for error keys). Zero is refused
+/// rather than read as "no limit" or "nothing allowed": leaving the key out is how to say no limit.
+fn resolve_key_rate(
+    table: &str,
+    requests_per_minute: Option<u32>,
+    tokens_per_minute: Option<u64>,
+) -> Result<KeyRate, ConfigError> {
+    if requests_per_minute == Some(0) {
+        return Err(invalid(
+            &format!("{table}.requests_per_minute"),
+            "must be at least 1 (leave it out for no limit)",
+        ));
+    }
+    if let Some(t) = tokens_per_minute
+        && !(1..=MAX_TOKENS_PER_MINUTE).contains(&t)
+    {
+        return Err(invalid(
+            &format!("{table}.tokens_per_minute"),
+            format!("must be between 1 and {MAX_TOKENS_PER_MINUTE} (leave it out for no limit)"),
+        ));
+    }
+    Ok(KeyRate {
+        requests_per_minute,
+        tokens_per_minute,
+    })
 }
 
 impl X402Config {
@@ -2050,6 +2127,81 @@ blocks = [
             .unwrap_err()
             .to_string();
         assert!(err.contains("x402.max_timeout_seconds"), "{err}");
+    }
+
+    #[test]
+    fn per_key_rates_resolve_per_product_and_zero_is_refused() {
+        let s = resolve(&format!("{MINIMAL}{POOL}")).unwrap();
+        assert_eq!(s.pools[0].key_rate, KeyRate::default());
+        assert_eq!(s.credits.key_rate, KeyRate::default());
+        assert_eq!(s.limits.max_rate_tracked_keys, 100_000);
+        let limited = POOL.replace(
+            "models = [\"kimi-k2.6\"]\n",
+            "models = [\"kimi-k2.6\"]\nrequests_per_minute = 60\ntokens_per_minute = 200000\n",
+        );
+        let s = resolve(&format!(
+            "{MINIMAL}{limited}[credits]\ntokens_per_minute = 1000000\n[limits]\nmax_rate_tracked_keys = 64\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            s.pools[0].key_rate,
+            KeyRate {
+                requests_per_minute: Some(60),
+                tokens_per_minute: Some(200_000),
+            }
+        );
+        assert_eq!(
+            s.credits.key_rate,
+            KeyRate {
+                requests_per_minute: None,
+                tokens_per_minute: Some(1_000_000),
+            }
+        );
+        assert_eq!(s.credits.min_topup, Usdc::whole(10));
+        assert_eq!(s.limits.max_rate_tracked_keys, 64);
+        for (pool_line, rest, key) in [
+            (
+                "requests_per_minute = 0",
+                "",
+                "pools[0].requests_per_minute",
+            ),
+            ("tokens_per_minute = 0", "", "pools[0].tokens_per_minute"),
+            (
+                "tokens_per_minute = 1000000000001",
+                "",
+                "pools[0].tokens_per_minute",
+            ),
+            ("requests_per_minute = -1", "", "requests_per_minute"),
+            ("rpm = 10", "", "rpm"),
+            (
+                "",
+                "[credits]\nrequests_per_minute = 0\n",
+                "credits.requests_per_minute",
+            ),
+            (
+                "",
+                "[credits]\ntokens_per_minute = 0\n",
+                "credits.tokens_per_minute",
+            ),
+            (
+                "",
+                "[limits]\nmax_rate_tracked_keys = 63\n",
+                "limits.max_rate_tracked_keys",
+            ),
+        ] {
+            let pool = POOL.replace(
+                "models = [\"kimi-k2.6\"]\n",
+                &format!("models = [\"kimi-k2.6\"]\n{pool_line}\n"),
+            );
+            let err = resolve(&format!("{MINIMAL}{pool}{rest}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{pool_line}{rest}: {err}");
+        }
+        let err = resolve(&format!("{MINIMAL}[credits]\nrequests_per_minute = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("leave it out for no limit"), "{err}");
     }
 
     #[test]

@@ -989,6 +989,7 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(1),
             credit_key_max_in_flight: 16,
+            max_rate_tracked_keys: 64,
             trusted_proxies: vec![
                 IpNet {
                     addr: "10.0.0.0".parse().unwrap(),

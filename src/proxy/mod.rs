@@ -14,6 +14,7 @@
 pub mod anthropic;
 pub mod api;
 pub mod bound;
+pub mod key_rates;
 pub mod pricing;
 pub mod router;
 pub mod sse;
