@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use super::AppState;
 use crate::billing::AuthorizedKey;
 use crate::billing::metering::ReserveError;
+use crate::proxy::key_rates::{Admission as RateAdmission, KeyRate, RateHeaders};
 use crate::proxy::pricing::Prices;
 use crate::proxy::{
     self, Api, BoundError, Charge, Meter, MeteredStream, Payer, SendError, SlotOwner,
@@ -379,6 +380,8 @@ async fn serve(
     };
     let body_len = body.len();
 
+    let mut admission: Option<RateAdmission> = None;
+    let charged: Result<(proxy::Prepared, Charge), Response> = async {
     let (prepared, charge) = if record.kind == "subscription" {
         let pool = record.pool.as_deref().and_then(|slug| settings.pool(slug));
         let Some(pool) = pool else {
@@ -440,6 +443,7 @@ async fn serve(
         let prepared = proxy::prepare(api, object, body_len, model, Payer::Subscription)
             .map_err(|e| bound_refused(&model_id, e))?;
         untranslatable(&prepared, model, &settings)?;
+        admission = admit_rate(state, &model_id, record.id, pool.key_rate, &prepared, now)?;
         // One request at a time per subscription, whichever of its keys (a rotated one too) sends it.
         let owner = SlotOwner::Subscription(record.subscription_id.unwrap_or(-record.id));
         let slot = state
@@ -465,6 +469,14 @@ async fn serve(
         let prepared = proxy::prepare(api, object, body_len, model, Payer::Credit)
             .map_err(|e| bound_refused(&model_id, e))?;
         untranslatable(&prepared, model, &settings)?;
+        admission = admit_rate(
+            state,
+            &model_id,
+            record.id,
+            settings.credits.key_rate,
+            &prepared,
+            now,
+        )?;
         let limit = settings.limits.credit_key_max_in_flight;
         let slot = state
             .proxy
@@ -518,11 +530,98 @@ async fn serve(
             Err(e) => return Err(OpenAiError::internal(e).into_response()),
         }
     };
-
-    forward(
-        state, model, prepared, charge, started, now, request_id, None,
+    Ok((prepared, charge))
+    }
+    .await;
+    let (prepared, charge) = match charged {
+        Ok(c) => c,
+        Err(refused) => {
+            // Refused after the rate limits admitted it (busy, unpaid): its tokens go back, its headers go out.
+            let headers = admission.as_ref().map(|a| *a.headers());
+            if let Some(a) = admission {
+                a.settle(0, now.saturating_mul(1000));
+            }
+            return Err(with_rate_headers(refused, headers));
+        }
+    };
+    let headers = admission.as_ref().map(|a| *a.headers());
+    let answer = forward(
+        state, model, prepared, charge, started, now, request_id, None, admission,
     )
-    .await
+    .await;
+    match answer {
+        Ok(r) => Ok(with_rate_headers(r, headers)),
+        Err(r) => Err(with_rate_headers(r, headers)),
+    }
+}
+
+/// Takes one request and the request's token bound from the key's per-minute budgets (`rate`); the refusal is
+/// the answer (429 with `Retry-After`, or 400 when the bound can never fit the per-minute tokens).
+#[allow(clippy::result_large_err)] // The error is the response to send, as in the handlers.
+fn admit_rate(
+    state: &AppState,
+    model_id: &str,
+    key_id: i64,
+    rate: KeyRate,
+    prepared: &proxy::Prepared,
+    now: i64,
+) -> Result<Option<RateAdmission>, Response> {
+    if rate.is_unlimited() {
+        return Ok(None);
+    }
+    let tokens = prepared
+        .bound
+        .prompt_tokens
+        .saturating_add(prepared.bound.output_tokens());
+    match state
+        .proxy
+        .key_rates()
+        .admit(key_id, rate, tokens, now.saturating_mul(1000))
+    {
+        Ok(admission) => Ok(Some(admission)),
+        Err(refusal) if refusal.never_fits => {
+            let param = match prepared.api {
+                Api::Responses => "max_output_tokens",
+                Api::Chat => "max_completion_tokens",
+                _ => "max_tokens",
+            };
+            let response = OpenAiError::invalid(
+                param,
+                format!(
+                    "{} (this request's bound is {tokens} tokens: its prompt bound plus its output bound; lower \
+                     {param} or shorten the prompt)",
+                    refusal.message
+                ),
+            )
+            .into_response();
+            Err(with_rate_headers(response, Some(refusal.headers)))
+        }
+        Err(refusal) => {
+            crate::metrics::record_metering_refusal(
+                model_id,
+                match refusal.exhausted {
+                    proxy::key_rates::Axis::Requests => "requests_per_minute",
+                    proxy::key_rates::Axis::Tokens => "tokens_per_minute",
+                },
+            );
+            let response = OpenAiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+                refusal.message,
+            )
+            .retry_after(refusal.retry_after_secs.max(1))
+            .into_response();
+            Err(with_rate_headers(response, Some(refusal.headers)))
+        }
+    }
+}
+
+fn with_rate_headers(mut response: Response, headers: Option<RateHeaders>) -> Response {
+    if let Some(h) = headers {
+        h.apply(response.headers_mut());
+    }
+    response
 }
 
 /// A keyless request: served when its model has a per-request price and it carries a valid x402 payment;
@@ -595,6 +694,7 @@ async fn per_request(
         state.billing.now(),
         request_id,
         Some(paid),
+        None,
     )
     .await
 }
@@ -611,6 +711,7 @@ async fn forward(
     now: i64,
     request_id: &str,
     paid: Option<super::x402::PaidRequest>,
+    admission: Option<RateAdmission>,
 ) -> Result<Response, Response> {
     let settings = state.settings.clone();
     // A stream's cost is known only at its end: its answer carries the hold instead.
@@ -625,6 +726,9 @@ async fn forward(
         prepared.bound,
     );
     let mut meter = Meter::new(state.store.clone(), charge, started, bound, now);
+    if let Some(admission) = admission {
+        meter.set_rate_admission(admission);
+    }
     let overhead = started.elapsed();
     meter.set_overhead(overhead);
     let answer = match state

@@ -58,6 +58,7 @@ pub struct Proxy {
     clients: Vec<reqwest::Client>,
     router: Arc<Router>,
     slots: Slots,
+    key_rates: key_rates::KeyRates,
 }
 
 /// What an upstream answered, and on which deployment (held in flight until the answer is metered).
@@ -98,6 +99,7 @@ impl Proxy {
             clients,
             router,
             slots: Slots::for_store(store),
+            key_rates: key_rates::KeyRates::new(settings.limits.max_rate_tracked_keys as usize),
         };
         proxy.start_prober(settings);
         Ok(proxy)
@@ -109,6 +111,11 @@ impl Proxy {
 
     pub fn router(&self) -> &Router {
         &self.router
+    }
+
+    /// Per-key requests and tokens per minute.
+    pub fn key_rates(&self) -> &key_rates::KeyRates {
+        &self.key_rates
     }
 
     /// Probes cooled-down deployments once a second (`GET <base_url>/models`) until the proxy is dropped.
@@ -645,6 +652,8 @@ pub struct Meter {
     _in_flight: crate::metrics::InFlight,
     /// The deployment answering, counted in flight until the meter is settled or dropped.
     attempt: Option<Attempt>,
+    /// The key's per-minute token budget taken at the bound: what was not used goes back at settlement.
+    rate: Option<key_rates::Admission>,
     store: Store,
     billing: Option<Charge>,
     started: Instant,
@@ -658,12 +667,30 @@ impl Meter {
         Meter {
             _in_flight: crate::metrics::InFlight::start(),
             attempt: None,
+            rate: None,
             store,
             billing: Some(billing),
             started,
             overhead_us: 0,
             bound,
             now,
+        }
+    }
+
+    /// The per-minute budget this request took; settled with the tokens it really used.
+    pub fn set_rate_admission(&mut self, admission: key_rates::Admission) {
+        self.rate = Some(admission);
+    }
+
+    /// Gives back to the key's per-minute token budget what `outcome` did not use.
+    fn settle_rate(&mut self, outcome: &Outcome) {
+        if let Some(admission) = self.rate.take() {
+            admission.settle(
+                outcome
+                    .prompt_tokens
+                    .saturating_add(outcome.completion_tokens),
+                self.now.saturating_mul(1000),
+            );
         }
     }
 
@@ -737,12 +764,14 @@ impl Meter {
 
     /// Writes the outcome (and for credit keys the refund); returns (charged, balance) for credit keys.
     pub async fn settle(mut self, outcome: Outcome) -> Option<(Usdc, Usdc)> {
+        self.settle_rate(&outcome);
         let billing = self.billing.take()?;
         settle(self.store.clone(), billing, outcome, self.now).await
     }
 
     /// Settles in the background (from `Drop` paths that cannot wait).
     pub fn settle_later(mut self, outcome: Outcome) {
+        self.settle_rate(&outcome);
         if let Some(billing) = self.billing.take() {
             let store = self.store.clone();
             let now = self.now;
