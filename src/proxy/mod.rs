@@ -11,6 +11,7 @@
 //! (`usage_source = reservation`). An upstream that generates past the bound is an **overrun**: a stream is cut at
 //! the bound, the reservation is charged, and the usage row and a metric record it.
 
+pub mod anthropic;
 pub mod bound;
 pub mod pricing;
 pub mod sse;
