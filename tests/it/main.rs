@@ -18,6 +18,7 @@ mod postgres;
 mod proxy;
 mod replicas;
 mod reversals;
+mod routing;
 mod rpc_faults;
 mod secrets;
 mod support;
