@@ -762,6 +762,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         dir: &dir,
         gateway: &gateway_url,
         upstream: &upstream_url,
+        gpu_b_root: upstream_urls[1].trim_end_matches("/v1"),
         anvil_pid,
         block_time: args.block_time,
         confirmations: args.confirmations,
@@ -945,6 +946,8 @@ struct Banner<'a> {
     dir: &'a Path,
     gateway: &'a str,
     upstream: &'a str,
+    /// The second demo upstream's root (its fault switch is `/demo/fault` there).
+    gpu_b_root: &'a str,
     anvil_pid: u32,
     block_time: u64,
     confirmations: u64,
@@ -1062,6 +1065,14 @@ fn print_banner(b: &Banner) {
         "  curl -sN $GW/v1/chat/completions -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' -d '{chat_stream}'"
     ));
     line("  curl -s $GW/v1/usage -H \"Authorization: Bearer $KEY\"".into());
+    line("  # 5. the same key on Anthropic's Messages API (translated to the demo's chat completions)".into());
+    line("  curl -s $GW/v1/messages -H \"x-api-key: $KEY\" -H 'anthropic-version: 2023-06-01' -H 'Content-Type: application/json' -d '{\"model\":\"kimi-k2.6\",\"max_tokens\":16,\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'".into());
+    line(format!(
+        "  # 6. failover: make gpu-b fail; kimi-k2.6 keeps answering from gpu-a, gpu-b cools down (see /healthz), then heal it\n  \
+         curl -s -X POST {}/demo/fault -d '{{\"mode\":\"fail-500\"}}'; curl -s $GW/healthz\n  \
+         curl -s -X POST {}/demo/fault -d '{{\"mode\":\"healthy\"}}'",
+        b.gpu_b_root, b.gpu_b_root
+    ));
     line("  # or let the demo agent do all of it, credits and a pool block (dev wallet 1):".into());
     line("  cargo run -q -- demo".into());
     line(format!(
