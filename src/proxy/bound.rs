@@ -117,8 +117,14 @@ pub fn bound_request(
             0
         }
         Api::Embeddings => 0,
-        Api::Responses => responses_parts_bound(body, model)?,
-        Api::Messages => messages_parts_bound(body, model)?,
+        Api::Responses => {
+            refuse_foreign_multipliers(body)?;
+            responses_parts_bound(body, model)?
+        }
+        Api::Messages => {
+            refuse_foreign_multipliers(body)?;
+            messages_parts_bound(body, model)?
+        }
     };
     let prompt_tokens = (body_len as u64)
         .saturating_add(TEMPLATE_TOKEN_MARGIN)
@@ -422,6 +428,21 @@ fn messages_parts_bound(body: &Map<String, Value>, model: &Model) -> Result<u64,
     Ok(extra)
 }
 
+/// The Responses and Messages APIs have no `n` or length fields of their own besides their output field, but an
+/// upstream that shares its request model with chat completions (vLLM's servers do) may still read the chat ones:
+/// refused, so no field outside the API can multiply what is generated.
+fn refuse_foreign_multipliers(body: &Map<String, Value>) -> Result<(), BadParam> {
+    refuse_unbounded_fields(body)?;
+    match body.get("n") {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) if v.as_u64() == Some(1) => Ok(()),
+        Some(_) => Err(bad(
+            "n",
+            "`n` is not part of this API: one answer per request (use /v1/chat/completions for several choices)",
+        )),
+    }
+}
+
 /// Fields that make an upstream generate more than `max_tokens × n`, or name a length the gateway does not bound.
 fn refuse_unbounded_fields(body: &Map<String, Value>) -> Result<(), BadParam> {
     match body.get("best_of") {
@@ -681,6 +702,169 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    fn run_api(
+        api: Api,
+        v: Value,
+        payer: Payer,
+    ) -> Result<(Bound, Map<String, Value>), BoundError> {
+        let mut b = body(v);
+        let len = serde_json::to_vec(&b).unwrap().len();
+        let bound = bound_request(api, &mut b, len, &model(4), OutputLimitField::Both, payer)?;
+        Ok((bound, b))
+    }
+
+    fn refused_param(r: Result<(Bound, Map<String, Value>), BoundError>) -> &'static str {
+        match r {
+            Err(BoundError::Param(p)) => p.param,
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn completions_reserve_every_prompt_times_n_with_openais_default_length() {
+        let (b, out) = run_api(Api::Completions, json!({"prompt": "hi"}), Payer::Credit).unwrap();
+        assert_eq!(
+            (b.choices, b.output_tokens_per_choice),
+            (1, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        );
+        assert_eq!(out["max_tokens"], 16);
+        let (b, _) = run_api(
+            Api::Completions,
+            json!({"prompt": ["a", "b"], "n": 2, "max_tokens": 50, "max_completion_tokens": 7}),
+            Payer::Credit,
+        )
+        .unwrap();
+        assert_eq!(
+            (b.choices, b.output_tokens()),
+            (4, 28),
+            "the smaller field, 2 prompts × n = 2"
+        );
+        assert_eq!(
+            refused_param(run_api(
+                Api::Completions,
+                json!({"prompt": ["a", "b", "c"], "n": 2}),
+                Payer::Credit
+            )),
+            "prompt",
+            "6 completions > max_choices 4"
+        );
+        assert_eq!(
+            refused_param(run_api(
+                Api::Completions,
+                json!({"prompt": ["a", "b"]}),
+                Payer::Subscription
+            )),
+            "prompt"
+        );
+        let (b, _) = run_api(
+            Api::Completions,
+            json!({"prompt": [1, 2, 3]}),
+            Payer::Subscription,
+        )
+        .unwrap();
+        assert_eq!(b.choices, 1, "token ids are one prompt");
+        assert_eq!(
+            refused_param(run_api(
+                Api::Completions,
+                json!({"prompt": "x", "best_of": 3}),
+                Payer::Credit
+            )),
+            "best_of"
+        );
+    }
+
+    #[test]
+    fn responses_and_messages_write_their_own_field_and_refuse_foreign_multipliers() {
+        let (b, out) = run_api(
+            Api::Responses,
+            json!({"input": "hi", "max_output_tokens": 100000, "max_tokens": 5, "max_completion_tokens": 5}),
+            Payer::Credit,
+        )
+        .unwrap();
+        assert_eq!(
+            b.output_tokens(),
+            100,
+            "capped by the model, whatever other fields say"
+        );
+        assert_eq!(out["max_output_tokens"], 100);
+        assert!(!out.contains_key("max_tokens") && !out.contains_key("max_completion_tokens"));
+        for (field, value) in [
+            ("previous_response_id", json!("resp_1")),
+            ("conversation", json!("conv_1")),
+            ("background", json!(true)),
+            ("n", json!(3)),
+            ("best_of", json!(2)),
+            ("tools", json!([{"type": "web_search"}])),
+        ] {
+            let mut v = json!({"input": "hi"});
+            v[field] = value;
+            assert_eq!(
+                refused_param(run_api(Api::Responses, v, Payer::Credit)),
+                field
+            );
+        }
+        assert_eq!(
+            refused_param(run_api(
+                Api::Responses,
+                json!({"input": [{"type": "item_reference", "id": "x"}]}),
+                Payer::Credit
+            )),
+            "input"
+        );
+        assert_eq!(
+            refused_param(run_api(
+                Api::Messages,
+                json!({"messages": []}),
+                Payer::Credit
+            )),
+            "max_tokens"
+        );
+        let (b, out) = run_api(
+            Api::Messages,
+            json!({"messages": [], "max_tokens": 7, "max_completion_tokens": 9000}),
+            Payer::Credit,
+        )
+        .unwrap();
+        assert_eq!(b.output_tokens(), 7);
+        assert!(!out.contains_key("max_completion_tokens"));
+        assert_eq!(
+            refused_param(run_api(
+                Api::Messages,
+                json!({"messages": [], "max_tokens": 7, "n": 4}),
+                Payer::Credit
+            )),
+            "n"
+        );
+        let image = json!({"type": "image", "source": {"type": "url", "url": "https://x/y.png"}});
+        assert_eq!(
+            refused_param(run_api(
+                Api::Messages,
+                json!({"messages": [{"role": "user", "content": [{"type": "tool_result", "content": [image]}]}],
+                       "max_tokens": 7}),
+                Payer::Credit
+            )),
+            "messages",
+            "an image inside a tool result needs a bound too"
+        );
+    }
+
+    #[test]
+    fn embeddings_reserve_the_prompt_only_and_a_price_must_cover_it() {
+        let (b, _) = run_api(Api::Embeddings, json!({"input": "hi"}), Payer::Credit).unwrap();
+        assert_eq!(b.output_tokens(), 0);
+        assert!(b.prompt_tokens > TEMPLATE_TOKEN_MARGIN);
+        let long = "word ".repeat(5000);
+        let e = run_api(
+            Api::Embeddings,
+            json!({"input": long}),
+            Payer::PerRequest {
+                price: "0.0001".parse().unwrap(),
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, BoundError::Unaffordable { .. }));
     }
 
     #[test]
