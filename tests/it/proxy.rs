@@ -212,23 +212,31 @@ impl Stack {
     }
 
     async fn usage_row(&self, request_id: &str) -> x402_gateway::store::usage::UsageRow {
-        let store: Store = self.gw.store().await;
-        let id = request_id.to_string();
-        wait_for(&format!("usage row of {request_id} to settle"), || {
-            let store = store.clone();
-            let id = id.clone();
-            async move {
-                store
-                    .read(move |c| -> Result<_, x402_gateway::store::StoreError> {
-                        x402_gateway::store::usage::by_request_id(c, &id)
-                    })
-                    .await
-                    .unwrap()
-                    .filter(|r| r.status != "in_flight")
-            }
-        })
-        .await
+        settled_usage_row(&self.gw, request_id).await
     }
+}
+
+/// The usage row of `request_id` once it is settled (no longer `in_flight`).
+pub(crate) async fn settled_usage_row(
+    gw: &Gateway,
+    request_id: &str,
+) -> x402_gateway::store::usage::UsageRow {
+    let store: Store = gw.store().await;
+    let id = request_id.to_string();
+    wait_for(&format!("usage row of {request_id} to settle"), || {
+        let store = store.clone();
+        let id = id.clone();
+        async move {
+            store
+                .read(move |c| -> Result<_, x402_gateway::store::StoreError> {
+                    x402_gateway::store::usage::by_request_id(c, &id)
+                })
+                .await
+                .unwrap()
+                .filter(|r| r.status != "in_flight")
+        }
+    })
+    .await
 }
 
 pub(crate) fn messages(text: &str) -> Value {

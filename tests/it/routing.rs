@@ -12,7 +12,6 @@ use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use x402_gateway::dev::upstream::{DemoConfig, DemoServer, DemoStats};
-use x402_gateway::store::Store;
 use x402_gateway::usdc::Usdc;
 
 use crate::proxy::{MIDNIGHT, PRICES, messages};
@@ -168,24 +167,8 @@ impl Deployments {
             .unwrap()
     }
 
-    /// The settled usage row of `request_id`.
     async fn usage_row(&self, request_id: &str) -> x402_gateway::store::usage::UsageRow {
-        let store: Store = self.gw.store().await;
-        let id = request_id.to_string();
-        wait_for(&format!("usage row of {request_id}"), || {
-            let store = store.clone();
-            let id = id.clone();
-            async move {
-                store
-                    .read(move |c| -> Result<_, x402_gateway::store::StoreError> {
-                        x402_gateway::store::usage::by_request_id(c, &id)
-                    })
-                    .await
-                    .unwrap()
-                    .filter(|r| r.status != "in_flight")
-            }
-        })
-        .await
+        crate::proxy::settled_usage_row(&self.gw, request_id).await
     }
 
     async fn balance(&self, key: &str) -> Usdc {
