@@ -2019,6 +2019,76 @@ blocks = [
         assert_eq!(s.chain.network.chain_id, 8453);
     }
 
+    #[test]
+    fn a_model_has_one_upstream_or_weighted_deployments_and_routing_has_defaults() {
+        let ups = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://a/v1\"\n\
+                   [[upstreams]]\nname = \"b\"\nbase_url = \"http://b/v1\"\nmessages_api = \"native\"\n";
+        let model = |placement: &str| {
+            format!(
+                "{MINIMAL}{ups}[[models]]\nid = \"m\"\n{placement}\ninput_usdc_per_mtok = \"1\"\n\
+                 output_usdc_per_mtok = \"1\"\n"
+            )
+        };
+        let s = resolve(&model(
+            "deployments = [{ upstream = \"a\", weight = 3 }, { upstream = \"b\", upstream_model = \"m-b\" }]",
+        ))
+        .unwrap();
+        let d = &s.models[0].deployments;
+        assert_eq!(
+            (d[0].upstream, d[0].weight, d[0].upstream_model.as_str()),
+            (0, 3, "m")
+        );
+        assert_eq!(
+            (d[1].upstream, d[1].weight, d[1].upstream_model.as_str()),
+            (1, 1, "m-b")
+        );
+        assert_eq!(s.upstreams[1].messages_api, MessagesApi::Native);
+        assert_eq!(s.upstreams[0].messages_api, MessagesApi::Translate);
+        assert_eq!(
+            s.upstreams[0].first_byte_timeout,
+            s.upstreams[0].read_timeout
+        );
+        assert_eq!(
+            s.routing,
+            Routing {
+                failures_before_cooldown: 3,
+                cooldown: Duration::from_secs(30),
+                retry_other_deployment: true,
+            }
+        );
+        let s = resolve(&model("upstream = \"b\"\nupstream_model = \"x\"")).unwrap();
+        assert_eq!(s.models[0].deployments[0].upstream_model, "x");
+        for (placement, key) in [
+            ("", "models[0].upstream"),
+            (
+                "upstream = \"a\"\ndeployments = [{ upstream = \"b\" }]",
+                "models[0].deployments",
+            ),
+            (
+                "deployments = [{ upstream = \"a\" }, { upstream = \"a\" }]",
+                "models[0].deployments[1].upstream",
+            ),
+            (
+                "deployments = [{ upstream = \"a\", weight = 0 }]",
+                "models[0].deployments[0].weight",
+            ),
+            (
+                "deployments = [{ upstream = \"nope\" }]",
+                "models[0].deployments[0].upstream",
+            ),
+        ] {
+            let e = resolve(&model(placement)).unwrap_err().to_string();
+            assert!(e.contains(key), "{placement}: {e}");
+        }
+        let e = resolve(&format!(
+            "{}[routing]\ncooldown_secs = 0\n",
+            model("upstream = \"a\"")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("routing.cooldown_secs"), "{e}");
+    }
+
     const KEY: &str = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80";
 
     fn resolve_x402(section: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
