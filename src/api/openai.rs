@@ -52,13 +52,11 @@ pub fn router() -> Router<AppState> {
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
-/// Another method on an OpenAI route: 405 with `Allow`, in the OpenAI error shape (axum's own 405 has no body).
+/// Another method on one of these routes: 405 with `Allow`, in the route's error shape — OpenAI's, Anthropic's on
+/// `/v1/messages` (axum's own 405 has no body).
 async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
-    let allowed = if Api::of_path(uri.path()).is_some() {
-        "POST"
-    } else {
-        "GET"
-    };
+    let api = Api::of_path(uri.path());
+    let allowed = if api.is_some() { "POST" } else { "GET" };
     let mut response = OpenAiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request_error",
@@ -66,6 +64,9 @@ async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Respo
         format!("{method} is not served on {}; use {allowed}", uri.path()),
     )
     .into_response();
+    if api == Some(Api::Messages) {
+        response = anthropic_error(response).await;
+    }
     response
         .headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allowed));

@@ -12,6 +12,7 @@ mod dev;
 mod faults;
 mod fuzz;
 mod indexer;
+mod inference;
 mod limits;
 mod metering;
 mod postgres;
