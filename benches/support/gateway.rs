@@ -11,7 +11,26 @@ pub async fn start_gateway(
     config: &std::path::Path,
     envs: &[(&str, &str)],
 ) -> anyhow::Result<(Child, String)> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
+    start_gateway_under(&[], config, envs).await
+}
+
+/// [`start_gateway`] run under `wrapper` (a program and its arguments, e.g. `valgrind --tool=callgrind`, which
+/// keeps the binary's process id); an empty `wrapper` runs the binary itself.
+pub async fn start_gateway_under(
+    wrapper: &[String],
+    config: &std::path::Path,
+    envs: &[(&str, &str)],
+) -> anyhow::Result<(Child, String)> {
+    let binary = env!("CARGO_BIN_EXE_x402-gateway");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
+    let mut child = command
         .args(["--log", "warn,x402_gateway::api=info", "serve", "--config"])
         .arg(config)
         .envs(envs.iter().copied())
@@ -40,7 +59,8 @@ pub async fn start_gateway(
             }
         });
     }
-    let found = tokio::time::timeout(Duration::from_secs(60), async {
+    // Generous: under valgrind the start takes tens of seconds.
+    let found = tokio::time::timeout(Duration::from_secs(300), async {
         while let Some(line) = rx.recv().await {
             if let Some(i) = line.find("listening on http://") {
                 return Some(line[i + "listening on ".len()..].trim().to_string());
