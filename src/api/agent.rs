@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
@@ -28,7 +28,20 @@ pub fn router() -> Router<AppState> {
         .route("/api/agent/topup", post(topup))
         .route("/api/agent/keys/rotate", post(rotate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
-    agent.route("/v1", any(v1)).route("/v1/{*rest}", any(v1))
+    // GET and POST (the methods OpenAI's API uses); another method is a 405 with `Allow`, like the served routes.
+    agent
+        .route(
+            "/v1",
+            get(v1)
+                .post(v1)
+                .fallback(super::openai::wrong_method),
+        )
+        .route(
+            "/v1/{*rest}",
+            get(v1)
+                .post(v1)
+                .fallback(super::openai::wrong_method),
+        )
 }
 
 /// An error in the seed's `{success: false, error}` shape.

@@ -52,12 +52,15 @@ pub fn router() -> Router<AppState> {
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
-/// Another method on an OpenAI route: 405 with `Allow`, in the OpenAI error shape (axum's own 405 has no body).
-async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+/// Another method on an OpenAI route (or the `/v1` catch-alls, which serve GET and POST): 405 with `Allow`, in
+/// the OpenAI error shape (axum's own 405 has no body).
+pub(crate) async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     let allowed = if Api::of_path(uri.path()).is_some() {
         "POST"
-    } else {
+    } else if matches!(uri.path(), "/v1/models" | "/v1/usage") {
         "GET"
+    } else {
+        "GET, POST"
     };
     let mut response = OpenAiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
