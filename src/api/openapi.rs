@@ -1,6 +1,12 @@
 //! The OpenAPI 3.1 document served at `/openapi.json`, built from [`ROUTES`]: one entry per (method, path) the
 //! router serves. A test compares this list with the `.route(…)` registrations in `src/api/` and probes every
 //! documented path on a live server, so a route cannot be added without being documented.
+//!
+//! Each operation's exact contract — parameter patterns and formats, the request body's JSON Schema, every status
+//! it can send with its body shape and headers — is written next to the route table in `openapi_contract.json`
+//! (keyed `"<method> <path>"`) and laid over the generated operation. schemathesis checks the whole document
+//! against the running gateway (`tests/it/contract.rs`), and the route fuzzer checks that every status it sees on
+//! an operation is documented there, so the hand-written contract cannot drift from the server unnoticed.
 
 use serde_json::{Map, Value, json};
 
@@ -348,8 +354,47 @@ pub const ROUTES: &[RouteDoc] = &[
     },
 ];
 
+/// The per-operation contract laid over the generated document (see the module docs).
+const CONTRACT: &str = include_str!("openapi_contract.json");
+
+/// [`CONTRACT`] parsed (a unit test proves it parses; an unparsable one leaves the generated document as it is).
+fn contract() -> Value {
+    serde_json::from_str(CONTRACT).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "src/api/openapi_contract.json does not parse");
+        json!({})
+    })
+}
+
+/// Lays `overlay` (parameters, requestBody, responses) over the generated operation `op`: a parameter replaces the
+/// one of the same name and location, a response the one of the same status.
+fn overlay(op: &mut Map<String, Value>, overlay: &Value) {
+    if let Some(params) = overlay["parameters"].as_array() {
+        let mut merged: Vec<Value> = op
+            .get("parameters")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for p in params {
+            merged.retain(|q| q["name"] != p["name"] || q["in"] != p["in"]);
+            merged.push(p.clone());
+        }
+        op.insert("parameters".into(), Value::Array(merged));
+    }
+    if !overlay["requestBody"].is_null() {
+        op.insert("requestBody".into(), overlay["requestBody"].clone());
+    }
+    if let (Some(responses), Some(Value::Object(into))) =
+        (overlay["responses"].as_object(), op.get_mut("responses"))
+    {
+        for (status, response) in responses {
+            into.insert(status.clone(), response.clone());
+        }
+    }
+}
+
 /// The OpenAPI document.
 pub fn document(public_url: Option<&str>) -> Value {
+    let contract = contract();
     let mut paths: Map<String, Value> = Map::new();
     for route in ROUTES {
         let mut op = Map::new();
@@ -411,7 +456,7 @@ pub fn document(public_url: Option<&str>) -> Value {
                     json!({"description": "missing or wrong token"}),
                 );
                 responses.insert(
-                    "503".into(),
+                    "404".into(),
                     json!({"description": "no token configured: the route is off"}),
                 );
             }
@@ -459,6 +504,10 @@ pub fn document(public_url: Option<&str>) -> Value {
             responses.insert("503".into(), json!({"description": description}));
         }
         op.insert("responses".into(), Value::Object(responses));
+        overlay(
+            &mut op,
+            &contract["operations"][format!("{} {}", route.method, route.path)],
+        );
         let entry = paths
             .entry(route.path.to_string())
             .or_insert_with(|| json!({}));
@@ -472,7 +521,10 @@ pub fn document(public_url: Option<&str>) -> Value {
             "description": "Self-hosted x402 payment gateway for AI inference: USDC on Base in, OpenAI-compatible API keys out.",
         },
         "paths": paths,
-        "components": {"securitySchemes": {
+        "components": {
+            "schemas": contract["components"]["schemas"],
+            "headers": contract["components"]["headers"],
+            "securitySchemes": {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "an API key sk-…"},
             "anthropicApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "the same API key sk-…, as Anthropic's SDKs send it"},
             "auditorToken": {"type": "http", "scheme": "bearer", "description": "the read-only auditor token"},
@@ -483,4 +535,40 @@ pub fn document(public_url: Option<&str>) -> Value {
         doc["servers"] = json!([{"url": url}]);
     }
     doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The contract parses, and names only documented operations (a typo would silently document nothing).
+    #[test]
+    fn contract_parses_and_names_documented_operations() {
+        let contract: Value = serde_json::from_str(CONTRACT).unwrap();
+        let operations = contract["operations"].as_object().unwrap();
+        for key in operations.keys() {
+            assert!(
+                ROUTES
+                    .iter()
+                    .any(|r| format!("{} {}", r.method, r.path) == *key),
+                "openapi_contract.json names {key}, which ROUTES does not document"
+            );
+        }
+        // Every POST with a body the server reads declares it required; every referenced schema exists.
+        let doc = document(None);
+        let text = doc.to_string();
+        for (name, _) in contract["components"]["schemas"].as_object().unwrap() {
+            assert!(text.contains(&format!("#/components/schemas/{name}")), "{name} is unused");
+        }
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                if let Some(body) = op.get("requestBody") {
+                    assert_eq!(body["required"], true, "{method} {path}");
+                }
+                for (_, p) in op["parameters"].as_array().into_iter().flatten().enumerate() {
+                    assert!(p["schema"].is_object(), "{method} {path}: {p}");
+                }
+            }
+        }
+    }
 }
