@@ -392,6 +392,94 @@ fn overlay(op: &mut Map<String, Value>, overlay: &Value) {
     }
 }
 
+/// The OpenAPI document of a gateway configured with `settings`: [`document`], with the live catalog's pool slugs
+/// and block names as enums and the minimum top-up in the amount patterns, so that a request valid by the document
+/// is one the server accepts.
+pub fn document_for(settings: &crate::config::Settings) -> Value {
+    let mut doc = document(settings.public_url.as_deref());
+    let slugs: Vec<&str> = settings.pools.iter().map(|p| p.slug.as_str()).collect();
+    let mut blocks: Vec<&str> = Vec::new();
+    for pool in &settings.pools {
+        for block in &pool.blocks {
+            if !blocks.contains(&block.name.as_str()) {
+                blocks.push(&block.name);
+            }
+        }
+    }
+    let amount = min_amount_pattern(settings.credits.min_topup.atomic());
+    let paths = &mut doc["paths"];
+    let body = &mut paths["/api/agent/subscribe-pool"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"]["properties"];
+    body["poolSlug"] = json!({"type": "string", "enum": slugs});
+    body["blocks"]["items"] = json!({"type": "string", "enum": blocks});
+    let topup = &mut paths["/api/agent/topup"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"]["properties"]["amount"];
+    if let Some(amount) = &amount {
+        topup["anyOf"][0]["pattern"] = json!(amount);
+    }
+    let whole_min = (settings.credits.min_topup.atomic() + 999_999) / 1_000_000;
+    topup["anyOf"][1]["minimum"] = json!(whole_min);
+    for param in paths["/x402/credits/{amount}"]["post"]["parameters"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(amount), "amount") = (&amount, param["name"].as_str().unwrap_or("")) {
+            param["schema"]["pattern"] = json!(amount);
+        }
+    }
+    for param in paths["/x402/pools/{slug}"]["post"]["parameters"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        match param["name"].as_str() {
+            Some("slug") => param["schema"] = json!({"type": "string", "enum": slugs}),
+            Some("blocks") => {
+                param["schema"]["items"] = json!({"type": "string", "enum": blocks});
+            }
+            _ => {}
+        }
+    }
+    doc
+}
+
+/// A pattern for decimal USDC amounts (up to 12 integer and 6 fraction digits) of at least `min_atomic`, when the
+/// minimum is whole (`None` otherwise: the generic pattern stays, and the server answers 400 below the minimum).
+fn min_amount_pattern(min_atomic: i64) -> Option<String> {
+    if min_atomic % 1_000_000 != 0 {
+        return None;
+    }
+    let min = (min_atomic / 1_000_000).max(0);
+    let frac = "(\\.[0-9]{1,6})?";
+    if min == 0 {
+        return Some(format!("^[0-9]{{1,12}}{frac}$"));
+    }
+    let digits: Vec<u32> = min
+        .to_string()
+        .chars()
+        .filter_map(|c| c.to_digit(10))
+        .collect();
+    let d = digits.len();
+    if d > 12 {
+        return None;
+    }
+    // Integer parts of d digits at least `min`: `min` itself, or a prefix of it, then a larger digit, then any.
+    let mut alternatives = vec![min.to_string()];
+    for i in 0..d {
+        if digits[i] < 9 {
+            let prefix: String = digits[..i].iter().map(|x| x.to_string()).collect();
+            let rest = d - i - 1;
+            alternatives.push(format!("{prefix}[{}-9][0-9]{{{rest}}}", digits[i] + 1));
+        }
+    }
+    // Or more digits (no leading zero).
+    if d < 12 {
+        alternatives.push(format!("[1-9][0-9]{{{},11}}", d));
+    }
+    Some(format!("^({}){frac}$", alternatives.join("|")))
+}
+
 /// The OpenAPI document.
 pub fn document(public_url: Option<&str>) -> Value {
     let contract = contract();
@@ -541,6 +629,20 @@ pub fn document(public_url: Option<&str>) -> Value {
 mod tests {
     use super::*;
 
+    #[test]
+    fn min_amount_patterns() {
+        // schemathesis checks them against the server (tests/it/contract.rs); here, their shape.
+        assert_eq!(
+            min_amount_pattern(10_000_000).unwrap(),
+            "^(10|[2-9][0-9]{1}|1[1-9][0-9]{0}|[1-9][0-9]{2,11})(\\.[0-9]{1,6})?$"
+        );
+        assert_eq!(
+            min_amount_pattern(0).unwrap(),
+            "^[0-9]{1,12}(\\.[0-9]{1,6})?$"
+        );
+        assert_eq!(min_amount_pattern(500_000), None);
+    }
+
     /// The contract parses, and names only documented operations (a typo would silently document nothing).
     #[test]
     fn contract_parses_and_names_documented_operations() {
@@ -558,14 +660,22 @@ mod tests {
         let doc = document(None);
         let text = doc.to_string();
         for (name, _) in contract["components"]["schemas"].as_object().unwrap() {
-            assert!(text.contains(&format!("#/components/schemas/{name}")), "{name} is unused");
+            assert!(
+                text.contains(&format!("#/components/schemas/{name}")),
+                "{name} is unused"
+            );
         }
         for (path, ops) in doc["paths"].as_object().unwrap() {
             for (method, op) in ops.as_object().unwrap() {
                 if let Some(body) = op.get("requestBody") {
                     assert_eq!(body["required"], true, "{method} {path}");
                 }
-                for (_, p) in op["parameters"].as_array().into_iter().flatten().enumerate() {
+                for (_, p) in op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
                     assert!(p["schema"].is_object(), "{method} {path}: {p}");
                 }
             }
