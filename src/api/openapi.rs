@@ -408,6 +408,45 @@ pub fn document_for(settings: &crate::config::Settings) -> Value {
     }
     let amount = min_amount_pattern(settings.credits.min_topup.atomic());
     let paths = &mut doc["paths"];
+    // The inference routes serve the configured models; another `model` is a 404 (`model_not_found`).
+    let models: Vec<&str> = settings.models.iter().map(|m| m.id.as_str()).collect();
+    if !models.is_empty() {
+        for route in ROUTES
+            .iter()
+            .filter(|r| crate::proxy::Api::of_path(r.path).is_some())
+        {
+            let schema = &mut paths[route.path][route.method]["requestBody"]["content"]["application/json"]
+                ["schema"];
+            if schema.is_object() {
+                schema["properties"]["model"] = json!({"type": "string", "enum": models});
+            }
+        }
+    }
+    // Choices per request: prompts × n up to the model's max_choices for credit keys (1 for the others).
+    let max_choices = settings
+        .models
+        .iter()
+        .map(|m| m.max_choices)
+        .max()
+        .unwrap_or(1);
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let schema =
+            &mut paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"];
+        if schema["properties"]["n"].is_object() {
+            schema["properties"]["n"]["maximum"] = json!(max_choices);
+        }
+    }
+    // A completions prompt of several prompts (strings, or token-id arrays) makes one choice each.
+    for variant in paths["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"]["properties"]["prompt"]["anyOf"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        if variant["items"]["type"] == "string" || variant["items"]["type"] == "array" {
+            variant["maxItems"] = json!(max_choices);
+        }
+    }
     let body = &mut paths["/api/agent/subscribe-pool"]["post"]["requestBody"]["content"]["application/json"]
         ["schema"]["properties"];
     body["poolSlug"] = json!({"type": "string", "enum": slugs});
