@@ -200,9 +200,10 @@ pub fn request_to_chat(body: &Map<String, Value>) -> Result<Map<String, Value>, 
 
 fn translate_tool(t: &Value) -> Result<Value, BadParam> {
     // Server tools (web search, bash, text editor, …) carry a versioned `type` and run on Anthropic's side.
-    match t.get("type").and_then(Value::as_str) {
-        None | Some("custom") => {}
-        Some(other) => {
+    match t.get("type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(kind)) if kind == "custom" => {}
+        Some(Value::String(other)) => {
             return Err(bad(
                 "tools",
                 format!(
@@ -210,6 +211,7 @@ fn translate_tool(t: &Value) -> Result<Value, BadParam> {
                 ),
             ));
         }
+        Some(_) => return Err(bad("tools", "a tool's `type` must be a string")),
     }
     let Some(Value::String(name)) = t.get("name") else {
         return Err(bad("tools", "each tool needs a string `name`"));
