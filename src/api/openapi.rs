@@ -709,12 +709,7 @@ mod tests {
                 if let Some(body) = op.get("requestBody") {
                     assert_eq!(body["required"], true, "{method} {path}");
                 }
-                for (_, p) in op["parameters"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .enumerate()
-                {
+                for p in op["parameters"].as_array().into_iter().flatten() {
                     assert!(p["schema"].is_object(), "{method} {path}: {p}");
                 }
             }
