@@ -71,8 +71,9 @@ async fn admin(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let Some(expected) = state.settings.auth.admin_token.as_deref() else {
+        // A switched-off feature is not an outage: 404, as for a path that is not served.
         return page(
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::NOT_FOUND,
             "x402-gateway: status page off",
             "<h1>Status page off</h1><p>No admin token is configured: set <code>auth.admin_token_env</code> to the \
              name of an environment variable holding one.</p>",

@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
@@ -28,7 +28,16 @@ pub fn router() -> Router<AppState> {
         .route("/api/agent/topup", post(topup))
         .route("/api/agent/keys/rotate", post(rotate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
-    agent.route("/v1", any(v1)).route("/v1/{*rest}", any(v1))
+    // GET and POST (the methods OpenAI's API uses); another method is a 405 with `Allow`, like the served routes.
+    agent
+        .route(
+            "/v1",
+            get(v1).post(v1).fallback(super::openai::wrong_method),
+        )
+        .route(
+            "/v1/{*rest}",
+            get(v1).post(v1).fallback(super::openai::wrong_method),
+        )
 }
 
 /// An error in the seed's `{success: false, error}` shape.
@@ -206,7 +215,8 @@ fn signature(body: &Map<String, Value>) -> Result<Option<Vec<u8>>, ApiError> {
     alloy::hex::decode(hex).map(Some).map_err(|_| bad())
 }
 
-/// `amount`: a decimal string (`"50.00"`) or, for seed compatibility, a whole JSON number (`50`).
+/// `amount`: a decimal string (`"50.00"`) or, for seed compatibility, a whole JSON number (`50`, or `50.0`: JSON
+/// Schema's integers include it, and the OpenAPI document says integer).
 fn amount(body: &Map<String, Value>) -> Result<Usdc, ApiError> {
     let parsed = match body.get("amount") {
         None | Some(Value::Null) => return Err(ApiError::field("amount", "is required")),
@@ -215,6 +225,12 @@ fn amount(body: &Map<String, Value>) -> Result<Usdc, ApiError> {
             .map_err(|e| ApiError::field("amount", e.to_string()))?,
         Some(Value::Number(n)) => match n
             .as_u64()
+            .or_else(|| {
+                // Whole and exactly representable (below 2^53): the float names that integer.
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9_007_199_254_740_992.0)
+                    .map(|f| f as u64)
+            })
             .and_then(|v| i64::try_from(v).ok())
             .and_then(|v| v.checked_mul(1_000_000))
         {

@@ -1,5 +1,5 @@
 //! Auditor API `/api/audit/*`: read-only, behind `Authorization: Bearer <auditor or admin token>` (compared in
-//! constant time). Without a configured token the API answers 503 and never opens up.
+//! constant time). Without a configured token the API answers 404 and never opens up.
 //!
 //! Listings page by an opaque cursor (`?cursor=` from the previous `nextCursor`, `?limit=` ≤ 1000). With
 //! `Accept: text/csv` or `?format=csv` they stream the whole filtered range as CSV, read page by page.
@@ -88,8 +88,9 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
         .flatten()
         .collect();
     if tokens.is_empty() {
+        // A switched-off feature is not an outage: 404, as for a path that is not served.
         return Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::NOT_FOUND,
             "audit_disabled",
             "the audit API is off: no auditor or admin token is configured (set auth.auditor_token_env or \
              auth.admin_token_env to the name of an environment variable holding a token)",

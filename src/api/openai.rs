@@ -52,11 +52,17 @@ pub fn router() -> Router<AppState> {
         .layer(axum::extract::DefaultBodyLimit::disable())
 }
 
-/// Another method on one of these routes: 405 with `Allow`, in the route's error shape — OpenAI's, Anthropic's on
-/// `/v1/messages` (axum's own 405 has no body).
-async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+/// Another method on one of these routes (or the `/v1` catch-alls, which serve GET and POST): 405 with `Allow`, in
+/// the route's error shape — OpenAI's, Anthropic's on `/v1/messages` (axum's own 405 has no body).
+pub(crate) async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     let api = Api::of_path(uri.path());
-    let allowed = if api.is_some() { "POST" } else { "GET" };
+    let allowed = if api.is_some() {
+        "POST"
+    } else if matches!(uri.path(), "/v1/models" | "/v1/usage") {
+        "GET"
+    } else {
+        "GET, POST"
+    };
     let mut response = OpenAiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "invalid_request_error",

@@ -1,6 +1,12 @@
 //! The OpenAPI 3.1 document served at `/openapi.json`, built from [`ROUTES`]: one entry per (method, path) the
 //! router serves. A test compares this list with the `.route(…)` registrations in `src/api/` and probes every
 //! documented path on a live server, so a route cannot be added without being documented.
+//!
+//! Each operation's exact contract — parameter patterns and formats, the request body's JSON Schema, every status
+//! it can send with its body shape and headers — is written next to the route table in `openapi_contract.json`
+//! (keyed `"<method> <path>"`) and laid over the generated operation. schemathesis checks the whole document
+//! against the running gateway (`tests/it/contract.rs`), and the route fuzzer checks that every status it sees on
+//! an operation is documented there, so the hand-written contract cannot drift from the server unnoticed.
 
 use serde_json::{Map, Value, json};
 
@@ -348,8 +354,174 @@ pub const ROUTES: &[RouteDoc] = &[
     },
 ];
 
+/// The per-operation contract laid over the generated document (see the module docs).
+const CONTRACT: &str = include_str!("openapi_contract.json");
+
+/// [`CONTRACT`] parsed (a unit test proves it parses; an unparsable one leaves the generated document as it is).
+fn contract() -> Value {
+    serde_json::from_str(CONTRACT).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "src/api/openapi_contract.json does not parse");
+        json!({})
+    })
+}
+
+/// Lays `overlay` (parameters, requestBody, responses) over the generated operation `op`: a parameter replaces the
+/// one of the same name and location, a response the one of the same status.
+fn overlay(op: &mut Map<String, Value>, overlay: &Value) {
+    if let Some(params) = overlay["parameters"].as_array() {
+        let mut merged: Vec<Value> = op
+            .get("parameters")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for p in params {
+            merged.retain(|q| q["name"] != p["name"] || q["in"] != p["in"]);
+            merged.push(p.clone());
+        }
+        op.insert("parameters".into(), Value::Array(merged));
+    }
+    if !overlay["requestBody"].is_null() {
+        op.insert("requestBody".into(), overlay["requestBody"].clone());
+    }
+    if let (Some(responses), Some(Value::Object(into))) =
+        (overlay["responses"].as_object(), op.get_mut("responses"))
+    {
+        for (status, response) in responses {
+            into.insert(status.clone(), response.clone());
+        }
+    }
+}
+
+/// The OpenAPI document of a gateway configured with `settings`: [`document`], with the live catalog's pool slugs
+/// and block names as enums and the minimum top-up in the amount patterns, so that a request valid by the document
+/// is one the server accepts.
+pub fn document_for(settings: &crate::config::Settings) -> Value {
+    let mut doc = document(settings.public_url.as_deref());
+    let slugs: Vec<&str> = settings.pools.iter().map(|p| p.slug.as_str()).collect();
+    let mut blocks: Vec<&str> = Vec::new();
+    for pool in &settings.pools {
+        for block in &pool.blocks {
+            if !blocks.contains(&block.name.as_str()) {
+                blocks.push(&block.name);
+            }
+        }
+    }
+    let amount = min_amount_pattern(settings.credits.min_topup.atomic());
+    let paths = &mut doc["paths"];
+    // The inference routes serve the configured models; another `model` is a 404 (`model_not_found`).
+    let models: Vec<&str> = settings.models.iter().map(|m| m.id.as_str()).collect();
+    if !models.is_empty() {
+        for route in ROUTES
+            .iter()
+            .filter(|r| crate::proxy::Api::of_path(r.path).is_some())
+        {
+            let schema = &mut paths[route.path][route.method]["requestBody"]["content"]["application/json"]
+                ["schema"];
+            if schema.is_object() {
+                schema["properties"]["model"] = json!({"type": "string", "enum": models});
+            }
+        }
+    }
+    // Choices per request: prompts × n up to the model's max_choices for credit keys (1 for the others).
+    let max_choices = settings
+        .models
+        .iter()
+        .map(|m| m.max_choices)
+        .max()
+        .unwrap_or(1);
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let schema =
+            &mut paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"];
+        if schema["properties"]["n"].is_object() {
+            schema["properties"]["n"]["maximum"] = json!(max_choices);
+        }
+    }
+    // A completions prompt of several prompts (strings, or token-id arrays) makes one choice each.
+    for variant in paths["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"]["properties"]["prompt"]["anyOf"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        if variant["items"]["type"] == "string" || variant["items"]["type"] == "array" {
+            variant["maxItems"] = json!(max_choices);
+        }
+    }
+    let body = &mut paths["/api/agent/subscribe-pool"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"]["properties"];
+    body["poolSlug"] = json!({"type": "string", "enum": slugs});
+    body["blocks"]["items"] = json!({"type": "string", "enum": blocks});
+    let topup = &mut paths["/api/agent/topup"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"]["properties"]["amount"];
+    if let Some(amount) = &amount {
+        topup["anyOf"][0]["pattern"] = json!(amount);
+    }
+    let whole_min = (settings.credits.min_topup.atomic() + 999_999) / 1_000_000;
+    topup["anyOf"][1]["minimum"] = json!(whole_min);
+    for param in paths["/x402/credits/{amount}"]["post"]["parameters"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(amount), "amount") = (&amount, param["name"].as_str().unwrap_or("")) {
+            param["schema"]["pattern"] = json!(amount);
+        }
+    }
+    for param in paths["/x402/pools/{slug}"]["post"]["parameters"]
+        .as_array_mut()
+        .into_iter()
+        .flatten()
+    {
+        match param["name"].as_str() {
+            Some("slug") => param["schema"] = json!({"type": "string", "enum": slugs}),
+            Some("blocks") => {
+                param["schema"]["items"] = json!({"type": "string", "enum": blocks});
+            }
+            _ => {}
+        }
+    }
+    doc
+}
+
+/// A pattern for decimal USDC amounts (up to 12 integer and 6 fraction digits) of at least `min_atomic`, when the
+/// minimum is whole (`None` otherwise: the generic pattern stays, and the server answers 400 below the minimum).
+fn min_amount_pattern(min_atomic: i64) -> Option<String> {
+    if min_atomic % 1_000_000 != 0 {
+        return None;
+    }
+    let min = (min_atomic / 1_000_000).max(0);
+    let frac = "(\\.[0-9]{1,6})?";
+    if min == 0 {
+        return Some(format!("^[0-9]{{1,12}}{frac}$"));
+    }
+    let digits: Vec<u32> = min
+        .to_string()
+        .chars()
+        .filter_map(|c| c.to_digit(10))
+        .collect();
+    let d = digits.len();
+    if d > 12 {
+        return None;
+    }
+    // Integer parts of d digits at least `min`: `min` itself, or a prefix of it, then a larger digit, then any.
+    let mut alternatives = vec![min.to_string()];
+    for i in 0..d {
+        if digits[i] < 9 {
+            let prefix: String = digits[..i].iter().map(|x| x.to_string()).collect();
+            let rest = d - i - 1;
+            alternatives.push(format!("{prefix}[{}-9][0-9]{{{rest}}}", digits[i] + 1));
+        }
+    }
+    // Or more digits (no leading zero).
+    if d < 12 {
+        alternatives.push(format!("[1-9][0-9]{{{},11}}", d));
+    }
+    Some(format!("^({}){frac}$", alternatives.join("|")))
+}
+
 /// The OpenAPI document.
 pub fn document(public_url: Option<&str>) -> Value {
+    let contract = contract();
     let mut paths: Map<String, Value> = Map::new();
     for route in ROUTES {
         let mut op = Map::new();
@@ -411,7 +583,7 @@ pub fn document(public_url: Option<&str>) -> Value {
                     json!({"description": "missing or wrong token"}),
                 );
                 responses.insert(
-                    "503".into(),
+                    "404".into(),
                     json!({"description": "no token configured: the route is off"}),
                 );
             }
@@ -459,6 +631,10 @@ pub fn document(public_url: Option<&str>) -> Value {
             responses.insert("503".into(), json!({"description": description}));
         }
         op.insert("responses".into(), Value::Object(responses));
+        overlay(
+            &mut op,
+            &contract["operations"][format!("{} {}", route.method, route.path)],
+        );
         let entry = paths
             .entry(route.path.to_string())
             .or_insert_with(|| json!({}));
@@ -472,7 +648,10 @@ pub fn document(public_url: Option<&str>) -> Value {
             "description": "Self-hosted x402 payment gateway for AI inference: USDC on Base in, OpenAI-compatible API keys out.",
         },
         "paths": paths,
-        "components": {"securitySchemes": {
+        "components": {
+            "schemas": contract["components"]["schemas"],
+            "headers": contract["components"]["headers"],
+            "securitySchemes": {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "an API key sk-…"},
             "anthropicApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "the same API key sk-…, as Anthropic's SDKs send it"},
             "auditorToken": {"type": "http", "scheme": "bearer", "description": "the read-only auditor token"},
@@ -483,4 +662,57 @@ pub fn document(public_url: Option<&str>) -> Value {
         doc["servers"] = json!([{"url": url}]);
     }
     doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn min_amount_patterns() {
+        // schemathesis checks them against the server (tests/it/contract.rs); here, their shape.
+        assert_eq!(
+            min_amount_pattern(10_000_000).unwrap(),
+            "^(10|[2-9][0-9]{1}|1[1-9][0-9]{0}|[1-9][0-9]{2,11})(\\.[0-9]{1,6})?$"
+        );
+        assert_eq!(
+            min_amount_pattern(0).unwrap(),
+            "^[0-9]{1,12}(\\.[0-9]{1,6})?$"
+        );
+        assert_eq!(min_amount_pattern(500_000), None);
+    }
+
+    /// The contract parses, and names only documented operations (a typo would silently document nothing).
+    #[test]
+    fn contract_parses_and_names_documented_operations() {
+        let contract: Value = serde_json::from_str(CONTRACT).unwrap();
+        let operations = contract["operations"].as_object().unwrap();
+        for key in operations.keys() {
+            assert!(
+                ROUTES
+                    .iter()
+                    .any(|r| format!("{} {}", r.method, r.path) == *key),
+                "openapi_contract.json names {key}, which ROUTES does not document"
+            );
+        }
+        // Every POST with a body the server reads declares it required; every referenced schema exists.
+        let doc = document(None);
+        let text = doc.to_string();
+        for (name, _) in contract["components"]["schemas"].as_object().unwrap() {
+            assert!(
+                text.contains(&format!("#/components/schemas/{name}")),
+                "{name} is unused"
+            );
+        }
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                if let Some(body) = op.get("requestBody") {
+                    assert_eq!(body["required"], true, "{method} {path}");
+                }
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    assert!(p["schema"].is_object(), "{method} {path}: {p}");
+                }
+            }
+        }
+    }
 }

@@ -163,8 +163,6 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(axum::http::header::CACHE_CONTROL, "no-cache")],
-        Json(super::openapi::document(
-            state.settings.public_url.as_deref(),
-        )),
+        Json(super::openapi::document_for(&state.settings)),
     )
 }

@@ -490,7 +490,9 @@ fn count_prompt_tokens(body: &Value) -> u64 {
 /// A `prompt` or `input` of the completions and embeddings APIs, as its prompts' token counts: a string, an array
 /// of strings, an array of token ids, or an array of token-id arrays. `None` when it is none of those (or empty).
 fn prompt_lengths(v: &Value) -> Option<Vec<(u64, String)>> {
-    let is_ids = |a: &[Value]| !a.is_empty() && a.iter().all(Value::is_u64);
+    // A token id is a whole number (`55.0` too, as JSON Schema and OpenAI's own parser take it).
+    let is_id = |x: &Value| x.is_u64() || x.as_f64().is_some_and(|f| f >= 0.0 && f.fract() == 0.0);
+    let is_ids = |a: &[Value]| !a.is_empty() && a.iter().all(is_id);
     match v {
         Value::String(s) => Some(vec![(words(s), s.clone())]),
         Value::Array(a) if a.is_empty() => None,

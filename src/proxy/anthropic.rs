@@ -64,8 +64,9 @@ pub fn request_to_chat(body: &Map<String, Value>) -> Result<Map<String, Value>, 
         _ => return Err(bad("model", "`model` must be a string")),
     }
     match body.get("max_tokens") {
-        Some(v @ Value::Number(n)) if n.as_u64().is_some_and(|n| n >= 1) => {
-            chat.insert("max_tokens".into(), v.clone());
+        // A whole number (`16.0` too: JSON Schema's integers include it), forwarded as an integer.
+        Some(Value::Number(n)) if whole(n).is_some_and(|n| n >= 1) => {
+            chat.insert("max_tokens".into(), json!(whole(n)));
         }
         None | Some(Value::Null) => return Err(bad("max_tokens", "`max_tokens` is required")),
         Some(_) => return Err(bad("max_tokens", "`max_tokens` must be a positive integer")),
@@ -199,9 +200,10 @@ pub fn request_to_chat(body: &Map<String, Value>) -> Result<Map<String, Value>, 
 
 fn translate_tool(t: &Value) -> Result<Value, BadParam> {
     // Server tools (web search, bash, text editor, …) carry a versioned `type` and run on Anthropic's side.
-    match t.get("type").and_then(Value::as_str) {
-        None | Some("custom") => {}
-        Some(other) => {
+    match t.get("type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(kind)) if kind == "custom" => {}
+        Some(Value::String(other)) => {
             return Err(bad(
                 "tools",
                 format!(
@@ -209,6 +211,7 @@ fn translate_tool(t: &Value) -> Result<Value, BadParam> {
                 ),
             ));
         }
+        Some(_) => return Err(bad("tools", "a tool's `type` must be a string")),
     }
     let Some(Value::String(name)) = t.get("name") else {
         return Err(bad("tools", "each tool needs a string `name`"));
@@ -294,6 +297,15 @@ fn tool_result_text(block: &Value) -> Result<String, BadParam> {
             "`tool_result.content` must be a string or text blocks",
         )),
     }
+}
+
+/// `n` as a whole non-negative number: an integer, or a float without a fraction below 2^53.
+fn whole(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9_007_199_254_740_992.0)
+            .map(|f| f as u64)
+    })
 }
 
 fn block_type(block: &Value) -> Result<&str, BadParam> {

@@ -206,12 +206,21 @@ fn model_prices(model: &Model) -> Prices {
     }
 }
 
+/// `v` as a whole non-negative number: an integer, or a float without a fraction (`16.0`: JSON Schema's integers
+/// include it, and the upstreams' parsers take it).
+pub(crate) fn whole(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 18_446_744_073_709_551_616.0)
+            .map(|f| f as u64)
+    })
+}
+
 /// `field` as a positive integer, if present.
 fn positive(body: &Map<String, Value>, field: &'static str) -> Result<Option<u64>, BadParam> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
+        Some(v) => whole(v)
             .filter(|n| *n > 0)
             .map(Some)
             .ok_or_else(|| bad(field, format!("`{field}` must be a positive integer"))),
@@ -435,7 +444,7 @@ fn refuse_foreign_multipliers(body: &Map<String, Value>) -> Result<(), BadParam>
     refuse_unbounded_fields(body)?;
     match body.get("n") {
         None | Some(Value::Null) => Ok(()),
-        Some(v) if v.as_u64() == Some(1) => Ok(()),
+        Some(v) if whole(v) == Some(1) => Ok(()),
         Some(_) => Err(bad(
             "n",
             "`n` is not part of this API: one answer per request (use /v1/chat/completions for several choices)",
@@ -447,7 +456,7 @@ fn refuse_foreign_multipliers(body: &Map<String, Value>) -> Result<(), BadParam>
 fn refuse_unbounded_fields(body: &Map<String, Value>) -> Result<(), BadParam> {
     match body.get("best_of") {
         None | Some(Value::Null) => {}
-        Some(v) if v.as_u64() == Some(1) => {}
+        Some(v) if whole(v) == Some(1) => {}
         Some(_) => {
             return Err(bad(
                 "best_of",
@@ -476,8 +485,7 @@ fn refuse_unbounded_fields(body: &Map<String, Value>) -> Result<(), BadParam> {
 fn choices(body: &Map<String, Value>, model: &Model, payer: Payer) -> Result<u64, BadParam> {
     let n = match body.get("n") {
         None | Some(Value::Null) => return Ok(1),
-        Some(v) => v
-            .as_u64()
+        Some(v) => whole(v)
             .filter(|n| *n > 0)
             .ok_or_else(|| bad("n", "`n` must be a positive integer"))?,
     };
@@ -503,8 +511,7 @@ fn requested_output(body: &Map<String, Value>) -> Result<Option<u64>, BadParam> 
         match body.get(field) {
             None | Some(Value::Null) => {}
             Some(v) => {
-                let n = v
-                    .as_u64()
+                let n = whole(v)
                     .filter(|n| *n > 0)
                     .ok_or_else(|| bad(field, format!("`{field}` must be a positive integer")))?;
                 requested = Some(requested.map_or(n, |r| r.min(n)));

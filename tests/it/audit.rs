@@ -802,8 +802,11 @@ fn openapi_documents_every_registered_route() {
             continue;
         }
         let text = std::fs::read_to_string(&p).unwrap();
-        for (i, _) in text.match_indices(".route(\"") {
-            let rest = &text[i + ".route(\"".len()..];
+        // `.route("…", …)`, the path on the same line or (as rustfmt wraps a long handler) the next.
+        for (i, _) in text.match_indices(".route(") {
+            let Some(rest) = text[i + ".route(".len()..].trim_start().strip_prefix('"') else {
+                continue;
+            };
             let path = &rest[..rest.find('"').unwrap()];
             // The handler expression: up to the `)` closing `.route(`.
             let mut depth = 1;

@@ -48,8 +48,8 @@ use x402_gateway::params;
 
 /// 2026-01-01T01:00:00Z: inside the pool's asia block.
 const NOW: i64 = 1_767_225_600 + 3600;
-const AUDITOR: &str = "auditor-token-0123456789";
-const ADMIN: &str = "admin-token-0123456789";
+pub(crate) const AUDITOR: &str = "auditor-token-0123456789";
+pub(crate) const ADMIN: &str = "admin-token-0123456789";
 const HOT_ENV: &str = "FUZZ_X402_HOT_KEY";
 
 /// Cases per route (and per decoder property).
@@ -90,14 +90,15 @@ const STATE_TABLES: &[&str] = &[
     "transfer_status_history",
 ];
 
-struct Target {
+/// A gateway with tokens, keys and payments to use (also the target of the contract test, `contract.rs`).
+pub(crate) struct Target {
     chain: TestChain,
-    gw: Gateway,
+    pub(crate) gw: Gateway,
     http: reqwest::Client,
     store: Store,
     _upstream: Arc<DemoStats>,
     _dir: tempfile::TempDir,
-    credit_key: String,
+    pub(crate) credit_key: String,
     pool_key: String,
     /// Confirmed, unclaimed payments of payer 1 (two of 20 USDC, one of 0.50): (tx, claim signature).
     paid: Vec<(String, String)>,
@@ -184,7 +185,7 @@ fn hex_sig(signer: &PrivateKeySigner, text: &str) -> String {
 }
 
 impl Target {
-    async fn start() -> Target {
+    pub(crate) async fn start() -> Target {
         let chain = TestChain::start().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream_url = format!("http://{}/v1", listener.local_addr().unwrap());
@@ -1485,6 +1486,7 @@ fn every_public_route_refuses_hostile_input_without_5xx_or_state_change() {
     let mut total = 0;
     // Every route is run even when an earlier one fails, so one run reports every finding.
     let mut failures = Vec::new();
+    let document = x402_gateway::api::openapi::document_for(&t.gw.settings());
     for (method, path) in &routes {
         let strategy = route_cases(&t, method, path);
         let route_started = std::time::Instant::now();
@@ -1495,9 +1497,27 @@ fn every_public_route_refuses_hostile_input_without_5xx_or_state_change() {
         if let Err(e) = result {
             failures.push(format!("{method} {path}: {e}"));
         }
+        let seen = seen.into_inner().unwrap();
+        // Every status the route answered is one its operation documents (with the key, tokens and gateway the
+        // document is served for); another method's 405 and a path that left the route (404 `no_route`) are the
+        // router's, documented by what the path serves.
+        let responses = &document["paths"][path.as_str()][method.as_str()]["responses"];
+        let undocumented: Vec<String> = seen
+            .keys()
+            .filter(|(status, code)| {
+                responses.get(status.to_string()).is_none()
+                    && *status != 405
+                    && !(*status == 404 && code == "no_route")
+            })
+            .map(|(status, code)| format!("{status} {code}"))
+            .collect();
+        if !undocumented.is_empty() {
+            failures.push(format!(
+                "{method} {path} answered statuses src/api/openapi_contract.json does not document: {}",
+                undocumented.join(", ")
+            ));
+        }
         let seen: Vec<String> = seen
-            .into_inner()
-            .unwrap()
             .into_iter()
             .map(|((status, code), n)| format!("{status} {code}: {n}"))
             .collect();

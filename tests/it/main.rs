@@ -7,6 +7,7 @@ mod checkout;
 mod cli;
 mod clients;
 mod concurrency;
+mod contract;
 mod crash;
 mod dev;
 mod faults;
