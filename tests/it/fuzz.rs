@@ -435,7 +435,7 @@ fn shape_of(path: &str) -> Shape {
 /// Whether a 2xx on this (method, path) may change state.
 fn may_write(method: &str, path: &str) -> bool {
     method == "POST"
-        && (path == "/v1/chat/completions"
+        && (x402_gateway::proxy::Api::of_path(path).is_some()
             || path.starts_with("/api/agent/")
             || path.starts_with("/x402/"))
 }
