@@ -38,14 +38,8 @@ fn claim_sig(chain: &TestChain, payer: usize, tx: &str) -> String {
 
 /// Sends a signed payment (kept, to mine the very same transaction again after a reorg); returns its block.
 async fn send(chain: &TestChain, raw: &Bytes) -> u64 {
-    let receipt = chain
-        .provider
-        .send_raw_transaction(raw)
-        .await
-        .unwrap()
-        .get_receipt()
-        .await
-        .unwrap();
+    let pending = chain.provider.send_raw_transaction(raw).await.unwrap();
+    let receipt = chain.receipt(*pending.tx_hash()).await;
     assert!(receipt.status());
     receipt.block_number.unwrap()
 }

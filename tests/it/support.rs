@@ -120,6 +120,20 @@ impl TestChain {
         }
     }
 
+    /// The receipt of `hash`, polled until anvil has it. (alloy's `PendingTransaction::get_receipt` can fail with
+    /// `NullResp` when the node answers its receipt query before the transaction is indexed, which a loaded
+    /// machine makes likely: seen once in `reversals`.)
+    pub async fn receipt(&self, hash: B256) -> alloy::rpc::types::TransactionReceipt {
+        wait_for(&format!("the receipt of {hash:#x}"), || async move {
+            self.provider
+                .get_transaction_receipt(hash)
+                .await
+                .ok()
+                .flatten()
+        })
+        .await
+    }
+
     /// Sends `amount` of `token` from `from` to `to`; returns (tx hash, block number).
     pub async fn transfer_token(
         &self,
@@ -128,15 +142,13 @@ impl TestChain {
         to: Address,
         amount: Usdc,
     ) -> (String, u64) {
-        let receipt = TestUSDC::new(token, &self.provider)
+        let pending = TestUSDC::new(token, &self.provider)
             .transfer(to, U256::from(amount.atomic() as u64))
             .from(from)
             .send()
             .await
-            .expect("transfer sent")
-            .get_receipt()
-            .await
-            .expect("transfer mined");
+            .expect("transfer sent");
+        let receipt = self.receipt(*pending.tx_hash()).await;
         assert!(receipt.status(), "transfer reverted");
         (
             format!("{:#x}", receipt.transaction_hash),
