@@ -548,7 +548,7 @@ async fn serve(
             if let Some(a) = admission {
                 a.settle(0, now.saturating_mul(1000));
             }
-            return Err(with_rate_headers(refused, headers));
+            return Err(with_rate_headers(refused, headers, api, now));
         }
     };
     let headers = admission.as_ref().map(|a| *a.headers());
@@ -557,8 +557,8 @@ async fn serve(
     )
     .await;
     match answer {
-        Ok(r) => Ok(with_rate_headers(r, headers)),
-        Err(r) => Err(with_rate_headers(r, headers)),
+        Ok(r) => Ok(with_rate_headers(r, headers, api, now)),
+        Err(r) => Err(with_rate_headers(r, headers, api, now)),
     }
 }
 
@@ -601,7 +601,12 @@ fn admit_rate(
                 ),
             )
             .into_response();
-            Err(with_rate_headers(response, Some(refusal.headers)))
+            Err(with_rate_headers(
+                response,
+                Some(refusal.headers),
+                prepared.api,
+                now,
+            ))
         }
         Err(refusal) => {
             crate::metrics::record_metering_refusal(
@@ -619,14 +624,29 @@ fn admit_rate(
             )
             .retry_after(refusal.retry_after_secs.max(1))
             .into_response();
-            Err(with_rate_headers(response, Some(refusal.headers)))
+            Err(with_rate_headers(
+                response,
+                Some(refusal.headers),
+                prepared.api,
+                now,
+            ))
         }
     }
 }
 
-fn with_rate_headers(mut response: Response, headers: Option<RateHeaders>) -> Response {
+/// OpenAI's rate-limit headers on every answer of a limited key, and Anthropic's too on `/v1/messages` (`now`:
+/// the gateway's clock, seconds).
+fn with_rate_headers(
+    mut response: Response,
+    headers: Option<RateHeaders>,
+    api: Api,
+    now: i64,
+) -> Response {
     if let Some(h) = headers {
         h.apply(response.headers_mut());
+        if api == Api::Messages {
+            h.apply_anthropic(response.headers_mut(), now.saturating_mul(1000));
+        }
     }
     response
 }

@@ -145,6 +145,49 @@ impl RateHeaders {
     }
 }
 
+impl RateHeaders {
+    /// Anthropic's rate-limit headers as well (`/v1/messages`): `anthropic-ratelimit-{requests,tokens}-{limit,
+    /// remaining,reset}`, the reset as the RFC 3339 time the bucket is full again (Anthropic's format), from
+    /// `now_ms`.
+    pub fn apply_anthropic(&self, headers: &mut HeaderMap, now_ms: i64) {
+        let axes = [
+            (
+                self.requests,
+                [
+                    "anthropic-ratelimit-requests-limit",
+                    "anthropic-ratelimit-requests-remaining",
+                    "anthropic-ratelimit-requests-reset",
+                ],
+            ),
+            (
+                self.tokens,
+                [
+                    "anthropic-ratelimit-tokens-limit",
+                    "anthropic-ratelimit-tokens-remaining",
+                    "anthropic-ratelimit-tokens-reset",
+                ],
+            ),
+        ];
+        for (state, [limit, remaining, reset]) in axes {
+            let Some(s) = state else { continue };
+            // Rounded up to the second: the bucket is full by then.
+            let full_at = now_ms
+                .saturating_add(i64::try_from(s.reset_ms).unwrap_or(i64::MAX))
+                .saturating_add(999)
+                .div_euclid(1000);
+            for (name, value) in [
+                (limit, s.limit.to_string()),
+                (remaining, s.remaining.to_string()),
+                (reset, crate::billing::rfc3339(full_at)),
+            ] {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.insert(HeaderName::from_static(name), value);
+                }
+            }
+        }
+    }
+}
+
 /// A duration in milliseconds the way OpenAI writes its resets (Go's `time.Duration` format at millisecond
 /// resolution): `0s`, `20ms`, `1s`, `1.5s`, `6m0s`, `1h0m0s`.
 pub fn go_duration(ms: u64) -> String {

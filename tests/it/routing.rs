@@ -499,6 +499,41 @@ async fn per_key_limits_answer_429_with_openai_headers_and_spare_other_keys() {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["param"], "max_completion_tokens", "{body}");
 
+    // On /v1/messages the same limits answer in Anthropic's shape, with Anthropic's headers too (reset as the
+    // RFC 3339 time the bucket is full: b spent its 4 requests at the frozen clock, so a minute from now).
+    let messages = |key: &str| {
+        d.gw.http
+            .post(format!("{}/v1/messages", d.gw.base))
+            .header("x-api-key", key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({"model": "demo", "max_tokens": 2, "messages": messages("hi")}))
+    };
+    let resp = messages(&b).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let h = resp.headers().clone();
+    assert_eq!(h["anthropic-ratelimit-requests-remaining"], "0");
+    assert_eq!(h["anthropic-ratelimit-requests-limit"], "4");
+    assert_eq!(
+        h["anthropic-ratelimit-requests-reset"],
+        "2026-01-01T01:01:00Z"
+    );
+    assert_eq!(rate(&h, "remaining-requests").as_deref(), Some("0"));
+    assert!(h.contains_key("retry-after"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["type"], "error", "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    let c = d.credit_key(0x33, "10").await;
+    let resp = messages(&c).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let h = resp.headers();
+    assert_eq!(h["anthropic-ratelimit-requests-remaining"], "3");
+    assert_eq!(
+        h["anthropic-ratelimit-requests-reset"],
+        "2026-01-01T01:00:15Z"
+    );
+    assert_eq!(h["anthropic-ratelimit-tokens-limit"], "900");
+    assert!(h.contains_key("anthropic-ratelimit-tokens-reset"));
+
     // Time refills: 15 s later key a has one request again.
     d.gw.set_time(MIDNIGHT + 3600 + 15);
     let resp = d.chat(&a, small).send().await.unwrap();
