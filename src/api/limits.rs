@@ -570,12 +570,8 @@ enum Credential {
 }
 
 async fn credential(state: &AppState, headers: &HeaderMap) -> Credential {
-    let Some(presented) = super::audit::bearer(headers).or_else(|| {
-        headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    }) else {
+    // A key as the inference routes read it (Bearer, else `x-api-key`); operator tokens come as Bearer.
+    let Some(presented) = super::openai::presented_key(headers) else {
         return Credential::None;
     };
     if crate::keys::parse(presented).is_some() {

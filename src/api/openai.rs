@@ -244,41 +244,25 @@ fn price_of(model: &crate::config::Model) -> Prices {
     }
 }
 
-async fn chat_completions(
-    state: State<AppState>,
-    checked: Option<Extension<AuthorizedKey>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    infer(Api::Chat, state, checked, headers, body).await
+/// A handler serving one inference API through [`infer`] (one named function per route, as the route table and
+/// its test read them).
+macro_rules! inference_route {
+    ($name:ident, $api:expr) => {
+        async fn $name(
+            state: State<AppState>,
+            checked: Option<Extension<AuthorizedKey>>,
+            headers: HeaderMap,
+            body: Body,
+        ) -> Response {
+            infer($api, state, checked, headers, body).await
+        }
+    };
 }
 
-async fn completions(
-    state: State<AppState>,
-    checked: Option<Extension<AuthorizedKey>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    infer(Api::Completions, state, checked, headers, body).await
-}
-
-async fn embeddings(
-    state: State<AppState>,
-    checked: Option<Extension<AuthorizedKey>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    infer(Api::Embeddings, state, checked, headers, body).await
-}
-
-async fn responses(
-    state: State<AppState>,
-    checked: Option<Extension<AuthorizedKey>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    infer(Api::Responses, state, checked, headers, body).await
-}
+inference_route!(chat_completions, Api::Chat);
+inference_route!(completions, Api::Completions);
+inference_route!(embeddings, Api::Embeddings);
+inference_route!(responses, Api::Responses);
 
 /// Anthropic Messages: the same path, with Anthropic's error shape.
 async fn messages(
@@ -447,9 +431,9 @@ async fn serve(
             .retry_after(wait)
             .into_response());
         }
-        let prepared = proxy::prepare(api, object, body_len, model, Payer::Subscription)
-            .map_err(|e| bound_refused(&model_id, e))?;
-        untranslatable(&prepared, model, &settings)?;
+        let prepared =
+            proxy::prepare(api, object, body_len, model, &settings, Payer::Subscription)
+                .map_err(|e| bound_refused(&model_id, e))?;
         admission = admit_rate(state, &model_id, record.id, pool.key_rate, &prepared, now)?;
         // One request at a time per subscription, whichever of its keys (a rotated one too) sends it.
         let owner = SlotOwner::Subscription(record.subscription_id.unwrap_or(-record.id));
@@ -473,9 +457,8 @@ async fn serve(
         let usage = new_usage(&prepared);
         (prepared, Charge::Subscription { usage, slot })
     } else {
-        let prepared = proxy::prepare(api, object, body_len, model, Payer::Credit)
+        let prepared = proxy::prepare(api, object, body_len, model, &settings, Payer::Credit)
             .map_err(|e| bound_refused(&model_id, e))?;
-        untranslatable(&prepared, model, &settings)?;
         admission = admit_rate(
             state,
             &model_id,
@@ -680,8 +663,14 @@ async fn per_request(
         return Err(unknown_model(&model_id));
     };
     // Bound first: the price must cover the prompt bound and the output it buys, before a payment is looked at.
-    let prepared = match proxy::prepare(api, object, body.len(), model, Payer::PerRequest { price })
-    {
+    let prepared = match proxy::prepare(
+        api,
+        object,
+        body.len(),
+        model,
+        &settings,
+        Payer::PerRequest { price },
+    ) {
         Ok(p) => p,
         Err(BoundError::Unaffordable { needed, price }) => {
             crate::metrics::record_metering_refusal(&model_id, "prompt_over_price");
@@ -694,7 +683,6 @@ async fn per_request(
         }
         Err(e) => return Err(bound_refused(&model_id, e)),
     };
-    untranslatable(&prepared, model, &settings)?;
     let paid =
         match super::x402::authorize_per_request(state, headers, api, &model_id, price).await? {
             Some(paid) => paid,
@@ -979,19 +967,6 @@ async fn read_limited(
         out.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(out))
-}
-
-/// A request a deployment would need translated and that cannot be: 400 naming the parameter, before anything
-/// is reserved or paid.
-#[allow(clippy::result_large_err)] // The error is the response to send, as in the handlers.
-fn untranslatable(
-    prepared: &proxy::Prepared,
-    model: &crate::config::Model,
-    settings: &crate::config::Settings,
-) -> Result<(), Response> {
-    prepared
-        .check_translatable(model, settings)
-        .map_err(|p| OpenAiError::invalid(p.param, p.message).into_response())
 }
 
 /// A request the gateway cannot bound: 400 naming the parameter.

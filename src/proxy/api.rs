@@ -101,42 +101,42 @@ impl Api {
     /// Output tokens estimated from a non-streamed answer's text (4 bytes a token), for an answer without usage.
     pub fn estimate_output_tokens(self, answer: &Value) -> u64 {
         let mut bytes = 0usize;
-        let mut add = |v: &Value| bytes += v.as_str().map_or(0, str::len);
+        let mut add = |text: Option<&str>| bytes += text.map_or(0, str::len);
         match self {
             Api::Chat => {
                 for choice in answer["choices"].as_array().into_iter().flatten() {
                     let message = &choice["message"];
                     for field in ["content", "reasoning_content", "reasoning"] {
-                        add(&message[field]);
+                        add(message[field].as_str());
                     }
                     for call in message["tool_calls"].as_array().into_iter().flatten() {
-                        add(&call["function"]["arguments"]);
+                        add(call["function"]["arguments"].as_str());
                     }
                 }
             }
             Api::Completions => {
                 for choice in answer["choices"].as_array().into_iter().flatten() {
-                    add(&choice["text"]);
+                    add(choice["text"].as_str());
                 }
             }
             Api::Embeddings => {}
             Api::Responses => {
                 for item in answer["output"].as_array().into_iter().flatten() {
-                    add(&item["arguments"]);
+                    add(item["arguments"].as_str());
                     for part in item["content"].as_array().into_iter().flatten() {
-                        add(&part["text"]);
+                        add(part["text"].as_str());
                     }
                     for part in item["summary"].as_array().into_iter().flatten() {
-                        add(&part["text"]);
+                        add(part["text"].as_str());
                     }
                 }
             }
             Api::Messages => {
                 for block in answer["content"].as_array().into_iter().flatten() {
-                    add(&block["text"]);
-                    add(&block["thinking"]);
+                    add(block["text"].as_str());
+                    add(block["thinking"].as_str());
                     if let Some(input) = block.get("input") {
-                        add(&Value::String(input.to_string()));
+                        add(Some(&input.to_string()));
                     }
                 }
             }

@@ -482,6 +482,8 @@ pub struct Prepared {
     pub client_wants_usage: bool,
     /// The gateway's bound on this request (its output part is written into `body`).
     pub bound: Bound,
+    /// An Anthropic request as chat completions, made once when a deployment of the model needs it translated.
+    chat_translation: Option<serde_json::Map<String, Value>>,
 }
 
 /// A request as one deployment receives it.
@@ -507,7 +509,11 @@ impl Prepared {
         let translate =
             self.api == Api::Messages && upstream.messages_api == MessagesApi::Translate;
         let (api, mut body) = if translate {
-            (Api::Chat, anthropic::request_to_chat(&self.body)?)
+            let chat = match &self.chat_translation {
+                Some(chat) => chat.clone(),
+                None => anthropic::request_to_chat(&self.body)?,
+            };
+            (Api::Chat, chat)
         } else {
             (self.api, self.body.clone())
         };
@@ -538,29 +544,15 @@ impl Prepared {
     }
 }
 
-impl Prepared {
-    /// Refuses, before anything is reserved or paid, a request that some deployment of `model` would need
-    /// translated and that cannot be (an Anthropic request with a block chat completions cannot carry).
-    pub fn check_translatable(&self, model: &Model, settings: &Settings) -> Result<(), BadParam> {
-        let translates = model.deployments.iter().any(|d| {
-            settings
-                .upstreams
-                .get(d.upstream)
-                .is_some_and(|u| u.messages_api == MessagesApi::Translate)
-        });
-        if self.api == Api::Messages && translates {
-            anthropic::request_to_chat(&self.body)?;
-        }
-        Ok(())
-    }
-}
-
-/// Bounds a client body of `api` (`body_len` bytes as received) for the upstream (see [`bound`]).
+/// Bounds a client body of `api` (`body_len` bytes as received) for the upstream (see [`bound`]). An Anthropic
+/// request that a deployment of `model` must receive as chat completions is translated here, once, so one that
+/// cannot be is refused before anything is reserved or paid.
 pub fn prepare(
     api: Api,
     mut body: serde_json::Map<String, Value>,
     body_len: usize,
     model: &Model,
+    settings: &Settings,
     payer: Payer,
 ) -> Result<Prepared, BoundError> {
     let bad = |param: &'static str, message: &str| BadParam {
@@ -622,12 +614,24 @@ pub fn prepare(
         }
         client_wants_usage = options["include_usage"].as_bool() == Some(true);
     }
+    let translated_somewhere = model.deployments.iter().any(|d| {
+        settings
+            .upstreams
+            .get(d.upstream)
+            .is_some_and(|u| u.messages_api == MessagesApi::Translate)
+    });
+    let chat_translation = if api == Api::Messages && translated_somewhere {
+        Some(anthropic::request_to_chat(&body)?)
+    } else {
+        None
+    };
     Ok(Prepared {
         api,
         body,
         stream,
         client_wants_usage,
         bound,
+        chat_translation,
     })
 }
 
@@ -984,12 +988,13 @@ impl MeteredStream {
         if self.dialect == Dialect::OpenAi {
             out.extend_from_slice(b"data: [DONE]\n\n");
         }
-        let out = self.out(Bytes::from(out));
-        self.end_reframe(out)
+        self.out_ending(Bytes::from(out))
     }
 
-    /// Appends what closes a reframed stream that did not end properly.
-    fn end_reframe(&mut self, out: Bytes) -> Bytes {
+    /// The last bytes of a stream that did not end properly, on their way to the client: a reframed stream gets
+    /// what closes it in the client's API after them.
+    fn out_ending(&mut self, bytes: Bytes) -> Bytes {
+        let out = self.out(bytes);
         match &mut self.reframe {
             Some(r) => {
                 let mut all = out.to_vec();
@@ -1047,8 +1052,7 @@ impl Stream for MeteredStream {
                     );
                     let mut out = rest.to_vec();
                     out.extend_from_slice(self.error_event(&message, status).as_bytes());
-                    let out = self.out(Bytes::from(out));
-                    let out = self.end_reframe(out);
+                    let out = self.out_ending(Bytes::from(out));
                     return Poll::Ready(Some(Ok(out)));
                 }
                 Poll::Ready(None) => {
@@ -1060,10 +1064,11 @@ impl Stream for MeteredStream {
                     }
                     let status = if self.tap.done { "ok" } else { "upstream_cut" };
                     self.close(status);
-                    let mut out = self.out(rest);
-                    if status != "ok" {
-                        out = self.end_reframe(out);
-                    }
+                    let out = if status == "ok" {
+                        self.out(rest)
+                    } else {
+                        self.out_ending(rest)
+                    };
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(out)));
                     }

@@ -186,21 +186,20 @@ impl Router {
     /// Two draws by weight (distinct when possible); the one with less in flight per weight wins, the first on a tie.
     fn least_busy_of_two(&self, healthy: &[usize], random: &mut dyn FnMut(u64) -> u64) -> usize {
         let weight = |i: usize| u64::from(self.deployments[i].weight);
+        // One weighted draw among `healthy` without `exclude`.
         let draw = |exclude: Option<usize>, random: &mut dyn FnMut(u64) -> u64| {
-            let pool: Vec<usize> = healthy
-                .iter()
-                .copied()
-                .filter(|i| Some(*i) != exclude)
-                .collect();
-            let total: u64 = pool.iter().map(|i| weight(*i)).sum();
+            let pool = healthy.iter().copied().filter(|i| Some(*i) != exclude);
+            let total: u64 = pool.clone().map(weight).sum();
             let mut r = random(total.max(1));
-            for i in &pool {
-                if r < weight(*i) {
-                    return Some(*i);
+            let mut last = None;
+            for i in pool {
+                if r < weight(i) {
+                    return Some(i);
                 }
-                r -= weight(*i);
+                r -= weight(i);
+                last = Some(i);
             }
-            pool.last().copied()
+            last
         };
         let Some(first) = draw(None, random) else {
             return healthy[0];

@@ -1047,6 +1047,7 @@ async fn per_request_app(chain: &TestChain, db: &std::path::Path) -> String {
                         object,
                         body.len(),
                         &model,
+                        &state.settings,
                         x402_gateway::proxy::Payer::PerRequest { price },
                     ) {
                         Ok(p) => p,
