@@ -25,6 +25,7 @@ pub mod error;
 pub mod facilitator;
 pub mod guard;
 pub mod header;
+pub mod permit2;
 pub mod reorg;
 pub mod requirements;
 pub mod settle;
