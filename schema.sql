@@ -381,3 +381,39 @@ CREATE TABLE request_slots (
     request_id TEXT    NOT NULL,
     PRIMARY KEY (owner, slot_no)
 );
+
+-- migration: 10 upto
+-- Keyless pay-per-token payments (x402 `upto`, Permit2): one row per authorization, inserted after verification
+-- and before the request is served. UNIQUE (payer, nonce) makes it single-use whatever happens on chain: a replay,
+-- concurrent or later, on this replica or another, even of an authorization settled for zero, is refused.
+-- status: serving → settling (the metered cost is known: prices and tokens recorded, cost ≤ max) → settled
+-- (tx_hash; the `claims` row and the ledger's top-up + debit are written in the same transaction) | zero (nothing
+-- billable: no transaction) | unsettled (settlement failed: the payer moved funds or revoked the allowance; its
+-- `cost_atomic` is the operator's loss and the payer is refused until it is settled). `payment` is the payer's
+-- PAYMENT-SIGNATURE (JSON) and `requirements` our offer, so a settlement can be retried and audited.
+CREATE TABLE upto_payments (
+    id                  INTEGER PRIMARY KEY,
+    payer               TEXT    NOT NULL,
+    nonce               TEXT    NOT NULL, -- the Permit2 nonce, 0x-hex (32 bytes)
+    network             TEXT    NOT NULL, -- CAIP-2
+    request_id          TEXT    NOT NULL,
+    model               TEXT    NOT NULL,
+    resource            TEXT    NOT NULL,
+    max_atomic          INTEGER NOT NULL CHECK (max_atomic > 0),
+    deadline            INTEGER NOT NULL,
+    input_price_atomic  INTEGER NOT NULL,
+    output_price_atomic INTEGER NOT NULL,
+    prompt_tokens       INTEGER,
+    completion_tokens   INTEGER,
+    cost_atomic         INTEGER CHECK (cost_atomic >= 0 AND cost_atomic <= max_atomic),
+    tx_hash             TEXT    UNIQUE,
+    status              TEXT    NOT NULL CHECK (status IN ('serving', 'settling', 'settled', 'zero', 'unsettled')),
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    last_error          TEXT,
+    payment             TEXT    NOT NULL,
+    requirements        TEXT    NOT NULL,
+    created_at          INTEGER NOT NULL,
+    updated_at          INTEGER NOT NULL,
+    UNIQUE (payer, nonce)
+);
+CREATE INDEX upto_payments_open ON upto_payments (payer) WHERE status IN ('settling', 'unsettled');

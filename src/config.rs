@@ -282,6 +282,11 @@ pub struct ModelConfig {
     /// offered. `max_tokens` is capped to what it covers at `output_usdc_per_mtok`.
     #[serde(default)]
     pub per_request_usdc: Option<String>,
+    /// Keyless pay-per-token with the x402 `upto` scheme: the 402 offers this request's worst-case cost (prompt
+    /// bound + output bound at the model's prices) as a maximum, and the payment settles the metered cost. Needs
+    /// `[x402]` with self settlement.
+    #[serde(default)]
+    pub upto: bool,
 }
 
 /// One upstream serving a model: `[[models]] deployments = [{ upstream = "gpu-a", weight = 2 }]`.
@@ -1061,6 +1066,8 @@ pub struct Model {
     pub max_output_tokens: u64,
     /// Per-request x402 price (`per_request_usdc`), if offered.
     pub per_request: Option<Usdc>,
+    /// Keyless pay-per-token with x402 `upto` offered.
+    pub upto: bool,
     /// Largest `n` for credit requests.
     pub max_choices: u64,
     /// Prompt tokens reserved per non-text content part, by type.
@@ -1340,7 +1347,7 @@ impl Config {
             }
         }
 
-        Ok(Settings {
+        Settings {
             ready_max_lag_blocks: self
                 .server
                 .ready_max_lag_blocks
@@ -1382,7 +1389,28 @@ impl Config {
             },
             x402: self.x402.as_ref().map(|x| x.resolve(env)).transpose()?,
             limits: self.limits.resolve()?,
-        })
+        }
+        .check_upto()
+    }
+}
+
+impl Settings {
+    /// `upto` models need `[x402]` with self settlement (the gateway's hot wallet is the upto facilitator).
+    fn check_upto(self) -> Result<Settings, ConfigError> {
+        let self_settled = self
+            .x402
+            .as_ref()
+            .is_some_and(|x| matches!(x.settlement, Settlement::SelfSettle { .. }));
+        if let Some(i) = self.models.iter().position(|m| m.upto)
+            && !self_settled
+        {
+            return Err(invalid(
+                &format!("models[{i}].upto"),
+                "needs an [x402] section with settlement = \"self\" (the gateway's hot wallet settles upto \
+                 payments through the upto Permit2 proxy)",
+            ));
+        }
+        Ok(self)
     }
 }
 
@@ -1551,6 +1579,7 @@ fn resolve_models(
                     Some(price)
                 }
             },
+            upto: m.upto,
             max_choices: m.max_choices,
             content_part_tokens: m.content_part_tokens.clone(),
         });

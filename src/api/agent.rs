@@ -77,7 +77,7 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", message).with("field", field)
     }
 
-    fn internal(e: impl std::fmt::Display) -> ApiError {
+    pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %e, "agent request failed");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

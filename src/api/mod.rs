@@ -14,6 +14,7 @@ pub mod openai;
 pub mod openapi;
 mod ops;
 pub mod replica;
+pub mod upto;
 pub mod x402;
 
 use std::net::SocketAddr;
@@ -31,6 +32,9 @@ use crate::billing::{Billing, Clock};
 use crate::chain::StatusHandle;
 use crate::config::Settings;
 use crate::store::Store;
+
+/// How often unsettled upto payments are tried again.
+const UPTO_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -87,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .merge(openai::router())
         .merge(agent::router())
         .merge(x402::router())
+        .merge(upto::router())
         .merge(audit::router())
         .merge(admin::router())
         .merge(discovery::router())
@@ -307,6 +312,15 @@ pub async fn serve_with_env(
                 Err(e) => tracing::error!(error = %e, "cannot start the indexer"),
             }
             if let Some(engine) = &engine {
+                // Unsettled upto payments are settled again while their authorization is valid.
+                if let Some(upto) = engine.upto() {
+                    tasks.push(crate::billing::upto::spawn_retrier(
+                        billing.clone(),
+                        upto.clone(),
+                        UPTO_RETRY_INTERVAL,
+                        term.clone(),
+                    ));
+                }
                 tasks.push(crate::x402::reorg::spawn(
                     store.clone(),
                     engine.clone(),

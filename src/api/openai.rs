@@ -237,7 +237,7 @@ async fn anthropic_error(response: Response) -> Response {
     Response::from_parts(parts, Body::from(body.to_string()))
 }
 
-fn price_of(model: &crate::config::Model) -> Prices {
+pub(crate) fn price_of(model: &crate::config::Model) -> Prices {
     Prices {
         input_per_mtok: model.input_per_mtok,
         output_per_mtok: model.output_per_mtok,
@@ -645,16 +645,16 @@ async fn per_request(
     request_id: &str,
     catalog: Response,
 ) -> Result<Response, Response> {
-    let priced = serde_json::from_slice::<Value>(&body)
+    let requested = serde_json::from_slice::<Value>(&body)
         .ok()
-        .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_string))
-        .and_then(|id| {
-            state
-                .settings
-                .model(&id)
-                .and_then(|m| m.per_request.map(|p| (id, p)))
-        });
-    let Some((model_id, price)) = priced.filter(|_| state.x402.is_some()) else {
+        .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_string));
+    let upto_engine = state.x402.as_ref().and_then(|x| x.upto()).is_some();
+    let priced = requested.and_then(|id| {
+        let m = state.settings.model(&id)?;
+        let upto = m.upto && upto_engine;
+        (m.per_request.is_some() || upto).then_some((id, m.per_request, upto))
+    });
+    let Some((model_id, price, upto)) = priced.filter(|_| state.x402.is_some()) else {
         return Err(catalog);
     };
     let (object, _) = parse_request(headers, &body)?;
@@ -662,17 +662,91 @@ async fn per_request(
     let Some(model) = settings.model(&model_id) else {
         return Err(unknown_model(&model_id));
     };
-    // Bound first: the price must cover the prompt bound and the output it buys, before a payment is looked at.
-    let prepared = match proxy::prepare(
-        api,
-        object,
-        body.len(),
-        model,
-        &settings,
-        Payer::PerRequest { price },
-    ) {
-        Ok(p) => p,
-        Err(BoundError::Unaffordable { needed, price }) => {
+    // Bound first: a price must cover the prompt bound and the output it buys, and an upto maximum is the
+    // request's worst case, before a payment is looked at.
+    let upto_prepared = if upto {
+        let prepared = proxy::prepare(
+            api,
+            object.clone(),
+            body.len(),
+            model,
+            &settings,
+            Payer::Credit,
+        )
+        .map_err(|e| bound_refused(&model_id, e))?;
+        Some(prepared)
+    } else {
+        None
+    };
+    let max = upto_prepared
+        .as_ref()
+        .map(|p| p.bound.cost(&price_of(model)));
+    let exact_prepared = price.map(|price| {
+        proxy::prepare(
+            api,
+            object,
+            body.len(),
+            model,
+            &settings,
+            Payer::PerRequest { price },
+        )
+    });
+    // The exact price when it covers this request (otherwise only upto is offered, if it is).
+    let exact_price = match &exact_prepared {
+        Some(Ok(_)) => price,
+        _ => None,
+    };
+    let required = super::upto::required(state, headers, api, &model_id, exact_price, max);
+    if let Some(presented) = super::upto::presented(headers) {
+        let (Some(required), Some(prepared), Some(max)) = (required, upto_prepared, max) else {
+            let message = format!("`{model_id}` is not offered with the upto scheme; see PAYMENT-REQUIRED");
+            let refused = OpenAiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                "payment_required",
+                "invalid_upto_evm_scheme",
+                message,
+            )
+            .into_response();
+            return Err(match super::upto::required(state, headers, api, &model_id, exact_price, None) {
+                Some(r) => super::upto::with_required(refused, &r),
+                None => refused,
+            });
+        };
+        let payment = match presented {
+            Ok(p) => p,
+            Err(e) => return Err(super::upto::unreadable(state, &required, &e)),
+        };
+        let hold = super::upto::authorize(state, &required, payment, model, request_id).await?;
+        let status_path = hold.status_path();
+        let charge = Charge::Upto {
+            model: model_id,
+            reserved: max,
+            prices: price_of(model),
+            payment: Box::new(hold),
+        };
+        let answer = forward(
+            state,
+            model,
+            prepared,
+            charge,
+            started,
+            state.billing.now(),
+            request_id,
+            None,
+            None,
+        )
+        .await;
+        let add_status = |mut r: Response| {
+            if let Ok(v) = HeaderValue::from_str(&status_path) {
+                r.headers_mut().insert("x-payment-status", v);
+            }
+            r
+        };
+        return answer.map(add_status).map_err(add_status);
+    }
+    let prepared = match exact_prepared {
+        Some(Ok(p)) => p,
+        Some(Err(BoundError::Unaffordable { needed, price })) if max.is_none() => {
             crate::metrics::record_metering_refusal(&model_id, "prompt_over_price");
             let message = format!(
                 "this request's prompt bound alone costs more than the per-request price {price} USDC: it needs \
@@ -681,22 +755,26 @@ async fn per_request(
             );
             return Err(super::agent::payment_required_with(state, headers, Some(message)).await);
         }
-        Err(e) => return Err(bound_refused(&model_id, e)),
+        Some(Err(e)) if max.is_none() => return Err(bound_refused(&model_id, e)),
+        // Only upto pays for this request (no exact price, or one that does not cover it): the 402 offers it.
+        _ => {
+            return Err(match required {
+                Some(r) => super::upto::with_required(catalog, &r),
+                None => catalog,
+            });
+        }
+    };
+    let Some(price) = price else {
+        return Err(catalog);
     };
     let paid =
         match super::x402::authorize_per_request(state, headers, api, &model_id, price).await? {
             Some(paid) => paid,
             None => {
-                let mut challenge = catalog;
-                if let Some(offer) =
-                    super::x402::per_request_challenge(state, headers, api, &model_id, price)
-                    && let Some(v) = offer.headers().get(crate::x402::header::PAYMENT_REQUIRED)
-                {
-                    challenge
-                        .headers_mut()
-                        .insert(crate::x402::header::PAYMENT_REQUIRED, v.clone());
-                }
-                return Err(challenge);
+                return Err(match required {
+                    Some(r) => super::upto::with_required(catalog, &r),
+                    None => catalog,
+                });
             }
         };
     let charge = Charge::PerRequest { model: model_id };
@@ -731,7 +809,7 @@ async fn forward(
     let settings = state.settings.clone();
     // A stream's cost is known only at its end: its answer carries the hold instead.
     let reserved = match &charge {
-        Charge::Credit { reserved, .. } => Some(*reserved),
+        Charge::Credit { reserved, .. } | Charge::Upto { reserved, .. } => Some(*reserved),
         _ => None,
     };
     let (api, stream, client_wants_usage, bound) = (
@@ -874,9 +952,19 @@ async fn forward(
     if let Some((name, value)) = payment_header {
         h.insert(name, value);
     }
-    if let Some((cost, balance)) = settled {
+    if let Some((cost, balance)) = settled.credit {
         insert(h, "x-gateway-cost-usdc", &cost.to_string());
         insert(h, "x-gateway-balance-usdc", &balance.to_string());
+    }
+    if let Some(receipt) = settled.payment {
+        if let Ok(v) = HeaderValue::from_str(&receipt.header_value) {
+            h.insert(receipt.header_name, v);
+        }
+        if let Some(amount) = receipt.json.get("amount").and_then(Value::as_str)
+            && let Ok(atomic) = amount.parse::<i64>()
+        {
+            insert(h, "x-gateway-cost-usdc", &crate::usdc::Usdc(atomic).to_string());
+        }
     }
     Ok(response)
 }

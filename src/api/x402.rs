@@ -795,6 +795,17 @@ pub struct SettledRequest {
     pub settlement: Settlement,
 }
 
+/// The offer for one request to `model` at `price`, for the upto challenge (which adds its own offer to it).
+pub(crate) fn per_request_required(
+    state: &AppState,
+    headers: &HeaderMap,
+    api: crate::proxy::Api,
+    model: &str,
+    price: Usdc,
+) -> Option<PaymentRequired> {
+    per_request_offer(state, state.x402.as_ref()?, headers, api, model, price).ok()
+}
+
 /// The offer for one request to `model` at `price`.
 fn per_request_offer(
     state: &AppState,

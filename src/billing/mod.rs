@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod metering;
 pub mod proof;
+pub mod upto;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -583,6 +583,7 @@ mod tests {
             output_per_mtok: "2.50".parse().unwrap(),
             max_output_tokens: 100,
             per_request: None,
+            upto: false,
             max_choices,
             content_part_tokens: BTreeMap::from([("image_url".to_string(), 1000)]),
         }

@@ -649,6 +649,62 @@ pub enum Charge {
         prices: Prices,
         slot: SlotGuard,
     },
+    /// Paid per token with an x402 `upto` authorization of `reserved` (this request's worst-case cost): the
+    /// metered cost, computed exactly as for a credit key, is settled by `payment` when the answer ends.
+    Upto {
+        model: String,
+        reserved: Usdc,
+        prices: Prices,
+        payment: Box<dyn SettlePayment>,
+    },
+}
+
+/// Settles a keyless payment for the metered cost once the answer ended (x402 `upto`).
+pub trait SettlePayment: Send {
+    /// Settles `cost` for `outcome`; the answer is what tells the client (a `PAYMENT-RESPONSE`).
+    fn settle(
+        self: Box<Self>,
+        outcome: Outcome,
+        cost: Usdc,
+    ) -> futures::future::BoxFuture<'static, PaymentReceipt>;
+}
+
+/// What a settled keyless payment tells the client: the `PAYMENT-RESPONSE` header value (base64 JSON) and the
+/// same JSON, for a stream's final event.
+#[derive(Debug, Clone)]
+pub struct PaymentReceipt {
+    pub header_name: &'static str,
+    pub header_value: String,
+    pub json: Value,
+}
+
+impl PaymentReceipt {
+    /// The final SSE event of a stream paid with `upto` (its headers left before the cost was known):
+    /// `event: x402.payment-response` with `{"paymentResponse": <header value>, ...the decoded response}`.
+    pub fn sse_event(&self) -> Bytes {
+        let mut data = match &self.json {
+            Value::Object(m) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        data.insert(
+            "paymentResponse".into(),
+            Value::String(self.header_value.clone()),
+        );
+        Bytes::from(format!(
+            "event: {PAYMENT_RESPONSE_EVENT}\ndata: {}\n\n",
+            Value::Object(data)
+        ))
+    }
+}
+
+/// The name of a stream's final payment event.
+pub const PAYMENT_RESPONSE_EVENT: &str = "x402.payment-response";
+
+/// What settling a request produced: for a credit key (charged, balance); for an upto payment its receipt.
+#[derive(Debug, Default)]
+pub struct Settled {
+    pub credit: Option<(Usdc, Usdc)>,
+    pub payment: Option<PaymentReceipt>,
 }
 
 /// The open bill of one request; `settle` closes it exactly once.
@@ -736,9 +792,14 @@ impl Meter {
         let overrun =
             status == "overrun_cut" || overrun_tokens > 0 || prompt > self.bound.prompt_tokens;
         let (cost, uncharged) = match &self.billing {
-            Some(Charge::Credit {
-                prices, reserved, ..
-            }) => {
+            Some(
+                Charge::Credit {
+                    prices, reserved, ..
+                }
+                | Charge::Upto {
+                    prices, reserved, ..
+                },
+            ) => {
                 let full = prices.cost(prompt, completion);
                 let charged = if overrun {
                     *reserved
@@ -766,11 +827,19 @@ impl Meter {
         }
     }
 
-    /// Writes the outcome (and for credit keys the refund); returns (charged, balance) for credit keys.
-    pub async fn settle(mut self, outcome: Outcome) -> Option<(Usdc, Usdc)> {
+    /// Writes the outcome (and for credit keys the refund; for upto payments the settlement): (charged, balance)
+    /// for credit keys, the receipt for upto payments.
+    pub async fn settle(mut self, outcome: Outcome) -> Settled {
         self.settle_rate(&outcome);
-        let billing = self.billing.take()?;
+        let Some(billing) = self.billing.take() else {
+            return Settled::default();
+        };
         settle(self.store.clone(), billing, outcome, self.now).await
+    }
+
+    /// Whether settling pays something the client must be told of after the answer (x402 `upto`).
+    pub fn has_receipt(&self) -> bool {
+        matches!(self.billing, Some(Charge::Upto { .. }))
     }
 
     /// Settles in the background (from `Drop` paths that cannot wait).
@@ -806,9 +875,9 @@ impl Drop for Meter {
     }
 }
 
-async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Option<(Usdc, Usdc)> {
+async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Settled {
     let model = match &billing {
-        Charge::PerRequest { model } => model.clone(),
+        Charge::PerRequest { model } | Charge::Upto { model, .. } => model.clone(),
         Charge::Subscription { usage, .. } | Charge::Credit { usage, .. } => usage.model.clone(),
     };
     let (status, prompt, completion, overhead, overrun) = (
@@ -828,8 +897,15 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
         );
         crate::metrics::record_overrun(&model, overrun, outcome.uncharged.atomic().max(0) as u64);
     }
+    let mut receipt = None;
     let result = match billing {
         Charge::PerRequest { .. } => Ok(None),
+        Charge::Upto { payment, .. } => {
+            let cost = outcome.cost;
+            let r = payment.settle(outcome.clone(), cost).await;
+            receipt = Some(r);
+            Ok(Some((cost, Usdc::ZERO)))
+        }
         Charge::Subscription { usage, slot } => {
             drop(slot);
             crate::billing::metering::record_subscription(&store, usage, outcome)
@@ -877,7 +953,16 @@ async fn settle(store: Store, billing: Charge, outcome: Outcome, now: i64) -> Op
         spent,
         overhead as f64 / 1e6,
     );
-    settled
+    match receipt {
+        Some(payment) => Settled {
+            credit: None,
+            payment: Some(payment),
+        },
+        None => Settled {
+            credit: settled,
+            payment: None,
+        },
+    }
 }
 
 /// The body of a streamed response: forwards complete SSE events through the usage tap and settles the meter
@@ -890,6 +975,8 @@ pub struct MeteredStream {
     finished: bool,
     /// Rewrites the upstream's events into the client's API (Anthropic events from a chat stream).
     reframe: Option<Box<dyn Reframe>>,
+    /// An upto payment being settled after the last event: its `x402.payment-response` event ends the stream.
+    trailer: Option<futures::future::BoxFuture<'static, Bytes>>,
 }
 
 /// Rewrites complete SSE events of one API into another's, as they pass.
@@ -926,6 +1013,7 @@ impl MeteredStream {
             meter: Some(meter),
             finished: false,
             reframe: None,
+            trailer: None,
         }
     }
 
@@ -966,7 +1054,19 @@ impl MeteredStream {
     fn close(&mut self, status: &'static str) {
         if let Some(meter) = self.meter.take() {
             let outcome = meter.outcome(self.tap.usage, self.tap.content_chunks, status, Some(200));
-            meter.settle_later(outcome);
+            if meter.has_receipt() {
+                // Settled before the stream ends, so its receipt is the stream's last event.
+                self.trailer = Some(Box::pin(async move {
+                    meter
+                        .settle(outcome)
+                        .await
+                        .payment
+                        .map(|p| p.sse_event())
+                        .unwrap_or_default()
+                }));
+            } else {
+                meter.settle_later(outcome);
+            }
         }
     }
 
@@ -1012,6 +1112,15 @@ impl Stream for MeteredStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
             if self.finished {
+                if let Some(trailer) = self.trailer.as_mut() {
+                    let Poll::Ready(bytes) = trailer.as_mut().poll(cx) else {
+                        return Poll::Pending;
+                    };
+                    self.trailer = None;
+                    if !bytes.is_empty() {
+                        return Poll::Ready(Some(Ok(bytes)));
+                    }
+                }
                 return Poll::Ready(None);
             }
             match self.inner.as_mut().poll_next(cx) {
@@ -1072,7 +1181,7 @@ impl Stream for MeteredStream {
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(out)));
                     }
-                    return Poll::Ready(None);
+                    // Finished: the next turn sends the payment receipt, if any, then ends.
                 }
             }
         }
@@ -1083,5 +1192,11 @@ impl Drop for MeteredStream {
     fn drop(&mut self) {
         // Still open: the client went away. Dropping `inner` closes the upstream connection, cancelling it.
         self.close("client_closed");
+        // A payment not yet settled (the client left before its receipt) is settled all the same.
+        if let Some(trailer) = self.trailer.take()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            handle.spawn(trailer);
+        }
     }
 }

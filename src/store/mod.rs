@@ -28,6 +28,7 @@ pub mod reversals;
 pub mod sql;
 pub mod transfers;
 pub mod usage;
+pub mod upto;
 pub mod x402;
 
 use std::path::{Path, PathBuf};

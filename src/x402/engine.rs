@@ -67,6 +67,8 @@ pub struct X402 {
     /// The database shared by several replicas (PostgreSQL): an authorization in flight is also held there, so a
     /// copy of the same payment sent to another replica is a duplicate too, not a second settlement attempt.
     shared: Option<crate::store::Store>,
+    /// The `upto` scheme, when the hot wallet settles (it is the facilitator clients bind).
+    upto: Option<Arc<super::upto::UptoSettler>>,
 }
 
 impl std::fmt::Debug for X402 {
@@ -86,7 +88,19 @@ impl X402 {
             clock,
             in_flight: InFlight::new(),
             shared: None,
+            upto: None,
         }
+    }
+
+    /// Offers and settles `upto` payments with `upto`.
+    pub fn with_upto(mut self, upto: super::upto::UptoSettler) -> X402 {
+        self.upto = Some(Arc::new(upto));
+        self
+    }
+
+    /// The `upto` scheme, if this engine settles it.
+    pub fn upto(&self) -> Option<&Arc<super::upto::UptoSettler>> {
+        self.upto.as_ref()
     }
 
     /// Holds authorizations in flight in `store` as well when several replicas may share it (PostgreSQL).
@@ -320,6 +334,7 @@ pub fn from_settings(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<X402, SetupError> {
     use crate::config::Settlement as Mode;
+    let mut upto = None;
     let settler: Arc<dyn Settler> = match &x402.settlement {
         Mode::SelfSettle { .. } => {
             let key =
@@ -331,10 +346,17 @@ pub fn from_settings(
             let rpc = Arc::new(crate::chain::Rpc::new(&chain.rpc_http, chain.rpc_timeout)?);
             // A settlement waits for its receipt: allow a few blocks beyond the authorization's lifetime budget.
             let timeout = std::time::Duration::from_secs(x402.max_timeout_seconds.min(120));
-            Arc::new(
-                super::settle::SelfSettler::new(rpc, chain.network.clone(), key)
+            let wallet = Arc::new(
+                super::settle::SelfSettler::new(rpc.clone(), chain.network.clone(), key)
                     .with_receipt_timeout(timeout),
-            )
+            );
+            // One hot wallet (one nonce sequence) settles both schemes.
+            upto = Some(super::upto::UptoSettler::new(
+                rpc,
+                chain.network.clone(),
+                wallet.clone(),
+            ));
+            wallet
         }
         Mode::Facilitator { url } => Arc::new(super::facilitator::FacilitatorSettler::new(
             url,
@@ -342,11 +364,11 @@ pub fn from_settings(
             std::time::Duration::from_secs(60),
         )?),
     };
-    Ok(X402::new(
-        chain.network.clone(),
-        settler,
-        Arc::new(SystemClock),
-    ))
+    let engine = X402::new(chain.network.clone(), settler, Arc::new(SystemClock));
+    Ok(match upto {
+        Some(upto) => engine.with_upto(upto),
+        None => engine,
+    })
 }
 
 #[cfg(test)]

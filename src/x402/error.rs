@@ -41,6 +41,10 @@ pub enum Reason {
     SettlementReverted { tx: B256 },
     #[error("amount out of range: {0}")]
     InvalidAmount(String),
+    /// An `upto` (Permit2) payment refused, with the code the official x402 SDKs use for it (e.g.
+    /// `permit2_allowance_required`, `permit2_deadline_expired`, `upto_facilitator_mismatch`).
+    #[error("{message}")]
+    Upto { code: &'static str, message: String },
     /// A facilitator's own reason code (opaque; passed through).
     #[error("facilitator refused: {code}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
     Facilitator {
@@ -69,6 +73,7 @@ impl Reason {
             Reason::SimulationFailed(_) => "invalid_exact_evm_payload_simulation_failed",
             Reason::SettlementReverted { .. } => "invalid_transaction_state",
             Reason::InvalidAmount(_) => "invalid_exact_evm_payload_authorization_value",
+            Reason::Upto { code, .. } => code,
             Reason::Facilitator { code, .. } => code,
         }
     }

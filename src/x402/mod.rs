@@ -30,13 +30,14 @@ pub mod reorg;
 pub mod requirements;
 pub mod settle;
 pub mod types;
+pub mod upto;
 pub mod verify;
 
 pub use engine::{Clock, ManualClock, Reservation, SetupError, SystemClock, X402, from_settings};
 pub use error::{PaymentError, Reason};
 pub use facilitator::FacilitatorSettler;
 pub use guard::InFlight;
-pub use settle::{SelfSettler, Settlement, Settler, failure_response};
+pub use settle::{SelfSettler, SendError, Settlement, Settler, failure_response};
 pub use types::{
     AnyPaymentPayload, PaymentPayload, PaymentRequired, PaymentRequirements, ResourceInfo,
     SettleResponse,

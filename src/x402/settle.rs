@@ -131,11 +131,29 @@ impl SelfSettler {
         req: &PaymentRequest,
         verified: &Verified,
     ) -> Result<Settlement, PaymentError> {
-        let rpc = self.verifier.rpc();
         let token = req.requirements.asset;
         let data = Verifier::settlement_call(req, &verified.signer);
-        let tx_hash = self.send(rpc, req, token, data).await?;
+        let tx_hash = match self.send_call(token, data).await {
+            Ok(hash) => hash,
+            // It would revert now: explain (the payment was fine at verification; something changed).
+            Err(SendError::WouldRevert(message)) => {
+                return Err(self.verifier.explain_failure(req, message).await);
+            }
+            Err(SendError::Failed(e)) => return Err(e),
+        };
+        self.await_receipt(tx_hash).await?;
+        Ok(Settlement {
+            transaction: tx_hash,
+            network: self.verifier.network().caip2(),
+            payer: verified.payer,
+            amount: verified.amount,
+        })
+    }
 
+    /// Waits for `tx_hash`'s receipt: `Ok` when it succeeded, a reverted settlement, or an unknown outcome after
+    /// the receipt timeout.
+    pub async fn await_receipt(&self, tx_hash: B256) -> Result<(), PaymentError> {
+        let rpc = self.verifier.rpc();
         let started = Instant::now();
         let mut delay = Duration::from_millis(10);
         loop {
@@ -144,12 +162,7 @@ impl SelfSettler {
                     if !receipt.succeeded() {
                         return Err(Reason::SettlementReverted { tx: tx_hash }.into());
                     }
-                    return Ok(Settlement {
-                        transaction: tx_hash,
-                        network: self.verifier.network().caip2(),
-                        payer: verified.payer,
-                        amount: verified.amount,
-                    });
+                    return Ok(());
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -173,14 +186,10 @@ impl SelfSettler {
         }
     }
 
-    /// Signs and submits the settlement; returns its hash. Errors before submission are definite.
-    async fn send(
-        &self,
-        rpc: &Rpc,
-        req: &PaymentRequest,
-        token: Address,
-        data: Bytes,
-    ) -> Result<B256, PaymentError> {
+    /// Signs and submits a call of `to` with `data` from the hot wallet (one at a time, nonces in order);
+    /// returns its hash. Errors before submission are definite.
+    pub async fn send_call(&self, to: Address, data: Bytes) -> Result<B256, SendError> {
+        let rpc = self.verifier.rpc();
         let from = self.signer.address();
         let before_send = |what: &'static str| {
             move |e: RpcError| PaymentError::Unavailable {
@@ -197,13 +206,10 @@ impl SelfSettler {
                     .await
                     .map_err(before_send("settle: nonce"))?,
             };
-            let gas = match rpc.estimate_gas(from, token, data.clone()).await {
+            let gas = match rpc.estimate_gas(from, to, data.clone()).await {
                 Ok(g) => g,
-                // It would revert now: explain (the payment was fine at verification; something changed).
-                Err(RpcError::Node { message, .. }) => {
-                    return Err(self.verifier.explain_failure(req, message).await);
-                }
-                Err(e) => return Err(before_send("settle: estimate gas")(e)),
+                Err(RpcError::Node { message, .. }) => return Err(SendError::WouldRevert(message)),
+                Err(e) => return Err(before_send("settle: estimate gas")(e).into()),
             };
             let gas_price = rpc
                 .gas_price()
@@ -217,7 +223,7 @@ impl SelfSettler {
                 gas_limit: gas.saturating_add(gas / 5),
                 max_fee_per_gas: max_fee,
                 max_priority_fee_per_gas: tip.min(max_fee),
-                to: TxKind::Call(token),
+                to: TxKind::Call(to),
                 input: data.clone(),
                 ..Default::default()
             };
@@ -249,7 +255,7 @@ impl SelfSettler {
                 }
                 Err(e @ RpcError::Node { .. }) => {
                     *next_nonce = None;
-                    return Err(before_send("settle: send")(e));
+                    return Err(before_send("settle: send")(e).into());
                 }
                 Err(e) => {
                     // The node may have received it: wait for its receipt rather than guess.
@@ -262,7 +268,23 @@ impl SelfSettler {
         Err(PaymentError::Unavailable {
             what: "settle: send",
             message: "nonce still out of step after refetching it".into(),
-        })
+        }
+        .into())
+    }
+}
+
+/// Why [`SelfSettler::send_call`] sent nothing.
+#[derive(Debug)]
+pub enum SendError {
+    /// Gas estimation reverted: the call would fail now (the node's message).
+    WouldRevert(String),
+    /// Any other failure (definite: nothing was sent).
+    Failed(PaymentError),
+}
+
+impl From<PaymentError> for SendError {
+    fn from(e: PaymentError) -> Self {
+        SendError::Failed(e)
     }
 }
 
