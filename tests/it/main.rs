@@ -24,5 +24,6 @@ mod routing;
 mod rpc_faults;
 mod secrets;
 mod support;
+mod upto;
 mod x402;
 mod x402_routes;
