@@ -1,8 +1,9 @@
 //! `x402-gateway dev`: the whole product on one machine with no outside services, and `x402-gateway demo`.
 //!
-//! Starts anvil from the project's own npm install, deploys the test USDC, funds throwaway agent wallets, writes a
-//! config and runs the gateway and a demo upstream on it. The dev chain uses chain id 31337, never a mainnet id: a
-//! signature made for it is worthless anywhere else.
+//! Starts anvil from the project's own npm install, deploys the test USDC (and puts the test Permit2 and x402 upto
+//! proxy at their canonical addresses), funds throwaway agent wallets, writes a config and runs the gateway and a
+//! demo upstream on it. The dev chain uses chain id 31337, never a mainnet id: a signature made for it is worthless
+//! anywhere else.
 //!
 //! The data folder (`.x402-dev/` by default) keeps the chain and the database together between runs: anvil loads
 //! and saves its whole state (blocks, receipts, balances) in `chain-state.json` (`anvil --state`), and the gateway's
@@ -278,7 +279,8 @@ fn accounts(
     Ok((deployer, pay_to, agents))
 }
 
-/// Deploys the test USDC on a new chain and funds the agent wallets.
+/// Deploys the test USDC on a new chain, installs Permit2 and the x402 upto proxy at their canonical addresses
+/// ([`contracts::install_upto_contracts`]) and funds the agent wallets.
 async fn deploy(anvil: AnvilInstance, agent_funds: Usdc) -> Result<DevChain, DevError> {
     let (deployer, pay_to, agents) = accounts(&anvil)?;
     let provider = ProviderBuilder::new()
@@ -288,6 +290,9 @@ async fn deploy(anvil: AnvilInstance, agent_funds: Usdc) -> Result<DevChain, Dev
         .await
         .map_err(step("deploying the test USDC"))?;
     let token_address = *token.address();
+    contracts::install_upto_contracts(&provider)
+        .await
+        .map_err(step("installing Permit2 and the upto proxy"))?;
     let chain = DevChain {
         anvil,
         token: token_address,
@@ -362,6 +367,10 @@ async fn resume(anvil: AnvilInstance, state: &DevState, dir: &Path) -> Result<De
             state.token
         )));
     }
+    // A chain saved before they existed lacks them; putting the same code back is harmless.
+    contracts::install_upto_contracts(&provider)
+        .await
+        .map_err(step("installing Permit2 and the upto proxy"))?;
     // The database's checkpoint is the last block it indexed; the saved chain must hold that very block.
     let store = Store::open(&dir.join(DB_FILE)).map_err(step("opening the database"))?;
     let checkpoint = store

@@ -16,6 +16,7 @@ mod indexer;
 mod inference;
 mod limits;
 mod metering;
+mod permit2;
 mod postgres;
 mod proxy;
 mod replicas;
