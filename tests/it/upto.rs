@@ -349,8 +349,11 @@ async fn upto_official_clients_pay_exactly_the_metered_cost_streamed_or_not() {
             let rows = s.rows().await;
             let row = rows
                 .iter()
-                .find(|r| r["payer"] == format!("{address:#x}") && r["status"] == "settled" && r["costAtomic"] == paid)
-                .unwrap_or_else(|| panic!("a settled row of {paid}: {rows:?}"));
+                .find(|r| r["txHash"] == receipt["transaction"])
+                .unwrap_or_else(|| panic!("the row of {receipt}: {rows:?}"));
+            assert_eq!(row["status"], "settled");
+            assert_eq!(row["payer"], format!("{address:#x}"));
+            assert_eq!(row["costAtomic"], paid);
             let (p, c) = (
                 row["promptTokens"].as_u64().unwrap(),
                 row["completionTokens"].as_u64().unwrap(),
@@ -358,7 +361,6 @@ async fn upto_official_clients_pay_exactly_the_metered_cost_streamed_or_not() {
             assert_eq!(c, 12);
             assert_eq!(PRICES.cost(p, c).atomic(), paid, "{row}");
             assert!(paid < row["maxAtomic"].as_i64().unwrap(), "charged the usage, not the maximum");
-            assert_eq!(receipt["transaction"], row["txHash"]);
             // On chain: exactly the metered cost moved, from the payer to payTo.
             let after = (s.balance(address).await, s.balance(s.chain.pay_to()).await);
             assert_eq!(before.0 - after.0, paid, "{script} stream={stream}");
