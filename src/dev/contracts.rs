@@ -53,8 +53,8 @@ pub use upto_proxy::TestUptoPermit2Proxy;
 pub async fn install_upto_contracts(
     provider: &impl alloy::providers::Provider,
 ) -> Result<(), alloy::transports::TransportError> {
-    use alloy::providers::ext::AnvilApi;
     use crate::x402::permit2::{PERMIT2_ADDRESS, UPTO_PROXY_ADDRESS};
+    use alloy::providers::ext::AnvilApi;
     provider
         .anvil_set_code(PERMIT2_ADDRESS, TestPermit2::DEPLOYED_BYTECODE.clone())
         .await?;

@@ -22,7 +22,11 @@ async fn upto_contracts_are_installed_at_the_canonical_addresses() {
             TestPermit2::DEPLOYED_BYTECODE
         );
         assert_eq!(
-            chain.provider.get_code_at(UPTO_PROXY_ADDRESS).await.unwrap(),
+            chain
+                .provider
+                .get_code_at(UPTO_PROXY_ADDRESS)
+                .await
+                .unwrap(),
             TestUptoPermit2Proxy::DEPLOYED_BYTECODE
         );
         install_upto_contracts(&chain.provider)
