@@ -512,7 +512,7 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
             }
             eprintln!(
                 "checked {} confirmed transfers against the chain (head {}), {} claims, {} ledger rows of {} accounts, \
-                 {} seats of {} subscriptions, {} usage rows",
+                 {} seats of {} subscriptions, {} usage rows, {} upto payments",
                 report.transfers_checked,
                 report.chain_head,
                 report.claims_checked,
@@ -520,8 +520,20 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
                 report.accounts_checked,
                 report.seats_checked,
                 report.subscriptions_checked,
-                report.usage_rows_checked
+                report.usage_rows_checked,
+                report.upto_payments_checked
             );
+            for u in &report.upto_unsettled {
+                eprintln!(
+                    "UNSETTLED upto payment {}:{} (request {}): {} USDC owed, not settled ({}); the payer is \
+                     refused until it settles",
+                    u.payer,
+                    u.nonce,
+                    u.request_id,
+                    u.owed,
+                    u.last_error.as_deref().unwrap_or("no error recorded")
+                );
+            }
             for o in &report.overruns {
                 eprintln!(
                     "OVERRUN request {} ({}, {}): the upstream went {} tokens past the bound; charged {} (the \

@@ -73,6 +73,20 @@ pub struct Report {
     pub discrepancies: Vec<Discrepancy>,
     /// Requests whose upstream generated past the gateway's bound (charged the reservation, the rest recorded).
     pub overruns: Vec<Overrun>,
+    pub upto_payments_checked: u64,
+    /// Keyless pay-per-token (x402 `upto`) payments served and not settled: the operator's loss until they settle.
+    pub upto_unsettled: Vec<UnsettledUpto>,
+}
+
+/// An upto payment served whose settlement failed (the payer moved funds or revoked the allowance).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnsettledUpto {
+    pub payer: String,
+    pub nonce: String,
+    pub request_id: String,
+    pub owed: Usdc,
+    pub last_error: Option<String>,
 }
 
 /// One request an upstream overran: what it reported beyond the bound, and what that left uncharged.
@@ -129,7 +143,7 @@ pub async fn verify(
         .list_transfers(Some(TransferStatus::Confirmed))
         .await?;
     progress(&format!(
-        "[1/5] transfers: re-reading {} confirmed transfers from the chain (head {head})",
+        "[1/6] transfers: re-reading {} confirmed transfers from the chain (head {head})",
         confirmed.len()
     ));
     let mut by_tx: BTreeMap<String, Vec<Transfer>> = BTreeMap::new();
@@ -297,7 +311,7 @@ pub async fn verify(
     ));
 
     // 2-4. The database against itself.
-    progress("[2/5] claims: backed by confirmed transfers, claimed once");
+    progress("[2/6] claims: backed by confirmed transfers, claimed once");
     let (found, counts) = check_books(store.audit_books().await?);
     report.reversals = store.reversal_events().await?;
     if !report.reversals.is_empty() {
@@ -313,16 +327,16 @@ pub async fn verify(
     report.seats_checked = counts.seats;
     report.subscriptions_checked = counts.subscriptions;
     progress(&format!(
-        "[3/5] ledger: {} rows of {} accounts",
+        "[3/6] ledger: {} rows of {} accounts",
         counts.ledger_rows, counts.accounts
     ));
     progress(&format!(
-        "[4/5] seats: {} seats of {} subscriptions",
+        "[4/6] seats: {} seats of {} subscriptions",
         counts.seats, counts.subscriptions
     ));
     report.discrepancies.extend(found);
 
-    progress("[5/5] usage: every charge against its tokens, prices and reservation");
+    progress("[5/6] usage: every charge against its tokens, prices and reservation");
     let prices: HashMap<String, crate::proxy::pricing::Prices> = settings
         .models
         .iter()
@@ -346,7 +360,100 @@ pub async fn verify(
     report.usage_rows_checked = usage.checked;
     report.discrepancies.extend(usage.found);
     report.overruns = usage.overruns;
+
+    progress("[6/6] upto: every pay-per-token charge against its tokens, prices, maximum and settlement");
+    let upto = store
+        .read(|c| -> Result<Vec<_>, crate::store::StoreError> {
+            let rows = crate::store::upto::list(c)?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                let claim = match &row.tx_hash {
+                    Some(tx) => crate::store::billing::claim_of(c, tx)?,
+                    None => None,
+                };
+                out.push((row, claim));
+            }
+            Ok(out)
+        })
+        .await?;
+    for (row, claim) in upto {
+        report.upto_payments_checked += 1;
+        let (found, unsettled) = check_upto(&row, claim.as_ref());
+        report.discrepancies.extend(found);
+        report.upto_unsettled.extend(unsettled);
+    }
     Ok(report)
+}
+
+/// Check 6, one upto payment: its cost is its tokens at its prices (the maximum when the upstream overran it),
+/// never above the maximum; a settled one has a transaction claimed for exactly that cost by its payer; a zero one
+/// moved nothing; an unsettled one is listed as owed.
+fn check_upto(
+    row: &crate::store::upto::UptoRow,
+    claim: Option<&crate::store::billing::ClaimRecord>,
+) -> (Vec<Discrepancy>, Option<UnsettledUpto>) {
+    let subject = format!("upto {}:{}", row.payer, row.nonce);
+    let mut found = Vec::new();
+    if row.status == "serving" {
+        return (found, None);
+    }
+    let prices = crate::proxy::pricing::Prices {
+        input_per_mtok: Usdc(row.input_price_atomic),
+        output_per_mtok: Usdc(row.output_price_atomic),
+    };
+    let tokens = (
+        u64::try_from(row.prompt_tokens.unwrap_or(0)).unwrap_or(0),
+        u64::try_from(row.completion_tokens.unwrap_or(0)).unwrap_or(0),
+    );
+    let cost = row.cost_atomic.unwrap_or(-1);
+    let full = prices.cost(tokens.0, tokens.1).atomic();
+    if cost < 0 || cost > row.max_atomic || (cost != full && cost != row.max_atomic) {
+        found.push(d(
+            "upto",
+            subject.clone(),
+            format!(
+                "cost {cost} atomic is not {} prompt + {} completion tokens at its prices ({full}) nor its \
+                 maximum {}",
+                tokens.0, tokens.1, row.max_atomic
+            ),
+        ));
+    }
+    match row.status.as_str() {
+        "settled" => match claim {
+            Some(c) if c.paid_usdc.atomic() == cost && c.account == row.payer => {}
+            Some(c) => found.push(d(
+                "upto",
+                subject.clone(),
+                format!(
+                    "settled {cost} atomic, but its transaction is claimed by {} for {}",
+                    c.account,
+                    c.paid_usdc.atomic()
+                ),
+            )),
+            None => found.push(d(
+                "upto",
+                subject.clone(),
+                format!(
+                    "settled in {} but that transaction has no claim",
+                    row.tx_hash.as_deref().unwrap_or("(no transaction)")
+                ),
+            )),
+        },
+        "zero" if cost != 0 || row.tx_hash.is_some() => found.push(d(
+            "upto",
+            subject.clone(),
+            "settled for zero, yet has a cost or a transaction",
+        )),
+        _ => {}
+    }
+    let unsettled = (row.status == "unsettled").then(|| UnsettledUpto {
+        payer: row.payer.clone(),
+        nonce: row.nonce.clone(),
+        request_id: row.request_id.clone(),
+        owed: Usdc(cost.max(0)),
+        last_error: row.last_error.clone(),
+    });
+    (found, unsettled)
 }
 
 /// Check 5, folded over the settled usage rows: each row's charge.

@@ -431,6 +431,28 @@ async fn upto_nothing_billable_moves_nothing_and_an_authorization_is_single_use(
     let cost = settled[0]["costAtomic"].as_i64().unwrap();
     assert_eq!(before - s.balance(signer.address()).await, cost);
     assert_eq!(s.upstream.requests.load(Ordering::SeqCst), 2, "the failing request and the one served");
+
+    // The audit reconciles both, and notices a charge that is not the tokens at their prices.
+    let head = s.chain.head().await;
+    s.gw.confirm(&s.chain, head, 1).await;
+    let report = s.audit().await;
+    assert!(report.is_clean(), "{:?}", report.discrepancies);
+    assert_eq!(report.upto_payments_checked, 2);
+    let id = settled[0]["id"].as_i64().unwrap();
+    s.gw.store()
+        .await
+        .write(move |c| -> Result<(), x402_gateway::store::StoreError> {
+            c.execute(
+                "UPDATE upto_payments SET cost_atomic = cost_atomic - 1 WHERE id = ?1",
+                x402_gateway::params![id],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let report = s.audit().await;
+    let checks: Vec<&str> = report.discrepancies.iter().map(|d| d.check).collect();
+    assert!(checks.contains(&"upto"), "{:?}", report.discrepancies);
 }
 
 impl Upto {
@@ -537,6 +559,11 @@ async fn upto_a_revoked_allowance_is_recorded_unsettled_blocks_the_payer_and_set
     );
     assert_eq!(s.upstream.requests.load(Ordering::SeqCst), served);
 
+    // The auditor sees what is owed.
+    let report = s.audit().await;
+    assert_eq!(report.upto_unsettled.len(), 1, "{report:?}");
+    assert_eq!(report.upto_unsettled[0].owed, Usdc(owed));
+
     // The allowance comes back: the retrier settles exactly what was owed, and the payer is served again.
     let before = s.balance(payer.address()).await;
     s.approve(0, U256::MAX).await;
@@ -558,4 +585,46 @@ async fn upto_a_revoked_allowance_is_recorded_unsettled_blocks_the_payer_and_set
     let report = s.audit().await;
     assert!(report.is_clean(), "{:?}", report.discrepancies);
     let _ = B256::ZERO;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upto_every_metered_endpoint_settles_its_metered_cost() {
+    let s = Upto::start(0).await;
+    s.approve(0, U256::MAX).await;
+    let payer = s.chain.payer(0).clone();
+    let cases = [
+        ("/v1/completions", json!({"model": "demo", "prompt": "one two", "max_tokens": 5, "stream": true})),
+        ("/v1/responses", json!({"model": "demo", "input": "one two", "max_output_tokens": 6})),
+        ("/v1/messages", json!({"model": "demo", "max_tokens": 7, "stream": true,
+            "messages": [{"role": "user", "content": "one two"}]})),
+        ("/v1/embeddings", json!({"model": "demo", "input": "one two three"})),
+    ];
+    for (i, (path, body)) in cases.iter().enumerate() {
+        let r = s.post(path, body, None).await;
+        assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED, "{path}");
+        let required = xh::decode_json(r.headers()["PAYMENT-REQUIRED"].to_str().unwrap()).unwrap();
+        assert!(required["resource"]["url"].as_str().unwrap().ends_with(path), "{required}");
+        let offer = upto_offer(&required);
+        let r = s.post(path, body, Some(&sign(&payer, &offer, 100 + i as u64, |_| {}))).await;
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let header = r.headers().get("PAYMENT-RESPONSE").map(|v| v.to_str().unwrap().to_string());
+        let text = r.text().await.unwrap();
+        let receipt = match header {
+            Some(h) => xh::decode_json(&h).unwrap(),
+            None => {
+                let event = text
+                    .split("\n\n")
+                    .find(|e| e.starts_with("event: x402.payment-response"))
+                    .unwrap_or_else(|| panic!("{path}: no receipt in {text}"));
+                serde_json::from_str(event.split("data: ").nth(1).unwrap()).unwrap()
+            }
+        };
+        assert_eq!(receipt["success"], true, "{path}: {receipt}");
+        let rows = s.rows().await;
+        let row = rows.last().unwrap();
+        assert_eq!(row["resource"].as_str().unwrap(), required["resource"]["url"].as_str().unwrap());
+        assert_eq!(receipt["amount"], row["costAtomic"].as_i64().unwrap().to_string(), "{path}");
+        assert!(row["costAtomic"].as_i64().unwrap() > 0, "{path}");
+        assert_eq!(row["status"], "settled", "{path}");
+    }
 }
