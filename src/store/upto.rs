@@ -121,20 +121,21 @@ pub fn set_cost(
     cost_atomic: i64,
     now: i64,
 ) -> Result<bool, StoreError> {
+    let status = if cost_atomic > 0 { "settling" } else { "zero" };
     let changed = c.execute(
-        "UPDATE upto_payments SET prompt_tokens = ?2, completion_tokens = ?3, cost_atomic = ?4, \
-         status = CASE WHEN ?4 > 0 THEN 'settling' ELSE 'zero' END, updated_at = ?5 \
-         WHERE id = ?1 AND status = 'serving'",
-        params![id, prompt_tokens, completion_tokens, cost_atomic, now],
+        "UPDATE upto_payments SET prompt_tokens = ?2, completion_tokens = ?3, cost_atomic = ?4, status = ?5, \
+         updated_at = ?6 WHERE id = ?1 AND status = 'serving'",
+        params![id, prompt_tokens, completion_tokens, cost_atomic, status, now],
     )?;
     Ok(changed == 1)
 }
 
-/// A `settling` or `unsettled` payment settled in `tx_hash`. `false` if it was in neither state.
+/// A payment settled in `tx_hash` (from `settling` or `unsettled`; from `serving` too, should its metered cost have
+/// failed to be written: the money moved, and the row must say so). `false` if it was settled or zero already.
 pub fn mark_settled(c: &dyn Sql, id: i64, tx_hash: &str, now: i64) -> Result<bool, StoreError> {
     let changed = c.execute(
         "UPDATE upto_payments SET tx_hash = ?2, status = 'settled', attempts = attempts + 1, last_error = NULL, \
-         updated_at = ?3 WHERE id = ?1 AND status IN ('settling', 'unsettled')",
+         updated_at = ?3 WHERE id = ?1 AND status IN ('serving', 'settling', 'unsettled')",
         params![id, tx_hash, now],
     )?;
     Ok(changed == 1)
@@ -148,12 +149,14 @@ pub fn record_failure(
     give_up: bool,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let changed = c.execute(
-        "UPDATE upto_payments SET attempts = attempts + 1, last_error = ?2, \
-         status = CASE WHEN ?3 = 1 THEN 'unsettled' ELSE status END, updated_at = ?4 \
-         WHERE id = ?1 AND status IN ('settling', 'unsettled')",
-        params![id, error, i64::from(give_up), now],
-    )?;
+    let sql = if give_up {
+        "UPDATE upto_payments SET attempts = attempts + 1, last_error = ?2, status = 'unsettled', updated_at = ?3 \
+         WHERE id = ?1 AND status IN ('settling', 'unsettled')"
+    } else {
+        "UPDATE upto_payments SET attempts = attempts + 1, last_error = ?2, updated_at = ?3 \
+         WHERE id = ?1 AND status IN ('settling', 'unsettled')"
+    };
+    let changed = c.execute(sql, params![id, error, now])?;
     Ok(changed == 1)
 }
 
