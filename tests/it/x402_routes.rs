@@ -1243,7 +1243,8 @@ async fn x402_routes_every_keyless_402_carries_payment_required() {
     let priced = |api: &str| match api {
         "/v1/chat/completions" => json!({"model": "kimi-k2.6", "messages": hello}),
         "/v1/messages" => json!({"model": "kimi-k2.6", "max_tokens": 16, "messages": hello}),
-        _ => json!({"model": "kimi-k2.6", "input": "Hello", "prompt": "Hello"}),
+        "/v1/completions" => json!({"model": "kimi-k2.6", "prompt": "Hello"}),
+        _ => json!({"model": "kimi-k2.6", "input": "Hello"}),
     };
     let apis = [
         "/v1/chat/completions",
@@ -1303,7 +1304,8 @@ async fn x402_routes_every_keyless_402_carries_payment_required() {
             headers["access-control-expose-headers"]
                 .to_str()
                 .unwrap()
-                .contains("PAYMENT-REQUIRED"),
+                .to_ascii_lowercase()
+                .contains("payment-required"),
             "{what}"
         );
     };
