@@ -147,6 +147,21 @@ pub const ROUTES: &[RouteDoc] = &[
         Access::Public,
     ),
     r(
+        "get",
+        "/x402/credits/{amount}",
+        "x402",
+        "The 402 challenge of a credit purchase, as an unpaid POST gets it (for discovery crawlers and GET-only \
+         checkers); never pays",
+        Access::Public,
+    ),
+    r(
+        "get",
+        "/x402/pools/{slug}",
+        "x402",
+        "The 402 challenge of a pool subscription (?blocks=asia,europe), as an unpaid POST gets it; never pays",
+        Access::Public,
+    ),
+    r(
         "post",
         "/x402/pools/{slug}",
         "x402",

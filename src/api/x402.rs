@@ -59,7 +59,10 @@ pub fn router() -> Router<AppState> {
             HeaderName::from_static("x-payment-response"),
         ]);
     Router::new()
-        .route("/x402/credits/{amount}", post(buy_credits).get(challenge_credits))
+        .route(
+            "/x402/credits/{amount}",
+            post(buy_credits).get(challenge_credits),
+        )
         .route("/x402/pools/{slug}", post(buy_pool).get(challenge_pool))
         .layer(cors)
 }

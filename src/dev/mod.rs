@@ -689,8 +689,8 @@ fn dev_env(chain: &DevChain, admin: &str, auditor: &str) -> Vec<(String, String)
 /// Writes `dir/dev.env` (0600): `export NAME='value'` lines, so CLI commands can read the generated config
 /// (`set -a; . .x402-dev/dev.env; set +a`).
 fn write_env_file(dir: &Path, vars: &[(String, String)]) -> Result<(), DevError> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut text = String::from(
         "# Written by `x402-gateway dev`: DEV-ONLY secrets of this local stack (anvil's public test key, random dev \
          tokens).\n# Load before CLI commands on config.toml: set -a; . ./dev.env; set +a\n",
@@ -707,7 +707,8 @@ fn write_env_file(dir: &Path, vars: &[(String, String)]) -> Result<(), DevError>
         .mode(0o600)
         .open(&tmp)
         .map_err(step("writing dev.env"))?;
-    f.write_all(text.as_bytes()).map_err(step("writing dev.env"))?;
+    f.write_all(text.as_bytes())
+        .map_err(step("writing dev.env"))?;
     drop(f);
     std::fs::rename(&tmp, &path).map_err(step("writing dev.env"))
 }
@@ -841,7 +842,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
             .map(|(_, v)| v.clone())
             .or_else(|| std::env::var(name).ok())
     };
-    let config_text = std::fs::read_to_string(&config_path).map_err(step("reading the dev config"))?;
+    let config_text =
+        std::fs::read_to_string(&config_path).map_err(step("reading the dev config"))?;
     let settings = Config::parse(&config_text, &config_path)?.resolve(&dir, &env)?;
     let gateway_url = format!("http://{addr}");
     let state = DevState {

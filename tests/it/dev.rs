@@ -356,9 +356,19 @@ async fn dev_x402_and_operator_pages(url: &str, dir: &Path, banner: &str) -> (Va
     let auditor = state["auditorToken"].as_str().unwrap().to_string();
     assert!(admin.starts_with("dev_") && admin.len() > 40, "{admin}");
     assert_ne!(admin, auditor);
-    assert!(banner.contains(&format!("Authorization: Bearer {admin}")), "{banner}");
-    assert!(banner.contains(&format!("Authorization: Bearer {auditor}")), "{banner}");
-    assert!(dev_env(dir).iter().any(|(k, v)| k == "X402_DEV_ADMIN_TOKEN" && *v == admin));
+    assert!(
+        banner.contains(&format!("Authorization: Bearer {admin}")),
+        "{banner}"
+    );
+    assert!(
+        banner.contains(&format!("Authorization: Bearer {auditor}")),
+        "{banner}"
+    );
+    assert!(
+        dev_env(dir)
+            .iter()
+            .any(|(k, v)| k == "X402_DEV_ADMIN_TOKEN" && *v == admin)
+    );
 
     // /admin: 200 with the printed admin token, 401 without one or with the auditor's.
     let get = |path: &str, token: Option<&str>| {
@@ -368,7 +378,10 @@ async fn dev_x402_and_operator_pages(url: &str, dir: &Path, banner: &str) -> (Va
         }
         req.send()
     };
-    assert_eq!(get("/admin", Some(&admin)).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        get("/admin", Some(&admin)).await.unwrap().status(),
+        StatusCode::OK
+    );
     for token in [None, Some(auditor.as_str()), Some("dev_wrong")] {
         let status = get("/admin", token).await.unwrap().status();
         assert!(
@@ -381,7 +394,10 @@ async fn dev_x402_and_operator_pages(url: &str, dir: &Path, banner: &str) -> (Va
     assert_eq!(audit.status(), StatusCode::OK);
     assert!(audit.json::<Value>().await.unwrap().is_object());
     assert_eq!(
-        get("/api/audit/revenue", Some(&auditor)).await.unwrap().status(),
+        get("/api/audit/revenue", Some(&auditor))
+            .await
+            .unwrap()
+            .status(),
         StatusCode::OK
     );
     assert_eq!(
@@ -391,14 +407,20 @@ async fn dev_x402_and_operator_pages(url: &str, dir: &Path, banner: &str) -> (Va
 
     // Standard x402: the credit purchase answers 402 with PAYMENT-REQUIRED (not 404 x402_disabled), and pays.
     let token: alloy::primitives::Address = state["token"].as_str().unwrap().parse().unwrap();
-    let wallet: alloy::signers::local::PrivateKeySigner =
-        state["wallets"][2]["privateKey"].as_str().unwrap().parse().unwrap();
-    let unpaid = http.post(format!("{url}/x402/credits/10")).send().await.unwrap();
+    let wallet: alloy::signers::local::PrivateKeySigner = state["wallets"][2]["privateKey"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let unpaid = http
+        .post(format!("{url}/x402/credits/10"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(unpaid.status(), StatusCode::PAYMENT_REQUIRED);
-    let required: x402_gateway::x402::PaymentRequired = x402_gateway::x402::header::decode(
-        unpaid.headers()["payment-required"].to_str().unwrap(),
-    )
-    .unwrap();
+    let required: x402_gateway::x402::PaymentRequired =
+        x402_gateway::x402::header::decode(unpaid.headers()["payment-required"].to_str().unwrap())
+            .unwrap();
     assert_eq!(required.accepts[0].scheme, "exact");
     assert_eq!(required.accepts[0].network, "eip155:31337");
     assert!(required.extensions.as_ref().unwrap().contains_key("bazaar"));
@@ -412,7 +434,10 @@ async fn dev_x402_and_operator_pages(url: &str, dir: &Path, banner: &str) -> (Va
     assert!(paid.headers().contains_key("payment-response"));
     let body: Value = paid.json().await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert!(body["data"]["apiKey"].as_str().unwrap().starts_with("sk-"), "{body}");
+    assert!(
+        body["data"]["apiKey"].as_str().unwrap().starts_with("sk-"),
+        "{body}"
+    );
 
     // One glm-4.7 completion for 0.01 USDC with `exact`, no key.
     let chat = serde_json::json!({"model": "glm-4.7", "max_tokens": 16,
@@ -424,12 +449,18 @@ async fn dev_x402_and_operator_pages(url: &str, dir: &Path, banner: &str) -> (Va
         .await
         .unwrap();
     assert_eq!(unpaid.status(), StatusCode::PAYMENT_REQUIRED);
-    let required: x402_gateway::x402::PaymentRequired = x402_gateway::x402::header::decode(
-        unpaid.headers()["payment-required"].to_str().unwrap(),
-    )
-    .unwrap();
-    assert!(required.resource.url.ends_with("/v1/chat/completions"), "{:?}", required.resource);
-    assert_eq!(required.accepts[0].amount, alloy::primitives::U256::from(10_000u64));
+    let required: x402_gateway::x402::PaymentRequired =
+        x402_gateway::x402::header::decode(unpaid.headers()["payment-required"].to_str().unwrap())
+            .unwrap();
+    assert!(
+        required.resource.url.ends_with("/v1/chat/completions"),
+        "{:?}",
+        required.resource
+    );
+    assert_eq!(
+        required.accepts[0].amount,
+        alloy::primitives::U256::from(10_000u64)
+    );
     let paid = http
         .post(format!("{url}/v1/chat/completions"))
         .header("payment-signature", pay_exact(&required, &wallet, token))
@@ -442,7 +473,10 @@ async fn dev_x402_and_operator_pages(url: &str, dir: &Path, banner: &str) -> (Va
     let body: Value = paid.json().await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(settled.is_some(), "{body}");
-    assert!(body["choices"][0]["message"]["content"].is_string(), "{body}");
+    assert!(
+        body["choices"][0]["message"]["content"].is_string(),
+        "{body}"
+    );
     (Value::from(admin), Value::from(auditor))
 }
 
@@ -498,8 +532,12 @@ async fn dev_sigterm_stops_every_child_and_the_next_run_reuses_or_resets() {
     let (url2, anvil2) = again.ready().await;
     // The dev tokens are kept with the rest of the dev state.
     let state: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("dev.json")).unwrap()).unwrap();
-    assert_eq!((state["adminToken"].clone(), state["auditorToken"].clone()), tokens);
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("dev.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (state["adminToken"].clone(), state["auditorToken"].clone()),
+        tokens
+    );
     let admin = reqwest::Client::new()
         .get(format!("{url2}/admin"))
         .bearer_auth(tokens.0.as_str().unwrap())

@@ -1269,9 +1269,19 @@ async fn x402_routes_every_keyless_402_carries_payment_required() {
     for path in ["/v1/models", "/v1/usage", "/v1/anything"] {
         cases.push(("GET", path.into(), None, "/x402/credits/10.00".into()));
     }
-    cases.push(("POST", "/v1/anything".into(), None, "/x402/credits/10.00".into()));
+    cases.push((
+        "POST",
+        "/v1/anything".into(),
+        None,
+        "/x402/credits/10.00".into(),
+    ));
     for method in ["POST", "GET"] {
-        cases.push((method, "/x402/credits/10".into(), None, "/x402/credits/10.00".into()));
+        cases.push((
+            method,
+            "/x402/credits/10".into(),
+            None,
+            "/x402/credits/10.00".into(),
+        ));
         cases.push((
             method,
             "/x402/pools/kimi26?blocks=asia".into(),
@@ -1299,7 +1309,10 @@ async fn x402_routes_every_keyless_402_carries_payment_required() {
         let bazaar = &raw["extensions"]["bazaar"];
         assert_eq!(bazaar["info"]["input"]["type"], "http", "{what}");
         assert_eq!(bazaar["info"]["input"]["method"], "POST", "{what}");
-        assert!(bazaar["schema"]["properties"]["input"].is_object(), "{what}");
+        assert!(
+            bazaar["schema"]["properties"]["input"].is_object(),
+            "{what}"
+        );
         assert!(
             headers["access-control-expose-headers"]
                 .to_str()
@@ -1310,10 +1323,9 @@ async fn x402_routes_every_keyless_402_carries_payment_required() {
         );
     };
     for (method, path, body, resource) in &cases {
-        let mut req = gw.http.request(
-            method.parse().unwrap(),
-            format!("{}{path}", gw.base),
-        );
+        let mut req = gw
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", gw.base));
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -1326,8 +1338,7 @@ async fn x402_routes_every_keyless_402_carries_payment_required() {
                 header::decode_json(res.headers()["payment-required"].to_str().unwrap()).unwrap();
             assert_eq!(raw["accepts"][0]["amount"], "10000", "{what}");
             assert_eq!(
-                raw["extensions"]["bazaar"]["info"]["input"]["body"]["model"],
-                "kimi-k2.6",
+                raw["extensions"]["bazaar"]["info"]["input"]["body"]["model"], "kimi-k2.6",
                 "{what}"
             );
         }
@@ -1357,5 +1368,10 @@ async fn x402_routes_every_keyless_402_carries_payment_required() {
     })
     .await;
     assert_eq!(body["error"]["code"], "underpaid", "{body}");
-    check("underpaid subscribe-pool", status, &headers, "/x402/credits/10.00");
+    check(
+        "underpaid subscribe-pool",
+        status,
+        &headers,
+        "/x402/credits/10.00",
+    );
 }
