@@ -427,7 +427,7 @@ async fn resume(anvil: AnvilInstance, state: &DevState, dir: &Path) -> Result<De
 /// How a run starts.
 enum Start {
     Fresh,
-    Reuse(DevState),
+    Reuse(Box<DevState>),
 }
 
 /// Fresh when the folder holds none of the stack's files, reuse when it holds all three, an error otherwise.
@@ -440,7 +440,7 @@ fn how_to_start(dir: &Path) -> Result<Start, DevError> {
     );
     match (dev, db, chain) {
         (false, false, false) => Ok(Start::Fresh),
-        (true, true, true) => Ok(Start::Reuse(DevState::load(dir)?)),
+        (true, true, true) => Ok(Start::Reuse(Box::new(DevState::load(dir)?))),
         _ => Err(DevError::CannotReuse {
             dir: dir.to_path_buf(),
             reason: format!(
@@ -765,7 +765,7 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     std::fs::write(dir.join(ANVIL_PID_FILE), anvil_pid.to_string())
         .map_err(step("writing anvil.pid"))?;
     let start_state = match &start {
-        Start::Reuse(state) => Some(state.clone()),
+        Start::Reuse(state) => Some(DevState::clone(state)),
         Start::Fresh => None,
     };
     let (chain, created_at, reused) = match start {
@@ -1245,11 +1245,12 @@ fn print_banner(b: &Banner) {
     ));
     line("  # or let the demo agent do all of it, credits and a pool block (dev wallet 1):".into());
     line("  cargo run -q -- demo".into());
-    line(format!(
+    line(
         "  # 7. standard x402: the 402 of a credit purchase (PAYMENT-REQUIRED), and glm-4.7 per request without a key\n  \
          curl -si -X POST $GW/x402/credits/10\n  \
-         curl -si $GW/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"glm-4.7\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
-    ));
+         curl -si $GW/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\":\"glm-4.7\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'"
+            .into(),
+    );
     line(format!(
         "  # the operator's view (the config names dev.env's variables)\n  set -a; . {}; set +a; cargo run -q -- payments --config {}",
         b.dir.join(ENV_FILE).display(),
