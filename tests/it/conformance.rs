@@ -54,6 +54,9 @@ async fn x402conf_resource_passes_on_the_keyless_402s() {
         assert_eq!(checks.len(), 7, "{r}");
         for c in checks {
             assert_eq!(c["pass"], true, "{}: {c}", r["target"]);
+            if c["check"].as_str().is_some_and(|n| n.starts_with("P6")) {
+                eprintln!("x402conf: {} PAYMENT-REQUIRED {}", r["target"], c["detail"]);
+            }
         }
     }
 }
