@@ -7,6 +7,7 @@
 mod admin;
 pub mod agent;
 pub mod audit;
+pub mod bazaar;
 pub mod discovery;
 pub mod exact;
 pub mod limits;
@@ -96,6 +97,11 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(discovery::router())
         .fallback(no_route)
+        // With [x402], every 402 carries PAYMENT-REQUIRED (a route's own offer, else the minimum credit top-up).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            x402::ensure_challenge,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             limits::enforce,

@@ -54,8 +54,27 @@ pub fn router() -> Router<AppState> {
 
 /// Another method on one of these routes (or the `/v1` catch-alls, which serve GET and POST): 405 with `Allow`, in
 /// the route's error shape — OpenAI's, Anthropic's on `/v1/messages` (axum's own 405 has no body).
-pub(crate) async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+pub(crate) async fn wrong_method(
+    State(state): State<AppState>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
     let api = Api::of_path(uri.path());
+    // A keyless GET of a paid inference route (discovery crawlers, GET-only x402 checkers) on an x402 gateway:
+    // the keyless 402 with its PAYMENT-REQUIRED, which names how to pay and that the route takes POST.
+    if method == axum::http::Method::GET
+        && api.is_some()
+        && state.x402.is_some()
+        && presented_key(&headers).is_none()
+    {
+        let message = format!(
+            "{} takes POST; without an API key it answers 402: buy credits (PAYMENT-REQUIRED, or the catalog \
+             below), or pay a per-request-priced model's request with PAYMENT-SIGNATURE",
+            uri.path()
+        );
+        return super::agent::payment_required_with(&state, &headers, Some(message)).await;
+    }
     let allowed = if api.is_some() {
         "POST"
     } else if matches!(uri.path(), "/v1/models" | "/v1/usage") {

@@ -147,6 +147,21 @@ pub const ROUTES: &[RouteDoc] = &[
         Access::Public,
     ),
     r(
+        "get",
+        "/x402/credits/{amount}",
+        "x402",
+        "The 402 challenge of a credit purchase, as an unpaid POST gets it (for discovery crawlers and GET-only \
+         checkers); never pays",
+        Access::Public,
+    ),
+    r(
+        "get",
+        "/x402/pools/{slug}",
+        "x402",
+        "The 402 challenge of a pool subscription (?blocks=asia,europe), as an unpaid POST gets it; never pays",
+        Access::Public,
+    ),
+    r(
         "post",
         "/x402/pools/{slug}",
         "x402",
@@ -458,26 +473,31 @@ pub fn document_for(settings: &crate::config::Settings) -> Value {
     }
     let whole_min = (settings.credits.min_topup.atomic() + 999_999) / 1_000_000;
     topup["anyOf"][1]["minimum"] = json!(whole_min);
-    for param in paths["/x402/credits/{amount}"]["post"]["parameters"]
-        .as_array_mut()
-        .into_iter()
-        .flatten()
-    {
-        if let (Some(amount), "amount") = (&amount, param["name"].as_str().unwrap_or("")) {
-            param["schema"]["pattern"] = json!(amount);
+    // The unpaid GET of the purchase routes takes the same parameters as their POST.
+    for method in ["post", "get"] {
+        for param in paths["/x402/credits/{amount}"][method]["parameters"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+        {
+            if let (Some(amount), "amount") = (&amount, param["name"].as_str().unwrap_or("")) {
+                param["schema"]["pattern"] = json!(amount);
+            }
         }
     }
-    for param in paths["/x402/pools/{slug}"]["post"]["parameters"]
-        .as_array_mut()
-        .into_iter()
-        .flatten()
-    {
-        match param["name"].as_str() {
-            Some("slug") => param["schema"] = json!({"type": "string", "enum": slugs}),
-            Some("blocks") => {
-                param["schema"]["items"] = json!({"type": "string", "enum": blocks});
+    for method in ["post", "get"] {
+        for param in paths["/x402/pools/{slug}"][method]["parameters"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+        {
+            match param["name"].as_str() {
+                Some("slug") => param["schema"] = json!({"type": "string", "enum": slugs}),
+                Some("blocks") => {
+                    param["schema"]["items"] = json!({"type": "string", "enum": blocks});
+                }
+                _ => {}
             }
-            _ => {}
         }
     }
     doc

@@ -59,9 +59,74 @@ pub fn router() -> Router<AppState> {
             HeaderName::from_static("x-payment-response"),
         ]);
     Router::new()
-        .route("/x402/credits/{amount}", post(buy_credits))
-        .route("/x402/pools/{slug}", post(buy_pool))
+        .route(
+            "/x402/credits/{amount}",
+            post(buy_credits).get(challenge_credits),
+        )
+        .route("/x402/pools/{slug}", post(buy_pool).get(challenge_pool))
         .layer(cors)
+}
+
+/// Middleware: a 402 that carries no `PAYMENT-REQUIRED` (an underpaid claim, any other refusal) gets the minimum
+/// credit top-up's, so every 402 of an x402 gateway is a standard challenge. Without `[x402]`, nothing changes.
+pub async fn ensure_challenge(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers().clone();
+    let mut response = next.run(request).await;
+    if response.status() == StatusCode::PAYMENT_REQUIRED
+        && !response.headers().contains_key(xh::PAYMENT_REQUIRED)
+        && let Some(v) = v1_challenge_header(&state, &headers)
+    {
+        let h = response.headers_mut();
+        h.insert(xh::PAYMENT_REQUIRED, v);
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static(EXPOSE_HEADERS),
+        );
+    }
+    response
+}
+
+/// A GET of a purchase URL (what discovery crawlers and GET-only checkers send): the same 402 as an unpaid POST.
+/// It never pays: a GET carrying a payment is told to POST it.
+fn get_with_payment(headers: &HeaderMap) -> Option<Response> {
+    if !headers.contains_key(xh::PAYMENT_SIGNATURE) && !headers.contains_key(xh::X_PAYMENT) {
+        return None;
+    }
+    let mut answer = Answer::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "a payment is taken on POST only: send the same PAYMENT-SIGNATURE with POST",
+    )
+    .header("Allow", "POST");
+    answer.final_answer = false;
+    Some(answer.into_response())
+}
+
+async fn challenge_credits(
+    state: State<AppState>,
+    amount: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    match get_with_payment(&headers) {
+        Some(refused) => refused,
+        None => buy_credits(state, amount, headers).await,
+    }
+}
+
+async fn challenge_pool(
+    state: State<AppState>,
+    slug: Result<Path<String>, PathRejection>,
+    query: Result<Query<PoolQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    match get_with_payment(&headers) {
+        Some(refused) => refused,
+        None => buy_pool(state, slug, query, headers).await,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -144,6 +209,7 @@ fn offer(
     path_and_query: &str,
     price: Usdc,
     description: String,
+    bazaar: Value,
 ) -> Result<PaymentRequired, Answer> {
     let max_timeout = state
         .settings
@@ -157,7 +223,7 @@ fn offer(
         max_timeout,
     )
     .map_err(|e| Answer::error(StatusCode::BAD_REQUEST, "invalid_amount", e.to_string()))?;
-    Ok(requirements::payment_required(
+    let mut required = requirements::payment_required(
         ResourceInfo {
             url: format!("{}{path_and_query}", base_url(state, headers)),
             description: Some(description),
@@ -165,7 +231,12 @@ fn offer(
         },
         vec![req],
         None,
-    ))
+    );
+    // Discovery (x402 `bazaar` extension): how to call the resource, for facilitators that catalogue it.
+    let mut extensions = serde_json::Map::new();
+    extensions.insert(super::bazaar::KEY.into(), bazaar);
+    required.extensions = Some(extensions);
+    Ok(required)
 }
 
 /// 402: `PAYMENT-REQUIRED` and the combined v1/agent body. `reason` = (code, message) when a payment was refused.
@@ -209,6 +280,7 @@ pub fn v1_challenge_header(state: &AppState, headers: &HeaderMap) -> Option<Head
         &format!("/x402/credits/{min}"),
         min,
         format!("{min} USDC of credits for /v1/* (the minimum top-up); buys an API key"),
+        super::bazaar::credits(),
     )
     .ok()?;
     let mut required = offered;
@@ -508,7 +580,11 @@ async fn purchase(
         )
         .into_response();
     };
-    let offered = match offer(&state, &engine, &headers, &path, price, description) {
+    let bazaar = match &product {
+        Product::Pool { blocks, .. } => super::bazaar::pool(blocks),
+        _ => super::bazaar::credits(),
+    };
+    let offered = match offer(&state, &engine, &headers, &path, price, description, bazaar) {
         Ok(o) => o,
         Err(a) => return a.into_response(),
     };
@@ -825,6 +901,7 @@ fn per_request_offer(
             "one {} request to `{model}` ({price} USDC, its output capped to what the price covers)",
             api.name()
         ),
+        super::bazaar::inference(api, model),
     )
 }
 

@@ -43,7 +43,14 @@ pub const DB_FILE: &str = "x402-gateway.db";
 pub const CHAIN_STATE_FILE: &str = "chain-state.json";
 /// What `demo` and a later `dev` need to know about the stack: token, payTo, wallets, URLs.
 pub const DEV_FILE: &str = "dev.json";
+/// The dev secrets as `export NAME=value` lines (mode 0600), for CLI commands run on the generated config.
+pub const ENV_FILE: &str = "dev.env";
 const ANVIL_PID_FILE: &str = "anvil.pid";
+/// Environment variables the generated config names: the dev settler's key (anvil account 5) and the dev admin and
+/// auditor tokens. `dev` gives them to its in-process gateway without touching its own process environment.
+pub const SETTLER_KEY_ENV: &str = "X402_DEV_SETTLER_KEY";
+pub const ADMIN_TOKEN_ENV: &str = "X402_DEV_ADMIN_TOKEN";
+pub const AUDITOR_TOKEN_ENV: &str = "X402_DEV_AUDITOR_TOKEN";
 const LOCK_FILE: &str = ".lock";
 
 /// What a fresh chain gives each agent wallet, and the floor under which a reused one is refilled.
@@ -154,6 +161,16 @@ pub struct DevState {
     /// The URLs of the last run (they change between runs; the contents do not).
     pub rpc_url: String,
     pub gateway_url: String,
+    /// The standard x402 settlement hot wallet (anvil account 5; pays gas in dev ETH). Absent in a dev.json written
+    /// before x402 was on in dev.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settler: Option<DevWallet>,
+    /// Dev-only operator tokens (random, made on the first run that lacks them, then kept): `/admin` takes the admin
+    /// token, `/api/audit/*` the auditor token, each as `Authorization: Bearer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auditor_token: Option<String>,
 }
 
 impl DevState {
@@ -232,6 +249,8 @@ pub struct DevChain {
     pub pay_to: Address,
     /// Throwaway agent wallets (anvil accounts 2..), each funded with test USDC.
     pub agents: Vec<PrivateKeySigner>,
+    /// The standard x402 settler (anvil account 5): submits `transferWithAuthorization`, holds dev ETH only.
+    pub settler: PrivateKeySigner,
 }
 
 /// Starts anvil and deploys the token; `block_time` 0 means mine on every transaction. Nothing is saved.
@@ -259,10 +278,15 @@ fn spawn_anvil(
     builder.try_spawn().map_err(step("starting anvil"))
 }
 
-/// anvil's well-known accounts: 0 deploys, 1 is payTo, 2..5 are the agent wallets.
-fn accounts(
-    anvil: &AnvilInstance,
-) -> Result<(PrivateKeySigner, Address, Vec<PrivateKeySigner>), DevError> {
+/// anvil's well-known accounts: 0 deploys, 1 is payTo, 2..5 are the agent wallets, 5 settles standard x402.
+type Accounts = (
+    PrivateKeySigner,
+    Address,
+    Vec<PrivateKeySigner>,
+    PrivateKeySigner,
+);
+
+fn accounts(anvil: &AnvilInstance) -> Result<Accounts, DevError> {
     let keys = anvil.keys().to_vec();
     let signer = |i: usize| -> Result<PrivateKeySigner, DevError> {
         keys.get(i)
@@ -276,13 +300,14 @@ fn accounts(
     let deployer = signer(0)?;
     let pay_to = signer(1)?.address();
     let agents = (2..5).map(signer).collect::<Result<Vec<_>, _>>()?;
-    Ok((deployer, pay_to, agents))
+    let settler = signer(5)?;
+    Ok((deployer, pay_to, agents, settler))
 }
 
 /// Deploys the test USDC on a new chain, installs Permit2 and the x402 upto proxy at their canonical addresses
 /// ([`contracts::install_upto_contracts`]) and funds the agent wallets.
 async fn deploy(anvil: AnvilInstance, agent_funds: Usdc) -> Result<DevChain, DevError> {
-    let (deployer, pay_to, agents) = accounts(&anvil)?;
+    let (deployer, pay_to, agents, settler) = accounts(&anvil)?;
     let provider = ProviderBuilder::new()
         .wallet(EthereumWallet::from(deployer.clone()))
         .connect_http(anvil.endpoint_url());
@@ -299,6 +324,7 @@ async fn deploy(anvil: AnvilInstance, agent_funds: Usdc) -> Result<DevChain, Dev
         deployer,
         pay_to,
         agents,
+        settler,
     };
     fund(&chain, agent_funds, None).await?;
     Ok(chain)
@@ -345,7 +371,7 @@ async fn resume(anvil: AnvilInstance, state: &DevState, dir: &Path) -> Result<De
         dir: dir.to_path_buf(),
         reason,
     };
-    let (deployer, pay_to, agents) = accounts(&anvil)?;
+    let (deployer, pay_to, agents, settler) = accounts(&anvil)?;
     if state.pay_to != pay_to || state.chain_id != DEV_CHAIN_ID {
         return Err(cannot(format!(
             "dev.json names payTo {:#x} on chain {}, but this anvil's account 1 is {pay_to:#x} on chain {DEV_CHAIN_ID}",
@@ -403,13 +429,14 @@ async fn resume(anvil: AnvilInstance, state: &DevState, dir: &Path) -> Result<De
         deployer,
         pay_to,
         agents,
+        settler,
     })
 }
 
 /// How a run starts.
 enum Start {
     Fresh,
-    Reuse(DevState),
+    Reuse(Box<DevState>),
 }
 
 /// Fresh when the folder holds none of the stack's files, reuse when it holds all three, an error otherwise.
@@ -422,7 +449,7 @@ fn how_to_start(dir: &Path) -> Result<Start, DevError> {
     );
     match (dev, db, chain) {
         (false, false, false) => Ok(Start::Fresh),
-        (true, true, true) => Ok(Start::Reuse(DevState::load(dir)?)),
+        (true, true, true) => Ok(Start::Reuse(Box::new(DevState::load(dir)?))),
         _ => Err(DevError::CannotReuse {
             dir: dir.to_path_buf(),
             reason: format!(
@@ -587,11 +614,15 @@ deployments = [
   {{ upstream = "gpu-b", weight = 1 }},
 ]
 
+# Also sold one request at a time for a standard x402 `exact` payment, no key needed (PAYMENT-SIGNATURE on
+# /v1/chat/completions and the other inference routes; output capped to what 0.01 USDC buys).
 [[models]]
 id = "glm-4.7"
 upstream = "gpu-a"
 input_usdc_per_mtok = "0.40"
 output_usdc_per_mtok = "1.60"
+per_request_usdc = "0.01"
+# (the x402 `upto` scheme for this model goes here)
 
 # A failing deployment cools down after 3 failures for 10 s, then is probed (GET <base_url>/models).
 [routing]
@@ -614,6 +645,17 @@ min_topup_usdc = "10.00"
 
 [auth]
 claims_require_signature = true
+# DEV-ONLY operator tokens, random per data folder (kept in dev.json, exported in dev.env): /admin takes the admin
+# token, /api/audit/* the auditor token, as `Authorization: Bearer <token>`.
+admin_token_env = "{admin_env}"
+auditor_token_env = "{auditor_env}"
+
+# Standard x402 (PAYMENT-SIGNATURE / X-PAYMENT): POST /x402/credits/{{amount}}, /x402/pools/{{slug}}?blocks=…, and
+# per-request payment for glm-4.7. Settled by the gateway itself from a dev settler wallet (anvil account 5, a
+# publicly known test key with dev ETH for gas), whose key `dev` passes in {settler_env}.
+[x402]
+settlement = "self"
+settler_key_env = "{settler_env}"
 
 # Per-IP limits on requests without a key and on claim attempts (429 + Retry-After). Everything on this machine
 # comes from 127.0.0.1: set rate_limits = false (or raise the numbers) before load-testing the dev stack.
@@ -629,7 +671,55 @@ claims_burst = 10
         http = chain.anvil.endpoint(),
         ws = chain.anvil.ws_endpoint(),
         pay_to = chain.pay_to,
+        admin_env = ADMIN_TOKEN_ENV,
+        auditor_env = AUDITOR_TOKEN_ENV,
+        settler_env = SETTLER_KEY_ENV,
     )
+}
+
+/// A random dev token: `dev_` and 32 bytes of hex.
+fn new_token() -> String {
+    format!("dev_{}", alloy::hex::encode(rand::random::<[u8; 32]>()))
+}
+
+fn key_hex(key: &PrivateKeySigner) -> String {
+    format!("0x{}", alloy::hex::encode(key.to_bytes()))
+}
+
+/// The variables the generated config names, with their values: the settler's key and the two dev tokens.
+fn dev_env(chain: &DevChain, admin: &str, auditor: &str) -> Vec<(String, String)> {
+    vec![
+        (SETTLER_KEY_ENV.to_string(), key_hex(&chain.settler)),
+        (ADMIN_TOKEN_ENV.to_string(), admin.to_string()),
+        (AUDITOR_TOKEN_ENV.to_string(), auditor.to_string()),
+    ]
+}
+
+/// Writes `dir/dev.env` (0600): `export NAME='value'` lines, so CLI commands can read the generated config
+/// (`set -a; . .x402-dev/dev.env; set +a`).
+fn write_env_file(dir: &Path, vars: &[(String, String)]) -> Result<(), DevError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::from(
+        "# Written by `x402-gateway dev`: DEV-ONLY secrets of this local stack (anvil's public test key, random dev \
+         tokens).\n# Load before CLI commands on config.toml: set -a; . ./dev.env; set +a\n",
+    );
+    for (k, v) in vars {
+        text.push_str(&format!("export {k}='{v}'\n"));
+    }
+    let path = dir.join(ENV_FILE);
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(step("writing dev.env"))?;
+    f.write_all(text.as_bytes())
+        .map_err(step("writing dev.env"))?;
+    drop(f);
+    std::fs::rename(&tmp, &path).map_err(step("writing dev.env"))
 }
 
 /// Runs the dev stack until `shutdown` (or, with `--demo`, until the demo agent is done).
@@ -683,14 +773,18 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let loaded = modified(&state_file);
     std::fs::write(dir.join(ANVIL_PID_FILE), anvil_pid.to_string())
         .map_err(step("writing anvil.pid"))?;
+    let start_state = match &start {
+        Start::Reuse(state) => Some(DevState::clone(state)),
+        Start::Fresh => None,
+    };
     let (chain, created_at, reused) = match start {
         Start::Fresh => (
             deploy(anvil, Usdc::whole(AGENT_FUNDS_USDC)).await?,
             crate::store::now_unix(),
             false,
         ),
-        Start::Reuse(state) => {
-            let chain = resume(anvil, &state, &dir).await?;
+        Start::Reuse(ref state) => {
+            let chain = resume(anvil, state, &dir).await?;
             let refilled = fund(
                 &chain,
                 Usdc::whole(AGENT_FUNDS_USDC),
@@ -741,7 +835,25 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         ),
     )
     .map_err(step("writing the dev config"))?;
-    let settings = Config::load(&config_path)?;
+    // Dev tokens: made once per data folder, then kept in dev.json like the rest of the stack.
+    let previous = match &start_state {
+        Some(s) => (s.admin_token.clone(), s.auditor_token.clone()),
+        None => (None, None),
+    };
+    let admin_token = previous.0.unwrap_or_else(new_token);
+    let auditor_token = previous.1.unwrap_or_else(new_token);
+    let vars = dev_env(&chain, &admin_token, &auditor_token);
+    write_env_file(&dir, &vars)?;
+    // The in-process gateway reads these through its env lookup, not through this process's environment.
+    let env = move |name: &str| {
+        vars.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var(name).ok())
+    };
+    let config_text =
+        std::fs::read_to_string(&config_path).map_err(step("reading the dev config"))?;
+    let settings = Config::parse(&config_text, &config_path)?.resolve(&dir, &env)?;
     let gateway_url = format!("http://{addr}");
     let state = DevState {
         warning: "Written by `x402-gateway dev`. The private keys are anvil's publicly known test keys: they are \
@@ -761,6 +873,12 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         created_at,
         rpc_url: chain.anvil.endpoint(),
         gateway_url: gateway_url.clone(),
+        settler: Some(DevWallet {
+            address: chain.settler.address(),
+            private_key: key_hex(&chain.settler),
+        }),
+        admin_token: Some(admin_token.clone()),
+        auditor_token: Some(auditor_token.clone()),
     };
     state.save(&dir)?;
     half_made.dir = None;
@@ -778,6 +896,8 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
         reused,
         balances: &balances,
         demo: args.demo,
+        admin_token: &admin_token,
+        auditor_token: &auditor_token,
     });
 
     if args.demo_payments > 0
@@ -792,7 +912,19 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
             shutdown.clone(),
         ));
     }
-    let mut server = tokio::spawn(crate::api::serve(settings, listener, shutdown.clone()));
+    let mut server = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            crate::api::serve_with_env(
+                settings,
+                listener,
+                shutdown,
+                crate::billing::system_clock(),
+                &env,
+            )
+            .await
+        }
+    });
     let demo = async {
         if !args.demo {
             return std::future::pending().await;
@@ -854,6 +986,7 @@ impl Drop for HalfMadeGuard {
             for f in [
                 CHAIN_STATE_FILE,
                 DEV_FILE,
+                ENV_FILE,
                 DB_FILE,
                 CONFIG_FILE,
                 ANVIL_PID_FILE,
@@ -963,6 +1096,8 @@ struct Banner<'a> {
     reused: bool,
     balances: &'a [Option<Usdc>],
     demo: bool,
+    admin_token: &'a str,
+    auditor_token: &'a str,
 }
 
 fn print_banner(b: &Banner) {
@@ -1003,8 +1138,43 @@ fn print_banner(b: &Banner) {
         b.upstream
     ));
     line(format!(
-        "data         {}  ({CONFIG_FILE}, {DB_FILE}, {CHAIN_STATE_FILE}, {DEV_FILE}; kept between runs)",
+        "data         {}  ({CONFIG_FILE}, {DB_FILE}, {CHAIN_STATE_FILE}, {DEV_FILE}, {ENV_FILE}; kept between runs)",
         b.dir.display()
+    ));
+    line(format!(
+        "x402         standard x402 on: POST {gw}/x402/credits/{{amount}}, {gw}/x402/pools/{{slug}}?blocks=…; \
+         glm-4.7 also per request (0.01 USDC, PAYMENT-SIGNATURE, no key)"
+    ));
+    line(format!(
+        "settler      {:#x}  (anvil account 5, self settlement; key in {SETTLER_KEY_ENV})",
+        chain.settler.address()
+    ));
+    line(String::new());
+    line(
+        "DEV-ONLY OPERATOR TOKENS: random for this data folder and kept in dev.json/dev.env; not for a real \
+         deployment."
+            .into(),
+    );
+    line(format!(
+        "  admin        {gw}/admin  (status page)  curl -s $GW/admin -H 'Authorization: Bearer {}'",
+        b.admin_token
+    ));
+    line(format!(
+        "  audit API    {gw}/api/audit/payments, /api/audit/ledger, /api/audit/revenue, /api/audit/keys  \
+         curl -s $GW/api/audit/payments -H 'Authorization: Bearer {}'",
+        b.auditor_token
+    ));
+    line(format!(
+        "  admin token   {}  ({ADMIN_TOKEN_ENV})",
+        b.admin_token
+    ));
+    line(format!(
+        "  auditor token {}  ({AUDITOR_TOKEN_ENV})",
+        b.auditor_token
+    ));
+    line(format!(
+        "  CLI on the generated config: set -a; . {}; set +a",
+        b.dir.join(ENV_FILE).display()
     ));
     line(String::new());
     line(
@@ -1084,8 +1254,15 @@ fn print_banner(b: &Banner) {
     ));
     line("  # or let the demo agent do all of it, credits and a pool block (dev wallet 1):".into());
     line("  cargo run -q -- demo".into());
+    line(
+        "  # 7. standard x402: the 402 of a credit purchase (PAYMENT-REQUIRED), and glm-4.7 per request without a key\n  \
+         curl -si -X POST $GW/x402/credits/10\n  \
+         curl -si $GW/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\":\"glm-4.7\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}]}'"
+            .into(),
+    );
     line(format!(
-        "  # the operator's view\n  cargo run -q -- payments --config {}",
+        "  # the operator's view (the config names dev.env's variables)\n  set -a; . {}; set +a; cargo run -q -- payments --config {}",
+        b.dir.join(ENV_FILE).display(),
         b.dir.join(CONFIG_FILE).display()
     ));
     line(String::new());

@@ -166,11 +166,30 @@ where
     }
 }
 
+/// The variables `dev` wrote to `dir/dev.env` (`export NAME='value'` lines): the generated config names them.
+fn dev_env(dir: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(dir.join("dev.env"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('\'').to_string()))
+        .collect()
+}
+
+/// Runs the binary; with `--config`, in the environment of the `dev.env` next to it (`set -a; . dev.env`).
 fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let vars = args
+        .iter()
+        .position(|a| *a == "--config")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|c| Path::new(c).parent().map(dev_env))
+        .unwrap_or_default();
     let out = Command::new(BIN)
         .args(args)
         .current_dir(root())
         .env("NO_COLOR", "1")
+        .envs(vars)
         .output()
         .unwrap();
     (
@@ -280,6 +299,187 @@ fn dev_demo_runs_the_whole_journey_then_continues_the_saved_chain() {
     assert_eq!(all[1]["txHash"], first_payments[1]["txHash"]);
 }
 
+/// Signs the `exact` offer of `required` with `key` (EIP-3009 on the dev chain's test USDC) as a v2 header.
+fn pay_exact(
+    required: &x402_gateway::x402::PaymentRequired,
+    key: &alloy::signers::local::PrivateKeySigner,
+    token: alloy::primitives::Address,
+) -> String {
+    use alloy::primitives::{B256, Bytes, U256};
+    use alloy::signers::SignerSync;
+    use x402_gateway::x402::types::{Authorization, ExactEvmPayload};
+    let req = &required.accepts[0];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let auth = Authorization {
+        from: key.address(),
+        to: req.pay_to,
+        value: req.amount,
+        valid_after: U256::from(now - 600),
+        valid_before: U256::from(now + req.max_timeout_seconds),
+        nonce: B256::from(rand::random::<[u8; 32]>()),
+    };
+    let network = x402_gateway::config::Network {
+        name: "custom".into(),
+        chain_id: x402_gateway::dev::DEV_CHAIN_ID,
+        token,
+        token_name: "USDC".into(),
+        token_version: "2".into(),
+    };
+    let digest = x402_gateway::x402::eip3009::digest(
+        &auth,
+        &x402_gateway::x402::eip3009::network_domain(&network),
+    );
+    let signature = Bytes::from(key.sign_hash_sync(&digest).unwrap().as_bytes().to_vec());
+    x402_gateway::x402::header::encode(&x402_gateway::x402::PaymentPayload {
+        x402_version: 2,
+        resource: Some(required.resource.clone()),
+        accepted: req.clone(),
+        payload: ExactEvmPayload {
+            signature,
+            authorization: auth,
+        },
+        extensions: required.extensions.clone(),
+    })
+}
+
+/// The dev stack at `url` has standard x402 on (a 402 with PAYMENT-REQUIRED at `/x402/credits/10`, an `exact`
+/// purchase of credits and of one glm-4.7 completion without a key), and the dev operator tokens printed in the
+/// banner open `/admin` and the audit API (and nothing opens them without). Returns (admin, auditor) tokens.
+async fn dev_x402_and_operator_pages(url: &str, dir: &Path, banner: &str) -> (Value, Value) {
+    let http = reqwest::Client::new();
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dev.json")).unwrap()).unwrap();
+    let admin = state["adminToken"].as_str().unwrap().to_string();
+    let auditor = state["auditorToken"].as_str().unwrap().to_string();
+    assert!(admin.starts_with("dev_") && admin.len() > 40, "{admin}");
+    assert_ne!(admin, auditor);
+    assert!(
+        banner.contains(&format!("Authorization: Bearer {admin}")),
+        "{banner}"
+    );
+    assert!(
+        banner.contains(&format!("Authorization: Bearer {auditor}")),
+        "{banner}"
+    );
+    assert!(
+        dev_env(dir)
+            .iter()
+            .any(|(k, v)| k == "X402_DEV_ADMIN_TOKEN" && *v == admin)
+    );
+
+    // /admin: 200 with the printed admin token, 401 without one or with the auditor's.
+    let get = |path: &str, token: Option<&str>| {
+        let mut req = http.get(format!("{url}{path}"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    assert_eq!(
+        get("/admin", Some(&admin)).await.unwrap().status(),
+        StatusCode::OK
+    );
+    for token in [None, Some(auditor.as_str()), Some("dev_wrong")] {
+        let status = get("/admin", token).await.unwrap().status();
+        assert!(
+            matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN),
+            "{token:?}: {status}"
+        );
+    }
+    // The audit API answers the auditor token (and refuses without one).
+    let audit = get("/api/audit/payments", Some(&auditor)).await.unwrap();
+    assert_eq!(audit.status(), StatusCode::OK);
+    assert!(audit.json::<Value>().await.unwrap().is_object());
+    assert_eq!(
+        get("/api/audit/revenue", Some(&auditor))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        get("/api/audit/payments", None).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Standard x402: the credit purchase answers 402 with PAYMENT-REQUIRED (not 404 x402_disabled), and pays.
+    let token: alloy::primitives::Address = state["token"].as_str().unwrap().parse().unwrap();
+    let wallet: alloy::signers::local::PrivateKeySigner = state["wallets"][2]["privateKey"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let unpaid = http
+        .post(format!("{url}/x402/credits/10"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unpaid.status(), StatusCode::PAYMENT_REQUIRED);
+    let required: x402_gateway::x402::PaymentRequired =
+        x402_gateway::x402::header::decode(unpaid.headers()["payment-required"].to_str().unwrap())
+            .unwrap();
+    assert_eq!(required.accepts[0].scheme, "exact");
+    assert_eq!(required.accepts[0].network, "eip155:31337");
+    assert!(required.extensions.as_ref().unwrap().contains_key("bazaar"));
+    let paid = http
+        .post(format!("{url}/x402/credits/10"))
+        .header("payment-signature", pay_exact(&required, &wallet, token))
+        .send()
+        .await
+        .unwrap();
+    let status = paid.status();
+    assert!(paid.headers().contains_key("payment-response"));
+    let body: Value = paid.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        body["data"]["apiKey"].as_str().unwrap().starts_with("sk-"),
+        "{body}"
+    );
+
+    // One glm-4.7 completion for 0.01 USDC with `exact`, no key.
+    let chat = serde_json::json!({"model": "glm-4.7", "max_tokens": 16,
+                                  "messages": [{"role": "user", "content": "Hello"}]});
+    let unpaid = http
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unpaid.status(), StatusCode::PAYMENT_REQUIRED);
+    let required: x402_gateway::x402::PaymentRequired =
+        x402_gateway::x402::header::decode(unpaid.headers()["payment-required"].to_str().unwrap())
+            .unwrap();
+    assert!(
+        required.resource.url.ends_with("/v1/chat/completions"),
+        "{:?}",
+        required.resource
+    );
+    assert_eq!(
+        required.accepts[0].amount,
+        alloy::primitives::U256::from(10_000u64)
+    );
+    let paid = http
+        .post(format!("{url}/v1/chat/completions"))
+        .header("payment-signature", pay_exact(&required, &wallet, token))
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    let status = paid.status();
+    let settled = paid.headers().get("payment-response").cloned();
+    let body: Value = paid.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(settled.is_some(), "{body}");
+    assert!(
+        body["choices"][0]["message"]["content"].is_string(),
+        "{body}"
+    );
+    (Value::from(admin), Value::from(auditor))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_sigterm_stops_every_child_and_the_next_run_reuses_or_resets() {
     let dir = tempfile::tempdir().unwrap();
@@ -292,9 +492,14 @@ async fn dev_sigterm_stops_every_child_and_the_next_run_reuses_or_resets() {
         "Try the whole flow",
         "curl -si $GW/v1/chat/completions",
         "cargo run -q -- demo",
+        "DEV-ONLY OPERATOR TOKENS",
+        "/admin",
+        "/api/audit/payments",
+        "standard x402 on",
     ] {
         assert!(err.contains(expected), "banner lacks {expected}: {err}");
     }
+    let tokens = dev_x402_and_operator_pages(&url, dir.path(), &err).await;
 
     // `demo` against the running stack finds it through dev.json.
     let (ok, out, derr) = tokio::task::spawn_blocking({
@@ -324,7 +529,22 @@ async fn dev_sigterm_stops_every_child_and_the_next_run_reuses_or_resets() {
 
     // The next run continues: the payment is there, and the database agrees with the reloaded chain.
     let mut again = DevRun::start(dir.path(), &[]);
-    let (_, anvil2) = again.ready().await;
+    let (url2, anvil2) = again.ready().await;
+    // The dev tokens are kept with the rest of the dev state.
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("dev.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (state["adminToken"].clone(), state["auditorToken"].clone()),
+        tokens
+    );
+    let admin = reqwest::Client::new()
+        .get(format!("{url2}/admin"))
+        .bearer_auth(tokens.0.as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), StatusCode::OK);
     assert!(
         again
             .stderr()
@@ -344,7 +564,8 @@ async fn dev_sigterm_stops_every_child_and_the_next_run_reuses_or_resets() {
         verify.1, verify.2
     );
     assert!(verify.2.contains("OK: no discrepancies"), "{}", verify.2);
-    assert_eq!(payments(dir.path()).len(), 1);
+    // The x402 credit purchase and the per-request payment of the first run, and the demo's top-up.
+    assert_eq!(payments(dir.path()).len(), 3);
     assert!(again.terminate().success());
     assert!(!x402_gateway::dev::alive(anvil2));
 

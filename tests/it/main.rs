@@ -7,6 +7,7 @@ mod checkout;
 mod cli;
 mod clients;
 mod concurrency;
+mod conformance;
 mod contract;
 mod crash;
 mod dev;

@@ -1230,3 +1230,148 @@ async fn x402_per_request_price_covers_the_prompt_bound_and_buys_one_choice() {
     assert_eq!(balance(&chain, payer.address()).await, before);
     assert!(gw.settlements().await.is_empty());
 }
+
+/// Every route that answers a keyless request with 402 carries a standard `PAYMENT-REQUIRED` (a v2
+/// `PaymentRequired` with an `exact` offer and the `bazaar` discovery extension): the inference routes (priced per
+/// request or not, with a body or a GET), the `/v1/*` catch-all, `/v1/models` and `/v1/usage`, the x402 purchase
+/// routes on POST and GET, and the agent checkout's underpaid claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x402_routes_every_keyless_402_carries_payment_required() {
+    let chain = TestChain::start().await;
+    let gw = X402Gateway::start(&chain, Mode::SelfSettle).await;
+    let hello = json!([{"role": "user", "content": "Hello"}]);
+    let priced = |api: &str| match api {
+        "/v1/chat/completions" => json!({"model": "kimi-k2.6", "messages": hello}),
+        "/v1/messages" => json!({"model": "kimi-k2.6", "max_tokens": 16, "messages": hello}),
+        "/v1/completions" => json!({"model": "kimi-k2.6", "prompt": "Hello"}),
+        _ => json!({"model": "kimi-k2.6", "input": "Hello"}),
+    };
+    let apis = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/messages",
+    ];
+    // (method, path, body, the resource the offer names)
+    let mut cases: Vec<(&str, String, Option<Value>, String)> = Vec::new();
+    for api in apis {
+        cases.push(("POST", api.into(), Some(priced(api)), api.into()));
+        cases.push((
+            "POST",
+            api.into(),
+            Some(json!({"model": "unknown", "messages": hello})),
+            "/x402/credits/10.00".into(),
+        ));
+        cases.push(("POST", api.into(), None, "/x402/credits/10.00".into()));
+        cases.push(("GET", api.into(), None, "/x402/credits/10.00".into()));
+    }
+    for path in ["/v1/models", "/v1/usage", "/v1/anything"] {
+        cases.push(("GET", path.into(), None, "/x402/credits/10.00".into()));
+    }
+    cases.push((
+        "POST",
+        "/v1/anything".into(),
+        None,
+        "/x402/credits/10.00".into(),
+    ));
+    for method in ["POST", "GET"] {
+        cases.push((
+            method,
+            "/x402/credits/10".into(),
+            None,
+            "/x402/credits/10.00".into(),
+        ));
+        cases.push((
+            method,
+            "/x402/pools/kimi26?blocks=asia".into(),
+            None,
+            "/x402/pools/kimi26?blocks=asia".into(),
+        ));
+    }
+    let check = |what: &str, status: StatusCode, headers: &HeaderMap, resource: &str| {
+        assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{what}");
+        let raw = header::decode_json(
+            headers
+                .get("payment-required")
+                .unwrap_or_else(|| panic!("{what}: no PAYMENT-REQUIRED"))
+                .to_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(raw["x402Version"], 2, "{what}");
+        assert_eq!(raw["accepts"][0]["scheme"], "exact", "{what}");
+        assert!(
+            raw["resource"]["url"].as_str().unwrap().ends_with(resource),
+            "{what}: {}",
+            raw["resource"]
+        );
+        let bazaar = &raw["extensions"]["bazaar"];
+        assert_eq!(bazaar["info"]["input"]["type"], "http", "{what}");
+        assert_eq!(bazaar["info"]["input"]["method"], "POST", "{what}");
+        assert!(
+            bazaar["schema"]["properties"]["input"].is_object(),
+            "{what}"
+        );
+        assert!(
+            headers["access-control-expose-headers"]
+                .to_str()
+                .unwrap()
+                .to_ascii_lowercase()
+                .contains("payment-required"),
+            "{what}"
+        );
+    };
+    for (method, path, body, resource) in &cases {
+        let mut req = gw
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", gw.base));
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let res = req.send().await.unwrap();
+        let what = format!("{method} {path} {body:?}");
+        check(&what, res.status(), res.headers(), resource);
+        if resource.starts_with("/v1/") {
+            // A per-request price: the offer is that request's, and the bazaar input is that API's body.
+            let raw =
+                header::decode_json(res.headers()["payment-required"].to_str().unwrap()).unwrap();
+            assert_eq!(raw["accepts"][0]["amount"], "10000", "{what}");
+            assert_eq!(
+                raw["extensions"]["bazaar"]["info"]["input"]["body"]["model"], "kimi-k2.6",
+                "{what}"
+            );
+        }
+    }
+
+    // The agent checkout: an underpaid claim (1.00 USDC for a 39.00 block) is a 402 with the standard challenge too.
+    let (tx, _) = chain.pay(0, Usdc::whole(1)).await;
+    let claim = json!({"txHash": tx, "poolSlug": "kimi26", "blocks": ["asia"],
+                       "signature": crate::checkout::claim_sig(chain.payer(0), &tx)});
+    let (status, headers, body) = wait_for("the underpaid claim's answer", || {
+        let (gw, claim) = (&gw, claim.clone());
+        async move {
+            let res = gw
+                .http
+                .post(format!("{}/api/agent/subscribe-pool", gw.base))
+                .json(&claim)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status();
+            if status == StatusCode::NOT_FOUND || status == StatusCode::ACCEPTED {
+                return None;
+            }
+            let headers = res.headers().clone();
+            Some((status, headers, res.json::<Value>().await.unwrap()))
+        }
+    })
+    .await;
+    assert_eq!(body["error"]["code"], "underpaid", "{body}");
+    check(
+        "underpaid subscribe-pool",
+        status,
+        &headers,
+        "/x402/credits/10.00",
+    );
+}
