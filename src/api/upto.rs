@@ -61,15 +61,22 @@ pub fn required(
     let engine = state.x402.as_ref()?;
     let mut required = match price {
         Some(price) => super::x402::per_request_required(state, headers, api, model, price)?,
-        None => requirements::payment_required(
-            ResourceInfo {
-                url: format!("{}{}", super::x402::base_url(state, headers), api.path()),
-                description: None,
-                mime_type: Some("application/json".into()),
-            },
-            Vec::new(),
-            None,
-        ),
+        None => {
+            let mut required = requirements::payment_required(
+                ResourceInfo {
+                    url: format!("{}{}", super::x402::base_url(state, headers), api.path()),
+                    description: None,
+                    mime_type: Some("application/json".into()),
+                },
+                Vec::new(),
+                None,
+            );
+            // Discovery (x402 `bazaar`), as on every other offer.
+            let mut extensions = serde_json::Map::new();
+            extensions.insert(super::bazaar::KEY.into(), super::bazaar::inference(api, model));
+            required.extensions = Some(extensions);
+            required
+        }
     };
     if let (Some(max), Some(upto)) = (max, engine.upto()) {
         let max_timeout = state

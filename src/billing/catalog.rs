@@ -151,6 +151,7 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
                 "outputUsdcPerMtok": m.output_per_mtok,
                 "maxOutputTokens": m.max_output_tokens,
                 "perRequestUsdc": m.per_request,
+                "upto": m.upto,
             })
         })
         .collect();

@@ -30,6 +30,8 @@ alloy::sol! {
     interface IERC20 {
         function transfer(address to, uint256 value) external returns (bool);
         function balanceOf(address owner) external view returns (uint256);
+        function approve(address spender, uint256 value) external returns (bool);
+        function allowance(address owner, address spender) external view returns (uint256);
     }
 }
 
@@ -47,6 +49,16 @@ pub const STEPS: [&str; 9] = [
     "stream a completion",
     "read usage",
 ];
+/// The steps of the keyless pay-per-token journey (x402 `upto`), in order.
+pub const UPTO_STEPS: [&str; 7] = [
+    "keyless request",
+    "read the upto offer",
+    "approve Permit2",
+    "sign the authorization",
+    "stream a completion",
+    "read the receipt",
+    "check the chain",
+];
 /// How long any one wait (mining, confirmations, the indexer) may take.
 const WAIT: Duration = Duration::from_secs(120);
 /// With the head unchanged this long, the agent mines a block on the dev chain.
@@ -59,6 +71,9 @@ pub enum Journey {
     Credits,
     /// A pool subscription for the daily block open now.
     Pool,
+    /// No key: one streamed completion paid with a standard x402 `upto` authorization (Permit2), settled for its
+    /// exact metered cost.
+    Upto,
 }
 
 impl Journey {
@@ -66,6 +81,15 @@ impl Journey {
         match self {
             Journey::Credits => "credits",
             Journey::Pool => "pool",
+            Journey::Upto => "upto",
+        }
+    }
+
+    /// The journey's steps.
+    pub fn steps(self) -> &'static [&'static str] {
+        match self {
+            Journey::Upto => &UPTO_STEPS,
+            _ => &STEPS,
         }
     }
 }
@@ -73,10 +97,11 @@ impl Journey {
 /// Why the demo failed: the step and what went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("demo failed at [{journey} {n}/{total}] {step}: {message}", total = STEPS.len())]
+    #[error("demo failed at [{journey} {n}/{total}] {step}: {message}")]
     Step {
         journey: &'static str,
         n: usize,
+        total: usize,
         step: &'static str,
         message: String,
     },
@@ -119,8 +144,8 @@ pub async fn run(config: AgentConfig) -> Result<(), DemoError> {
             .map(|j| j.name())
             .collect::<Vec<_>>()
             .join(" + "),
-        journeys.len() * STEPS.len(),
-        journeys.len() * STEPS.len(),
+        journeys.iter().map(|j| j.steps().len()).sum::<usize>(),
+        journeys.iter().map(|j| j.steps().len()).sum::<usize>(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -154,6 +179,7 @@ struct Agent {
     provider: DynProvider,
     chain_id: u64,
     journey: &'static str,
+    steps: &'static [&'static str],
     step: usize,
     /// The gateway's clock at its last answer (unix seconds), from `Date`.
     gateway_now: Option<i64>,
@@ -189,6 +215,7 @@ impl Agent {
             provider,
             chain_id,
             journey: "",
+            steps: &STEPS,
             step: 0,
             gateway_now: None,
         })
@@ -200,8 +227,8 @@ impl Agent {
         println!(
             "[{} {n}/{}] {}: {detail}",
             self.journey,
-            STEPS.len(),
-            STEPS[n - 1]
+            self.steps.len(),
+            self.steps[n - 1]
         );
     }
 
@@ -216,13 +243,14 @@ impl Agent {
             "[{} {}/{}] {}: FAILED: {message}",
             self.journey,
             self.step,
-            STEPS.len(),
-            STEPS[self.step.saturating_sub(1)]
+            self.steps.len(),
+            self.steps[self.step.saturating_sub(1)]
         );
         DemoError::Step {
             journey: self.journey,
             n: self.step,
-            step: STEPS[self.step.saturating_sub(1)],
+            total: self.steps.len(),
+            step: self.steps[self.step.saturating_sub(1)],
             message,
         }
     }
@@ -248,7 +276,11 @@ impl Agent {
 
     async fn journey(&mut self, journey: Journey) -> Result<(), DemoError> {
         self.journey = journey.name();
+        self.steps = journey.steps();
         println!("\n== {} journey ==", journey.name());
+        if journey == Journey::Upto {
+            return self.upto_journey().await;
+        }
 
         // 1. A request without a key gets the 402 and the catalog.
         self.begin(
@@ -287,8 +319,8 @@ impl Agent {
 
         // 3. Pick a product.
         let pick = match journey {
-            Journey::Credits => self.pick_credits(&catalog)?,
             Journey::Pool => self.pick_pool(&catalog)?,
+            _ => self.pick_credits(&catalog)?,
         };
 
         // 4. Pay.
@@ -527,6 +559,246 @@ impl Agent {
             minute / 60,
             minute % 60
         )))
+    }
+
+    /// The keyless pay-per-token journey: the 402's `upto` offer (a maximum for this request), a one-time Permit2
+    /// approval, a Permit2 witness signature for the maximum, one streamed completion, and the receipt at the end of
+    /// the stream: what moved on chain is the metered cost, not the maximum.
+    async fn upto_journey(&mut self) -> Result<(), DemoError> {
+        let body = |model: &str| {
+            json!({
+                "model": model,
+                "stream": true,
+                "max_tokens": 24,
+                "messages": [{"role": "user", "content": "Say hello to the agent paying you by the token"}],
+            })
+        };
+        // 1. The catalog names the models sold per token.
+        self.begin(
+            1,
+            format!(
+                "POST {}/v1/chat/completions without a key or a payment",
+                self.base
+            ),
+        );
+        let resp = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .json(&body(&self.config.model))
+            .send()
+            .await
+            .map_err(|e| self.fail(format!("the gateway did not answer: {e}")))?;
+        let status = resp.status();
+        let catalog: Value = resp.json().await.unwrap_or(Value::Null);
+        let Some(model) = catalog["x402"]["models"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["upto"] == true))
+            .and_then(|m| m["id"].as_str())
+            .map(str::to_string)
+        else {
+            return Err(self.fail(format!(
+                "HTTP {status}: the catalog names no model sold per token (`upto`)"
+            )));
+        };
+        self.note(format!("→ {status}; `{model}` is sold per token (x402 upto)"));
+
+        // 2. The 402 for this very request offers its worst case as the maximum.
+        self.begin(2, format!("the PAYMENT-REQUIRED of a keyless request to `{model}`"));
+        let resp = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .json(&body(&model))
+            .send()
+            .await
+            .map_err(|e| self.fail(format!("the gateway did not answer: {e}")))?;
+        let required = resp
+            .headers()
+            .get("PAYMENT-REQUIRED")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| crate::x402::header::decode_json(v).ok())
+            .ok_or_else(|| self.fail(format!("HTTP {}: no PAYMENT-REQUIRED", resp.status())))?;
+        let offer = required["accepts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|o| o["scheme"] == "upto"))
+            .cloned()
+            .ok_or_else(|| self.fail(format!("no upto offer in {required}")))?;
+        let parse = |v: &Value| -> Option<Address> { v.as_str()?.parse().ok() };
+        let (Some(asset), Some(pay_to), Some(facilitator)) = (
+            parse(&offer["asset"]),
+            parse(&offer["payTo"]),
+            parse(&offer["extra"]["facilitatorAddress"]),
+        ) else {
+            return Err(self.fail(format!("the upto offer is incomplete: {offer}")));
+        };
+        let max: U256 = offer["amount"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| self.fail(format!("the upto offer has no amount: {offer}")))?;
+        self.note(format!(
+            "scheme upto, at most {} USDC to {pay_to:#x}, settled by {facilitator:#x}",
+            usdc_of(max)
+        ));
+
+        // 3. Permit2 may move this wallet's USDC (once per wallet; a real agent approves what it means to spend).
+        let permit2 = crate::x402::permit2::PERMIT2_ADDRESS;
+        self.begin(3, format!("ERC-20 approve of Permit2 {permit2:#x}"));
+        let token = IERC20::new(asset, self.provider.clone());
+        let me = self.config.wallet.address();
+        let allowance = token
+            .allowance(me, permit2)
+            .call()
+            .await
+            .map_err(|e| self.fail(format!("reading the allowance: {e}")))?;
+        if allowance < max {
+            let pending = token
+                .approve(permit2, U256::from(100_000_000u64))
+                .send()
+                .await
+                .map_err(|e| self.fail(format!("sending the approval: {e}")))?;
+            let receipt = self
+                .mined(async { pending.get_receipt().await })
+                .await
+                .map_err(|e| self.fail(format!("waiting for the approval: {e}")))?;
+            if !receipt.status() {
+                return Err(self.fail("the approval reverted"));
+            }
+            self.note("approved 100 USDC to Permit2 (one transaction, once)");
+        } else {
+            self.note(format!("already approved ({} USDC)", usdc_of(allowance)));
+        }
+
+        // 4. Sign the Permit2 witness transfer for the maximum: payTo and the facilitator are bound.
+        self.begin(4, "EIP-712 PermitWitnessTransferFrom (Permit2 domain) for the maximum");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let timeout = offer["maxTimeoutSeconds"].as_u64().unwrap_or(300);
+        let auth = crate::x402::upto::Permit2Authorization {
+            from: me,
+            permitted: crate::x402::upto::Permitted { token: asset, amount: max },
+            spender: crate::x402::permit2::UPTO_PROXY_ADDRESS,
+            nonce: U256::from_be_bytes(rand::random::<[u8; 32]>()),
+            deadline: U256::from(now + timeout),
+            witness: crate::x402::upto::UptoWitness {
+                to: pay_to,
+                facilitator,
+                valid_after: U256::from(now.saturating_sub(600)),
+            },
+        };
+        let digest = crate::x402::upto::digest(&auth, self.chain_id);
+        let signature = self
+            .config
+            .wallet
+            .sign_hash_sync(&digest)
+            .map_err(|e| self.fail(format!("signing: {e}")))?;
+        let payment = crate::x402::header::encode(&json!({
+            "x402Version": 2,
+            "accepted": offer,
+            "payload": {
+                "signature": format!("0x{}", alloy::hex::encode(signature.as_bytes())),
+                "permit2Authorization": auth,
+            },
+        }));
+        self.note(format!("nonce {:#x}, valid for {timeout} s", auth.nonce));
+
+        // 5. The same request with PAYMENT-SIGNATURE: served, metered, then settled.
+        let before = token
+            .balanceOf(me)
+            .call()
+            .await
+            .map_err(|e| self.fail(format!("reading the balance: {e}")))?;
+        self.begin(5, format!("the same request with PAYMENT-SIGNATURE (model {model})"));
+        let resp = self
+            .http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .header("PAYMENT-SIGNATURE", payment)
+            .json(&body(&model))
+            .send()
+            .await
+            .map_err(|e| self.fail(format!("the gateway did not answer: {e}")))?;
+        let status = resp.status();
+        if status != StatusCode::OK {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(self.fail(format!("HTTP {status}: {text}")));
+        }
+        let status_path = resp
+            .headers()
+            .get("x-payment-status")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut receipt = Value::Null;
+        let mut chunks = 0u64;
+        print!("      > ");
+        let _ = std::io::stdout().flush();
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| self.fail(format!("the stream broke: {e}")))?;
+            buf.extend_from_slice(&piece);
+            while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = buf.drain(..pos + 2).collect();
+                let event = String::from_utf8_lossy(&event).to_string();
+                let data = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data:").map(str::trim))
+                    .unwrap_or_default();
+                if event.starts_with("event: x402.payment-response") {
+                    receipt = serde_json::from_str(data).unwrap_or(Value::Null);
+                } else if let Ok(chunk) = serde_json::from_str::<Value>(data)
+                    && let Some(content) = chunk["choices"][0]["delta"]["content"].as_str()
+                {
+                    chunks += 1;
+                    print!("{content}");
+                    let _ = std::io::stdout().flush();
+                }
+            }
+        }
+        println!();
+        if chunks == 0 {
+            return Err(self.fail("the stream carried no content"));
+        }
+        self.note(format!("{chunks} chunks"));
+
+        // 6. The stream's last event is the settlement of its metered cost.
+        self.begin(6, "the stream's last event, x402.payment-response");
+        if receipt["success"] != true {
+            return Err(self.fail(format!("the payment did not settle: {receipt}")));
+        }
+        let paid: U256 = receipt["amount"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| self.fail(format!("the receipt has no amount: {receipt}")))?;
+        self.note(format!(
+            "settled {} USDC of at most {} in tx {}{}",
+            usdc_of(paid),
+            usdc_of(max),
+            receipt["transaction"].as_str().unwrap_or("?"),
+            status_path
+                .map(|p| format!("; status at {}{p}", self.base))
+                .unwrap_or_default()
+        ));
+
+        // 7. The chain agrees: the wallet paid exactly the metered cost.
+        self.begin(7, "the wallet's USDC balance before and after");
+        let after = token
+            .balanceOf(me)
+            .call()
+            .await
+            .map_err(|e| self.fail(format!("reading the balance: {e}")))?;
+        if before.saturating_sub(after) != paid {
+            return Err(self.fail(format!(
+                "the wallet paid {} USDC, the receipt says {}",
+                usdc_of(before.saturating_sub(after)),
+                usdc_of(paid)
+            )));
+        }
+        self.note(format!(
+            "{} → {} USDC: exactly the metered cost",
+            usdc_of(before),
+            usdc_of(after)
+        ));
+        Ok(())
     }
 
     async fn pay(&mut self, catalog: &Catalog, amount: Usdc) -> Result<(String, u64), DemoError> {
@@ -930,8 +1202,8 @@ impl Agent {
                 .and_then(|r| r.first())
                 .is_some_and(|row| row["status"].as_str().is_some_and(|s| s != "in_flight"));
             let expected_kind = match journey {
-                Journey::Credits => "credit",
                 Journey::Pool => "subscription",
+                _ => "credit",
             };
             if usage["key"]["kind"] != expected_kind {
                 return Err(self.fail(format!(
@@ -956,7 +1228,7 @@ impl Agent {
                 )));
             }
             match journey {
-                Journey::Credits => self.note(format!(
+                Journey::Credits | Journey::Upto => self.note(format!(
                     "→ credit key {}, balance {} USDC after the completion; last request {} tokens, cost {} USDC ({})",
                     usage["key"]["id"].as_str().unwrap_or("?"),
                     usage["credits"]["balanceUsdc"].as_str().unwrap_or("?"),

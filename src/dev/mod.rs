@@ -105,7 +105,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = ".x402-dev")]
     pub data_dir: PathBuf,
     /// What to buy, in order.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [agent::Journey::Credits, agent::Journey::Pool])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [agent::Journey::Credits, agent::Journey::Pool, agent::Journey::Upto])]
     pub journeys: Vec<agent::Journey>,
     /// The model to ask for.
     #[arg(long, default_value = "kimi-k2.6")]
@@ -622,7 +622,9 @@ upstream = "gpu-a"
 input_usdc_per_mtok = "0.40"
 output_usdc_per_mtok = "1.60"
 per_request_usdc = "0.01"
-# (the x402 `upto` scheme for this model goes here)
+# And per token with the x402 `upto` scheme: the 402 offers this request's worst case as a maximum (Permit2), the
+# payment settles the metered cost (`x402-gateway demo --journeys upto`).
+upto = true
 
 # A failing deployment cools down after 3 failures for 10 s, then is probed (GET <base_url>/models).
 [routing]
@@ -934,7 +936,11 @@ pub async fn run(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<(
             rpc: chain.anvil.endpoint(),
             wallet: chain.agents[0].clone(),
             model: "kimi-k2.6".into(),
-            journeys: vec![agent::Journey::Credits, agent::Journey::Pool],
+            journeys: vec![
+                agent::Journey::Credits,
+                agent::Journey::Pool,
+                agent::Journey::Upto,
+            ],
         };
         wait_ready(&gateway_url).await?;
         agent::run(config).await

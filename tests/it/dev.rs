@@ -16,7 +16,7 @@ use crate::support::*;
 use x402_gateway::usdc::Usdc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_x402-gateway");
-/// A whole `dev --demo` run (two journeys, each waiting for confirmations at one block per second).
+/// A whole `dev --demo` run (three journeys, two each waiting for confirmations at one block per second).
 const RUN_DEADLINE: Duration = Duration::from_secs(180);
 
 fn root() -> PathBuf {
@@ -212,8 +212,13 @@ fn payments(dir: &Path) -> Vec<Value> {
 
 fn assert_steps(stdout: &str, journeys: &[&str]) {
     for journey in journeys {
-        for (i, step) in x402_gateway::dev::agent::STEPS.iter().enumerate() {
-            let line = format!("[{journey} {}/9] {step}:", i + 1);
+        let steps: &[&str] = if *journey == "upto" {
+            &x402_gateway::dev::agent::UPTO_STEPS
+        } else {
+            &x402_gateway::dev::agent::STEPS
+        };
+        for (i, step) in steps.iter().enumerate() {
+            let line = format!("[{journey} {}/{}] {step}:", i + 1, steps.len());
             assert!(
                 stdout.contains(&line),
                 "missing step line `{line}` in:\n{stdout}"
@@ -250,15 +255,21 @@ fn dev_demo_runs_the_whole_journey_then_continues_the_saved_chain() {
     );
     assert!(err.contains("fresh chain and database"), "{err}");
     assert!(err.contains("DEV-ONLY WALLETS"), "{err}");
-    assert_steps(&out, &["credits", "pool"]);
+    assert_steps(&out, &["credits", "pool", "upto"]);
     assert!(out.contains("→ 402 Payment Required"), "{out}");
     assert!(out.contains("2/2 confirmations"), "{out}");
     assert!(out.contains("data: [DONE]"), "{out}");
     assert!(out.contains("active now"), "{out}");
     assert!(
-        out.contains("demo passed: 2 journeys (credits + pool), 18 of 18 steps OK"),
+        out.contains("demo passed: 3 journeys (credits + pool + upto), 25 of 25 steps OK"),
         "{out}"
     );
+    // Keyless pay-per-token: the receipt is the metered cost, below the maximum, and the chain agrees.
+    assert!(out.contains("approved 100 USDC to Permit2"), "{out}");
+    let upto_paid = amount_in(&out, "upto", "6/7", "settled ");
+    let upto_max = amount_in(&out, "upto", "6/7", " of at most ");
+    assert!(upto_paid > Usdc::ZERO && upto_paid < upto_max, "{out}");
+    assert!(out.contains("exactly the metered cost"), "{out}");
     assert!(err.contains("anvil saved the chain"), "{err}");
     assert_eq!(
         amount_in(&out, "credits", "4/9", " holds "),
@@ -266,9 +277,10 @@ fn dev_demo_runs_the_whole_journey_then_continues_the_saved_chain() {
     );
     // What the wallet holds after the first run: its balance before the pool payment, minus that payment.
     let left = amount_in(&out, "pool", "4/9", " holds ").atomic()
-        - amount_in(&out, "pool", "4/9", "transfer ").atomic();
+        - amount_in(&out, "pool", "4/9", "transfer ").atomic()
+        - upto_paid.atomic();
     let first_payments = payments(dir.path());
-    assert_eq!(first_payments.len(), 2);
+    assert_eq!(first_payments.len(), 3, "{first_payments:?}");
 
     // The second run continues: same chain (the wallet spent what it spent), same database (the account already has
     // its credit key, so the agent rotates it), and the demo passes again.
@@ -283,9 +295,10 @@ fn dev_demo_runs_the_whole_journey_then_continues_the_saved_chain() {
         err.contains("reusing the saved chain and database"),
         "{err}"
     );
-    assert_steps(&out, &["credits", "pool"]);
+    assert_steps(&out, &["credits", "pool", "upto"]);
     assert_eq!(amount_in(&out, "credits", "4/9", " holds ").atomic(), left);
     assert!(out.contains("shown only once: rotating it"), "{out}");
+    assert!(out.contains("already approved"), "{out}");
     // The top-up adds to what is left of the first run's credits.
     let balance = amount_in(&out, "credits", "7/9", ", balance ");
     assert!(
@@ -293,8 +306,9 @@ fn dev_demo_runs_the_whole_journey_then_continues_the_saved_chain() {
         "{out}"
     );
     let all = payments(dir.path());
-    assert_eq!(all.len(), 4);
-    assert!(all.iter().all(|p| p["status"] == "confirmed"), "{all:?}");
+    assert_eq!(all.len(), 6, "{all:?}");
+    // The last settlement may still wait for its confirmations when the run stops.
+    assert!(all[..5].iter().all(|p| p["status"] == "confirmed"), "{all:?}");
     assert_eq!(all[0]["txHash"], first_payments[0]["txHash"]);
     assert_eq!(all[1]["txHash"], first_payments[1]["txHash"]);
 }
