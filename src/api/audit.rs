@@ -35,6 +35,61 @@ pub fn router() -> Router<AppState> {
         .route("/api/audit/accounts/{address}/ledger", get(ledger_of))
         .route("/api/audit/keys", get(keys))
         .route("/api/audit/revenue", get(revenue))
+        .route("/api/audit/upto", get(upto_payments))
+}
+
+/// `GET /api/audit/upto[?status=…]`: every keyless pay-per-token payment (x402 `upto`), oldest first: payer,
+/// Permit2 nonce, request, model, maximum, tokens, prices, metered cost, settlement transaction and state
+/// (`serving`, `settling`, `settled`, `zero`, `unsettled`), with what is owed in total.
+async fn upto_payments(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<Params>,
+) -> Response {
+    if let Err(r) = authorize(&state, &headers) {
+        return r;
+    }
+    if let Some(unknown) = q.keys().find(|k| k.as_str() != "status") {
+        return bad(unknown, "unknown parameter (this listing takes `status` only)");
+    }
+    const STATUSES: [&str; 5] = ["serving", "settling", "settled", "zero", "unsettled"];
+    let status = match q.get("status").map(String::as_str) {
+        None => None,
+        Some(s) if STATUSES.contains(&s) => Some(s.to_string()),
+        Some(_) => {
+            return bad(
+                "status",
+                "must be serving, settling, settled, zero or unsettled",
+            );
+        }
+    };
+    let rows = match state.billing.upto_payments().await {
+        Ok(rows) => rows,
+        Err(e) => return internal(e),
+    };
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|r| status.as_deref().is_none_or(|s| r.status == s))
+        .collect();
+    let owed: i64 = rows
+        .iter()
+        .filter(|r| r.status == "unsettled")
+        .map(|r| r.cost_atomic.unwrap_or(0))
+        .sum();
+    let settled: i64 = rows
+        .iter()
+        .filter(|r| r.status == "settled")
+        .map(|r| r.cost_atomic.unwrap_or(0))
+        .sum();
+    let mut r = Json(json!({
+        "data": rows,
+        "settledUsdc": Usdc(settled).to_string(),
+        "unsettledUsdc": Usdc(owed).to_string(),
+    }))
+    .into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
 }
 
 /// A JSON error `{"error": {"code", "message"}}`.

@@ -367,6 +367,28 @@ pub const ROUTES: &[RouteDoc] = &[
             Access::Auditor,
         )
     },
+    RouteDoc {
+        query: &[(
+            "status",
+            "serving, settling, settled, zero or unsettled (default: all)",
+        )],
+        ..r(
+            "get",
+            "/api/audit/upto",
+            "audit",
+            "Keyless pay-per-token payments (x402 upto): maximum, tokens, prices, metered cost, settlement and state; \
+             the totals settled and still owed",
+            Access::Auditor,
+        )
+    },
+    r(
+        "get",
+        "/x402/upto/{payer}/{nonce}",
+        "x402",
+        "The state of one upto payment (the x-payment-status of its answer): serving, settling, settled, zero or \
+         unsettled; tokens, cost, transaction, and its paymentResponse once final",
+        Access::Public,
+    ),
 ];
 
 /// The per-operation contract laid over the generated document (see the module docs).
