@@ -675,6 +675,11 @@ pub struct X402Config {
     /// Facilitator base URL (facilitator settlement only); `"$NAME"` reads it from the environment.
     #[serde(default)]
     pub facilitator_url: Option<String>,
+    /// The facilitator's settling address for the `upto` scheme (the `extra.facilitatorAddress` of its
+    /// `/supported` upto kind; facilitator settlement only). Clients bind it in their authorization; without it,
+    /// `upto` models need self settlement.
+    #[serde(default)]
+    pub facilitator_address: Option<String>,
     /// How long a signed authorization may take to settle; clients sign `validBefore = now + this`.
     #[serde(default = "default_max_timeout_seconds")]
     pub max_timeout_seconds: u64,
@@ -690,8 +695,14 @@ pub const DEFAULT_SETTLER_KEY_ENV: &str = "X402_SETTLER_KEY";
 /// Resolved settlement: the key itself is never stored here, only where to read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
-    SelfSettle { key_env: String },
-    Facilitator { url: String },
+    SelfSettle {
+        key_env: String,
+    },
+    Facilitator {
+        url: String,
+        /// Settles `upto` payments (bound in the clients' witness), when set.
+        upto_address: Option<Address>,
+    },
 }
 
 /// `[x402]` validated.
@@ -1395,19 +1406,20 @@ impl Config {
 }
 
 impl Settings {
-    /// `upto` models need `[x402]` with self settlement (the gateway's hot wallet is the upto facilitator).
+    /// `upto` models need a settler of upto payments: the hot wallet, or a facilitator whose address is known.
     fn check_upto(self) -> Result<Settings, ConfigError> {
-        let self_settled = self
-            .x402
-            .as_ref()
-            .is_some_and(|x| matches!(x.settlement, Settlement::SelfSettle { .. }));
+        let upto_settled = self.x402.as_ref().is_some_and(|x| match &x.settlement {
+            Settlement::SelfSettle { .. } => true,
+            Settlement::Facilitator { upto_address, .. } => upto_address.is_some(),
+        });
         if let Some(i) = self.models.iter().position(|m| m.upto)
-            && !self_settled
+            && !upto_settled
         {
             return Err(invalid(
                 &format!("models[{i}].upto"),
                 "needs an [x402] section with settlement = \"self\" (the gateway's hot wallet settles upto \
-                 payments through the upto Permit2 proxy)",
+                 payments through the upto Permit2 proxy), or a facilitator with x402.facilitator_address (its \
+                 upto settling address)",
             ));
         }
         Ok(self)
@@ -1726,6 +1738,13 @@ impl X402Config {
                         "only used with settlement = \"facilitator\"",
                     ));
                 }
+                if self.facilitator_address.is_some() {
+                    return Err(invalid(
+                        "x402.facilitator_address",
+                        "only used with settlement = \"facilitator\" (self settlement settles upto from the hot \
+                         wallet)",
+                    ));
+                }
                 let key_env = self
                     .settler_key_env
                     .clone()
@@ -1762,8 +1781,14 @@ impl X402Config {
                     )
                 })?;
                 let url = resolve_url("x402.facilitator_url", raw, &["http://", "https://"], env)?;
+                let upto_address = self
+                    .facilitator_address
+                    .as_deref()
+                    .map(|a| parse_address("x402.facilitator_address", a))
+                    .transpose()?;
                 Settlement::Facilitator {
                     url: url.trim_end_matches('/').to_string(),
+                    upto_address,
                 }
             }
         };
@@ -2198,7 +2223,8 @@ blocks = [
         assert_eq!(
             x.settlement,
             Settlement::Facilitator {
-                url: "https://x402.example/facilitator".into()
+                url: "https://x402.example/facilitator".into(),
+                upto_address: None,
             }
         );
         assert_eq!(x.max_timeout_seconds, 60);

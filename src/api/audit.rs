@@ -50,7 +50,10 @@ async fn upto_payments(
         return r;
     }
     if let Some(unknown) = q.keys().find(|k| k.as_str() != "status") {
-        return bad(unknown, "unknown parameter (this listing takes `status` only)");
+        return bad(
+            unknown,
+            "unknown parameter (this listing takes `status` only)",
+        );
     }
     const STATUSES: [&str; 5] = ["serving", "settling", "settled", "zero", "unsettled"];
     let status = match q.get("status").map(String::as_str) {

@@ -226,12 +226,10 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
 
 /// Rewrites an error answer of `/v1/messages` into Anthropic's shape (`{"type": "error", "error": {"type",
 /// "message"}}`), keeping its status and headers. The 402 catalog is left as it is: it is the body agents read to
-/// pay, on every route.
+/// pay, on every route (a refused payment's 402 is an error like the others).
 async fn anthropic_error(response: Response) -> Response {
     let status = response.status();
-    if !(status.is_client_error() || status.is_server_error())
-        || status == StatusCode::PAYMENT_REQUIRED
-    {
+    if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
     let (mut parts, body) = response.into_parts();
@@ -239,7 +237,8 @@ async fn anthropic_error(response: Response) -> Response {
         .await
         .unwrap_or_default();
     let parsed: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    if parsed["type"] == "error" {
+    let catalog = status == StatusCode::PAYMENT_REQUIRED && !parsed["error"].is_object();
+    if parsed["type"] == "error" || catalog {
         return Response::from_parts(parts, Body::from(bytes));
     }
     let message = parsed["error"]["message"]
@@ -718,7 +717,8 @@ async fn per_request(
     let required = super::upto::required(state, headers, api, &model_id, exact_price, max);
     if let Some(presented) = super::upto::presented(headers) {
         let (Some(required), Some(prepared), Some(max)) = (required, upto_prepared, max) else {
-            let message = format!("`{model_id}` is not offered with the upto scheme; see PAYMENT-REQUIRED");
+            let message =
+                format!("`{model_id}` is not offered with the upto scheme; see PAYMENT-REQUIRED");
             let refused = OpenAiError::new(
                 StatusCode::PAYMENT_REQUIRED,
                 "payment_required",
@@ -726,10 +726,12 @@ async fn per_request(
                 message,
             )
             .into_response();
-            return Err(match super::upto::required(state, headers, api, &model_id, exact_price, None) {
-                Some(r) => super::upto::with_required(refused, &r),
-                None => refused,
-            });
+            return Err(
+                match super::upto::required(state, headers, api, &model_id, exact_price, None) {
+                    Some(r) => super::upto::with_required(refused, &r),
+                    None => refused,
+                },
+            );
         };
         let payment = match presented {
             Ok(p) => p,
@@ -982,7 +984,11 @@ async fn forward(
         if let Some(amount) = receipt.json.get("amount").and_then(Value::as_str)
             && let Ok(atomic) = amount.parse::<i64>()
         {
-            insert(h, "x-gateway-cost-usdc", &crate::usdc::Usdc(atomic).to_string());
+            insert(
+                h,
+                "x-gateway-cost-usdc",
+                &crate::usdc::Usdc(atomic).to_string(),
+            );
         }
     }
     Ok(response)

@@ -73,7 +73,10 @@ pub fn required(
             );
             // Discovery (x402 `bazaar`), as on every other offer.
             let mut extensions = serde_json::Map::new();
-            extensions.insert(super::bazaar::KEY.into(), super::bazaar::inference(api, model));
+            extensions.insert(
+                super::bazaar::KEY.into(),
+                super::bazaar::inference(api, model),
+            );
             required.extensions = Some(extensions);
             required
         }
@@ -201,6 +204,8 @@ fn receipt_json(
 pub struct UptoHold {
     id: i64,
     payment: UptoPaymentPayload,
+    /// The offer it was verified against (a facilitator settles against it, with the metered amount).
+    offer: crate::x402::PaymentRequirements,
     settler: Arc<UptoSettler>,
     billing: Billing,
     model: String,
@@ -223,14 +228,32 @@ impl SettlePayment for UptoHold {
         Box::pin(async move {
             let payer = self.payment.payer();
             let note = format!("x402 upto: {}", self.model);
-            let tokens = (outcome.prompt_tokens, outcome.completion_tokens);
+            let metered = crate::billing::upto::Metered {
+                prompt_tokens: outcome.prompt_tokens,
+                completion_tokens: outcome.completion_tokens,
+                cost,
+            };
             let json = match self
                 .billing
-                .settle_upto(&self.settler, self.id, &self.payment, tokens, cost, note)
+                .settle_upto(
+                    &self.settler,
+                    self.id,
+                    &self.payment,
+                    &self.offer,
+                    metered,
+                    note,
+                )
                 .await
             {
                 Ok(tx) => receipt_json(true, None, tx, &self.network, Some(payer), cost),
-                Err(e) => receipt_json(false, Some(e.code()), None, &self.network, Some(payer), Usdc::ZERO),
+                Err(e) => receipt_json(
+                    false,
+                    Some(e.code()),
+                    None,
+                    &self.network,
+                    Some(payer),
+                    Usdc::ZERO,
+                ),
             };
             PaymentReceipt {
                 header_name: xh::PAYMENT_RESPONSE,
@@ -253,7 +276,10 @@ pub async fn authorize(
     let refuse = |e: PaymentError| refused(state, required, &e, Some(payer));
     let (Some(engine), Some(offer)) = (
         state.x402.as_ref(),
-        required.accepts.iter().find(|a| a.scheme == crate::x402::upto::SCHEME_UPTO),
+        required
+            .accepts
+            .iter()
+            .find(|a| a.scheme == crate::x402::upto::SCHEME_UPTO),
     ) else {
         return Err(refuse(
             Reason::Upto {
@@ -298,7 +324,6 @@ pub async fn authorize(
         }
     }
     let verified = settler
-        .verifier()
         .verify(&payment, offer, engine.now())
         .await
         .map_err(refuse)?;
@@ -330,6 +355,7 @@ pub async fn authorize(
     Ok(UptoHold {
         id,
         payment,
+        offer: offer.clone(),
         settler,
         billing: state.billing.clone(),
         model: model.id.clone(),
@@ -341,19 +367,27 @@ pub async fn authorize(
 /// `unsettled`), tokens, cost and transaction, with its `paymentResponse` once final. `nonce` in decimal or hex.
 async fn payment_status(
     State(state): State<AppState>,
-    Path((payer, nonce)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
 ) -> Response {
     let bad = |message: &str| {
         (
             StatusCode::BAD_REQUEST,
-            axum::Json(json!({"success": false, "error": {"code": "invalid_request", "message": message}})),
+            axum::Json(
+                json!({"success": false, "error": {"code": "invalid_request", "message": message}}),
+            ),
         )
             .into_response()
+    };
+    let Ok(Path((payer, nonce))) = path else {
+        return bad("the path must be /x402/upto/{payer}/{nonce} in UTF-8");
     };
     let Ok(payer) = payer.parse::<Address>() else {
         return bad("`payer` must be a 0x-prefixed 20-byte address");
     };
-    let nonce = match nonce.strip_prefix("0x").or_else(|| nonce.strip_prefix("0X")) {
+    let nonce = match nonce
+        .strip_prefix("0x")
+        .or_else(|| nonce.strip_prefix("0X"))
+    {
         Some(hex) if !hex.is_empty() && hex.len() <= 64 => U256::from_str_radix(hex, 16).ok(),
         Some(_) => None,
         None => crate::x402::types::decimal_u256::parse(&nonce),

@@ -361,7 +361,9 @@ pub async fn verify(
     report.discrepancies.extend(usage.found);
     report.overruns = usage.overruns;
 
-    progress("[6/6] upto: every pay-per-token charge against its tokens, prices, maximum and settlement");
+    progress(
+        "[6/6] upto: every pay-per-token charge against its tokens, prices, maximum and settlement",
+    );
     let upto = store
         .read(|c| -> Result<Vec<_>, crate::store::StoreError> {
             let rows = crate::store::upto::list(c)?;

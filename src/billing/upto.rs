@@ -68,7 +68,10 @@ impl Billing {
                 }
                 let payer = format!("{payer:#x}");
                 sql::ensure_account(tx, &payer, now)?;
-                for (kind, amount) in [(LedgerKind::Topup, cost), (LedgerKind::Debit, Usdc(-cost.0))] {
+                for (kind, amount) in [
+                    (LedgerKind::Topup, cost),
+                    (LedgerKind::Debit, Usdc(-cost.0)),
+                ] {
                     sql::append_ledger(
                         tx,
                         &payer,
@@ -129,6 +132,14 @@ impl Billing {
     }
 }
 
+/// What a served upto request used: its tokens and their cost at the payment's prices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metered {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost: Usdc,
+}
+
 /// How long a settlement is retried in the request before it is left to the background retrier.
 const INLINE_ATTEMPTS: u32 = 3;
 /// A `settling` row untouched this long was left by a process that stopped mid-settlement.
@@ -144,11 +155,15 @@ impl Billing {
         settler: &crate::x402::upto::UptoSettler,
         id: i64,
         payment: &crate::x402::upto::UptoPaymentPayload,
-        tokens: (u64, u64),
-        cost: Usdc,
+        offer: &crate::x402::PaymentRequirements,
+        metered: Metered,
         note: String,
     ) -> Result<Option<alloy::primitives::B256>, crate::x402::PaymentError> {
-        if let Err(e) = self.upto_metered(id, tokens.0, tokens.1, cost).await {
+        let cost = metered.cost;
+        if let Err(e) = self
+            .upto_metered(id, metered.prompt_tokens, metered.completion_tokens, cost)
+            .await
+        {
             tracing::error!(error = %e, id, "upto payment: metered cost not recorded");
         }
         if cost <= Usdc::ZERO {
@@ -157,7 +172,7 @@ impl Billing {
         let mut delay = std::time::Duration::from_millis(250);
         let mut attempt = 1;
         loop {
-            match settler.settle(payment, cost).await {
+            match settler.settle(payment, offer, cost).await {
                 Ok(None) => return Ok(None),
                 Ok(Some(tx)) => {
                     self.record_upto_settlement(id, payment.payer(), tx, cost, note)
@@ -217,13 +232,14 @@ impl Billing {
             if row.status == "settling" && now - row.updated_at < STALE_SETTLING_SECS {
                 continue; // being settled by its request
             }
-            let (Some(cost), Ok(payment)) = (
+            let (Some(cost), Ok(payment), Ok(offer)) = (
                 row.cost_atomic,
                 serde_json::from_str::<crate::x402::upto::UptoPaymentPayload>(&row.payment),
+                serde_json::from_str::<crate::x402::PaymentRequirements>(&row.requirements),
             ) else {
                 continue;
             };
-            match settler.settle(&payment, Usdc(cost)).await {
+            match settler.settle(&payment, &offer, Usdc(cost)).await {
                 Ok(Some(tx)) => {
                     let note = format!("x402 upto: {} (settled on retry)", row.model);
                     self.record_upto_settlement(row.id, payment.payer(), tx, Usdc(cost), note)

@@ -600,10 +600,15 @@ impl Agent {
                 "HTTP {status}: the catalog names no model sold per token (`upto`)"
             )));
         };
-        self.note(format!("→ {status}; `{model}` is sold per token (x402 upto)"));
+        self.note(format!(
+            "→ {status}; `{model}` is sold per token (x402 upto)"
+        ));
 
         // 2. The 402 for this very request offers its worst case as the maximum.
-        self.begin(2, format!("the PAYMENT-REQUIRED of a keyless request to `{model}`"));
+        self.begin(
+            2,
+            format!("the PAYMENT-REQUIRED of a keyless request to `{model}`"),
+        );
         let resp = self
             .http
             .post(format!("{}/v1/chat/completions", self.base))
@@ -668,7 +673,10 @@ impl Agent {
         }
 
         // 4. Sign the Permit2 witness transfer for the maximum: payTo and the facilitator are bound.
-        self.begin(4, "EIP-712 PermitWitnessTransferFrom (Permit2 domain) for the maximum");
+        self.begin(
+            4,
+            "EIP-712 PermitWitnessTransferFrom (Permit2 domain) for the maximum",
+        );
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -676,7 +684,10 @@ impl Agent {
         let timeout = offer["maxTimeoutSeconds"].as_u64().unwrap_or(300);
         let auth = crate::x402::upto::Permit2Authorization {
             from: me,
-            permitted: crate::x402::upto::Permitted { token: asset, amount: max },
+            permitted: crate::x402::upto::Permitted {
+                token: asset,
+                amount: max,
+            },
             spender: crate::x402::permit2::UPTO_PROXY_ADDRESS,
             nonce: U256::from_be_bytes(rand::random::<[u8; 32]>()),
             deadline: U256::from(now + timeout),
@@ -708,7 +719,10 @@ impl Agent {
             .call()
             .await
             .map_err(|e| self.fail(format!("reading the balance: {e}")))?;
-        self.begin(5, format!("the same request with PAYMENT-SIGNATURE (model {model})"));
+        self.begin(
+            5,
+            format!("the same request with PAYMENT-SIGNATURE (model {model})"),
+        );
         let resp = self
             .http
             .post(format!("{}/v1/chat/completions", self.base))

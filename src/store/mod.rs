@@ -27,8 +27,8 @@ pub mod replicas;
 pub mod reversals;
 pub mod sql;
 pub mod transfers;
-pub mod usage;
 pub mod upto;
+pub mod usage;
 pub mod x402;
 
 use std::path::{Path, PathBuf};

@@ -161,7 +161,11 @@ pub fn record_failure(
 }
 
 /// The payment of (payer, nonce).
-pub fn by_payer_nonce(c: &dyn Sql, payer: &str, nonce: &str) -> Result<Option<UptoRow>, StoreError> {
+pub fn by_payer_nonce(
+    c: &dyn Sql,
+    payer: &str,
+    nonce: &str,
+) -> Result<Option<UptoRow>, StoreError> {
     c.query_opt(
         &format!("SELECT {COLUMNS} FROM upto_payments WHERE payer = ?1 AND nonce = ?2"),
         params![payer, nonce],

@@ -358,11 +358,23 @@ pub fn from_settings(
             ));
             wallet
         }
-        Mode::Facilitator { url } => Arc::new(super::facilitator::FacilitatorSettler::new(
-            url,
-            chain.network.clone(),
-            std::time::Duration::from_secs(60),
-        )?),
+        Mode::Facilitator { url, upto_address } => {
+            if let Some(address) = upto_address {
+                let rpc = Arc::new(crate::chain::Rpc::new(&chain.rpc_http, chain.rpc_timeout)?);
+                upto = Some(super::upto::UptoSettler::through_facilitator(
+                    rpc,
+                    chain.network.clone(),
+                    url,
+                    *address,
+                    std::time::Duration::from_secs(60),
+                )?);
+            }
+            Arc::new(super::facilitator::FacilitatorSettler::new(
+                url,
+                chain.network.clone(),
+                std::time::Duration::from_secs(60),
+            )?)
+        }
     };
     let engine = X402::new(chain.network.clone(), settler, Arc::new(SystemClock));
     Ok(match upto {

@@ -466,13 +466,14 @@ impl UptoVerifier {
                 .into()
             ),
         );
-        let decode = |r: Result<Bytes, RpcError>, what: &'static str| -> Result<U256, PaymentError> {
-            let bytes = r.map_err(unavailable(what))?;
-            U256::abi_decode(&bytes).map_err(|e| PaymentError::Unavailable {
-                what,
-                message: format!("undecodable answer: {e}"),
-            })
-        };
+        let decode =
+            |r: Result<Bytes, RpcError>, what: &'static str| -> Result<U256, PaymentError> {
+                let bytes = r.map_err(unavailable(what))?;
+                U256::abi_decode(&bytes).map_err(|e| PaymentError::Unavailable {
+                    what,
+                    message: format!("undecodable answer: {e}"),
+                })
+            };
         let allowance = decode(allowance, "ERC-20 allowance")?;
         if allowance < auth.permitted.amount {
             return Err(refuse(
@@ -569,32 +570,89 @@ impl UptoVerifier {
     }
 }
 
-/// Verifies upto payments and settles them from the gateway's hot wallet (the `witness.facilitator`).
-#[derive(Debug)]
+/// Who sends upto settlements.
+enum Sender {
+    /// The gateway's hot wallet, through the upto proxy.
+    Wallet(Arc<super::settle::SelfSettler>),
+    /// A facilitator: `POST {url}/verify` with the maximum, `POST {url}/settle` with the metered amount.
+    Facilitator(FacilitatorClient),
+}
+
+/// Verifies upto payments and settles them: from the gateway's hot wallet (its address is the
+/// `witness.facilitator` clients bind), or through a facilitator whose settling address clients bind.
 pub struct UptoSettler {
     verifier: UptoVerifier,
-    wallet: Arc<super::settle::SelfSettler>,
+    sender: Sender,
+}
+
+impl std::fmt::Debug for UptoSettler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UptoSettler")
+            .field("verifier", &self.verifier)
+            .field(
+                "sender",
+                &match &self.sender {
+                    Sender::Wallet(_) => "hot wallet",
+                    Sender::Facilitator(_) => "facilitator",
+                },
+            )
+            .finish()
+    }
 }
 
 impl UptoSettler {
     /// The hot wallet settles; its address is the facilitator clients bind.
-    pub fn new(rpc: Arc<Rpc>, network: Network, wallet: Arc<super::settle::SelfSettler>) -> UptoSettler {
+    pub fn new(
+        rpc: Arc<Rpc>,
+        network: Network,
+        wallet: Arc<super::settle::SelfSettler>,
+    ) -> UptoSettler {
         UptoSettler {
             verifier: UptoVerifier::new(rpc, network, wallet.address()),
-            wallet,
+            sender: Sender::Wallet(wallet),
         }
+    }
+
+    /// A facilitator at `url` settles from `address` (its `/supported` upto kind's `extra.facilitatorAddress`).
+    pub fn through_facilitator(
+        rpc: Arc<Rpc>,
+        network: Network,
+        url: &str,
+        address: Address,
+        timeout: std::time::Duration,
+    ) -> Result<UptoSettler, PaymentError> {
+        Ok(UptoSettler {
+            verifier: UptoVerifier::new(rpc, network, address),
+            sender: Sender::Facilitator(FacilitatorClient::new(url, timeout)?),
+        })
     }
 
     pub fn verifier(&self) -> &UptoVerifier {
         &self.verifier
     }
 
-    /// Settles `amount` (≤ the authorized maximum) of a verified payment: `Ok(None)` for zero (no transaction),
-    /// `Ok(Some(tx))` once the transaction succeeded. Refusals are definite (nothing moved); `OutcomeUnknown`
-    /// means a transaction was sent without a receipt.
+    /// Verifies `payment` against `offer` at `now`: every check on the chain here, then (through a facilitator)
+    /// the facilitator's own `/verify` of the maximum.
+    pub async fn verify(
+        &self,
+        payment: &UptoPaymentPayload,
+        offer: &PaymentRequirements,
+        now: u64,
+    ) -> Result<VerifiedUpto, PaymentError> {
+        let verified = self.verifier.verify(payment, offer, now).await?;
+        if let Sender::Facilitator(f) = &self.sender {
+            f.verify(payment, offer).await?;
+        }
+        Ok(verified)
+    }
+
+    /// Settles `amount` (≤ the authorized maximum) of a verified payment against `offer`: `Ok(None)` for zero (no
+    /// transaction), `Ok(Some(tx))` once the transaction succeeded. Refusals are definite (nothing moved);
+    /// `OutcomeUnknown` means a transaction was sent without a receipt.
     pub async fn settle(
         &self,
         payment: &UptoPaymentPayload,
+        offer: &PaymentRequirements,
         amount: Usdc,
     ) -> Result<Option<B256>, PaymentError> {
         if amount <= Usdc::ZERO {
@@ -611,20 +669,145 @@ impl UptoSettler {
                 ),
             ));
         }
-        let data = settle_call(payment, amount);
-        let tx = match self.wallet.send_call(UPTO_PROXY_ADDRESS, data).await {
-            Ok(tx) => tx,
-            Err(super::settle::SendError::WouldRevert(message)) => {
-                return Err(self
-                    .verifier
-                    .explain_failure(payment, amount, message)
-                    .await);
+        match &self.sender {
+            Sender::Wallet(wallet) => {
+                let data = settle_call(payment, amount);
+                let tx = match wallet.send_call(UPTO_PROXY_ADDRESS, data).await {
+                    Ok(tx) => tx,
+                    Err(super::settle::SendError::WouldRevert(message)) => {
+                        return Err(self
+                            .verifier
+                            .explain_failure(payment, amount, message)
+                            .await);
+                    }
+                    Err(super::settle::SendError::Failed(e)) => return Err(e),
+                };
+                wallet.await_receipt(tx).await?;
+                Ok(Some(tx))
             }
-            Err(super::settle::SendError::Failed(e)) => return Err(e),
-        };
-        self.wallet.await_receipt(tx).await?;
-        Ok(Some(tx))
+            // The settle-time requirements carry the amount to settle (the scheme's phase-dependent `amount`).
+            Sender::Facilitator(f) => {
+                let mut at = offer.clone();
+                at.amount = amount;
+                f.settle(payment, &at).await.map(Some)
+            }
+        }
     }
+}
+
+/// The HTTP half of a facilitator, for upto payments.
+struct FacilitatorClient {
+    client: alloy::transports::http::reqwest::Client,
+    /// Without a trailing slash; may embed an API key, so it is never logged.
+    url: String,
+}
+
+impl FacilitatorClient {
+    fn new(url: &str, timeout: std::time::Duration) -> Result<FacilitatorClient, PaymentError> {
+        let client = alloy::transports::http::reqwest::Client::builder()
+            .connect_timeout(timeout.min(std::time::Duration::from_secs(5)))
+            .timeout(timeout)
+            .build()
+            .map_err(|e| PaymentError::Unavailable {
+                what: "facilitator client",
+                message: e.to_string(),
+            })?;
+        Ok(FacilitatorClient {
+            client,
+            url: url.trim_end_matches('/').to_string(),
+        })
+    }
+
+    async fn post(
+        &self,
+        what: &'static str,
+        path: &str,
+        payment: &UptoPaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Result<(u16, Value), PaymentError> {
+        let body = serde_json::json!({
+            "x402Version": 2,
+            "paymentPayload": payment,
+            "paymentRequirements": requirements,
+        });
+        let unavailable = |e: alloy::transports::http::reqwest::Error| PaymentError::Unavailable {
+            what,
+            message: e.without_url().to_string(),
+        };
+        let response = self
+            .client
+            .post(format!("{}/{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.map_err(unavailable)?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+
+    async fn verify(
+        &self,
+        payment: &UptoPaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Result<(), PaymentError> {
+        let (status, body) = self
+            .post("facilitator verify", "verify", payment, requirements)
+            .await?;
+        match body.get("isValid").and_then(Value::as_bool) {
+            Some(true) if (200..300).contains(&status) => Ok(()),
+            Some(false) => Err(facilitator_refusal(&body, "invalidReason")),
+            _ => Err(PaymentError::Unavailable {
+                what: "facilitator verify",
+                message: format!("HTTP {status} without a verdict"),
+            }),
+        }
+    }
+
+    async fn settle(
+        &self,
+        payment: &UptoPaymentPayload,
+        requirements: &PaymentRequirements,
+    ) -> Result<B256, PaymentError> {
+        let (status, body) = self
+            .post("facilitator settle", "settle", payment, requirements)
+            .await?;
+        match body.get("success").and_then(Value::as_bool) {
+            Some(true) if (200..300).contains(&status) => body
+                .get("transaction")
+                .and_then(Value::as_str)
+                .and_then(|t| t.parse::<B256>().ok())
+                .ok_or_else(|| PaymentError::OutcomeUnknown {
+                    what: "facilitator settle",
+                    message: "success without a transaction hash".into(),
+                    tx: None,
+                }),
+            Some(false) => Err(facilitator_refusal(&body, "errorReason")),
+            _ => Err(PaymentError::Unavailable {
+                what: "facilitator settle",
+                message: format!("HTTP {status} without a result"),
+            }),
+        }
+    }
+}
+
+/// A facilitator's refusal, its reason code passed through (`permit2_allowance_required` included, so the routes
+/// answer it as they answer ours).
+fn facilitator_refusal(body: &Value, field: &str) -> PaymentError {
+    let code = body
+        .get(field)
+        .and_then(Value::as_str)
+        .unwrap_or("facilitator_refused")
+        .to_string();
+    let message = body
+        .get("invalidMessage")
+        .or_else(|| body.get("errorMessage"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    Reason::Facilitator { code, message }.into()
 }
 
 #[cfg(test)]

@@ -308,7 +308,10 @@ fn dev_demo_runs_the_whole_journey_then_continues_the_saved_chain() {
     let all = payments(dir.path());
     assert_eq!(all.len(), 6, "{all:?}");
     // The last settlement may still wait for its confirmations when the run stops.
-    assert!(all[..5].iter().all(|p| p["status"] == "confirmed"), "{all:?}");
+    assert!(
+        all[..5].iter().all(|p| p["status"] == "confirmed"),
+        "{all:?}"
+    );
     assert_eq!(all[0]["txHash"], first_payments[0]["txHash"]);
     assert_eq!(all[1]["txHash"], first_payments[1]["txHash"]);
 }

@@ -1225,6 +1225,15 @@ fn route_cases(t: &Target, method_doc: &str, path: &str) -> BoxedStrategy<Case> 
                 .boxed(),
             small_body,
         ),
+        "/x402/upto/{payer}/{nonce}" => (
+            (
+                segment(vec![format!("{:#x}", t.chain.payer(1).address()), format!("{:#x}", Address::ZERO)]),
+                segment(vec!["1".into(), "0x01".into(), format!("{:#x}", random_b256()), "0x".into()]),
+            )
+                .prop_map(|(payer, nonce)| format!("/x402/upto/{payer}/{nonce}"))
+                .boxed(),
+            small_body,
+        ),
         "/api/audit/payments/{txHash}" => (
             segment(vec![t.paid[0].0.clone(), format!("{:#x}", random_b256())])
                 .prop_map(|tx| format!("/api/audit/payments/{tx}"))

@@ -43,6 +43,18 @@ struct Upto {
     gw: Gateway,
     upstream: Arc<DemoStats>,
     _dir: tempfile::TempDir,
+    /// The official facilitator the gateway settles through, when it does.
+    _facilitator: Option<tokio::process::Child>,
+}
+
+/// The `[x402]` section: self settlement by anvil's account 8, or the facilitator at (url, address).
+fn x402_section(facilitator: Option<&(String, String)>) -> String {
+    match facilitator {
+        None => format!("settler_key_env = \"{SETTLER_ENV}\"\n"),
+        Some((url, address)) => format!(
+            "settlement = \"facilitator\"\nfacilitator_url = \"{url}\"\nfacilitator_address = \"{address}\"\n"
+        ),
+    }
 }
 
 fn config(chain: &TestChain, upstream: &str, db: &std::path::Path) -> String {
@@ -97,7 +109,6 @@ upto = true
 min_topup_usdc = "1.00"
 
 [x402]
-settler_key_env = "{SETTLER_ENV}"
 "#,
         token = chain.token(),
         rpc = chain.rpc_url(),
@@ -108,7 +119,42 @@ settler_key_env = "{SETTLER_ENV}"
 
 impl Upto {
     async fn start(token_delay_ms: u64) -> Upto {
+        Upto::start_with(token_delay_ms, false).await
+    }
+
+    /// With `through_facilitator`, the official facilitator (tests/interop/facilitator.mjs, anvil's account 8)
+    /// settles instead of the gateway's hot wallet.
+    async fn start_with(token_delay_ms: u64, through_facilitator: bool) -> Upto {
         let chain = TestChain::start().await;
+        let key = format!(
+            "0x{}",
+            alloy::hex::encode(chain.dev.anvil.keys()[SETTLER_INDEX].to_bytes())
+        );
+        let (facilitator, child) = if through_facilitator {
+            use tokio::io::AsyncBufReadExt;
+            let mut child = tokio::process::Command::new("node")
+                .arg(root().join("tests/interop/facilitator.mjs"))
+                .args([chain.rpc_url(), key.clone(), "31337".into()])
+                .current_dir(root())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("node runs");
+            let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("the facilitator says where it listens");
+            let v: Value = serde_json::from_str(&line).unwrap();
+            let at = (
+                v["url"].as_str().unwrap().to_string(),
+                v["address"].as_str().unwrap().to_string(),
+            );
+            (Some(at), Some(child))
+        } else {
+            (None, None)
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/v1", listener.local_addr().unwrap());
         let stats = Arc::new(DemoStats::default());
@@ -124,12 +170,8 @@ impl Upto {
         ));
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("gateway.db");
-        let key = format!(
-            "0x{}",
-            alloy::hex::encode(chain.dev.anvil.keys()[SETTLER_INDEX].to_bytes())
-        );
         let gw = Gateway::start_with_env(
-            config(&chain, &url, &db),
+            config(&chain, &url, &db) + &x402_section(facilitator.as_ref()),
             db,
             Arc::new(AtomicI64::new(now() as i64)),
             &[(SETTLER_ENV, &key)],
@@ -140,6 +182,7 @@ impl Upto {
             gw,
             upstream: stats,
             _dir: dir,
+            _facilitator: child,
         }
     }
 
@@ -208,9 +251,13 @@ impl Upto {
     }
 
     async fn audit(&self) -> x402_gateway::audit::verify::Report {
-        x402_gateway::audit::verify::verify(&self.gw.settings(), &self.gw.store().await, &mut |_| {})
-            .await
-            .unwrap()
+        x402_gateway::audit::verify::verify(
+            &self.gw.settings(),
+            &self.gw.store().await,
+            &mut |_| {},
+        )
+        .await
+        .unwrap()
     }
 }
 
@@ -279,13 +326,20 @@ fn chat(content: &str, max_tokens: u64, stream: bool) -> Value {
 async fn error_code(r: reqwest::Response) -> (StatusCode, String) {
     let status = r.status();
     let body: Value = r.json().await.unwrap();
-    (status, body["error"]["code"].as_str().unwrap_or_default().to_string())
+    (
+        status,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upto_the_402_offers_the_worst_case_next_to_exact() {
     let s = Upto::start(0).await;
-    let body = json!({"model": "demo-both", "messages": messages("one two three"), "max_tokens": 7});
+    let body =
+        json!({"model": "demo-both", "messages": messages("one two three"), "max_tokens": 7});
     let required = s.required(&body).await;
     let schemes: Vec<&str> = required["accepts"]
         .as_array()
@@ -295,16 +349,25 @@ async fn upto_the_402_offers_the_worst_case_next_to_exact() {
         .collect();
     assert_eq!(schemes, ["exact", "upto"], "{required}");
     let offer = upto_offer(&required);
-    assert_eq!(offer["extra"]["facilitatorAddress"], s.settler().to_checksum(None));
+    assert_eq!(
+        offer["extra"]["facilitatorAddress"],
+        s.settler().to_checksum(None)
+    );
     assert_eq!(offer["extra"]["name"], "USDC");
     // The maximum is this request's bound at the model's prices: a longer answer allowed costs more.
     let small: i64 = offer["amount"].as_str().unwrap().parse().unwrap();
     let bigger = upto_offer(
-        &s.required(&json!({"model": "demo-both", "messages": messages("one two three"), "max_tokens": 30}))
-            .await,
+        &s.required(
+            &json!({"model": "demo-both", "messages": messages("one two three"), "max_tokens": 30}),
+        )
+        .await,
     );
     let big: i64 = bigger["amount"].as_str().unwrap().parse().unwrap();
-    assert_eq!(big - small, PRICES.cost(0, 23).atomic(), "23 more output tokens at 2.50/Mtok");
+    assert_eq!(
+        big - small,
+        PRICES.cost(0, 23).atomic(),
+        "23 more output tokens at 2.50/Mtok"
+    );
     // A model with upto only: no exact offer.
     let only = s.required(&chat("one", 5, false)).await;
     assert_eq!(only["accepts"].as_array().unwrap().len(), 1, "{only}");
@@ -315,8 +378,13 @@ async fn upto_the_402_offers_the_worst_case_next_to_exact() {
 async fn upto_official_clients_pay_exactly_the_metered_cost_streamed_or_not() {
     let s = Upto::start(0).await;
     let node = std::path::PathBuf::from("node");
-    let fetch_installed = root().join("node_modules/@x402/fetch/package.json").exists();
-    assert!(fetch_installed || !interop_required(), "@x402/fetch is not installed");
+    let fetch_installed = root()
+        .join("node_modules/@x402/fetch/package.json")
+        .exists();
+    assert!(
+        fetch_installed || !interop_required(),
+        "@x402/fetch is not installed"
+    );
     let mut clients: Vec<(std::path::PathBuf, &str, usize)> = Vec::new();
     if fetch_installed {
         clients.push((node.clone(), "tests/interop/upto.mjs", 0));
@@ -330,12 +398,16 @@ async fn upto_official_clients_pay_exactly_the_metered_cost_streamed_or_not() {
         for stream in [false, true] {
             let before = (s.balance(address).await, s.balance(s.chain.pay_to()).await);
             let body = chat("pay me per token please", 12, stream).to_string();
-            let Some(out) = run_client(&program, script, &[&url, &s.key_hex(payer), &body]).await else {
+            let Some(out) = run_client(&program, script, &[&url, &s.key_hex(payer), &body]).await
+            else {
                 continue;
             };
             assert_eq!(out["status"], 200, "{script} stream={stream}: {out}");
             let receipt = if stream {
-                assert!(out["paymentResponse"].is_null(), "a stream's headers left before its cost");
+                assert!(
+                    out["paymentResponse"].is_null(),
+                    "a stream's headers left before its cost"
+                );
                 let text = out["body"].as_str().unwrap();
                 assert!(text.contains("data: [DONE]"), "{text}");
                 out["paymentEvent"].clone()
@@ -360,7 +432,10 @@ async fn upto_official_clients_pay_exactly_the_metered_cost_streamed_or_not() {
             );
             assert_eq!(c, 12);
             assert_eq!(PRICES.cost(p, c).atomic(), paid, "{row}");
-            assert!(paid < row["maxAtomic"].as_i64().unwrap(), "charged the usage, not the maximum");
+            assert!(
+                paid < row["maxAtomic"].as_i64().unwrap(),
+                "charged the usage, not the maximum"
+            );
             // On chain: exactly the metered cost moved, from the payer to payTo.
             let after = (s.balance(address).await, s.balance(s.chain.pay_to()).await);
             assert_eq!(before.0 - after.0, paid, "{script} stream={stream}");
@@ -394,21 +469,31 @@ async fn upto_nothing_billable_moves_nothing_and_an_authorization_is_single_use(
     let failing = json!({"model": "demo-fail", "messages": messages("hello"), "max_tokens": 5});
     let offer = upto_offer(&s.required_for(&failing).await);
     let header = sign(&signer, &offer, 1, |_| {});
-    let r = s.post("/v1/chat/completions", &failing, Some(&header)).await;
+    let r = s
+        .post("/v1/chat/completions", &failing, Some(&header))
+        .await;
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     let rows = s.rows().await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0]["status"], "zero", "{rows:?}");
     assert!(rows[0]["txHash"].is_null());
     assert_eq!(s.balance(signer.address()).await, before);
-    let again = s.post("/v1/chat/completions", &failing, Some(&header)).await;
-    assert_eq!(error_code(again).await, (StatusCode::PAYMENT_REQUIRED, "duplicate_payment".into()));
+    let again = s
+        .post("/v1/chat/completions", &failing, Some(&header))
+        .await;
+    assert_eq!(
+        error_code(again).await,
+        (StatusCode::PAYMENT_REQUIRED, "duplicate_payment".into())
+    );
 
     // One authorization sent five times at once, then once more: served once, settled once.
     let body = chat("one two three", 6, false);
     let offer = upto_offer(&s.required(&body).await);
     let header = sign(&signer, &offer, 2, |_| {});
-    let answers = futures::future::join_all((0..5).map(|_| s.post("/v1/chat/completions", &body, Some(&header)))).await;
+    let answers = futures::future::join_all(
+        (0..5).map(|_| s.post("/v1/chat/completions", &body, Some(&header))),
+    )
+    .await;
     let mut ok = 0;
     for r in answers {
         match r.status() {
@@ -417,7 +502,12 @@ async fn upto_nothing_billable_moves_nothing_and_an_authorization_is_single_use(
                 let (status, code) = error_code(r).await;
                 assert_eq!(status, StatusCode::PAYMENT_REQUIRED);
                 assert!(
-                    ["duplicate_payment", "permit2_invalid_nonce", "permit2_simulation_failed"].contains(&code.as_str()),
+                    [
+                        "duplicate_payment",
+                        "permit2_invalid_nonce",
+                        "permit2_simulation_failed"
+                    ]
+                    .contains(&code.as_str()),
                     "{code}"
                 );
             }
@@ -426,11 +516,20 @@ async fn upto_nothing_billable_moves_nothing_and_an_authorization_is_single_use(
     assert_eq!(ok, 1);
     let later = s.post("/v1/chat/completions", &body, Some(&header)).await;
     assert_eq!(later.status(), StatusCode::PAYMENT_REQUIRED);
-    let settled: Vec<Value> = s.rows().await.into_iter().filter(|r| r["status"] == "settled").collect();
+    let settled: Vec<Value> = s
+        .rows()
+        .await
+        .into_iter()
+        .filter(|r| r["status"] == "settled")
+        .collect();
     assert_eq!(settled.len(), 1);
     let cost = settled[0]["costAtomic"].as_i64().unwrap();
     assert_eq!(before - s.balance(signer.address()).await, cost);
-    assert_eq!(s.upstream.requests.load(Ordering::SeqCst), 2, "the failing request and the one served");
+    assert_eq!(
+        s.upstream.requests.load(Ordering::SeqCst),
+        2,
+        "the failing request and the one served"
+    );
 
     // The audit reconciles both, and notices a charge that is not the tokens at their prices.
     let head = s.chain.head().await;
@@ -470,35 +569,74 @@ async fn upto_bad_authorizations_are_refused_before_any_upstream_call() {
     let payer = s.chain.payer(0).clone();
 
     // No Permit2 allowance: 412, as the specification says.
-    let r = s.post("/v1/chat/completions", &body, Some(&sign(&payer, &offer, 1, |_| {}))).await;
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &body,
+            Some(&sign(&payer, &offer, 1, |_| {})),
+        )
+        .await;
     assert!(r.headers().get("PAYMENT-RESPONSE").is_some());
     assert_eq!(
         error_code(r).await,
-        (StatusCode::PRECONDITION_FAILED, "permit2_allowance_required".into())
+        (
+            StatusCode::PRECONDITION_FAILED,
+            "permit2_allowance_required".into()
+        )
     );
     s.approve(0, U256::MAX).await;
 
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Permit2Authorization)>)> = vec![
-        ("permit2_deadline_expired", Box::new(|a| a.deadline = U256::from(now() - 1))),
-        ("permit2_not_yet_valid", Box::new(|a| a.witness.valid_after = U256::from(now() + 600))),
-        ("upto_facilitator_mismatch", Box::new(|a| a.witness.facilitator = Address::repeat_byte(7))),
-        ("invalid_permit2_recipient_mismatch", Box::new(|a| a.witness.to = Address::repeat_byte(8))),
-        ("invalid_permit2_spender", Box::new(|a| a.spender = Address::repeat_byte(9))),
-        ("permit2_amount_mismatch", Box::new(move |a| a.permitted.amount = max - U256::from(1))),
+    type Edit = Box<dyn FnOnce(&mut Permit2Authorization)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "permit2_deadline_expired",
+            Box::new(|a| a.deadline = U256::from(now() - 1)),
+        ),
+        (
+            "permit2_not_yet_valid",
+            Box::new(|a| a.witness.valid_after = U256::from(now() + 600)),
+        ),
+        (
+            "upto_facilitator_mismatch",
+            Box::new(|a| a.witness.facilitator = Address::repeat_byte(7)),
+        ),
+        (
+            "invalid_permit2_recipient_mismatch",
+            Box::new(|a| a.witness.to = Address::repeat_byte(8)),
+        ),
+        (
+            "invalid_permit2_spender",
+            Box::new(|a| a.spender = Address::repeat_byte(9)),
+        ),
+        (
+            "permit2_amount_mismatch",
+            Box::new(move |a| a.permitted.amount = max - U256::from(1)),
+        ),
     ];
     for (i, (code, edit)) in cases.into_iter().enumerate() {
         let header = sign(&payer, &offer, 10 + i as u64, edit);
         let r = s.post("/v1/chat/completions", &body, Some(&header)).await;
-        assert_eq!(error_code(r).await, (StatusCode::PAYMENT_REQUIRED, code.to_string()));
+        assert_eq!(
+            error_code(r).await,
+            (StatusCode::PAYMENT_REQUIRED, code.to_string())
+        );
     }
     // Signed by someone else for this payer.
     let forged = {
-        let mut payload = xh::decode_json(&sign(&s.chain.payer(1).clone(), &offer, 20, |_| {})).unwrap();
-        payload["payload"]["permit2Authorization"]["from"] = json!(payer.address().to_checksum(None));
+        let mut payload =
+            xh::decode_json(&sign(&s.chain.payer(1).clone(), &offer, 20, |_| {})).unwrap();
+        payload["payload"]["permit2Authorization"]["from"] =
+            json!(payer.address().to_checksum(None));
         xh::encode(&payload)
     };
     let r = s.post("/v1/chat/completions", &body, Some(&forged)).await;
-    assert_eq!(error_code(r).await, (StatusCode::PAYMENT_REQUIRED, "invalid_permit2_signature".into()));
+    assert_eq!(
+        error_code(r).await,
+        (
+            StatusCode::PAYMENT_REQUIRED,
+            "invalid_permit2_signature".into()
+        )
+    );
     // Underfunded: payer 2 approves but holds less than the maximum.
     s.approve(2, U256::MAX).await;
     let poor = s.chain.payer(2).address();
@@ -506,13 +644,37 @@ async fn upto_bad_authorizations_are_refused_before_any_upstream_call() {
     s.chain
         .transfer_token(s.chain.token(), poor, s.chain.pay_to(), Usdc(holding - 1))
         .await;
-    let r = s.post("/v1/chat/completions", &body, Some(&sign(&s.chain.payer(2).clone(), &offer, 30, |_| {}))).await;
-    assert_eq!(error_code(r).await, (StatusCode::PAYMENT_REQUIRED, "permit2_insufficient_balance".into()));
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &body,
+            Some(&sign(&s.chain.payer(2).clone(), &offer, 30, |_| {})),
+        )
+        .await;
+    assert_eq!(
+        error_code(r).await,
+        (
+            StatusCode::PAYMENT_REQUIRED,
+            "permit2_insufficient_balance".into()
+        )
+    );
     // Unreadable.
-    let r = s.post("/v1/chat/completions", &body, Some(&xh::encode(&json!({"x402Version": 2, "accepted": {"scheme": "upto"}})))).await;
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &body,
+            Some(&xh::encode(
+                &json!({"x402Version": 2, "accepted": {"scheme": "upto"}}),
+            )),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED);
 
-    assert_eq!(s.upstream.requests.load(Ordering::SeqCst), 0, "nothing reached the upstream");
+    assert_eq!(
+        s.upstream.requests.load(Ordering::SeqCst),
+        0,
+        "nothing reached the upstream"
+    );
     assert!(s.rows().await.is_empty(), "nothing was recorded as served");
 }
 
@@ -524,9 +686,18 @@ async fn upto_a_revoked_allowance_is_recorded_unsettled_blocks_the_payer_and_set
     let payer = s.chain.payer(0).clone();
     let body = chat("one two three", 20, true);
     let offer = upto_offer(&s.required(&body).await);
-    let r = s.post("/v1/chat/completions", &body, Some(&sign(&payer, &offer, 1, |_| {}))).await;
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &body,
+            Some(&sign(&payer, &offer, 1, |_| {})),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let status_path = r.headers()["x-payment-status"].to_str().unwrap().to_string();
+    let status_path = r.headers()["x-payment-status"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let mut stream = r.bytes_stream();
     let first = stream.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
@@ -552,10 +723,19 @@ async fn upto_a_revoked_allowance_is_recorded_unsettled_blocks_the_payer_and_set
     let served = s.upstream.requests.load(Ordering::SeqCst);
     let again = chat("four", 3, false);
     let offer2 = upto_offer(&s.required(&again).await);
-    let r = s.post("/v1/chat/completions", &again, Some(&sign(&payer, &offer2, 2, |_| {}))).await;
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &again,
+            Some(&sign(&payer, &offer2, 2, |_| {})),
+        )
+        .await;
     assert_eq!(
         error_code(r).await,
-        (StatusCode::PAYMENT_REQUIRED, "upto_payer_has_unsettled_payment".into())
+        (
+            StatusCode::PAYMENT_REQUIRED,
+            "upto_payer_has_unsettled_payment".into()
+        )
     );
     assert_eq!(s.upstream.requests.load(Ordering::SeqCst), served);
 
@@ -578,13 +758,18 @@ async fn upto_a_revoked_allowance_is_recorded_unsettled_blocks_the_payer_and_set
     .await;
     assert_eq!(looked["settlement"]["amount"], owed.to_string());
     assert_eq!(before - s.balance(payer.address()).await, owed);
-    let r = s.post("/v1/chat/completions", &again, Some(&sign(&payer, &offer2, 3, |_| {}))).await;
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &again,
+            Some(&sign(&payer, &offer2, 3, |_| {})),
+        )
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let head = s.chain.head().await;
     s.gw.confirm(&s.chain, head, 1).await;
     let report = s.audit().await;
     assert!(report.is_clean(), "{:?}", report.discrepancies);
-    let _ = B256::ZERO;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -593,21 +778,48 @@ async fn upto_every_metered_endpoint_settles_its_metered_cost() {
     s.approve(0, U256::MAX).await;
     let payer = s.chain.payer(0).clone();
     let cases = [
-        ("/v1/completions", json!({"model": "demo", "prompt": "one two", "max_tokens": 5, "stream": true})),
-        ("/v1/responses", json!({"model": "demo", "input": "one two", "max_output_tokens": 6})),
-        ("/v1/messages", json!({"model": "demo", "max_tokens": 7, "stream": true,
-            "messages": [{"role": "user", "content": "one two"}]})),
-        ("/v1/embeddings", json!({"model": "demo", "input": "one two three"})),
+        (
+            "/v1/completions",
+            json!({"model": "demo", "prompt": "one two", "max_tokens": 5, "stream": true}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "demo", "input": "one two", "max_output_tokens": 6}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "demo", "max_tokens": 7, "stream": true,
+            "messages": [{"role": "user", "content": "one two"}]}),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "demo", "input": "one two three"}),
+        ),
     ];
     for (i, (path, body)) in cases.iter().enumerate() {
         let r = s.post(path, body, None).await;
         assert_eq!(r.status(), StatusCode::PAYMENT_REQUIRED, "{path}");
         let required = xh::decode_json(r.headers()["PAYMENT-REQUIRED"].to_str().unwrap()).unwrap();
-        assert!(required["resource"]["url"].as_str().unwrap().ends_with(path), "{required}");
+        assert!(
+            required["resource"]["url"]
+                .as_str()
+                .unwrap()
+                .ends_with(path),
+            "{required}"
+        );
         let offer = upto_offer(&required);
-        let r = s.post(path, body, Some(&sign(&payer, &offer, 100 + i as u64, |_| {}))).await;
+        let r = s
+            .post(
+                path,
+                body,
+                Some(&sign(&payer, &offer, 100 + i as u64, |_| {})),
+            )
+            .await;
         assert_eq!(r.status(), StatusCode::OK, "{path}");
-        let header = r.headers().get("PAYMENT-RESPONSE").map(|v| v.to_str().unwrap().to_string());
+        let header = r
+            .headers()
+            .get("PAYMENT-RESPONSE")
+            .map(|v| v.to_str().unwrap().to_string());
         let text = r.text().await.unwrap();
         let receipt = match header {
             Some(h) => xh::decode_json(&h).unwrap(),
@@ -622,9 +834,87 @@ async fn upto_every_metered_endpoint_settles_its_metered_cost() {
         assert_eq!(receipt["success"], true, "{path}: {receipt}");
         let rows = s.rows().await;
         let row = rows.last().unwrap();
-        assert_eq!(row["resource"].as_str().unwrap(), required["resource"]["url"].as_str().unwrap());
-        assert_eq!(receipt["amount"], row["costAtomic"].as_i64().unwrap().to_string(), "{path}");
+        assert_eq!(
+            row["resource"].as_str().unwrap(),
+            required["resource"]["url"].as_str().unwrap()
+        );
+        assert_eq!(
+            receipt["amount"],
+            row["costAtomic"].as_i64().unwrap().to_string(),
+            "{path}"
+        );
         assert!(row["costAtomic"].as_i64().unwrap() > 0, "{path}");
         assert_eq!(row["status"], "settled", "{path}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upto_through_the_official_facilitator_settles_the_metered_amount() {
+    let fetch_installed = root().join("node_modules/@x402/core/package.json").exists();
+    if !fetch_installed {
+        assert!(!interop_required(), "@x402/core is not installed");
+        eprintln!("skipping: @x402/core is not installed (run scripts/test)");
+        return;
+    }
+    let s = Upto::start_with(0, true).await;
+    s.approve(0, U256::MAX).await;
+    let payer = s.chain.payer(0).address();
+    let url = format!("{}/v1/chat/completions", s.gw.base);
+    for stream in [false, true] {
+        let before = s.balance(payer).await;
+        let body = chat("settled by a facilitator", 9, stream).to_string();
+        let out = run_client(
+            std::path::Path::new("node"),
+            "tests/interop/upto.mjs",
+            &[&url, &s.key_hex(0), &body],
+        )
+        .await
+        .expect("node runs");
+        assert_eq!(out["status"], 200, "stream={stream}: {out}");
+        let receipt = if stream {
+            &out["paymentEvent"]
+        } else {
+            &out["paymentResponse"]
+        };
+        assert_eq!(receipt["success"], true, "stream={stream}: {out}");
+        let paid: i64 = receipt["amount"].as_str().unwrap().parse().unwrap();
+        let rows = s.rows().await;
+        let row = rows
+            .iter()
+            .find(|r| r["txHash"] == receipt["transaction"])
+            .unwrap();
+        assert_eq!(row["costAtomic"], paid);
+        assert!(paid < row["maxAtomic"].as_i64().unwrap());
+        assert_eq!(
+            before - s.balance(payer).await,
+            paid,
+            "the facilitator settled the metered amount"
+        );
+        // Sent by the facilitator's account, through the upto proxy.
+        let tx: B256 = receipt["transaction"].as_str().unwrap().parse().unwrap();
+        let mined = s.chain.receipt(tx).await;
+        assert_eq!(mined.from, s.settler());
+        assert_eq!(mined.to, Some(UPTO_PROXY_ADDRESS));
+    }
+    // The facilitator's own refusal reaches the client: a payer without a Permit2 allowance gets the 412.
+    let body = chat("one", 3, false);
+    let offer = upto_offer(&s.required(&body).await);
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &body,
+            Some(&sign(&s.chain.payer(1).clone(), &offer, 7, |_| {})),
+        )
+        .await;
+    assert_eq!(
+        error_code(r).await,
+        (
+            StatusCode::PRECONDITION_FAILED,
+            "permit2_allowance_required".into()
+        )
+    );
+    let head = s.chain.head().await;
+    s.gw.confirm(&s.chain, head, 1).await;
+    let report = s.audit().await;
+    assert!(report.is_clean(), "{:?}", report.discrepancies);
 }
