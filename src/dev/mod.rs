@@ -1149,7 +1149,8 @@ fn print_banner(b: &Banner) {
     ));
     line(format!(
         "x402         standard x402 on: POST {gw}/x402/credits/{{amount}}, {gw}/x402/pools/{{slug}}?blocks=…; \
-         glm-4.7 also per request (0.01 USDC, PAYMENT-SIGNATURE, no key)"
+         glm-4.7 also per request (0.01 USDC, `exact`) and per token (`upto`: the metered cost, settled after the \
+         answer; `x402-gateway demo --journeys upto`), PAYMENT-SIGNATURE, no key"
     ));
     line(format!(
         "settler      {:#x}  (anvil account 5, self settlement; key in {SETTLER_KEY_ENV})",

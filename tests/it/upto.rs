@@ -918,3 +918,26 @@ async fn upto_through_the_official_facilitator_settles_the_metered_amount() {
     let report = s.audit().await;
     assert!(report.is_clean(), "{:?}", report.discrepancies);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upto_the_402s_pass_the_x402_conformance_resource_checks() {
+    let s = Upto::start(0).await;
+    let url = format!("{}/v1/chat/completions", s.gw.base);
+    let mut checked = 0;
+    for model in ["demo", "demo-both"] {
+        let body = json!({"model": model, "messages": messages("hello"), "max_tokens": 8}).to_string();
+        let Some(out) = run_client(&python(), "tests/interop/conformance_post.py", &[&url, &body]).await else {
+            continue;
+        };
+        assert_eq!(out["http"], 402, "{out}");
+        let checks = out["checks"].as_array().unwrap();
+        assert_eq!(checks.len(), 7, "P1-P7 all ran: {out}");
+        for c in checks {
+            assert_eq!(c["pass"], true, "{model}: {c}");
+        }
+        checked += 1;
+    }
+    if interop_required() {
+        assert_eq!(checked, 2);
+    }
+}
