@@ -407,6 +407,8 @@ CREATE TABLE upto_payments (
     completion_tokens   INTEGER,
     cost_atomic         INTEGER CHECK (cost_atomic >= 0 AND cost_atomic <= max_atomic),
     tx_hash             TEXT    UNIQUE,
+    -- A settlement sent without a receipt (outcome unknown): the retrier reads its receipt before sending another.
+    pending_tx          TEXT,
     status              TEXT    NOT NULL CHECK (status IN ('serving', 'settling', 'settled', 'zero', 'unsettled')),
     attempts            INTEGER NOT NULL DEFAULT 0,
     last_error          TEXT,

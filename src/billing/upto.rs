@@ -93,6 +93,14 @@ impl Billing {
             .await
     }
 
+    /// Remembers (or forgets) a settlement transaction sent without a receipt.
+    pub async fn upto_pending_tx(&self, id: i64, tx: Option<String>) -> Result<bool, StoreError> {
+        let now = self.now();
+        self.store
+            .write(move |c| crate::store::upto::set_pending_tx(c, id, tx.as_deref(), now))
+            .await
+    }
+
     /// A settlement attempt failed (`give_up`: the payment is now `unsettled`, the payer refused).
     pub async fn upto_failed(
         &self,
@@ -180,6 +188,12 @@ impl Billing {
                     return Ok(Some(tx));
                 }
                 Err(e) => {
+                    // Sent without a receipt: never send another on top of it; the retrier reads its receipt.
+                    if let crate::x402::PaymentError::OutcomeUnknown { tx: Some(tx), .. } = &e
+                        && let Err(se) = self.upto_pending_tx(id, Some(format!("{tx:#x}"))).await
+                    {
+                        tracing::error!(error = %se, id, "upto payment: pending transaction not recorded");
+                    }
                     let definite = matches!(e, crate::x402::PaymentError::Rejected(_));
                     let give_up = definite
                         || attempt >= INLINE_ATTEMPTS
@@ -232,6 +246,32 @@ impl Billing {
             if row.status == "settling" && now - row.updated_at < STALE_SETTLING_SECS {
                 continue; // being settled by its request
             }
+            // A transaction sent earlier without a receipt: its receipt decides, before anything is sent again.
+            if let Some(pending) = row.pending_tx.as_deref().and_then(|t| t.parse().ok()) {
+                match settler.transaction_landed(pending).await {
+                    Ok(Some(true)) => {
+                        if let (Some(cost), Ok(payer)) = (row.cost_atomic, row.payer.parse()) {
+                            let note =
+                                format!("x402 upto: {} (its receipt found on retry)", row.model);
+                            self.record_upto_settlement(row.id, payer, pending, Usdc(cost), note)
+                                .await;
+                            settled += 1;
+                        }
+                        continue;
+                    }
+                    // Reverted: nothing moved; settle afresh below.
+                    Ok(Some(false)) => {
+                        let _ = self.upto_pending_tx(row.id, None).await;
+                    }
+                    // Not mined (yet): wait; sending another could settle twice. Said in the row, for operators.
+                    Ok(None) => {
+                        let note = format!("waiting for the receipt of {pending:#x}");
+                        let _ = self.upto_failed(row.id, note, true).await;
+                        continue;
+                    }
+                    Err(_) => continue,
+                }
+            }
             let (Some(cost), Ok(payment), Ok(offer)) = (
                 row.cost_atomic,
                 serde_json::from_str::<crate::x402::upto::UptoPaymentPayload>(&row.payment),
@@ -248,6 +288,9 @@ impl Billing {
                 }
                 Ok(None) => {}
                 Err(e) => {
+                    if let crate::x402::PaymentError::OutcomeUnknown { tx: Some(tx), .. } = &e {
+                        let _ = self.upto_pending_tx(row.id, Some(format!("{tx:#x}"))).await;
+                    }
                     let _ = self.upto_failed(row.id, e.to_string(), true).await;
                 }
             }

@@ -44,6 +44,8 @@ pub struct UptoRow {
     pub completion_tokens: Option<i64>,
     pub cost_atomic: Option<i64>,
     pub tx_hash: Option<String>,
+    /// A settlement transaction sent without a receipt yet (its outcome unknown).
+    pub pending_tx: Option<String>,
     pub status: String,
     pub attempts: i64,
     pub last_error: Option<String>,
@@ -57,7 +59,8 @@ pub struct UptoRow {
 
 const COLUMNS: &str = "id, payer, nonce, network, request_id, model, resource, max_atomic, deadline, \
                        input_price_atomic, output_price_atomic, prompt_tokens, completion_tokens, cost_atomic, \
-                       tx_hash, status, attempts, last_error, payment, requirements, created_at, updated_at";
+                       tx_hash, status, attempts, last_error, payment, requirements, created_at, updated_at, \
+                       pending_tx";
 
 fn row(r: &Row) -> Result<UptoRow, StoreError> {
     Ok(UptoRow {
@@ -83,6 +86,7 @@ fn row(r: &Row) -> Result<UptoRow, StoreError> {
         requirements: r.get(19)?,
         created_at: r.get(20)?,
         updated_at: r.get(21)?,
+        pending_tx: r.get(22)?,
     })
 }
 
@@ -135,7 +139,7 @@ pub fn set_cost(
 pub fn mark_settled(c: &dyn Sql, id: i64, tx_hash: &str, now: i64) -> Result<bool, StoreError> {
     let changed = c.execute(
         "UPDATE upto_payments SET tx_hash = ?2, status = 'settled', attempts = attempts + 1, last_error = NULL, \
-         updated_at = ?3 WHERE id = ?1 AND status IN ('serving', 'settling', 'unsettled')",
+         pending_tx = NULL, updated_at = ?3 WHERE id = ?1 AND status IN ('serving', 'settling', 'unsettled')",
         params![id, tx_hash, now],
     )?;
     Ok(changed == 1)
@@ -157,6 +161,20 @@ pub fn record_failure(
          WHERE id = ?1 AND status IN ('settling', 'unsettled')"
     };
     let changed = c.execute(sql, params![id, error, now])?;
+    Ok(changed == 1)
+}
+
+/// Remembers (or forgets, with `None`) a settlement transaction whose outcome is not known yet.
+pub fn set_pending_tx(
+    c: &dyn Sql,
+    id: i64,
+    tx: Option<&str>,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let changed = c.execute(
+        "UPDATE upto_payments SET pending_tx = ?2, updated_at = ?3 WHERE id = ?1 AND status IN ('settling', 'unsettled')",
+        params![id, tx, now],
+    )?;
     Ok(changed == 1)
 }
 

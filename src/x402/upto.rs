@@ -631,6 +631,15 @@ impl UptoSettler {
         &self.verifier
     }
 
+    /// Whether a settlement transaction sent earlier landed: `Some(succeeded)` once mined, `None` while it is not.
+    pub async fn transaction_landed(&self, tx: B256) -> Result<Option<bool>, PaymentError> {
+        match self.verifier.rpc.receipt(tx).await {
+            Ok(Some(receipt)) if receipt.block_number.is_some() => Ok(Some(receipt.succeeded())),
+            Ok(_) => Ok(None),
+            Err(e) => Err(unavailable("settlement receipt")(e)),
+        }
+    }
+
     /// Verifies `payment` against `offer` at `now`: every check on the chain here, then (through a facilitator)
     /// the facilitator's own `/verify` of the maximum.
     pub async fn verify(

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use alloy::primitives::{Address, B256, U256};
+use alloy::providers::Provider;
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
 use futures::StreamExt;
@@ -119,12 +120,12 @@ min_topup_usdc = "1.00"
 
 impl Upto {
     async fn start(token_delay_ms: u64) -> Upto {
-        Upto::start_with(token_delay_ms, false).await
+        Upto::start_with(token_delay_ms, false, "").await
     }
 
     /// With `through_facilitator`, the official facilitator (tests/interop/facilitator.mjs, anvil's account 8)
     /// settles instead of the gateway's hot wallet.
-    async fn start_with(token_delay_ms: u64, through_facilitator: bool) -> Upto {
+    async fn start_with(token_delay_ms: u64, through_facilitator: bool, x402_extra: &str) -> Upto {
         let chain = TestChain::start().await;
         let key = format!(
             "0x{}",
@@ -171,7 +172,7 @@ impl Upto {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("gateway.db");
         let gw = Gateway::start_with_env(
-            config(&chain, &url, &db) + &x402_section(facilitator.as_ref()),
+            config(&chain, &url, &db) + &x402_section(facilitator.as_ref()) + x402_extra,
             db,
             Arc::new(AtomicI64::new(now() as i64)),
             &[(SETTLER_ENV, &key)],
@@ -856,7 +857,7 @@ async fn upto_through_the_official_facilitator_settles_the_metered_amount() {
         eprintln!("skipping: @x402/core is not installed (run scripts/test)");
         return;
     }
-    let s = Upto::start_with(0, true).await;
+    let s = Upto::start_with(0, true, "").await;
     s.approve(0, U256::MAX).await;
     let payer = s.chain.payer(0).address();
     let url = format!("{}/v1/chat/completions", s.gw.base);
@@ -925,8 +926,15 @@ async fn upto_the_402s_pass_the_x402_conformance_resource_checks() {
     let url = format!("{}/v1/chat/completions", s.gw.base);
     let mut checked = 0;
     for model in ["demo", "demo-both"] {
-        let body = json!({"model": model, "messages": messages("hello"), "max_tokens": 8}).to_string();
-        let Some(out) = run_client(&python(), "tests/interop/conformance_post.py", &[&url, &body]).await else {
+        let body =
+            json!({"model": model, "messages": messages("hello"), "max_tokens": 8}).to_string();
+        let Some(out) = run_client(
+            &python(),
+            "tests/interop/conformance_post.py",
+            &[&url, &body],
+        )
+        .await
+        else {
             continue;
         };
         assert_eq!(out["http"], 402, "{out}");
@@ -940,4 +948,92 @@ async fn upto_the_402s_pass_the_x402_conformance_resource_checks() {
     if interop_required() {
         assert_eq!(checked, 2);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upto_a_settlement_without_a_receipt_is_never_sent_twice_and_is_recorded_once_it_lands() {
+    // Receipts are awaited max_timeout_seconds (10 s here, the least allowed); the authorization is valid 300 s.
+    let s = Upto::start_with(0, false, "max_timeout_seconds = 10\n").await;
+    s.approve(0, U256::MAX).await;
+    let payer = s.chain.payer(0).clone();
+    let before = s.balance(payer.address()).await;
+    let body = chat("one two three", 6, false);
+    let offer = upto_offer(&s.required(&body).await);
+    // The chain stops mining: the settlement is sent and sits in the mempool without a receipt.
+    let _: Value = s
+        .chain
+        .provider
+        .raw_request("evm_setAutomine".into(), (false,))
+        .await
+        .unwrap();
+    let r = s
+        .post(
+            "/v1/chat/completions",
+            &body,
+            Some(&sign(&payer, &offer, 1, |_| {})),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK, "the answer was served");
+    let receipt = xh::decode_json(r.headers()["PAYMENT-RESPONSE"].to_str().unwrap()).unwrap();
+    assert_eq!(receipt["success"], false, "{receipt}");
+    assert_eq!(receipt["errorReason"], "unexpected_settle_error");
+    let rows = s.rows().await;
+    assert_eq!(rows[0]["status"], "unsettled", "{rows:?}");
+    let pending = rows[0]["pendingTx"]
+        .as_str()
+        .expect("the sent transaction is remembered")
+        .to_string();
+    // The retrier waits for that transaction instead of sending a second one (and says so in the row).
+    let nonce_before: u64 = s
+        .chain
+        .provider
+        .get_transaction_count(s.settler())
+        .pending()
+        .await
+        .unwrap();
+    wait_for("the retrier looks at the pending settlement", || async {
+        let rows = s.rows().await;
+        rows[0]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("waiting for the receipt of"))
+            .then_some(())
+    })
+    .await;
+    let nonce_after: u64 = s
+        .chain
+        .provider
+        .get_transaction_count(s.settler())
+        .pending()
+        .await
+        .unwrap();
+    assert_eq!(
+        nonce_after, nonce_before,
+        "nothing else was sent while the first is pending"
+    );
+    // The chain mines again: the retrier finds the receipt and records that transaction, once.
+    let _: Value = s
+        .chain
+        .provider
+        .raw_request("evm_setAutomine".into(), (true,))
+        .await
+        .unwrap();
+    let _: Value = s
+        .chain
+        .provider
+        .raw_request("evm_mine".into(), ())
+        .await
+        .unwrap();
+    let row = wait_for("the retrier records the landed settlement", || async {
+        let rows = s.rows().await;
+        (rows[0]["status"] == "settled").then(|| rows[0].clone())
+    })
+    .await;
+    assert_eq!(row["txHash"], pending);
+    assert!(row["pendingTx"].is_null());
+    let cost = row["costAtomic"].as_i64().unwrap();
+    assert_eq!(before - s.balance(payer.address()).await, cost, "paid once");
+    let head = s.chain.head().await;
+    s.gw.confirm(&s.chain, head, 1).await;
+    let report = s.audit().await;
+    assert!(report.is_clean(), "{:?}", report.discrepancies);
 }
