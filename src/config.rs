@@ -486,7 +486,8 @@ fn default_listen() -> SocketAddr {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChainConfig {
-    /// `base`, `base-sepolia`, or `custom` (then `chain_id`, `token_address`, `token_name`, `token_version`).
+    /// A preset (`base`, `base-sepolia`, `polygon`, `arbitrum`, `optimism`, `avalanche`: see [`PRESETS`]), or
+    /// `custom` (then `chain_id`, `token_address`, `token_name`, `token_version`).
     pub network: String,
     pub chain_id: Option<u64>,
     pub token_address: Option<String>,
@@ -762,6 +763,59 @@ impl Network {
 pub const BASE_USDC: &str = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913";
 /// Base Sepolia USDC.
 pub const BASE_SEPOLIA_USDC: &str = "0x036CbD53842c5426634e7929541eC2318f3dCF7e";
+
+/// A network preset: `[chain] network = "<name>"` fills the chain id and Circle's native USDC with its EIP-712
+/// domain (name, version "2"). Sources: x402's `DEFAULT_STABLECOINS` (typescript/packages/mechanisms/evm/src/shared/
+/// defaultAssets.ts) for Base, Base Sepolia, Polygon and Arbitrum One (address, name and version); Circle's "USDC
+/// Contract Addresses" page (developers.circle.com/stablecoins/usdc-contract-addresses) for OP Mainnet and
+/// Avalanche C-Chain, whose native USDC is FiatToken v2.2 with the domain "USD Coin" / "2" like the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preset {
+    pub name: &'static str,
+    pub chain_id: u64,
+    pub usdc: &'static str,
+    pub usdc_name: &'static str,
+}
+
+/// Every preset network.
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "base",
+        chain_id: 8453,
+        usdc: BASE_USDC,
+        usdc_name: "USD Coin",
+    },
+    Preset {
+        name: "base-sepolia",
+        chain_id: 84532,
+        usdc: BASE_SEPOLIA_USDC,
+        usdc_name: "USDC",
+    },
+    Preset {
+        name: "polygon",
+        chain_id: 137,
+        usdc: "0x3c499c542cEF5E3811e1192ce70d8cC03d5c3359",
+        usdc_name: "USD Coin",
+    },
+    Preset {
+        name: "arbitrum",
+        chain_id: 42161,
+        usdc: "0xaf88d065e77c8cC2239327C5EDb3A432268e5831",
+        usdc_name: "USD Coin",
+    },
+    Preset {
+        name: "optimism",
+        chain_id: 10,
+        usdc: "0x0b2C639c533813f4Aa9D7837CAf62653d097Ff85",
+        usdc_name: "USD Coin",
+    },
+    Preset {
+        name: "avalanche",
+        chain_id: 43114,
+        usdc: "0xB97EF9Ef8734C71904D8002F8b6Bc66Dd9c48a6E",
+        usdc_name: "USD Coin",
+    },
+];
 
 /// Everything the indexer needs, validated and resolved (env secrets read, presets applied). Its `Debug` shows the
 /// RPC URLs through [`redact_url`]: they carry the provider's key.
@@ -1185,8 +1239,9 @@ impl Config {
             ("chain.token_name", chain.token_name.is_some()),
             ("chain.token_version", chain.token_version.is_some()),
         ];
+        let preset = PRESETS.iter().find(|p| p.name == chain.network);
         let network = match chain.network.as_str() {
-            "base" | "base-sepolia" => {
+            _ if let Some(preset) = preset => {
                 if let Some((key, _)) = custom_keys.iter().find(|(_, set)| *set) {
                     return Err(invalid(
                         key,
@@ -1196,16 +1251,11 @@ impl Config {
                         ),
                     ));
                 }
-                let (chain_id, token, token_name) = if chain.network == "base" {
-                    (8453, BASE_USDC, "USD Coin")
-                } else {
-                    (84532, BASE_SEPOLIA_USDC, "USDC")
-                };
                 Network {
                     name: chain.network.clone(),
-                    chain_id,
-                    token: parse_address("chain.network", token)?,
-                    token_name: token_name.to_string(),
+                    chain_id: preset.chain_id,
+                    token: parse_address("chain.network", preset.usdc)?,
+                    token_name: preset.usdc_name.to_string(),
                     token_version: "2".to_string(),
                 }
             }
@@ -1235,7 +1285,12 @@ impl Config {
                 return Err(invalid(
                     "chain.network",
                     format!(
-                        "unknown network `{other}`; expected \"base\", \"base-sepolia\" or \"custom\""
+                        "unknown network `{other}`; expected a preset ({}) or \"custom\"",
+                        PRESETS
+                            .iter()
+                            .map(|p| p.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ));
             }
@@ -1927,6 +1982,30 @@ pay_to = "0x1111111111111111111111111111111111111111"
         assert_eq!(s.metering_durability, crate::store::Durability::Relaxed);
         let synced = resolve(&format!("{MINIMAL}[database]\nfsync_metering = true\n")).unwrap();
         assert_eq!(synced.metering_durability, crate::store::Durability::Full);
+    }
+
+    #[test]
+    fn every_preset_names_its_chain_and_circles_usdc() {
+        let ids: Vec<u64> = PRESETS.iter().map(|p| p.chain_id).collect();
+        assert_eq!(ids, [8453, 84532, 137, 42161, 10, 43114]);
+        for p in PRESETS {
+            let s = resolve(
+                &MINIMAL.replace("network = \"base\"", &format!("network = \"{}\"", p.name)),
+            )
+            .unwrap();
+            assert_eq!(s.chain.network.chain_id, p.chain_id);
+            assert_eq!(s.chain.network.caip2(), format!("eip155:{}", p.chain_id));
+            // Checksummed as published: a typo in one hex digit would fail EIP-55.
+            assert_eq!(s.chain.network.token.to_checksum(None), p.usdc);
+            assert_eq!(s.chain.network.token_version, "2");
+        }
+        let err = resolve(&MINIMAL.replace("network = \"base\"", "network = \"solana\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("polygon") && err.contains("avalanche"),
+            "{err}"
+        );
     }
 
     #[test]

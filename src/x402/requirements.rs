@@ -15,6 +15,8 @@ pub fn v1_network_name(chain_id: u64) -> Option<&'static str> {
     match chain_id {
         8453 => Some("base"),
         84532 => Some("base-sepolia"),
+        137 => Some("polygon"),
+        43114 => Some("avalanche"),
         _ => None,
     }
 }
