@@ -340,8 +340,9 @@ impl Indexer {
             to,
             transfers = count,
             extra_headers,
-            fetched_ahead = ahead.is_some(),
-            "range fetched in {fetched:?}, written in {written:?} (step {:?})",
+            next_fetched_ahead = ahead.is_some(),
+            "range fetched in {fetched:?}, written in {written:?} (the next range fetched meanwhile when \
+             next_fetched_ahead; step {:?})",
             step_started.elapsed()
         );
         self.checkpoint = self.store.checkpoint().await?;
