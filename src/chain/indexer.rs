@@ -4,7 +4,8 @@
 //! orphans everything above it), then fetches the next range with `eth_getLogs` in an adaptive size. Headers of
 //! the recent window are fetched and linked by parent hash, every log's block hash is checked against the header
 //! of its block, a window block whose `logsBloom` may hold a payment the answer lacks is asked again by its hash,
-//! and the range is written with its checkpoint in one transaction.
+//! and the range is written with its checkpoint in one transaction. The window headers are asked while the logs
+//! are; while backfilling far below the head, the next range is fetched while the last one is written.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -19,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use super::rpc::{RawLog, Rpc, RpcError, suggested_range};
 use super::status::StatusHandle;
 use crate::config::ChainSettings;
-use crate::store::transfers::{BlockRef, Checkpoint, NewTransfer, RangeUpdate, Transfer};
+use crate::store::transfers::{
+    BlockRef, Checkpoint, NewTransfer, RangeOutcome, RangeUpdate, Transfer,
+};
 use crate::store::{Store, StoreError};
 use crate::usdc::Usdc;
 
@@ -85,6 +88,33 @@ pub struct Indexer {
     follow_mode: bool,
     last_pending: HashMap<i64, u64>,
     progress: Progress,
+    /// The next range, fetched while the last one was written (backfill only; see [`Indexer::step`]).
+    ahead: Option<FetchedRange>,
+}
+
+/// A range fetched and checked, not yet written.
+struct FetchedRange {
+    from: u64,
+    to: u64,
+    /// Every Transfer to payTo in `[from, to]`, with its block time.
+    transfers: Vec<NewTransfer>,
+    /// The headers of the range's blocks inside the reorg window, and always the header of `to`.
+    headers: Vec<BlockRef>,
+    /// Headers fetched only for a block time the node did not put on the logs.
+    extra_headers: usize,
+    fetch_time: Duration,
+}
+
+/// What fetching a range found.
+enum Fetch {
+    Range(FetchedRange),
+    /// The range's first header does not link to the checkpoint at this block: a reorg.
+    Forked(u64),
+    /// The provider refused the range (too large, most likely).
+    Refused {
+        code: i64,
+        message: String,
+    },
 }
 
 struct Progress {
@@ -121,6 +151,7 @@ impl Indexer {
                 first_block: None,
                 transfers: 0,
             },
+            ahead: None,
         })
     }
 
@@ -230,7 +261,10 @@ impl Indexer {
         }
     }
 
-    /// One step: reorg check, then the next range.
+    /// One step: reorg check, then the next range (or the one fetched ahead while the last was written).
+    ///
+    /// While backfilling far below the head, the next range is fetched while this one is written (see
+    /// [`Indexer::write_and_fetch_ahead`]): at most one range is held ahead, so memory stays bounded.
     pub async fn step(&mut self) -> Result<Step, IndexerError> {
         let step_started = Instant::now();
         let head = self.rpc.block_number().await?;
@@ -238,6 +272,7 @@ impl Indexer {
 
         if let Some(cp) = self.checkpoint.clone() {
             if cp.number > head {
+                self.ahead = None;
                 // The head went backwards: a lagging node or a shorter chain. Roll back only what is proven gone.
                 if let Some(stored) = self.store.recent_block(head).await? {
                     let now = self.rpc.headers(&[head]).await?.remove(0);
@@ -249,6 +284,7 @@ impl Indexer {
             }
             let canonical = self.rpc.headers(&[cp.number]).await?.remove(0);
             if canonical.hash != cp.hash {
+                self.ahead = None;
                 self.handle_reorg(cp.number).await?;
                 return Ok(Step::MoreToDo);
             }
@@ -259,23 +295,148 @@ impl Indexer {
             .as_ref()
             .map_or(self.settings.start_block, |c| c.number + 1);
         if from > head {
+            self.ahead = None;
             self.follow_mode = true;
             return Ok(Step::CaughtUp);
         }
-        let to = head.min(from.saturating_add(self.range - 1));
         let window_start = head.saturating_sub(self.settings.reorg_window) + 1;
 
-        // Headers for the part of the range inside the reorg window, linked by parent hash.
-        let window_numbers: Vec<u64> = (from.max(window_start)..=to).collect();
-        let (mut headers, blooms): (Vec<BlockRef>, Vec<Bloom>) = if window_numbers.is_empty() {
-            (Vec::new(), Vec::new())
-        } else {
-            self.rpc
-                .headers_with_blooms(&window_numbers)
-                .await?
-                .into_iter()
-                .unzip()
+        // A range fetched ahead is used only if it starts right after the checkpoint just checked and still lies
+        // wholly below the reorg window of this head; else it is dropped and the range is fetched again.
+        let range = match self.ahead.take() {
+            Some(r) if r.from == from && r.to < window_start => r,
+            _ => {
+                let to = head.min(from.saturating_add(self.range - 1));
+                match self.fetch_range(from, to, head).await? {
+                    Fetch::Range(r) => r,
+                    Fetch::Forked(at) => {
+                        self.handle_reorg(at).await?;
+                        return Ok(Step::MoreToDo);
+                    }
+                    Fetch::Refused { code, message } => {
+                        let old = self.range;
+                        self.range = shrink_range(to - from + 1, &message, from);
+                        tracing::info!(code, message = %message, "eth_getLogs range of {} blocks refused; now {} (was {old})", to - from + 1, self.range);
+                        return Ok(Step::MoreToDo);
+                    }
+                }
+            }
         };
+        let (from, to) = (range.from, range.to);
+        let grown = self
+            .range
+            .saturating_add(self.range / 4 + 1)
+            .min(self.settings.max_block_range);
+        let count = range.transfers.len();
+        let fetched = range.fetch_time;
+        let extra_headers = range.extra_headers;
+        let write_started = Instant::now();
+        let (outcome, ahead) = self
+            .write_and_fetch_ahead(range, head, window_start, grown)
+            .await?;
+        let written = write_started.elapsed();
+        tracing::debug!(
+            from,
+            to,
+            transfers = count,
+            extra_headers,
+            next_fetched_ahead = ahead.is_some(),
+            "range fetched in {fetched:?}, written in {written:?} (the next range fetched meanwhile when \
+             next_fetched_ahead; step {:?})",
+            step_started.elapsed()
+        );
+        self.checkpoint = self.store.checkpoint().await?;
+        self.ahead = ahead.filter(|_| self.checkpoint.as_ref().map(|c| c.number) == Some(to));
+        self.range = grown;
+        self.status.update(|s| {
+            s.indexed_head = Some(to);
+            s.transfers_indexed += count as u64;
+        });
+        self.report(from, to, head, count, &outcome);
+        Ok(if to >= head {
+            Step::CaughtUp
+        } else {
+            Step::MoreToDo
+        })
+    }
+
+    /// Writes `range` with its checkpoint in one transaction and, when the next range lies wholly below the
+    /// reorg window of `head`, fetches that range (of the size `next_size`) meanwhile.
+    ///
+    /// Why fetching ahead keeps every guarantee:
+    /// - Nothing fetched ahead is written here. It is kept in memory (one range at most) and used by the next
+    ///   step only after that step has read the head again and checked that the checkpoint (this range's `to`)
+    ///   is still canonical, exactly as for a range fetched then; a crash loses it and the restart fetches it
+    ///   again from the checkpoint, so there is no gap and no duplicate.
+    /// - A range fetched ahead holds no block of the reorg window, now or when it is used (else it is dropped),
+    ///   so it needs no window headers, no parent link and no `logsBloom` check: the indexer holds blocks deeper
+    ///   than `chain.reorg_window` for final, whenever they are fetched. A reorg during the backfill changes
+    ///   blocks near the head only; it is found, as before, by the checkpoint check or the parent link of the
+    ///   first window header, once the backfill reaches the window. A reorg deeper than the window is as
+    ///   undetectable for a range fetched one step earlier as for one fetched later.
+    /// - The logs are still asked together with the header of the range's last block (one batch, one backend),
+    ///   so a lagging backend cannot answer "no logs" for blocks it lacks, and that header's hash is the
+    ///   checkpoint's.
+    /// - Any failure of the fetch ahead (transport, a range refused as too large, a block that changed) only
+    ///   drops it: the next step fetches the range again and handles the error as before, so the adaptive range
+    ///   size reacts to the provider exactly as without fetching ahead.
+    async fn write_and_fetch_ahead(
+        &self,
+        range: FetchedRange,
+        head: u64,
+        window_start: u64,
+        next_size: u64,
+    ) -> Result<(RangeOutcome, Option<FetchedRange>), IndexerError> {
+        let update = RangeUpdate {
+            from: range.from,
+            to: range.to,
+            transfers: range.transfers,
+            headers: range.headers,
+            confirmations: self.settings.confirmations,
+            reorg_window: self.settings.reorg_window,
+        };
+        let next_from = range.to + 1;
+        let next_to = head.min(next_from.saturating_add(next_size - 1));
+        if range.to >= head || next_to >= window_start {
+            return Ok((self.store.apply_range(update).await?, None));
+        }
+        let (written, ahead) = tokio::join!(
+            self.store.apply_range(update),
+            self.fetch_range(next_from, next_to, head)
+        );
+        let ahead = match ahead {
+            Ok(Fetch::Range(r)) => Some(r),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "fetching blocks {next_from}-{next_to} ahead failed; fetched again next step");
+                None
+            }
+        };
+        Ok((written?, ahead))
+    }
+
+    /// Fetches and checks `[from, to]` without writing it: the headers of its part inside the reorg window
+    /// (linked by parent hash, and to the checkpoint), concurrently with its logs and the header of `to`; the
+    /// headers of deep blocks only when a log lacks its block time (an older node), in batches.
+    async fn fetch_range(&self, from: u64, to: u64, head: u64) -> Result<Fetch, IndexerError> {
+        let started = Instant::now();
+        let window_start = head.saturating_sub(self.settings.reorg_window) + 1;
+
+        // Headers for the part of the range inside the reorg window, asked while the logs are.
+        let window_numbers: Vec<u64> = (from.max(window_start)..=to).collect();
+        let window_headers = async {
+            if window_numbers.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.rpc.headers_with_blooms(&window_numbers).await
+            }
+        };
+        let logs = self
+            .rpc
+            .logs_with_header(self.settings.network.token, &self.topics, from, to);
+        let (window_headers, logs) = tokio::join!(window_headers, logs);
+        let (mut headers, blooms): (Vec<BlockRef>, Vec<Bloom>) =
+            window_headers?.into_iter().unzip();
         for pair in headers.windows(2) {
             if pair[1].parent_hash != pair[0].hash {
                 return Err(IndexerError::Inconsistent(format!(
@@ -288,21 +449,13 @@ impl Indexer {
             && first.number == cp.number + 1
             && first.parent_hash != cp.hash
         {
-            self.handle_reorg(cp.number).await?;
-            return Ok(Step::MoreToDo);
+            return Ok(Fetch::Forked(cp.number));
         }
 
-        let (logs, to_header) = match self
-            .rpc
-            .logs_with_header(self.settings.network.token, &self.topics, from, to)
-            .await
-        {
+        let (logs, to_header) = match logs {
             Ok(v) => v,
             Err(RpcError::Node { message, code, .. }) if to > from => {
-                let old = self.range;
-                self.range = shrink_range(to - from + 1, &message, from);
-                tracing::info!(code, message = %message, "eth_getLogs range of {} blocks refused; now {} (was {old})", to - from + 1, self.range);
-                return Ok(Step::MoreToDo);
+                return Ok(Fetch::Refused { code, message });
             }
             Err(e) => return Err(e.into()),
         };
@@ -342,44 +495,14 @@ impl Indexer {
         }
         self.check_nothing_left_out(&logs, &headers, &blooms)
             .await?;
-
-        let fetched = step_started.elapsed();
-        let count = transfers.len();
-        let outcome = self
-            .store
-            .apply_range(RangeUpdate {
-                from,
-                to,
-                transfers,
-                headers,
-                confirmations: self.settings.confirmations,
-                reorg_window: self.settings.reorg_window,
-            })
-            .await?;
-        tracing::debug!(
+        Ok(Fetch::Range(FetchedRange {
             from,
             to,
-            transfers = count,
-            extra_headers = missing.len(),
-            "range fetched in {fetched:?}, written in {:?}",
-            step_started.elapsed() - fetched
-        );
-        self.checkpoint = self.store.checkpoint().await?;
-        let grown = self
-            .range
-            .saturating_add(self.range / 4 + 1)
-            .min(self.settings.max_block_range);
-        self.range = grown;
-        self.status.update(|s| {
-            s.indexed_head = Some(to);
-            s.transfers_indexed += count as u64;
-        });
-        self.report(from, to, head, count, &outcome);
-        Ok(if to >= head {
-            Step::CaughtUp
-        } else {
-            Step::MoreToDo
-        })
+            transfers,
+            headers,
+            extra_headers: missing.len(),
+            fetch_time: started.elapsed(),
+        }))
     }
 
     fn decode(
@@ -475,6 +598,7 @@ impl Indexer {
 
     /// Walks back from `suspect` to the highest block whose stored hash is still canonical and rolls back to it.
     async fn handle_reorg(&mut self, suspect: u64) -> Result<(), IndexerError> {
+        self.ahead = None;
         let old_head = self.checkpoint.as_ref().map_or(suspect, |c| c.number);
         let lowest = suspect.saturating_sub(self.settings.reorg_window);
         let mut n = suspect;

@@ -361,6 +361,41 @@ async fn splits_ranges_the_provider_refuses() {
     }
 }
 
+/// A backfill of many small ranges far below the head fetches each next range while the last is written: every
+/// payment once, the checkpoint at the head, and a second run over the same database adds only what is new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_fetching_ahead_has_no_gap_or_duplicate() {
+    let chain = TestChain::start().await;
+    let mut expected = Vec::new();
+    for i in 0..8 {
+        expected.push(chain.pay(i % 3, Usdc(3_000_000 + i as i64)).await.0);
+        chain.mine(9 + i as u64).await;
+    }
+    chain.mine(100).await;
+    let mut settings = chain.settings(2);
+    settings.max_block_range = 7;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+    index_once(settings.clone(), &store).await.unwrap();
+    let hashes = |rows: Vec<x402_gateway::store::transfers::Transfer>| -> Vec<String> {
+        rows.into_iter().map(|t| t.tx_hash).collect()
+    };
+    assert_eq!(hashes(store.list_transfers(None).await.unwrap()), expected);
+    assert_eq!(
+        store.checkpoint().await.unwrap().unwrap().number,
+        chain.head().await
+    );
+
+    expected.push(chain.pay(1, Usdc(3_100_000)).await.0);
+    chain.mine(90).await;
+    index_once(settings, &store).await.unwrap();
+    assert_eq!(hashes(store.list_transfers(None).await.unwrap()), expected);
+    assert_eq!(
+        store.checkpoint().await.unwrap().unwrap().number,
+        chain.head().await
+    );
+}
+
 /// Below the reorg window, the block time comes from the log's `blockTimestamp` with no header fetched; a node
 /// that does not send it (an older one) costs a header per block, with the same result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
