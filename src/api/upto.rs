@@ -22,7 +22,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::future::BoxFuture;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::AppState;
 use crate::billing::Billing;
@@ -32,7 +32,9 @@ use crate::store::usage::Outcome;
 use crate::usdc::Usdc;
 use crate::x402::header::{self as xh, HeaderError};
 use crate::x402::upto::{UptoPaymentPayload, UptoSettler};
-use crate::x402::{PaymentError, PaymentRequired, Reason, ResourceInfo, requirements};
+use crate::x402::{
+    PaymentError, PaymentRequired, Reason, ResourceInfo, SettleResponse, requirements,
+};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/x402/upto/{payer}/{nonce}", get(payment_status))
@@ -113,10 +115,6 @@ pub fn required(
     Some(required)
 }
 
-fn error_body(code: &str, message: &str) -> Value {
-    json!({"error": {"message": message, "type": "payment_required", "param": null, "code": code}})
-}
-
 /// `response` with `PAYMENT-REQUIRED` = `required` (and the headers a browser client needs to read it).
 pub fn with_required(mut response: Response, required: &PaymentRequired) -> Response {
     if let Ok(v) = HeaderValue::from_str(&xh::encode(required)) {
@@ -146,11 +144,11 @@ fn refused(
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     let network = state.settings.chain.network.caip2();
-    let failure = receipt_json(false, Some(e.code()), None, &network, payer, Usdc::ZERO);
+    let failure = receipt(Some(e.code()), None, &network, payer, Usdc::ZERO);
     let mut response = (
         status,
         [(header::CACHE_CONTROL, "no-store")],
-        axum::Json(error_body(e.code(), &e.to_string())),
+        axum::Json(super::x402::openai_error(status, e.code(), e.to_string())),
     )
         .into_response();
     if let Ok(v) = HeaderValue::from_str(&xh::encode(&failure)) {
@@ -167,37 +165,32 @@ pub fn unreadable(state: &AppState, required: &PaymentRequired, e: &HeaderError)
     let response = (
         StatusCode::PAYMENT_REQUIRED,
         [(header::CACHE_CONTROL, "no-store")],
-        axum::Json(error_body(
+        axum::Json(super::x402::openai_error(
+            StatusCode::PAYMENT_REQUIRED,
             e.code(),
-            &format!("the payment header is unreadable: {e}"),
+            format!("the payment header is unreadable: {e}"),
         )),
     )
         .into_response();
     with_required(response, required)
 }
 
-/// The `PAYMENT-RESPONSE` of an upto payment (the scheme's `SettlementResponse`, with `amount`).
-fn receipt_json(
-    success: bool,
+/// The `PAYMENT-RESPONSE` of an upto payment: the x402 `SettleResponse` with the scheme's `amount`.
+fn receipt(
     error_reason: Option<&str>,
     transaction: Option<B256>,
     network: &str,
     payer: Option<Address>,
     amount: Usdc,
-) -> Value {
-    let mut v = json!({
-        "success": success,
-        "transaction": transaction.map(|t| format!("{t:#x}")).unwrap_or_default(),
-        "network": network,
-        "amount": amount.atomic().max(0).to_string(),
-    });
-    if let Some(payer) = payer {
-        v["payer"] = json!(payer.to_checksum(None));
+) -> SettleResponse {
+    SettleResponse {
+        success: error_reason.is_none(),
+        error_reason: error_reason.map(str::to_string),
+        transaction: transaction.map(|t| format!("{t:#x}")).unwrap_or_default(),
+        network: network.to_string(),
+        payer: payer.map(|p| p.to_checksum(None)),
+        amount: Some(amount.atomic().max(0).to_string()),
     }
-    if let Some(reason) = error_reason {
-        v["errorReason"] = json!(reason);
-    }
-    v
 }
 
 /// A verified upto payment recorded as being served: settled for the metered cost when the answer ends.
@@ -245,20 +238,13 @@ impl SettlePayment for UptoHold {
                 )
                 .await
             {
-                Ok(tx) => receipt_json(true, None, tx, &self.network, Some(payer), cost),
-                Err(e) => receipt_json(
-                    false,
-                    Some(e.code()),
-                    None,
-                    &self.network,
-                    Some(payer),
-                    Usdc::ZERO,
-                ),
+                Ok(tx) => receipt(None, tx, &self.network, Some(payer), cost),
+                Err(e) => receipt(Some(e.code()), None, &self.network, Some(payer), Usdc::ZERO),
             };
             PaymentReceipt {
                 header_name: xh::PAYMENT_RESPONSE,
                 header_value: xh::encode(&json),
-                json,
+                json: serde_json::to_value(&json).unwrap_or_default(),
             }
         })
     }
@@ -412,16 +398,14 @@ async fn payment_status(
         Err(e) => return super::agent::ApiError::internal(e).into_response(),
     };
     let final_receipt = match row.status.as_str() {
-        "settled" | "zero" => Some(receipt_json(
-            true,
+        "settled" | "zero" => Some(receipt(
             None,
             row.tx_hash.as_deref().and_then(|t| t.parse().ok()),
             &row.network,
             Some(payer),
             Usdc(row.cost_atomic.unwrap_or(0)),
         )),
-        "unsettled" => Some(receipt_json(
-            false,
+        "unsettled" => Some(receipt(
             Some("unexpected_settle_error"),
             None,
             &row.network,
@@ -436,9 +420,9 @@ async fn payment_status(
         "maxUsdc": Usdc(row.max_atomic).to_string(),
         "costUsdc": row.cost_atomic.map(|c| Usdc(c).to_string()),
     });
-    if let Some(receipt) = final_receipt {
-        body["paymentResponse"] = json!(xh::encode(&receipt));
-        body["settlement"] = receipt;
+    if let Some(settled) = final_receipt {
+        body["paymentResponse"] = json!(xh::encode(&settled));
+        body["settlement"] = json!(settled);
     }
     (
         StatusCode::OK,

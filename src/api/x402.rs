@@ -905,7 +905,8 @@ fn per_request_offer(
     )
 }
 
-fn openai_error(status: StatusCode, code: &str, message: String) -> Value {
+/// The OpenAI-shaped error of a refused per-request payment (upto's too).
+pub(crate) fn openai_error(status: StatusCode, code: &str, message: String) -> Value {
     let _ = status;
     json!({"error": {"message": message, "type": "payment_required", "param": null, "code": code}})
 }

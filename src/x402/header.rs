@@ -118,6 +118,7 @@ mod tests {
             transaction: "0xab".into(),
             network: "eip155:8453".into(),
             payer: None,
+            amount: None,
         };
         let h = encode(&r);
         assert!(!h.contains('-') && !h.contains('_'));

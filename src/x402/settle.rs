@@ -40,6 +40,7 @@ impl Settlement {
             transaction: format!("{:#x}", self.transaction),
             network: self.network.clone(),
             payer: Some(format!("{:#x}", self.payer)),
+            amount: None,
         }
     }
 }
@@ -56,6 +57,7 @@ pub fn failure_response(
         transaction: String::new(),
         network: network.to_string(),
         payer: payer.map(|p| format!("{p:#x}")),
+        amount: None,
     }
 }
 

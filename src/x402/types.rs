@@ -285,6 +285,9 @@ pub struct SettleResponse {
     pub network: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payer: Option<String>,
+    /// The `upto` scheme's settled amount, atomic units (`"0"` for nothing settled); absent for `exact`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<String>,
 }
 
 /// A facilitator's `/verify` answer.

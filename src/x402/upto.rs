@@ -439,42 +439,20 @@ impl UptoVerifier {
         }
         let max = self.check_offline(payment, offer, now)?;
         // 2., 3. Permit2 allowance and balance; the nonce unused.
-        let token = auth.permitted.token;
-        let word = auth.nonce >> 8;
-        let bit = auth.nonce & U256::from(0xff);
-        let (allowance, balance, bitmap) = futures::join!(
-            self.rpc.call(
-                token,
-                allowanceCall {
-                    owner: auth.from,
-                    spender: PERMIT2_ADDRESS
-                }
-                .abi_encode()
-                .into()
-            ),
-            self.rpc.call(
-                token,
-                balanceOfCall { account: auth.from }.abi_encode().into()
-            ),
-            self.rpc.call(
+        let ((allowance, balance), bitmap) = futures::join!(
+            self.allowance_and_balance(auth),
+            self.read_u256(
                 PERMIT2_ADDRESS,
                 nonceBitmapCall {
                     owner: auth.from,
-                    wordPos: word
+                    wordPos: auth.nonce >> 8,
                 }
-                .abi_encode()
-                .into()
+                .abi_encode(),
+                "Permit2 nonceBitmap",
             ),
         );
-        let decode =
-            |r: Result<Bytes, RpcError>, what: &'static str| -> Result<U256, PaymentError> {
-                let bytes = r.map_err(unavailable(what))?;
-                U256::abi_decode(&bytes).map_err(|e| PaymentError::Unavailable {
-                    what,
-                    message: format!("undecodable answer: {e}"),
-                })
-            };
-        let allowance = decode(allowance, "ERC-20 allowance")?;
+        let bit = auth.nonce & U256::from(0xff);
+        let allowance = allowance?;
         if allowance < auth.permitted.amount {
             return Err(refuse(
                 "permit2_allowance_required",
@@ -485,7 +463,7 @@ impl UptoVerifier {
                 ),
             ));
         }
-        let balance = decode(balance, "ERC-20 balanceOf")?;
+        let balance = balance?;
         if balance < auth.permitted.amount {
             return Err(refuse(
                 "permit2_insufficient_balance",
@@ -495,7 +473,7 @@ impl UptoVerifier {
                 ),
             ));
         }
-        let bitmap = decode(bitmap, "Permit2 nonceBitmap")?;
+        let bitmap = bitmap?;
         if (bitmap >> bit) & U256::from(1) == U256::from(1) {
             return Err(refuse(
                 "permit2_invalid_nonce",
@@ -522,6 +500,48 @@ impl UptoVerifier {
         })
     }
 
+    /// A `uint256` view call of `to`.
+    async fn read_u256(
+        &self,
+        to: Address,
+        data: Vec<u8>,
+        what: &'static str,
+    ) -> Result<U256, PaymentError> {
+        let bytes = self
+            .rpc
+            .call(to, data.into())
+            .await
+            .map_err(unavailable(what))?;
+        U256::abi_decode(&bytes).map_err(|e| PaymentError::Unavailable {
+            what,
+            message: format!("undecodable answer: {e}"),
+        })
+    }
+
+    /// The payer's ERC-20 allowance to Permit2 and its balance, asked at once.
+    async fn allowance_and_balance(
+        &self,
+        auth: &Permit2Authorization,
+    ) -> (Result<U256, PaymentError>, Result<U256, PaymentError>) {
+        let token = auth.permitted.token;
+        futures::join!(
+            self.read_u256(
+                token,
+                allowanceCall {
+                    owner: auth.from,
+                    spender: PERMIT2_ADDRESS,
+                }
+                .abi_encode(),
+                "ERC-20 allowance",
+            ),
+            self.read_u256(
+                token,
+                balanceOfCall { account: auth.from }.abi_encode(),
+                "ERC-20 balanceOf",
+            ),
+        )
+    }
+
     /// Why a settlement of `amount` would fail now (after serving): the allowance or the balance gone, the nonce
     /// used, or the node's revert message.
     pub async fn explain_failure(
@@ -530,28 +550,11 @@ impl UptoVerifier {
         amount: U256,
         revert: String,
     ) -> PaymentError {
-        let auth = &payment.payload.permit2_authorization;
-        let token = auth.permitted.token;
-        let (allowance, balance) = futures::join!(
-            self.rpc.call(
-                token,
-                allowanceCall {
-                    owner: auth.from,
-                    spender: PERMIT2_ADDRESS
-                }
-                .abi_encode()
-                .into()
-            ),
-            self.rpc.call(
-                token,
-                balanceOfCall { account: auth.from }.abi_encode().into()
-            ),
-        );
-        let value = |r: Result<Bytes, RpcError>| {
-            r.ok()
-                .and_then(|b| U256::abi_decode(&b).ok())
-                .unwrap_or(U256::MAX)
-        };
+        let (allowance, balance) = self
+            .allowance_and_balance(&payment.payload.permit2_authorization)
+            .await;
+        // Unknown (the node did not answer): not the reason; the revert message is.
+        let value = |r: Result<U256, PaymentError>| r.unwrap_or(U256::MAX);
         let allowance = value(allowance);
         if allowance < amount {
             return refuse(

@@ -226,6 +226,19 @@ impl Upto {
         req.send().await.unwrap()
     }
 
+    /// `body` to `path` with an upto payment of `offer` signed by `signer` (Permit2 nonce `nonce`).
+    async fn post_signed(
+        &self,
+        path: &str,
+        body: &Value,
+        signer: &PrivateKeySigner,
+        offer: &Value,
+        nonce: u64,
+    ) -> reqwest::Response {
+        self.post(path, body, Some(&sign(signer, offer, nonce, |_| {})))
+            .await
+    }
+
     /// The 402 for `body`: its decoded PAYMENT-REQUIRED.
     async fn required(&self, body: &Value) -> Value {
         let r = self.post("/v1/chat/completions", body, None).await;
@@ -468,7 +481,7 @@ async fn upto_nothing_billable_moves_nothing_and_an_authorization_is_single_use(
 
     // The upstream fails before any output: nothing billable, no transaction, and the authorization is spent.
     let failing = json!({"model": "demo-fail", "messages": messages("hello"), "max_tokens": 5});
-    let offer = upto_offer(&s.required_for(&failing).await);
+    let offer = upto_offer(&s.required(&failing).await);
     let header = sign(&signer, &offer, 1, |_| {});
     let r = s
         .post("/v1/chat/completions", &failing, Some(&header))
@@ -555,12 +568,6 @@ async fn upto_nothing_billable_moves_nothing_and_an_authorization_is_single_use(
     assert!(checks.contains(&"upto"), "{:?}", report.discrepancies);
 }
 
-impl Upto {
-    async fn required_for(&self, body: &Value) -> Value {
-        self.required(body).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upto_bad_authorizations_are_refused_before_any_upstream_call() {
     let s = Upto::start(0).await;
@@ -571,11 +578,7 @@ async fn upto_bad_authorizations_are_refused_before_any_upstream_call() {
 
     // No Permit2 allowance: 412, as the specification says.
     let r = s
-        .post(
-            "/v1/chat/completions",
-            &body,
-            Some(&sign(&payer, &offer, 1, |_| {})),
-        )
+        .post_signed("/v1/chat/completions", &body, &payer, &offer, 1)
         .await;
     assert!(r.headers().get("PAYMENT-RESPONSE").is_some());
     assert_eq!(
@@ -646,10 +649,12 @@ async fn upto_bad_authorizations_are_refused_before_any_upstream_call() {
         .transfer_token(s.chain.token(), poor, s.chain.pay_to(), Usdc(holding - 1))
         .await;
     let r = s
-        .post(
+        .post_signed(
             "/v1/chat/completions",
             &body,
-            Some(&sign(&s.chain.payer(2).clone(), &offer, 30, |_| {})),
+            &s.chain.payer(2).clone(),
+            &offer,
+            30,
         )
         .await;
     assert_eq!(
@@ -688,11 +693,7 @@ async fn upto_a_revoked_allowance_is_recorded_unsettled_blocks_the_payer_and_set
     let body = chat("one two three", 20, true);
     let offer = upto_offer(&s.required(&body).await);
     let r = s
-        .post(
-            "/v1/chat/completions",
-            &body,
-            Some(&sign(&payer, &offer, 1, |_| {})),
-        )
+        .post_signed("/v1/chat/completions", &body, &payer, &offer, 1)
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     let status_path = r.headers()["x-payment-status"]
@@ -725,11 +726,7 @@ async fn upto_a_revoked_allowance_is_recorded_unsettled_blocks_the_payer_and_set
     let again = chat("four", 3, false);
     let offer2 = upto_offer(&s.required(&again).await);
     let r = s
-        .post(
-            "/v1/chat/completions",
-            &again,
-            Some(&sign(&payer, &offer2, 2, |_| {})),
-        )
+        .post_signed("/v1/chat/completions", &again, &payer, &offer2, 2)
         .await;
     assert_eq!(
         error_code(r).await,
@@ -760,11 +757,7 @@ async fn upto_a_revoked_allowance_is_recorded_unsettled_blocks_the_payer_and_set
     assert_eq!(looked["settlement"]["amount"], owed.to_string());
     assert_eq!(before - s.balance(payer.address()).await, owed);
     let r = s
-        .post(
-            "/v1/chat/completions",
-            &again,
-            Some(&sign(&payer, &offer2, 3, |_| {})),
-        )
+        .post_signed("/v1/chat/completions", &again, &payer, &offer2, 3)
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     let head = s.chain.head().await;
@@ -810,11 +803,7 @@ async fn upto_every_metered_endpoint_settles_its_metered_cost() {
         );
         let offer = upto_offer(&required);
         let r = s
-            .post(
-                path,
-                body,
-                Some(&sign(&payer, &offer, 100 + i as u64, |_| {})),
-            )
+            .post_signed(path, body, &payer, &offer, 100 + i as u64)
             .await;
         assert_eq!(r.status(), StatusCode::OK, "{path}");
         let header = r
@@ -901,10 +890,12 @@ async fn upto_through_the_official_facilitator_settles_the_metered_amount() {
     let body = chat("one", 3, false);
     let offer = upto_offer(&s.required(&body).await);
     let r = s
-        .post(
+        .post_signed(
             "/v1/chat/completions",
             &body,
-            Some(&sign(&s.chain.payer(1).clone(), &offer, 7, |_| {})),
+            &s.chain.payer(1).clone(),
+            &offer,
+            7,
         )
         .await;
     assert_eq!(
@@ -967,11 +958,7 @@ async fn upto_a_settlement_without_a_receipt_is_never_sent_twice_and_is_recorded
         .await
         .unwrap();
     let r = s
-        .post(
-            "/v1/chat/completions",
-            &body,
-            Some(&sign(&payer, &offer, 1, |_| {})),
-        )
+        .post_signed("/v1/chat/completions", &body, &payer, &offer, 1)
         .await;
     assert_eq!(r.status(), StatusCode::OK, "the answer was served");
     let receipt = xh::decode_json(r.headers()["PAYMENT-RESPONSE"].to_str().unwrap()).unwrap();
