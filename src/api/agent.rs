@@ -215,6 +215,16 @@ fn signature(body: &Map<String, Value>) -> Result<Option<Vec<u8>>, ApiError> {
     alloy::hex::decode(hex).map(Some).map_err(|_| bad())
 }
 
+/// A JSON number that names an integer: an integer, or a whole float exactly representable (below 2^53 in
+/// magnitude: `50.0` is JSON Schema's integer 50, and the OpenAPI document says integer).
+fn whole_number(n: &serde_json::Number) -> Option<i64> {
+    n.as_i64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0)
+            .map(|f| f as i64)
+    })
+}
+
 /// `amount`: a decimal string (`"50.00"`) or, for seed compatibility, a whole JSON number (`50`, or `50.0`: JSON
 /// Schema's integers include it, and the OpenAPI document says integer).
 fn amount(body: &Map<String, Value>) -> Result<Usdc, ApiError> {
@@ -223,15 +233,8 @@ fn amount(body: &Map<String, Value>) -> Result<Usdc, ApiError> {
         Some(Value::String(s)) => s
             .parse::<Usdc>()
             .map_err(|e| ApiError::field("amount", e.to_string()))?,
-        Some(Value::Number(n)) => match n
-            .as_u64()
-            .or_else(|| {
-                // Whole and exactly representable (below 2^53): the float names that integer.
-                n.as_f64()
-                    .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 9_007_199_254_740_992.0)
-                    .map(|f| f as u64)
-            })
-            .and_then(|v| i64::try_from(v).ok())
+        Some(Value::Number(n)) => match whole_number(n)
+            .filter(|v| *v >= 0)
             .and_then(|v| v.checked_mul(1_000_000))
         {
             Some(atomic) => Usdc(atomic),
@@ -504,8 +507,7 @@ async fn rotate(State(state): State<AppState>, JsonObject(body): JsonObject) -> 
             }
         };
         let signed_at = match body.get("signedAt") {
-            Some(Value::Number(n)) => n
-                .as_i64()
+            Some(Value::Number(n)) => whole_number(n)
                 .ok_or_else(|| ApiError::field("signedAt", "must be unix seconds"))?,
             Some(Value::String(s)) => s
                 .parse()
