@@ -397,3 +397,44 @@ CREATE TABLE upto_payments (
     UNIQUE (payer, nonce)
 );
 CREATE INDEX upto_payments_open ON upto_payments (payer) WHERE status IN ('settling', 'unsettled');
+
+-- migration: 11 networks
+-- Everything the indexer writes, and every claim and settlement, keyed by its network's CAIP-2 id (see schema.sql).
+CREATE TABLE network_bindings (
+    network       TEXT    PRIMARY KEY,
+    chain_id      BIGINT  NOT NULL,
+    token_address TEXT    NOT NULL,
+    pay_to        TEXT    NOT NULL,
+    created_at    BIGINT  NOT NULL
+);
+INSERT INTO network_bindings (network, chain_id, token_address, pay_to, created_at)
+    SELECT 'eip155:' || chain_id, chain_id, token_address, pay_to, created_at FROM chain_binding;
+
+CREATE TABLE network_checkpoints (
+    network      TEXT    PRIMARY KEY,
+    block_number BIGINT  NOT NULL,
+    block_hash   TEXT    NOT NULL,
+    updated_at   BIGINT  NOT NULL
+);
+INSERT INTO network_checkpoints (network, block_number, block_hash, updated_at)
+    SELECT 'eip155:' || b.chain_id, c.block_number, c.block_hash, c.updated_at FROM checkpoint c, chain_binding b;
+
+ALTER TABLE recent_blocks ADD COLUMN network TEXT;
+UPDATE recent_blocks SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
+DELETE FROM recent_blocks WHERE network IS NULL;
+ALTER TABLE recent_blocks ALTER COLUMN network SET NOT NULL;
+ALTER TABLE recent_blocks DROP CONSTRAINT recent_blocks_pkey;
+ALTER TABLE recent_blocks ADD PRIMARY KEY (network, number);
+DROP TABLE checkpoint;
+
+ALTER TABLE transfers ADD COLUMN network TEXT NOT NULL DEFAULT '';
+UPDATE transfers SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
+CREATE INDEX transfers_network_tx ON transfers (network, tx_hash);
+CREATE INDEX transfers_network_status_block ON transfers (network, status, block_number);
+ALTER TABLE reorgs ADD COLUMN network TEXT NOT NULL DEFAULT '';
+UPDATE reorgs SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
+ALTER TABLE claims ADD COLUMN network TEXT NOT NULL DEFAULT '';
+UPDATE claims SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
+ALTER TABLE x402_settlements ADD COLUMN network TEXT NOT NULL DEFAULT '';
+UPDATE x402_settlements SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
+DROP TABLE chain_binding;

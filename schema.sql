@@ -419,3 +419,57 @@ CREATE TABLE upto_payments (
     UNIQUE (payer, nonce)
 );
 CREATE INDEX upto_payments_open ON upto_payments (payer) WHERE status IN ('settling', 'unsettled');
+
+-- migration: 11 networks
+-- One gateway, several networks (`[[networks]]`): everything the indexer writes, and every claim and settlement, is
+-- keyed by its network's CAIP-2 id (`eip155:8453`). A database made for one network is upgraded in place: its rows
+-- take the network of its `chain_binding`, which then gives way to one binding per network.
+-- A claim stays keyed by its transaction hash alone: an EVM transaction hash commits to its chain id (EIP-155), so
+-- the same hash on two networks would be one replayable pre-EIP-155 transaction, which is credited once.
+CREATE TABLE network_bindings (
+    network       TEXT    PRIMARY KEY, -- CAIP-2
+    chain_id      INTEGER NOT NULL,
+    token_address TEXT    NOT NULL,
+    pay_to        TEXT    NOT NULL,
+    created_at    INTEGER NOT NULL
+);
+INSERT INTO network_bindings (network, chain_id, token_address, pay_to, created_at)
+    SELECT 'eip155:' || chain_id, chain_id, token_address, pay_to, created_at FROM chain_binding;
+
+-- The last block whose logs are fully written, per network.
+CREATE TABLE network_checkpoints (
+    network      TEXT    PRIMARY KEY,
+    block_number INTEGER NOT NULL,
+    block_hash   TEXT    NOT NULL,
+    updated_at   INTEGER NOT NULL
+);
+INSERT INTO network_checkpoints (network, block_number, block_hash, updated_at)
+    SELECT 'eip155:' || b.chain_id, c.block_number, c.block_hash, c.updated_at FROM checkpoint c, chain_binding b;
+
+-- The recent window of canonical headers, per network (the block number alone no longer names a block).
+CREATE TABLE recent_blocks_v11 (
+    network     TEXT    NOT NULL,
+    number      INTEGER NOT NULL,
+    hash        TEXT    NOT NULL,
+    parent_hash TEXT    NOT NULL,
+    timestamp   INTEGER NOT NULL,
+    PRIMARY KEY (network, number)
+);
+INSERT INTO recent_blocks_v11 (network, number, hash, parent_hash, timestamp)
+    SELECT 'eip155:' || b.chain_id, r.number, r.hash, r.parent_hash, r.timestamp FROM recent_blocks r, chain_binding b;
+DROP TABLE recent_blocks;
+ALTER TABLE recent_blocks_v11 RENAME TO recent_blocks;
+DROP TABLE checkpoint;
+
+-- Every indexed transfer, handled reorg, claim and x402 settlement names its network.
+ALTER TABLE transfers ADD COLUMN network TEXT NOT NULL DEFAULT '';
+UPDATE transfers SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
+CREATE INDEX transfers_network_tx ON transfers (network, tx_hash);
+CREATE INDEX transfers_network_status_block ON transfers (network, status, block_number);
+ALTER TABLE reorgs ADD COLUMN network TEXT NOT NULL DEFAULT '';
+UPDATE reorgs SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
+ALTER TABLE claims ADD COLUMN network TEXT NOT NULL DEFAULT '';
+UPDATE claims SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
+ALTER TABLE x402_settlements ADD COLUMN network TEXT NOT NULL DEFAULT '';
+UPDATE x402_settlements SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
+DROP TABLE chain_binding;

@@ -41,7 +41,13 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
-    pub chain: ChainConfig,
+    /// The first network (`[chain]`): the catalog's top-level `network`/`payTo`/`asset`, and the default of claims.
+    #[serde(default)]
+    pub chain: Option<ChainConfig>,
+    /// More networks agents may pay on (`[[networks]]`, the same keys as `[chain]`); without `[chain]` the first
+    /// of them is the first network.
+    #[serde(default)]
+    pub networks: Vec<ChainConfig>,
     #[serde(default)]
     pub database: DatabaseConfig,
     /// Pool subscriptions sold by 8-hour (or any) daily UTC blocks.
@@ -520,6 +526,179 @@ pub struct ChainConfig {
     pub rpc_timeout_ms: u64,
 }
 
+impl ChainConfig {
+    /// One network's section (`[chain]` or `[[networks]]` entry `key`) validated, presets and secrets resolved.
+    fn resolve(
+        &self,
+        key: &str,
+        server: &ServerConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ChainSettings, ConfigError> {
+        let chain = self;
+        let custom_keys = [
+            (format!("{key}.chain_id"), chain.chain_id.is_some()),
+            (
+                format!("{key}.token_address"),
+                chain.token_address.is_some(),
+            ),
+            (format!("{key}.token_name"), chain.token_name.is_some()),
+            (
+                format!("{key}.token_version"),
+                chain.token_version.is_some(),
+            ),
+        ];
+        let preset = PRESETS.iter().find(|p| p.name == chain.network);
+        let network = match chain.network.as_str() {
+            _ if let Some(preset) = preset => {
+                if let Some((custom, _)) = custom_keys.iter().find(|(_, set)| *set) {
+                    return Err(invalid(
+                        custom,
+                        format!(
+                            "only allowed with network = \"custom\" (network `{}` is a preset)",
+                            chain.network
+                        ),
+                    ));
+                }
+                Network {
+                    name: chain.network.clone(),
+                    chain_id: preset.chain_id,
+                    token: parse_address(&format!("{key}.network"), preset.usdc)?,
+                    token_name: preset.usdc_name.to_string(),
+                    token_version: "2".to_string(),
+                }
+            }
+            "custom" => {
+                let need = |key: &str, v: &Option<String>| {
+                    v.clone()
+                        .ok_or_else(|| invalid(key, "required when network = \"custom\""))
+                };
+                let chain_id = chain.chain_id.ok_or_else(|| {
+                    invalid(
+                        &format!("{key}.chain_id"),
+                        "required when network = \"custom\"",
+                    )
+                })?;
+                if chain_id == 0 {
+                    return Err(invalid(
+                        &format!("{key}.chain_id"),
+                        "must be a positive chain id",
+                    ));
+                }
+                Network {
+                    name: "custom".to_string(),
+                    chain_id,
+                    token: parse_address(
+                        &format!("{key}.token_address"),
+                        &need(&format!("{key}.token_address"), &chain.token_address)?,
+                    )?,
+                    token_name: need(&format!("{key}.token_name"), &chain.token_name)?,
+                    token_version: need(&format!("{key}.token_version"), &chain.token_version)?,
+                }
+            }
+            other => {
+                return Err(invalid(
+                    &format!("{key}.network"),
+                    format!(
+                        "unknown network `{other}`; expected a preset ({}) or \"custom\"",
+                        PRESETS
+                            .iter()
+                            .map(|p| p.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        };
+
+        if chain.rpc_http.is_empty() {
+            return Err(invalid(
+                &format!("{key}.rpc_http"),
+                "needs at least one JSON-RPC URL",
+            ));
+        }
+        let rpc_http = chain
+            .rpc_http
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                resolve_url(
+                    &format!("{key}.rpc_http[{i}]"),
+                    url,
+                    &["http://", "https://"],
+                    env,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let rpc_ws = match chain.rpc_ws.as_deref() {
+            None | Some("") => None,
+            Some(url) => Some(resolve_url(
+                &format!("{key}.rpc_ws"),
+                url,
+                &["ws://", "wss://"],
+                env,
+            )?),
+        };
+        let pay_to = parse_address(&format!("{key}.pay_to"), &chain.pay_to)?;
+        if pay_to == Address::ZERO {
+            return Err(invalid(
+                &format!("{key}.pay_to"),
+                "the zero address cannot receive payments",
+            ));
+        }
+        if chain.confirmations == 0 {
+            return Err(invalid(
+                &format!("{key}.confirmations"),
+                "must be at least 1 (1 = the block that mined it)",
+            ));
+        }
+        if chain.poll_interval_ms == 0 {
+            return Err(invalid(
+                &format!("{key}.poll_interval_ms"),
+                "must be positive",
+            ));
+        }
+        if chain.max_block_range == 0 {
+            return Err(invalid(
+                &format!("{key}.max_block_range"),
+                "must be positive",
+            ));
+        }
+        if chain.rpc_timeout_ms == 0 {
+            return Err(invalid(
+                &format!("{key}.rpc_timeout_ms"),
+                "must be positive",
+            ));
+        }
+        let min_window = chain.confirmations.saturating_mul(2);
+        let reorg_window = match chain.reorg_window {
+            None => min_window.max(64),
+            Some(w) if w < min_window => {
+                return Err(invalid(
+                    &format!("{key}.reorg_window"),
+                    format!("must be at least 2 × confirmations = {min_window}"),
+                ));
+            }
+            Some(w) => w,
+        };
+
+        Ok(ChainSettings {
+            network,
+            rpc_http,
+            rpc_ws,
+            pay_to,
+            confirmations: chain.confirmations,
+            start_block: chain.start_block,
+            poll_interval: Duration::from_millis(chain.poll_interval_ms),
+            max_block_range: chain.max_block_range,
+            reorg_window,
+            rpc_timeout: Duration::from_millis(chain.rpc_timeout_ms),
+            ready_max_lag_blocks: server
+                .ready_max_lag_blocks
+                .unwrap_or(chain.confirmations.saturating_mul(3)),
+        })
+    }
+}
+
 fn default_confirmations() -> u64 {
     12
 }
@@ -831,6 +1010,8 @@ pub struct ChainSettings {
     pub max_block_range: u64,
     pub reorg_window: u64,
     pub rpc_timeout: Duration,
+    /// Largest indexer lag (blocks) at which `/readyz` still counts this network ready.
+    pub ready_max_lag_blocks: u64,
 }
 
 impl std::fmt::Debug for ChainSettings {
@@ -853,6 +1034,7 @@ impl std::fmt::Debug for ChainSettings {
             .field("max_block_range", &self.max_block_range)
             .field("reorg_window", &self.reorg_window)
             .field("rpc_timeout", &self.rpc_timeout)
+            .field("ready_max_lag_blocks", &self.ready_max_lag_blocks)
             .finish()
     }
 }
@@ -862,7 +1044,11 @@ impl std::fmt::Debug for ChainSettings {
 pub struct Settings {
     pub listen: SocketAddr,
     pub public_url: Option<String>,
+    /// The first network: the catalog's top-level `network`/`payTo`/`asset`, and the network a claim names by
+    /// default.
     pub chain: ChainSettings,
+    /// The other networks agents may pay on, in configuration order (each with its own chain id).
+    pub other_networks: Vec<ChainSettings>,
     /// The database engine and where it is (`[database] path` or `url`).
     pub database: Database,
     /// Durability of per-request metering commits (`[database] fsync_metering`).
@@ -1232,123 +1418,38 @@ impl Config {
         base_dir: &Path,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Settings, ConfigError> {
-        let chain = &self.chain;
-        let custom_keys = [
-            ("chain.chain_id", chain.chain_id.is_some()),
-            ("chain.token_address", chain.token_address.is_some()),
-            ("chain.token_name", chain.token_name.is_some()),
-            ("chain.token_version", chain.token_version.is_some()),
-        ];
-        let preset = PRESETS.iter().find(|p| p.name == chain.network);
-        let network = match chain.network.as_str() {
-            _ if let Some(preset) = preset => {
-                if let Some((key, _)) = custom_keys.iter().find(|(_, set)| *set) {
-                    return Err(invalid(
-                        key,
-                        format!(
-                            "only allowed with network = \"custom\" (network `{}` is a preset)",
-                            chain.network
-                        ),
-                    ));
-                }
-                Network {
-                    name: chain.network.clone(),
-                    chain_id: preset.chain_id,
-                    token: parse_address("chain.network", preset.usdc)?,
-                    token_name: preset.usdc_name.to_string(),
-                    token_version: "2".to_string(),
-                }
-            }
-            "custom" => {
-                let need = |key: &str, v: &Option<String>| {
-                    v.clone()
-                        .ok_or_else(|| invalid(key, "required when network = \"custom\""))
-                };
-                let chain_id = chain.chain_id.ok_or_else(|| {
-                    invalid("chain.chain_id", "required when network = \"custom\"")
-                })?;
-                if chain_id == 0 {
-                    return Err(invalid("chain.chain_id", "must be a positive chain id"));
-                }
-                Network {
-                    name: "custom".to_string(),
-                    chain_id,
-                    token: parse_address(
-                        "chain.token_address",
-                        &need("chain.token_address", &chain.token_address)?,
-                    )?,
-                    token_name: need("chain.token_name", &chain.token_name)?,
-                    token_version: need("chain.token_version", &chain.token_version)?,
-                }
-            }
-            other => {
+        let mut written: Vec<(String, &ChainConfig)> = Vec::new();
+        if let Some(chain) = &self.chain {
+            written.push(("chain".to_string(), chain));
+        }
+        for (i, n) in self.networks.iter().enumerate() {
+            written.push((format!("networks[{i}]"), n));
+        }
+        let mut networks: Vec<ChainSettings> = Vec::new();
+        for (key, config) in &written {
+            let resolved = config.resolve(key, &self.server, env)?;
+            if let Some(twin) = networks
+                .iter()
+                .find(|n| n.network.chain_id == resolved.network.chain_id)
+            {
                 return Err(invalid(
-                    "chain.network",
+                    &format!("{key}.network"),
                     format!(
-                        "unknown network `{other}`; expected a preset ({}) or \"custom\"",
-                        PRESETS
-                            .iter()
-                            .map(|p| p.name)
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        "chain id {} is already configured (network `{}`); one entry per chain",
+                        resolved.network.chain_id, twin.network.name
                     ),
                 ));
             }
-        };
-
-        if chain.rpc_http.is_empty() {
-            return Err(invalid("chain.rpc_http", "needs at least one JSON-RPC URL"));
+            networks.push(resolved);
         }
-        let rpc_http = chain
-            .rpc_http
-            .iter()
-            .enumerate()
-            .map(|(i, url)| {
-                resolve_url(
-                    &format!("chain.rpc_http[{i}]"),
-                    url,
-                    &["http://", "https://"],
-                    env,
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let rpc_ws = match chain.rpc_ws.as_deref() {
-            None | Some("") => None,
-            Some(url) => Some(resolve_url("chain.rpc_ws", url, &["ws://", "wss://"], env)?),
-        };
-        let pay_to = parse_address("chain.pay_to", &chain.pay_to)?;
-        if pay_to == Address::ZERO {
-            return Err(invalid(
-                "chain.pay_to",
-                "the zero address cannot receive payments",
-            ));
-        }
-        if chain.confirmations == 0 {
-            return Err(invalid(
-                "chain.confirmations",
-                "must be at least 1 (1 = the block that mined it)",
-            ));
-        }
-        if chain.poll_interval_ms == 0 {
-            return Err(invalid("chain.poll_interval_ms", "must be positive"));
-        }
-        if chain.max_block_range == 0 {
-            return Err(invalid("chain.max_block_range", "must be positive"));
-        }
-        if chain.rpc_timeout_ms == 0 {
-            return Err(invalid("chain.rpc_timeout_ms", "must be positive"));
-        }
-        let min_window = chain.confirmations.saturating_mul(2);
-        let reorg_window = match chain.reorg_window {
-            None => min_window.max(64),
-            Some(w) if w < min_window => {
-                return Err(invalid(
-                    "chain.reorg_window",
-                    format!("must be at least 2 × confirmations = {min_window}"),
-                ));
-            }
-            Some(w) => w,
-        };
+        let mut networks = networks.into_iter();
+        let chain = networks.next().ok_or_else(|| {
+            invalid(
+                "chain",
+                "no network to accept payments on: write a [chain] section (or [[networks]])",
+            )
+        })?;
+        let other_networks: Vec<ChainSettings> = networks.collect();
 
         let database = self.database.resolve(base_dir, env)?;
 
@@ -1414,10 +1515,7 @@ impl Config {
         }
 
         Settings {
-            ready_max_lag_blocks: self
-                .server
-                .ready_max_lag_blocks
-                .unwrap_or(chain.confirmations.saturating_mul(3)),
+            ready_max_lag_blocks: chain.ready_max_lag_blocks,
             upstreams,
             models,
             routing: self.routing.resolve()?,
@@ -1435,18 +1533,8 @@ impl Config {
                 .public_url
                 .clone()
                 .map(|u| u.trim_end_matches('/').to_string()),
-            chain: ChainSettings {
-                network,
-                rpc_http,
-                rpc_ws,
-                pay_to,
-                confirmations: chain.confirmations,
-                start_block: chain.start_block,
-                poll_interval: Duration::from_millis(chain.poll_interval_ms),
-                max_block_range: chain.max_block_range,
-                reorg_window,
-                rpc_timeout: Duration::from_millis(chain.rpc_timeout_ms),
-            },
+            chain,
+            other_networks,
             database,
             metering_durability: if self.database.fsync_metering {
                 crate::store::Durability::Full
@@ -1461,6 +1549,17 @@ impl Config {
 }
 
 impl Settings {
+    /// Every network agents may pay on, the first one first.
+    pub fn networks(&self) -> impl Iterator<Item = &ChainSettings> {
+        std::iter::once(&self.chain).chain(self.other_networks.iter())
+    }
+
+    /// The network with CAIP-2 id `caip2` (`eip155:8453`), or whose preset name is `caip2` (`base`).
+    pub fn network(&self, caip2: &str) -> Option<&ChainSettings> {
+        self.networks()
+            .find(|n| n.network.caip2() == caip2 || n.network.name == caip2)
+    }
+
     /// `upto` models need a settler of upto payments: the hot wallet, or a facilitator whose address is known.
     fn check_upto(self) -> Result<Settings, ConfigError> {
         let upto_settled = self.x402.as_ref().is_some_and(|x| match &x.settlement {

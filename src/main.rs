@@ -322,14 +322,27 @@ async fn main() -> Result<()> {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
                 }
             };
-            let status = StatusHandle::default();
-            let chain_settings = settings.chain.clone();
+            // One indexer per network; `--once` syncs them one after the other.
+            let networks: Vec<_> = settings.networks().cloned().collect();
             if once {
-                Indexer::new(chain_settings, store, status)?
-                    .run_until_synced(shutdown)
-                    .await?;
+                for chain in networks {
+                    Indexer::new(chain, store.clone(), StatusHandle::default())?
+                        .run_until_synced(shutdown.clone())
+                        .await?;
+                }
             } else {
-                chain::spawn(chain_settings, store, status, shutdown)?.await??;
+                let mut running = Vec::new();
+                for chain in networks {
+                    running.push(chain::spawn(
+                        chain,
+                        store.clone(),
+                        StatusHandle::default(),
+                        shutdown.clone(),
+                    )?);
+                }
+                for indexer in running {
+                    indexer.await??;
+                }
             }
             Ok(())
         }
@@ -664,13 +677,21 @@ async fn serve(settings: Settings, shutdown: CancellationToken) -> Result<()> {
 
 async fn payments(settings: &Settings, status: Option<TransferStatus>, json: bool) -> Result<()> {
     let store = Store::open_database(&settings.database).await?;
-    let head = store.checkpoint().await?.map(|c| c.number);
+    let mut heads = std::collections::HashMap::new();
+    for chain in settings.networks() {
+        let network = chain.network.caip2();
+        let head = store.checkpoint(&network).await?.map(|c| c.number);
+        heads.insert(network, head);
+    }
+    let head_of =
+        |t: &x402_gateway::store::transfers::Transfer| heads.get(&t.network).copied().flatten();
     let rows = store.list_transfers(status).await?;
     if json {
         let out: Vec<_> = rows
             .iter()
             .map(|t| {
                 serde_json::json!({
+                    "network": t.network,
                     "txHash": t.tx_hash,
                     "logIndex": t.log_index,
                     "blockNumber": t.block_number,
@@ -680,7 +701,7 @@ async fn payments(settings: &Settings, status: Option<TransferStatus>, json: boo
                     "valueUsdc": t.value.to_string(),
                     "valueAtomic": t.value.atomic().to_string(),
                     "status": t.status.as_str(),
-                    "confirmations": t.confirmations(head),
+                    "confirmations": t.confirmations(head_of(t)),
                     "firstSeenAt": t.first_seen_at,
                     "confirmedAt": t.confirmed_at,
                     "orphanedAt": t.orphaned_at,
@@ -700,12 +721,22 @@ async fn payments(settings: &Settings, status: Option<TransferStatus>, json: boo
         return Ok(());
     }
     println!(
-        "{:<66}  {:>5}  {:>10}  {:<66}  {:<42}  {:>14}  {:>16}  {:<9}  {:>5}",
-        "TX HASH", "LOG", "BLOCK", "BLOCK HASH", "FROM", "USDC", "ATOMIC", "STATUS", "CONF"
+        "{:<16}  {:<66}  {:>5}  {:>10}  {:<66}  {:<42}  {:>14}  {:>16}  {:<9}  {:>5}",
+        "NETWORK",
+        "TX HASH",
+        "LOG",
+        "BLOCK",
+        "BLOCK HASH",
+        "FROM",
+        "USDC",
+        "ATOMIC",
+        "STATUS",
+        "CONF"
     );
     for t in &rows {
         println!(
-            "{:<66}  {:>5}  {:>10}  {:<66}  {:<42}  {:>14}  {:>16}  {:<9}  {:>5}",
+            "{:<16}  {:<66}  {:>5}  {:>10}  {:<66}  {:<42}  {:>14}  {:>16}  {:<9}  {:>5}",
+            t.network,
             t.tx_hash,
             t.log_index,
             t.block_number,
@@ -714,13 +745,24 @@ async fn payments(settings: &Settings, status: Option<TransferStatus>, json: boo
             t.value.to_string(),
             t.value.atomic(),
             t.status.as_str(),
-            t.confirmations(head)
+            t.confirmations(head_of(t))
         );
     }
+    let heads: Vec<String> = settings
+        .networks()
+        .map(|n| {
+            let id = n.network.caip2();
+            let head = heads.get(&id).copied().flatten();
+            format!(
+                "{id} {}",
+                head.map_or("none".to_string(), |h| h.to_string())
+            )
+        })
+        .collect();
     println!(
-        "{} transfers; indexed head {}",
+        "{} transfers; indexed heads: {}",
         rows.len(),
-        head.map_or("none".to_string(), |h| h.to_string())
+        heads.join(", ")
     );
     Ok(())
 }

@@ -218,6 +218,51 @@ async fn render(state: &AppState) -> Result<String, StoreError> {
     }
     h.push_str("</table>");
 
+    // Every network agents may pay on, each with its own indexer (the table above is the first network's).
+    h.push_str(
+        "<h2 id=\"networks\">Networks</h2><table id=\"networks-table\"><tr><th>Network</th><th>Chain id</th>\
+         <th>payTo</th><th>Token</th><th>State</th><th>Indexed head</th><th>Chain head</th><th>Lag</th>\
+         <th>Confirmations</th><th>Reorgs</th><th>RPC errors</th></tr>",
+    );
+    for chain in settings.networks() {
+        let id = chain.network.caip2();
+        let n = state
+            .indexers
+            .get(&id)
+            .map(|h| h.snapshot())
+            .unwrap_or_default();
+        let (class, text) = match (&n.fatal, n.lag()) {
+            (Some(_), _) => ("bad", "stopped".to_string()),
+            (None, Some(lag)) if lag > chain.ready_max_lag_blocks => {
+                ("bad", format!("lagging ({lag} blocks)"))
+            }
+            (None, Some(_)) => ("ok", "running".to_string()),
+            (None, None) if n.follower => ("ok", "follower".to_string()),
+            (None, None) => ("bad", "starting".to_string()),
+        };
+        let _ = write!(
+            h,
+            "<tr data-network=\"{}\"><td>{} <code>{}</code></td><td class=\"num\">{}</td><td><code>{:#x}</code></td>\
+             <td><code>{:#x}</code></td><td class=\"{class}\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            escape(&id),
+            escape(&chain.network.name),
+            escape(&id),
+            chain.network.chain_id,
+            chain.pay_to,
+            chain.network.token,
+            escape(&text),
+            opt(n.indexed_head),
+            opt(n.chain_head),
+            opt(n.lag()),
+            chain.confirmations,
+            n.reorgs,
+            n.rpc_errors,
+        );
+    }
+    h.push_str("</table>");
+
     // Deployments: where each model is served, and whether it is in rotation.
     h.push_str("<h2 id=\"deployments\">Deployments</h2><table id=\"deployments-table\"><tr><th>Model</th><th>Upstream</th>\
         <th>Weight</th><th>State</th><th>In flight</th><th>Answered</th><th>Failures</th><th>Cooldowns</th>\

@@ -346,9 +346,42 @@ pub async fn payment_required_with(
     }
 }
 
+/// The optional `network` of a claim: a configured network's CAIP-2 id (`eip155:8453`) or preset name (`base`),
+/// answered as its CAIP-2 id; the first network when absent.
+fn network(state: &AppState, body: &Map<String, Value>) -> Result<String, ApiError> {
+    let settings = state.billing.settings();
+    match body.get("network") {
+        None | Some(Value::Null) => Ok(settings.chain.network.caip2()),
+        Some(Value::String(name)) => settings
+            .network(name)
+            .map(|n| n.network.caip2())
+            .ok_or_else(|| {
+                ApiError::field(
+                    "network",
+                    format!(
+                        "`{name}` is not a network this gateway accepts payments on (one of: {})",
+                        settings
+                            .networks()
+                            .map(|n| n.network.caip2())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            }),
+        Some(_) => Err(ApiError::field(
+            "network",
+            "must be a string: a CAIP-2 network id such as \"eip155:8453\"",
+        )),
+    }
+}
+
 async fn subscribe_pool(State(state): State<AppState>, JsonObject(body): JsonObject) -> Response {
     let parse = || -> Result<ClaimRequest, ApiError> {
-        only_fields(&body, &["txHash", "poolSlug", "blocks", "signature"])?;
+        only_fields(
+            &body,
+            &["txHash", "poolSlug", "blocks", "signature", "network"],
+        )?;
+        let network = network(&state, &body)?;
         let tx_hash = tx_hash(&body)?;
         let slug = required_string(&body, "poolSlug")?;
         let pool = state
@@ -390,6 +423,7 @@ async fn subscribe_pool(State(state): State<AppState>, JsonObject(body): JsonObj
             blocks.push(name.clone());
         }
         Ok(ClaimRequest {
+            network,
             tx_hash,
             product: Product::Pool {
                 slug: slug.to_string(),
@@ -407,7 +441,8 @@ async fn subscribe_pool(State(state): State<AppState>, JsonObject(body): JsonObj
 
 async fn topup(State(state): State<AppState>, JsonObject(body): JsonObject) -> Response {
     let parse = || -> Result<ClaimRequest, ApiError> {
-        only_fields(&body, &["txHash", "amount", "signature"])?;
+        only_fields(&body, &["txHash", "amount", "signature", "network"])?;
+        let network = network(&state, &body)?;
         let tx_hash = tx_hash(&body)?;
         let amount = amount(&body)?;
         let min = state.billing.settings().credits.min_topup;
@@ -418,6 +453,7 @@ async fn topup(State(state): State<AppState>, JsonObject(body): JsonObject) -> R
             ));
         }
         Ok(ClaimRequest {
+            network,
             tx_hash,
             product: Product::Topup { amount },
             signature: signature(&body)?,

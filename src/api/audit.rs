@@ -366,6 +366,7 @@ async fn payments(
                 "from",
                 "to",
                 "minAmount",
+                "network",
             ],
         )?;
         let status = match q.get("status") {
@@ -384,6 +385,7 @@ async fn payments(
             ),
         };
         Ok(PaymentFilter {
+            network: q.get("network").filter(|v| !v.is_empty()).cloned(),
             status,
             payer: address_param(&q, "payer")?,
             from_block: u64_param(&q, "fromBlock")?,

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::billing::{Billing, Clock};
-use crate::chain::StatusHandle;
+use crate::chain::{NetworkStatuses, StatusHandle};
 use crate::config::Settings;
 use crate::store::Store;
 
@@ -42,10 +42,17 @@ const UPTO_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: Store,
+    /// The first network's indexer status.
     pub indexer: StatusHandle,
+    /// Every network's indexer status, the first network's first (the same handle as `indexer`).
+    pub indexers: NetworkStatuses,
     pub billing: Billing,
-    /// The standard x402 engine (`[x402]` configured), shared by the purchase routes and per-request payment.
+    /// The standard x402 engine of the first network (`[x402]` configured), shared by the purchase routes and
+    /// per-request payment; it alone offers `upto`.
     pub x402: Option<crate::x402::X402>,
+    /// One x402 engine per network, the first network's first: every offer lists each (one `accepts` entry per
+    /// network), and a payment is verified and settled by the engine of the network it names.
+    pub x402_networks: Vec<crate::x402::X402>,
     pub proxy: Arc<crate::proxy::Proxy>,
     /// Per-IP rate limits, body limits and timeouts (`[limits]`).
     pub limits: Arc<limits::Limits>,
@@ -61,7 +68,8 @@ impl AppState {
     ) -> Result<AppState, ServeError> {
         let settings = Arc::new(settings);
         let limits = Arc::new(limits::Limits::new(&settings.limits, clock.clone()));
-        let billing = Billing::new(settings.clone(), store.clone(), indexer.clone(), clock)
+        let indexers = NetworkStatuses::new(indexer.clone(), &settings);
+        let billing = Billing::new(settings.clone(), store.clone(), indexers.clone(), clock)
             .map_err(|e| ServeError::Config(e.to_string()))?;
         let proxy = crate::proxy::Proxy::new(&settings, &store)
             .map_err(|e| ServeError::Config(format!("upstream HTTP client: {e}")))?;
@@ -69,17 +77,32 @@ impl AppState {
             settings,
             store,
             indexer,
+            indexers,
             billing,
             x402: None,
+            x402_networks: Vec::new(),
             proxy: Arc::new(proxy),
             limits,
         })
     }
 
-    /// With the standard x402 engine.
-    pub fn with_x402(mut self, engine: crate::x402::X402) -> AppState {
-        self.x402 = Some(engine);
+    /// With the standard x402 engine (one network).
+    pub fn with_x402(self, engine: crate::x402::X402) -> AppState {
+        self.with_x402_networks(vec![engine])
+    }
+
+    /// With one standard x402 engine per network, the first network's first.
+    pub fn with_x402_networks(mut self, engines: Vec<crate::x402::X402>) -> AppState {
+        self.x402 = engines.first().cloned();
+        self.x402_networks = engines;
         self
+    }
+
+    /// The x402 engine of the network a client named (CAIP-2 id or v1 name), if one is configured.
+    pub fn x402_for(&self, network: &str) -> Option<&crate::x402::X402> {
+        self.x402_networks
+            .iter()
+            .find(|e| crate::x402::requirements::network_matches(e.network(), network))
     }
 }
 
@@ -286,36 +309,57 @@ pub async fn serve_with_env(
     }
     let status = StatusHandle::default();
     // Fail now on an indexer that cannot be built (bad config), not in the leader loop.
-    crate::chain::Indexer::new(settings.chain.clone(), store.clone(), status.clone())?;
-    let engine = settings
-        .x402
-        .as_ref()
-        .map(|x| crate::x402::from_settings(x, &settings.chain, env))
-        .transpose()
-        .map_err(|e| ServeError::Config(e.to_string()))?;
-    let chain_settings = settings.chain.clone();
+    for network in settings.networks() {
+        crate::chain::Indexer::new(network.clone(), store.clone(), StatusHandle::default())?;
+    }
+    // One engine per network (the same hot wallet or facilitator on each); the first network's settles `upto`.
+    let engines: Vec<crate::x402::X402> = match &settings.x402 {
+        None => Vec::new(),
+        Some(x) => settings
+            .networks()
+            .map(|chain| crate::x402::from_settings(x, chain, env))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ServeError::Config(e.to_string()))?,
+    };
+    let engine = engines.first().cloned();
+    let networks: Vec<crate::config::ChainSettings> = settings.networks().cloned().collect();
     let mut state = AppState::new(settings, store.clone(), status.clone(), clock.clone())?;
     if let Some(engine) = &engine {
-        tracing::info!(network = %engine.network().caip2(), "standard x402 payments enabled");
-        state = state.with_x402(engine.clone().with_store(&store));
+        let names: Vec<String> = engines.iter().map(|e| e.network().caip2()).collect();
+        tracing::info!(first = %engine.network().caip2(), networks = %names.join(", "), "standard x402 payments enabled");
+        state = state.with_x402_networks(
+            engines
+                .iter()
+                .map(|e| e.clone().with_store(&store))
+                .collect(),
+        );
     }
     // The indexer and the x402 reorg watcher run on the leader only (always this process on SQLite).
     let leader_work: replica::StartLeaderWork = {
-        let (store, billing, status) = (store.clone(), state.billing.clone(), status.clone());
+        let (store, billing, indexers) =
+            (store.clone(), state.billing.clone(), state.indexers.clone());
         Box::new(move |term: CancellationToken| {
             let mut tasks = Vec::new();
-            match crate::chain::spawn(
-                chain_settings.clone(),
-                store.clone(),
-                status.clone(),
-                term.clone(),
-            ) {
-                Ok(indexer) => tasks.push(tokio::spawn(async move {
-                    if let Ok(Err(e)) = indexer.await {
-                        tracing::warn!(error = %e, "the indexer had stopped");
-                    }
-                })),
-                Err(e) => tracing::error!(error = %e, "cannot start the indexer"),
+            // One indexer per network, each with its own checkpoint and status: a slow or dead RPC of one network
+            // never stalls another's.
+            for chain in &networks {
+                let network = chain.network.caip2();
+                let Some(status) = indexers.get(&network) else {
+                    continue;
+                };
+                match crate::chain::spawn(
+                    chain.clone(),
+                    store.clone(),
+                    status.clone(),
+                    term.clone(),
+                ) {
+                    Ok(indexer) => tasks.push(tokio::spawn(async move {
+                        if let Ok(Err(e)) = indexer.await {
+                            tracing::warn!(%network, error = %e, "the indexer had stopped");
+                        }
+                    })),
+                    Err(e) => tracing::error!(%network, error = %e, "cannot start the indexer"),
+                }
             }
             if let Some(engine) = &engine {
                 // Unsettled upto payments are settled again while their authorization is valid.
@@ -327,18 +371,25 @@ pub async fn serve_with_env(
                         term.clone(),
                     ));
                 }
+            }
+            // Each network's settlements are watched for reorgs by its own engine.
+            for engine in &engines {
                 tasks.push(crate::x402::reorg::spawn(
                     store.clone(),
                     engine.clone(),
                     billing.clone(),
-                    term,
+                    term.clone(),
                 ));
             }
             tasks
         })
     };
-    let leadership =
-        replica::spawn_leadership(store.clone(), status.clone(), leader_work, shutdown.clone());
+    let leadership = replica::spawn_leadership(
+        store.clone(),
+        state.indexers.clone(),
+        leader_work,
+        shutdown.clone(),
+    );
     let lease = replica::spawn_lease(store, clock, shutdown.clone());
     let options = ServerOptions {
         header_read_timeout: state.settings.limits.header_read_timeout,

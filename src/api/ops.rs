@@ -18,10 +18,44 @@ pub fn router() -> Router<AppState> {
         .route("/openapi.json", get(openapi))
 }
 
-/// 200 while the indexer runs (even when it retries RPC errors), 503 once it has stopped for good.
+/// One network's indexer as `/healthz` shows it.
+fn indexer_view(s: &crate::chain::IndexerStatus, confirmations: u64) -> serde_json::Value {
+    json!({
+        "indexedHead": s.indexed_head,
+        "chainHead": s.chain_head,
+        "lag": s.lag(),
+        "confirmations": confirmations,
+        "reorgs": s.reorgs,
+        "rpcErrors": s.rpc_errors,
+        "wsConnected": s.ws_connected,
+        "role": if s.follower { "follower" } else { "leader" },
+        "lastError": s.last_error,
+        "fatal": s.fatal,
+    })
+}
+
+/// Every network with its indexer's status, the first network first.
+fn networks(state: &AppState) -> Vec<(&crate::config::ChainSettings, crate::chain::IndexerStatus)> {
+    state
+        .settings
+        .networks()
+        .map(|chain| {
+            let status = state
+                .indexers
+                .get(&chain.network.caip2())
+                .map(|h| h.snapshot())
+                .unwrap_or_default();
+            (chain, status)
+        })
+        .collect()
+}
+
+/// 200 while every network's indexer runs (even when it retries RPC errors), 503 once one has stopped for good.
+/// The top-level `indexer`, `chainId` and `payTo` are the first network's; `networks` lists each.
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let s = state.indexer.snapshot();
-    let healthy = s.fatal.is_none();
+    let all = networks(&state);
+    let healthy = all.iter().all(|(_, s)| s.fatal.is_none());
     let body = json!({
         "status": if healthy { "ok" } else { "unhealthy" },
         "indexer": {
@@ -38,6 +72,14 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
         },
         "chainId": state.settings.chain.network.chain_id,
         "payTo": format!("{:#x}", state.settings.chain.pay_to),
+        "networks": all.iter().map(|(chain, s)| json!({
+            "network": chain.network.caip2(),
+            "name": chain.network.name,
+            "chainId": chain.network.chain_id,
+            "payTo": format!("{:#x}", chain.pay_to),
+            "asset": format!("{:#x}", chain.network.token),
+            "indexer": indexer_view(s, chain.confirmations),
+        })).collect::<Vec<_>>(),
         "deployments": state.proxy.router().status(std::time::Instant::now()),
     });
     let code = if healthy {
@@ -59,15 +101,26 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let s = state.indexer.snapshot();
     let bound = state.settings.ready_max_lag_blocks;
     let mut reasons: Vec<String> = Vec::new();
-    if let Some(fatal) = &s.fatal {
-        reasons.push(format!("the indexer has stopped: {fatal}"));
-    }
-    match (s.indexed_head, s.lag()) {
-        (None, _) => reasons.push("the indexer has not indexed a block yet".to_string()),
-        (_, Some(lag)) if lag > bound => reasons.push(format!(
-            "the indexer lags the chain head by {lag} blocks (more than {bound})"
-        )),
-        _ => {}
+    let all = networks(&state);
+    // With one network the reasons read as before; with several each names its network.
+    let several = all.len() > 1;
+    for (chain, s) in &all {
+        let bound = chain.ready_max_lag_blocks;
+        let on = if several {
+            format!(" ({})", chain.network.caip2())
+        } else {
+            String::new()
+        };
+        if let Some(fatal) = &s.fatal {
+            reasons.push(format!("the indexer{on} has stopped: {fatal}"));
+        }
+        match (s.indexed_head, s.lag()) {
+            (None, _) => reasons.push(format!("the indexer{on} has not indexed a block yet")),
+            (_, Some(lag)) if lag > bound => reasons.push(format!(
+                "the indexer{on} lags the chain head by {lag} blocks (more than {bound})"
+            )),
+            _ => {}
+        }
     }
     let unserved = state.proxy.router().models_without_healthy_deployment();
     if !unserved.is_empty() {
@@ -99,6 +152,13 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             "maxLag": bound,
             "databaseWritable": writable.is_ok(),
             "modelsWithoutHealthyDeployment": unserved,
+            "networks": all.iter().map(|(chain, s)| json!({
+                "network": chain.network.caip2(),
+                "indexedHead": s.indexed_head,
+                "chainHead": s.chain_head,
+                "lag": s.lag(),
+                "maxLag": chain.ready_max_lag_blocks,
+            })).collect::<Vec<_>>(),
         })),
     )
 }
@@ -119,6 +179,26 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
     metrics::gauge!(m::INDEXER_UP).set(if s.fatal.is_none() { 1.0 } else { 0.0 });
     metrics::counter!(m::RPC_ERRORS).absolute(s.rpc_errors);
+    // The same figures per network (the unlabelled series above are the first network's).
+    for (chain, s) in networks(&state) {
+        let network = chain.network.caip2();
+        if let Some(h) = s.indexed_head {
+            metrics::gauge!(m::INDEXED_HEAD, "network" => network.clone()).set(h as f64);
+        }
+        if let Some(h) = s.chain_head {
+            metrics::gauge!(m::CHAIN_HEAD, "network" => network.clone()).set(h as f64);
+        }
+        if let Some(lag) = s.lag() {
+            metrics::gauge!(m::INDEXER_LAG, "network" => network.clone()).set(lag as f64);
+        }
+        metrics::gauge!(m::INDEXER_UP, "network" => network.clone()).set(if s.fatal.is_none() {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::counter!(m::RPC_ERRORS, "network" => network.clone()).absolute(s.rpc_errors);
+        metrics::counter!(m::REORGS, "network" => network).absolute(s.reorgs);
+    }
     m::refresh_deployments(&state.proxy.router().status(std::time::Instant::now()));
     let now = state.billing.now();
     match state.store.metric_counts(now).await {

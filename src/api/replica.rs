@@ -23,7 +23,7 @@ pub type StartLeaderWork = Box<dyn Fn(CancellationToken) -> Vec<JoinHandle<()>> 
 /// lost (and tries again). Each term's work gets its own token, so nothing of a lost term keeps running.
 pub fn spawn_leadership(
     store: Store,
-    status: crate::chain::StatusHandle,
+    statuses: crate::chain::NetworkStatuses,
     start: StartLeaderWork,
     shutdown: CancellationToken,
 ) -> JoinHandle<()> {
@@ -36,7 +36,9 @@ pub fn spawn_leadership(
             let leadership = match leadership {
                 Ok(Some(l)) => l,
                 Ok(None) => {
-                    follow(&store, &status).await;
+                    for (network, status) in statuses.iter() {
+                        follow(&store, network, status).await;
+                    }
                     if wait(&shutdown, LEAD_POLL).await {
                         return;
                     }
@@ -56,9 +58,11 @@ pub fn spawn_leadership(
                     "this replica leads: running the indexer and the x402 reorg watcher"
                 );
             }
-            status.update(|s| {
-                s.follower = false;
-            });
+            for (_, status) in statuses.iter() {
+                status.update(|s| {
+                    s.follower = false;
+                });
+            }
             let term = shutdown.child_token();
             let tasks = start(term.clone());
             let stopping = loop {
@@ -84,8 +88,8 @@ pub fn spawn_leadership(
 
 /// A follower's status: the shared checkpoint as the index's progress (so `/healthz` and `/readyz` answer for the
 /// database this replica serves from), no chain head of its own.
-async fn follow(store: &Store, status: &crate::chain::StatusHandle) {
-    match store.checkpoint().await {
+async fn follow(store: &Store, network: &str, status: &crate::chain::StatusHandle) {
+    match store.checkpoint(network).await {
         Ok(checkpoint) => status.update(|s| {
             s.follower = true;
             s.indexed_head = checkpoint.map(|c| c.number);

@@ -201,10 +201,10 @@ pub fn base_url(state: &AppState, headers: &HeaderMap) -> String {
     format!("http://{host}")
 }
 
-/// The v2 offer of `price` for the resource at `path_and_query`.
+/// The v2 offer of `price` for the resource at `path_and_query`: one `exact` entry per network, the first
+/// network's first.
 fn offer(
     state: &AppState,
-    engine: &X402,
     headers: &HeaderMap,
     path_and_query: &str,
     price: Usdc,
@@ -216,20 +216,26 @@ fn offer(
         .x402
         .as_ref()
         .map_or(300, |x| x.max_timeout_seconds);
-    let req = requirements::exact_requirements(
-        engine.network(),
-        state.settings.chain.pay_to,
-        price,
-        max_timeout,
-    )
-    .map_err(|e| Answer::error(StatusCode::BAD_REQUEST, "invalid_amount", e.to_string()))?;
+    let mut accepts = Vec::with_capacity(state.x402_networks.len());
+    for engine in &state.x402_networks {
+        let network = engine.network();
+        let pay_to = state
+            .settings
+            .network(&network.caip2())
+            .map_or(state.settings.chain.pay_to, |n| n.pay_to);
+        accepts.push(
+            requirements::exact_requirements(network, pay_to, price, max_timeout).map_err(|e| {
+                Answer::error(StatusCode::BAD_REQUEST, "invalid_amount", e.to_string())
+            })?,
+        );
+    }
     let mut required = requirements::payment_required(
         ResourceInfo {
             url: format!("{}{path_and_query}", base_url(state, headers)),
             description: Some(description),
             mime_type: Some("application/json".into()),
         },
-        vec![req],
+        accepts,
         None,
     );
     // Discovery (x402 `bazaar` extension): how to call the resource, for facilitators that catalogue it.
@@ -240,19 +246,14 @@ fn offer(
 }
 
 /// 402: `PAYMENT-REQUIRED` and the combined v1/agent body. `reason` = (code, message) when a payment was refused.
-fn challenge(
-    state: &AppState,
-    offered: &PaymentRequired,
-    reason: Option<(&str, String)>,
-    product: &Value,
-) -> Answer {
+fn challenge(offered: &PaymentRequired, reason: Option<(&str, String)>, product: &Value) -> Answer {
     let mut required = offered.clone();
     let message = reason
         .as_ref()
         .map(|(_, m)| m.clone())
         .unwrap_or_else(|| "payment required".to_string());
     required.error = Some(message.clone());
-    let v1 = requirements::payment_required_v1(&required, state.settings.chain.network.chain_id);
+    let v1 = requirements::payment_required_v1(&required);
     let body = json!({
         "x402Version": 1,
         "error": message,
@@ -271,11 +272,10 @@ fn challenge(
 /// The `PAYMENT-REQUIRED` value of the keyless `/v1/*` 402: the minimum credit top-up at
 /// `/x402/credits/{min}`. `None` when x402 is not configured.
 pub fn v1_challenge_header(state: &AppState, headers: &HeaderMap) -> Option<HeaderValue> {
-    let engine = state.x402.as_ref()?;
+    state.x402.as_ref()?;
     let min = state.settings.credits.min_topup;
     let offered = offer(
         state,
-        engine,
         headers,
         &format!("/x402/credits/{min}"),
         min,
@@ -571,7 +571,7 @@ async fn purchase(
     description: String,
     product_view: Value,
 ) -> Response {
-    let Some(engine) = state.x402.clone() else {
+    if state.x402.is_none() {
         return Answer::error(
             StatusCode::NOT_FOUND,
             "x402_disabled",
@@ -584,16 +584,15 @@ async fn purchase(
         Product::Pool { blocks, .. } => super::bazaar::pool(blocks),
         _ => super::bazaar::credits(),
     };
-    let offered = match offer(&state, &engine, &headers, &path, price, description, bazaar) {
+    let offered = match offer(&state, &headers, &path, price, description, bazaar) {
         Ok(o) => o,
         Err(a) => return a.into_response(),
     };
     let presented = match presented(&headers) {
         Ok(Some(p)) => p,
-        Ok(None) => return challenge(&state, &offered, None, &product_view).into_response(),
+        Ok(None) => return challenge(&offered, None, &product_view).into_response(),
         Err(e) => {
             return challenge(
-                &state,
                 &offered,
                 Some((e.code(), format!("the payment header is unreadable: {e}"))),
                 &product_view,
@@ -611,7 +610,6 @@ async fn purchase(
         }),
         Err(m) => {
             return challenge(
-                &state,
                 &offered,
                 Some(("invalid_payment_identifier", m)),
                 &product_view,
@@ -634,7 +632,7 @@ async fn purchase(
             Err(a) => return a.into_response(),
         }
     }
-    let answer = pay_and_redeem(&state, &engine, presented, &offered, product, &product_view).await;
+    let answer = pay_and_redeem(&state, presented, &offered, product, &product_view).await;
     if let Some((id, hash)) = idempotency
         && answer.final_answer
     {
@@ -659,19 +657,17 @@ fn record_of(reservation: &Reservation) -> X402Record {
 
 /// The answer for a refused or failed payment.
 fn payment_failed(
-    state: &AppState,
     offered: &PaymentRequired,
     err: &PaymentError,
     response_header: &str,
     payer: Option<alloy::primitives::Address>,
     product_view: &Value,
+    network: &str,
 ) -> Answer {
-    let network = state.settings.chain.network.caip2();
-    let settle = xh::encode(&failure_response(err, &network, payer));
+    let settle = xh::encode(&failure_response(err, network, payer));
     match err {
         PaymentError::Rejected(reason) => {
             let mut a = challenge(
-                state,
                 offered,
                 Some((reason.code(), reason.to_string())),
                 product_view,
@@ -711,9 +707,16 @@ fn payment_failed(
     }
 }
 
+/// The engine of the network a payment names; the first network's when it names none we know (that engine refuses
+/// it with `invalid_network`, naming what it expected).
+fn engine_for<'a>(state: &'a AppState, payload: &AnyPaymentPayload) -> Option<&'a X402> {
+    state
+        .x402_for(payload.network())
+        .or(state.x402_networks.first())
+}
+
 async fn pay_and_redeem(
     state: &AppState,
-    engine: &X402,
     presented: Presented,
     offered: &PaymentRequired,
     product: Product,
@@ -721,16 +724,24 @@ async fn pay_and_redeem(
 ) -> Answer {
     let response_header = presented.response_header();
     let payer = presented.payload.exact().authorization.from;
+    let Some(engine) = engine_for(state, &presented.payload) else {
+        return Answer::error(
+            StatusCode::NOT_FOUND,
+            "x402_disabled",
+            "standard x402 payments are not enabled on this gateway",
+        );
+    };
+    let network = engine.network().caip2();
     let reservation = match engine.reserve(presented.payload, offered).await {
         Ok(r) => r,
         Err(e) => {
             return payment_failed(
-                state,
                 offered,
                 &e,
                 response_header,
                 Some(payer),
                 product_view,
+                &network,
             );
         }
     };
@@ -739,17 +750,18 @@ async fn pay_and_redeem(
         Ok(s) => s,
         Err(e) => {
             return payment_failed(
-                state,
                 offered,
                 &e,
                 response_header,
                 Some(payer),
                 product_view,
+                &network,
             );
         }
     };
     let ok_header = xh::encode(&settlement.response());
     let paid = SettledPayment {
+        network,
         tx_hash: format!("{:#x}", settlement.transaction),
         payer: settlement.payer,
         paid: settlement.amount,
@@ -861,6 +873,8 @@ pub struct PaidRequest {
     record: X402Record,
     response_header: &'static str,
     model: String,
+    /// CAIP-2 id of the network the payment is settled on.
+    network: String,
 }
 
 /// The answer to send before the first streamed byte: the `PAYMENT-RESPONSE` header (name, value).
@@ -879,13 +893,13 @@ pub(crate) fn per_request_required(
     model: &str,
     price: Usdc,
 ) -> Option<PaymentRequired> {
-    per_request_offer(state, state.x402.as_ref()?, headers, api, model, price).ok()
+    state.x402.as_ref()?;
+    per_request_offer(state, headers, api, model, price).ok()
 }
 
 /// The offer for one request to `model` at `price`.
 fn per_request_offer(
     state: &AppState,
-    engine: &X402,
     headers: &HeaderMap,
     api: crate::proxy::Api,
     model: &str,
@@ -893,7 +907,6 @@ fn per_request_offer(
 ) -> Result<PaymentRequired, Answer> {
     offer(
         state,
-        engine,
         headers,
         api.path(),
         price,
@@ -919,8 +932,8 @@ pub fn per_request_challenge(
     model: &str,
     price: Usdc,
 ) -> Option<Response> {
-    let engine = state.x402.as_ref()?;
-    let offered = per_request_offer(state, engine, headers, api, model, price).ok()?;
+    state.x402.as_ref()?;
+    let offered = per_request_offer(state, headers, api, model, price).ok()?;
     Some(
         Answer::new(
             StatusCode::PAYMENT_REQUIRED,
@@ -948,11 +961,11 @@ pub async fn authorize_per_request(
     model: &str,
     price: Usdc,
 ) -> Result<Option<PaidRequest>, Response> {
-    let Some(engine) = state.x402.as_ref() else {
+    if state.x402.is_none() {
         return Ok(None);
-    };
-    let offered = per_request_offer(state, engine, headers, api, model, price)
-        .map_err(Answer::into_response)?;
+    }
+    let offered =
+        per_request_offer(state, headers, api, model, price).map_err(Answer::into_response)?;
     let unreadable = |message: String, code: &str| {
         Answer::new(
             StatusCode::PAYMENT_REQUIRED,
@@ -973,6 +986,10 @@ pub async fn authorize_per_request(
     };
     let response_header = presented.response_header();
     let payer = presented.payload.exact().authorization.from;
+    let Some(engine) = engine_for(state, &presented.payload) else {
+        return Ok(None);
+    };
+    let network = engine.network().caip2();
     match engine.reserve(presented.payload, &offered).await {
         // The request was bounded before the payment was looked at (`proxy::bound`: prompt bound + the output the
         // price buys after it, n = 1), so the price covers whatever the upstream may generate.
@@ -981,9 +998,9 @@ pub async fn authorize_per_request(
             reservation,
             response_header,
             model: model.to_string(),
+            network,
         })),
         Err(e) => {
-            let network = state.settings.chain.network.caip2();
             let status = match e {
                 PaymentError::Rejected(_) => StatusCode::PAYMENT_REQUIRED,
                 _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -1005,7 +1022,7 @@ impl PaidRequest {
     /// `PAYMENT-RESPONSE` header to send with the first byte. `Err` is the response to send instead (nothing is
     /// streamed).
     pub async fn settle(self, state: &AppState) -> Result<SettledRequest, Response> {
-        let network = state.settings.chain.network.caip2();
+        let network = self.network.clone();
         let payer = self.reservation.payer();
         let settlement = match self.reservation.settle().await {
             Ok(s) => s,
@@ -1026,6 +1043,7 @@ impl PaidRequest {
             }
         };
         let paid = SettledPayment {
+            network,
             tx_hash: format!("{:#x}", settlement.transaction),
             payer: settlement.payer,
             paid: settlement.amount,

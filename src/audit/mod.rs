@@ -62,6 +62,8 @@ pub const PAYMENT_COLUMNS: &[&str] = &[
     "confirmedAt",
     "orphanedAt",
     "claimed",
+    // Appended last, so the columns of files exported before several networks keep their positions.
+    "network",
 ];
 pub const CLAIM_COLUMNS: &[&str] = &[
     "id",
@@ -79,6 +81,8 @@ pub const CLAIM_COLUMNS: &[&str] = &[
     "expiresAt",
     "keyPublicId",
     "claimedAt",
+    // Appended last, so the columns of files exported before several networks keep their positions.
+    "network",
 ];
 pub const LEDGER_COLUMNS: &[&str] = &[
     "id",
@@ -162,6 +166,7 @@ fn blocks(json_text: &Option<String>) -> Value {
 pub fn payment_json(head: Option<i64>, r: &PaymentRow) -> Value {
     let mut o = Map::new();
     o.insert("id".into(), json!(r.id));
+    o.insert("network".into(), json!(r.network));
     o.insert("txHash".into(), json!(r.tx_hash));
     o.insert("logIndex".into(), json!(r.log_index));
     o.insert("blockNumber".into(), json!(r.block_number));
@@ -186,7 +191,7 @@ pub fn payment_json(head: Option<i64>, r: &PaymentRow) -> Value {
 pub fn payments_json(page: &PaymentsPage) -> Vec<(i64, Value)> {
     page.rows
         .iter()
-        .map(|r| (r.id, payment_json(page.indexed_head, r)))
+        .map(|r| (r.id, payment_json(page.head_of(&r.network), r)))
         .collect()
 }
 
@@ -195,6 +200,7 @@ pub fn claim_json(r: &ClaimRow) -> Value {
     let mut o = Map::new();
     // A claim's key is its tx hash: claims have no numeric id.
     o.insert("id".into(), json!(r.tx_hash));
+    o.insert("network".into(), json!(r.network));
     o.insert("txHash".into(), json!(r.tx_hash));
     o.insert("account".into(), json!(r.account));
     o.insert("kind".into(), json!(r.kind));
@@ -262,6 +268,18 @@ pub fn revenue_json(v: &RevenueDay) -> Value {
     money(&mut o, "subscriptions", v.subscriptions_atomic);
     money(&mut o, "topups", v.topups_atomic);
     money(&mut o, "surplus", v.surplus_atomic);
+    let networks: Vec<Value> = v
+        .by_network
+        .iter()
+        .map(|(network, (received, payments))| {
+            let mut n = Map::new();
+            n.insert("network".into(), json!(network));
+            money(&mut n, "received", *received);
+            n.insert("payments".into(), json!(payments));
+            Value::Object(n)
+        })
+        .collect();
+    o.insert("networks".into(), Value::Array(networks));
     Value::Object(o)
 }
 
@@ -310,7 +328,7 @@ pub async fn read_page(
                 &page.rows,
                 limit,
                 |r| r.id,
-                |r| payment_json(page.indexed_head, r),
+                |r| payment_json(page.head_of(&r.network), r),
             )
         }
         Dataset::Claims(f) => Page::of(
@@ -370,7 +388,15 @@ pub async fn payment_detail(store: &Store, tx_hash: &str) -> Result<Option<Value
 }
 
 fn payment_detail_json(tx_hash: &str, p: &PaymentDetail) -> Value {
-    let head = p.indexed_head;
+    // The payment's network: its claim's, else its first transfer's.
+    let network = p
+        .claim
+        .as_ref()
+        .map(|c| c.network.clone())
+        .or_else(|| p.transfers.first().map(|t| t.network.clone()));
+    let head = network
+        .as_ref()
+        .and_then(|n| p.indexed_heads.get(n).copied());
     let mut transfers = Vec::new();
     for t in &p.transfers {
         // The row itself is the first history entry (found confirmed when confirmed_at = first_seen_at).
@@ -391,6 +417,7 @@ fn payment_detail_json(tx_hash: &str, p: &PaymentDetail) -> Value {
             }));
         }
         let mut o = Map::new();
+        o.insert("network".into(), json!(t.network));
         o.insert("logIndex".into(), json!(t.log_index));
         o.insert("blockNumber".into(), json!(t.block_number));
         o.insert("blockHash".into(), json!(t.block_hash));
@@ -401,7 +428,11 @@ fn payment_detail_json(tx_hash: &str, p: &PaymentDetail) -> Value {
         o.insert("status".into(), json!(t.status));
         o.insert(
             "confirmations".into(),
-            json!(confirmations(head, &t.status, t.block_number)),
+            json!(confirmations(
+                p.indexed_heads.get(&t.network).copied(),
+                &t.status,
+                t.block_number
+            )),
         );
         o.insert("firstSeenAt".into(), time(Some(t.first_seen_at)));
         o.insert("confirmedAt".into(), time(t.confirmed_at));
@@ -411,6 +442,7 @@ fn payment_detail_json(tx_hash: &str, p: &PaymentDetail) -> Value {
     }
     let mut o = Map::new();
     o.insert("txHash".into(), json!(tx_hash));
+    o.insert("network".into(), json!(network));
     o.insert("indexedHead".into(), json!(head));
     money(&mut o, "confirmedValue", p.confirmed_value_atomic);
     o.insert("transfers".into(), Value::Array(transfers));

@@ -67,7 +67,10 @@ pub struct Report {
     pub seats_checked: u64,
     pub subscriptions_checked: u64,
     pub usage_rows_checked: u64,
+    /// The first network's head when it was read.
     pub chain_head: u64,
+    /// Every network's head when it was read, by CAIP-2 id.
+    pub chain_heads: BTreeMap<String, u64>,
     /// Claimed payments reversed because a reorg removed them, and restored when mined again (oldest first).
     pub reversals: Vec<ReversalEvent>,
     pub discrepancies: Vec<Discrepancy>,
@@ -115,19 +118,14 @@ fn d(check: &'static str, subject: impl Into<String>, detail: impl Into<String>)
     }
 }
 
-/// Receipts fetched at once.
-const CONCURRENCY: usize = 8;
-
-/// Runs every check. `progress` receives human-readable lines (a line per phase, and a progress line at most every
-/// 2 s during the chain re-read). Errors are reserved for failures to check (RPC down, unreadable database); what
-/// does not reconcile is in the report.
-pub async fn verify(
-    settings: &Settings,
-    store: &Store,
+/// Step 1 for one network: its confirmed transfers re-read from its RPC (receipt, log, canonical block). Returns
+/// the network's head.
+async fn reread_network(
+    chain: &crate::config::ChainSettings,
+    confirmed: Vec<Transfer>,
+    report: &mut Report,
     progress: &mut (dyn FnMut(&str) + Send),
-) -> anyhow::Result<Report> {
-    let mut report = Report::default();
-    let chain = &settings.chain;
+) -> anyhow::Result<u64> {
     let rpc = Rpc::new(&chain.rpc_http, chain.rpc_timeout)?;
     let chain_id = rpc.chain_id().await?;
     anyhow::ensure!(
@@ -136,14 +134,9 @@ pub async fn verify(
         chain.network.chain_id
     );
     let head = rpc.block_number().await?;
-    report.chain_head = head;
-
-    // 1. Transfers against the chain.
-    let confirmed = store
-        .list_transfers(Some(TransferStatus::Confirmed))
-        .await?;
+    let network = chain.network.caip2();
     progress(&format!(
-        "[1/6] transfers: re-reading {} confirmed transfers from the chain (head {head})",
+        "[1/6] transfers: re-reading {} confirmed transfers from {network} (head {head})",
         confirmed.len()
     ));
     let mut by_tx: BTreeMap<String, Vec<Transfer>> = BTreeMap::new();
@@ -229,7 +222,8 @@ pub async fn verify(
                 .logs
                 .iter()
                 .find(|l| l.log_index.map(|i| i.to::<u64>()) == Some(t.log_index));
-            let found = log.and_then(|l| transfer_from_log(l, token, pay_to).ok().flatten());
+            let found =
+                log.and_then(|l| transfer_from_log(l, &network, token, pay_to).ok().flatten());
             match found {
                 None => report.discrepancies.push(d(
                     "transfers",
@@ -309,6 +303,49 @@ pub async fn verify(
         report.transfers_checked,
         started.elapsed()
     ));
+
+    Ok(head)
+}
+
+/// Receipts fetched at once.
+const CONCURRENCY: usize = 8;
+
+/// Runs every check. `progress` receives human-readable lines (a line per phase, and a progress line at most every
+/// 2 s during the chain re-read). Errors are reserved for failures to check (RPC down, unreadable database); what
+/// does not reconcile is in the report.
+pub async fn verify(
+    settings: &Settings,
+    store: &Store,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> anyhow::Result<Report> {
+    let mut report = Report::default();
+    // 1. Transfers against the chain, each network against its own.
+    let confirmed = store
+        .list_transfers(Some(TransferStatus::Confirmed))
+        .await?;
+    let mut by_network: BTreeMap<String, Vec<Transfer>> = BTreeMap::new();
+    for t in confirmed {
+        by_network.entry(t.network.clone()).or_default().push(t);
+    }
+    for (i, chain) in settings.networks().enumerate() {
+        let transfers = by_network
+            .remove(&chain.network.caip2())
+            .unwrap_or_default();
+        let head = reread_network(chain, transfers, &mut report, progress).await?;
+        if i == 0 {
+            report.chain_head = head;
+        }
+        report.chain_heads.insert(chain.network.caip2(), head);
+    }
+    for (network, rows) in by_network {
+        for t in rows {
+            report.discrepancies.push(d(
+                "transfers",
+                format!("transfer {}:{}", t.tx_hash, t.log_index),
+                format!("confirmed on {network}, a network the config no longer names: it cannot be re-read"),
+            ));
+        }
+    }
 
     // 2-4. The database against itself.
     progress("[2/6] claims: backed by confirmed transfers, claimed once");

@@ -120,6 +120,7 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
                         "blocks": [first],
                         "signature": "<PAYER_SIGNATURE_OF_CLAIM_MESSAGE>",
                     },
+                    "optionalFields": {"network": "CAIP-2 id of the network paid on (default: the first network)"},
                 },
             })
         })
@@ -137,6 +138,7 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
                 "amount": "<AMOUNT_USDC>",
                 "signature": "<PAYER_SIGNATURE_OF_CLAIM_MESSAGE>",
             },
+            "optionalFields": {"network": "CAIP-2 id of the network paid on (default: the first network)"},
         },
     }));
     let require = settings.auth.claims_require_signature;
@@ -172,6 +174,20 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
             "assetAddress": format!("{:#x}", settings.chain.network.token),
             "payTo": format!("{:#x}", settings.chain.pay_to),
             "facilitator": settings.facilitator,
+            // Every network an agent may pay on (the top-level fields are the first one's). A claim names its
+            // network in `network` (default: the first), and the claim message names its chain id.
+            "networks": settings.networks().map(|n| json!({
+                "network": n.network.name,
+                "caip2": n.network.caip2(),
+                "chainId": n.network.chain_id,
+                "asset": "USDC",
+                "assetAddress": format!("{:#x}", n.network.token),
+                "assetDecimals": 6,
+                "eip712": {"name": n.network.token_name, "version": n.network.token_version},
+                "payTo": format!("{:#x}", n.pay_to),
+                "confirmations": n.confirmations,
+                "claimMessage": CLAIM_TEXT_TEMPLATE.replace("{chainId}", &n.network.chain_id.to_string()),
+            })).collect::<Vec<_>>(),
             "products": products,
             "models": models,
             "endpoints": endpoints,

@@ -19,7 +19,7 @@ use alloy::primitives::Address;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::chain::{Rpc, RpcError, StatusHandle};
+use crate::chain::{NetworkStatuses, Rpc, RpcError};
 use crate::config::{Pool, Settings};
 use crate::keys::{self, KeyGenError, NewKey};
 use crate::store::billing::{
@@ -50,6 +50,9 @@ pub enum Product {
 /// A validated claim request.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {
+    /// CAIP-2 id of the network the payment was made on (a configured one; the first network when the agent named
+    /// none).
+    pub network: String,
     /// Lower-case 0x-hex.
     pub tx_hash: String,
     pub product: Product,
@@ -193,6 +196,8 @@ pub struct X402Record {
 /// A payment the gateway itself settled.
 #[derive(Debug, Clone)]
 pub struct SettledPayment {
+    /// CAIP-2 id of the network it was settled on.
+    pub network: String,
     pub tx_hash: String,
     pub payer: Address,
     pub paid: Usdc,
@@ -281,8 +286,10 @@ pub struct AccountView {
 pub struct Billing {
     settings: Arc<Settings>,
     store: Store,
-    rpc: Arc<Rpc>,
-    indexer: StatusHandle,
+    /// Each network's chain client (contract-wallet proofs), by CAIP-2 id, the first network first.
+    rpcs: Arc<Vec<(String, Arc<Rpc>)>>,
+    /// Each network's indexer status.
+    indexers: NetworkStatuses,
     clock: Clock,
 }
 
@@ -312,16 +319,24 @@ impl Billing {
     pub fn new(
         settings: Arc<Settings>,
         store: Store,
-        indexer: StatusHandle,
+        indexers: NetworkStatuses,
         clock: Clock,
     ) -> Result<Billing, RpcError> {
         // A claim waits for at most one retry round: the agent can retry itself.
-        let rpc = Rpc::new(&settings.chain.rpc_http, settings.chain.rpc_timeout)?.with_retries(1);
+        let rpcs = settings
+            .networks()
+            .map(|n| {
+                Ok((
+                    n.network.caip2(),
+                    Arc::new(Rpc::new(&n.rpc_http, n.rpc_timeout)?.with_retries(1)),
+                ))
+            })
+            .collect::<Result<Vec<_>, RpcError>>()?;
         Ok(Billing {
             settings,
             store,
-            rpc: Arc::new(rpc),
-            indexer,
+            rpcs: Arc::new(rpcs),
+            indexers,
             clock,
         })
     }
@@ -378,29 +393,72 @@ impl Billing {
         &self.store
     }
 
-    /// The chain client (contract-wallet proofs; receipts for the x402 reorg task).
+    /// The first network's chain client (contract-wallet proofs of rotations).
     pub fn rpc(&self) -> &Rpc {
-        &self.rpc
+        // `rpcs` holds one client per configured network and there is always a first one (see `new`).
+        &self.rpcs[0].1
+    }
+
+    /// The chain client of the network with CAIP-2 id `network`.
+    pub fn rpc_of(&self, network: &str) -> Option<&Rpc> {
+        self.rpcs
+            .iter()
+            .find(|(id, _)| id == network)
+            .map(|(_, r)| r.as_ref())
+    }
+
+    /// Each network's indexer status.
+    pub fn indexers(&self) -> &NetworkStatuses {
+        &self.indexers
     }
 
     /// Claims a confirmed payment; see the module documentation.
     pub async fn claim(&self, req: ClaimRequest) -> Result<Claimed, ClaimError> {
-        let chain_id = self.settings.chain.network.chain_id;
-        let required = self.settings.chain.confirmations;
-        let text = catalog::claim_text(&req.tx_hash, chain_id);
+        let chain =
+            self.settings
+                .network(&req.network)
+                .ok_or_else(|| ClaimError::InvalidField {
+                    field: "network",
+                    message: format!(
+                        "`{}` is not a network this gateway accepts payments on ({})",
+                        req.network,
+                        self.settings
+                            .networks()
+                            .map(|n| n.network.caip2())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })?;
+        let network = chain.network.caip2();
+        let (rpc, status) = match (self.rpc_of(&network), self.indexers.get(&network)) {
+            (Some(rpc), Some(status)) => (rpc, status.clone()),
+            _ => {
+                return Err(ClaimError::Store(StoreError::Task(format!(
+                    "no chain client or indexer for {network}"
+                ))));
+            }
+        };
+        let required = chain.confirmations;
+        // The text names the chain: a signature made for a payment on one network proves nothing on another.
+        let text = catalog::claim_text(&req.tx_hash, chain.network.chain_id);
         if self.settings.auth.claims_require_signature && req.signature.is_none() {
             return Err(ClaimError::SignatureRequired { text });
         }
 
         // What the index knows about the transaction.
-        let rows = self.store.transfers_of_tx(req.tx_hash.clone()).await?;
+        let rows = self
+            .store
+            .transfers_of_tx(&network, req.tx_hash.clone())
+            .await?;
         if rows.is_empty() {
-            let head = self.indexer.snapshot().indexed_head;
+            let head = status.snapshot().indexed_head;
             return Err(ClaimError::NotIndexed {
                 tx_hash: req.tx_hash,
-                head: head
-                    .map(|h| format!(" (indexed up to block {h})"))
-                    .unwrap_or_default(),
+                head: format!(
+                    " on {network}{}",
+                    head.map(|h| format!(" (indexed up to block {h})"))
+                        .unwrap_or_default()
+                ),
             });
         }
         let live: Vec<_> = rows
@@ -411,9 +469,9 @@ impl Billing {
             return Err(ClaimError::Orphaned);
         }
         if live.iter().any(|t| t.status == TransferStatus::Seen) {
-            let head = self.indexer.snapshot().indexed_head.or(self
+            let head = status.snapshot().indexed_head.or(self
                 .store
-                .checkpoint()
+                .checkpoint(&network)
                 .await?
                 .map(|c| c.number));
             let confirmations = live
@@ -443,7 +501,7 @@ impl Billing {
             let signer: Address = payer
                 .parse()
                 .map_err(|_| ClaimError::BadSignature("stored payer".into()))?;
-            match proof::verify(&self.rpc, signer, &text, sig).await {
+            match proof::verify(rpc, signer, &text, sig).await {
                 Ok(()) => {}
                 Err(proof::ProofError::WrongSigner(who)) => {
                     return Err(ClaimError::BadSignature(format!(
@@ -516,12 +574,15 @@ impl Billing {
                     return Err(ClaimError::AlreadyClaimed(Box::new(existing)));
                 }
                 // The transfers must still be what was checked above.
-                if sql::confirmed_value_by_payer(tx, &tx_hash)? != vec![(payer.clone(), paid)] {
+                if sql::confirmed_value_by_payer(tx, &network, &tx_hash)?
+                    != vec![(payer.clone(), paid)]
+                {
                     return Err(ClaimError::PaymentChanged);
                 }
                 redeem(
                     tx,
                     Redeem {
+                        network: &network,
                         tx_hash: &tx_hash,
                         payer,
                         paid,
@@ -597,6 +658,7 @@ impl Billing {
                     let claimed = redeem(
                         tx,
                         Redeem {
+                            network: &p.network,
                             tx_hash: &tx_hash,
                             payer: payer.clone(),
                             paid: p.paid,
@@ -622,6 +684,7 @@ impl Billing {
                     crate::store::x402::insert_settlement(
                         tx,
                         &crate::store::x402::NewSettlement {
+                            network: &p.network,
                             tx_hash: &tx_hash,
                             payer: &payer,
                             nonce: &r.nonce,
@@ -679,7 +742,8 @@ impl Billing {
                     now,
                 )?;
                 if !sql::insert_claim(
-                    tx, &tx_hash, &payer, "topup", p.paid, p.paid, None, None, None, now,
+                    tx, &p.network, &tx_hash, &payer, "topup", p.paid, p.paid, None, None, None,
+                    now,
                 )? {
                     return Err(lost_claim_race(tx, &tx_hash));
                 }
@@ -687,6 +751,7 @@ impl Billing {
                 crate::store::x402::insert_settlement(
                     tx,
                     &crate::store::x402::NewSettlement {
+                        network: &p.network,
                         tx_hash: &tx_hash,
                         payer: &payer,
                         nonce: &r.nonce,
@@ -720,7 +785,7 @@ impl Billing {
         }
         let account = format!("{:#x}", req.address);
         let text = catalog::rotate_text_for(&self.settings, &account, req.signed_at);
-        match proof::verify(&self.rpc, req.address, &text, &req.signature).await {
+        match proof::verify(self.rpc(), req.address, &text, &req.signature).await {
             Ok(()) => {}
             Err(proof::ProofError::WrongSigner(who)) => {
                 return Err(RotateError::BadSignature(format!(
@@ -863,6 +928,8 @@ impl Billing {
 
 /// What a redemption writes: a payment of `paid` by `payer` in `tx_hash`, buying `product` at `price`.
 pub(crate) struct Redeem<'a> {
+    /// CAIP-2 id of the network the payment was made on.
+    pub network: &'a str,
     pub tx_hash: &'a str,
     pub payer: String,
     pub paid: Usdc,
@@ -892,6 +959,7 @@ fn lost_claim_race(tx: &dyn Sql, tx_hash: &str) -> ClaimError {
 /// and what it paid): account, subscription and seats or credits, key, ledger rows and, last, the claim row.
 pub(crate) fn redeem(tx: &dyn Sql, r: Redeem<'_>) -> Result<Claimed, ClaimError> {
     let Redeem {
+        network,
         tx_hash,
         payer,
         paid,
@@ -961,6 +1029,7 @@ pub(crate) fn redeem(tx: &dyn Sql, r: Redeem<'_>) -> Result<Claimed, ClaimError>
             };
             if !sql::insert_claim(
                 tx,
+                network,
                 &tx_hash,
                 &payer,
                 "subscription",
@@ -1011,6 +1080,7 @@ pub(crate) fn redeem(tx: &dyn Sql, r: Redeem<'_>) -> Result<Claimed, ClaimError>
             }
             if !sql::insert_claim(
                 tx,
+                network,
                 &tx_hash,
                 &payer,
                 "topup",

@@ -83,8 +83,9 @@ impl Billing {
                         now,
                     )?;
                 }
+                let network = crate::store::upto::network_of(tx, id)?;
                 if !sql::insert_claim(
-                    tx, &tx_hash, &payer, "topup", cost, cost, None, None, None, now,
+                    tx, &network, &tx_hash, &payer, "topup", cost, cost, None, None, None, now,
                 )? {
                     return Err(lost_claim_race(tx, &tx_hash));
                 }

@@ -78,6 +78,8 @@ pub enum Step {
 /// The indexer; `run` drives it until shutdown.
 pub struct Indexer {
     settings: ChainSettings,
+    /// The network's CAIP-2 id: every row this indexer writes or reads carries it.
+    network_id: String,
     rpc: Rpc,
     store: Store,
     status: StatusHandle,
@@ -135,6 +137,7 @@ impl Indexer {
         let topics = json!([TRANSFER_TOPIC, Value::Null, pay_to_topic]);
         let range = settings.max_block_range;
         Ok(Indexer {
+            network_id: settings.network.caip2(),
             settings,
             rpc,
             store,
@@ -169,12 +172,13 @@ impl Indexer {
         }
         self.store
             .bind_chain(
+                self.network_id.clone(),
                 expected,
                 format!("{:#x}", self.settings.network.token),
                 format!("{:#x}", self.settings.pay_to),
             )
             .await?;
-        self.checkpoint = self.store.checkpoint().await?;
+        self.checkpoint = self.store.checkpoint(&self.network_id).await?;
         self.status
             .update(|s| s.indexed_head = self.checkpoint.as_ref().map(|c| c.number));
         Ok(())
@@ -274,7 +278,7 @@ impl Indexer {
             if cp.number > head {
                 self.ahead = None;
                 // The head went backwards: a lagging node or a shorter chain. Roll back only what is proven gone.
-                if let Some(stored) = self.store.recent_block(head).await? {
+                if let Some(stored) = self.store.recent_block(&self.network_id, head).await? {
                     let now = self.rpc.headers(&[head]).await?.remove(0);
                     if now.hash != stored.hash {
                         self.handle_reorg(head).await?;
@@ -345,7 +349,7 @@ impl Indexer {
              next_fetched_ahead; step {:?})",
             step_started.elapsed()
         );
-        self.checkpoint = self.store.checkpoint().await?;
+        self.checkpoint = self.store.checkpoint(&self.network_id).await?;
         self.ahead = ahead.filter(|_| self.checkpoint.as_ref().map(|c| c.number) == Some(to));
         self.range = grown;
         self.status.update(|s| {
@@ -388,6 +392,7 @@ impl Indexer {
         next_size: u64,
     ) -> Result<(RangeOutcome, Option<FetchedRange>), IndexerError> {
         let update = RangeUpdate {
+            network: self.network_id.clone(),
             from: range.from,
             to: range.to,
             transfers: range.transfers,
@@ -513,8 +518,13 @@ impl Indexer {
         window_start: u64,
         headers: &HashMap<u64, BlockRef>,
     ) -> Result<Option<NewTransfer>, IndexerError> {
-        let Some(t) = transfer_from_log(log, self.settings.network.token, self.settings.pay_to)
-            .map_err(|e| IndexerError::Inconsistent(e.to_string()))?
+        let Some(t) = transfer_from_log(
+            log,
+            &self.network_id,
+            self.settings.network.token,
+            self.settings.pay_to,
+        )
+        .map_err(|e| IndexerError::Inconsistent(e.to_string()))?
         else {
             return Ok(None);
         };
@@ -581,7 +591,7 @@ impl Indexer {
                 .iter()
                 .filter(|l| {
                     matches!(
-                        transfer_from_log(l, token, self.settings.pay_to),
+                        transfer_from_log(l, &self.network_id, token, self.settings.pay_to),
                         Ok(Some(_))
                     )
                 })
@@ -603,7 +613,7 @@ impl Indexer {
         let lowest = suspect.saturating_sub(self.settings.reorg_window);
         let mut n = suspect;
         loop {
-            let Some(stored) = self.store.recent_block(n).await? else {
+            let Some(stored) = self.store.recent_block(&self.network_id, n).await? else {
                 return Err(IndexerError::DeepReorg {
                     number: suspect,
                     window: self.settings.reorg_window,
@@ -611,7 +621,10 @@ impl Indexer {
             };
             let canonical = self.rpc.headers(&[n]).await?.remove(0);
             if canonical.hash == stored.hash {
-                let orphaned = self.store.rollback_to(stored, old_head).await?;
+                let orphaned = self
+                    .store
+                    .rollback_to(&self.network_id, stored, old_head)
+                    .await?;
                 tracing::warn!(
                     fork_block = n,
                     depth = old_head - n,
@@ -621,7 +634,7 @@ impl Indexer {
                 for t in &orphaned {
                     tracing::warn!(tx = %t.tx_hash, from = %t.from, amount = %t.value, block = t.block_number, "payment orphaned by reorg");
                 }
-                self.checkpoint = self.store.checkpoint().await?;
+                self.checkpoint = self.store.checkpoint(&self.network_id).await?;
                 self.status.update(|s| {
                     s.reorgs += 1;
                     s.indexed_head = self.checkpoint.as_ref().map(|c| c.number);
@@ -702,6 +715,7 @@ impl Indexer {
 /// transaction or index (a pending log, which is never indexed).
 pub fn transfer_from_log(
     log: &RawLog,
+    network: &str,
     token: Address,
     pay_to: Address,
 ) -> Result<Option<NewTransfer>, &'static str> {
@@ -729,6 +743,7 @@ pub fn transfer_from_log(
         return Ok(None);
     };
     Ok(Some(NewTransfer {
+        network: network.to_string(),
         tx_hash: format!("{tx_hash:#x}"),
         log_index: log_index.to::<u64>(),
         block_number: number.to::<u64>(),

@@ -10,7 +10,7 @@ pub mod ws;
 
 pub use indexer::{Indexer, IndexerError, Step};
 pub use rpc::{Rpc, RpcError};
-pub use status::{IndexerStatus, StatusHandle};
+pub use status::{IndexerStatus, NetworkStatuses, StatusHandle};
 
 use tokio_util::sync::CancellationToken;
 

@@ -55,3 +55,31 @@ impl StatusHandle {
         }
     }
 }
+
+/// Every network's indexer status, in configuration order: the first network's first.
+#[derive(Debug, Clone)]
+pub struct NetworkStatuses(Arc<Vec<(String, StatusHandle)>>);
+
+impl NetworkStatuses {
+    /// `first` for the first network, a fresh handle for each other one of `settings`.
+    pub fn new(first: StatusHandle, settings: &crate::config::Settings) -> NetworkStatuses {
+        let mut all = vec![(settings.chain.network.caip2(), first)];
+        all.extend(
+            settings
+                .other_networks
+                .iter()
+                .map(|n| (n.network.caip2(), StatusHandle::default())),
+        );
+        NetworkStatuses(Arc::new(all))
+    }
+
+    /// The status of the network with CAIP-2 id `caip2`.
+    pub fn get(&self, caip2: &str) -> Option<&StatusHandle> {
+        self.0.iter().find(|(id, _)| id == caip2).map(|(_, s)| s)
+    }
+
+    /// Each network's CAIP-2 id and status, the first network first.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &StatusHandle)> {
+        self.0.iter().map(|(id, s)| (id.as_str(), s))
+    }
+}

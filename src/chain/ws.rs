@@ -113,7 +113,12 @@ async fn session(
             },
             log = logs.next() => match log {
                 Some(log) => {
-                    if let Ok(Some(t)) = transfer_from_log(&log, settings.network.token, settings.pay_to) {
+                    if let Ok(Some(t)) = transfer_from_log(
+                        &log,
+                        &settings.network.caip2(),
+                        settings.network.token,
+                        settings.pay_to,
+                    ) {
                         match store.record_announced(t.clone()).await {
                             Ok(true) => tracing::info!(tx = %t.tx_hash, from = %t.from, amount = %t.value, "payment announced over WebSocket: seen"),
                             Ok(false) => {}

@@ -400,7 +400,7 @@ async fn resume(anvil: AnvilInstance, state: &DevState, dir: &Path) -> Result<De
     // The database's checkpoint is the last block it indexed; the saved chain must hold that very block.
     let store = Store::open(&dir.join(DB_FILE)).map_err(step("opening the database"))?;
     let checkpoint = store
-        .checkpoint()
+        .checkpoint(&format!("eip155:{DEV_CHAIN_ID}"))
         .await
         .map_err(step("reading the database"))?;
     drop(store);

@@ -12,6 +12,8 @@
 //! An optional filter is written `(col = ?N OR ?N IS NULL)`, the column first: PostgreSQL types a parameter at its
 //! first use, and `?N IS NULL` alone gives it none ("could not determine data type of parameter").
 
+use std::collections::BTreeMap;
+
 use super::reversals::{self, ReversalEvent};
 use super::sql::{Engine, Row, Sql};
 use super::transfers::TransferStatus;
@@ -21,6 +23,8 @@ use crate::params;
 /// Filters of the payments listing (all optional; combined with AND).
 #[derive(Debug, Clone, Default)]
 pub struct PaymentFilter {
+    /// CAIP-2 id of one network.
+    pub network: Option<String>,
     pub status: Option<TransferStatus>,
     /// Lower-case 0x-hex payer.
     pub payer: Option<String>,
@@ -55,6 +59,8 @@ pub struct LedgerFilter {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentRow {
     pub id: i64,
+    /// CAIP-2 id of the network it was mined on.
+    pub network: String,
     pub tx_hash: String,
     pub log_index: i64,
     pub block_number: i64,
@@ -75,14 +81,23 @@ pub struct PaymentRow {
 /// A page of payments and the indexed head it is read against (for confirmations).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PaymentsPage {
-    /// The indexer's checkpoint block, `None` before the first indexed block.
-    pub indexed_head: Option<i64>,
+    /// Each network's checkpoint block (a network appears once its indexer has indexed a block).
+    pub indexed_heads: BTreeMap<String, i64>,
     pub rows: Vec<PaymentRow>,
+}
+
+impl PaymentsPage {
+    /// The checkpoint block of `network`, if it has indexed one.
+    pub fn head_of(&self, network: &str) -> Option<i64> {
+        self.indexed_heads.get(network).copied()
+    }
 }
 
 /// One claim with what it bought. Its key is the tx hash (claims have no numeric id).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRow {
+    /// CAIP-2 id of the network the claimed payment was made on.
+    pub network: String,
     pub tx_hash: String,
     pub account: String,
     /// `subscription` or `topup`.
@@ -138,6 +153,8 @@ pub struct KeyRow {
 pub struct RevenueDay {
     /// `YYYY-MM-DD`.
     pub day: String,
+    /// What each network received that day: (received, payments) by CAIP-2 id.
+    pub by_network: BTreeMap<String, (i64, i64)>,
     pub received_atomic: i64,
     pub payments: i64,
     pub claims: i64,
@@ -159,6 +176,8 @@ pub struct StatusChange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentTransfer {
     pub id: i64,
+    /// CAIP-2 id of the network it was mined on.
+    pub network: String,
     pub log_index: i64,
     pub block_number: i64,
     pub block_hash: String,
@@ -177,7 +196,8 @@ pub struct PaymentTransfer {
 /// Everything the database knows about one transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentDetail {
-    pub indexed_head: Option<i64>,
+    /// Each network's checkpoint block.
+    pub indexed_heads: BTreeMap<String, i64>,
     pub transfers: Vec<PaymentTransfer>,
     pub claim: Option<ClaimRow>,
     pub ledger: Vec<LedgerRow>,
@@ -189,7 +209,8 @@ pub struct PaymentDetail {
 
 const PAYMENT_SELECT: &str = "SELECT t.id, t.tx_hash, t.log_index, t.block_number, t.block_hash, t.block_time, \
      t.from_address, t.to_address, t.value_atomic, t.status, t.first_seen_at, t.confirmed_at, t.orphaned_at, \
-     EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash) FROM transfers t";
+     EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash AND c.network = t.network), t.network \
+     FROM transfers t";
 
 fn payment_row(r: &Row) -> Result<PaymentRow, StoreError> {
     Ok(PaymentRow {
@@ -207,6 +228,7 @@ fn payment_row(r: &Row) -> Result<PaymentRow, StoreError> {
         confirmed_at: r.get(11)?,
         orphaned_at: r.get(12)?,
         claimed: r.get(13)?,
+        network: r.get(14)?,
     })
 }
 
@@ -217,7 +239,7 @@ pub fn payments_page(
     after: i64,
     limit: u32,
 ) -> Result<PaymentsPage, StoreError> {
-    let indexed_head = indexed_head(c)?;
+    let indexed_heads = indexed_heads(c)?;
     let rows = c.query_map(
         &format!(
             "{PAYMENT_SELECT} WHERE t.id > ?1 \
@@ -225,7 +247,8 @@ pub fn payments_page(
              AND (t.block_number >= ?4 OR ?4 IS NULL) AND (t.block_number <= ?5 OR ?5 IS NULL) \
              AND (coalesce(t.block_time, t.first_seen_at) >= ?6 OR ?6 IS NULL) \
              AND (coalesce(t.block_time, t.first_seen_at) < ?7 OR ?7 IS NULL) \
-             AND (t.value_atomic >= ?8 OR ?8 IS NULL) ORDER BY t.id LIMIT ?9"
+             AND (t.value_atomic >= ?8 OR ?8 IS NULL) AND (t.network = ?10 OR ?10 IS NULL) \
+             ORDER BY t.id LIMIT ?9"
         ),
         params![
             after,
@@ -236,11 +259,15 @@ pub fn payments_page(
             f.from_time,
             f.to_time,
             f.min_atomic,
-            limit
+            limit,
+            f.network
         ],
         payment_row,
     )?;
-    Ok(PaymentsPage { indexed_head, rows })
+    Ok(PaymentsPage {
+        indexed_heads,
+        rows,
+    })
 }
 
 /// The last `n` payments by id, oldest first: the rows after `max(id) - n`. Ids are not dense once a reorg
@@ -257,7 +284,7 @@ pub fn latest_payments(c: &dyn Sql, n: u32) -> Result<PaymentsPage, StoreError> 
 }
 
 const CLAIM_SELECT: &str = "SELECT c.tx_hash, c.account, c.kind, c.paid_atomic, c.price_atomic, c.surplus_atomic, \
-     s.pool, s.blocks, s.expires_at, k.public_id, c.claimed_at FROM claims c \
+     s.pool, s.blocks, s.expires_at, k.public_id, c.claimed_at, c.network FROM claims c \
      LEFT JOIN subscriptions s ON s.id = c.subscription_id LEFT JOIN api_keys k ON k.id = c.key_id";
 
 /// The claims listing's filters, as parameters `?1` to `?4` (the keyset's come after them).
@@ -277,6 +304,7 @@ fn claim_row(r: &Row) -> Result<ClaimRow, StoreError> {
         expires_at: r.get(8)?,
         key_public_id: r.get(9)?,
         claimed_at: r.get(10)?,
+        network: r.get(11)?,
     })
 }
 
@@ -406,22 +434,31 @@ pub fn revenue(
     from_time: Option<i64>,
     to_time: Option<i64>,
 ) -> Result<Vec<RevenueDay>, StoreError> {
-    use std::collections::BTreeMap;
     let mut days: BTreeMap<String, RevenueDay> = BTreeMap::new();
     let received = c.query_map(
         &format!(
-            "SELECT {} AS d, sum(value_atomic), count(*) FROM transfers WHERE status = 'confirmed' \
+            "SELECT {} AS d, network, sum(value_atomic), count(*) FROM transfers WHERE status = 'confirmed' \
              AND (coalesce(block_time, first_seen_at) >= ?1 OR ?1 IS NULL) \
-             AND (coalesce(block_time, first_seen_at) < ?2 OR ?2 IS NULL) GROUP BY d",
+             AND (coalesce(block_time, first_seen_at) < ?2 OR ?2 IS NULL) GROUP BY d, network",
             utc_day(c.engine(), "coalesce(block_time, first_seen_at)")
         ),
         params![from_time, to_time],
-        |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?, r.get::<i64>(2)?)),
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<String>(1)?,
+                r.get::<i64>(2)?,
+                r.get::<i64>(3)?,
+            ))
+        },
     )?;
-    for (d, sum, n) in received {
+    for (d, network, sum, n) in received {
         let day = days.entry(d).or_default();
         day.received_atomic += sum;
         day.payments += n;
+        let on = day.by_network.entry(network).or_default();
+        on.0 += sum;
+        on.1 += n;
     }
     let claimed = c.query_map(
         &format!(
@@ -459,21 +496,23 @@ pub fn revenue(
         .collect())
 }
 
-/// The indexer's checkpoint block, if it has indexed one.
-fn indexed_head(c: &dyn Sql) -> Result<Option<i64>, StoreError> {
-    c.query_opt(
-        "SELECT block_number FROM checkpoint WHERE id = 1",
+/// Each network's checkpoint block, by CAIP-2 id.
+fn indexed_heads(c: &dyn Sql) -> Result<BTreeMap<String, i64>, StoreError> {
+    Ok(c.query_map(
+        "SELECT network, block_number FROM network_checkpoints",
         params![],
-        |r| r.get(0),
-    )
+        |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)),
+    )?
+    .into_iter()
+    .collect())
 }
 
 /// Everything about one transaction; `None` when it has neither a transfer to payTo nor a claim.
 pub fn payment_detail(c: &dyn Sql, tx_hash: &str) -> Result<Option<PaymentDetail>, StoreError> {
-    let head = indexed_head(c)?;
+    let indexed_heads = indexed_heads(c)?;
     let mut transfers: Vec<PaymentTransfer> = c.query_map(
         "SELECT id, log_index, block_number, block_hash, block_time, from_address, to_address, value_atomic, status, \
-         first_seen_at, confirmed_at, orphaned_at FROM transfers WHERE tx_hash = ?1 ORDER BY id",
+         first_seen_at, confirmed_at, orphaned_at, network FROM transfers WHERE tx_hash = ?1 ORDER BY id",
         params![tx_hash],
         |r| {
             Ok(PaymentTransfer {
@@ -489,6 +528,7 @@ pub fn payment_detail(c: &dyn Sql, tx_hash: &str) -> Result<Option<PaymentDetail
                 first_seen_at: r.get(9)?,
                 confirmed_at: r.get(10)?,
                 orphaned_at: r.get(11)?,
+                network: r.get(12)?,
                 history: Vec::new(),
             })
         },
@@ -522,16 +562,18 @@ pub fn payment_detail(c: &dyn Sql, tx_hash: &str) -> Result<Option<PaymentDetail
     if transfers.is_empty() && claim.is_none() {
         return Ok(None);
     }
+    // What backs the claim: the confirmed transfers on the claim's network (any network before it is claimed).
     let confirmed_value_atomic: i64 = c.query_value(
-        "SELECT coalesce(sum(value_atomic), 0) FROM transfers WHERE tx_hash = ?1 AND status = 'confirmed'",
-        params![tx_hash],
+        "SELECT coalesce(sum(value_atomic), 0) FROM transfers WHERE tx_hash = ?1 AND status = 'confirmed' \
+         AND (network = ?2 OR ?2 IS NULL)",
+        params![tx_hash, claim.as_ref().map(|cl| cl.network.clone())],
     )?;
     let reversals = match reversals::origin_of(c, tx_hash)? {
         Some(origin) => reversals::of_purchase(c, &origin)?,
         None => Vec::new(),
     };
     Ok(Some(PaymentDetail {
-        indexed_head: head,
+        indexed_heads,
         transfers,
         claim,
         ledger,
@@ -678,14 +720,16 @@ pub fn books(c: &dyn Sql) -> Result<Books, StoreError> {
     for claim in &mut claims {
         let tx = claim.tx_hash.as_str();
         claim.confirmed = c.query_value(
-            "SELECT EXISTS (SELECT 1 FROM transfers WHERE lower(tx_hash) = lower(?1) AND status = 'confirmed')",
+            "SELECT EXISTS (SELECT 1 FROM transfers WHERE lower(tx_hash) = lower(?1) AND status = 'confirmed' \
+             AND network = (SELECT network FROM claims WHERE tx_hash = ?1))",
             params![tx],
         )?;
         let purchase = claim.origin_tx.as_deref().unwrap_or(tx);
         claim.purchase_reversed = reversals::is_reversed(c, purchase)?;
         claim.payers = c.query_map(
             "SELECT from_address, sum(value_atomic) FROM transfers WHERE lower(tx_hash) = lower(?1) \
-             AND status = 'confirmed' GROUP BY from_address",
+             AND status = 'confirmed' AND network = (SELECT network FROM claims WHERE tx_hash = ?1) \
+             GROUP BY from_address",
             params![tx],
             |r| {
                 Ok(PayerTotal {
@@ -996,7 +1040,7 @@ mod tests {
                 }
                 tx.execute("DELETE FROM transfers WHERE id = 2", params![])?;
                 tx.execute(
-                    "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 5, '0xb5', 0)",
+                    "INSERT INTO network_checkpoints (network, block_number, block_hash, updated_at) VALUES ('', 5, '0xb5', 0)",
                     params![],
                 )?;
                 Ok(())
@@ -1013,7 +1057,7 @@ mod tests {
             .audit_payments(PaymentFilter::default(), 1, 2)
             .await
             .unwrap();
-        assert_eq!(page.indexed_head, Some(5));
+        assert_eq!(page.head_of(""), Some(5));
         assert_eq!(page.rows.iter().map(|r| r.id).collect::<Vec<_>>(), [3, 4]);
         let confirmed = PaymentFilter {
             status: Some(TransferStatus::Confirmed),

@@ -285,12 +285,13 @@ pub fn claim_of(c: &dyn Sql, tx_hash: &str) -> Result<Option<ClaimRecord>, Store
 /// Confirmed value of a transaction per payer: `(from, sum)`, ordered by payer.
 pub fn confirmed_value_by_payer(
     c: &dyn Sql,
+    network: &str,
     tx_hash: &str,
 ) -> Result<Vec<(String, Usdc)>, StoreError> {
     c.query_map(
-        "SELECT from_address, sum(value_atomic) FROM transfers WHERE tx_hash = ?1 AND status = 'confirmed' \
-         GROUP BY from_address ORDER BY from_address",
-        params![tx_hash],
+        "SELECT from_address, sum(value_atomic) FROM transfers WHERE network = ?1 AND tx_hash = ?2 \
+         AND status = 'confirmed' GROUP BY from_address ORDER BY from_address",
+        params![network, tx_hash],
         |r| Ok((r.get(0)?, Usdc(r.get(1)?))),
     )
 }
@@ -299,6 +300,7 @@ pub fn confirmed_value_by_payer(
 #[allow(clippy::too_many_arguments)]
 pub fn insert_claim(
     c: &dyn Sql,
+    network: &str,
     tx_hash: &str,
     account: &str,
     kind: &str,
@@ -311,7 +313,7 @@ pub fn insert_claim(
 ) -> Result<bool, StoreError> {
     let changed = c.execute(
         "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, \
-         key_id, signature, claimed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+         key_id, signature, claimed_at, network) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
          ON CONFLICT (tx_hash) DO NOTHING",
         params![
             tx_hash,
@@ -323,7 +325,8 @@ pub fn insert_claim(
             subscription_id,
             key_id,
             signature,
-            now
+            now,
+            network
         ],
     )?;
     Ok(changed == 1)

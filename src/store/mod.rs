@@ -833,7 +833,7 @@ mod tests {
         store
             .write_with(Durability::Relaxed, |tx| -> Result<(), StoreError> {
                 tx.execute(
-                    "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 9, '0xcd', 0)",
+                    "INSERT INTO network_checkpoints (network, block_number, block_hash, updated_at) VALUES ('n', 9, '0xcd', 0)",
                     crate::params![],
                 )?;
                 Ok(())
@@ -844,7 +844,10 @@ mod tests {
         let reopened = Store::open(&path).unwrap();
         let got: i64 = reopened
             .read(|c| -> Result<i64, StoreError> {
-                c.query_value("SELECT block_number FROM checkpoint", crate::params![])
+                c.query_value(
+                    "SELECT block_number FROM network_checkpoints",
+                    crate::params![],
+                )
             })
             .await
             .unwrap();
@@ -890,17 +893,20 @@ mod tests {
         let n: i64 = store
             .write(|tx| -> Result<i64, StoreError> {
                 tx.execute(
-                    "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 7, '0xab', 0)",
+                    "INSERT INTO network_checkpoints (network, block_number, block_hash, updated_at) VALUES ('n', 7, '0xab', 0)",
                     crate::params![],
                 )?;
-                tx.query_value("SELECT count(*) FROM checkpoint", crate::params![])
+                tx.query_value("SELECT count(*) FROM network_checkpoints", crate::params![])
             })
             .await
             .unwrap();
         assert_eq!(n, 1);
         let got: i64 = store
             .read(|c| -> Result<i64, StoreError> {
-                c.query_value("SELECT block_number FROM checkpoint", crate::params![])
+                c.query_value(
+                    "SELECT block_number FROM network_checkpoints",
+                    crate::params![],
+                )
             })
             .await
             .unwrap();
@@ -924,7 +930,7 @@ mod tests {
         let result: Result<(), StoreError> = store
             .write(|tx| {
                 tx.execute(
-                    "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 7, '0xab', 0)",
+                    "INSERT INTO network_checkpoints (network, block_number, block_hash, updated_at) VALUES ('n', 7, '0xab', 0)",
                     crate::params![],
                 )?;
                 Err(StoreError::Schema("boom".into()))
@@ -933,7 +939,7 @@ mod tests {
         assert!(result.is_err());
         let count: i64 = store
             .read(|c| -> Result<i64, StoreError> {
-                c.query_value("SELECT count(*) FROM checkpoint", crate::params![])
+                c.query_value("SELECT count(*) FROM network_checkpoints", crate::params![])
             })
             .await
             .unwrap();

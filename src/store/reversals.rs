@@ -90,7 +90,8 @@ fn backing(c: &dyn Sql, origin: &str) -> Result<(Backing, Option<String>), Store
         // `CASE … THEN 1 ELSE 0`, not a summed comparison: PostgreSQL has no sum() of booleans.
         let (n, l, confirmed): (i64, i64, i64) = c.query_one(
             "SELECT count(*), coalesce(sum(CASE WHEN status <> 'orphaned' THEN 1 ELSE 0 END), 0), \
-             coalesce(sum(CASE WHEN status = 'confirmed' THEN 1 ELSE 0 END), 0) FROM transfers WHERE tx_hash = ?1",
+             coalesce(sum(CASE WHEN status = 'confirmed' THEN 1 ELSE 0 END), 0) FROM transfers \
+             WHERE tx_hash = ?1 AND network = (SELECT network FROM claims WHERE tx_hash = ?1)",
             params![tx],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?;
@@ -276,9 +277,19 @@ pub fn reconcile_origin(
 /// Takes a SQLite `Connection` because [`reconcile_origin`] still does.
 pub fn reconcile_tx(
     c: &dyn Sql,
+    network: &str,
     tx_hash: &str,
     now: i64,
 ) -> Result<Option<ReversalEvent>, StoreError> {
+    // A transfer of another network with the same hash is no payment of this claim.
+    let claimed_here: Option<i64> = c.query_opt(
+        "SELECT 1 FROM claims WHERE tx_hash = ?1 AND network = ?2",
+        params![tx_hash, network],
+        |r| r.get(0),
+    )?;
+    if claimed_here.is_none() {
+        return Ok(None);
+    }
     match origin_of(c, tx_hash)? {
         Some(origin) => reconcile_origin(c, &origin, now),
         None => Ok(None),
@@ -413,7 +424,13 @@ mod tests {
                     params![A, tx],
                 )
                 .unwrap();
-                insert_claim(&c, tx, A, "topup", Usdc(10), Usdc(10), None, None, None, 0).unwrap();
+                // A schema-4 claim row (no network column yet).
+                s.execute(
+                    "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, \
+                     claimed_at) VALUES (?1, ?2, 'topup', 10, 10, 0, 0)",
+                    params![tx, A],
+                )
+                .unwrap();
                 s.execute(
                     "INSERT INTO x402_settlements (tx_hash, payer, nonce, x402_version, authorization, signature, \
                      requirements, resource, product, amount_atomic, status, settled_at, updated_at) \
@@ -459,10 +476,10 @@ mod tests {
         store
             .write(|c| -> Result<(), StoreError> {
                 ensure_account(c, A, 0)?;
-                insert_claim(c, TX, A, "topup", Usdc(10), Usdc(10), None, None, None, 0)?;
+                insert_claim(c, "", TX, A, "topup", Usdc(10), Usdc(10), None, None, None, 0)?;
                 assert!(!other_funding(c, A, TX)?, "only this purchase");
                 // Another top-up funds it, until that one is reversed too.
-                insert_claim(c, "0x02", A, "topup", Usdc(10), Usdc(10), None, None, None, 0)?;
+                insert_claim(c, "", "0x02", A, "topup", Usdc(10), Usdc(10), None, None, None, 0)?;
                 assert!(other_funding(c, A, TX)?);
                 c.execute(
                     "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, from_address, \
@@ -470,7 +487,7 @@ mod tests {
                      10, 'orphaned', 0)",
                     params![A],
                 )?;
-                assert!(reconcile_tx(c, "0x02", 1)?.is_some());
+                assert!(reconcile_tx(c, "", "0x02", 1)?.is_some());
                 assert!(!other_funding(c, A, TX)?);
                 // An operator grant funds it.
                 append_ledger(c, A, LedgerKind::Grant, Usdc(1), None, None, None, 2)
@@ -492,19 +509,19 @@ mod tests {
                 transfer(c, "confirmed", "0xb1")?;
                 append_ledger(c, A, LedgerKind::Topup, Usdc(10), Some(TX), None, None, 0)
                     .map_err(ledger_error)?;
-                insert_claim(c, TX, A, "topup", Usdc(10), Usdc(10), None, None, None, 0)?;
+                insert_claim(c, "", TX, A, "topup", Usdc(10), Usdc(10), None, None, None, 0)?;
                 // Spent 4 of it.
                 append_ledger(c, A, LedgerKind::Debit, Usdc(-4), None, None, None, 0)
                     .map_err(ledger_error)?;
-                assert_eq!(reconcile_tx(c, TX, 1)?, None, "confirmed: nothing to do");
+                assert_eq!(reconcile_tx(c, "", TX, 1)?, None, "confirmed: nothing to do");
 
                 c.execute("UPDATE transfers SET status = 'orphaned' WHERE tx_hash = ?1", params![TX])?;
-                let ev = reconcile_tx(c, TX, 2)?.expect("reversed");
+                let ev = reconcile_tx(c, "", TX, 2)?.expect("reversed");
                 assert_eq!((ev.kind.as_str(), ev.amount_usdc), ("reversed", Usdc(10)));
                 assert_eq!(balance(c, A)?, Usdc(-4));
                 assert!(is_reversed(c, TX)?);
                 // Again (a retry, a restart): nothing more.
-                assert_eq!(reconcile_tx(c, TX, 3)?, None);
+                assert_eq!(reconcile_tx(c, "", TX, 3)?, None);
                 assert_eq!(reverse(c, TX, "settlement_failed", 3)?, None);
                 assert_eq!(reconcile_all(c, 3)?, vec![]);
                 assert_eq!(balance(c, A)?, Usdc(-4));
@@ -534,12 +551,12 @@ mod tests {
 
                 // Mined again: seen restores nothing, confirmed restores once.
                 transfer(c, "seen", "0xb2")?;
-                assert_eq!(reconcile_tx(c, TX, 4)?, None);
+                assert_eq!(reconcile_tx(c, "", TX, 4)?, None);
                 c.execute("UPDATE transfers SET status = 'confirmed' WHERE block_hash = '0xb2'", params![])?;
-                let ev = reconcile_tx(c, TX, 5)?.expect("restored");
+                let ev = reconcile_tx(c, "", TX, 5)?.expect("restored");
                 assert_eq!((ev.kind.as_str(), ev.amount_usdc), ("restored", Usdc(10)));
                 assert_eq!(balance(c, A)?, Usdc(7));
-                assert_eq!(reconcile_tx(c, TX, 6)?, None);
+                assert_eq!(reconcile_tx(c, "", TX, 6)?, None);
                 assert_eq!(restore(c, TX, TX, 6)?, None);
                 assert_eq!(list(c)?.len(), 2);
                 // Two reversals in a row are impossible in the table itself.

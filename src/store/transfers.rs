@@ -1,4 +1,7 @@
-//! Indexer persistence: the chain binding, the checkpoint, the recent-block window and the transfers.
+//! Indexer persistence: each network's binding, checkpoint and recent-block window, and the transfers.
+//!
+//! Every row and every statement names its network (CAIP-2 id): one network's indexer never reads or moves another's
+//! rows, so several run side by side on one database.
 //!
 //! A range of blocks is applied in ONE transaction — its transfers, its headers and the new checkpoint — so a crash
 //! leaves either all of it or none of it, and a restart resumes at checkpoint + 1 with no gap and no duplicate.
@@ -56,6 +59,8 @@ pub struct BlockRef {
 /// A Transfer log to payTo, as fetched from the chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewTransfer {
+    /// CAIP-2 id of the network it was mined on.
+    pub network: String,
     pub tx_hash: String,
     pub log_index: u64,
     pub block_number: u64,
@@ -70,6 +75,8 @@ pub struct NewTransfer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transfer {
     pub id: i64,
+    /// CAIP-2 id of the network it was mined on.
+    pub network: String,
     pub tx_hash: String,
     pub log_index: u64,
     pub block_number: u64,
@@ -105,6 +112,8 @@ pub struct Checkpoint {
 /// One range of blocks to apply atomically.
 #[derive(Debug, Clone)]
 pub struct RangeUpdate {
+    /// CAIP-2 id of the network the range belongs to.
+    pub network: String,
     pub from: u64,
     pub to: u64,
     /// Every Transfer log to payTo in `[from, to]`, already checked against the headers.
@@ -127,7 +136,7 @@ pub struct RangeOutcome {
 }
 
 const TRANSFER_COLUMNS: &str = "id, tx_hash, log_index, block_number, block_hash, block_time, from_address, \
-     to_address, value_atomic, status, first_seen_at, confirmed_at, orphaned_at";
+     to_address, value_atomic, status, first_seen_at, confirmed_at, orphaned_at, network";
 
 fn transfer_from_row(row: &Row) -> Result<Transfer, StoreError> {
     let status: String = row.get(9)?;
@@ -145,6 +154,7 @@ fn transfer_from_row(row: &Row) -> Result<Transfer, StoreError> {
         first_seen_at: row.get(10)?,
         confirmed_at: row.get(11)?,
         orphaned_at: row.get(12)?,
+        network: row.get(13)?,
     })
 }
 
@@ -202,8 +212,8 @@ fn insert_new(
     // `ON CONFLICT DO NOTHING … RETURNING id`: no row when the transfer is already indexed (both engines).
     let inserted: Option<i64> = c.query_opt(
         "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, block_time, from_address, \
-         to_address, value_atomic, status, first_seen_at, confirmed_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING RETURNING id",
+         to_address, value_atomic, status, first_seen_at, confirmed_at, network) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT DO NOTHING RETURNING id",
         params![
             t.tx_hash,
             t.log_index as i64,
@@ -216,6 +226,7 @@ fn insert_new(
             status.as_str(),
             now,
             confirmed_at,
+            t.network,
         ],
         |r| r.get(0),
     )?;
@@ -224,6 +235,7 @@ fn insert_new(
     };
     Ok(Some(Transfer {
         id,
+        network: t.network.clone(),
         tx_hash: t.tx_hash.clone(),
         log_index: t.log_index,
         block_number: t.block_number,
@@ -262,6 +274,7 @@ pub(crate) fn serialize_index_writes(c: &dyn Sql) -> Result<(), StoreError> {
 fn bind_chain_in(
     c: &dyn Sql,
     path: &Path,
+    network: &str,
     chain_id: u64,
     token: &str,
     pay_to: &str,
@@ -269,32 +282,33 @@ fn bind_chain_in(
     serialize_index_writes(c)?;
     // Single writer: read, then insert when absent. A second concurrent binder would fail on the primary key.
     let existing: Option<(i64, String, String)> = c.query_opt(
-        "SELECT chain_id, token_address, pay_to FROM chain_binding WHERE id = 1",
-        params![],
+        "SELECT chain_id, token_address, pay_to FROM network_bindings WHERE network = ?1",
+        params![network],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
-    let expected = format!("chain {chain_id}, token {token}, payTo {pay_to}");
+    let expected = format!("{network}: chain {chain_id}, token {token}, payTo {pay_to}");
     match existing {
         None => {
             c.execute(
-                "INSERT INTO chain_binding (id, chain_id, token_address, pay_to, created_at) VALUES (1, ?1, ?2, ?3, ?4)",
-                params![chain_id as i64, token, pay_to, now_unix()],
+                "INSERT INTO network_bindings (network, chain_id, token_address, pay_to, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![network, chain_id as i64, token, pay_to, now_unix()],
             )?;
             Ok(())
         }
         Some((c, t, p)) if c as u64 == chain_id && t == token && p == pay_to => Ok(()),
         Some((c, t, p)) => Err(StoreError::BindingMismatch {
             path: path.to_path_buf(),
-            found: format!("chain {c}, token {t}, payTo {p}"),
+            found: format!("{network}: chain {c}, token {t}, payTo {p}"),
             expected,
         }),
     }
 }
 
-fn read_checkpoint(c: &dyn Sql) -> Result<Option<Checkpoint>, StoreError> {
+fn read_checkpoint(c: &dyn Sql, network: &str) -> Result<Option<Checkpoint>, StoreError> {
     c.query_opt(
-        "SELECT block_number, block_hash FROM checkpoint WHERE id = 1",
-        params![],
+        "SELECT block_number, block_hash FROM network_checkpoints WHERE network = ?1",
+        params![network],
         |r| {
             Ok(Checkpoint {
                 number: r.get::<i64>(0)? as u64,
@@ -304,10 +318,14 @@ fn read_checkpoint(c: &dyn Sql) -> Result<Option<Checkpoint>, StoreError> {
     )
 }
 
-fn read_recent_block(c: &dyn Sql, number: u64) -> Result<Option<BlockRef>, StoreError> {
+fn read_recent_block(
+    c: &dyn Sql,
+    network: &str,
+    number: u64,
+) -> Result<Option<BlockRef>, StoreError> {
     c.query_opt(
-        "SELECT number, hash, parent_hash, timestamp FROM recent_blocks WHERE number = ?1",
-        params![number as i64],
+        "SELECT number, hash, parent_hash, timestamp FROM recent_blocks WHERE network = ?1 AND number = ?2",
+        params![network, number as i64],
         |r| {
             Ok(BlockRef {
                 number: r.get::<i64>(0)? as u64,
@@ -348,8 +366,8 @@ fn apply_range_in(c: &dyn Sql, update: &RangeUpdate, now: i64) -> Result<RangeOu
         // Single writer: the rows read here are updated by id below without re-checking their status.
         let back = select_transfers(
             c,
-            "block_hash = ?1 AND log_index = ?2 AND status = 'orphaned'",
-            params![t.block_hash, t.log_index as i64],
+            "network = ?1 AND block_hash = ?2 AND log_index = ?3 AND status = 'orphaned'",
+            params![update.network, t.block_hash, t.log_index as i64],
         )?;
         for row in back {
             c.execute(
@@ -372,8 +390,8 @@ fn apply_range_in(c: &dyn Sql, update: &RangeUpdate, now: i64) -> Result<RangeOu
     // here and, once below the checkpoint, confirmed by a later range although its block is not canonical.
     let stale = select_transfers(
         c,
-        "status = 'seen' AND block_number BETWEEN ?1 AND ?2",
-        params![update.from as i64, update.to as i64],
+        "network = ?1 AND status = 'seen' AND block_number BETWEEN ?2 AND ?3",
+        params![update.network, update.from as i64, update.to as i64],
     )?;
     for row in stale
         .into_iter()
@@ -385,16 +403,16 @@ fn apply_range_in(c: &dyn Sql, update: &RangeUpdate, now: i64) -> Result<RangeOu
 
     for h in &update.headers {
         c.execute(
-            "INSERT INTO recent_blocks (number, hash, parent_hash, timestamp) VALUES (?1, ?2, ?3, ?4) \
-             ON CONFLICT (number) DO UPDATE SET hash = excluded.hash, parent_hash = excluded.parent_hash, \
-             timestamp = excluded.timestamp",
-            params![h.number as i64, h.hash, h.parent_hash, h.timestamp as i64],
+            "INSERT INTO recent_blocks (network, number, hash, parent_hash, timestamp) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (network, number) DO UPDATE SET hash = excluded.hash, \
+             parent_hash = excluded.parent_hash, timestamp = excluded.timestamp",
+            params![update.network, h.number as i64, h.hash, h.parent_hash, h.timestamp as i64],
         )?;
     }
     let keep_from = update.to.saturating_sub(update.reorg_window) as i64;
     c.execute(
-        "DELETE FROM recent_blocks WHERE number < ?1",
-        params![keep_from],
+        "DELETE FROM recent_blocks WHERE network = ?1 AND number < ?2",
+        params![update.network, keep_from],
     )?;
     let to_hash = update
         .headers
@@ -408,17 +426,17 @@ fn apply_range_in(c: &dyn Sql, update: &RangeUpdate, now: i64) -> Result<RangeOu
             ))
         })?;
     c.execute(
-        "INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, ?1, ?2, ?3) \
-         ON CONFLICT (id) DO UPDATE SET block_number = excluded.block_number, block_hash = excluded.block_hash, \
-         updated_at = excluded.updated_at",
-        params![update.to as i64, to_hash, now],
+        "INSERT INTO network_checkpoints (network, block_number, block_hash, updated_at) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT (network) DO UPDATE SET block_number = excluded.block_number, \
+         block_hash = excluded.block_hash, updated_at = excluded.updated_at",
+        params![update.network, update.to as i64, to_hash, now],
     )?;
 
     // Single writer: as above, the rows read are updated by id without re-checking their status.
     let newly = select_transfers(
         c,
-        "status = 'seen' AND block_number <= ?1",
-        params![confirm_upto],
+        "network = ?1 AND status = 'seen' AND block_number <= ?2",
+        params![update.network, confirm_upto],
     )?;
     for mut row in newly {
         c.execute(
@@ -438,8 +456,8 @@ fn apply_range_in(c: &dyn Sql, update: &RangeUpdate, now: i64) -> Result<RangeOu
     }
     outcome.pending = select_transfers(
         c,
-        "status = 'seen' ORDER BY block_number, log_index",
-        params![],
+        "network = ?1 AND status = 'seen' ORDER BY block_number, log_index",
+        params![update.network],
     )?;
     Ok(outcome)
 }
@@ -447,6 +465,7 @@ fn apply_range_in(c: &dyn Sql, update: &RangeUpdate, now: i64) -> Result<RangeOu
 /// [`Store::rollback_to`]'s statements but the reversals, which the caller runs in the same transaction.
 fn rollback_in(
     c: &dyn Sql,
+    network: &str,
     fork: &BlockRef,
     old_head: u64,
     now: i64,
@@ -456,8 +475,8 @@ fn rollback_in(
     // what the `reorgs` row records.
     let gone = select_transfers(
         c,
-        "block_number > ?1 AND status != 'orphaned'",
-        params![fork.number as i64],
+        "network = ?1 AND block_number > ?2 AND status != 'orphaned'",
+        params![network, fork.number as i64],
     )?;
     for row in &gone {
         orphan(
@@ -469,21 +488,23 @@ fn rollback_in(
         )?;
     }
     c.execute(
-        "DELETE FROM recent_blocks WHERE number > ?1",
-        params![fork.number as i64],
+        "DELETE FROM recent_blocks WHERE network = ?1 AND number > ?2",
+        params![network, fork.number as i64],
     )?;
     c.execute(
-        "UPDATE checkpoint SET block_number = ?1, block_hash = ?2, updated_at = ?3 WHERE id = 1",
-        params![fork.number as i64, fork.hash, now],
+        "UPDATE network_checkpoints SET block_number = ?2, block_hash = ?3, updated_at = ?4 WHERE network = ?1",
+        params![network, fork.number as i64, fork.hash, now],
     )?;
     c.execute(
-        "INSERT INTO reorgs (detected_at, fork_block, old_head, depth, orphaned_transfers) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO reorgs (detected_at, fork_block, old_head, depth, orphaned_transfers, network) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
             now,
             fork.number as i64,
             old_head as i64,
             old_head.saturating_sub(fork.number) as i64,
-            gone.len() as i64
+            gone.len() as i64,
+            network
         ],
     )?;
     Ok(gone)
@@ -494,7 +515,7 @@ fn record_announced_in(c: &dyn Sql, t: &NewTransfer) -> Result<bool, StoreError>
     serialize_index_writes(c)?;
     // The checkpoint read here cannot move before the insert commits: `serialize_index_writes` (PostgreSQL), the
     // single writer (SQLite).
-    let checkpoint = read_checkpoint(c)?;
+    let checkpoint = read_checkpoint(c, &t.network)?;
     if checkpoint
         .as_ref()
         .is_some_and(|cp| t.block_number <= cp.number)
@@ -518,38 +539,54 @@ fn list_transfers_in(
     }
 }
 
-fn transfers_of_tx_in(c: &dyn Sql, tx_hash: &str) -> Result<Vec<Transfer>, StoreError> {
+fn transfers_of_tx_in(
+    c: &dyn Sql,
+    network: &str,
+    tx_hash: &str,
+) -> Result<Vec<Transfer>, StoreError> {
     select_transfers(
         c,
-        "tx_hash = ?1 ORDER BY block_number, log_index, id",
-        params![tx_hash],
+        "network = ?1 AND tx_hash = ?2 ORDER BY block_number, log_index, id",
+        params![network, tx_hash],
     )
 }
 
-fn count_reorgs(c: &dyn Sql) -> Result<u64, StoreError> {
-    Ok(c.query_value::<i64>("SELECT count(*) FROM reorgs", params![])? as u64)
+fn count_reorgs(c: &dyn Sql, network: &str) -> Result<u64, StoreError> {
+    Ok(c.query_value::<i64>(
+        "SELECT count(*) FROM reorgs WHERE network = ?1",
+        params![network],
+    )? as u64)
 }
 
 impl Store {
-    /// Ties the database to one chain, token and payTo on first use; refuses a different one afterwards.
+    /// Ties `network` (CAIP-2) to one chain id, token and payTo on first use; refuses a different one afterwards.
     pub async fn bind_chain(
         &self,
+        network: String,
         chain_id: u64,
         token: String,
         pay_to: String,
     ) -> Result<(), StoreError> {
         let path = self.path().to_path_buf();
-        self.write(move |tx| bind_chain_in(tx, &path, chain_id, &token, &pay_to))
+        self.write(move |tx| bind_chain_in(tx, &path, &network, chain_id, &token, &pay_to))
             .await
     }
 
-    pub async fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
-        self.read(|c| read_checkpoint(c)).await
+    /// The last fully indexed block of `network`.
+    pub async fn checkpoint(&self, network: &str) -> Result<Option<Checkpoint>, StoreError> {
+        let network = network.to_string();
+        self.read(move |c| read_checkpoint(c, &network)).await
     }
 
-    /// The stored canonical hash of block `number`, if it is in the window.
-    pub async fn recent_block(&self, number: u64) -> Result<Option<BlockRef>, StoreError> {
-        self.read(move |c| read_recent_block(c, number)).await
+    /// The stored canonical hash of `network`'s block `number`, if it is in the window.
+    pub async fn recent_block(
+        &self,
+        network: &str,
+        number: u64,
+    ) -> Result<Option<BlockRef>, StoreError> {
+        let network = network.to_string();
+        self.read(move |c| read_recent_block(c, &network, number))
+            .await
     }
 
     /// Applies one fetched range atomically; see [`RangeUpdate`].
@@ -566,7 +603,7 @@ impl Store {
                 .map(|t| t.tx_hash.as_str())
                 .collect();
             for hash in changed {
-                super::reversals::reconcile_tx(tx, hash, now)?;
+                super::reversals::reconcile_tx(tx, &update.network, hash, now)?;
             }
             Ok(outcome)
         })
@@ -576,17 +613,19 @@ impl Store {
     /// Rolls the index back to `fork` (the highest block still canonical): everything above it is orphaned.
     pub async fn rollback_to(
         &self,
+        network: &str,
         fork: BlockRef,
         old_head: u64,
     ) -> Result<Vec<Transfer>, StoreError> {
+        let network = network.to_string();
         self.write(move |tx| {
             let now = now_unix();
-            let gone = rollback_in(tx, &fork, old_head, now)?;
+            let gone = rollback_in(tx, &network, &fork, old_head, now)?;
             // A claimed payment whose every transfer is gone is reversed in this same transaction: no window in
             // which the index says "orphaned" while its credits and keys still work.
             let hashes: HashSet<&str> = gone.iter().map(|t| t.tx_hash.as_str()).collect();
             for hash in hashes {
-                super::reversals::reconcile_tx(tx, hash, now)?;
+                super::reversals::reconcile_tx(tx, &network, hash, now)?;
             }
             Ok(gone)
         })
@@ -607,13 +646,20 @@ impl Store {
         self.read(move |c| list_transfers_in(c, status)).await
     }
 
-    /// All stored transfers of one transaction.
-    pub async fn transfers_of_tx(&self, tx_hash: String) -> Result<Vec<Transfer>, StoreError> {
-        self.read(move |c| transfers_of_tx_in(c, &tx_hash)).await
+    /// All stored transfers of one transaction on `network`.
+    pub async fn transfers_of_tx(
+        &self,
+        network: &str,
+        tx_hash: String,
+    ) -> Result<Vec<Transfer>, StoreError> {
+        let network = network.to_string();
+        self.read(move |c| transfers_of_tx_in(c, &network, &tx_hash))
+            .await
     }
 
-    /// How many reorgs have been handled.
-    pub async fn reorg_count(&self) -> Result<u64, StoreError> {
-        self.read(|c| count_reorgs(c)).await
+    /// How many reorgs `network`'s indexer has handled.
+    pub async fn reorg_count(&self, network: &str) -> Result<u64, StoreError> {
+        let network = network.to_string();
+        self.read(move |c| count_reorgs(c, &network)).await
     }
 }

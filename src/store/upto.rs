@@ -222,3 +222,11 @@ pub fn list(c: &dyn Sql) -> Result<Vec<UptoRow>, StoreError> {
         row,
     )
 }
+
+/// The CAIP-2 network of upto payment `id`.
+pub fn network_of(c: &dyn Sql, id: i64) -> Result<String, StoreError> {
+    c.query_value(
+        "SELECT network FROM upto_payments WHERE id = ?1",
+        params![id],
+    )
+}

@@ -8,6 +8,8 @@ use crate::params;
 /// A settlement to record.
 #[derive(Debug, Clone)]
 pub struct NewSettlement<'a> {
+    /// CAIP-2 id of the network it was settled on.
+    pub network: &'a str,
     pub tx_hash: &'a str,
     pub payer: &'a str,
     pub nonce: &'a str,
@@ -67,8 +69,8 @@ fn row(r: &Row) -> Result<SettlementRow, StoreError> {
 pub fn insert_settlement(c: &dyn Sql, s: &NewSettlement<'_>) -> Result<i64, StoreError> {
     c.query_value(
         "INSERT INTO x402_settlements (tx_hash, payer, nonce, x402_version, \"authorization\", signature, \
-         requirements, resource, product, amount_atomic, key_id, status, settled_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'settled', ?12, ?12) RETURNING id",
+         requirements, resource, product, amount_atomic, key_id, status, settled_at, updated_at, network) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'settled', ?12, ?12, ?13) RETURNING id",
         params![
             s.tx_hash,
             s.payer,
@@ -81,7 +83,8 @@ pub fn insert_settlement(c: &dyn Sql, s: &NewSettlement<'_>) -> Result<i64, Stor
             s.product,
             s.amount_atomic,
             s.key_id,
-            s.now
+            s.now,
+            s.network
         ],
     )
 }
@@ -106,15 +109,15 @@ pub fn list_settlements(c: &dyn Sql) -> Result<Vec<SettlementRow>, StoreError> {
 
 /// Live settlements whose transaction the indexer has seen and that are now only orphaned (reorged out and not
 /// mined again).
-pub fn orphaned_settlements(c: &dyn Sql) -> Result<Vec<SettlementRow>, StoreError> {
+pub fn orphaned_settlements(c: &dyn Sql, network: &str) -> Result<Vec<SettlementRow>, StoreError> {
     c.query_map(
         &format!(
-            "SELECT {COLUMNS} FROM x402_settlements s WHERE s.status = 'settled' \
-             AND EXISTS (SELECT 1 FROM transfers t WHERE t.tx_hash = s.tx_hash) \
-             AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.tx_hash = s.tx_hash AND t.status <> 'orphaned') \
-             ORDER BY s.id"
+            "SELECT {COLUMNS} FROM x402_settlements s WHERE s.status = 'settled' AND s.network = ?1 \
+             AND EXISTS (SELECT 1 FROM transfers t WHERE t.network = ?1 AND t.tx_hash = s.tx_hash) \
+             AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.network = ?1 AND t.tx_hash = s.tx_hash \
+             AND t.status <> 'orphaned') ORDER BY s.id"
         ),
-        params![],
+        params![network],
         row,
     )
 }
@@ -213,8 +216,8 @@ pub fn store_idempotent_answer(
 pub fn link_claim(c: &dyn Sql, old: &str, new: &str, now: i64) -> Result<bool, StoreError> {
     let n = c.execute(
         "INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, subscription_id, \
-         key_id, signature, claimed_at, origin_tx) SELECT ?2, account, kind, paid_atomic, price_atomic, \
-         surplus_atomic, subscription_id, key_id, signature, ?3, coalesce(origin_tx, tx_hash) FROM claims \
+         key_id, signature, claimed_at, origin_tx, network) SELECT ?2, account, kind, paid_atomic, price_atomic, \
+         surplus_atomic, subscription_id, key_id, signature, ?3, coalesce(origin_tx, tx_hash), network FROM claims \
          WHERE tx_hash = ?1 ON CONFLICT (tx_hash) DO NOTHING",
         params![old, new, now],
     )?;
@@ -225,16 +228,17 @@ pub fn link_claim(c: &dyn Sql, old: &str, new: &str, now: i64) -> Result<bool, S
 /// payer may have used a settlement's authorization themselves. Newest first.
 pub fn adoption_candidates(
     c: &dyn Sql,
+    network: &str,
     from: &str,
     to: &str,
     value: i64,
 ) -> Result<Vec<String>, StoreError> {
     c.query_map(
         "SELECT t.tx_hash FROM transfers t WHERE t.from_address = ?1 AND t.to_address = ?2 \
-         AND t.value_atomic = ?3 AND t.status <> 'orphaned' \
+         AND t.value_atomic = ?3 AND t.status <> 'orphaned' AND t.network = ?4 \
          AND NOT EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash) GROUP BY t.tx_hash \
          ORDER BY max(t.id) DESC LIMIT 16",
-        params![from, to, value],
+        params![from, to, value, network],
         |r| r.get(0),
     )
 }
@@ -278,18 +282,23 @@ impl super::Store {
     }
 
     /// Settlements whose transfer the indexer now holds only as `orphaned`.
-    pub async fn orphaned_settlements(&self) -> Result<Vec<SettlementRow>, super::StoreError> {
-        self.read(|c| orphaned_settlements(c)).await
+    pub async fn orphaned_settlements(
+        &self,
+        network: &str,
+    ) -> Result<Vec<SettlementRow>, super::StoreError> {
+        let network = network.to_string();
+        self.read(move |c| orphaned_settlements(c, &network)).await
     }
 
     /// Indexed, unclaimed transactions that may carry a settlement's authorization (see [`adoption_candidates`]).
     pub async fn adoption_candidates(
         &self,
+        network: String,
         from: String,
         to: String,
         value: i64,
     ) -> Result<Vec<String>, super::StoreError> {
-        self.read(move |c| adoption_candidates(c, &from, &to, value))
+        self.read(move |c| adoption_candidates(c, &network, &from, &to, value))
             .await
     }
 

@@ -61,11 +61,9 @@ impl FacilitatorSettler {
 
     fn body(&self, req: &PaymentRequest) -> FacilitatorRequest {
         let requirements = match &req.payload {
-            AnyPaymentPayload::V1(_) => serde_json::to_value(to_v1(
-                &req.requirements,
-                &req.resource,
-                self.network.chain_id,
-            )),
+            AnyPaymentPayload::V1(_) => {
+                serde_json::to_value(to_v1(&req.requirements, &req.resource))
+            }
             AnyPaymentPayload::V2(_) => serde_json::to_value(&req.requirements),
         }
         .unwrap_or(Value::Null);

@@ -76,7 +76,9 @@ pub async fn check_once(
     billing: &Billing,
     now: i64,
 ) -> Result<Vec<Outcome>, StoreError> {
-    let rows = store.orphaned_settlements().await?;
+    let rows = store
+        .orphaned_settlements(&engine.network().caip2())
+        .await?;
     let mut out = Vec::new();
     for row in rows {
         let id = row.id;
@@ -101,7 +103,7 @@ pub async fn check_once(
                 // Used on chain: the original came back (the indexer will see it), or the payer (or anyone holding
                 // the signed authorization) submitted it in a transaction of their own. The money reached payTo
                 // in that transaction: find it in the index and adopt it.
-                match adopt(store, billing, &row, now).await {
+                match adopt(store, engine, billing, &row, now).await {
                     Ok(Some(tx_hash)) => Outcome::Adopted {
                         settlement_id: id,
                         tx_hash,
@@ -161,6 +163,7 @@ pub const AUTHORIZATION_USED_TOPIC: B256 =
 /// transaction, gets a copy of the claim row, and restores the purchase once it is confirmed. Returns its hash.
 async fn adopt(
     store: &Store,
+    engine: &X402,
     billing: &Billing,
     row: &SettlementRow,
     now: i64,
@@ -172,14 +175,20 @@ async fn adopt(
         return Ok(None);
     };
     let (from, to) = (format!("{:#x}", auth.from), format!("{:#x}", auth.to));
-    let candidates = store.adoption_candidates(from, to, value).await?;
-    let token = billing.settings().chain.network.token;
+    let network = engine.network();
+    let candidates = store
+        .adoption_candidates(network.caip2(), from, to, value)
+        .await?;
+    let token = network.token;
+    let Some(rpc) = billing.rpc_of(&network.caip2()) else {
+        return Ok(None);
+    };
     let authorizer = B256::left_padding_from(auth.from.as_slice());
     for candidate in candidates {
         let Ok(hash) = candidate.parse::<B256>() else {
             continue;
         };
-        let receipt = match billing.rpc().receipt(hash).await {
+        let receipt = match rpc.receipt(hash).await {
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => return Err(StoreError::Task(format!("receipt of {candidate}: {e}"))),

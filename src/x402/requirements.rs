@@ -67,14 +67,16 @@ pub fn payment_required(
 }
 
 /// The legacy v1 form of one requirement (for the 402 body of v1 clients).
-pub fn to_v1(
-    req: &PaymentRequirements,
-    resource: &ResourceInfo,
-    chain_id: u64,
-) -> PaymentRequirementsV1 {
+pub fn to_v1(req: &PaymentRequirements, resource: &ResourceInfo) -> PaymentRequirementsV1 {
+    let chain_id = req
+        .network
+        .trim()
+        .strip_prefix("eip155:")
+        .and_then(|id| id.parse::<u64>().ok());
     PaymentRequirementsV1 {
         scheme: req.scheme.clone(),
-        network: v1_network_name(chain_id)
+        network: chain_id
+            .and_then(v1_network_name)
             .map(str::to_string)
             .unwrap_or_else(|| req.network.clone()),
         max_amount_required: req.amount,
@@ -92,14 +94,14 @@ pub fn to_v1(
 }
 
 /// The legacy v1 402 body for a v2 envelope.
-pub fn payment_required_v1(required: &PaymentRequired, chain_id: u64) -> PaymentRequiredV1 {
+pub fn payment_required_v1(required: &PaymentRequired) -> PaymentRequiredV1 {
     PaymentRequiredV1 {
         x402_version: 1,
         error: required.error.clone(),
         accepts: required
             .accepts
             .iter()
-            .map(|r| to_v1(r, &required.resource, chain_id))
+            .map(|r| to_v1(r, &required.resource))
             .collect(),
     }
 }
@@ -184,7 +186,7 @@ mod tests {
                 }]
             })
         );
-        let v1 = serde_json::to_value(payment_required_v1(&req, 8453)).unwrap();
+        let v1 = serde_json::to_value(payment_required_v1(&req)).unwrap();
         assert_eq!(v1["accepts"][0]["network"], "base");
         assert_eq!(v1["accepts"][0]["maxAmountRequired"], "10000");
         assert_eq!(

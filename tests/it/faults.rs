@@ -204,7 +204,7 @@ fn check_prefix(
 /// rows must be exactly the chain's logs, all confirmed, no orphan may be canonical, and the checkpoint is the head.
 async fn final_differences(store: &Store, chain: &TestChain) -> Vec<String> {
     let rows = store.list_transfers(None).await.unwrap();
-    let checkpoint = store.checkpoint().await.unwrap();
+    let checkpoint = store.checkpoint(crate::support::DEV_NETWORK).await.unwrap();
     let (head, truth) = chain_truth(&chain.provider, chain.token(), chain.pay_to()).await;
     let mut diffs = Vec::new();
     let head_hash = chain
@@ -336,7 +336,10 @@ impl Checker {
                 let mut highest_head = 0;
                 loop {
                     // The checkpoint first, then the rows, then the chain: see check_rows and check_prefix.
-                    let checkpoint = store.checkpoint().await.map_err(|e| e.to_string())?;
+                    let checkpoint = store
+                        .checkpoint(crate::support::DEV_NETWORK)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     let rows = store
                         .list_transfers(None)
                         .await

@@ -55,7 +55,11 @@ async fn backfills_only_usdc_transfers_to_pay_to() {
         rows.iter()
             .all(|t| t.to == format!("{:#x}", chain.pay_to()))
     );
-    let head = store.checkpoint().await.unwrap().unwrap();
+    let head = store
+        .checkpoint(crate::support::DEV_NETWORK)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(head.number, chain.head().await);
 }
 
@@ -125,7 +129,11 @@ async fn reorg_that_drops_a_payment_orphans_it() {
     );
     assert!(indexer.status.snapshot().reorgs >= 1);
     assert_eq!(
-        indexer.store.reorg_count().await.unwrap(),
+        indexer
+            .store
+            .reorg_count(crate::support::DEV_NETWORK)
+            .await
+            .unwrap(),
         indexer.status.snapshot().reorgs
     );
     indexer.stop().await.unwrap();
@@ -355,7 +363,12 @@ async fn splits_ranges_the_provider_refuses() {
                 <= 10
         );
         assert_eq!(
-            store.checkpoint().await.unwrap().unwrap().number,
+            store
+                .checkpoint(crate::support::DEV_NETWORK)
+                .await
+                .unwrap()
+                .unwrap()
+                .number,
             chain.head().await
         );
     }
@@ -382,7 +395,12 @@ async fn backfill_fetching_ahead_has_no_gap_or_duplicate() {
     };
     assert_eq!(hashes(store.list_transfers(None).await.unwrap()), expected);
     assert_eq!(
-        store.checkpoint().await.unwrap().unwrap().number,
+        store
+            .checkpoint(crate::support::DEV_NETWORK)
+            .await
+            .unwrap()
+            .unwrap()
+            .number,
         chain.head().await
     );
 
@@ -391,7 +409,12 @@ async fn backfill_fetching_ahead_has_no_gap_or_duplicate() {
     index_once(settings, &store).await.unwrap();
     assert_eq!(hashes(store.list_transfers(None).await.unwrap()), expected);
     assert_eq!(
-        store.checkpoint().await.unwrap().unwrap().number,
+        store
+            .checkpoint(crate::support::DEV_NETWORK)
+            .await
+            .unwrap()
+            .unwrap()
+            .number,
         chain.head().await
     );
 }

@@ -156,7 +156,10 @@ impl Stack {
     async fn wait_confirmed(&self, tx: &str) {
         let store = self.gw.store().await;
         wait_for(&format!("{tx} confirmed"), || async {
-            let rows = store.transfers_of_tx(tx.to_string()).await.ok()?;
+            let rows = store
+                .transfers_of_tx(crate::support::DEV_NETWORK, tx.to_string())
+                .await
+                .ok()?;
             rows.iter()
                 .any(|t| t.status == TransferStatus::Confirmed)
                 .then_some(())

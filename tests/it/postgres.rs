@@ -712,7 +712,7 @@ async fn migrate_over_tls_verifies_the_server() {
     assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
     let client = db.client().await;
     let applied: bool = client
-        .query_one("SELECT to_regclass('chain_binding') IS NOT NULL", &[])
+        .query_one("SELECT to_regclass('network_bindings') IS NOT NULL", &[])
         .await
         .unwrap()
         .get(0);
@@ -776,6 +776,7 @@ async fn ledger_rules_hold_on_postgres() {
             let claim = || {
                 billing::insert_claim(
                     c,
+                    crate::support::DEV_NETWORK,
                     "0xc1",
                     "0xaa",
                     "topup",

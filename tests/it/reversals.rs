@@ -277,7 +277,14 @@ async fn reversals_x402_credits_settlement_that_cannot_be_resubmitted_loses_its_
     let t = tx.clone();
     wait_for("the settlement indexed", || {
         let (store, t) = (store.clone(), t.clone());
-        async move { (!store.transfers_of_tx(t).await.unwrap().is_empty()).then_some(()) }
+        async move {
+            (!store
+                .transfers_of_tx(crate::support::DEV_NETWORK, t)
+                .await
+                .unwrap()
+                .is_empty())
+            .then_some(())
+        }
     })
     .await;
     assert_eq!(account_balance(&store, payer.address()).await, usdc("10"));
@@ -430,7 +437,14 @@ async fn reversals_x402_settlement_re_mined_by_the_payer_is_adopted_and_restored
     let t = tx.clone();
     wait_for("the settlement indexed", || {
         let (store, t) = (store.clone(), t.clone());
-        async move { (!store.transfers_of_tx(t).await.unwrap().is_empty()).then_some(()) }
+        async move {
+            (!store
+                .transfers_of_tx(crate::support::DEV_NETWORK, t)
+                .await
+                .unwrap()
+                .is_empty())
+            .then_some(())
+        }
     })
     .await;
 

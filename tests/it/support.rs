@@ -28,6 +28,9 @@ use x402_gateway::store::transfers::{Transfer, TransferStatus};
 use x402_gateway::usdc::Usdc;
 
 /// How long any condition may take before a test fails.
+/// The dev chain's CAIP-2 id: the network every test row is keyed by.
+pub const DEV_NETWORK: &str = "eip155:31337";
+
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// anvil from the project's npm install.
@@ -117,6 +120,7 @@ impl TestChain {
             max_block_range: 2_000,
             reorg_window: (confirmations * 2).max(64),
             rpc_timeout: Duration::from_secs(2),
+            ready_max_lag_blocks: confirmations * 3,
         }
     }
 
@@ -271,7 +275,7 @@ impl RunningIndexer {
 
     pub async fn transfers_of(&self, tx: &str) -> Vec<Transfer> {
         self.store
-            .transfers_of_tx(tx.to_string())
+            .transfers_of_tx(crate::support::DEV_NETWORK, tx.to_string())
             .await
             .expect("reads")
     }

@@ -270,7 +270,10 @@ async fn x402_valid_payment_verifies_and_self_settles() {
     let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
     index_once(f.chain.settings(1), &store).await.unwrap();
     let rows = store
-        .transfers_of_tx(format!("{:#x}", settlement.transaction))
+        .transfers_of_tx(
+            crate::support::DEV_NETWORK,
+            format!("{:#x}", settlement.transaction),
+        )
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);

@@ -412,7 +412,10 @@ async fn x402_routes_challenge_buy_credits_and_pool_one_ledger() {
     wait_for("the settlement to be indexed as confirmed", || {
         let (store, tx) = (store.clone(), tx.clone());
         async move {
-            let rows = store.transfers_of_tx(tx).await.unwrap();
+            let rows = store
+                .transfers_of_tx(crate::support::DEV_NETWORK, tx)
+                .await
+                .unwrap();
             rows.iter()
                 .any(|t| t.status == TransferStatus::Confirmed)
                 .then_some(())
@@ -724,7 +727,12 @@ async fn x402_routes_reorged_settlement_is_resubmitted_or_suspended() {
         .to_string();
     let status_of = |tx: String| {
         let store = store.clone();
-        async move { store.transfers_of_tx(tx).await.unwrap() }
+        async move {
+            store
+                .transfers_of_tx(crate::support::DEV_NETWORK, tx)
+                .await
+                .unwrap()
+        }
     };
     wait_for("the settlement indexed", || {
         let f = status_of(tx.clone());
