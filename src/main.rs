@@ -322,13 +322,16 @@ async fn main() -> Result<()> {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
                 }
             };
-            // One indexer per network; `--once` syncs them one after the other.
+            // One indexer per network, all at once: a slow network never holds up another's sync.
             let networks: Vec<_> = settings.networks().cloned().collect();
             if once {
+                let mut syncs = Vec::new();
                 for chain in networks {
-                    Indexer::new(chain, store.clone(), StatusHandle::default())?
-                        .run_until_synced(shutdown.clone())
-                        .await?;
+                    let indexer = Indexer::new(chain, store.clone(), StatusHandle::default())?;
+                    syncs.push(indexer.run_until_synced(shutdown.clone()));
+                }
+                for synced in futures::future::join_all(syncs).await {
+                    synced?;
                 }
             } else {
                 let mut running = Vec::new();

@@ -259,7 +259,22 @@ pub async fn start_chain(
     block_time: u64,
     agent_funds: Usdc,
 ) -> Result<DevChain, DevError> {
-    deploy(spawn_anvil(anvil_path, block_time, None)?, agent_funds).await
+    start_chain_with_id(anvil_path, DEV_CHAIN_ID, block_time, agent_funds).await
+}
+
+/// [`start_chain`] with another chain id: a second network beside the dev chain (the same deployer deploys the
+/// token at the same address on both, as CREATE2 deployments do on real networks).
+pub async fn start_chain_with_id(
+    anvil_path: &Path,
+    chain_id: u64,
+    block_time: u64,
+    agent_funds: Usdc,
+) -> Result<DevChain, DevError> {
+    deploy(
+        spawn_anvil_with_id(anvil_path, chain_id, block_time, None)?,
+        agent_funds,
+    )
+    .await
 }
 
 /// Spawns anvil on a free port; with `state`, it loads that file if it exists and writes it when stopped.
@@ -268,7 +283,16 @@ fn spawn_anvil(
     block_time: u64,
     state: Option<&Path>,
 ) -> Result<AnvilInstance, DevError> {
-    let mut builder = Anvil::at(anvil_path).chain_id(DEV_CHAIN_ID).port(0u16);
+    spawn_anvil_with_id(anvil_path, DEV_CHAIN_ID, block_time, state)
+}
+
+fn spawn_anvil_with_id(
+    anvil_path: &Path,
+    chain_id: u64,
+    block_time: u64,
+    state: Option<&Path>,
+) -> Result<AnvilInstance, DevError> {
+    let mut builder = Anvil::at(anvil_path).chain_id(chain_id).port(0u16);
     if block_time > 0 {
         builder = builder.block_time(block_time);
     }

@@ -17,6 +17,7 @@ mod indexer;
 mod inference;
 mod limits;
 mod metering;
+mod networks;
 mod permit2;
 mod postgres;
 mod proxy;

@@ -71,7 +71,12 @@ pub struct TestChain {
 
 impl TestChain {
     pub async fn start() -> TestChain {
-        let dev = dev::start_chain(&anvil_path(), 0, Usdc::whole(1_000_000))
+        TestChain::start_with_id(dev::DEV_CHAIN_ID).await
+    }
+
+    /// A chain with another chain id (a second network).
+    pub async fn start_with_id(chain_id: u64) -> TestChain {
+        let dev = dev::start_chain_with_id(&anvil_path(), chain_id, 0, Usdc::whole(1_000_000))
             .await
             .expect("dev chain starts");
         let mut wallet = EthereumWallet::from(dev.deployer.clone());
@@ -189,7 +194,7 @@ impl TestChain {
             .with_to(self.token())
             .with_input(call.abi_encode())
             .with_nonce(nonce)
-            .with_chain_id(dev::DEV_CHAIN_ID)
+            .with_chain_id(self.provider.get_chain_id().await.expect("chain id"))
             .with_gas_limit(200_000)
             .with_max_fee_per_gas(20_000_000_000)
             .with_max_priority_fee_per_gas(1_000_000_000);
