@@ -203,6 +203,7 @@ async fn sqlite_write_rate(
         let hash = format!("{:#066x}", block);
         let transfers = (0..per_range)
             .map(|i| NewTransfer {
+                network: "eip155:31337".into(),
                 tx_hash: format!("{:#066x}", r * per_range + i + (1 << 40)),
                 log_index: i,
                 block_number: block,
@@ -214,6 +215,7 @@ async fn sqlite_write_rate(
             })
             .collect();
         updates.push(RangeUpdate {
+            network: "eip155:31337".into(),
             from: block,
             to: block,
             transfers,

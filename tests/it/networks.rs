@@ -87,7 +87,13 @@ settler_key_env = "{HOT_ENV}"
     )
 }
 
-async fn start(a: &TestChain, rpc_a: &str, b: &TestChain, rpc_b: &str, dir: &std::path::Path) -> Gateway {
+async fn start(
+    a: &TestChain,
+    rpc_a: &str,
+    b: &TestChain,
+    rpc_b: &str,
+    dir: &std::path::Path,
+) -> Gateway {
     let db = dir.join("gateway.db");
     let hot = format!("0x{}", alloy::hex::encode(a.dev.settler.to_bytes()));
     Gateway::start_with_env(
@@ -143,7 +149,11 @@ async fn audit(gw: &Gateway, path: &str) -> Value {
 #[tokio::test]
 async fn two_networks_index_and_claim_side_by_side_and_never_mix() {
     let (a, b) = tokio::join!(TestChain::start(), TestChain::start_with_id(CHAIN_B));
-    assert_eq!(a.token(), b.token(), "the same token address on both chains");
+    assert_eq!(
+        a.token(),
+        b.token(),
+        "the same token address on both chains"
+    );
     assert_eq!(a.pay_to(), b.pay_to(), "the same payTo on both chains");
     let dir = tempfile::tempdir().unwrap();
     let gw = start(&a, &a.rpc_url(), &b, &b.rpc_url(), dir.path()).await;
@@ -183,7 +193,14 @@ async fn two_networks_index_and_claim_side_by_side_and_never_mix() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap_or_default().contains(NET_A) || body.to_string().contains(NET_A), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(NET_A)
+            || body.to_string().contains(NET_A),
+        "{body}"
+    );
     // A's transaction claimed on B: not there either.
     let sig_a = sign(&payer, &claim_text(&tx_a, CHAIN_A));
     let (status, body) = claim(
@@ -222,7 +239,7 @@ async fn two_networks_index_and_claim_side_by_side_and_never_mix() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["data"]["newBalanceUsdc"], "27", "{body}");
+    assert_eq!(body["data"]["newBalance"], 27, "{body}");
     let (status, body) = claim(
         &gw,
         json!({"txHash": tx_b, "amount": "15", "signature": sig_b, "network": NET_B}),
@@ -243,7 +260,12 @@ async fn two_networks_index_and_claim_side_by_side_and_never_mix() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["txHash"].as_str().unwrap(), c["network"].as_str().unwrap()))
+        .map(|c| {
+            (
+                c["txHash"].as_str().unwrap(),
+                c["network"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert!(networks.contains(&(tx_a.as_str(), NET_A)), "{claims}");
     assert!(networks.contains(&(tx_b.as_str(), NET_B)), "{claims}");
@@ -256,14 +278,21 @@ async fn two_networks_index_and_claim_side_by_side_and_never_mix() {
         .map(|n| {
             (
                 n["network"].as_str().unwrap().to_string(),
-                n["receivedUsdc"].as_str().unwrap().to_string(),
+                n["receivedAtomic"].as_str().unwrap().to_string(),
             )
         })
         .collect();
-    assert!(per_network.contains(&(NET_A.into(), "12".into())), "{revenue}");
-    assert!(per_network.contains(&(NET_B.into(), "15".into())), "{revenue}");
+    assert!(
+        per_network.contains(&(NET_A.into(), "12000000".into())),
+        "{revenue}"
+    );
+    assert!(
+        per_network.contains(&(NET_B.into(), "15000000".into())),
+        "{revenue}"
+    );
     let detail = audit(&gw, &format!("/api/audit/payments/{tx_b}")).await;
-    assert_eq!(detail["data"]["network"], NET_B, "{detail}");
+    assert_eq!(detail["network"], NET_B, "{detail}");
+    assert_eq!(detail["transfers"][0]["network"], NET_B, "{detail}");
 
     // The database agrees: one binding and one checkpoint per network.
     let store = gw.store().await;
@@ -277,7 +306,13 @@ async fn two_networks_index_and_claim_side_by_side_and_never_mix() {
         })
         .await
         .unwrap();
-    assert_eq!(bindings, [(NET_A.into(), CHAIN_A as i64), (NET_B.into(), CHAIN_B as i64)]);
+    assert_eq!(
+        bindings,
+        [
+            (NET_A.into(), CHAIN_A as i64),
+            (NET_B.into(), CHAIN_B as i64)
+        ]
+    );
     for network in [NET_A, NET_B] {
         assert!(store.checkpoint(network).await.unwrap().is_some());
     }
@@ -287,18 +322,16 @@ async fn two_networks_index_and_claim_side_by_side_and_never_mix() {
 #[tokio::test]
 async fn one_networks_outage_and_anothers_reorg_stall_neither() {
     let (a, b) = tokio::join!(TestChain::start(), TestChain::start_with_id(CHAIN_B));
-    let proxy_a = TcpFaultProxy::start(
-        format!("127.0.0.1:{}", a.dev.anvil.port())
-            .parse()
-            .unwrap(),
-    )
-    .await;
+    let proxy_a =
+        TcpFaultProxy::start(format!("127.0.0.1:{}", a.dev.anvil.port()).parse().unwrap()).await;
     let rpc_a = format!("http://{}", proxy_a.addr);
     let dir = tempfile::tempdir().unwrap();
     let gw = start(&a, &rpc_a, &b, &b.rpc_url(), dir.path()).await;
     let payer = a.payer(1).clone();
 
-    // Chain A's RPC goes down: B's payments are still indexed and claimed.
+    // Chain A's RPC goes down (once A is indexed to its head): B's payments are still indexed and claimed.
+    let synced_a = a.head().await;
+    confirm_on(&gw, &a, NET_A, synced_a.saturating_sub(CONFIRMATIONS - 1)).await;
     let head_a = health_of(&gw, NET_A).await["indexer"]["indexedHead"].as_u64();
     proxy_a.down();
     let (tx_b, block_b) = b.pay(1, usdc("10")).await;
@@ -320,7 +353,11 @@ async fn one_networks_outage_and_anothers_reorg_stall_neither() {
     .await;
     assert_eq!(down["indexer"]["indexedHead"].as_u64(), head_a, "{down}");
     let (status, _, ready) = gw.get("/readyz", None).await;
-    assert_eq!(status, StatusCode::OK, "a lag within bounds is still ready: {ready}");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a lag within bounds is still ready: {ready}"
+    );
 
     // A reorg on B orphans a payment there while A, back up, catches up and confirms its payment.
     let (tx_b2, block_b2) = b.pay(2, usdc("13")).await;
@@ -352,7 +389,10 @@ async fn one_networks_outage_and_anothers_reorg_stall_neither() {
     .await;
     assert!(!orphaned.is_empty());
     let b_health = health_of(&gw, NET_B).await;
-    assert!(b_health["indexer"]["reorgs"].as_u64().unwrap() >= 1, "{b_health}");
+    assert!(
+        b_health["indexer"]["reorgs"].as_u64().unwrap() >= 1,
+        "{b_health}"
+    );
     assert_eq!(
         health_of(&gw, NET_A).await["indexer"]["reorgs"].as_u64(),
         Some(0),
@@ -386,7 +426,10 @@ async fn standard_x402_buys_on_each_network_with_the_official_clients() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::PAYMENT_REQUIRED);
-    let header = resp.headers()["payment-required"].to_str().unwrap().to_string();
+    let header = resp.headers()["payment-required"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let required: Value = serde_json::from_slice(
         &base64::Engine::decode(&base64::engine::general_purpose::STANDARD, header).unwrap(),
     )
@@ -401,8 +444,13 @@ async fn standard_x402_buys_on_each_network_with_the_official_clients() {
 
     let node = std::path::PathBuf::from("node");
     let installed = root().join("node_modules/@x402/fetch").exists();
-    assert!(installed || !interop_required(), "@x402/fetch is not installed");
-    let key = |chain: &TestChain, i: usize| format!("0x{}", alloy::hex::encode(chain.payer(i).to_bytes()));
+    assert!(
+        installed || !interop_required(),
+        "@x402/fetch is not installed"
+    );
+    let key = |chain: &TestChain, i: usize| {
+        format!("0x{}", alloy::hex::encode(chain.payer(i).to_bytes()))
+    };
     let token_b = x402_gateway::dev::contracts::TestUSDC::new(b.token(), &b.provider);
     let balance_b = |who| {
         let token_b = token_b.clone();
@@ -422,7 +470,13 @@ async fn standard_x402_buys_on_each_network_with_the_official_clients() {
         .unwrap();
         assert_eq!(out["status"], 200, "{out}");
         assert_eq!(out["paymentResponse"]["network"], NET_B, "{out}");
-        bought.push((NET_B, out["paymentResponse"]["transaction"].as_str().unwrap().to_string()));
+        bought.push((
+            NET_B,
+            out["paymentResponse"]["transaction"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        ));
         // It paid on B, from B's balance.
         assert_eq!(
             before - balance_b(payer).await,
@@ -438,7 +492,13 @@ async fn standard_x402_buys_on_each_network_with_the_official_clients() {
     {
         assert_eq!(out["status"], 200, "{out}");
         assert_eq!(out["paymentResponse"]["network"], NET_A, "{out}");
-        bought.push((NET_A, out["paymentResponse"]["transaction"].as_str().unwrap().to_string()));
+        bought.push((
+            NET_A,
+            out["paymentResponse"]["transaction"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        ));
     }
     // Each settlement is a transaction on its own chain, and its claim names that network.
     let store = gw.store().await;
@@ -446,7 +506,10 @@ async fn standard_x402_buys_on_each_network_with_the_official_clients() {
         let chain = if *network == NET_B { &b } else { &a };
         let hash: alloy::primitives::B256 = tx.parse().unwrap();
         let receipt = chain.provider.get_transaction_receipt(hash).await.unwrap();
-        assert!(receipt.is_some_and(|r| r.status()), "{tx} is not mined on {network}");
+        assert!(
+            receipt.is_some_and(|r| r.status()),
+            "{tx} is not mined on {network}"
+        );
         let recorded: Vec<(String, String)> = store
             .read({
                 let tx = tx.clone();
@@ -461,10 +524,19 @@ async fn standard_x402_buys_on_each_network_with_the_official_clients() {
             })
             .await
             .unwrap();
-        assert_eq!(recorded, [(network.to_string(), network.to_string())], "{tx}");
+        assert_eq!(
+            recorded,
+            [(network.to_string(), network.to_string())],
+            "{tx}"
+        );
         // The indexer of that network sees the settlement's transfer; the claim keeps it from being claimed again.
         wait_for(&format!("{tx} indexed on {network}"), || async {
-            (!store.transfers_of_tx(network, tx.clone()).await.ok()?.is_empty()).then_some(())
+            (!store
+                .transfers_of_tx(network, tx.clone())
+                .await
+                .ok()?
+                .is_empty())
+            .then_some(())
         })
         .await;
     }
@@ -478,9 +550,10 @@ async fn standard_x402_buys_on_each_network_with_the_official_clients() {
 #[tokio::test]
 async fn a_previous_release_database_upgrades_losslessly() {
     let fixtures = root().join("fixtures/db");
-    let facts: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures.join("main-schema10.json")).unwrap())
-            .unwrap();
+    let facts: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("main-schema10.json")).unwrap(),
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("old.db");
     std::fs::copy(fixtures.join("main-schema10.sqlite"), &db).unwrap();
@@ -529,7 +602,12 @@ claims_require_signature = false
         let store = store.clone();
         async move {
             store
-                .read(move |c| c.query_value::<i64>(&format!("SELECT count(*) FROM {table}"), x402_gateway::params![]))
+                .read(move |c| {
+                    c.query_value::<i64>(
+                        &format!("SELECT count(*) FROM {table}"),
+                        x402_gateway::params![],
+                    )
+                })
                 .await
                 .unwrap()
         }
@@ -563,7 +641,10 @@ claims_require_signature = false
         facts["checkpoint"][0]["block_number"].as_u64()
     );
     // The money is what it was: every account's ledger and balance.
-    for (account, sum) in facts["ledger_amount_atomic_by_account"].as_object().unwrap() {
+    for (account, sum) in facts["ledger_amount_atomic_by_account"]
+        .as_object()
+        .unwrap()
+    {
         let sum = &sum["sum_amount_atomic"];
         let account = account.clone();
         let (ledger, balance): (i64, i64) = store
@@ -581,13 +662,22 @@ claims_require_signature = false
         assert_eq!(balance, ledger);
     }
     // `audit verify` (re-reading every transfer from the chain) is as clean as the old binary found it.
-    assert_eq!(facts["audit_verify"]["exit_code"], 0, "the fixture was clean");
+    assert_eq!(
+        facts["audit_verify"]["exit_code"], 0,
+        "the fixture was clean"
+    );
     let report = x402_gateway::audit::verify::verify(&settings, &store, &mut |_| {})
         .await
         .unwrap();
     assert!(report.is_clean(), "{:?}", report.discrepancies);
-    assert_eq!(report.transfers_checked as i64, counts["transfers"].as_i64().unwrap());
-    assert_eq!(report.claims_checked as i64, counts["claims"].as_i64().unwrap());
+    assert_eq!(
+        report.transfers_checked as i64,
+        counts["transfers"].as_i64().unwrap()
+    );
+    assert_eq!(
+        report.claims_checked as i64,
+        counts["claims"].as_i64().unwrap()
+    );
     drop(store);
 
     // The upgraded database serves: a claimed payment stays claimed, and one more network can join it.
@@ -597,7 +687,10 @@ claims_require_signature = false
         network_section("[[networks]]", CHAIN_B, &b, &b.rpc_url())
     );
     let gw = Gateway::start_with(config, db.clone(), Arc::new(AtomicI64::new(T0))).await;
-    let claimed = facts["subscriptions"][0]["tx_hash"].as_str().unwrap().to_string();
+    let claimed = facts["subscriptions"][0]["tx_hash"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (status, body) = claim(&gw, json!({"txHash": claimed, "amount": "10"})).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let (tx, block) = b.pay(0, usdc("10")).await;
