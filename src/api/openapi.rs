@@ -267,6 +267,7 @@ pub const ROUTES: &[RouteDoc] = &[
             ),
             ("to", "block time to (exclusive)"),
             ("minAmount", "minimum value in USDC, e.g. \"10.00\""),
+            ("network", "CAIP-2 id of one network, e.g. \"eip155:8453\""),
             PAGE[0],
             PAGE[1],
             PAGE[2],
@@ -488,6 +489,16 @@ pub fn document_for(settings: &crate::config::Settings) -> Value {
         ["schema"]["properties"];
     body["poolSlug"] = json!({"type": "string", "enum": slugs});
     body["blocks"]["items"] = json!({"type": "string", "enum": blocks});
+    // The networks this gateway accepts claims on: CAIP-2 ids and preset names.
+    let networks: Vec<String> = settings
+        .networks()
+        .flat_map(|n| [n.network.caip2(), n.network.name.clone()])
+        .filter(|name| name != "custom")
+        .collect();
+    for path in ["/api/agent/subscribe-pool", "/api/agent/topup"] {
+        paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+            ["network"]["enum"] = json!(networks);
+    }
     let topup = &mut paths["/api/agent/topup"]["post"]["requestBody"]["content"]["application/json"]
         ["schema"]["properties"]["amount"];
     if let Some(amount) = &amount {

@@ -1764,3 +1764,85 @@ async fn a_follower_serves_from_the_shared_index_and_takes_over_when_the_leader_
     chain.mine(3).await;
     follower.wait_indexed(head + 3).await;
 }
+
+/// Migration 11 (networks) on a PostgreSQL database holding data of one network (schema 10): every chain-derived row
+/// is keyed by the network it was bound to, the binding and the checkpoint move to their per-network tables, the
+/// recent-block window is keyed by (network, number), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_network_database_is_keyed_by_its_network_in_place() {
+    let Some(db) = TestDb::create().await else {
+        return;
+    };
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .await
+        .unwrap();
+    for m in x402_gateway::store::postgres::schema()
+        .unwrap()
+        .iter()
+        .take_while(|m| m.version <= 10)
+    {
+        client.batch_execute(&m.sql).await.unwrap();
+        client
+            .execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, 0)",
+                &[&i64::from(m.version), &m.name],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute(
+            "INSERT INTO chain_binding (id, chain_id, token_address, pay_to, created_at) VALUES (1, 8453, '0xt', '0xp', 1);
+             INSERT INTO checkpoint (id, block_number, block_hash, updated_at) VALUES (1, 42, '0xh42', 2);
+             INSERT INTO recent_blocks (number, hash, parent_hash, timestamp) VALUES (41, '0xh41', '0xh40', 3), (42, '0xh42', '0xh41', 4);
+             INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, from_address, to_address, value_atomic, status, first_seen_at)
+                 VALUES ('0xa1', 0, 41, '0xh41', '0xaa', '0xp', 7, 'confirmed', 5);
+             INSERT INTO reorgs (detected_at, fork_block, old_head, depth, orphaned_transfers) VALUES (6, 40, 41, 1, 0);
+             INSERT INTO accounts (address, created_at) VALUES ('0xaa', 7);
+             INSERT INTO claims (tx_hash, account, kind, paid_atomic, price_atomic, surplus_atomic, claimed_at)
+                 VALUES ('0xa1', '0xaa', 'topup', 7, 7, 0, 8);
+             INSERT INTO x402_settlements (tx_hash, payer, nonce, x402_version, \"authorization\", signature, requirements,
+                 resource, product, amount_atomic, status, settled_at, updated_at)
+                 VALUES ('0xa1', '0xaa', '0xn', 2, '{}', '0x', '{}', 'r', 'credits', 7, 'settled', 9, 9);",
+        )
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = migrate_ok(&postgres_config(dir.path()), &db.url);
+    assert!(out.contains("applied migration 11 networks"), "{out}");
+    let one = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap() }
+    };
+    let binding = one("SELECT network, chain_id, token_address, pay_to FROM network_bindings").await;
+    assert_eq!(binding.get::<_, String>(0), "eip155:8453");
+    assert_eq!(binding.get::<_, i64>(1), 8453);
+    let checkpoint = one("SELECT network, block_number, block_hash FROM network_checkpoints").await;
+    assert_eq!(
+        (checkpoint.get::<_, String>(0), checkpoint.get::<_, i64>(1)),
+        ("eip155:8453".to_string(), 42)
+    );
+    for table in ["transfers", "claims", "x402_settlements", "reorgs", "recent_blocks"] {
+        let sql = format!("SELECT count(*), count(*) FILTER (WHERE network = 'eip155:8453') FROM {table}");
+        let row = client.query_one(&sql, &[]).await.unwrap();
+        let (all, keyed): (i64, i64) = (row.get(0), row.get(1));
+        assert!(all > 0, "{table} lost its rows");
+        assert_eq!(all, keyed, "{table}: every row keyed by the bound network");
+    }
+    // The window is keyed by network: the same block number on another network is another row.
+    client
+        .batch_execute(
+            "INSERT INTO recent_blocks (network, number, hash, parent_hash, timestamp) VALUES ('eip155:10', 42, '0xo', '0xo', 1)",
+        )
+        .await
+        .unwrap();
+    let gone = one("SELECT to_regclass('chain_binding') IS NULL AND to_regclass('checkpoint') IS NULL").await;
+    assert!(gone.get::<_, bool>(0));
+    drop(client);
+    db.drop_db().await;
+}
