@@ -465,6 +465,13 @@ DROP TABLE checkpoint;
 ALTER TABLE transfers ADD COLUMN network TEXT NOT NULL DEFAULT '';
 UPDATE transfers SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
 CREATE INDEX transfers_network_tx ON transfers (network, tx_hash);
+-- The token paid in (its address; a network may accept several, e.g. USDC and EURC) and the amount in that token's
+-- own atomic units, as a decimal string (an 18-decimal token overflows 64 bits). `value_atomic` is what the payment
+-- is credited at: its USD value in micro-units at the token's configured price (USDC: the same number).
+ALTER TABLE transfers ADD COLUMN token TEXT NOT NULL DEFAULT '';
+ALTER TABLE transfers ADD COLUMN token_value TEXT;
+UPDATE transfers SET token = coalesce((SELECT token_address FROM chain_binding), ''),
+    token_value = CAST(value_atomic AS TEXT);
 CREATE INDEX transfers_network_status_block ON transfers (network, status, block_number);
 ALTER TABLE reorgs ADD COLUMN network TEXT NOT NULL DEFAULT '';
 UPDATE reorgs SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');

@@ -212,6 +212,8 @@ async fn sqlite_write_rate(
                 from: "0x1111111111111111111111111111111111111111".into(),
                 to: "0x2222222222222222222222222222222222222222".into(),
                 value: Usdc(1_000_000 + i as i64),
+                token: "0x3333333333333333333333333333333333333333".into(),
+                token_value: (1_000_000 + i).to_string(),
             })
             .collect();
         updates.push(RangeUpdate {

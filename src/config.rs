@@ -524,6 +524,117 @@ pub struct ChainConfig {
     /// Per-request timeout for RPC calls, in milliseconds.
     #[serde(default = "default_rpc_timeout_ms")]
     pub rpc_timeout_ms: u64,
+    /// Tokens accepted on this network besides its USDC (e.g. EURC), each with its USD price policy.
+    #[serde(default)]
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// `tokens = [{ … }]` of a network as written: a token accepted besides the network's USDC.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Short name shown to agents (`EURC`).
+    pub symbol: String,
+    pub address: String,
+    /// EIP-712 domain name and version (what `transferWithAuthorization` signatures are made over).
+    pub name: String,
+    pub version: String,
+    /// Decimals of the token's atomic unit (USDC and EURC: 6).
+    #[serde(default = "default_token_decimals")]
+    pub decimals: u8,
+    /// USD per whole token, a decimal string with at most 6 decimals (`"1"` for a USD stablecoin, `"1.08"` for a
+    /// euro one). Required: a token without a USD price is refused, never guessed.
+    pub usd_per_token: Option<String>,
+}
+
+fn default_token_decimals() -> u8 {
+    6
+}
+
+/// A network's `tokens` validated: priced, distinct, and not its USDC again.
+fn resolve_tokens(
+    key: &str,
+    network: &Network,
+    written: &[TokenConfig],
+) -> Result<Vec<Token>, ConfigError> {
+    let mut tokens: Vec<Token> = Vec::new();
+    for (i, t) in written.iter().enumerate() {
+        let at = |field: &str| format!("{key}.tokens[{i}].{field}");
+        let address = parse_address(&at("address"), &t.address)?;
+        if address == network.token || tokens.iter().any(|x| x.address == address) {
+            return Err(invalid(
+                &at("address"),
+                "this token is already accepted on this network",
+            ));
+        }
+        if t.symbol.trim().is_empty() || t.name.trim().is_empty() || t.version.trim().is_empty() {
+            return Err(invalid(
+                &at("symbol"),
+                "symbol, name and version are required",
+            ));
+        }
+        if t.decimals > 36 {
+            return Err(invalid(&at("decimals"), "at most 36"));
+        }
+        let Some(price) = &t.usd_per_token else {
+            return Err(invalid(
+                &at("usd_per_token"),
+                format!(
+                    "token `{}` has no USD price: set usd_per_token (\"1\" for a USD stablecoin); a token without \
+                     one is refused, never guessed",
+                    t.symbol
+                ),
+            ));
+        };
+        let rate = parse_usdc(&at("usd_per_token"), price)?;
+        if rate == Usdc::ZERO {
+            return Err(invalid(&at("usd_per_token"), "must be positive"));
+        }
+        tokens.push(Token {
+            symbol: t.symbol.trim().to_string(),
+            address,
+            name: t.name.clone(),
+            version: t.version.clone(),
+            decimals: t.decimals,
+            usd_micro_per_token: rate.atomic() as u64,
+        });
+    }
+    Ok(tokens)
+}
+
+/// A token a network accepts, with the fixed USD price every payment in it is credited at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub symbol: String,
+    pub address: Address,
+    /// EIP-712 domain name and version.
+    pub name: String,
+    pub version: String,
+    pub decimals: u8,
+    /// USD micro-units (the ledger's unit) per whole token: 1,000,000 for a USD stablecoin.
+    pub usd_micro_per_token: u64,
+}
+
+impl Token {
+    /// The ledger value (USD micro-units) of `raw` atomic units of the token, rounded down (a payment is never
+    /// credited with more than it is worth); `None` when it does not fit.
+    pub fn to_usd(&self, raw: alloy::primitives::U256) -> Option<i64> {
+        let scaled = raw.checked_mul(alloy::primitives::U256::from(self.usd_micro_per_token))?;
+        let usd = scaled
+            / alloy::primitives::U256::from(10u64)
+                .pow(alloy::primitives::U256::from(self.decimals));
+        i64::try_from(usd).ok()
+    }
+
+    /// The token amount (atomic units) that is worth at least `usd`, rounded up (an offer never asks for less than
+    /// its price); `to_usd` of it is at least `usd`.
+    pub fn from_usd(&self, usd: Usdc) -> alloy::primitives::U256 {
+        use alloy::primitives::U256;
+        let unit = U256::from(10u64).pow(U256::from(self.decimals));
+        let numerator = U256::from(usd.atomic().max(0) as u64) * unit;
+        let rate = U256::from(self.usd_micro_per_token.max(1));
+        numerator.div_ceil(rate)
+    }
 }
 
 impl ChainConfig {
@@ -681,6 +792,7 @@ impl ChainConfig {
             Some(w) => w,
         };
 
+        let extra_tokens = resolve_tokens(key, &network, &chain.tokens)?;
         Ok(ChainSettings {
             network,
             rpc_http,
@@ -695,6 +807,7 @@ impl ChainConfig {
             ready_max_lag_blocks: server
                 .ready_max_lag_blocks
                 .unwrap_or(chain.confirmations.saturating_mul(3)),
+            extra_tokens,
         })
     }
 }
@@ -1012,6 +1125,34 @@ pub struct ChainSettings {
     pub rpc_timeout: Duration,
     /// Largest indexer lag (blocks) at which `/readyz` still counts this network ready.
     pub ready_max_lag_blocks: u64,
+    /// Tokens accepted besides the network's USDC.
+    pub extra_tokens: Vec<Token>,
+}
+
+impl ChainSettings {
+    /// The network's USDC as a [`Token`] (6 decimals, 1:1 with the ledger's USD).
+    pub fn usdc(&self) -> Token {
+        Token {
+            symbol: "USDC".into(),
+            address: self.network.token,
+            name: self.network.token_name.clone(),
+            version: self.network.token_version.clone(),
+            decimals: 6,
+            usd_micro_per_token: 1_000_000,
+        }
+    }
+
+    /// Every token accepted on this network: its USDC first, then the extra ones.
+    pub fn tokens(&self) -> Vec<Token> {
+        let mut all = vec![self.usdc()];
+        all.extend(self.extra_tokens.iter().cloned());
+        all
+    }
+
+    /// The accepted token at `address`.
+    pub fn token(&self, address: Address) -> Option<Token> {
+        self.tokens().into_iter().find(|t| t.address == address)
+    }
 }
 
 impl std::fmt::Debug for ChainSettings {
@@ -2009,6 +2150,76 @@ pay_to = "0x1111111111111111111111111111111111111111"
         Config::parse(text, Path::new("test.toml"))?.resolve(Path::new("/srv"), &|name| {
             (name == "RPC_SECRET").then(|| "https://rpc.example/key123".to_string())
         })
+    }
+
+    #[test]
+    fn networks_join_the_first_each_with_its_own_chain_and_priced_tokens() {
+        let more = |extra: &str| {
+            format!(
+                "{MINIMAL}\n[[networks]]\nnetwork = \"arbitrum\"\nrpc_http = [\"https://arb.example\"]\n\
+                 pay_to = \"0x2222222222222222222222222222222222222222\"\n{extra}"
+            )
+        };
+        let s = resolve(&more("")).unwrap();
+        let ids: Vec<String> = s.networks().map(|n| n.network.caip2()).collect();
+        assert_eq!(ids, ["eip155:8453", "eip155:42161"]);
+        assert_eq!(
+            s.network("arbitrum").map(|n| n.network.chain_id),
+            Some(42161)
+        );
+        assert_eq!(s.network("eip155:42161").map(|n| n.confirmations), Some(12));
+        assert!(s.network("eip155:1").is_none());
+
+        // The same chain twice is refused, naming the key.
+        let twice = format!(
+            "{MINIMAL}\n[[networks]]\nnetwork = \"base\"\nrpc_http = [\"https://b.example\"]\n\
+             pay_to = \"0x2222222222222222222222222222222222222222\"\n"
+        );
+        let err = resolve(&twice).unwrap_err().to_string();
+        assert!(
+            err.contains("networks[0].network") && err.contains("8453"),
+            "{err}"
+        );
+
+        // A token needs a USD price; with one, amounts convert exactly (down when credited, up when asked).
+        let token = |price: &str| {
+            more(&format!(
+                "tokens = [{{ symbol = \"EURC\", address = \"0x60a3E35Cc302bFA44Cb288Bc5a4F316Fdb1adb42\", \
+                 name = \"EURC\", version = \"2\"{price} }}]\n"
+            ))
+        };
+        let err = resolve(&token("")).unwrap_err().to_string();
+        assert!(err.contains("networks[0].tokens[0].usd_per_token"), "{err}");
+        assert!(resolve(&token(", usd_per_token = \"0\"")).is_err());
+        let s = resolve(&token(", usd_per_token = \"1.08\"")).unwrap();
+        let arb = s.network("arbitrum").unwrap();
+        let eurc = &arb.tokens()[1];
+        assert_eq!(eurc.usd_micro_per_token, 1_080_000);
+        use alloy::primitives::U256;
+        assert_eq!(eurc.to_usd(U256::from(9_259_260u64)), Some(10_000_000));
+        assert_eq!(eurc.to_usd(U256::from(9_259_259u64)), Some(9_999_999));
+        assert_eq!(eurc.from_usd(Usdc(10_000_000)), U256::from(9_259_260u64));
+        let wei = Token {
+            decimals: 18,
+            usd_micro_per_token: 1_000_000,
+            ..eurc.clone()
+        };
+        assert_eq!(
+            wei.to_usd(U256::from(10u64).pow(U256::from(18))),
+            Some(1_000_000)
+        );
+        assert_eq!(wei.from_usd(Usdc(1)), U256::from(10u64).pow(U256::from(12)));
+        // USDC itself is not a second token.
+        let dup = more(
+            "tokens = [{ symbol = \"USDC\", address = \"0xaf88d065e77c8cC2239327C5EDb3A432268e5831\", \
+             name = \"USD Coin\", version = \"2\", usd_per_token = \"1\" }]\n",
+        );
+        assert!(
+            resolve(&dup)
+                .unwrap_err()
+                .to_string()
+                .contains("already accepted")
+        );
     }
 
     #[test]

@@ -98,11 +98,24 @@ impl AppState {
         self
     }
 
-    /// The x402 engine of the network a client named (CAIP-2 id or v1 name), if one is configured.
-    pub fn x402_for(&self, network: &str) -> Option<&crate::x402::X402> {
-        self.x402_networks
-            .iter()
-            .find(|e| crate::x402::requirements::network_matches(e.network(), network))
+    /// The x402 engine of the network a client named (CAIP-2 id or v1 name) and the token it pays in (`None`: the
+    /// network's USDC, the first engine of that network), if one is configured.
+    pub fn x402_for(
+        &self,
+        network: &str,
+        asset: Option<alloy::primitives::Address>,
+    ) -> Option<&crate::x402::X402> {
+        self.x402_networks.iter().find(|e| {
+            crate::x402::requirements::network_matches(e.network(), network)
+                && asset.is_none_or(|a| e.network().token == a)
+        })
+    }
+
+    /// The token an engine settles in, with its USD price (the settings' entry for its network and asset).
+    pub fn x402_token(&self, engine: &crate::x402::X402) -> Option<crate::config::Token> {
+        self.settings
+            .network(&engine.network().caip2())
+            .and_then(|n| n.token(engine.network().token))
     }
 }
 
@@ -312,15 +325,17 @@ pub async fn serve_with_env(
     for network in settings.networks() {
         crate::chain::Indexer::new(network.clone(), store.clone(), StatusHandle::default())?;
     }
-    // One engine per network (the same hot wallet or facilitator on each); the first network's settles `upto`.
-    let engines: Vec<crate::x402::X402> = match &settings.x402 {
-        None => Vec::new(),
-        Some(x) => settings
-            .networks()
-            .map(|chain| crate::x402::from_settings(x, chain, env))
-            .collect::<Result<_, _>>()
-            .map_err(|e| ServeError::Config(e.to_string()))?,
-    };
+    // One engine per network and token (the same hot wallet or facilitator on each); the first (the first
+    // network's USDC) settles `upto`.
+    let mut engines: Vec<crate::x402::X402> = Vec::new();
+    if let Some(x) = &settings.x402 {
+        for chain in settings.networks() {
+            engines.extend(
+                crate::x402::engine::engines_for_network(x, chain, env)
+                    .map_err(|e| ServeError::Config(e.to_string()))?,
+            );
+        }
+    }
     let engine = engines.first().cloned();
     let networks: Vec<crate::config::ChainSettings> = settings.networks().cloned().collect();
     let mut state = AppState::new(settings, store.clone(), status.clone(), clock.clone())?;

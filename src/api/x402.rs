@@ -223,11 +223,20 @@ fn offer(
             .settings
             .network(&network.caip2())
             .map_or(state.settings.chain.pay_to, |n| n.pay_to);
-        accepts.push(
-            requirements::exact_requirements(network, pay_to, price, max_timeout).map_err(|e| {
-                Answer::error(StatusCode::BAD_REQUEST, "invalid_amount", e.to_string())
-            })?,
-        );
+        let mut req = requirements::exact_requirements(network, pay_to, price, max_timeout)
+            .map_err(|e| Answer::error(StatusCode::BAD_REQUEST, "invalid_amount", e.to_string()))?;
+        // Another token than USDC: the price in its own units at its configured USD price, rounded up. A price
+        // that does not fit a settlement's 64-bit amount in that token is not offered in it.
+        if let Some(token) = state.x402_token(engine)
+            && (token.usd_micro_per_token != 1_000_000 || token.decimals != 6)
+        {
+            let amount = token.from_usd(price);
+            if amount > alloy::primitives::U256::from(i64::MAX as u64) {
+                continue;
+            }
+            req.amount = amount;
+        }
+        accepts.push(req);
     }
     let mut required = requirements::payment_required(
         ResourceInfo {
@@ -710,9 +719,20 @@ fn payment_failed(
 /// The engine of the network a payment names; the first network's when it names none we know (that engine refuses
 /// it with `invalid_network`, naming what it expected).
 fn engine_for<'a>(state: &'a AppState, payload: &AnyPaymentPayload) -> Option<&'a X402> {
+    let asset = payload.accepted().map(|a| a.asset);
     state
-        .x402_for(payload.network())
+        .x402_for(payload.network(), asset)
         .or(state.x402_networks.first())
+}
+
+/// The ledger value (USD micro-units) of a settlement made by `engine`: its amount at the token's price.
+fn settled_value(state: &AppState, engine: &X402, amount: Usdc) -> Usdc {
+    match state.x402_token(engine) {
+        Some(token) => token
+            .to_usd(alloy::primitives::U256::from(amount.atomic().max(0) as u64))
+            .map_or(amount, Usdc),
+        None => amount,
+    }
 }
 
 async fn pay_and_redeem(
@@ -764,7 +784,7 @@ async fn pay_and_redeem(
         network,
         tx_hash: format!("{:#x}", settlement.transaction),
         payer: settlement.payer,
-        paid: settlement.amount,
+        paid: settled_value(state, engine, settlement.amount),
         product,
         record,
     };
@@ -875,6 +895,8 @@ pub struct PaidRequest {
     model: String,
     /// CAIP-2 id of the network the payment is settled on.
     network: String,
+    /// The token it is paid in, with its USD price (`None`: USDC as the ledger counts it).
+    token: Option<crate::config::Token>,
 }
 
 /// The answer to send before the first streamed byte: the `PAYMENT-RESPONSE` header (name, value).
@@ -999,6 +1021,7 @@ pub async fn authorize_per_request(
             response_header,
             model: model.to_string(),
             network,
+            token: state.x402_token(engine),
         })),
         Err(e) => {
             let status = match e {
@@ -1042,14 +1065,21 @@ impl PaidRequest {
                 );
             }
         };
+        // The ledger counts USD: a payment in another token is worth its amount at the token's price.
+        let value = match &self.token {
+            Some(token) => token
+                .to_usd(alloy::primitives::U256::from(
+                    settlement.amount.atomic().max(0) as u64,
+                ))
+                .map_or(settlement.amount, Usdc),
+            None => settlement.amount,
+        };
         let paid = SettledPayment {
             network,
             tx_hash: format!("{:#x}", settlement.transaction),
             payer: settlement.payer,
-            paid: settlement.amount,
-            product: Product::Topup {
-                amount: settlement.amount,
-            },
+            paid: value,
+            product: Product::Topup { amount: value },
             record: self.record,
         };
         if let Err(e) = state

@@ -64,6 +64,8 @@ pub const PAYMENT_COLUMNS: &[&str] = &[
     "claimed",
     // Appended last, so the columns of files exported before several networks keep their positions.
     "network",
+    "token",
+    "tokenValue",
 ];
 pub const CLAIM_COLUMNS: &[&str] = &[
     "id",
@@ -167,6 +169,8 @@ pub fn payment_json(head: Option<i64>, r: &PaymentRow) -> Value {
     let mut o = Map::new();
     o.insert("id".into(), json!(r.id));
     o.insert("network".into(), json!(r.network));
+    o.insert("token".into(), json!(r.token));
+    o.insert("tokenValue".into(), json!(r.token_value));
     o.insert("txHash".into(), json!(r.tx_hash));
     o.insert("logIndex".into(), json!(r.log_index));
     o.insert("blockNumber".into(), json!(r.block_number));

@@ -146,7 +146,7 @@ async fn reread_network(
     let total = by_tx.values().map(Vec::len).sum::<usize>();
     let started = Instant::now();
     let mut last_line = Instant::now();
-    let token = chain.network.token;
+    let tokens = chain.tokens();
     let pay_to = chain.pay_to;
     let mut blocks_needed: BTreeMap<u64, Vec<Transfer>> = BTreeMap::new();
     let mut fetches = futures::stream::iter(by_tx.into_iter().map(|(hash, rows)| {
@@ -222,20 +222,40 @@ async fn reread_network(
                 .logs
                 .iter()
                 .find(|l| l.log_index.map(|i| i.to::<u64>()) == Some(t.log_index));
-            let found =
-                log.and_then(|l| transfer_from_log(l, &network, token, pay_to).ok().flatten());
+            let found = log.and_then(|l| {
+                transfer_from_log(l, &network, &tokens, pay_to)
+                    .ok()
+                    .flatten()
+            });
             match found {
                 None => report.discrepancies.push(d(
                     "transfers",
                     &subject,
                     format!(
-                        "log {} of the transaction is not a USDC transfer to payTo",
+                        "log {} of the transaction is not a transfer of an accepted token to payTo",
                         t.log_index
                     ),
                 )),
                 Some(onchain) => {
                     let mut diffs = Vec::new();
-                    if onchain.value != t.value {
+                    if !t.token.is_empty() && onchain.token != t.token {
+                        diffs.push(format!(
+                            "token on chain {}, in the database {}",
+                            onchain.token, t.token
+                        ));
+                    }
+                    let is_usdc = onchain.token == format!("{:#x}", chain.network.token);
+                    if let Some(stored) = &t.token_value
+                        && *stored != onchain.token_value
+                    {
+                        diffs.push(format!(
+                            "amount on chain {} (token units), in the database {stored}",
+                            onchain.token_value
+                        ));
+                    }
+                    // USDC is credited 1:1, so its value is re-derived exactly; another token's value is its amount
+                    // at the price configured when it was indexed, which the amount check above covers.
+                    if is_usdc && onchain.value != t.value {
                         diffs.push(format!(
                             "value on chain {} USDC, in the database {} USDC",
                             onchain.value, t.value

@@ -9,6 +9,7 @@ use alloy::primitives::Address;
 use serde_json::{Value, json};
 
 use crate::config::Settings;
+use crate::usdc::Usdc;
 
 /// `{txHash}` is replaced by the transaction hash, lower-case 0x-hex.
 pub const CLAIM_TEXT_TEMPLATE: &str = "x402-gateway: claim payment {txHash} on chain {chainId}";
@@ -187,6 +188,14 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
                 "payTo": format!("{:#x}", n.pay_to),
                 "confirmations": n.confirmations,
                 "claimMessage": CLAIM_TEXT_TEMPLATE.replace("{chainId}", &n.network.chain_id.to_string()),
+                // Every token accepted there, USDC first; a payment is credited at the token's USD price.
+                "tokens": n.tokens().iter().map(|t| json!({
+                    "symbol": t.symbol,
+                    "address": format!("{:#x}", t.address),
+                    "decimals": t.decimals,
+                    "eip712": {"name": t.name, "version": t.version},
+                    "usdPerToken": Usdc(t.usd_micro_per_token as i64).to_string(),
+                })).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "products": products,
             "models": models,

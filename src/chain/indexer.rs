@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::rpc::{RawLog, Rpc, RpcError, suggested_range};
 use super::status::StatusHandle;
-use crate::config::ChainSettings;
+use crate::config::{ChainSettings, Token};
 use crate::store::transfers::{
     BlockRef, Checkpoint, NewTransfer, RangeOutcome, RangeUpdate, Transfer,
 };
@@ -78,6 +78,9 @@ pub enum Step {
 /// The indexer; `run` drives it until shutdown.
 pub struct Indexer {
     settings: ChainSettings,
+    /// Every token accepted on the network (its USDC first): the logs are asked for all of them.
+    tokens: Vec<Token>,
+    token_addresses: Vec<Address>,
     /// The network's CAIP-2 id: every row this indexer writes or reads carries it.
     network_id: String,
     rpc: Rpc,
@@ -136,7 +139,10 @@ impl Indexer {
         let pay_to_topic = B256::left_padding_from(settings.pay_to.as_slice());
         let topics = json!([TRANSFER_TOPIC, Value::Null, pay_to_topic]);
         let range = settings.max_block_range;
+        let tokens = settings.tokens();
         Ok(Indexer {
+            token_addresses: tokens.iter().map(|t| t.address).collect(),
+            tokens,
             network_id: settings.network.caip2(),
             settings,
             rpc,
@@ -438,7 +444,7 @@ impl Indexer {
         };
         let logs = self
             .rpc
-            .logs_with_header(self.settings.network.token, &self.topics, from, to);
+            .logs_with_header(&self.token_addresses, &self.topics, from, to);
         let (window_headers, logs) = tokio::join!(window_headers, logs);
         let (mut headers, blooms): (Vec<BlockRef>, Vec<Bloom>) =
             window_headers?.into_iter().unzip();
@@ -518,13 +524,8 @@ impl Indexer {
         window_start: u64,
         headers: &HashMap<u64, BlockRef>,
     ) -> Result<Option<NewTransfer>, IndexerError> {
-        let Some(t) = transfer_from_log(
-            log,
-            &self.network_id,
-            self.settings.network.token,
-            self.settings.pay_to,
-        )
-        .map_err(|e| IndexerError::Inconsistent(e.to_string()))?
+        let Some(t) = transfer_from_log(log, &self.network_id, &self.tokens, self.settings.pay_to)
+            .map_err(|e| IndexerError::Inconsistent(e.to_string()))?
         else {
             return Ok(None);
         };
@@ -571,7 +572,6 @@ impl Indexer {
         window_headers: &[BlockRef],
         blooms: &[Bloom],
     ) -> Result<(), IndexerError> {
-        let token = self.settings.network.token;
         let pay_to_topic = B256::left_padding_from(self.settings.pay_to.as_slice());
         let with_logs: HashSet<u64> = logs
             .iter()
@@ -579,19 +579,25 @@ impl Indexer {
             .collect();
         for (header, bloom) in window_headers.iter().zip(blooms) {
             if with_logs.contains(&header.number)
-                || !bloom.contains_raw_log(token, &[TRANSFER_TOPIC, pay_to_topic])
+                || !self
+                    .token_addresses
+                    .iter()
+                    .any(|token| bloom.contains_raw_log(*token, &[TRANSFER_TOPIC, pay_to_topic]))
             {
                 continue;
             }
             let hash: B256 = header.hash.parse().map_err(|_| {
                 IndexerError::Inconsistent(format!("bad hash of block {}", header.number))
             })?;
-            let again = self.rpc.logs_in_block(token, &self.topics, hash).await?;
+            let again = self
+                .rpc
+                .logs_in_block(&self.token_addresses, &self.topics, hash)
+                .await?;
             let payments = again
                 .iter()
                 .filter(|l| {
                     matches!(
-                        transfer_from_log(l, &self.network_id, token, self.settings.pay_to),
+                        transfer_from_log(l, &self.network_id, &self.tokens, self.settings.pay_to),
                         Ok(Some(_))
                     )
                 })
@@ -716,10 +722,13 @@ impl Indexer {
 pub fn transfer_from_log(
     log: &RawLog,
     network: &str,
-    token: Address,
+    tokens: &[Token],
     pay_to: Address,
 ) -> Result<Option<NewTransfer>, &'static str> {
-    if log.removed || log.address != token || log.topics.first() != Some(&TRANSFER_TOPIC) {
+    let Some(token) = tokens.iter().find(|t| t.address == log.address) else {
+        return Ok(None);
+    };
+    if log.removed || log.topics.first() != Some(&TRANSFER_TOPIC) {
         return Ok(None);
     }
     let (Some(number), Some(block_hash), Some(tx_hash), Some(log_index)) = (
@@ -738,8 +747,8 @@ pub fn transfer_from_log(
         return Ok(None);
     }
     let value = U256::from_be_slice(&log.data);
-    let Ok(atomic) = i64::try_from(value) else {
-        tracing::error!(tx = %tx_hash, %value, "transfer value does not fit in 64 bits; not recorded");
+    let Some(atomic) = token.to_usd(value) else {
+        tracing::error!(tx = %tx_hash, %value, token = %token.symbol, "transfer value does not fit in 64 bits; not recorded");
         return Ok(None);
     };
     Ok(Some(NewTransfer {
@@ -752,6 +761,8 @@ pub fn transfer_from_log(
         from: format!("{:#x}", Address::from_word(*from_topic)),
         to: format!("{to_address:#x}"),
         value: Usdc(atomic),
+        token: format!("{:#x}", token.address),
+        token_value: value.to_string(),
     }))
 }
 

@@ -340,13 +340,13 @@ impl Rpc {
     /// same backend: a lagging node that does not know `to` yet cannot pass off an empty list as the truth.
     pub async fn logs_with_header(
         &self,
-        token: Address,
+        tokens: &[Address],
         topics: &Value,
         from: u64,
         to: u64,
     ) -> Result<(Vec<RawLog>, BlockRef), RpcError> {
         let filter = json!({
-            "address": token,
+            "address": tokens,
             "topics": topics,
             "fromBlock": format!("{from:#x}"),
             "toBlock": format!("{to:#x}"),
@@ -391,11 +391,11 @@ impl Rpc {
     /// with an error, never with an empty list.
     pub async fn logs_in_block(
         &self,
-        token: Address,
+        tokens: &[Address],
         topics: &Value,
         hash: B256,
     ) -> Result<Vec<RawLog>, RpcError> {
-        let filter = json!({ "address": token, "topics": topics, "blockHash": hash });
+        let filter = json!({ "address": tokens, "topics": topics, "blockHash": hash });
         self.request("eth_getLogs", json!([filter])).await
     }
 

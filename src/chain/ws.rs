@@ -86,7 +86,7 @@ async fn session(
         .await
         .map_err(|e| e.to_string())?;
     let filter = json!({
-        "address": settings.network.token,
+        "address": settings.tokens().iter().map(|t| t.address).collect::<Vec<_>>(),
         "topics": [TRANSFER_TOPIC, Value::Null, alloy::primitives::B256::left_padding_from(settings.pay_to.as_slice())],
     });
     let heads = provider
@@ -116,7 +116,7 @@ async fn session(
                     if let Ok(Some(t)) = transfer_from_log(
                         &log,
                         &settings.network.caip2(),
-                        settings.network.token,
+                        &settings.tokens(),
                         settings.pay_to,
                     ) {
                         match store.record_announced(t.clone()).await {

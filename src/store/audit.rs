@@ -61,6 +61,9 @@ pub struct PaymentRow {
     pub id: i64,
     /// CAIP-2 id of the network it was mined on.
     pub network: String,
+    /// The token paid in, and the amount in its own atomic units (`value_atomic` is the USD value credited).
+    pub token: String,
+    pub token_value: Option<String>,
     pub tx_hash: String,
     pub log_index: i64,
     pub block_number: i64,
@@ -209,8 +212,8 @@ pub struct PaymentDetail {
 
 const PAYMENT_SELECT: &str = "SELECT t.id, t.tx_hash, t.log_index, t.block_number, t.block_hash, t.block_time, \
      t.from_address, t.to_address, t.value_atomic, t.status, t.first_seen_at, t.confirmed_at, t.orphaned_at, \
-     EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash AND c.network = t.network), t.network \
-     FROM transfers t";
+     EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash AND c.network = t.network), t.network, \
+     t.token, t.token_value FROM transfers t";
 
 fn payment_row(r: &Row) -> Result<PaymentRow, StoreError> {
     Ok(PaymentRow {
@@ -229,6 +232,8 @@ fn payment_row(r: &Row) -> Result<PaymentRow, StoreError> {
         orphaned_at: r.get(12)?,
         claimed: r.get(13)?,
         network: r.get(14)?,
+        token: r.get(15)?,
+        token_value: r.get(16)?,
     })
 }
 

@@ -68,7 +68,12 @@ pub struct NewTransfer {
     pub block_time: Option<u64>,
     pub from: String,
     pub to: String,
+    /// Its ledger value: USD micro-units at the token's configured price (USDC: the amount itself).
     pub value: Usdc,
+    /// The token contract paid in (lower-case 0x-hex).
+    pub token: String,
+    /// The amount in the token's own atomic units (decimal).
+    pub token_value: String,
 }
 
 /// A stored transfer.
@@ -84,7 +89,12 @@ pub struct Transfer {
     pub block_time: Option<u64>,
     pub from: String,
     pub to: String,
+    /// Its ledger value: USD micro-units at the token's configured price (USDC: the amount itself).
     pub value: Usdc,
+    /// The token contract paid in (lower-case 0x-hex).
+    pub token: String,
+    /// The amount in the token's own atomic units (decimal; `None` on rows older than several tokens).
+    pub token_value: Option<String>,
     pub status: TransferStatus,
     pub first_seen_at: i64,
     pub confirmed_at: Option<i64>,
@@ -136,7 +146,7 @@ pub struct RangeOutcome {
 }
 
 const TRANSFER_COLUMNS: &str = "id, tx_hash, log_index, block_number, block_hash, block_time, from_address, \
-     to_address, value_atomic, status, first_seen_at, confirmed_at, orphaned_at, network";
+     to_address, value_atomic, status, first_seen_at, confirmed_at, orphaned_at, network, token, token_value";
 
 fn transfer_from_row(row: &Row) -> Result<Transfer, StoreError> {
     let status: String = row.get(9)?;
@@ -155,6 +165,8 @@ fn transfer_from_row(row: &Row) -> Result<Transfer, StoreError> {
         confirmed_at: row.get(11)?,
         orphaned_at: row.get(12)?,
         network: row.get(13)?,
+        token: row.get(14)?,
+        token_value: row.get(15)?,
     })
 }
 
@@ -212,8 +224,8 @@ fn insert_new(
     // `ON CONFLICT DO NOTHING … RETURNING id`: no row when the transfer is already indexed (both engines).
     let inserted: Option<i64> = c.query_opt(
         "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, block_time, from_address, \
-         to_address, value_atomic, status, first_seen_at, confirmed_at, network) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) ON CONFLICT DO NOTHING RETURNING id",
+         to_address, value_atomic, status, first_seen_at, confirmed_at, network, token, token_value) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) ON CONFLICT DO NOTHING RETURNING id",
         params![
             t.tx_hash,
             t.log_index as i64,
@@ -227,6 +239,8 @@ fn insert_new(
             now,
             confirmed_at,
             t.network,
+            t.token,
+            t.token_value,
         ],
         |r| r.get(0),
     )?;
@@ -244,6 +258,8 @@ fn insert_new(
         from: t.from.clone(),
         to: t.to.clone(),
         value: t.value,
+        token: t.token.clone(),
+        token_value: Some(t.token_value.clone()),
         status,
         first_seen_at: now,
         confirmed_at,

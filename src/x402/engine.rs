@@ -333,6 +333,37 @@ pub fn from_settings(
     chain: &crate::config::ChainSettings,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<X402, SetupError> {
+    build(x402, chain, env, &mut None)
+}
+
+/// One engine per token accepted on `chain` (its USDC first): each verifies and settles payments in its token
+/// (the token is the EIP-712 domain of the authorization), and with self settlement they all send from one nonce
+/// sequence of the hot wallet.
+pub fn engines_for_network(
+    x402: &crate::config::X402Settings,
+    chain: &crate::config::ChainSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<X402>, SetupError> {
+    let mut nonces = None;
+    chain
+        .tokens()
+        .into_iter()
+        .map(|token| {
+            let mut on_token = chain.clone();
+            on_token.network.token = token.address;
+            on_token.network.token_name = token.name;
+            on_token.network.token_version = token.version;
+            build(x402, &on_token, env, &mut nonces)
+        })
+        .collect()
+}
+
+fn build(
+    x402: &crate::config::X402Settings,
+    chain: &crate::config::ChainSettings,
+    env: &dyn Fn(&str) -> Option<String>,
+    nonces: &mut Option<super::settle::NonceSequence>,
+) -> Result<X402, SetupError> {
     use crate::config::Settlement as Mode;
     let mut upto = None;
     let settler: Arc<dyn Settler> = match &x402.settlement {
@@ -346,10 +377,14 @@ pub fn from_settings(
             let rpc = Arc::new(crate::chain::Rpc::new(&chain.rpc_http, chain.rpc_timeout)?);
             // A settlement waits for its receipt: allow a few blocks beyond the authorization's lifetime budget.
             let timeout = std::time::Duration::from_secs(x402.max_timeout_seconds.min(120));
-            let wallet = Arc::new(
+            let mut wallet =
                 super::settle::SelfSettler::new(rpc.clone(), chain.network.clone(), key)
-                    .with_receipt_timeout(timeout),
-            );
+                    .with_receipt_timeout(timeout);
+            match nonces {
+                Some(shared) => wallet = wallet.with_nonce_sequence(shared.clone()),
+                None => *nonces = Some(wallet.nonce_sequence()),
+            }
+            let wallet = Arc::new(wallet);
             // One hot wallet (one nonce sequence) settles both schemes.
             upto = Some(super::upto::UptoSettler::new(
                 rpc,

@@ -80,8 +80,20 @@ pub async fn check_once(
         .orphaned_settlements(&engine.network().caip2())
         .await?;
     let mut out = Vec::new();
+    let usdc_engine = billing
+        .settings()
+        .network(&engine.network().caip2())
+        .is_some_and(|n| n.network.token == engine.network().token);
     for row in rows {
         let id = row.id;
+        // Each token's engine re-submits its own token's settlements (the USDC one also those that do not decode).
+        let mine = match request_of(&row) {
+            Some(req) => req.requirements.asset == engine.network().token,
+            None => usdc_engine,
+        };
+        if !mine {
+            continue;
+        }
         let result = match request_of(&row) {
             Some(req) => engine.resettle(&req).await,
             None => {

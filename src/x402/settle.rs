@@ -88,9 +88,13 @@ pub struct SelfSettler {
     verifier: Verifier,
     signer: PrivateKeySigner,
     receipt_timeout: Duration,
-    /// The next nonce of the hot wallet, once known; transactions are signed and sent one at a time.
-    next_nonce: tokio::sync::Mutex<Option<u64>>,
+    /// The next nonce of the hot wallet, once known; transactions are signed and sent one at a time. Shared by
+    /// every settler of the same wallet on the same chain (one per accepted token).
+    next_nonce: NonceSequence,
 }
+
+/// A hot wallet's next nonce on one chain, shared by the settlers that send from it.
+pub type NonceSequence = Arc<tokio::sync::Mutex<Option<u64>>>;
 
 impl std::fmt::Debug for SelfSettler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,8 +113,19 @@ impl SelfSettler {
             verifier: Verifier::new(rpc, network, Some(signer.address())),
             signer,
             receipt_timeout: Duration::from_secs(60),
-            next_nonce: tokio::sync::Mutex::new(None),
+            next_nonce: Arc::new(tokio::sync::Mutex::new(None)),
         }
+    }
+
+    /// Sends from the same nonce sequence as another settler of this wallet on this chain.
+    pub fn with_nonce_sequence(mut self, sequence: NonceSequence) -> SelfSettler {
+        self.next_nonce = sequence;
+        self
+    }
+
+    /// This wallet's nonce sequence, to share with another token's settler on the same chain.
+    pub fn nonce_sequence(&self) -> NonceSequence {
+        self.next_nonce.clone()
     }
 
     /// How long to wait for a receipt before reporting the outcome as unknown (default 60 s).

@@ -699,3 +699,170 @@ claims_require_signature = false
     assert_eq!(status, StatusCode::OK, "{body}");
     gw.stop().await;
 }
+
+/// A second token on a network (a euro stablecoin priced at 1.08 USD): indexed beside USDC, credited at its price
+/// (rounded down), offered in x402 at the price in its own units (rounded up) and settled in it; an unconfigured
+/// token sent to payTo is not a payment.
+#[tokio::test]
+async fn a_second_token_is_credited_at_its_price_and_sold_in_its_own_units() {
+    use alloy::primitives::{B256, Bytes, U256};
+    use alloy::signers::SignerSync;
+    use x402_gateway::dev::contracts::TestUSDC;
+    use x402_gateway::x402::types::{Authorization, ExactEvmPayload, PaymentPayload};
+    use x402_gateway::x402::{eip3009, header};
+
+    let a = TestChain::start().await;
+    let eurc = TestUSDC::deploy(&a.provider, "EURC".to_string(), "2".to_string())
+        .await
+        .unwrap();
+    let payer = a.payer(0).clone();
+    eurc.mint(payer.address(), U256::from(100_000_000u64))
+        .send()
+        .await
+        .unwrap()
+        .get_receipt()
+        .await
+        .unwrap();
+    let stray = a.other_token().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("gateway.db");
+    let section = network_section("[chain]", CHAIN_A, &a, &a.rpc_url()).replace(
+        "rpc_timeout_ms = 1000\n",
+        &format!(
+            "rpc_timeout_ms = 1000\ntokens = [{{ symbol = \"EURC\", address = \"{:#x}\", name = \"EURC\", \
+             version = \"2\", decimals = 6, usd_per_token = \"1.08\" }}]\n",
+            eurc.address()
+        ),
+    );
+    let config = format!(
+        "{section}\n[database]\npath = \"{}\"\n\n[credits]\nmin_topup_usdc = \"10.00\"\n\n[auth]\n\
+         claims_require_signature = false\nauditor_token_env = \"{AUDITOR_ENV}\"\n\n[x402]\nsettler_key_env = \"{HOT_ENV}\"\n",
+        db.display()
+    );
+    let hot = format!("0x{}", alloy::hex::encode(a.dev.settler.to_bytes()));
+    let gw = Gateway::start_with_env(
+        config,
+        db,
+        Arc::new(AtomicI64::new(T0)),
+        &[(HOT_ENV, hot.as_str()), (AUDITOR_ENV, AUDITOR)],
+    )
+    .await;
+
+    // The catalog names both tokens with their prices.
+    let (_, _, catalog) = gw.get("/api/agent/plans", None).await;
+    let tokens = &catalog["x402"]["networks"][0]["tokens"];
+    assert_eq!(tokens[0]["symbol"], "USDC", "{catalog}");
+    assert_eq!(tokens[1]["symbol"], "EURC");
+    assert_eq!(tokens[1]["usdPerToken"], "1.08");
+
+    // 10 EURC to payTo: worth 10.80 USD of credits. A stray token to payTo is no payment.
+    let (tx, block) = a
+        .transfer_token(*eurc.address(), payer.address(), a.pay_to(), usdc("10"))
+        .await;
+    let (stray_tx, _) = a
+        .transfer_token(stray, payer.address(), a.pay_to(), usdc("10"))
+        .await;
+    confirm_on(&gw, &a, NET_A, block).await;
+    let (status, body) = claim(&gw, json!({"txHash": stray_tx, "amount": "10"})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = claim(&gw, json!({"txHash": tx, "amount": "10.81"})).await;
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "more than the payment is worth: {body}"
+    );
+    let (status, body) = claim(&gw, json!({"txHash": tx, "amount": "10.80"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["data"]["newBalanceUsdc"], "10.80", "{body}");
+    let payments = audit(&gw, "/api/audit/payments").await;
+    let row = payments["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["txHash"] == tx.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(row["token"], format!("{:#x}", eurc.address()), "{row}");
+    assert_eq!(row["tokenValue"], "10000000");
+    assert_eq!(row["valueAtomic"], "10800000");
+
+    // x402: one offer per token; the EURC one asks ceil(10 / 1.08) EURC and settles in EURC.
+    let resp = gw
+        .http
+        .post(format!("{}/x402/credits/10", gw.base))
+        .send()
+        .await
+        .unwrap();
+    let offered = header::decode::<x402_gateway::x402::types::PaymentRequired>(
+        resp.headers()["payment-required"].to_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(offered.accepts.len(), 2);
+    assert_eq!(offered.accepts[0].amount, U256::from(10_000_000u64));
+    let offer = offered.accepts[1].clone();
+    assert_eq!(offer.asset, *eurc.address());
+    assert_eq!(offer.amount, U256::from(9_259_260u64));
+    let now = {
+        use x402_gateway::x402::Clock as _;
+        x402_gateway::x402::SystemClock.now()
+    };
+    let auth = Authorization {
+        from: payer.address(),
+        to: offer.pay_to,
+        value: offer.amount,
+        valid_after: U256::from(now - 600),
+        valid_before: U256::from(now + offer.max_timeout_seconds),
+        nonce: B256::from(rand::random::<[u8; 32]>()),
+    };
+    let domain = eip3009::network_domain(&x402_gateway::config::Network {
+        name: "custom".into(),
+        chain_id: CHAIN_A,
+        token: *eurc.address(),
+        token_name: "EURC".into(),
+        token_version: "2".into(),
+    });
+    let signature = Bytes::from(
+        payer
+            .sign_hash_sync(&eip3009::digest(&auth, &domain))
+            .unwrap()
+            .as_bytes()
+            .to_vec(),
+    );
+    let payment = header::encode(&PaymentPayload {
+        x402_version: 2,
+        resource: Some(offered.resource.clone()),
+        accepted: offer,
+        payload: ExactEvmPayload {
+            signature,
+            authorization: auth,
+        },
+        extensions: None,
+    });
+    let before = eurc.balanceOf(payer.address()).call().await.unwrap();
+    let resp = gw
+        .http
+        .post(format!("{}/x402/credits/10", gw.base))
+        .header("PAYMENT-SIGNATURE", payment)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        before - eurc.balanceOf(payer.address()).call().await.unwrap(),
+        U256::from(9_259_260u64),
+        "paid in EURC"
+    );
+    // Credited at the token's price, rounded down: 9.259260 EURC × 1.08 = 10.0000008 → 10.000000 USD.
+    let claims = audit(&gw, "/api/audit/claims").await;
+    let x402_claim = claims["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["txHash"] != tx.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(x402_claim["paidAtomic"], "10000000", "{claims}");
+    gw.stop().await;
+}

@@ -1819,7 +1819,8 @@ async fn a_one_network_database_is_keyed_by_its_network_in_place() {
         let client = &client;
         async move { client.query_one(sql, &[]).await.unwrap() }
     };
-    let binding = one("SELECT network, chain_id, token_address, pay_to FROM network_bindings").await;
+    let binding =
+        one("SELECT network, chain_id, token_address, pay_to FROM network_bindings").await;
     assert_eq!(binding.get::<_, String>(0), "eip155:8453");
     assert_eq!(binding.get::<_, i64>(1), 8453);
     let checkpoint = one("SELECT network, block_number, block_hash FROM network_checkpoints").await;
@@ -1827,8 +1828,16 @@ async fn a_one_network_database_is_keyed_by_its_network_in_place() {
         (checkpoint.get::<_, String>(0), checkpoint.get::<_, i64>(1)),
         ("eip155:8453".to_string(), 42)
     );
-    for table in ["transfers", "claims", "x402_settlements", "reorgs", "recent_blocks"] {
-        let sql = format!("SELECT count(*), count(*) FILTER (WHERE network = 'eip155:8453') FROM {table}");
+    for table in [
+        "transfers",
+        "claims",
+        "x402_settlements",
+        "reorgs",
+        "recent_blocks",
+    ] {
+        let sql = format!(
+            "SELECT count(*), count(*) FILTER (WHERE network = 'eip155:8453') FROM {table}"
+        );
         let row = client.query_one(&sql, &[]).await.unwrap();
         let (all, keyed): (i64, i64) = (row.get(0), row.get(1));
         assert!(all > 0, "{table} lost its rows");
@@ -1841,7 +1850,9 @@ async fn a_one_network_database_is_keyed_by_its_network_in_place() {
         )
         .await
         .unwrap();
-    let gone = one("SELECT to_regclass('chain_binding') IS NULL AND to_regclass('checkpoint') IS NULL").await;
+    let gone =
+        one("SELECT to_regclass('chain_binding') IS NULL AND to_regclass('checkpoint') IS NULL")
+            .await;
     assert!(gone.get::<_, bool>(0));
     drop(client);
     db.drop_db().await;

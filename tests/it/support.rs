@@ -126,6 +126,7 @@ impl TestChain {
             reorg_window: (confirmations * 2).max(64),
             rpc_timeout: Duration::from_secs(2),
             ready_max_lag_blocks: confirmations * 3,
+            extra_tokens: Vec::new(),
         }
     }
 
