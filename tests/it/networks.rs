@@ -294,6 +294,23 @@ async fn two_networks_index_and_claim_side_by_side_and_never_mix() {
     assert_eq!(detail["network"], NET_B, "{detail}");
     assert_eq!(detail["transfers"][0]["network"], NET_B, "{detail}");
 
+    // /metrics has each network's indexer gauges, labelled by network.
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for network in [NET_A, NET_B] {
+        assert!(
+            metrics.contains(&format!("x402_indexer_indexed_head{{network=\"{network}\"}}")),
+            "{metrics}"
+        );
+    }
+
     // The database agrees: one binding and one checkpoint per network.
     let store = gw.store().await;
     let bindings: Vec<(String, i64)> = store
