@@ -174,9 +174,17 @@ rate_limits = false
             for (tx_hash, block, block_hash, from) in &rows {
                 c.execute(
                     "INSERT INTO transfers (tx_hash, log_index, block_number, block_hash, from_address, \
-                     to_address, value_atomic, status, first_seen_at, confirmed_at) \
-                     VALUES (?1, 0, ?2, ?3, ?4, ?5, 10000000, 'confirmed', 0, 0)",
-                    params![tx_hash, block, block_hash, from, PAY_TO],
+                     to_address, value_atomic, status, first_seen_at, confirmed_at, network, token, token_value) \
+                     VALUES (?1, 0, ?2, ?3, ?4, ?5, 10000000, 'confirmed', 0, 0, ?6, ?7, '10000000')",
+                    params![
+                        tx_hash,
+                        block,
+                        block_hash,
+                        from,
+                        PAY_TO,
+                        format!("eip155:{CHAIN_ID}"),
+                        "0x5fbdb2315678afecb367f032d93f642f64180aa3"
+                    ],
                 )?;
             }
             Ok(())
