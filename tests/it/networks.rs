@@ -306,7 +306,9 @@ async fn two_networks_index_and_claim_side_by_side_and_never_mix() {
         .unwrap();
     for network in [NET_A, NET_B] {
         assert!(
-            metrics.contains(&format!("x402_indexer_indexed_head{{network=\"{network}\"}}")),
+            metrics.contains(&format!(
+                "x402_indexer_indexed_head{{network=\"{network}\"}}"
+            )),
             "{metrics}"
         );
     }
