@@ -19,7 +19,486 @@ use crate::store::StoreError;
 use crate::usdc::Usdc;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/admin", get(admin))
+    Router::new()
+        .route("/admin", get(admin))
+        .route("/api/admin/summary", get(summary))
+}
+
+/// A bar chart of one value per day, as inline SVG (no script, no external asset; prints as drawn). Each bar has
+/// its figure as a tooltip, and the chart its total in the title.
+fn bar_chart(id: &str, title: &str, bars: &[(String, i64, String)], total: &str) -> String {
+    let (w, h, pad) = (600.0_f64, 120.0_f64, 18.0_f64);
+    let max = bars.iter().map(|b| b.1).max().unwrap_or(0).max(1) as f64;
+    let n = bars.len().max(1) as f64;
+    let slot = (w - 2.0 * pad) / n;
+    let mut svg = format!(
+        "<figure class=\"chart\" id=\"{id}\"><figcaption>{} <b class=\"num\">{}</b></figcaption>\
+         <svg viewBox=\"0 0 {w} {h}\" role=\"img\" aria-label=\"{}\" preserveAspectRatio=\"none\">\
+         <line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"#999\"/>",
+        escape(title),
+        escape(total),
+        escape(title),
+        h - pad,
+        w - pad,
+        h - pad
+    );
+    for (i, (label, value, text)) in bars.iter().enumerate() {
+        let bh = ((*value).max(0) as f64 / max) * (h - 2.0 * pad);
+        let x = pad + i as f64 * slot + slot * 0.1;
+        let _ = write!(
+            svg,
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#3b6ea5\" data-value=\"{}\">\
+             <title>{}: {}</title></rect>",
+            h - pad - bh,
+            slot * 0.8,
+            escape(text),
+            escape(label),
+            escape(text)
+        );
+    }
+    if let (Some(first), Some(last)) = (bars.first(), bars.last()) {
+        let _ = write!(
+            svg,
+            "<text x=\"{pad}\" y=\"{}\" font-size=\"11\">{}</text><text x=\"{}\" y=\"{}\" font-size=\"11\" \
+             text-anchor=\"end\">{}</text>",
+            h - 4.0,
+            escape(&first.0),
+            w - pad,
+            h - 4.0,
+            escape(&last.0)
+        );
+    }
+    svg.push_str("</svg></figure>");
+    svg
+}
+
+/// The console's overview, inference, payments and health sections (the figures of `/api/admin/summary`).
+async fn console(
+    state: &AppState,
+    range: Range,
+    refresh: bool,
+    token_in_url: bool,
+) -> Result<String, StoreError> {
+    let v = summary_json(state, range).await?;
+    let mut h = String::new();
+    // Links keep the other choice. They never carry the admin token (the page holds no secret): a browser that
+    // opened `?token=` adds it again, a client sending `Authorization` follows them as they are.
+    let link = |r: Range, refresh: bool| {
+        format!(
+            "?range={}{}",
+            r.as_str(),
+            if refresh { "" } else { "&amp;refresh=0" },
+        )
+    };
+    if token_in_url {
+        h.push_str(
+            "<p class=\"hint\">Opened with <code>?token=</code>: add it again to a link below, or send \
+             <code>Authorization: Bearer</code> instead.</p>",
+        );
+    }
+    h.push_str("<nav id=\"range\">Range: ");
+    for r in [Range::Today, Range::Days7, Range::Days30] {
+        if r == range {
+            let _ = write!(h, "<b>{}</b> ", r.as_str());
+        } else {
+            let _ = write!(h, "<a href=\"{}\">{}</a> ", link(r, refresh), r.as_str());
+        }
+    }
+    let _ = write!(
+        h,
+        "· auto-refresh {} (<a href=\"{}\">{}</a>) · {} to {}</nav>",
+        if refresh { "every 30 s" } else { "off" },
+        link(range, !refresh),
+        if refresh { "turn off" } else { "turn on" },
+        escape(v["from"].as_str().unwrap_or_default()),
+        escape(v["to"].as_str().unwrap_or_default()),
+    );
+    let t = &v["totals"];
+    let text = |x: &serde_json::Value| match x {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    h.push_str("<h2 id=\"overview\">Overview</h2><table id=\"totals\">");
+    for (key, label) in [
+        ("receivedUsdc", "Received (USDC, confirmed payments)"),
+        ("earnedUsdc", "Earned (USDC sold)"),
+        ("creditsSpentUsdc", "of which credits spent"),
+        ("poolSoldUsdc", "of which pool blocks sold"),
+        ("perRequestUsdc", "of which x402 per request"),
+        ("uptoUsdc", "of which x402 upto"),
+        ("requests", "Requests"),
+        ("promptTokens", "Tokens in"),
+        ("completionTokens", "Tokens out"),
+        ("errors", "Errors"),
+        ("activeKeys", "Active keys"),
+        ("reversedUsdc", "Reversed by reorgs (USDC)"),
+    ] {
+        let _ = write!(
+            h,
+            "<tr><th>{label}</th><td class=\"num\" data-key=\"{key}\">{}</td></tr>",
+            escape(&text(&t[key]))
+        );
+    }
+    h.push_str("</table><div class=\"charts\">");
+    let days = v["days"].as_array().cloned().unwrap_or_default();
+    let atomic = |s: &str| s.parse::<Usdc>().map(|u| u.atomic()).unwrap_or(0);
+    for (id, title, key, money) in [
+        ("chart-received", "Received per day", "receivedUsdc", true),
+        ("chart-earned", "Earned per day", "earnedUsdc", true),
+        ("chart-requests", "Requests per day", "requests", false),
+        (
+            "chart-tokens",
+            "Tokens out per day",
+            "completionTokens",
+            false,
+        ),
+    ] {
+        let bars: Vec<(String, i64, String)> = days
+            .iter()
+            .map(|d| {
+                let label = d["day"].as_str().unwrap_or_default().to_string();
+                let (value, shown) = if money {
+                    let s = d[key].as_str().unwrap_or("0").to_string();
+                    (atomic(&s), s)
+                } else {
+                    let n = d[key].as_i64().unwrap_or(0);
+                    (n, n.to_string())
+                };
+                (label, value, shown)
+            })
+            .collect();
+        h.push_str(&bar_chart(id, title, &bars, &text(&t[key])));
+    }
+    h.push_str("</div>");
+
+    h.push_str(
+        "<h2 id=\"inference\">Inference</h2><table id=\"models-table\"><tr><th>Model</th><th>Requests</th>\
+         <th>Tokens in</th><th>Tokens out</th><th>Spend (USDC)</th><th>Errors</th><th>Error rate</th><th>p50 ms</th>\
+         <th>p95 ms</th><th>Overrun tokens</th></tr>",
+    );
+    for m in v["models"].as_array().cloned().unwrap_or_default() {
+        let _ = write!(
+            h,
+            "<tr data-model=\"{}\"><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.1}%</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            escape(&text(&m["model"])),
+            escape(&text(&m["model"])),
+            text(&m["requests"]),
+            text(&m["promptTokens"]),
+            text(&m["completionTokens"]),
+            escape(&text(&m["spendUsdc"])),
+            text(&m["errors"]),
+            m["errorRate"].as_f64().unwrap_or(0.0) * 100.0,
+            m["p50Ms"].as_i64().map_or("—".into(), |n| n.to_string()),
+            m["p95Ms"].as_i64().map_or("—".into(), |n| n.to_string()),
+            text(&m["overrunTokens"]),
+        );
+    }
+    h.push_str("</table><h3>Top accounts by spend</h3><table id=\"accounts-table\"><tr><th>Account</th><th>Spend (USDC)</th><th>Requests</th></tr>");
+    for a in v["topAccounts"].as_array().cloned().unwrap_or_default() {
+        let _ = write!(
+            h,
+            "<tr><td><code>{}</code></td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            escape(&text(&a["account"])),
+            escape(&text(&a["spendUsdc"])),
+            text(&a["requests"])
+        );
+    }
+    h.push_str(
+        "</table><h2 id=\"payments-by-network\">Payments by network</h2><table id=\"payments-table\"><tr><th>Network</th>\
+         <th>Confirmed</th><th>Received (USDC)</th><th>Pending</th><th>Orphaned</th><th>Claims</th><th>x402 settled</th>\
+         <th>x402 failed</th><th>upto settled</th><th>upto unsettled</th><th>upto owed (USDC)</th><th>Reorgs</th></tr>",
+    );
+    for p in v["networks"].as_array().cloned().unwrap_or_default() {
+        let _ = write!(
+            h,
+            "<tr data-network=\"{}\"><td>{}</td>",
+            escape(&text(&p["network"])),
+            escape(&text(&p["network"]))
+        );
+        for key in [
+            "confirmedTransfers",
+            "receivedUsdc",
+            "pendingTransfers",
+            "orphanedTransfers",
+            "claims",
+            "x402Settled",
+            "x402Failed",
+            "uptoSettled",
+            "uptoUnsettled",
+            "uptoOwedUsdc",
+            "reorgs",
+        ] {
+            let _ = write!(h, "<td class=\"num\">{}</td>", escape(&text(&p[key])));
+        }
+        h.push_str("</tr>");
+    }
+    let db = &v["database"];
+    let _ = write!(
+        h,
+        "</table><p id=\"database\">Database: {}{}</p>",
+        escape(&text(&db["engine"])),
+        db["sizeBytes"]
+            .as_u64()
+            .map(|b| format!(", {:.1} MiB", b as f64 / 1_048_576.0))
+            .unwrap_or_default()
+    );
+    Ok(h)
+}
+
+/// The console's time ranges: today (UTC), the last 7 or 30 UTC days (today included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Range {
+    Today,
+    Days7,
+    Days30,
+}
+
+impl Range {
+    pub fn parse(s: Option<&str>) -> Option<Range> {
+        match s.unwrap_or("today") {
+            "today" | "1d" => Some(Range::Today),
+            "7d" => Some(Range::Days7),
+            "30d" => Some(Range::Days30),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Range::Today => "today",
+            Range::Days7 => "7d",
+            Range::Days30 => "30d",
+        }
+    }
+
+    /// `[from, to)` in unix seconds at `now`: whole UTC days, the last one today's.
+    pub fn bounds(self, now: i64) -> (i64, i64) {
+        let days = match self {
+            Range::Today => 1,
+            Range::Days7 => 7,
+            Range::Days30 => 30,
+        };
+        let today = now.div_euclid(86_400) * 86_400;
+        (today - (days - 1) * 86_400, today + 86_400)
+    }
+}
+
+/// `Ok` when the request carries the admin token; else the answer to send (404 when no admin token is set, as for
+/// a path that is not served; 401 otherwise).
+fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    q: &HashMap<String, String>,
+) -> Result<(), Box<Response>> {
+    let Some(expected) = state.settings.auth.admin_token.as_deref() else {
+        return Err(Box::new(page(
+            StatusCode::NOT_FOUND,
+            "x402-gateway: status page off",
+            "<h1>Status page off</h1><p>No admin token is configured: set <code>auth.admin_token_env</code> to the \
+             name of an environment variable holding one.</p>",
+        )));
+    };
+    let presented = bearer(headers).or(q.get("token").map(String::as_str));
+    match presented {
+        Some(t) if token_matches(t, expected) => Ok(()),
+        _ => {
+            let mut r = page(
+                StatusCode::UNAUTHORIZED,
+                "x402-gateway: admin token required",
+                "<h1>Admin token required</h1><p>Send <code>Authorization: Bearer &lt;admin token&gt;</code>, or open \
+                 <code>/admin?token=&lt;admin token&gt;</code>.</p>",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"x402-gateway admin\""),
+            );
+            Err(Box::new(r))
+        }
+    }
+}
+
+/// The console's figures of `range` as JSON (see `store::summary`), with every network's indexer, the deployments
+/// and the database: what `/admin` shows, for scripts.
+pub async fn summary_json(state: &AppState, range: Range) -> Result<serde_json::Value, StoreError> {
+    use serde_json::json;
+    let now = state.billing.now();
+    let (from, to) = range.bounds(now);
+    let networks: Vec<String> = state
+        .settings
+        .networks()
+        .map(|n| n.network.caip2())
+        .collect();
+    let s = state.store.admin_summary(from, to, networks).await?;
+    let money = |atomic: i64| Usdc(atomic).to_string();
+    let days: Vec<serde_json::Value> = s
+        .days
+        .iter()
+        .map(|d| {
+            json!({
+                "day": d.day,
+                "receivedUsdc": money(d.received_atomic),
+                "receivedByNetwork": d.received_by_network.iter().map(|(n, v)| (n.clone(), json!(money(*v)))).collect::<serde_json::Map<_, _>>(),
+                "earnedUsdc": money(d.earned_atomic()),
+                "creditsSpentUsdc": money(d.credits_spent_atomic),
+                "poolSoldUsdc": money(d.pool_sold_atomic),
+                "perRequestUsdc": money(d.per_request_atomic),
+                "uptoUsdc": money(d.upto_atomic),
+                "requests": d.requests,
+                "promptTokens": d.prompt_tokens,
+                "completionTokens": d.completion_tokens,
+                "errors": d.errors,
+            })
+        })
+        .collect();
+    let sum = |f: fn(&crate::store::summary::SummaryDay) -> i64| s.days.iter().map(f).sum::<i64>();
+    let totals = json!({
+        "receivedUsdc": money(sum(|d| d.received_atomic)),
+        "earnedUsdc": money(sum(|d| d.earned_atomic())),
+        "creditsSpentUsdc": money(sum(|d| d.credits_spent_atomic)),
+        "poolSoldUsdc": money(sum(|d| d.pool_sold_atomic)),
+        "perRequestUsdc": money(sum(|d| d.per_request_atomic)),
+        "uptoUsdc": money(sum(|d| d.upto_atomic)),
+        "requests": sum(|d| d.requests),
+        "promptTokens": sum(|d| d.prompt_tokens),
+        "completionTokens": sum(|d| d.completion_tokens),
+        "errors": sum(|d| d.errors),
+        "activeKeys": s.active_keys,
+        "reversedUsdc": money(s.reversed_atomic),
+        "restoredUsdc": money(s.restored_atomic),
+    });
+    let models: Vec<serde_json::Value> = s
+        .models
+        .iter()
+        .map(|m| {
+            json!({
+                "model": m.model,
+                "requests": m.requests,
+                "promptTokens": m.prompt_tokens,
+                "completionTokens": m.completion_tokens,
+                "spendUsdc": money(m.spend_atomic),
+                "errors": m.errors,
+                "errorRate": if m.requests > 0 { m.errors as f64 / m.requests as f64 } else { 0.0 },
+                "p50Ms": m.p50_ms,
+                "p95Ms": m.p95_ms,
+                "overrunTokens": m.overrun_tokens,
+                "unchargedUsdc": money(m.uncharged_atomic),
+            })
+        })
+        .collect();
+    let accounts: Vec<serde_json::Value> = s
+        .top_accounts
+        .iter()
+        .map(|a| json!({"account": a.account, "spendUsdc": money(a.spend_atomic), "requests": a.requests}))
+        .collect();
+    let payments: Vec<serde_json::Value> = s
+        .networks
+        .iter()
+        .map(|p| {
+            let status = state.indexers.get(&p.network).map(|h| h.snapshot());
+            json!({
+                "network": p.network,
+                "confirmedTransfers": p.confirmed_transfers,
+                "receivedUsdc": money(p.received_atomic),
+                "pendingTransfers": p.pending_transfers,
+                "orphanedTransfers": p.orphaned_transfers,
+                "claims": p.claims,
+                "claimedUsdc": money(p.claimed_atomic),
+                "x402Settled": p.x402_settled,
+                "x402Failed": p.x402_failed,
+                "uptoSettled": p.upto_settled,
+                "uptoUnsettled": p.upto_unsettled,
+                "uptoOwedUsdc": money(p.upto_owed_atomic),
+                "reorgs": p.reorgs,
+                "indexer": status.map(|s| json!({
+                    "indexedHead": s.indexed_head,
+                    "chainHead": s.chain_head,
+                    "lag": s.lag(),
+                    "rpcErrors": s.rpc_errors,
+                    "reorgs": s.reorgs,
+                    "role": if s.follower { "follower" } else { "leader" },
+                    "lastError": s.last_error,
+                    "fatal": s.fatal,
+                })),
+            })
+        })
+        .collect();
+    let database = match state.store.engine() {
+        crate::store::sql::Engine::Sqlite => json!({
+            "engine": "sqlite",
+            "sizeBytes": std::fs::metadata(state.store.path()).ok().map(|m| m.len()),
+        }),
+        crate::store::sql::Engine::Postgres => json!({
+            "engine": "postgres",
+            "replica": state.store.replica_id(),
+        }),
+    };
+    Ok(json!({
+        "range": range.as_str(),
+        "from": rfc3339(from),
+        "to": rfc3339(to),
+        "generatedAt": rfc3339(now),
+        "totals": totals,
+        "days": days,
+        "models": models,
+        "topAccounts": accounts,
+        "networks": payments,
+        "deployments": state.proxy.router().status(std::time::Instant::now()),
+        "database": database,
+    }))
+}
+
+async fn summary(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    // The same token as the page; the answers are JSON here.
+    if let Err(r) = authorize(&state, &headers, &q) {
+        let status = r.status();
+        let (code, message) = if status == StatusCode::NOT_FOUND {
+            (
+                "admin_off",
+                "no admin token is configured (auth.admin_token_env)",
+            )
+        } else {
+            ("unauthorized", "send Authorization: Bearer <admin token>")
+        };
+        let mut out = (
+            status,
+            axum::Json(serde_json::json!({"error": {"code": code, "message": message}})),
+        )
+            .into_response();
+        if let Some(v) = r.headers().get(header::WWW_AUTHENTICATE) {
+            out.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, v.clone());
+        }
+        return out;
+    }
+    let Some(range) = Range::parse(q.get("range").map(String::as_str)) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({"error": {"code": "invalid_range", "message": "range must be today, 7d or 30d"}})),
+        )
+            .into_response();
+    };
+    match summary_json(&state, range).await {
+        Ok(v) => (
+            StatusCode::OK,
+            [(header::CACHE_CONTROL, "no-store")],
+            axum::Json(v),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "admin summary failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                axum::Json(serde_json::json!({"error": {"code": "internal", "message": "the summary could not be read; see the logs"}})),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// HTML-escapes text for element content and attribute values.
@@ -63,41 +542,32 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
 const CSS: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.4em}\
 h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid #ccc}table{border-collapse:collapse}\
 td,th{padding:.2em .7em;text-align:left;border-bottom:1px solid #eee}td.num{text-align:right;font-variant-numeric:tabular-nums}\
-code{font-size:.9em}.bad{color:#b00}.ok{color:#070}";
+code{font-size:.9em}.bad{color:#b00}.ok{color:#070}nav{margin:.5em 0}\
+.charts{display:flex;flex-wrap:wrap;gap:1em}figure.chart{margin:0;flex:1 1 280px;max-width:600px}\
+figure.chart svg{width:100%;height:120px;background:#fafafa}figcaption{font-size:.9em}\
+@media print{nav{display:none}}";
 
 async fn admin(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(expected) = state.settings.auth.admin_token.as_deref() else {
-        // A switched-off feature is not an outage: 404, as for a path that is not served.
-        return page(
-            StatusCode::NOT_FOUND,
-            "x402-gateway: status page off",
-            "<h1>Status page off</h1><p>No admin token is configured: set <code>auth.admin_token_env</code> to the \
-             name of an environment variable holding one.</p>",
-        );
-    };
-    let presented = bearer(&headers).or(q.get("token").map(String::as_str));
-    match presented {
-        Some(t) if token_matches(t, expected) => {}
-        _ => {
-            let mut r = page(
-                StatusCode::UNAUTHORIZED,
-                "x402-gateway: admin token required",
-                "<h1>Admin token required</h1><p>Send <code>Authorization: Bearer &lt;admin token&gt;</code>, or open \
-                 <code>/admin?token=&lt;admin token&gt;</code>.</p>",
-            );
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"x402-gateway admin\""),
-            );
-            return r;
-        }
+    // A switched-off feature is not an outage: 404, as for a path that is not served.
+    if let Err(r) = authorize(&state, &headers, &q) {
+        return *r;
     }
-    match render(&state).await {
-        Ok(body) => page(StatusCode::OK, "x402-gateway status", &body),
+    let range = Range::parse(q.get("range").map(String::as_str)).unwrap_or(Range::Today);
+    // Auto-refresh every 30 s unless the operator turns it off (`refresh=0`); no script needed.
+    let refresh = q.get("refresh").is_none_or(|v| v != "0");
+    match render(&state, range, refresh, q.contains_key("token")).await {
+        Ok(body) => {
+            let mut r = page(StatusCode::OK, "x402-gateway status", &body);
+            if refresh {
+                r.headers_mut()
+                    .insert(header::REFRESH, header::HeaderValue::from_static("30"));
+            }
+            r
+        }
         Err(e) => {
             tracing::error!(error = %e, "status page failed");
             page(
@@ -120,8 +590,14 @@ struct Data {
     reorgs: i64,
 }
 
-async fn render(state: &AppState) -> Result<String, StoreError> {
+async fn render(
+    state: &AppState,
+    range: Range,
+    refresh: bool,
+    token_in_url: bool,
+) -> Result<String, StoreError> {
     let now = state.billing.now();
+    let console = console(state, range, refresh, token_in_url).await?;
     let overview = state.store.admin_overview(now).await?;
     let data = Data {
         // Newest first on the page; the store reads oldest first.
@@ -168,6 +644,7 @@ async fn render(state: &AppState) -> Result<String, StoreError> {
         settings.chain.pay_to,
         escape(&rfc3339(now))
     );
+    h.push_str(&console);
 
     // Indexer.
     let (state_class, state_text) = match (&s.fatal, s.lag()) {

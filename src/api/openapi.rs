@@ -102,6 +102,20 @@ pub const ROUTES: &[RouteDoc] = &[
         "Operator status page (HTML): indexer, recent payments, revenue, seats, keys, recent errors",
         Access::Admin,
     ),
+    RouteDoc {
+        query: &[(
+            "range",
+            "today (default), 7d or 30d: whole UTC days, the last one today",
+        )],
+        ..r(
+            "get",
+            "/api/admin/summary",
+            "operations",
+            "The console's figures as JSON: received and earned per day and network, requests, tokens, errors, \
+             per-model latency, top accounts, payments per network, indexers, deployments, database",
+            Access::Admin,
+        )
+    },
     r(
         "get",
         "/.well-known/agent-card.json",

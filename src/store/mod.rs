@@ -26,6 +26,7 @@ pub mod postgres;
 pub mod replicas;
 pub mod reversals;
 pub mod sql;
+pub mod summary;
 pub mod transfers;
 pub mod upto;
 pub mod usage;

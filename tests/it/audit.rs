@@ -625,6 +625,70 @@ async fn auditor_api_operations_and_verify() {
     assert!(seen.contains(&format!("sk-{sub_key_id}-…")), "{seen}");
     assert!(!dom.contains(&sub_key) && !dom.contains(&credit_key));
 
+    // --- The console's figures: /api/admin/summary (admin token only) equals the audit API, and the page shows them.
+    let (status, _) = c.json("/api/admin/summary", Some(AUDITOR)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = c.json("/api/admin/summary?range=1y", Some(ADMIN)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, summary) = c.json("/api/admin/summary?range=30d", Some(ADMIN)).await;
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    assert_eq!(summary["days"].as_array().unwrap().len(), 30, "{summary}");
+    let (_, revenue) = c.json("/api/audit/revenue", Some(AUDITOR)).await;
+    let audit_sum = |key: &str| -> i64 {
+        revenue["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d[key].as_str().unwrap().parse::<i64>().unwrap())
+            .sum()
+    };
+    let usdc_atomic = |v: &Value| v.as_str().unwrap().parse::<Usdc>().unwrap().atomic();
+    assert_eq!(
+        usdc_atomic(&summary["totals"]["receivedUsdc"]),
+        audit_sum("receivedAtomic"),
+        "{summary}"
+    );
+    assert_eq!(
+        usdc_atomic(&summary["totals"]["poolSoldUsdc"]),
+        audit_sum("subscriptionsAtomic"),
+        "{summary}"
+    );
+    let per_day: i64 = summary["days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| usdc_atomic(&d["receivedUsdc"]))
+        .sum();
+    assert_eq!(per_day, usdc_atomic(&summary["totals"]["receivedUsdc"]));
+    let dom = render_dom(&format!("{base}/admin?token={ADMIN}&range=30d&refresh=0"));
+    let seen = visible_text(&dom);
+    sample("admin-console.txt", &seen);
+    assert!(
+        seen.contains(&format!(
+            "Received (USDC, confirmed payments) {}",
+            summary["totals"]["receivedUsdc"].as_str().unwrap()
+        )),
+        "{seen}"
+    );
+    assert!(
+        seen.contains(&format!(
+            "of which pool blocks sold {}",
+            summary["totals"]["poolSoldUsdc"].as_str().unwrap()
+        )),
+        "{seen}"
+    );
+    assert!(seen.contains("auto-refresh off"), "{seen}");
+    for chart in [
+        "chart-received",
+        "chart-earned",
+        "chart-requests",
+        "chart-tokens",
+    ] {
+        assert!(dom.contains(&format!("id=\"{chart}\"")), "{chart}");
+    }
+    assert!(dom.contains("<svg"), "charts are inline SVG");
+    assert!(!dom.contains(&sub_key) && !dom.contains(&credit_key));
+
     drop(server);
 
     // --- Logs: JSON lines, and no secret anywhere in them.
