@@ -445,3 +445,10 @@ UPDATE claims SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_bi
 ALTER TABLE x402_settlements ADD COLUMN network TEXT NOT NULL DEFAULT '';
 UPDATE x402_settlements SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
 DROP TABLE chain_binding;
+
+-- migration: 12 console
+-- Per request: the API, the deployment that answered and its time to the response headers (see schema.sql).
+ALTER TABLE usage ADD COLUMN api TEXT;
+ALTER TABLE usage ADD COLUMN deployment TEXT;
+ALTER TABLE usage ADD COLUMN first_byte_ms BIGINT;
+CREATE INDEX usage_started ON usage (started_at);

@@ -480,3 +480,13 @@ UPDATE claims SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_bi
 ALTER TABLE x402_settlements ADD COLUMN network TEXT NOT NULL DEFAULT '';
 UPDATE x402_settlements SET network = coalesce((SELECT 'eip155:' || chain_id FROM chain_binding), '');
 DROP TABLE chain_binding;
+
+-- migration: 12 console
+-- What the operator's console reads per request: the API it came in on (`chat.completions`, `completions`,
+-- `embeddings`, `responses`, `messages`), the deployment (upstream name) that answered, and the time to its response
+-- headers.
+-- NULL on rows from before this migration and on requests no deployment answered.
+ALTER TABLE usage ADD COLUMN api TEXT;
+ALTER TABLE usage ADD COLUMN deployment TEXT;
+ALTER TABLE usage ADD COLUMN first_byte_ms INTEGER;
+CREATE INDEX usage_started ON usage (started_at);

@@ -174,14 +174,14 @@ async fn console(
     h.push_str(
         "<h2 id=\"inference\">Inference</h2><table id=\"models-table\"><tr><th>Model</th><th>Requests</th>\
          <th>Tokens in</th><th>Tokens out</th><th>Spend (USDC)</th><th>Errors</th><th>Error rate</th><th>p50 ms</th>\
-         <th>p95 ms</th><th>Overrun tokens</th></tr>",
+         <th>p95 ms</th><th>First byte p50 ms</th><th>First byte p95 ms</th><th>Overrun tokens</th></tr>",
     );
     for m in v["models"].as_array().cloned().unwrap_or_default() {
         let _ = write!(
             h,
             "<tr data-model=\"{}\"><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.1}%</td><td class=\"num\">{}</td>\
-             <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
             escape(&text(&m["model"])),
             escape(&text(&m["model"])),
             text(&m["requests"]),
@@ -192,7 +192,39 @@ async fn console(
             m["errorRate"].as_f64().unwrap_or(0.0) * 100.0,
             m["p50Ms"].as_i64().map_or("—".into(), |n| n.to_string()),
             m["p95Ms"].as_i64().map_or("—".into(), |n| n.to_string()),
+            m["ttfbP50Ms"]
+                .as_i64()
+                .map_or("—".into(), |n| n.to_string()),
+            m["ttfbP95Ms"]
+                .as_i64()
+                .map_or("—".into(), |n| n.to_string()),
             text(&m["overrunTokens"]),
+        );
+    }
+    h.push_str(
+        "</table><h3>Per deployment</h3><table id=\"deployment-requests-table\"><tr><th>Model</th><th>Deployment</th>\
+         <th>Requests</th><th>Errors</th><th>Error rate</th><th>p50 ms</th><th>p95 ms</th><th>First byte p50 ms</th>\
+         <th>First byte p95 ms</th></tr>",
+    );
+    let ms = |x: &serde_json::Value| x.as_i64().map_or("—".into(), |n| n.to_string());
+    for d in v["deploymentRequests"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{:.1}%</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            escape(&text(&d["model"])),
+            escape(&text(&d["deployment"])),
+            text(&d["requests"]),
+            text(&d["errors"]),
+            d["errorRate"].as_f64().unwrap_or(0.0) * 100.0,
+            ms(&d["p50Ms"]),
+            ms(&d["p95Ms"]),
+            ms(&d["ttfbP50Ms"]),
+            ms(&d["ttfbP95Ms"]),
         );
     }
     h.push_str("</table><h3>Top accounts by spend</h3><table id=\"accounts-table\"><tr><th>Account</th><th>Spend (USDC)</th><th>Requests</th></tr>");
@@ -382,8 +414,29 @@ pub async fn summary_json(state: &AppState, range: Range) -> Result<serde_json::
                 "errorRate": if m.requests > 0 { m.errors as f64 / m.requests as f64 } else { 0.0 },
                 "p50Ms": m.p50_ms,
                 "p95Ms": m.p95_ms,
+                "ttfbP50Ms": m.ttfb_p50_ms,
+                "ttfbP95Ms": m.ttfb_p95_ms,
                 "overrunTokens": m.overrun_tokens,
                 "unchargedUsdc": money(m.uncharged_atomic),
+            })
+        })
+        .collect();
+    let deployment_stats: Vec<serde_json::Value> = s
+        .deployments
+        .iter()
+        .map(|d| {
+            json!({
+                "model": d.model,
+                "deployment": d.deployment,
+                "requests": d.requests,
+                "errors": d.errors,
+                "errorRate": if d.requests > 0 { d.errors as f64 / d.requests as f64 } else { 0.0 },
+                "promptTokens": d.prompt_tokens,
+                "completionTokens": d.completion_tokens,
+                "p50Ms": d.p50_ms,
+                "p95Ms": d.p95_ms,
+                "ttfbP50Ms": d.ttfb_p50_ms,
+                "ttfbP95Ms": d.ttfb_p95_ms,
             })
         })
         .collect();
@@ -442,6 +495,7 @@ pub async fn summary_json(state: &AppState, range: Range) -> Result<serde_json::
         "totals": totals,
         "days": days,
         "models": models,
+        "deploymentRequests": deployment_stats,
         "topAccounts": accounts,
         "networks": payments,
         "deployments": state.proxy.router().status(std::time::Instant::now()),

@@ -840,6 +840,7 @@ async fn forward(
         prepared.bound,
     );
     let mut meter = Meter::new(state.store.clone(), charge, started, bound, now);
+    meter.set_api(api);
     if let Some(admission) = admission {
         meter.set_rate_admission(admission);
     }

@@ -720,6 +720,10 @@ pub struct Meter {
     overhead_us: u64,
     bound: Bound,
     now: i64,
+    /// The API the request came in on, the deployment that answered and when its headers came (the console's).
+    api: Option<&'static str>,
+    deployment: Option<String>,
+    first_byte_ms: Option<u64>,
 }
 
 impl Meter {
@@ -734,7 +738,15 @@ impl Meter {
             overhead_us: 0,
             bound,
             now,
+            api: None,
+            deployment: None,
+            first_byte_ms: None,
         }
+    }
+
+    /// The API the request came in on.
+    pub fn set_api(&mut self, api: Api) {
+        self.api = Some(api.name());
     }
 
     /// The per-minute budget this request took; settled with the tokens it really used.
@@ -756,6 +768,9 @@ impl Meter {
 
     /// The deployment answering this request (in flight until the meter closes).
     pub fn set_attempt(&mut self, attempt: Attempt) {
+        // Called when the deployment's response headers have arrived: the request's time to first byte.
+        self.first_byte_ms = Some(self.started.elapsed().as_millis() as u64);
+        self.deployment = Some(attempt.deployment.upstream_name.clone());
         self.attempt = Some(attempt);
     }
 
@@ -824,6 +839,9 @@ impl Meter {
             overhead_us: self.overhead_us,
             overrun_tokens: if overrun { overrun_tokens.max(1) } else { 0 },
             uncharged,
+            api: self.api,
+            deployment: self.deployment.clone(),
+            first_byte_ms: self.first_byte_ms,
         }
     }
 

@@ -67,9 +67,28 @@ pub struct ModelStats {
     /// Request durations of key requests (ms): median and 95th percentile, `None` without any.
     pub p50_ms: Option<i64>,
     pub p95_ms: Option<i64>,
+    /// Time to the response headers (ms), median and 95th percentile.
+    pub ttfb_p50_ms: Option<i64>,
+    pub ttfb_p95_ms: Option<i64>,
     /// Tokens upstreams generated past the gateway's bound (their cost is the operator's loss).
     pub overrun_tokens: i64,
     pub uncharged_atomic: i64,
+}
+
+/// One deployment's key requests in the range (the upstream that answered them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentStats {
+    pub model: String,
+    pub deployment: String,
+    pub requests: i64,
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub p50_ms: Option<i64>,
+    pub p95_ms: Option<i64>,
+    pub ttfb_p50_ms: Option<i64>,
+    pub ttfb_p95_ms: Option<i64>,
 }
 
 /// An account's spend in the range.
@@ -110,6 +129,7 @@ pub struct Summary {
     pub to: i64,
     pub days: Vec<SummaryDay>,
     pub models: Vec<ModelStats>,
+    pub deployments: Vec<DeploymentStats>,
     /// The ten accounts that spent most.
     pub top_accounts: Vec<AccountSpend>,
     pub networks: Vec<NetworkPayments>,
@@ -152,9 +172,10 @@ pub fn summary(
 ) -> Result<Summary, StoreError> {
     let engine = c.engine();
     let mut days: BTreeMap<String, SummaryDay> = BTreeMap::new();
-    // Every day of the range, so charts have a bar (maybe empty) per day.
+    // Every day of the range, so charts have a bar (maybe empty) per day; a range of more than a year lists only
+    // the days with figures.
     let mut t = from.div_euclid(86_400) * 86_400;
-    while t < to {
+    while t < to && to - from <= 366 * 86_400 {
         days.insert(day_of(t), SummaryDay::default());
         t += 86_400;
     }
@@ -303,20 +324,68 @@ pub fn summary(
         m.completion_tokens += completion;
         m.spend_atomic += settled;
     }
-    let mut durations: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-    for (model, ms) in c.query_map(
-        "SELECT model, duration_ms FROM usage WHERE started_at >= ?1 AND started_at < ?2 \
+    // Durations and times to first byte, per model and per (model, deployment).
+    type Times = (Vec<i64>, Vec<i64>);
+    let mut by_model: BTreeMap<String, Times> = BTreeMap::new();
+    let mut by_deployment: BTreeMap<(String, String), Times> = BTreeMap::new();
+    for (model, deployment, ms, ttfb) in c.query_map(
+        "SELECT model, deployment, duration_ms, first_byte_ms FROM usage WHERE started_at >= ?1 AND started_at < ?2 \
          AND duration_ms IS NOT NULL ORDER BY id DESC LIMIT ?3",
         params![from, to, MAX_DURATIONS],
-        |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)),
+        |r| {
+            Ok((
+                r.get::<String>(0)?,
+                r.get::<Option<String>>(1)?,
+                r.get::<i64>(2)?,
+                r.get::<Option<i64>>(3)?,
+            ))
+        },
     )? {
-        durations.entry(model).or_default().push(ms);
+        let m = by_model.entry(model.clone()).or_default();
+        m.0.push(ms);
+        m.1.extend(ttfb);
+        if let Some(d) = deployment {
+            let e = by_deployment.entry((model, d)).or_default();
+            e.0.push(ms);
+            e.1.extend(ttfb);
+        }
     }
-    for (model, mut ms) in durations {
+    for (model, (mut ms, mut ttfb)) in by_model {
         ms.sort_unstable();
+        ttfb.sort_unstable();
         if let Some(m) = models.get_mut(&model) {
             m.p50_ms = percentile(&ms, 50.0);
             m.p95_ms = percentile(&ms, 95.0);
+            m.ttfb_p50_ms = percentile(&ttfb, 50.0);
+            m.ttfb_p95_ms = percentile(&ttfb, 95.0);
+        }
+    }
+    let mut deployments: Vec<DeploymentStats> = c
+        .query_map(
+            "SELECT model, deployment, count(*), sum(CASE WHEN status IN ('ok', 'in_flight') THEN 0 ELSE 1 END), \
+             sum(prompt_tokens), sum(completion_tokens) FROM usage WHERE started_at >= ?1 AND started_at < ?2 \
+             AND deployment IS NOT NULL GROUP BY model, deployment ORDER BY model, deployment",
+            params![from, to],
+            |r| {
+                Ok(DeploymentStats {
+                    model: r.get(0)?,
+                    deployment: r.get(1)?,
+                    requests: r.get(2)?,
+                    errors: r.get(3)?,
+                    prompt_tokens: r.get(4)?,
+                    completion_tokens: r.get(5)?,
+                    ..DeploymentStats::default()
+                })
+            },
+        )?;
+    for d in &mut deployments {
+        if let Some((ms, ttfb)) = by_deployment.get_mut(&(d.model.clone(), d.deployment.clone())) {
+            ms.sort_unstable();
+            ttfb.sort_unstable();
+            d.p50_ms = percentile(ms, 50.0);
+            d.p95_ms = percentile(ms, 95.0);
+            d.ttfb_p50_ms = percentile(ttfb, 50.0);
+            d.ttfb_p95_ms = percentile(ttfb, 95.0);
         }
     }
 
@@ -488,6 +557,7 @@ pub fn summary(
             })
             .collect(),
         models: models.into_values().collect(),
+        deployments,
         top_accounts,
         networks: networks_out,
         active_keys,

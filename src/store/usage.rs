@@ -51,6 +51,12 @@ pub struct Outcome {
     pub overrun_tokens: u64,
     /// What the reported tokens cost beyond what was charged (the reservation caps the charge).
     pub uncharged: Usdc,
+    /// The API the request came in on (`chat.completions`, `messages`, …).
+    pub api: Option<&'static str>,
+    /// The deployment (upstream name) that answered, if one did.
+    pub deployment: Option<String>,
+    /// Time from the request's arrival to the upstream's response headers.
+    pub first_byte_ms: Option<u64>,
 }
 
 /// What settlement charged.
@@ -121,7 +127,8 @@ fn finish(tx: &dyn Sql, id: i64, outcome: &Outcome, charged: Usdc) -> Result<boo
     let changed = tx.execute(
         "UPDATE usage SET prompt_tokens = ?2, completion_tokens = ?3, cost_atomic = ?4, status = ?5, \
          usage_source = ?6, http_status = ?7, duration_ms = ?8, overhead_us = ?9, overrun_tokens = ?10, \
-         uncharged_atomic = ?11 WHERE id = ?1 AND status = 'in_flight'",
+         uncharged_atomic = ?11, api = ?12, deployment = ?13, first_byte_ms = ?14 \
+         WHERE id = ?1 AND status = 'in_flight'",
         // Counts are `u64`s bound saturated at `i64::MAX` (`ToValue for u64`), never wrapped negative.
         params![
             id,
@@ -135,6 +142,9 @@ fn finish(tx: &dyn Sql, id: i64, outcome: &Outcome, charged: Usdc) -> Result<boo
             outcome.overhead_us,
             outcome.overrun_tokens,
             outcome.uncharged.atomic().max(0),
+            outcome.api,
+            outcome.deployment,
+            outcome.first_byte_ms,
         ],
     )?;
     Ok(changed == 1)

@@ -231,6 +231,7 @@ async fn a_killed_deployment_is_failed_over_cooled_down_and_probed_back() {
     }
 
     // Kill gpu-a. Every request is answered by gpu-b (mixed JSON and streams) until gpu-a is out of rotation.
+    let before_kill = ids.len();
     d.kill(0).await;
     let a_before = d.served(0);
     let b_before = d.served(1);
@@ -288,6 +289,61 @@ async fn a_killed_deployment_is_failed_over_cooled_down_and_probed_back() {
         spent += row.cost_usdc.atomic();
     }
     assert_eq!(d.balance(&key).await, Usdc(10_000_000 - spent));
+
+    // The console's per-request facts: the API, the deployment that answered (gpu-b for every request after the
+    // kill, a failover included) and the time to its headers, never more than the request took.
+    let store = d.gw.store().await;
+    let mut answered_by: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let id = id.clone();
+        let (api, deployment, ttfb, duration): (Option<String>, Option<String>, Option<i64>, Option<i64>) = store
+            .read(move |c| {
+                c.query_one(
+                    "SELECT api, deployment, first_byte_ms, duration_ms FROM usage WHERE request_id = ?1",
+                    x402_gateway::params![id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+            })
+            .await
+            .unwrap();
+        assert_eq!(api.as_deref(), Some("chat.completions"));
+        let deployment = deployment.expect("the answering deployment is recorded");
+        if i >= before_kill {
+            assert_eq!(deployment, "gpu-b", "request {i} after the kill");
+        }
+        answered_by.insert(deployment);
+        assert!(ttfb.unwrap() <= duration.unwrap(), "{ttfb:?} {duration:?}");
+    }
+    assert_eq!(
+        answered_by.len(),
+        2,
+        "both deployments answered before the kill"
+    );
+    // The console adds them up per model and per deployment (the figures of /api/admin/summary).
+    let summary = store
+        .admin_summary(0, 4_102_444_800, Vec::new())
+        .await
+        .unwrap();
+    let per_deployment: i64 = summary.deployments.iter().map(|x| x.requests).sum();
+    assert_eq!(
+        per_deployment,
+        ids.len() as i64,
+        "{:?}",
+        summary.deployments
+    );
+    let names: Vec<&str> = summary
+        .deployments
+        .iter()
+        .map(|x| x.deployment.as_str())
+        .collect();
+    assert_eq!(names, ["gpu-a", "gpu-b"]);
+    let demo = summary.models.iter().find(|m| m.model == "demo").unwrap();
+    assert_eq!(demo.requests, ids.len() as i64);
+    assert_eq!(demo.completion_tokens, 3 * ids.len() as i64);
+    assert!(
+        demo.ttfb_p50_ms.is_some() && demo.ttfb_p50_ms <= demo.p50_ms,
+        "{demo:?}"
+    );
 
     // Restarted on the same port: the probe brings it back, and it takes traffic again.
     d.restart(0).await;
