@@ -1284,6 +1284,22 @@ fn route_cases(t: &Target, method_doc: &str, path: &str) -> BoxedStrategy<Case> 
             .boxed(),
             small_body,
         ),
+        "/api/admin/summary" => (
+            query(
+                vec!["token", "range"],
+                prop_oneof![
+                    Just(ADMIN.to_string()),
+                    Just(AUDITOR.to_string()),
+                    Just("7d".to_string()),
+                    Just("30d".to_string()),
+                    odd_string()
+                ]
+                .boxed(),
+            )
+            .prop_map(|q| format!("/api/admin/summary{q}"))
+            .boxed(),
+            small_body,
+        ),
         "/v1/{rest}" => (
             prop::collection::vec(segment(vec!["images".into(), "models".into(), "x".into()]), 1..3)
                 .prop_map(|s| format!("/v1/{}", s.join("/")))

@@ -109,6 +109,15 @@ input_usdc_per_mtok = "0.60"
 output_usdc_per_mtok = "2.50"
 max_output_tokens = {CAP}
 
+# The same, for the audit test: the overrun counter is one per process, and each test counts its own model's.
+[[models]]
+id = "demo-overrun-audited"
+upstream = "vllm"
+upstream_model = "overrun-500"
+input_usdc_per_mtok = "0.60"
+output_usdc_per_mtok = "2.50"
+max_output_tokens = {CAP}
+
 [[pools]]
 slug = "p"
 name = "Demo pool"
@@ -808,7 +817,7 @@ async fn audit_verify_checks_every_charge_and_lists_overruns() {
     for body in [
         json!({"model": "demo", "messages": messages("one two three"), "max_tokens": 7}),
         json!({"model": "demo", "messages": messages("four"), "stream": true}),
-        json!({"model": "demo-overrun", "messages": messages("one two"), "max_tokens": 5}),
+        json!({"model": "demo-overrun-audited", "messages": messages("one two"), "max_tokens": 5}),
     ] {
         assert_eq!(
             m.chat(&key, &body).send().await.unwrap().status(),
