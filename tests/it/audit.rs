@@ -182,6 +182,42 @@ fn render_dom(url: &str) -> String {
 }
 
 /// The text a person sees: the DOM without tags, whitespace collapsed.
+/// A PNG screenshot of `url` at `width`×`height`, by headless Chromium with the network closed except loopback
+/// (every other request goes to a proxy on a closed local port, so a page that fetched anything from outside
+/// would render without it, and the DOM check below would miss it). Returns the PNG's bytes.
+fn screenshot(url: &str, width: u32, height: u32) -> Vec<u8> {
+    let profile = tempfile::tempdir().unwrap();
+    let out = profile.path().join("shot.png");
+    let status = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--proxy-server=http://127.0.0.1:9",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            profile.path().join("p").display()
+        ))
+        .arg(format!("--window-size={width},{height}"))
+        .arg(format!("--screenshot={}", out.display()))
+        .arg(url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "chromium failed: {status}");
+    let png = std::fs::read(&out).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    png
+}
+
 fn visible_text(dom: &str) -> String {
     let body = dom.split("<body").nth(1).unwrap_or(dom);
     let mut out = String::new();
@@ -688,6 +724,29 @@ async fn auditor_api_operations_and_verify() {
     }
     assert!(dom.contains("<svg"), "charts are inline SVG");
     assert!(!dom.contains(&sub_key) && !dom.contains(&credit_key));
+    // Nothing on the page is fetched from elsewhere: no external URL in its markup (the CSP forbids any source
+    // too), and it renders with the network closed except loopback, at desktop and at phone width.
+    for attr in ["src=\"http", "href=\"http", "url(http", "@import"] {
+        assert!(!dom.contains(attr), "an external reference: {attr}");
+    }
+    let console = format!("{base}/admin?token={ADMIN}&range=30d&refresh=0");
+    for (name, width, height) in [
+        ("console-desktop.png", 1280, 2400),
+        ("console-narrow.png", 420, 4200),
+    ] {
+        let png = screenshot(&console, width, height);
+        // Width and height are the PNG header's (IHDR) first two big-endian words.
+        let w = u32::from_be_bytes([png[16], png[17], png[18], png[19]]);
+        assert_eq!(w, width, "{name}");
+        assert!(
+            png.len() > 20_000,
+            "{name}: a rendered page, not a blank one ({} bytes)",
+            png.len()
+        );
+        if let Ok(dir) = std::env::var("X402_README_SAMPLES") {
+            std::fs::write(Path::new(&dir).join(name), &png).unwrap();
+        }
+    }
 
     drop(server);
 
