@@ -27,6 +27,10 @@ pub const RPC_RETRIES: &str = "x402_rpc_retries_total";
 pub const RPC_FAILOVERS: &str = "x402_rpc_failovers_total";
 /// Gauge: 1 while the indexer runs, 0 once it stopped for good.
 pub const INDEXER_UP: &str = "x402_indexer_up";
+/// Gauge `{network}`: the credited value of confirmed payments, USDC atomic units (the console's "received").
+pub const RECEIVED: &str = "x402_received_usdc_atomic";
+/// Gauge `{network}`: what unsettled x402 `upto` payments owe, USDC atomic units (the operator's loss until settled).
+pub const UPTO_OWED: &str = "x402_upto_owed_usdc_atomic";
 
 // Checkout.
 /// Counter `{route="subscribe-pool|topup", outcome="ok|pending|underpaid|already_claimed|…"}`.
@@ -89,6 +93,8 @@ pub const ALL: &[&str] = &[
     RPC_RETRIES,
     RPC_FAILOVERS,
     INDEXER_UP,
+    RECEIVED,
+    UPTO_OWED,
     CLAIMS,
     KEYS,
     PROXY_REQUESTS,
@@ -153,6 +159,14 @@ fn describe() {
     describe_gauge!(
         INDEXER_UP,
         "1 while the indexer runs, 0 after a fatal error."
+    );
+    describe_gauge!(
+        RECEIVED,
+        "Credited value of confirmed payments by network, USDC atomic units."
+    );
+    describe_gauge!(
+        UPTO_OWED,
+        "What unsettled x402 upto payments owe by network, USDC atomic units."
     );
     describe_counter!(CLAIMS, "Claims of payments by route and outcome.");
     describe_gauge!(KEYS, "API keys by kind and state.");

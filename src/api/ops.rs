@@ -213,6 +213,19 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                 metrics::gauge!(m::TRANSFERS, "status" => status).set(n as f64);
             }
             metrics::counter!(m::REORGS).absolute(counts.reorgs.max(0) as u64);
+            // Every configured network has both series (0 until it has figures).
+            for chain in state.settings.networks() {
+                let network = chain.network.caip2();
+                let of = |rows: &[(String, i64)]| {
+                    rows.iter()
+                        .find(|(n, _)| *n == network)
+                        .map_or(0, |(_, v)| *v)
+                };
+                metrics::gauge!(m::RECEIVED, "network" => network.clone())
+                    .set(of(&counts.received_by_network) as f64);
+                metrics::gauge!(m::UPTO_OWED, "network" => network.clone())
+                    .set(of(&counts.upto_owed_by_network) as f64);
+            }
             for kind in ["subscription", "credit"] {
                 for st in ["live", "revoked", "expired"] {
                     let n = counts

@@ -56,6 +56,9 @@ pub struct MetricCounts {
     pub transfers: Vec<StatusCount>,
     pub reorgs: i64,
     pub keys: Vec<KeyCount>,
+    /// Per network (CAIP-2): the credited value of confirmed payments, and what unsettled `upto` payments owe.
+    pub received_by_network: Vec<(String, i64)>,
+    pub upto_owed_by_network: Vec<(String, i64)>,
 }
 
 /// Proves the database takes a durable write that changes nothing: rewrites the schema version where the engine
@@ -149,10 +152,23 @@ pub fn metric_counts(c: &dyn Sql, now: i64) -> Result<MetricCounts, StoreError> 
             })
         },
     )?;
+    let received_by_network = c.query_map(
+        "SELECT network, sum(value_atomic) FROM transfers WHERE status = 'confirmed' GROUP BY network",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let upto_owed_by_network = c.query_map(
+        "SELECT network, sum(coalesce(cost_atomic, 0)) FROM upto_payments WHERE status = 'unsettled' \
+         GROUP BY network",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     Ok(MetricCounts {
         transfers,
         reorgs: reorg_count(c)?,
         keys: key_counts(c, now)?,
+        received_by_network,
+        upto_owed_by_network,
     })
 }
 

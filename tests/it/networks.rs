@@ -312,6 +312,21 @@ async fn two_networks_index_and_claim_side_by_side_and_never_mix() {
             "{metrics}"
         );
     }
+    // What each network received, as the console and the audit API count it.
+    for (network, atomic) in [(NET_A, 12_000_000), (NET_B, 15_000_000)] {
+        assert!(
+            metrics.contains(&format!(
+                "x402_received_usdc_atomic{{network=\"{network}\"}} {atomic}"
+            )),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!(
+                "x402_upto_owed_usdc_atomic{{network=\"{network}\"}} 0"
+            )),
+            "{metrics}"
+        );
+    }
 
     // The database agrees: one binding and one checkpoint per network.
     let store = gw.store().await;
