@@ -725,9 +725,10 @@ fn engine_for<'a>(state: &'a AppState, payload: &AnyPaymentPayload) -> Option<&'
         .or(state.x402_networks.first())
 }
 
-/// The ledger value (USD micro-units) of a settlement made by `engine`: its amount at the token's price.
-fn settled_value(state: &AppState, engine: &X402, amount: Usdc) -> Usdc {
-    match state.x402_token(engine) {
+/// The ledger value (USD micro-units) of a settled `amount` of `token`: its amount at the token's price (`None`:
+/// USDC as the ledger counts it).
+fn settled_value(token: Option<&crate::config::Token>, amount: Usdc) -> Usdc {
+    match token {
         Some(token) => token
             .to_usd(alloy::primitives::U256::from(amount.atomic().max(0) as u64))
             .map_or(amount, Usdc),
@@ -784,7 +785,7 @@ async fn pay_and_redeem(
         network,
         tx_hash: format!("{:#x}", settlement.transaction),
         payer: settlement.payer,
-        paid: settled_value(state, engine, settlement.amount),
+        paid: settled_value(state.x402_token(engine).as_ref(), settlement.amount),
         product,
         record,
     };
@@ -1066,14 +1067,7 @@ impl PaidRequest {
             }
         };
         // The ledger counts USD: a payment in another token is worth its amount at the token's price.
-        let value = match &self.token {
-            Some(token) => token
-                .to_usd(alloy::primitives::U256::from(
-                    settlement.amount.atomic().max(0) as u64,
-                ))
-                .map_or(settlement.amount, Usdc),
-            None => settlement.amount,
-        };
+        let value = settled_value(self.token.as_ref(), settlement.amount);
         let paid = SettledPayment {
             network,
             tx_hash: format!("{:#x}", settlement.transaction),

@@ -85,8 +85,9 @@ async fn session(
         .connect_ws(connect)
         .await
         .map_err(|e| e.to_string())?;
+    let (network, tokens) = (settings.network.caip2(), settings.tokens());
     let filter = json!({
-        "address": settings.tokens().iter().map(|t| t.address).collect::<Vec<_>>(),
+        "address": tokens.iter().map(|t| t.address).collect::<Vec<_>>(),
         "topics": [TRANSFER_TOPIC, Value::Null, alloy::primitives::B256::left_padding_from(settings.pay_to.as_slice())],
     });
     let heads = provider
@@ -113,12 +114,7 @@ async fn session(
             },
             log = logs.next() => match log {
                 Some(log) => {
-                    if let Ok(Some(t)) = transfer_from_log(
-                        &log,
-                        &settings.network.caip2(),
-                        &settings.tokens(),
-                        settings.pay_to,
-                    ) {
+                    if let Ok(Some(t)) = transfer_from_log(&log, &network, &tokens, settings.pay_to) {
                         match store.record_announced(t.clone()).await {
                             Ok(true) => tracing::info!(tx = %t.tx_hash, from = %t.from, amount = %t.value, "payment announced over WebSocket: seen"),
                             Ok(false) => {}

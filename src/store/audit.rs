@@ -424,7 +424,7 @@ pub fn latest_keys(c: &dyn Sql, n: u32) -> Result<Vec<KeyRow>, StoreError> {
 }
 
 /// The UTC day (`YYYY-MM-DD`) of a unix-seconds expression, in the engine's dialect.
-fn utc_day(engine: Engine, seconds: &str) -> String {
+pub(crate) fn utc_day(engine: Engine, seconds: &str) -> String {
     match engine {
         Engine::Sqlite => format!("date({seconds}, 'unixepoch')"),
         Engine::Postgres => {

@@ -282,15 +282,12 @@ pub fn reconcile_tx(
     now: i64,
 ) -> Result<Option<ReversalEvent>, StoreError> {
     // A transfer of another network with the same hash is no payment of this claim.
-    let claimed_here: Option<i64> = c.query_opt(
-        "SELECT 1 FROM claims WHERE tx_hash = ?1 AND network = ?2",
+    let origin: Option<String> = c.query_opt(
+        "SELECT coalesce(origin_tx, tx_hash) FROM claims WHERE tx_hash = ?1 AND network = ?2",
         params![tx_hash, network],
         |r| r.get(0),
     )?;
-    if claimed_here.is_none() {
-        return Ok(None);
-    }
-    match origin_of(c, tx_hash)? {
+    match origin {
         Some(origin) => reconcile_origin(c, &origin, now),
         None => Ok(None),
     }

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::sql::{Engine, Sql};
+use super::audit::utc_day;
+use super::sql::Sql;
 use super::{Store, StoreError};
 use crate::params;
 
@@ -138,15 +139,6 @@ pub struct Summary {
     /// Credits taken back by reorgs in the range (reversals), and given back (restores).
     pub reversed_atomic: i64,
     pub restored_atomic: i64,
-}
-
-fn utc_day(engine: Engine, seconds: &str) -> String {
-    match engine {
-        Engine::Sqlite => format!("date({seconds}, 'unixepoch')"),
-        Engine::Postgres => {
-            format!("to_char(to_timestamp({seconds}) AT TIME ZONE 'UTC', 'YYYY-MM-DD')")
-        }
-    }
 }
 
 /// `YYYY-MM-DD` of unix second `t`.
