@@ -28,6 +28,9 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+pub mod svm;
+pub use svm::{Commitment, SvmSettings};
+
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_string(),
@@ -527,6 +530,22 @@ pub struct ChainConfig {
     /// Tokens accepted on this network besides its USDC (e.g. EURC), each with its USD price policy.
     #[serde(default)]
     pub tokens: Vec<TokenConfig>,
+    /// Solana only (`network = "solana-custom"`): the cluster's genesis hash (base58); its first 32 characters make
+    /// the CAIP-2 id `solana:<…>`.
+    #[serde(default)]
+    pub genesis_hash: Option<String>,
+    /// Solana only: the USDC mint (base58); presets fill it, `solana-custom` requires it.
+    #[serde(default)]
+    pub mint: Option<String>,
+    /// Solana only: the commitment at which a payment counts as paid, `finalized` (default) or `confirmed`
+    /// (Solana's answer to a confirmation depth).
+    #[serde(default)]
+    pub commitment: Option<String>,
+    /// Solana only: the environment variable holding the fee payer's key (base58 of the 64-byte keypair, as
+    /// `solana-keygen` writes it, or a JSON array of its bytes) that co-signs and pays the fee of standard x402
+    /// payments on this network. Without it the network takes claimed transfers only.
+    #[serde(default)]
+    pub fee_payer_key_env: Option<String>,
 }
 
 /// `tokens = [{ … }]` of a network as written: a token accepted besides the network's USDC.
@@ -646,6 +665,19 @@ impl ChainConfig {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<ChainSettings, ConfigError> {
         let chain = self;
+        for (field, set) in [
+            ("genesis_hash", chain.genesis_hash.is_some()),
+            ("mint", chain.mint.is_some()),
+            ("commitment", chain.commitment.is_some()),
+            ("fee_payer_key_env", chain.fee_payer_key_env.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    &format!("{key}.{field}"),
+                    "is a Solana network's key (network = \"solana\", \"solana-devnet\" or \"solana-custom\")",
+                ));
+            }
+        }
         let custom_keys = [
             (format!("{key}.chain_id"), chain.chain_id.is_some()),
             (
@@ -710,7 +742,8 @@ impl ChainConfig {
                 return Err(invalid(
                     &format!("{key}.network"),
                     format!(
-                        "unknown network `{other}`; expected a preset ({}) or \"custom\"",
+                        "unknown network `{other}`; expected a preset ({}), \"custom\", or a Solana cluster \
+                         (solana, solana-devnet, solana-custom)",
                         PRESETS
                             .iter()
                             .map(|p| p.name)
@@ -1190,6 +1223,8 @@ pub struct Settings {
     pub chain: ChainSettings,
     /// The other networks agents may pay on, in configuration order (each with its own chain id).
     pub other_networks: Vec<ChainSettings>,
+    /// The Solana networks agents may pay on (`[[networks]]` entries of a Solana cluster), in configuration order.
+    pub svm_networks: Vec<SvmSettings>,
     /// The database engine and where it is (`[database] path` or `url`).
     pub database: Database,
     /// Durability of per-request metering commits (`[database] fsync_metering`).
@@ -1567,7 +1602,29 @@ impl Config {
             written.push((format!("networks[{i}]"), n));
         }
         let mut networks: Vec<ChainSettings> = Vec::new();
+        let mut svm_networks: Vec<SvmSettings> = Vec::new();
         for (key, config) in &written {
+            if svm::is_svm(&config.network) {
+                if key == "chain" {
+                    return Err(invalid(
+                        "chain.network",
+                        "[chain] is the first network, an EVM one (the catalog's top level); put a Solana \
+                         network in [[networks]]",
+                    ));
+                }
+                let resolved = config.resolve_svm(key, &self.server, env)?;
+                if let Some(twin) = svm_networks.iter().find(|n| n.caip2 == resolved.caip2) {
+                    return Err(invalid(
+                        &format!("{key}.network"),
+                        format!(
+                            "{} is already configured (network `{}`); one entry per cluster",
+                            resolved.caip2, twin.name
+                        ),
+                    ));
+                }
+                svm_networks.push(resolved);
+                continue;
+            }
             let resolved = config.resolve(key, &self.server, env)?;
             if let Some(twin) = networks
                 .iter()
@@ -1587,7 +1644,8 @@ impl Config {
         let chain = networks.next().ok_or_else(|| {
             invalid(
                 "chain",
-                "no network to accept payments on: write a [chain] section (or [[networks]])",
+                "no EVM network to accept payments on: write a [chain] section (or an EVM [[networks]] entry); \
+                 Solana networks join an EVM one",
             )
         })?;
         let other_networks: Vec<ChainSettings> = networks.collect();
@@ -1676,6 +1734,7 @@ impl Config {
                 .map(|u| u.trim_end_matches('/').to_string()),
             chain,
             other_networks,
+            svm_networks,
             database,
             metering_durability: if self.database.fsync_metering {
                 crate::store::Durability::Full
@@ -1699,6 +1758,13 @@ impl Settings {
     pub fn network(&self, caip2: &str) -> Option<&ChainSettings> {
         self.networks()
             .find(|n| n.network.caip2() == caip2 || n.network.name == caip2)
+    }
+
+    /// The Solana network with CAIP-2 id `caip2` (`solana:5eykt…`), or whose preset name is `caip2` (`solana`).
+    pub fn svm_network(&self, caip2: &str) -> Option<&SvmSettings> {
+        self.svm_networks
+            .iter()
+            .find(|n| n.caip2 == caip2 || n.name == caip2)
     }
 
     /// `upto` models need a settler of upto payments: the hot wallet, or a facilitator whose address is known.

@@ -330,11 +330,38 @@ async fn main() -> Result<()> {
                     let indexer = Indexer::new(chain, store.clone(), StatusHandle::default())?;
                     syncs.push(indexer.run_until_synced(shutdown.clone()));
                 }
-                for synced in futures::future::join_all(syncs).await {
+                let mut svm_syncs = Vec::new();
+                for svm in settings.svm_networks.iter().cloned() {
+                    let rpc = std::sync::Arc::new(chain::svm::SvmRpc::new(
+                        &svm.rpc_http,
+                        svm.rpc_timeout,
+                    )?);
+                    let indexer = chain::svm::SvmIndexer::new(
+                        svm,
+                        rpc,
+                        store.clone(),
+                        StatusHandle::default(),
+                    );
+                    svm_syncs.push(indexer.run_until_synced(shutdown.clone()));
+                }
+                let (evm, svm) = futures::future::join(
+                    futures::future::join_all(syncs),
+                    futures::future::join_all(svm_syncs),
+                )
+                .await;
+                for synced in evm.into_iter().chain(svm) {
                     synced?;
                 }
             } else {
                 let mut running = Vec::new();
+                for svm in settings.svm_networks.iter().cloned() {
+                    running.push(chain::svm::spawn(
+                        svm,
+                        store.clone(),
+                        StatusHandle::default(),
+                        shutdown.clone(),
+                    )?);
+                }
                 for chain in networks {
                     running.push(chain::spawn(
                         chain,

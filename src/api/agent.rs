@@ -183,6 +183,24 @@ fn is_hex(s: &str) -> bool {
     s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
+/// `txHash` of a claim on `network`: on an EVM network 0x + 64 hex digits, returned lower-case; on Solana the
+/// transaction's signature (base58 of 64 bytes), returned as written (base58 is case-sensitive).
+fn claim_tx(network: &str, body: &Map<String, Value>) -> Result<String, ApiError> {
+    if network.starts_with("solana:") {
+        let raw = required_string(body, "txHash")?;
+        return match bs58::decode(raw).into_vec() {
+            Ok(bytes) if bytes.len() == 64 && bs58::encode(&bytes).into_string() == raw => {
+                Ok(raw.to_string())
+            }
+            _ => Err(ApiError::field(
+                "txHash",
+                "must be a Solana transaction signature: base58 of 64 bytes",
+            )),
+        };
+    }
+    tx_hash(body)
+}
+
 /// `txHash`: 0x + 64 hex digits, returned lower-case.
 fn tx_hash(body: &Map<String, Value>) -> Result<String, ApiError> {
     let raw = required_string(body, "txHash")?;
@@ -193,6 +211,28 @@ fn tx_hash(body: &Map<String, Value>) -> Result<String, ApiError> {
         _ => Err(ApiError::field(
             "txHash",
             "must be a transaction hash: 0x followed by 64 hex digits",
+        )),
+    }
+}
+
+/// `signature` of a claim on `network`: on Solana an ed25519 signature of 64 bytes, base58 (what wallets show) or
+/// 0x-hex; elsewhere as [`signature`].
+fn claim_signature(network: &str, body: &Map<String, Value>) -> Result<Option<Vec<u8>>, ApiError> {
+    if !network.starts_with("solana:") {
+        return signature(body);
+    }
+    let Some(raw) = string_field(body, "signature")? else {
+        return Ok(None);
+    };
+    let bytes = match raw.strip_prefix("0x") {
+        Some(hex) if is_hex(hex) => alloy::hex::decode(hex).ok(),
+        _ => bs58::decode(raw).into_vec().ok(),
+    };
+    match bytes {
+        Some(b) if b.len() == 64 => Ok(Some(b)),
+        _ => Err(ApiError::field(
+            "signature",
+            "must be an ed25519 signature of 64 bytes (base58, or 0x-hex) by the paying wallet",
         )),
     }
 }
@@ -355,6 +395,7 @@ fn network(state: &AppState, body: &Map<String, Value>) -> Result<String, ApiErr
         Some(Value::String(name)) => settings
             .network(name)
             .map(|n| n.network.caip2())
+            .or_else(|| settings.svm_network(name).map(|n| n.caip2.clone()))
             .ok_or_else(|| {
                 ApiError::field(
                     "network",
@@ -363,6 +404,7 @@ fn network(state: &AppState, body: &Map<String, Value>) -> Result<String, ApiErr
                         settings
                             .networks()
                             .map(|n| n.network.caip2())
+                            .chain(settings.svm_networks.iter().map(|n| n.caip2.clone()))
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
@@ -382,7 +424,7 @@ async fn subscribe_pool(State(state): State<AppState>, JsonObject(body): JsonObj
             &["txHash", "poolSlug", "blocks", "signature", "network"],
         )?;
         let network = network(&state, &body)?;
-        let tx_hash = tx_hash(&body)?;
+        let tx_hash = claim_tx(&network, &body)?;
         let slug = required_string(&body, "poolSlug")?;
         let pool = state
             .billing
@@ -422,6 +464,7 @@ async fn subscribe_pool(State(state): State<AppState>, JsonObject(body): JsonObj
             }
             blocks.push(name.clone());
         }
+        let signature = claim_signature(&network, &body)?;
         Ok(ClaimRequest {
             network,
             tx_hash,
@@ -429,7 +472,7 @@ async fn subscribe_pool(State(state): State<AppState>, JsonObject(body): JsonObj
                 slug: slug.to_string(),
                 blocks,
             },
-            signature: signature(&body)?,
+            signature,
         })
     };
     let req = match parse() {
@@ -443,7 +486,7 @@ async fn topup(State(state): State<AppState>, JsonObject(body): JsonObject) -> R
     let parse = || -> Result<ClaimRequest, ApiError> {
         only_fields(&body, &["txHash", "amount", "signature", "network"])?;
         let network = network(&state, &body)?;
-        let tx_hash = tx_hash(&body)?;
+        let tx_hash = claim_tx(&network, &body)?;
         let amount = amount(&body)?;
         let min = state.billing.settings().credits.min_topup;
         if amount < min {
@@ -452,11 +495,12 @@ async fn topup(State(state): State<AppState>, JsonObject(body): JsonObject) -> R
                 format!("the minimum top-up is {min} USDC"),
             ));
         }
+        let signature = claim_signature(&network, &body)?;
         Ok(ClaimRequest {
             network,
             tx_hash,
             product: Product::Topup { amount },
-            signature: signature(&body)?,
+            signature,
         })
     };
     let req = match parse() {
@@ -500,6 +544,11 @@ fn claim_error(e: ClaimError) -> ApiError {
                 .with("confirmations", confirmations)
                 .with("required", required)
                 .retry_after((required - confirmations).clamp(1, 30) * 2)
+        }
+        ClaimError::PendingCommitment { commitment } => {
+            ApiError::new(StatusCode::ACCEPTED, "pending", message)
+                .with("commitment", commitment)
+                .retry_after(5)
         }
         ClaimError::Orphaned => ApiError::new(StatusCode::GONE, "payment_orphaned", message),
         ClaimError::MultiplePayers(_) => ApiError::new(StatusCode::CONFLICT, "multiple_payers", message),

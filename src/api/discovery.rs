@@ -45,7 +45,7 @@ async fn agent_card(State(state): State<AppState>, headers: HeaderMap) -> Respon
     let base = super::x402::base_url(&state, &headers);
     cached_json(
         &headers,
-        &card_v1(&state.settings, &base, state.x402.is_some()),
+        &card_v1(&state.settings, &base, state.x402_enabled()),
     )
 }
 
@@ -53,7 +53,7 @@ async fn legacy_agent_card(State(state): State<AppState>, headers: HeaderMap) ->
     let base = super::x402::base_url(&state, &headers);
     cached_json(
         &headers,
-        &card_v0_3(&state.settings, &base, state.x402.is_some()),
+        &card_v0_3(&state.settings, &base, state.x402_enabled()),
     )
 }
 

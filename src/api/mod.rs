@@ -53,6 +53,9 @@ pub struct AppState {
     /// One x402 engine per network, the first network's first: every offer lists each (one `accepts` entry per
     /// network), and a payment is verified and settled by the engine of the network it names.
     pub x402_networks: Vec<crate::x402::X402>,
+    /// Standard x402 `exact` on each Solana network with a fee payer (`fee_payer_key_env`), offered after the EVM
+    /// networks.
+    pub svm_x402: Vec<Arc<crate::x402::svm::settle::SvmExact>>,
     pub proxy: Arc<crate::proxy::Proxy>,
     /// Per-IP rate limits, body limits and timeouts (`[limits]`).
     pub limits: Arc<limits::Limits>,
@@ -81,9 +84,15 @@ impl AppState {
             billing,
             x402: None,
             x402_networks: Vec::new(),
+            svm_x402: Vec::new(),
             proxy: Arc::new(proxy),
             limits,
         })
+    }
+
+    /// Whether standard x402 payments are taken at all (an EVM engine, or a Solana network with a fee payer).
+    pub fn x402_enabled(&self) -> bool {
+        self.x402.is_some() || !self.svm_x402.is_empty()
     }
 
     /// With the standard x402 engine (one network).
@@ -336,9 +345,30 @@ pub async fn serve_with_env(
             );
         }
     }
+    // Standard x402 on each Solana network with a fee payer: its key is read now (a wrong key fails the start).
+    let mut svm_x402 = Vec::new();
+    for svm in &settings.svm_networks {
+        if let Some(var) = &svm.fee_payer_key_env {
+            let key = crate::x402::svm::settle::fee_payer_from_env(var, env)
+                .map_err(|e| ServeError::Config(format!("{}: {e}", svm.caip2)))?;
+            let rpc = crate::chain::svm::SvmRpc::new(&svm.rpc_http, svm.rpc_timeout)
+                .map_err(|e| ServeError::Config(e.to_string()))?;
+            svm_x402.push(Arc::new(crate::x402::svm::settle::SvmExact::new(
+                svm.clone(),
+                Arc::new(rpc),
+                key,
+            )));
+        }
+    }
     let engine = engines.first().cloned();
     let networks: Vec<crate::config::ChainSettings> = settings.networks().cloned().collect();
+    let svm_networks: Vec<crate::config::SvmSettings> = settings.svm_networks.clone();
     let mut state = AppState::new(settings, store.clone(), status.clone(), clock.clone())?;
+    if !svm_x402.is_empty() {
+        let names: Vec<String> = svm_x402.iter().map(|s| s.settings.caip2.clone()).collect();
+        tracing::info!(networks = %names.join(", "), "standard x402 payments enabled on Solana");
+        state.svm_x402 = svm_x402;
+    }
     if let Some(engine) = &engine {
         let names: Vec<String> = engines.iter().map(|e| e.network().caip2()).collect();
         tracing::info!(first = %engine.network().caip2(), networks = %names.join(", "), "standard x402 payments enabled");
@@ -374,6 +404,27 @@ pub async fn serve_with_env(
                         }
                     })),
                     Err(e) => tracing::error!(%network, error = %e, "cannot start the indexer"),
+                }
+            }
+            for svm in &svm_networks {
+                let network = svm.caip2.clone();
+                let Some(status) = indexers.get(&network) else {
+                    continue;
+                };
+                match crate::chain::svm::spawn(
+                    svm.clone(),
+                    store.clone(),
+                    status.clone(),
+                    term.clone(),
+                ) {
+                    Ok(indexer) => tasks.push(tokio::spawn(async move {
+                        if let Ok(Err(e)) = indexer.await {
+                            tracing::warn!(%network, error = %e, "the Solana indexer had stopped");
+                        }
+                    })),
+                    Err(e) => {
+                        tracing::error!(%network, error = %e, "cannot start the Solana indexer")
+                    }
                 }
             }
             if let Some(engine) = &engine {

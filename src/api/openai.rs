@@ -65,7 +65,7 @@ pub(crate) async fn wrong_method(
     // the keyless 402 with its PAYMENT-REQUIRED, which names how to pay and that the route takes POST.
     if method == axum::http::Method::GET
         && api.is_some()
-        && state.x402.is_some()
+        && state.x402_enabled()
         && presented_key(&headers).is_none()
     {
         let message = format!(
@@ -672,7 +672,7 @@ async fn per_request(
         let upto = m.upto && upto_engine;
         (m.per_request.is_some() || upto).then_some((id, m.per_request, upto))
     });
-    let Some((model_id, price, upto)) = priced.filter(|_| state.x402.is_some()) else {
+    let Some((model_id, price, upto)) = priced.filter(|_| state.x402_enabled()) else {
         return Err(catalog);
     };
     let (object, _) = parse_request(headers, &body)?;

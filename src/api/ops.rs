@@ -50,12 +50,32 @@ fn networks(state: &AppState) -> Vec<(&crate::config::ChainSettings, crate::chai
         .collect()
 }
 
+/// Every Solana network with its indexer's status.
+fn svm_networks(
+    state: &AppState,
+) -> Vec<(&crate::config::SvmSettings, crate::chain::IndexerStatus)> {
+    state
+        .settings
+        .svm_networks
+        .iter()
+        .map(|n| {
+            let status = state
+                .indexers
+                .get(&n.caip2)
+                .map(|h| h.snapshot())
+                .unwrap_or_default();
+            (n, status)
+        })
+        .collect()
+}
+
 /// 200 while every network's indexer runs (even when it retries RPC errors), 503 once one has stopped for good.
 /// The top-level `indexer`, `chainId` and `payTo` are the first network's; `networks` lists each.
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let s = state.indexer.snapshot();
     let all = networks(&state);
-    let healthy = all.iter().all(|(_, s)| s.fatal.is_none());
+    let healthy = all.iter().all(|(_, s)| s.fatal.is_none())
+        && svm_networks(&state).iter().all(|(_, s)| s.fatal.is_none());
     let body = json!({
         "status": if healthy { "ok" } else { "unhealthy" },
         "indexer": {
@@ -79,7 +99,16 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
             "payTo": format!("{:#x}", chain.pay_to),
             "asset": format!("{:#x}", chain.network.token),
             "indexer": indexer_view(s, chain.confirmations),
-        })).collect::<Vec<_>>(),
+        })).chain(svm_networks(&state).iter().map(|(n, s)| json!({
+            "network": n.caip2,
+            "name": n.name,
+            "kind": "svm",
+            "payTo": n.pay_to.to_string(),
+            "asset": n.mint.to_string(),
+            "commitment": n.commitment.as_str(),
+            "indexer": indexer_view(s, 1),
+            "rpcErrors": s.rpc_errors,
+        }))).collect::<Vec<_>>(),
         "deployments": state.proxy.router().status(std::time::Instant::now()),
     });
     let code = if healthy {
@@ -118,6 +147,20 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             (None, _) => reasons.push(format!("the indexer{on} has not indexed a block yet")),
             (_, Some(lag)) if lag > bound => reasons.push(format!(
                 "the indexer{on} lags the chain head by {lag} blocks (more than {bound})"
+            )),
+            _ => {}
+        }
+    }
+    for (n, s) in svm_networks(&state) {
+        let on = format!(" ({})", n.caip2);
+        if let Some(fatal) = &s.fatal {
+            reasons.push(format!("the indexer{on} has stopped: {fatal}"));
+        }
+        match (s.indexed_head, s.lag()) {
+            (None, _) => reasons.push(format!("the indexer{on} has not read a slot yet")),
+            (_, Some(lag)) if lag > n.ready_max_lag_slots => reasons.push(format!(
+                "the indexer{on} lags the cluster by {lag} slots (more than {})",
+                n.ready_max_lag_slots
             )),
             _ => {}
         }
@@ -179,9 +222,18 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     }
     metrics::gauge!(m::INDEXER_UP).set(if s.fatal.is_none() { 1.0 } else { 0.0 });
     metrics::counter!(m::RPC_ERRORS).absolute(s.rpc_errors);
-    // The same figures per network (the unlabelled series above are the first network's).
-    for (chain, s) in networks(&state) {
-        let network = chain.network.caip2();
+    // The same figures per network (the unlabelled series above are the first network's); a Solana network's
+    // heads are slots.
+    let labelled: Vec<(String, crate::chain::IndexerStatus)> = networks(&state)
+        .into_iter()
+        .map(|(chain, s)| (chain.network.caip2(), s))
+        .chain(
+            svm_networks(&state)
+                .into_iter()
+                .map(|(n, s)| (n.caip2.clone(), s)),
+        )
+        .collect();
+    for (network, s) in labelled {
         if let Some(h) = s.indexed_head {
             metrics::gauge!(m::INDEXED_HEAD, "network" => network.clone()).set(h as f64);
         }

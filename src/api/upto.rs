@@ -60,7 +60,12 @@ pub fn required(
     price: Option<Usdc>,
     max: Option<Usdc>,
 ) -> Option<PaymentRequired> {
-    let engine = state.x402.as_ref()?;
+    let Some(engine) = state.x402.as_ref() else {
+        // Standard x402 on Solana only: the exact per-request offer (upto is an EVM scheme here).
+        return price.and_then(|price| {
+            super::x402::per_request_required(state, headers, api, model, price)
+        });
+    };
     let mut required = match price {
         Some(price) => super::x402::per_request_required(state, headers, api, model, price)?,
         None => {

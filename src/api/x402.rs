@@ -37,6 +37,8 @@ use crate::x402::{
     failure_response, requirements,
 };
 
+mod svm;
+
 /// Headers a browser client must be allowed to read.
 pub const EXPOSE_HEADERS: &str = "PAYMENT-REQUIRED, PAYMENT-RESPONSE, X-PAYMENT-RESPONSE";
 
@@ -247,6 +249,7 @@ fn offer(
         accepts,
         None,
     );
+    required.svm_accepts = svm::accepts(state, price, max_timeout);
     // Discovery (x402 `bazaar` extension): how to call the resource, for facilitators that catalogue it.
     let mut extensions = serde_json::Map::new();
     extensions.insert(super::bazaar::KEY.into(), bazaar);
@@ -281,7 +284,9 @@ fn challenge(offered: &PaymentRequired, reason: Option<(&str, String)>, product:
 /// The `PAYMENT-REQUIRED` value of the keyless `/v1/*` 402: the minimum credit top-up at
 /// `/x402/credits/{min}`. `None` when x402 is not configured.
 pub fn v1_challenge_header(state: &AppState, headers: &HeaderMap) -> Option<HeaderValue> {
-    state.x402.as_ref()?;
+    if !state.x402_enabled() {
+        return None;
+    }
     let min = state.settings.credits.min_topup;
     let offered = offer(
         state,
@@ -580,7 +585,7 @@ async fn purchase(
     description: String,
     product_view: Value,
 ) -> Response {
-    if state.x402.is_none() {
+    if !state.x402_enabled() {
         return Answer::error(
             StatusCode::NOT_FOUND,
             "x402_disabled",
@@ -597,6 +602,19 @@ async fn purchase(
         Ok(o) => o,
         Err(a) => return a.into_response(),
     };
+    // A payment on a Solana network (its own payload shape: a partially signed transaction).
+    match svm::presented(&headers) {
+        Some(Ok(payment)) => {
+            return svm::pay_and_redeem(&state, payment, &offered, product, &product_view)
+                .await
+                .into_response();
+        }
+        Some(Err(message)) => {
+            return challenge(&offered, Some(("invalid_payload", message)), &product_view)
+                .into_response();
+        }
+        None => {}
+    }
     let presented = match presented(&headers) {
         Ok(Some(p)) => p,
         Ok(None) => return challenge(&offered, None, &product_view).into_response(),
@@ -784,7 +802,7 @@ async fn pay_and_redeem(
     let paid = SettledPayment {
         network,
         tx_hash: format!("{:#x}", settlement.transaction),
-        payer: settlement.payer,
+        payer: format!("{:#x}", settlement.payer),
         paid: settled_value(state.x402_token(engine).as_ref(), settlement.amount),
         product,
         record,
@@ -890,14 +908,24 @@ pub(crate) fn claimed_data(claimed: Claimed) -> Value {
 /// A verified per-request payment, held (not yet settled) while the proxy prepares the upstream call.
 #[derive(Debug)]
 pub struct PaidRequest {
-    reservation: Reservation,
-    record: X402Record,
+    kind: Paid,
     response_header: &'static str,
     model: String,
     /// CAIP-2 id of the network the payment is settled on.
     network: String,
-    /// The token it is paid in, with its USD price (`None`: USDC as the ledger counts it).
-    token: Option<crate::config::Token>,
+}
+
+/// A per-request payment by network kind. One lives per paid request, so its size does not matter.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Paid {
+    Evm {
+        reservation: Reservation,
+        record: X402Record,
+        /// The token it is paid in, with its USD price (`None`: USDC as the ledger counts it).
+        token: Option<crate::config::Token>,
+    },
+    Svm(svm::PaidSvm),
 }
 
 /// The answer to send before the first streamed byte: the `PAYMENT-RESPONSE` header (name, value).
@@ -905,7 +933,6 @@ pub struct PaidRequest {
 pub struct SettledRequest {
     pub header_name: &'static str,
     pub header_value: HeaderValue,
-    pub settlement: Settlement,
 }
 
 /// The offer for one request to `model` at `price`, for the upto challenge (which adds its own offer to it).
@@ -916,7 +943,9 @@ pub(crate) fn per_request_required(
     model: &str,
     price: Usdc,
 ) -> Option<PaymentRequired> {
-    state.x402.as_ref()?;
+    if !state.x402_enabled() {
+        return None;
+    }
     per_request_offer(state, headers, api, model, price).ok()
 }
 
@@ -955,7 +984,9 @@ pub fn per_request_challenge(
     model: &str,
     price: Usdc,
 ) -> Option<Response> {
-    state.x402.as_ref()?;
+    if !state.x402_enabled() {
+        return None;
+    }
     let offered = per_request_offer(state, headers, api, model, price).ok()?;
     Some(
         Answer::new(
@@ -984,7 +1015,7 @@ pub async fn authorize_per_request(
     model: &str,
     price: Usdc,
 ) -> Result<Option<PaidRequest>, Response> {
-    if state.x402.is_none() {
+    if !state.x402_enabled() {
         return Ok(None);
     }
     let offered =
@@ -997,6 +1028,33 @@ pub async fn authorize_per_request(
         .header(xh::PAYMENT_REQUIRED, xh::encode(&offered))
         .into_response()
     };
+    // A payment on a Solana network: verified, held, co-signed and simulated now; sent by `settle`.
+    if let Some(payment) = svm::presented(headers) {
+        let payment = payment.map_err(|m| unreadable(m, "invalid_payload"))?;
+        let network = payment
+            .pointer("/accepted/network")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        return match svm::authorize(state, payment, &offered).await {
+            Ok(paid) => Ok(Some(PaidRequest {
+                kind: Paid::Svm(paid),
+                response_header: xh::PAYMENT_RESPONSE,
+                model: model.to_string(),
+                network,
+            })),
+            Err((status, code, message, payer)) => {
+                let failure = json!({"success": false, "errorReason": code, "network": network,
+                                     "payer": payer, "transaction": ""});
+                let mut a = Answer::new(status, openai_error(status, code, message))
+                    .header(xh::PAYMENT_RESPONSE, xh::encode(&failure));
+                if status == StatusCode::PAYMENT_REQUIRED {
+                    a = a.header(xh::PAYMENT_REQUIRED, xh::encode(&offered));
+                }
+                Err(a.into_response())
+            }
+        };
+    }
     let presented = match presented(headers) {
         Ok(Some(p)) => p,
         Ok(None) => return Ok(None),
@@ -1017,12 +1075,14 @@ pub async fn authorize_per_request(
         // The request was bounded before the payment was looked at (`proxy::bound`: prompt bound + the output the
         // price buys after it, n = 1), so the price covers whatever the upstream may generate.
         Ok(reservation) => Ok(Some(PaidRequest {
-            record: record_of(&reservation),
-            reservation,
+            kind: Paid::Evm {
+                record: record_of(&reservation),
+                reservation,
+                token: state.x402_token(engine),
+            },
             response_header,
             model: model.to_string(),
             network,
-            token: state.x402_token(engine),
         })),
         Err(e) => {
             let status = match e {
@@ -1047,8 +1107,31 @@ impl PaidRequest {
     /// streamed).
     pub async fn settle(self, state: &AppState) -> Result<SettledRequest, Response> {
         let network = self.network.clone();
-        let payer = self.reservation.payer();
-        let settlement = match self.reservation.settle().await {
+        let (reservation, record, token) = match self.kind {
+            Paid::Evm {
+                reservation,
+                record,
+                token,
+            } => (reservation, record, token),
+            Paid::Svm(paid) => {
+                return match svm::settle(state, paid, &self.model).await {
+                    Ok(value) => Ok(SettledRequest {
+                        header_name: self.response_header,
+                        header_value: HeaderValue::from_str(&value)
+                            .unwrap_or_else(|_| HeaderValue::from_static("")),
+                    }),
+                    Err((status, code, message, payer)) => {
+                        let failure = json!({"success": false, "errorReason": code, "network": network,
+                                             "payer": payer, "transaction": ""});
+                        Err(Answer::new(status, openai_error(status, code, message))
+                            .header(self.response_header, xh::encode(&failure))
+                            .into_response())
+                    }
+                };
+            }
+        };
+        let payer = reservation.payer();
+        let settlement = match reservation.settle().await {
             Ok(s) => s,
             Err(e) => {
                 let status = match e {
@@ -1067,14 +1150,14 @@ impl PaidRequest {
             }
         };
         // The ledger counts USD: a payment in another token is worth its amount at the token's price.
-        let value = settled_value(self.token.as_ref(), settlement.amount);
+        let value = settled_value(token.as_ref(), settlement.amount);
         let paid = SettledPayment {
             network,
             tx_hash: format!("{:#x}", settlement.transaction),
-            payer: settlement.payer,
+            payer: format!("{:#x}", settlement.payer),
             paid: value,
             product: Product::Topup { amount: value },
-            record: self.record,
+            record,
         };
         if let Err(e) = state
             .billing
@@ -1089,7 +1172,6 @@ impl PaidRequest {
         Ok(SettledRequest {
             header_name: self.response_header,
             header_value: value,
-            settlement,
         })
     }
 }

@@ -330,6 +330,89 @@ async fn reread_network(
 /// Receipts fetched at once.
 const CONCURRENCY: usize = 8;
 
+/// Step 1 for a Solana network: each confirmed transfer re-read from the cluster (the transaction at the
+/// network's commitment, its token instructions into payTo's account, amount, mint, authority and slot). Returns
+/// the cluster's slot at that commitment.
+async fn reread_svm_network(
+    svm: &crate::config::SvmSettings,
+    confirmed: Vec<Transfer>,
+    report: &mut Report,
+    progress: &mut (dyn FnMut(&str) + Send),
+) -> anyhow::Result<u64> {
+    use crate::chain::svm::{SvmRpc, indexer};
+    let rpc = SvmRpc::new(&svm.rpc_http, svm.rpc_timeout)?;
+    let commitment = svm.commitment.as_str();
+    let head = rpc.slot(commitment).await?;
+    let account = indexer::pay_to_account(&rpc, svm).await?;
+    progress(&format!(
+        "[1/6] transfers: re-reading {} confirmed transfers from {} (slot {head}, {commitment})",
+        confirmed.len(),
+        svm.caip2
+    ));
+    let mut by_tx: BTreeMap<String, Vec<Transfer>> = BTreeMap::new();
+    for t in confirmed {
+        by_tx.entry(t.tx_hash.clone()).or_default().push(t);
+    }
+    for (signature, rows) in by_tx {
+        report.transfers_checked += rows.len() as u64;
+        let onchain = match rpc.transaction_parsed(&signature, commitment).await? {
+            Some(tx) => indexer::transfers_into(&tx, &svm.caip2, &signature, svm, &account)?,
+            None => {
+                for t in &rows {
+                    report.discrepancies.push(d(
+                        "transfers",
+                        format!("transfer {}:{}", t.tx_hash, t.log_index),
+                        format!(
+                            "confirmed in the database (slot {}), but the cluster has no such transaction at                              `{commitment}`",
+                            t.block_number
+                        ),
+                    ));
+                }
+                continue;
+            }
+        };
+        for t in rows {
+            let subject = format!("transfer {}:{}", t.tx_hash, t.log_index);
+            match onchain.iter().find(|o| o.log_index == t.log_index) {
+                None => report.discrepancies.push(d(
+                    "transfers",
+                    &subject,
+                    format!(
+                        "instruction {} of the transaction is not a USDC transfer into payTo's token account",
+                        t.log_index
+                    ),
+                )),
+                Some(o) => {
+                    let mut diffs = Vec::new();
+                    if o.token_value != t.token_value.clone().unwrap_or_default() || o.value != t.value {
+                        diffs.push(format!(
+                            "amount on chain {}, in the database {}",
+                            o.token_value,
+                            t.token_value.clone().unwrap_or_default()
+                        ));
+                    }
+                    if o.from != t.from {
+                        diffs.push(format!("authority on chain {}, in the database {}", o.from, t.from));
+                    }
+                    if o.token != t.token {
+                        diffs.push(format!("mint on chain {}, in the database {}", o.token, t.token));
+                    }
+                    if o.block_number != t.block_number {
+                        diffs.push(format!(
+                            "slot on chain {}, in the database {}",
+                            o.block_number, t.block_number
+                        ));
+                    }
+                    if !diffs.is_empty() {
+                        report.discrepancies.push(d("transfers", &subject, diffs.join("; ")));
+                    }
+                }
+            }
+        }
+    }
+    Ok(head)
+}
+
 /// Runs every check. `progress` receives human-readable lines (a line per phase, and a progress line at most every
 /// 2 s during the chain re-read). Errors are reserved for failures to check (RPC down, unreadable database); what
 /// does not reconcile is in the report.
@@ -356,6 +439,11 @@ pub async fn verify(
             report.chain_head = head;
         }
         report.chain_heads.insert(chain.network.caip2(), head);
+    }
+    for svm in &settings.svm_networks {
+        let transfers = by_network.remove(&svm.caip2).unwrap_or_default();
+        let head = reread_svm_network(svm, transfers, &mut report, progress).await?;
+        report.chain_heads.insert(svm.caip2.clone(), head);
     }
     for (network, rows) in by_network {
         for t in rows {

@@ -24,6 +24,16 @@ pub fn claim_text(tx_hash: &str, chain_id: u64) -> String {
     format!("x402-gateway: claim payment {tx_hash} on chain {chain_id}")
 }
 
+/// The text the paying Solana wallet signs (`signMessage`, ed25519 over its UTF-8 bytes) to claim the payment
+/// made in transaction `signature` on the Solana network `caip2`: naming the network keeps a proof for devnet from
+/// working on mainnet.
+pub const CLAIM_TEXT_TEMPLATE_SVM: &str = "x402-gateway: claim payment {txHash} on {caip2}";
+
+/// [`CLAIM_TEXT_TEMPLATE_SVM`] filled in.
+pub fn claim_text_svm(signature: &str, caip2: &str) -> String {
+    format!("x402-gateway: claim payment {signature} on {caip2}")
+}
+
 /// The text an account signs to rotate its keys at the gateway `host` (see [`gateway_host`]) that is paid at `pay_to`
 /// on `chain_id`. Naming the gateway is what keeps a signature made for one gateway from working on another that
 /// knows the same payer (the same chain, the same wallet) during its 5-minute window; `signedAt` and the store's
@@ -196,7 +206,29 @@ pub fn catalog(settings: &Settings, taken: &HashMap<(String, String), u32>) -> V
                     "eip712": {"name": t.name, "version": t.version},
                     "usdPerToken": Usdc(t.usd_micro_per_token as i64).to_string(),
                 })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
+            })).chain(settings.svm_networks.iter().map(|n| json!({
+                // A Solana network: pay USDC (SPL) to payTo's associated token account for the mint, then claim
+                // with the transaction's signature as `txHash` and `network` = this caip2, signed (ed25519,
+                // a wallet's signMessage) by the wallet that signed the transfer.
+                "network": n.name,
+                "caip2": n.caip2,
+                "kind": "svm",
+                "asset": "USDC",
+                "assetAddress": n.mint.to_string(),
+                "assetDecimals": 6,
+                "payTo": n.pay_to.to_string(),
+                "commitment": n.commitment.as_str(),
+                "claimMessage": CLAIM_TEXT_TEMPLATE_SVM.replace("{caip2}", &n.caip2),
+                "claimSigning": "ed25519 signature (base58, or 0x-hex) of the UTF-8 bytes of claimMessage with \
+                                 {txHash} replaced by the transaction signature, by the wallet that signed the \
+                                 transfer (a Solana wallet's signMessage)",
+                "tokens": [{
+                    "symbol": "USDC",
+                    "address": n.mint.to_string(),
+                    "decimals": 6,
+                    "usdPerToken": "1",
+                }],
+            }))).collect::<Vec<_>>(),
             "products": products,
             "models": models,
             "endpoints": endpoints,

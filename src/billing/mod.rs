@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod metering;
 pub mod proof;
+mod svm;
 pub mod upto;
 
 use std::collections::HashMap;
@@ -60,6 +61,16 @@ pub struct ClaimRequest {
     pub signature: Option<Vec<u8>>,
 }
 
+/// A transaction's id as claims are keyed: an EVM hash in lower-case hex; a Solana signature as written (base58
+/// is case-sensitive).
+fn canonical_tx(tx: &str) -> String {
+    if tx.starts_with("0x") || tx.starts_with("0X") {
+        tx.to_ascii_lowercase()
+    } else {
+        tx.to_string()
+    }
+}
+
 /// Why a claim failed. Every variant leaves the database as it was.
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
@@ -78,6 +89,12 @@ pub enum ClaimError {
     NotIndexed { tx_hash: String, head: String },
     #[error("payment pending: {confirmations} of {required} confirmations")]
     Pending { confirmations: u64, required: u64 },
+    /// Solana: the transaction is confirmed but the gateway counts payments at `finalized` commitment.
+    #[error(
+        "payment pending: the transaction has not reached `{commitment}` commitment yet (about 13 seconds after it \
+         landed)"
+    )]
+    PendingCommitment { commitment: &'static str },
     #[error(
         "the block with this transaction left the canonical chain (reorg); the payment does not count unless the \
          transaction is mined again"
@@ -199,7 +216,8 @@ pub struct SettledPayment {
     /// CAIP-2 id of the network it was settled on.
     pub network: String,
     pub tx_hash: String,
-    pub payer: Address,
+    /// The paying account: lower-case 0x-hex on EVM networks, the base58 wallet on Solana.
+    pub payer: String,
     pub paid: Usdc,
     pub product: Product,
     pub record: X402Record,
@@ -412,8 +430,18 @@ impl Billing {
         &self.indexers
     }
 
+    /// The claim of transaction `tx_hash` (any network; a claim is keyed by its transaction), if one was made.
+    pub async fn claim_record(&self, tx_hash: &str) -> Result<Option<ClaimRecord>, StoreError> {
+        let tx_hash = tx_hash.to_string();
+        self.store.read(move |c| sql::claim_of(c, &tx_hash)).await
+    }
+
     /// Claims a confirmed payment; see the module documentation.
     pub async fn claim(&self, req: ClaimRequest) -> Result<Claimed, ClaimError> {
+        if let Some(svm) = self.settings.svm_network(&req.network) {
+            let svm = svm.clone();
+            return self.claim_svm(req, &svm).await;
+        }
         let chain =
             self.settings
                 .network(&req.network)
@@ -512,6 +540,19 @@ impl Billing {
             }
         }
 
+        self.redeem_claim(req, network, payer, paid).await
+    }
+
+    /// The rest of a claim once the payment is found confirmed, paid by `payer` (proven): the product's price
+    /// checked against `paid`, then the claim, key and ledger rows written in one transaction that first checks
+    /// the transfers are still what was read.
+    pub(crate) async fn redeem_claim(
+        &self,
+        req: ClaimRequest,
+        network: String,
+        payer: String,
+        paid: Usdc,
+    ) -> Result<Claimed, ClaimError> {
         // Static checks that need no state.
         let now = self.now();
         let (pool, price) = match &req.product {
@@ -626,11 +667,11 @@ impl Billing {
         self.store
             .write(
                 move |tx| -> Result<(Claimed, Option<ClaimError>), ClaimError> {
-                    let tx_hash = p.tx_hash.to_ascii_lowercase();
+                    let tx_hash = canonical_tx(&p.tx_hash);
                     if let Some(existing) = sql::claim_of(tx, &tx_hash)? {
                         return Err(ClaimError::AlreadyClaimed(Box::new(existing)));
                     }
-                    let payer = format!("{:#x}", p.payer);
+                    let payer = p.payer.clone();
                     let mut product = p.product.clone();
                     let mut price = p.paid;
                     let mut fallback = None;
@@ -715,11 +756,11 @@ impl Billing {
         let now = self.now();
         self.store
             .write(move |tx| -> Result<(), ClaimError> {
-                let tx_hash = p.tx_hash.to_ascii_lowercase();
+                let tx_hash = canonical_tx(&p.tx_hash);
                 if let Some(existing) = sql::claim_of(tx, &tx_hash)? {
                     return Err(ClaimError::AlreadyClaimed(Box::new(existing)));
                 }
-                let payer = format!("{:#x}", p.payer);
+                let payer = p.payer.clone();
                 sql::ensure_account(tx, &payer, now)?;
                 sql::append_ledger(
                     tx,

@@ -5,6 +5,7 @@ pub mod indexer;
 pub mod redact;
 pub mod rpc;
 pub mod status;
+pub mod svm;
 mod transport;
 pub mod ws;
 

@@ -70,6 +70,12 @@ impl NetworkStatuses {
                 .iter()
                 .map(|n| (n.network.caip2(), StatusHandle::default())),
         );
+        all.extend(
+            settings
+                .svm_networks
+                .iter()
+                .map(|n| (n.caip2.clone(), StatusHandle::default())),
+        );
         NetworkStatuses(Arc::new(all))
     }
 

@@ -27,6 +27,7 @@ pub mod replicas;
 pub mod reversals;
 pub mod sql;
 pub mod summary;
+pub mod svm;
 pub mod transfers;
 pub mod upto;
 pub mod usage;

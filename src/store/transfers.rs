@@ -170,7 +170,7 @@ fn transfer_from_row(row: &Row) -> Result<Transfer, StoreError> {
     })
 }
 
-fn record_status(
+pub(super) fn record_status(
     c: &dyn Sql,
     transfer_id: i64,
     status: TransferStatus,
@@ -185,7 +185,13 @@ fn record_status(
 }
 
 /// Marks transfer `id` orphaned at `now`, with its history row.
-fn orphan(c: &dyn Sql, id: i64, now: i64, head: u64, reason: &str) -> Result<(), StoreError> {
+pub(super) fn orphan(
+    c: &dyn Sql,
+    id: i64,
+    now: i64,
+    head: u64,
+    reason: &str,
+) -> Result<(), StoreError> {
     c.execute(
         "UPDATE transfers SET status = 'orphaned', orphaned_at = ?2 WHERE id = ?1",
         params![id, now],
@@ -193,7 +199,7 @@ fn orphan(c: &dyn Sql, id: i64, now: i64, head: u64, reason: &str) -> Result<(),
     record_status(c, id, TransferStatus::Orphaned, head, reason)
 }
 
-fn select_transfers(
+pub(super) fn select_transfers(
     c: &dyn Sql,
     where_clause: &str,
     args: &[&dyn ToValue],
@@ -209,7 +215,7 @@ fn select_transfers(
 /// is at or below `confirm_upto` (found at depth, e.g. during backfill), `seen` otherwise. Returns the new row.
 /// The row itself is the first entry of its history (`first_seen_at`, and `confirmed_at` equal to it when it was
 /// found confirmed); `transfer_status_history` records the changes after that.
-fn insert_new(
+pub(super) fn insert_new(
     c: &dyn Sql,
     t: &NewTransfer,
     confirm_upto: i64,

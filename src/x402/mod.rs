@@ -29,6 +29,7 @@ pub mod permit2;
 pub mod reorg;
 pub mod requirements;
 pub mod settle;
+pub mod svm;
 pub mod types;
 pub mod upto;
 pub mod verify;

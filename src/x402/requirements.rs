@@ -63,6 +63,7 @@ pub fn payment_required(
         resource,
         accepts,
         extensions: None,
+        svm_accepts: Vec::new(),
     }
 }
 

@@ -124,16 +124,49 @@ pub struct PaymentRequirements {
 }
 
 /// The body of a v2 402 (`PAYMENT-REQUIRED` header, base64).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentRequired {
     pub x402_version: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub error: Option<String>,
     pub resource: ResourceInfo,
     pub accepts: Vec<PaymentRequirements>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub extensions: Option<Map<String, Value>>,
+    /// Offers on Solana networks (the `exact` scheme on SVM, see `x402::svm`), written after the EVM ones in
+    /// `accepts`. Not read back: a decoded challenge keeps only its EVM offers here.
+    #[serde(skip)]
+    pub svm_accepts: Vec<Value>,
+}
+
+impl Serialize for PaymentRequired {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Wire<'a> {
+            x402_version: u32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            error: &'a Option<String>,
+            resource: &'a ResourceInfo,
+            accepts: Vec<Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            extensions: &'a Option<Map<String, Value>>,
+        }
+        let mut accepts = Vec::with_capacity(self.accepts.len() + self.svm_accepts.len());
+        for a in &self.accepts {
+            accepts.push(serde_json::to_value(a).map_err(serde::ser::Error::custom)?);
+        }
+        accepts.extend(self.svm_accepts.iter().cloned());
+        Wire {
+            x402_version: self.x402_version,
+            error: &self.error,
+            resource: &self.resource,
+            accepts,
+            extensions: &self.extensions,
+        }
+        .serialize(serializer)
+    }
 }
 
 /// The EIP-3009 authorization a client signed.
