@@ -109,9 +109,16 @@ async fn spl_payments_claimed_by_signature_with_an_ed25519_proof() {
     let sig = sol.pay(&payer, &pubkey(&operator), 12_000_000).await;
     assert_eq!(sol.usdc_of(&pubkey(&operator)).await, 12_000_000);
 
-    // Without a proof: the text to sign names the payment and the network.
+    // Found (a claim signed by someone else is refused for its signature, so the payment is indexed); without
+    // a proof the answer names the text to sign, which names the payment and the network.
     let text = claim_text_svm(&sig, SVM_DEVNET);
     let (status, body) = claim_when_indexed(
+        &gw,
+        json!({"txHash": sig, "amount": "12", "network": SVM_DEVNET, "signature": sign_text(&thief, &text)}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let (status, body) = claim(
         &gw,
         json!({"txHash": sig, "amount": "12", "network": SVM_DEVNET}),
     )
@@ -260,22 +267,16 @@ async fn a_restart_resumes_with_no_gap_and_no_duplicate() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    let config = gw.config.clone();
-    let db = gw.db.clone();
-    gw.stop().await;
-
-    // Paid while the gateway is down.
-    let mut missed = Vec::new();
-    for _ in 0..3 {
-        missed.push(sol.pay(&payer, &pubkey(&operator), 11_000_000).await);
-    }
-    let gw = Gateway::start_with_env(
-        config,
-        db,
-        Arc::new(AtomicI64::new(T0)),
-        &[(AUDITOR_ENV, AUDITOR)],
-    )
-    .await;
+    // Paid while the gateway is down (the restart keeps its database and environment).
+    let (gw, missed) = gw
+        .restart_after(async {
+            let mut missed = Vec::new();
+            for _ in 0..3 {
+                missed.push(sol.pay(&payer, &pubkey(&operator), 11_000_000).await);
+            }
+            missed
+        })
+        .await;
     for sig in &missed {
         let text = claim_text_svm(sig, SVM_DEVNET);
         let (status, body) = claim_when_indexed(
@@ -567,17 +568,7 @@ async fn standard_x402_on_solana_with_the_official_client_and_replays_refused() 
     let (status, body) = pay(&gw, header.clone()).await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
     assert_eq!(body["reason"], "duplicate_settlement", "{body}");
-    let config = gw.config.clone();
-    let db = gw.db.clone();
-    gw.stop().await;
-    let key = keypair_b58(&fee_payer);
-    let gw = Gateway::start_with_env(
-        config,
-        db,
-        Arc::new(AtomicI64::new(T0)),
-        &[(AUDITOR_ENV, AUDITOR), (FEE_PAYER_ENV, key.as_str())],
-    )
-    .await;
+    let gw = gw.restart().await;
     let (status, body) = pay(&gw, header.clone()).await;
     assert_eq!(status, StatusCode::PAYMENT_REQUIRED, "{body}");
     assert_eq!(body["reason"], "duplicate_settlement", "{body}");

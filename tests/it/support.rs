@@ -702,6 +702,26 @@ impl Gateway {
         self.task.await.unwrap();
     }
 
+    /// Stops the server, runs `meanwhile` while it is down, then starts a new one on the same database and config.
+    pub async fn restart_after<T>(self, meanwhile: impl Future<Output = T>) -> (Gateway, T) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+        let done = meanwhile.await;
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let gw = Gateway::start_with_env(
+            self.config.clone(),
+            self.db.clone(),
+            self.clock.clone(),
+            &env,
+        )
+        .await;
+        (gw, done)
+    }
+
     /// Stops the server and starts a new one on the same database and config.
     pub async fn restart(self) -> Gateway {
         self.shutdown.cancel();

@@ -155,6 +155,7 @@ pub(super) async fn pay_and_redeem(
         Ok(s) => s,
         Err(
             e @ (SvmSettleError::Rejected(_)
+            | SvmSettleError::Duplicate(_)
             | SvmSettleError::Simulation(_)
             | SvmSettleError::Failed { .. }),
         ) => {

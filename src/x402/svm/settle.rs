@@ -60,6 +60,9 @@ pub enum SvmSettleError {
     /// The payment is not acceptable (nothing was sent).
     #[error("{0}")]
     Rejected(#[from] SvmPaymentError),
+    /// The cluster has already processed this very transaction (nothing was sent).
+    #[error("transaction {0} was already processed by the cluster")]
+    Duplicate(String),
     /// The cluster refused it in simulation (nothing was sent): insufficient funds, expired blockhash, …
     #[error("the transaction fails in simulation: {0}")]
     Simulation(String),
@@ -79,6 +82,7 @@ impl SvmSettleError {
     pub fn code(&self) -> &'static str {
         match self {
             SvmSettleError::Rejected(e) => e.reason(),
+            SvmSettleError::Duplicate(_) => "duplicate_settlement",
             SvmSettleError::Simulation(_) => "transaction_simulation_failed",
             SvmSettleError::Unavailable(_) => "settlement_unavailable",
             SvmSettleError::OutcomeUnknown { .. } => "settlement_outcome_unknown",
@@ -225,6 +229,11 @@ impl SvmExact {
             .await
             .map_err(SvmSettleError::Unavailable)?;
         if let Some(err) = err {
+            // The cluster has this very transaction already: a replay (of a payment this gateway may not have
+            // recorded, e.g. one settled through another gateway with the same fee payer).
+            if err.to_string().contains("AlreadyProcessed") {
+                return Err(SvmSettleError::Duplicate(verified.signature_id));
+            }
             let last = logs.last().cloned().unwrap_or_default();
             return Err(SvmSettleError::Simulation(
                 format!("{err} {last}").trim().to_string(),
