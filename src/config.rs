@@ -2219,6 +2219,88 @@ pay_to = "0x1111111111111111111111111111111111111111"
     }
 
     #[test]
+    fn solana_networks_join_an_evm_one_with_their_own_keys() {
+        let solana = |extra: &str| {
+            format!(
+                "{MINIMAL}\n[[networks]]\nnetwork = \"solana\"\nrpc_http = [\"https://sol.example\"]\n\
+                 pay_to = \"9WzDXwBbmkg8ZTbNMqUxvQRAyrZzDsGYdLVL9zYtAWWM\"\n{extra}"
+            )
+        };
+        let s = resolve(&solana("")).unwrap();
+        let sol = s.svm_network("solana").unwrap();
+        assert_eq!(sol.caip2, "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp");
+        assert_eq!(
+            sol.mint.to_string(),
+            "EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v"
+        );
+        assert_eq!(sol.commitment, Commitment::Finalized);
+        assert!(
+            s.svm_network("solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp")
+                .is_some()
+        );
+        // Not an EVM network: the EVM lookups do not see it.
+        assert!(s.network("solana").is_none());
+        assert_eq!(s.networks().count(), 1);
+
+        let refused = |text: &str, key: &str| {
+            let err = resolve(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        };
+        refused(
+            &solana("commitment = \"processed\"\n"),
+            "networks[0].commitment",
+        );
+        refused(&solana("chain_id = 1\n"), "networks[0].chain_id");
+        refused(
+            &solana("fee_payer_key_env = \"NOT_SET\"\n"),
+            "networks[0].fee_payer_key_env",
+        );
+        refused(
+            &solana("genesis_hash = \"x\"\n"),
+            "networks[0].genesis_hash",
+        );
+        refused(&solana("mint = \"0x12\"\n"), "networks[0].mint");
+        refused(
+            &solana("").replace(
+                "9WzDXwBbmkg8ZTbNMqUxvQRAyrZzDsGYdLVL9zYtAWWM",
+                "0x2222222222222222222222222222222222222222",
+            ),
+            "networks[0].pay_to",
+        );
+        // A Solana key on an EVM network, and Solana as the first network.
+        refused(&format!("{MINIMAL}mint = \"x\"\n"), "chain.mint");
+        refused(
+            &solana("").replace(
+                "[chain]\nnetwork = \"base\"",
+                "[chain]\nnetwork = \"solana\"",
+            ),
+            "chain.network",
+        );
+        // The same cluster twice.
+        let twice = format!(
+            "{}\n[[networks]]\nnetwork = \"solana\"\nrpc_http = [\"https://b.example\"]\n\
+             pay_to = \"9WzDXwBbmkg8ZTbNMqUxvQRAyrZzDsGYdLVL9zYtAWWM\"\n",
+            solana("")
+        );
+        refused(&twice, "networks[1].network");
+        // A custom cluster names its genesis hash (the CAIP-2 id is its first 32 characters) and its mint.
+        let custom = format!(
+            "{MINIMAL}\n[[networks]]\nnetwork = \"solana-custom\"\nrpc_http = [\"http://127.0.0.1:8899\"]\n\
+             pay_to = \"9WzDXwBbmkg8ZTbNMqUxvQRAyrZzDsGYdLVL9zYtAWWM\"\n\
+             genesis_hash = \"EtWTRABZaYq6iMfeYKouRu166VU2xqa1wcaWoxPkrZBG\"\n\
+             mint = \"4zMMC9srt5Ri5X14GAgXhaHii3GnPAEERYPJgZJDncDU\"\ncommitment = \"confirmed\"\n"
+        );
+        let s = resolve(&custom).unwrap();
+        let c = &s.svm_networks[0];
+        assert_eq!(c.caip2, "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1");
+        assert_eq!(c.commitment, Commitment::Confirmed);
+        refused(
+            &custom.replace("genesis_hash", "# genesis_hash"),
+            "networks[0].genesis_hash",
+        );
+    }
+
+    #[test]
     fn networks_join_the_first_each_with_its_own_chain_and_priced_tokens() {
         let more = |extra: &str| {
             format!(
@@ -2375,11 +2457,11 @@ pay_to = "0x1111111111111111111111111111111111111111"
             assert_eq!(s.chain.network.token.to_checksum(None), p.usdc);
             assert_eq!(s.chain.network.token_version, "2");
         }
-        let err = resolve(&MINIMAL.replace("network = \"base\"", "network = \"solana\""))
+        let err = resolve(&MINIMAL.replace("network = \"base\"", "network = \"fantom\""))
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("polygon") && err.contains("avalanche"),
+            err.contains("polygon") && err.contains("avalanche") && err.contains("solana-devnet"),
             "{err}"
         );
     }
