@@ -86,6 +86,11 @@ impl<S: Subscriber> Layer<S> for RecentErrors {
         if level > Level::WARN {
             return;
         }
+        crate::metrics::record_log_event(if level == Level::ERROR {
+            "error"
+        } else {
+            "warn"
+        });
         let mut v = MessageVisitor(String::new());
         event.record(&mut v);
         push_recent(

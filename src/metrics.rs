@@ -23,7 +23,7 @@ pub const REORGS: &str = "x402_reorgs_total";
 pub const RPC_ERRORS: &str = "x402_rpc_errors_total";
 /// Counter `{method}`: RPC calls retried after a transport fault.
 pub const RPC_RETRIES: &str = "x402_rpc_retries_total";
-/// Counter: RPC failovers to another endpoint.
+/// Counter: RPC failovers to another endpoint (unlabelled: all networks; `{network}`: each).
 pub const RPC_FAILOVERS: &str = "x402_rpc_failovers_total";
 /// Gauge: 1 while the indexer runs, 0 once it stopped for good.
 pub const INDEXER_UP: &str = "x402_indexer_up";
@@ -31,6 +31,13 @@ pub const INDEXER_UP: &str = "x402_indexer_up";
 pub const RECEIVED: &str = "x402_received_usdc_atomic";
 /// Gauge `{network}`: what unsettled x402 `upto` payments owe, USDC atomic units (the operator's loss until settled).
 pub const UPTO_OWED: &str = "x402_upto_owed_usdc_atomic";
+/// Gauge `{network}`: credits taken back from claims by reorgs (or failed re-settlements) and not given back,
+/// USDC atomic units.
+pub const REVERSED: &str = "x402_reversed_usdc_atomic";
+/// Gauge `{network, scheme="exact|upto", status}`: stored x402 settlements.
+pub const SETTLEMENTS: &str = "x402_settlements";
+/// Counter `{level="warn|error"}`: warnings and errors the gateway logged (the console lists the latest).
+pub const LOG_EVENTS: &str = "x402_log_events_total";
 
 // Checkout.
 /// Counter `{route="subscribe-pool|topup", outcome="ok|pending|underpaid|already_claimed|…"}`.
@@ -95,6 +102,9 @@ pub const ALL: &[&str] = &[
     INDEXER_UP,
     RECEIVED,
     UPTO_OWED,
+    REVERSED,
+    SETTLEMENTS,
+    LOG_EVENTS,
     CLAIMS,
     KEYS,
     PROXY_REQUESTS,
@@ -168,6 +178,15 @@ fn describe() {
         UPTO_OWED,
         "What unsettled x402 upto payments owe by network, USDC atomic units."
     );
+    describe_gauge!(
+        REVERSED,
+        "Credits taken back from claims by reorgs and not given back, by network, USDC atomic units."
+    );
+    describe_gauge!(
+        SETTLEMENTS,
+        "Stored x402 settlements by network, scheme (exact, upto) and status."
+    );
+    describe_counter!(LOG_EVENTS, "Warnings and errors logged, by level.");
     describe_counter!(CLAIMS, "Claims of payments by route and outcome.");
     describe_gauge!(KEYS, "API keys by kind and state.");
     describe_counter!(
@@ -342,9 +361,35 @@ pub fn record_rpc_retry(method: &str) {
     metrics::counter!(RPC_RETRIES, "method" => method.to_string()).increment(1);
 }
 
-/// Records a failover to another RPC endpoint.
-pub fn record_rpc_failover() {
+/// Failovers per network since start, for the console (the counters above are write-only).
+static FAILOVERS: std::sync::Mutex<std::collections::BTreeMap<String, u64>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// Counts a logged warning (`warn`) or error (`error`).
+pub fn record_log_event(level: &'static str) {
+    metrics::counter!(LOG_EVENTS, "level" => level).increment(1);
+}
+
+/// Records a failover to another RPC endpoint of `network` (CAIP-2; `None` for an RPC client not tied to one).
+pub fn record_rpc_failover(network: Option<&str>) {
     metrics::counter!(RPC_FAILOVERS).increment(1);
+    if let Some(network) = network {
+        metrics::counter!(RPC_FAILOVERS, "network" => network.to_string()).increment(1);
+        let mut m = match FAILOVERS.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        *m.entry(network.to_string()).or_default() += 1;
+    }
+}
+
+/// RPC failovers on `network` since start (every RPC client of the network: indexer, claims, settlement).
+pub fn rpc_failovers(network: &str) -> u64 {
+    let m = match FAILOVERS.lock() {
+        Ok(m) => m,
+        Err(p) => p.into_inner(),
+    };
+    m.get(network).copied().unwrap_or(0)
 }
 
 /// Counts a request refused by the `keyless` or `claims` rate limit, in the client's bucket (`ip`) or the shared

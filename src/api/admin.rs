@@ -172,7 +172,7 @@ async fn console(
     h.push_str("</div>");
 
     h.push_str(
-        "<h2 id=\"inference\">Inference</h2><table id=\"models-table\"><tr><th>Model</th><th>Requests</th>\
+        "<h2 id=\"inference\">Inference</h2><div class=\"scroll\"><table id=\"models-table\"><tr><th>Model</th><th>Requests</th>\
          <th>Tokens in</th><th>Tokens out</th><th>Spend (USDC)</th><th>Errors</th><th>Error rate</th><th>p50 ms</th>\
          <th>p95 ms</th><th>First byte p50 ms</th><th>First byte p95 ms</th><th>Overrun tokens</th></tr>",
     );
@@ -202,7 +202,7 @@ async fn console(
         );
     }
     h.push_str(
-        "</table><h3>Per deployment</h3><table id=\"deployment-requests-table\"><tr><th>Model</th><th>Deployment</th>\
+        "</table></div><h3>Per deployment</h3><div class=\"scroll\"><table id=\"deployment-requests-table\"><tr><th>Model</th><th>Deployment</th>\
          <th>Requests</th><th>Errors</th><th>Error rate</th><th>p50 ms</th><th>p95 ms</th><th>First byte p50 ms</th>\
          <th>First byte p95 ms</th></tr>",
     );
@@ -227,7 +227,7 @@ async fn console(
             ms(&d["ttfbP95Ms"]),
         );
     }
-    h.push_str("</table><h3>Top accounts by spend</h3><table id=\"accounts-table\"><tr><th>Account</th><th>Spend (USDC)</th><th>Requests</th></tr>");
+    h.push_str("</table></div><h3>Top accounts by spend</h3><table id=\"accounts-table\"><tr><th>Account</th><th>Spend (USDC)</th><th>Requests</th></tr>");
     for a in v["topAccounts"].as_array().cloned().unwrap_or_default() {
         let _ = write!(
             h,
@@ -238,9 +238,10 @@ async fn console(
         );
     }
     h.push_str(
-        "</table><h2 id=\"payments-by-network\">Payments by network</h2><table id=\"payments-table\"><tr><th>Network</th>\
+        "</table><h2 id=\"payments-by-network\">Payments by network</h2><div class=\"scroll\"><table id=\"payments-table\"><tr><th>Network</th>\
          <th>Confirmed</th><th>Received (USDC)</th><th>Pending</th><th>Orphaned</th><th>Claims</th><th>x402 settled</th>\
-         <th>x402 failed</th><th>upto settled</th><th>upto unsettled</th><th>upto owed (USDC)</th><th>Reorgs</th></tr>",
+         <th>x402 failed</th><th>upto settled</th><th>upto unsettled</th><th>upto owed (USDC)</th><th>Reorgs</th>\
+         <th>Reversed (USDC)</th><th>Restored (USDC)</th><th>Still reversed (USDC)</th></tr>",
     );
     for p in v["networks"].as_array().cloned().unwrap_or_default() {
         let _ = write!(
@@ -261,22 +262,337 @@ async fn console(
             "uptoUnsettled",
             "uptoOwedUsdc",
             "reorgs",
+            "reversedUsdc",
+            "restoredUsdc",
+            "stillReversedUsdc",
         ] {
             let _ = write!(h, "<td class=\"num\">{}</td>", escape(&text(&p[key])));
         }
         h.push_str("</tr>");
     }
+    h.push_str("</table></div>");
+    for p in v["networks"].as_array().cloned().unwrap_or_default() {
+        network_detail(&mut h, state, &p);
+    }
+    health(&mut h, &v);
+    Ok(h)
+}
+
+/// `0x1234…abcd`: a hash or address short enough for a table cell (the whole one is its tooltip).
+fn short(s: &str) -> String {
+    if s.len() > 14 && s.is_ascii() {
+        format!("{}…{}", &s[..6], &s[s.len() - 4..])
+    } else {
+        s.to_string()
+    }
+}
+
+/// A `<code>` cell with a shortened hash and the whole one as its tooltip.
+fn hash_cell(v: &serde_json::Value) -> String {
+    match v.as_str() {
+        Some(s) => format!(
+            "<td><code title=\"{}\">{}</code></td>",
+            escape(s),
+            escape(&short(s))
+        ),
+        None => "<td>—</td>".into(),
+    }
+}
+
+/// The text of a JSON value: a string as it is, anything else as JSON (`null` as a dash).
+fn plain(x: &serde_json::Value) -> String {
+    match x {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "—".into(),
+        other => other.to_string(),
+    }
+}
+
+/// One network's recent transfers, claims, x402 settlements and reorgs (from the summary's `networks[]` entry).
+fn network_detail(h: &mut String, state: &AppState, p: &serde_json::Value) {
+    let network = plain(&p["network"]);
+    let required = state
+        .settings
+        .networks()
+        .find(|n| n.network.caip2() == network)
+        .map(|n| n.confirmations.to_string())
+        .unwrap_or_else(|| "—".into());
+    let name = state
+        .settings
+        .networks()
+        .find(|n| n.network.caip2() == network)
+        .map(|n| n.network.name.clone())
+        .unwrap_or_default();
+    let list = |key: &str| p[key].as_array().cloned().unwrap_or_default();
+    let _ = write!(
+        h,
+        "<section class=\"network-detail\" data-network=\"{}\"><h3>{} <code>{}</code></h3>",
+        escape(&network),
+        escape(&name),
+        escape(&network)
+    );
+    h.push_str("<h4>Recent transfers</h4>");
+    let transfers = list("recentTransfers");
+    if transfers.is_empty() {
+        h.push_str("<p>None yet.</p>");
+    } else {
+        h.push_str(
+            "<div class=\"scroll\"><table class=\"recent-transfers\"><tr><th>Transaction</th><th>Block</th>\
+             <th>From</th><th>USDC</th><th>Status</th><th>Confirmations</th><th>Claimed</th><th>Time (UTC)</th></tr>",
+        );
+        for t in transfers {
+            let _ = write!(
+                h,
+                "<tr class=\"transfer {}\">{}<td class=\"num\">{}</td>{}<td class=\"num\">{}</td><td>{}</td>\
+                 <td class=\"num\">{} / {}</td><td>{}</td><td>{}</td></tr>",
+                escape(&plain(&t["status"])),
+                hash_cell(&t["txHash"]),
+                plain(&t["blockNumber"]),
+                hash_cell(&t["from"]),
+                escape(&plain(&t["valueUsdc"])),
+                escape(&plain(&t["status"])),
+                plain(&t["confirmations"]),
+                escape(&required),
+                if t["claimed"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "no"
+                },
+                escape(&plain(&t["at"])),
+            );
+        }
+        h.push_str("</table></div>");
+    }
+    h.push_str("<h4>Recent claims</h4>");
+    let claims = list("recentClaims");
+    if claims.is_empty() {
+        h.push_str("<p>None yet.</p>");
+    } else {
+        h.push_str(
+            "<div class=\"scroll\"><table class=\"recent-claims\"><tr><th>Transaction</th><th>Account</th>\
+             <th>Kind</th><th>Paid (USDC)</th><th>State</th><th>Claimed (UTC)</th></tr>",
+        );
+        for c in claims {
+            let reversed = c["reversed"].as_bool() == Some(true);
+            let _ = write!(
+                h,
+                "<tr class=\"claim\">{}{}<td>{}</td><td class=\"num\">{}</td><td class=\"{}\">{}</td><td>{}</td></tr>",
+                hash_cell(&c["txHash"]),
+                hash_cell(&c["account"]),
+                escape(&plain(&c["kind"])),
+                escape(&plain(&c["paidUsdc"])),
+                if reversed { "bad" } else { "ok" },
+                if reversed { "reversed" } else { "standing" },
+                escape(&plain(&c["claimedAt"])),
+            );
+        }
+        h.push_str("</table></div>");
+    }
+    h.push_str("<h4>Recent x402 settlements</h4>");
+    let settlements = list("recentSettlements");
+    if settlements.is_empty() {
+        h.push_str("<p>None yet.</p>");
+    } else {
+        h.push_str(
+            "<div class=\"scroll\"><table class=\"recent-settlements\"><tr><th>Scheme</th><th>Transaction</th>\
+             <th>Payer</th><th>For</th><th>USDC</th><th>State</th><th>Updated (UTC)</th></tr>",
+        );
+        for x in settlements {
+            let status = plain(&x["status"]);
+            let class = match status.as_str() {
+                "settled" | "zero" => "ok",
+                "failed" | "unsettled" => "bad",
+                _ => "",
+            };
+            let _ = write!(
+                h,
+                "<tr class=\"settlement\"><td>{}</td>{}{}<td>{}</td><td class=\"num\">{}</td><td class=\"{class}\">{}</td>\
+                 <td>{}</td></tr>",
+                escape(&plain(&x["scheme"])),
+                hash_cell(&x["txHash"]),
+                hash_cell(&x["payer"]),
+                escape(&plain(&x["what"])),
+                escape(&plain(&x["amountUsdc"])),
+                escape(&status),
+                escape(&plain(&x["at"])),
+            );
+        }
+        h.push_str("</table></div>");
+    }
+    h.push_str("<h4>Reorgs handled</h4>");
+    let reorgs = list("recentReorgs");
+    if reorgs.is_empty() {
+        h.push_str("<p>None.</p>");
+    } else {
+        h.push_str(
+            "<div class=\"scroll\"><table class=\"recent-reorgs\"><tr><th>Detected (UTC)</th><th>Fork block</th>\
+             <th>Old head</th><th>Depth</th><th>Orphaned transfers</th></tr>",
+        );
+        for r in reorgs {
+            let _ = write!(
+                h,
+                "<tr class=\"reorg\"><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+                 <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+                escape(&plain(&r["detectedAt"])),
+                plain(&r["forkBlock"]),
+                plain(&r["oldHead"]),
+                plain(&r["depth"]),
+                plain(&r["orphanedTransfers"]),
+            );
+        }
+        h.push_str("</table></div>");
+    }
+    h.push_str("</section>");
+}
+
+/// The health section: indexer lag, RPC errors and failovers per network, upstreams, the database, warnings.
+fn health(h: &mut String, v: &serde_json::Value) {
+    let health = &v["health"];
+    h.push_str(
+        "<h2 id=\"health\">Health</h2><div class=\"scroll\"><table id=\"health-networks\"><tr><th>Network</th>\
+         <th>Indexer</th><th>Indexed head</th><th>Chain head</th><th>Lag (blocks)</th><th>RPC endpoints</th>\
+         <th>RPC errors</th><th>RPC failovers</th><th>WebSocket</th></tr>",
+    );
+    for n in health["networks"].as_array().cloned().unwrap_or_default() {
+        let st = plain(&n["state"]);
+        let class = if st == "running" || st == "follower" {
+            "ok"
+        } else {
+            "bad"
+        };
+        let _ = write!(
+            h,
+            "<tr data-network=\"{}\"><td><code>{}</code></td><td class=\"{class}\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td>{}</td></tr>",
+            escape(&plain(&n["network"])),
+            escape(&plain(&n["network"])),
+            escape(&st),
+            plain(&n["indexedHead"]),
+            plain(&n["chainHead"]),
+            plain(&n["lag"]),
+            plain(&n["rpcEndpoints"]),
+            plain(&n["rpcErrors"]),
+            plain(&n["rpcFailovers"]),
+            if n["wsConnected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "not connected"
+            },
+        );
+    }
+    let up = &health["upstreams"];
+    let cooling = up["coolingDown"].as_array().cloned().unwrap_or_default();
+    let _ = write!(
+        h,
+        "</table></div><p id=\"upstream-health\">Upstreams: <b class=\"{}\">{} of {}</b> deployments in rotation",
+        if cooling.is_empty() { "ok" } else { "bad" },
+        plain(&up["healthy"]),
+        plain(&up["deployments"]),
+    );
+    if !cooling.is_empty() {
+        h.push_str("; cooling down: ");
+        let parts: Vec<String> = cooling
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} on {} ({} s left)",
+                    escape(&plain(&c["model"])),
+                    escape(&plain(&c["upstream"])),
+                    plain(&c["secondsLeft"])
+                )
+            })
+            .collect();
+        h.push_str(&parts.join(", "));
+    }
+    h.push_str(".</p>");
     let db = &v["database"];
     let _ = write!(
         h,
-        "</table><p id=\"database\">Database: {}{}</p>",
-        escape(&text(&db["engine"])),
+        "<p id=\"database\">Database: {}{}",
+        escape(&plain(&db["engine"])),
         db["sizeBytes"]
             .as_u64()
             .map(|b| format!(", {:.1} MiB", b as f64 / 1_048_576.0))
             .unwrap_or_default()
     );
-    Ok(h)
+    if let Some(replicas) = db["replicas"].as_array() {
+        let _ = write!(
+            h,
+            "; this replica <code>{}</code>; {} live replica{}: ",
+            escape(&plain(&db["replica"])),
+            replicas.len(),
+            if replicas.len() == 1 { "" } else { "s" }
+        );
+        let parts: Vec<String> = replicas
+            .iter()
+            .map(|r| {
+                format!(
+                    "<code>{}</code>{}",
+                    escape(&plain(&r["replicaId"])),
+                    if r["leader"].as_bool() == Some(true) {
+                        " (indexer leader)"
+                    } else {
+                        ""
+                    }
+                )
+            })
+            .collect();
+        h.push_str(&parts.join(", "));
+        if db["leader"].is_null() {
+            h.push_str("; <span class=\"bad\">no indexer leader</span>");
+        }
+    }
+    h.push_str("</p><h3 id=\"warnings\">Recent warnings</h3>");
+    let warnings = health["warnings"].as_array().cloned().unwrap_or_default();
+    if warnings.is_empty() {
+        h.push_str("<p>No warnings or errors since start.</p>");
+    } else {
+        h.push_str(
+            "<div class=\"scroll\"><table id=\"warnings-table\"><tr><th>Time (UTC)</th><th>Level</th><th>Where</th>\
+             <th>Message</th></tr>",
+        );
+        for w in warnings {
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td class=\"bad\">{}</td><td>{}</td><td class=\"msg\">{}</td></tr>",
+                escape(&plain(&w["at"])),
+                escape(&plain(&w["level"])),
+                escape(&plain(&w["target"])),
+                escape(&plain(&w["message"])),
+            );
+        }
+        h.push_str("</table></div>");
+    }
+}
+
+/// How many of the latest warnings and errors the console shows.
+const WARNINGS_SHOWN: usize = 20;
+
+/// The secrets of every configured RPC URL (HTTP and WebSocket), to scrub from texts the console shows.
+fn rpc_secrets(state: &AppState) -> crate::chain::redact::UrlSecrets {
+    let urls: Vec<&str> = state
+        .settings
+        .networks()
+        .flat_map(|n| {
+            n.rpc_http
+                .iter()
+                .map(String::as_str)
+                .chain(n.rpc_ws.as_deref())
+        })
+        .collect();
+    crate::chain::redact::UrlSecrets::new(urls)
+}
+
+/// An indexer's state in a word: `running`, `lagging`, `stopped`, `follower` or `starting`.
+fn indexer_state(s: &crate::chain::IndexerStatus, max_lag: u64) -> &'static str {
+    match (&s.fatal, s.lag()) {
+        (Some(_), _) => "stopped",
+        (None, Some(lag)) if lag > max_lag => "lagging",
+        (None, Some(_)) => "running",
+        (None, None) if s.follower => "follower",
+        (None, None) => "starting",
+    }
 }
 
 /// The console's time ranges: today (UTC), the last 7 or 30 UTC days (today included).
@@ -363,6 +679,8 @@ pub async fn summary_json(state: &AppState, range: Range) -> Result<serde_json::
         .map(|n| n.network.caip2())
         .collect();
     let s = state.store.admin_summary(from, to, networks).await?;
+    // Every configured RPC URL's path, query and credentials, scrubbed from any error text shown.
+    let secrets = rpc_secrets(state);
     let money = |atomic: i64| Usdc(atomic).to_string();
     let days: Vec<serde_json::Value> = s
         .days
@@ -464,29 +782,128 @@ pub async fn summary_json(state: &AppState, range: Range) -> Result<serde_json::
                 "uptoUnsettled": p.upto_unsettled,
                 "uptoOwedUsdc": money(p.upto_owed_atomic),
                 "reorgs": p.reorgs,
+                "reversedUsdc": money(p.reversed_atomic),
+                "restoredUsdc": money(p.restored_atomic),
+                "stillReversedUsdc": money(p.still_reversed_atomic),
                 "indexer": status.map(|s| json!({
                     "indexedHead": s.indexed_head,
                     "chainHead": s.chain_head,
                     "lag": s.lag(),
                     "rpcErrors": s.rpc_errors,
+                    "rpcFailovers": crate::metrics::rpc_failovers(&p.network),
                     "reorgs": s.reorgs,
                     "role": if s.follower { "follower" } else { "leader" },
-                    "lastError": s.last_error,
-                    "fatal": s.fatal,
+                    "wsConnected": s.ws_connected,
+                    "lastError": s.last_error.as_deref().map(|e| secrets.scrub(e)),
+                    "fatal": s.fatal.as_deref().map(|e| secrets.scrub(e)),
                 })),
+                "recentTransfers": p.recent_transfers.iter().map(|t| json!({
+                    "txHash": t.tx_hash,
+                    "logIndex": t.log_index,
+                    "blockNumber": t.block_number,
+                    "from": t.from,
+                    "valueUsdc": money(t.value_atomic),
+                    "status": t.status,
+                    "confirmations": t.confirmations,
+                    "claimed": t.claimed,
+                    "at": rfc3339(t.at),
+                })).collect::<Vec<_>>(),
+                "recentClaims": p.recent_claims.iter().map(|c| json!({
+                    "txHash": c.tx_hash,
+                    "account": c.account,
+                    "kind": c.kind,
+                    "paidUsdc": money(c.paid_atomic),
+                    "claimedAt": rfc3339(c.claimed_at),
+                    "reversed": c.reversed,
+                })).collect::<Vec<_>>(),
+                "recentSettlements": p.recent_settlements.iter().map(|x| json!({
+                    "scheme": x.scheme,
+                    "txHash": x.tx_hash,
+                    "payer": x.payer,
+                    "what": x.what,
+                    "amountUsdc": x.amount_atomic.map(money),
+                    "status": x.status,
+                    "at": rfc3339(x.at),
+                })).collect::<Vec<_>>(),
+                "recentReorgs": p.recent_reorgs.iter().map(|r| json!({
+                    "detectedAt": rfc3339(r.detected_at),
+                    "forkBlock": r.fork_block,
+                    "oldHead": r.old_head,
+                    "depth": r.depth,
+                    "orphanedTransfers": r.orphaned_transfers,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
+    let size = state.store.database_size().await?;
     let database = match state.store.engine() {
         crate::store::sql::Engine::Sqlite => json!({
             "engine": "sqlite",
-            "sizeBytes": std::fs::metadata(state.store.path()).ok().map(|m| m.len()),
+            "sizeBytes": size,
         }),
-        crate::store::sql::Engine::Postgres => json!({
-            "engine": "postgres",
-            "replica": state.store.replica_id(),
-        }),
+        crate::store::sql::Engine::Postgres => {
+            let replicas = state.store.replicas(now).await?;
+            json!({
+                "engine": "postgres",
+                "sizeBytes": size,
+                "replica": state.store.replica_id(),
+                "replicas": replicas,
+                "leader": replicas.iter().find(|r| r.leader).map(|r| r.replica_id.clone()),
+            })
+        }
     };
+    // Health: each network's indexer and RPC, the upstreams, the latest warnings (RPC URLs scrubbed).
+    let deployments = state.proxy.router().status(std::time::Instant::now());
+    let cooling: Vec<serde_json::Value> = deployments
+        .iter()
+        .filter(|d| !d.healthy)
+        .map(|d| json!({"model": d.model, "upstream": d.upstream, "secondsLeft": d.cooldown_remaining_secs}))
+        .collect();
+    let health_networks: Vec<serde_json::Value> = state
+        .settings
+        .networks()
+        .map(|chain| {
+            let id = chain.network.caip2();
+            let s = state
+                .indexers
+                .get(&id)
+                .map(|h| h.snapshot())
+                .unwrap_or_default();
+            json!({
+                "network": id,
+                "state": indexer_state(&s, chain.ready_max_lag_blocks),
+                "indexedHead": s.indexed_head,
+                "chainHead": s.chain_head,
+                "lag": s.lag(),
+                "maxLag": chain.ready_max_lag_blocks,
+                "rpcEndpoints": chain.rpc_http.len(),
+                "rpcErrors": s.rpc_errors,
+                "rpcFailovers": crate::metrics::rpc_failovers(&id),
+                "wsConnected": s.ws_connected,
+            })
+        })
+        .collect();
+    let warnings: Vec<serde_json::Value> = crate::logs::recent_errors()
+        .into_iter()
+        .take(WARNINGS_SHOWN)
+        .map(|e| {
+            json!({
+                "at": rfc3339(e.at),
+                "level": e.level,
+                "target": e.target,
+                "message": secrets.scrub(&e.message),
+            })
+        })
+        .collect();
+    let health = json!({
+        "networks": health_networks,
+        "upstreams": {
+            "deployments": deployments.len(),
+            "healthy": deployments.iter().filter(|d| d.healthy).count(),
+            "coolingDown": cooling,
+        },
+        "warnings": warnings,
+    });
     Ok(json!({
         "range": range.as_str(),
         "from": rfc3339(from),
@@ -498,8 +915,9 @@ pub async fn summary_json(state: &AppState, range: Range) -> Result<serde_json::
         "deploymentRequests": deployment_stats,
         "topAccounts": accounts,
         "networks": payments,
-        "deployments": state.proxy.router().status(std::time::Instant::now()),
+        "deployments": deployments,
         "database": database,
+        "health": health,
     }))
 }
 
@@ -595,10 +1013,11 @@ fn page(status: StatusCode, title: &str, body: &str) -> Response {
 
 const CSS: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.4em}\
 h2{font-size:1.1em;margin-top:1.6em;border-bottom:1px solid #ccc}table{border-collapse:collapse}\
-td,th{padding:.2em .7em;text-align:left;border-bottom:1px solid #eee}td.num{text-align:right;font-variant-numeric:tabular-nums}\
+td,th{padding:.2em .5em;text-align:left;border-bottom:1px solid #eee}td.num{text-align:right;font-variant-numeric:tabular-nums}\
 code{font-size:.9em}.bad{color:#b00}.ok{color:#070}nav{margin:.5em 0}\
 .charts{display:flex;flex-wrap:wrap;gap:1em}figure.chart{margin:0;flex:1 1 280px;max-width:600px}\
 figure.chart svg{width:100%;height:120px;background:#fafafa}figcaption{font-size:.9em}\
+.scroll{overflow-x:auto;max-width:100%}td:first-child{white-space:nowrap}h4{margin:.8em 0 .2em;font-size:.95em}td.msg{max-width:60em;word-break:break-word}\
 @media print{nav{display:none}}";
 
 async fn admin(
@@ -959,25 +1378,6 @@ async fn render(
         h.push_str("</table>");
     }
 
-    // Recent errors.
-    h.push_str("<h2 id=\"errors\">Recent errors</h2>");
-    let errors = crate::logs::recent_errors();
-    if errors.is_empty() {
-        h.push_str("<p>No warnings or errors since start.</p>");
-    } else {
-        h.push_str("<table><tr><th>Time</th><th>Level</th><th>Where</th><th>Message</th></tr>");
-        for e in errors.iter().take(20) {
-            let _ = write!(
-                h,
-                "<tr><td>{}</td><td class=\"bad\">{}</td><td>{}</td><td>{}</td></tr>",
-                escape(&rfc3339(e.at)),
-                e.level,
-                escape(&e.target),
-                escape(&e.message)
-            );
-        }
-        h.push_str("</table>");
-    }
     Ok(h)
 }
 

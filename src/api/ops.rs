@@ -277,6 +277,33 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
                     .set(of(&counts.received_by_network) as f64);
                 metrics::gauge!(m::UPTO_OWED, "network" => network.clone())
                     .set(of(&counts.upto_owed_by_network) as f64);
+                metrics::gauge!(m::REVERSED, "network" => network.clone())
+                    .set(of(&counts.reversed_by_network) as f64);
+                // Every configured network has the failover series too (0 until one happens).
+                metrics::counter!(m::RPC_FAILOVERS, "network" => network.clone())
+                    .absolute(m::rpc_failovers(&network));
+            }
+            // Every state of both schemes on every configured network (a state that emptied reads 0, not its
+            // last count).
+            for chain in state.settings.networks() {
+                let network = chain.network.caip2();
+                for (scheme, statuses) in [
+                    ("exact", &["settled", "failed"][..]),
+                    (
+                        "upto",
+                        &["serving", "settling", "settled", "zero", "unsettled"][..],
+                    ),
+                ] {
+                    for status in statuses {
+                        let n = counts
+                            .settlements
+                            .iter()
+                            .find(|(n, sc, st, _)| *n == network && sc == scheme && st == status)
+                            .map_or(0, |s| s.3);
+                        metrics::gauge!(m::SETTLEMENTS, "network" => network.clone(), "scheme" => scheme, "status" => *status)
+                            .set(n as f64);
+                    }
+                }
             }
             for kind in ["subscription", "credit"] {
                 for st in ["live", "revoked", "expired"] {

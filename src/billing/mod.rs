@@ -346,7 +346,11 @@ impl Billing {
             .map(|n| {
                 Ok((
                     n.network.caip2(),
-                    Arc::new(Rpc::new(&n.rpc_http, n.rpc_timeout)?.with_retries(1)),
+                    Arc::new(
+                        Rpc::new(&n.rpc_http, n.rpc_timeout)?
+                            .with_retries(1)
+                            .for_network(n.network.caip2()),
+                    ),
                 ))
             })
             .collect::<Result<Vec<_>, RpcError>>()?;

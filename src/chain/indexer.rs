@@ -135,7 +135,8 @@ impl Indexer {
         store: Store,
         status: StatusHandle,
     ) -> Result<Indexer, IndexerError> {
-        let rpc = Rpc::new(&settings.rpc_http, settings.rpc_timeout)?;
+        let rpc = Rpc::new(&settings.rpc_http, settings.rpc_timeout)?
+            .for_network(settings.network.caip2());
         let pay_to_topic = B256::left_padding_from(settings.pay_to.as_slice());
         let topics = json!([TRANSFER_TOPIC, Value::Null, pay_to_topic]);
         let range = settings.max_block_range;

@@ -144,6 +144,8 @@ pub struct Rpc {
     endpoints: Vec<Endpoint>,
     preferred: AtomicUsize,
     retries: usize,
+    /// CAIP-2 id of the network the endpoints serve, for the per-network failover count.
+    network: Option<String>,
 }
 
 impl Rpc {
@@ -174,12 +176,19 @@ impl Rpc {
             endpoints,
             preferred: AtomicUsize::new(0),
             retries: 4,
+            network: None,
         })
     }
 
     /// Sets how many times a round over all endpoints is retried after transport faults.
     pub fn with_retries(mut self, retries: usize) -> Rpc {
         self.retries = retries;
+        self
+    }
+
+    /// Names the network (CAIP-2) these endpoints serve: failovers are counted per network (`/metrics`, `/admin`).
+    pub fn for_network(mut self, network: String) -> Rpc {
+        self.network = Some(network);
         self
     }
 
@@ -199,7 +208,7 @@ impl Rpc {
                     Ok(v) => {
                         if i != start {
                             tracing::warn!(endpoint = %endpoint.label, "RPC failover: now using this endpoint");
-                            crate::metrics::record_rpc_failover();
+                            crate::metrics::record_rpc_failover(self.network.as_deref());
                         }
                         self.preferred.store(i, Ordering::Relaxed);
                         return Ok(v);

@@ -59,6 +59,10 @@ pub struct MetricCounts {
     /// Per network (CAIP-2): the credited value of confirmed payments, and what unsettled `upto` payments owe.
     pub received_by_network: Vec<(String, i64)>,
     pub upto_owed_by_network: Vec<(String, i64)>,
+    /// Per network: credits taken back from claims by reorgs (or failed re-settlements) and not given back.
+    pub reversed_by_network: Vec<(String, i64)>,
+    /// Per network, scheme (`exact`, `upto`) and status: x402 settlements.
+    pub settlements: Vec<(String, String, String, i64)>,
 }
 
 /// Proves the database takes a durable write that changes nothing: rewrites the schema version where the engine
@@ -163,12 +167,31 @@ pub fn metric_counts(c: &dyn Sql, now: i64) -> Result<MetricCounts, StoreError> 
         params![],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
+    let reversed_by_network = c.query_map(
+        "SELECT c.network, coalesce(sum(CASE WHEN r.kind = 'reversed' THEN r.amount_atomic \
+         ELSE -r.amount_atomic END), 0) FROM claim_reversals r JOIN claims c ON c.tx_hash = r.claim_tx \
+         GROUP BY c.network",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let mut settlements: Vec<(String, String, String, i64)> = c.query_map(
+        "SELECT network, status, count(*) FROM x402_settlements GROUP BY network, status",
+        params![],
+        |r| Ok((r.get(0)?, "exact".to_string(), r.get(1)?, r.get(2)?)),
+    )?;
+    settlements.extend(c.query_map(
+        "SELECT network, status, count(*) FROM upto_payments GROUP BY network, status",
+        params![],
+        |r| Ok((r.get(0)?, "upto".to_string(), r.get(1)?, r.get(2)?)),
+    )?);
     Ok(MetricCounts {
         transfers,
         reorgs: reorg_count(c)?,
         keys: key_counts(c, now)?,
         received_by_network,
         upto_owed_by_network,
+        reversed_by_network,
+        settlements,
     })
 }
 
@@ -176,6 +199,24 @@ impl Store {
     /// The status page's figures at `now` (see [`admin_overview`]).
     pub async fn admin_overview(&self, now: i64) -> Result<AdminOverview, StoreError> {
         self.read(move |c| admin_overview(c, now)).await
+    }
+
+    /// The database's size in bytes: SQLite's pages (the main file, without the WAL), PostgreSQL's
+    /// `pg_database_size`.
+    pub async fn database_size(&self) -> Result<i64, StoreError> {
+        self.read(|c| -> Result<i64, StoreError> {
+            match c.engine() {
+                Engine::Sqlite => c.query_value(
+                    "SELECT p.page_count * s.page_size FROM pragma_page_count() p, pragma_page_size() s",
+                    params![],
+                ),
+                Engine::Postgres => c.query_value(
+                    "SELECT pg_database_size(current_database())",
+                    params![],
+                ),
+            }
+        })
+        .await
     }
 
     /// The database gauges of `/metrics` at `now` (see [`metric_counts`]).

@@ -37,6 +37,17 @@ pub fn new_replica_id() -> String {
     )
 }
 
+/// A live replica as the console shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaInfo {
+    pub replica_id: String,
+    /// Unix seconds its lease runs to.
+    pub expires_at: i64,
+    /// Whether it holds the leadership lock (runs the indexer).
+    pub leader: bool,
+}
+
 /// This replica's claim to run the leader-only work.
 pub enum Leadership {
     /// The only process on a SQLite file.
@@ -106,7 +117,55 @@ impl Store {
             .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
             .await?
             .get(0);
+        if won {
+            // The leader's session carries its replica id, so every replica can tell who leads (the console):
+            // see [`Store::replicas`].
+            if let Some(id) = self.inner.replica.as_deref() {
+                client
+                    .execute("SELECT set_config('application_name', $1, false)", &[&id])
+                    .await?;
+            }
+        }
         Ok(won.then(|| Leadership::Postgres(deadpool_postgres::Object::take(client))))
+    }
+
+    /// The live replicas (lease not expired at `now`) and which one leads, for the console (PostgreSQL; empty on
+    /// SQLite, where the one process leads). The leader is the session holding the leadership lock, named by the
+    /// `application_name` it set when it won (PostgreSQL keeps its first 63 bytes).
+    pub async fn replicas(&self, now: i64) -> Result<Vec<ReplicaInfo>, StoreError> {
+        let Some(pool) = self.pg_pool() else {
+            return Ok(Vec::new());
+        };
+        let client = pool.get().await.map_err(super::pg_pool_error)?;
+        let leader: Option<String> = client
+            .query_opt(
+                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+                 WHERE l.locktype = 'advisory' AND l.classid = (($1::bigint >> 32) & 4294967295)::oid \
+                 AND l.objid = ($1::bigint & 4294967295)::oid AND l.objsubid = 1 AND l.granted LIMIT 1",
+                &[&LEADER_LOCK],
+            )
+            .await?
+            .map(|r| r.get(0));
+        let rows = client
+            .query(
+                "SELECT replica_id, expires_at FROM replica_leases WHERE expires_at > $1 ORDER BY replica_id",
+                &[&now],
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let replica_id: String = r.get(0);
+                let leader = leader
+                    .as_deref()
+                    .is_some_and(|l| !l.is_empty() && replica_id.starts_with(l));
+                ReplicaInfo {
+                    replica_id,
+                    expires_at: r.get(1),
+                    leader,
+                }
+            })
+            .collect())
     }
 
     /// Refunds the in-flight reservations of replicas whose lease has expired at `now` (they crashed); returns

@@ -120,6 +120,80 @@ pub struct NetworkPayments {
     /// What unsettled `upto` payments owe (the operator's loss until they settle).
     pub upto_owed_atomic: i64,
     pub reorgs: i64,
+    /// Credits taken back from claims of this network by reorgs or failed re-settlements in the range, and given
+    /// back when the payment came back.
+    pub reversed_atomic: i64,
+    pub restored_atomic: i64,
+    /// What stays reversed now (whatever the time): taken back and not given back.
+    pub still_reversed_atomic: i64,
+    /// The network's checkpoint block (confirmations are counted against it).
+    pub indexed_head: Option<i64>,
+    /// The latest transfers to payTo, claims, x402 settlements (exact and `upto`) and reorgs, newest first, at
+    /// most [`RECENT`] of each (whatever the range: the console shows what happened last).
+    pub recent_transfers: Vec<RecentTransfer>,
+    pub recent_claims: Vec<RecentClaim>,
+    pub recent_settlements: Vec<RecentSettlement>,
+    pub recent_reorgs: Vec<RecentReorg>,
+}
+
+/// How many recent rows of each kind the console lists per network.
+pub const RECENT: i64 = 10;
+
+/// A transfer to payTo, with its confirmations at the network's checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentTransfer {
+    pub tx_hash: String,
+    pub log_index: i64,
+    pub block_number: i64,
+    pub from: String,
+    pub value_atomic: i64,
+    /// `seen`, `confirmed` or `orphaned`.
+    pub status: String,
+    pub confirmations: i64,
+    pub claimed: bool,
+    /// Block time, or when the indexer first saw it.
+    pub at: i64,
+}
+
+/// A claim of a payment, and whether it stands reversed now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentClaim {
+    pub tx_hash: String,
+    pub account: String,
+    /// `subscription` or `topup`.
+    pub kind: String,
+    pub paid_atomic: i64,
+    pub claimed_at: i64,
+    pub reversed: bool,
+}
+
+/// An x402 settlement: `exact` (a purchase or a paid request) or `upto` (metered).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentSettlement {
+    pub scheme: String,
+    pub tx_hash: Option<String>,
+    pub payer: String,
+    /// The product (`credits`, `subscription`, `request`) or, for `upto`, the model.
+    pub what: String,
+    /// What was settled (exact), or the metered cost (upto; `None` while serving).
+    pub amount_atomic: Option<i64>,
+    /// exact: `settled` or `failed`; upto: `serving`, `settling`, `settled`, `zero` or `unsettled`.
+    pub status: String,
+    pub at: i64,
+}
+
+/// A reorg the indexer handled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecentReorg {
+    pub detected_at: i64,
+    pub fork_block: i64,
+    pub old_head: i64,
+    pub depth: i64,
+    pub orphaned_transfers: i64,
 }
 
 /// The console's figures for `[from, to)`.
@@ -520,6 +594,38 @@ pub fn summary(
     )? {
         slot(&mut per_network, &network).reorgs = n;
     }
+    for (network, reversed, restored) in c.query_map(
+        "SELECT c.network, coalesce(sum(CASE WHEN r.kind = 'reversed' THEN r.amount_atomic ELSE 0 END), 0), \
+         coalesce(sum(CASE WHEN r.kind = 'restored' THEN r.amount_atomic ELSE 0 END), 0) FROM claim_reversals r \
+         JOIN claims c ON c.tx_hash = r.claim_tx WHERE r.at >= ?1 AND r.at < ?2 GROUP BY c.network",
+        params![from, to],
+        |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?, r.get::<i64>(2)?)),
+    )? {
+        let p = slot(&mut per_network, &network);
+        p.reversed_atomic = reversed;
+        p.restored_atomic = restored;
+    }
+    for (network, outstanding) in c.query_map(
+        "SELECT c.network, coalesce(sum(CASE WHEN r.kind = 'reversed' THEN r.amount_atomic \
+         ELSE -r.amount_atomic END), 0) FROM claim_reversals r JOIN claims c ON c.tx_hash = r.claim_tx \
+         GROUP BY c.network",
+        params![],
+        |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)),
+    )? {
+        slot(&mut per_network, &network).still_reversed_atomic = outstanding;
+    }
+    for (network, head) in c.query_map(
+        "SELECT network, block_number FROM network_checkpoints",
+        params![],
+        |r| Ok((r.get::<String>(0)?, r.get::<i64>(1)?)),
+    )? {
+        if let Some(p) = per_network.get_mut(&network) {
+            p.indexed_head = Some(head);
+        }
+    }
+    for p in per_network.values_mut() {
+        recent(c, p)?;
+    }
     // Configured networks first, in configuration order; others after.
     let mut networks_out: Vec<NetworkPayments> = networks
         .iter()
@@ -556,6 +662,105 @@ pub fn summary(
         reversed_atomic,
         restored_atomic,
     })
+}
+
+/// Fills `p`'s recent lists (newest first, at most [`RECENT`] each).
+fn recent(c: &dyn Sql, p: &mut NetworkPayments) -> Result<(), StoreError> {
+    let network = p.network.clone();
+    let head = p.indexed_head;
+    p.recent_transfers = c.query_map(
+        "SELECT t.tx_hash, t.log_index, t.block_number, t.from_address, t.value_atomic, t.status, \
+         EXISTS (SELECT 1 FROM claims c WHERE c.tx_hash = t.tx_hash AND c.network = t.network), \
+         coalesce(t.block_time, t.first_seen_at) FROM transfers t WHERE t.network = ?1 ORDER BY t.id DESC LIMIT ?2",
+        params![network.clone(), RECENT],
+        |r| {
+            let block_number: i64 = r.get(2)?;
+            let status: String = r.get(5)?;
+            // Confirmations at the checkpoint; none for an orphaned transfer.
+            let confirmations = match head {
+                Some(h) if status != "orphaned" && h >= block_number => h - block_number + 1,
+                _ => 0,
+            };
+            Ok(RecentTransfer {
+                tx_hash: r.get(0)?,
+                log_index: r.get(1)?,
+                block_number,
+                from: r.get(3)?,
+                value_atomic: r.get(4)?,
+                status,
+                confirmations,
+                claimed: r.get(6)?,
+                at: r.get(7)?,
+            })
+        },
+    )?;
+    p.recent_claims = c.query_map(
+        "SELECT c.tx_hash, c.account, c.kind, c.paid_atomic, c.claimed_at, \
+         (SELECT count(*) FROM claim_reversals r WHERE r.claim_tx = c.tx_hash) FROM claims c \
+         WHERE c.network = ?1 ORDER BY c.claimed_at DESC, c.tx_hash DESC LIMIT ?2",
+        params![network.clone(), RECENT],
+        |r| {
+            Ok(RecentClaim {
+                tx_hash: r.get(0)?,
+                account: r.get(1)?,
+                kind: r.get(2)?,
+                paid_atomic: r.get(3)?,
+                claimed_at: r.get(4)?,
+                // Reversals and restores alternate: an odd count means reversed now.
+                reversed: r.get::<i64>(5)? % 2 == 1,
+            })
+        },
+    )?;
+    let mut settlements: Vec<RecentSettlement> = c.query_map(
+        "SELECT tx_hash, payer, product, amount_atomic, status, updated_at FROM x402_settlements \
+         WHERE network = ?1 ORDER BY updated_at DESC, id DESC LIMIT ?2",
+        params![network.clone(), RECENT],
+        |r| {
+            Ok(RecentSettlement {
+                scheme: "exact".into(),
+                tx_hash: Some(r.get(0)?),
+                payer: r.get(1)?,
+                what: r.get(2)?,
+                amount_atomic: Some(r.get(3)?),
+                status: r.get(4)?,
+                at: r.get(5)?,
+            })
+        },
+    )?;
+    settlements.extend(c.query_map(
+        "SELECT tx_hash, payer, model, cost_atomic, status, updated_at FROM upto_payments \
+         WHERE network = ?1 ORDER BY updated_at DESC, id DESC LIMIT ?2",
+        params![network.clone(), RECENT],
+        |r| {
+            Ok(RecentSettlement {
+                scheme: "upto".into(),
+                tx_hash: r.get(0)?,
+                payer: r.get(1)?,
+                what: r.get(2)?,
+                amount_atomic: r.get(3)?,
+                status: r.get(4)?,
+                at: r.get(5)?,
+            })
+        },
+    )?);
+    settlements.sort_by_key(|s| std::cmp::Reverse(s.at));
+    settlements.truncate(RECENT as usize);
+    p.recent_settlements = settlements;
+    p.recent_reorgs = c.query_map(
+        "SELECT detected_at, fork_block, old_head, depth, orphaned_transfers FROM reorgs WHERE network = ?1 \
+         ORDER BY id DESC LIMIT ?2",
+        params![network, RECENT],
+        |r| {
+            Ok(RecentReorg {
+                detected_at: r.get(0)?,
+                fork_block: r.get(1)?,
+                old_head: r.get(2)?,
+                depth: r.get(3)?,
+                orphaned_transfers: r.get(4)?,
+            })
+        },
+    )?;
+    Ok(())
 }
 
 impl Store {

@@ -374,7 +374,10 @@ fn build(
                         key: "x402.settler_key_env".into(),
                         message: "self settlement needs a key".into(),
                     })?;
-            let rpc = Arc::new(crate::chain::Rpc::new(&chain.rpc_http, chain.rpc_timeout)?);
+            let rpc = Arc::new(
+                crate::chain::Rpc::new(&chain.rpc_http, chain.rpc_timeout)?
+                    .for_network(chain.network.caip2()),
+            );
             // A settlement waits for its receipt: allow a few blocks beyond the authorization's lifetime budget.
             let timeout = std::time::Duration::from_secs(x402.max_timeout_seconds.min(120));
             let mut wallet =
@@ -395,7 +398,10 @@ fn build(
         }
         Mode::Facilitator { url, upto_address } => {
             if let Some(address) = upto_address {
-                let rpc = Arc::new(crate::chain::Rpc::new(&chain.rpc_http, chain.rpc_timeout)?);
+                let rpc = Arc::new(
+                    crate::chain::Rpc::new(&chain.rpc_http, chain.rpc_timeout)?
+                        .for_network(chain.network.caip2()),
+                );
                 upto = Some(super::upto::UptoSettler::through_facilitator(
                     rpc,
                     chain.network.clone(),

@@ -18,16 +18,17 @@ use crate::support::*;
 
 /// The binary under test; `X402_GATEWAY_BIN` overrides it (worktrees sharing one target dir overwrite
 /// `target/debug/x402-gateway`).
-fn bin() -> String {
+pub(crate) fn bin() -> String {
     std::env::var("X402_GATEWAY_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_x402-gateway").to_string())
 }
-const ADMIN: &str = "admin-token-6c1f0e9b2a7d4c3e";
-const AUDITOR: &str = "auditor-token-94b8e1d2f7a3c650";
+pub(crate) const ADMIN: &str = "admin-token-6c1f0e9b2a7d4c3e";
+pub(crate) const AUDITOR: &str = "auditor-token-94b8e1d2f7a3c650";
 /// anvil's well-known key #9, used as the x402 settlement hot wallet: it must never be logged.
-const SETTLER_KEY: &str = "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6";
+pub(crate) const SETTLER_KEY: &str =
+    "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6";
 
-fn sign(signer: &PrivateKeySigner, text: &str) -> String {
+pub(crate) fn sign(signer: &PrivateKeySigner, text: &str) -> String {
     format!(
         "0x{}",
         alloy::hex::encode(
@@ -93,7 +94,7 @@ settler_key_env = "TEST_SETTLER_KEY"
     path
 }
 
-fn gateway_command(args: &[&str], config: &Path) -> Command {
+pub(crate) fn gateway_command(args: &[&str], config: &Path) -> Command {
     let mut cmd = Command::new(bin());
     cmd.args(args)
         .arg("--config")
@@ -105,7 +106,7 @@ fn gateway_command(args: &[&str], config: &Path) -> Command {
     cmd
 }
 
-struct Server(Child);
+pub(crate) struct Server(Child);
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -114,9 +115,19 @@ impl Drop for Server {
 }
 
 /// Starts `serve --log-format json` with stderr going to `log`; returns the base URL once the log names it.
-async fn serve(config: &Path, log: &Path) -> (Server, String) {
+pub(crate) async fn serve(config: &Path, log: &Path) -> (Server, String) {
+    serve_with_env(config, log, &[]).await
+}
+
+/// [`serve`] with more environment variables (a PostgreSQL database URL the config names).
+pub(crate) async fn serve_with_env(
+    config: &Path,
+    log: &Path,
+    env: &[(String, String)],
+) -> (Server, String) {
     let file = std::fs::File::create(log).unwrap();
     let child = gateway_command(&["--log-format", "json", "serve"], config)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(file)
         .spawn()
@@ -133,7 +144,7 @@ async fn serve(config: &Path, log: &Path) -> (Server, String) {
     (server, url)
 }
 
-fn chromium() -> PathBuf {
+pub(crate) fn chromium() -> PathBuf {
     for name in ["chromium", "chromium-browser"] {
         for dir in std::env::var("PATH").unwrap_or_default().split(':') {
             let p = Path::new(dir).join(name);
@@ -148,7 +159,7 @@ fn chromium() -> PathBuf {
 }
 
 /// The DOM of `url` after headless Chromium rendered it.
-fn render_dom(url: &str) -> String {
+pub(crate) fn render_dom(url: &str) -> String {
     let profile = tempfile::tempdir().unwrap();
     let mut child = Command::new(chromium())
         .args([
@@ -185,7 +196,7 @@ fn render_dom(url: &str) -> String {
 /// A PNG screenshot of `url` at `width`×`height`, by headless Chromium with the network closed except loopback
 /// (every other request goes to a proxy on a closed local port, so a page that fetched anything from outside
 /// would render without it, and the DOM check below would miss it). Returns the PNG's bytes.
-fn screenshot(url: &str, width: u32, height: u32) -> Vec<u8> {
+pub(crate) fn screenshot(url: &str, width: u32, height: u32) -> Vec<u8> {
     let profile = tempfile::tempdir().unwrap();
     let out = profile.path().join("shot.png");
     let status = Command::new(chromium())
@@ -218,7 +229,7 @@ fn screenshot(url: &str, width: u32, height: u32) -> Vec<u8> {
     png
 }
 
-fn visible_text(dom: &str) -> String {
+pub(crate) fn visible_text(dom: &str) -> String {
     let body = dom.split("<body").nth(1).unwrap_or(dom);
     let mut out = String::new();
     let mut in_tag = false;

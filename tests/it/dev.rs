@@ -1005,3 +1005,83 @@ async fn agent_cards_are_cached_and_read_by_the_a2a_sdk() {
     assert_eq!(legacy["url"], "https://gateway.example/v1");
     assert!(legacy["securitySchemes"].get("x402").is_none());
 }
+
+/// Issue 20's "done when": after the demo on `dev`, the operator's console shows what was sold, used and paid, with
+/// charts — the same figures as `/api/admin/summary` — rendered by headless Chromium with the network closed except
+/// loopback (`X402_README_SAMPLES=<dir>` keeps `console-dev-desktop.png`, the README's screenshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_console_after_the_demo_shows_what_was_sold_used_and_paid() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = DevRun::start(dir.path(), &[]);
+    let (url, _) = dev.ready().await;
+    let (ok, out, err) = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || run_cli(&["demo", "--data-dir", dir.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "demo failed\n{out}\n{err}");
+    assert_steps(&out, &["credits", "pool", "upto"]);
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("dev.json")).unwrap())
+            .unwrap();
+    let admin = state["adminToken"].as_str().unwrap().to_string();
+    let http = reqwest::Client::new();
+    // Every payment at depth and every request settled, so the figures hold still while the page is read.
+    let summary = wait_for_long("the demo's payments confirmed on the console", || async {
+        let v: Value = http
+            .get(format!("{url}/api/admin/summary?range=7d"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let n = &v["networks"][0];
+        (n["pendingTransfers"] == 0
+            && n["confirmedTransfers"].as_i64() >= Some(3)
+            && n["uptoSettled"].as_i64() >= Some(1))
+        .then_some(v)
+    })
+    .await;
+    let t = &summary["totals"];
+    let usdc = |v: &Value| v.as_str().unwrap().parse::<Usdc>().unwrap();
+    assert!(usdc(&t["receivedUsdc"]) > Usdc::ZERO, "{summary}");
+    assert!(usdc(&t["earnedUsdc"]) > Usdc::ZERO, "{summary}");
+    assert!(usdc(&t["poolSoldUsdc"]) > Usdc::ZERO, "{summary}");
+    assert!(usdc(&t["uptoUsdc"]) > Usdc::ZERO, "{summary}");
+    assert!(t["requests"].as_i64().unwrap() >= 3, "{summary}");
+    assert!(!summary["models"].as_array().unwrap().is_empty());
+
+    let page = format!("{url}/admin?token={admin}&range=7d&refresh=0");
+    let seen = crate::audit::visible_text(&crate::audit::render_dom(&page));
+    for (key, label) in [
+        ("receivedUsdc", "Received (USDC, confirmed payments)"),
+        ("earnedUsdc", "Earned (USDC sold)"),
+        ("poolSoldUsdc", "of which pool blocks sold"),
+        ("uptoUsdc", "of which x402 upto"),
+        ("requests", "Requests"),
+        ("completionTokens", "Tokens out"),
+    ] {
+        let shown = match &t[key] {
+            Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        assert!(
+            seen.contains(&format!("{label} {shown} ")),
+            "{label} {shown}: {seen}"
+        );
+    }
+    for section in ["Recent transfers", "Recent x402 settlements", "Health"] {
+        assert!(seen.contains(section), "{section}: {seen}");
+    }
+    assert!(!seen.contains(&admin), "the admin token is on the page");
+    let png = crate::audit::screenshot(&page, 1280, 2600);
+    assert!(png.len() > 20_000, "a rendered page ({} bytes)", png.len());
+    if let Ok(out) = std::env::var("X402_README_SAMPLES") {
+        std::fs::write(Path::new(&out).join("console-dev-desktop.png"), &png).unwrap();
+    }
+    let status = dev.terminate();
+    assert!(status.success(), "{status:?}\n{}", dev.stderr());
+}

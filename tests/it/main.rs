@@ -8,6 +8,7 @@ mod cli;
 mod clients;
 mod concurrency;
 mod conformance;
+mod console;
 mod contract;
 mod crash;
 mod dev;

@@ -1709,8 +1709,29 @@ async fn a_follower_serves_from_the_shared_index_and_takes_over_when_the_leader_
         &format!("url = \"${TEST_DATABASE_URL_VAR}\""),
     );
     assert!(config.contains(TEST_DATABASE_URL_VAR), "{config}");
-    let env = [(TEST_DATABASE_URL_VAR, url.as_str())];
+    // `[auth]` is the config's last table: the console's admin token goes there.
+    let config = format!("{config}admin_token_env = \"TEST_ADMIN_TOKEN\"\n");
+    let env = [
+        (TEST_DATABASE_URL_VAR, url.as_str()),
+        ("TEST_ADMIN_TOKEN", "admin-token-of-the-replicas"),
+    ];
     let clock = Arc::new(AtomicI64::new(T0));
+    // The console's database figures: this replica, the live ones, and which one leads.
+    let database = |gw: &Gateway| {
+        let (http, base) = (gw.http.clone(), gw.base.clone());
+        async move {
+            let body: serde_json::Value = http
+                .get(format!("{base}/api/admin/summary"))
+                .bearer_auth("admin-token-of-the-replicas")
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            Some(body["database"].clone())
+        }
+    };
     let role = |gw: &Gateway| {
         let (http, base) = (gw.http.clone(), gw.base.clone());
         async move {
@@ -1743,6 +1764,34 @@ async fn a_follower_serves_from_the_shared_index_and_takes_over_when_the_leader_
     .await;
     let (status, _, ready) = follower.get("/readyz", None).await;
     assert_eq!(status, StatusCode::OK, "{ready}");
+    // Both replicas' consoles name the same two replicas and the first as the indexer leader.
+    let leader_id = database(&leader).await.unwrap()["replica"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let follower_id = database(&follower).await.unwrap()["replica"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(leader_id, follower_id);
+    for gw in [&leader, &follower] {
+        let db = wait_for("both replicas' leases on the console", || async {
+            database(gw)
+                .await
+                .filter(|d| d["replicas"].as_array().is_some_and(|r| r.len() == 2))
+        })
+        .await;
+        assert_eq!(db["engine"], "postgres", "{db}");
+        assert_eq!(db["leader"], leader_id.as_str(), "{db}");
+        let leaders: Vec<&serde_json::Value> = db["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["leader"] == true)
+            .collect();
+        assert_eq!(leaders.len(), 1, "{db}");
+        assert_eq!(leaders[0]["replicaId"], leader_id.as_str(), "{db}");
+    }
 
     // A payment indexed by the leader is claimed at the follower, once, whichever replica is asked again.
     let (tx, block) = chain.pay(0, usdc("10")).await;
@@ -1760,6 +1809,13 @@ async fn a_follower_serves_from_the_shared_index_and_takes_over_when_the_leader_
         matches!(role(&follower).await, Some((r, _)) if r == "leader").then_some(())
     })
     .await;
+    let db = wait_for("the console to name the new leader", || async {
+        database(&follower)
+            .await
+            .filter(|d| d["leader"] == follower_id.as_str())
+    })
+    .await;
+    assert!(!db["replicas"].as_array().unwrap().is_empty(), "{db}");
     let head = chain.head().await;
     chain.mine(3).await;
     follower.wait_indexed(head + 3).await;
