@@ -332,10 +332,10 @@ async fn main() -> Result<()> {
                 }
                 let mut svm_syncs = Vec::new();
                 for svm in settings.svm_networks.iter().cloned() {
-                    let rpc = std::sync::Arc::new(chain::svm::SvmRpc::new(
-                        &svm.rpc_http,
-                        svm.rpc_timeout,
-                    )?);
+                    let rpc = std::sync::Arc::new(
+                        chain::svm::SvmRpc::new(&svm.rpc_http, svm.rpc_timeout)?
+                            .for_network(svm.caip2.clone()),
+                    );
                     let indexer = chain::svm::SvmIndexer::new(
                         svm,
                         rpc,

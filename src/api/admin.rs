@@ -322,6 +322,7 @@ fn network_detail(h: &mut String, state: &AppState, p: &serde_json::Value) {
         .networks()
         .find(|n| n.network.caip2() == network)
         .map(|n| n.network.name.clone())
+        .or_else(|| state.settings.svm_network(&network).map(|n| n.name.clone()))
         .unwrap_or_default();
     let list = |key: &str| p[key].as_array().cloned().unwrap_or_default();
     let _ = write!(
@@ -580,6 +581,13 @@ fn rpc_secrets(state: &AppState) -> crate::chain::redact::UrlSecrets {
                 .map(String::as_str)
                 .chain(n.rpc_ws.as_deref())
         })
+        .chain(
+            state
+                .settings
+                .svm_networks
+                .iter()
+                .flat_map(|n| n.rpc_http.iter().map(String::as_str)),
+        )
         .collect();
     crate::chain::redact::UrlSecrets::new(urls)
 }
@@ -677,6 +685,7 @@ pub async fn summary_json(state: &AppState, range: Range) -> Result<serde_json::
         .settings
         .networks()
         .map(|n| n.network.caip2())
+        .chain(state.settings.svm_networks.iter().map(|n| n.caip2.clone()))
         .collect();
     let s = state.store.admin_summary(from, to, networks).await?;
     // Every configured RPC URL's path, query and credentials, scrubbed from any error text shown.
@@ -882,6 +891,26 @@ pub async fn summary_json(state: &AppState, range: Range) -> Result<serde_json::
                 "wsConnected": s.ws_connected,
             })
         })
+        .chain(state.settings.svm_networks.iter().map(|svm| {
+            let s = state
+                .indexers
+                .get(&svm.caip2)
+                .map(|h| h.snapshot())
+                .unwrap_or_default();
+            json!({
+                "network": svm.caip2,
+                "kind": "svm",
+                "state": indexer_state(&s, svm.ready_max_lag_slots),
+                "indexedHead": s.indexed_head,
+                "chainHead": s.chain_head,
+                "lag": s.lag(),
+                "maxLag": svm.ready_max_lag_slots,
+                "rpcEndpoints": svm.rpc_http.len(),
+                "rpcErrors": s.rpc_errors,
+                "rpcFailovers": crate::metrics::rpc_failovers(&svm.caip2),
+                "wsConnected": false,
+            })
+        }))
         .collect();
     let warnings: Vec<serde_json::Value> = crate::logs::recent_errors()
         .into_iter()
@@ -1207,6 +1236,42 @@ async fn render(
             opt(n.chain_head),
             opt(n.lag()),
             chain.confirmations,
+            n.reorgs,
+            n.rpc_errors,
+        );
+    }
+    // Solana networks: heads are slots; the commitment stands where EVM networks show their confirmations.
+    for svm in &settings.svm_networks {
+        let n = state
+            .indexers
+            .get(&svm.caip2)
+            .map(|h| h.snapshot())
+            .unwrap_or_default();
+        let (class, text) = match (&n.fatal, n.lag()) {
+            (Some(_), _) => ("bad", "stopped".to_string()),
+            (None, Some(lag)) if lag > svm.ready_max_lag_slots => {
+                ("bad", format!("lagging ({lag} slots)"))
+            }
+            (None, Some(_)) => ("ok", "running".to_string()),
+            (None, None) if n.follower => ("ok", "follower".to_string()),
+            (None, None) => ("bad", "starting".to_string()),
+        };
+        let _ = write!(
+            h,
+            "<tr data-network=\"{}\"><td>{} <code>{}</code></td><td class=\"num\">—</td><td><code>{}</code></td>\
+             <td><code>{}</code></td><td class=\"{class}\">{}</td><td class=\"num\">{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td><td>{}</td>\
+             <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
+            escape(&svm.caip2),
+            escape(&svm.name),
+            escape(&svm.caip2),
+            svm.pay_to,
+            svm.mint,
+            escape(&text),
+            opt(n.indexed_head),
+            opt(n.chain_head),
+            opt(n.lag()),
+            svm.commitment.as_str(),
             n.reorgs,
             n.rpc_errors,
         );

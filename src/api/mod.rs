@@ -352,7 +352,8 @@ pub async fn serve_with_env(
             let key = crate::x402::svm::settle::fee_payer_from_env(var, env)
                 .map_err(|e| ServeError::Config(format!("{}: {e}", svm.caip2)))?;
             let rpc = crate::chain::svm::SvmRpc::new(&svm.rpc_http, svm.rpc_timeout)
-                .map_err(|e| ServeError::Config(e.to_string()))?;
+                .map_err(|e| ServeError::Config(e.to_string()))?
+                .for_network(svm.caip2.clone());
             svm_x402.push(Arc::new(crate::x402::svm::settle::SvmExact::new(
                 svm.clone(),
                 Arc::new(rpc),

@@ -17,6 +17,8 @@ use crate::svm_support::*;
 
 const AUDITOR_ENV: &str = "TEST_SOLANA_AUDITOR";
 const AUDITOR: &str = "auditor-solana-8c41d07e";
+const ADMIN_ENV: &str = "TEST_SOLANA_ADMIN";
+const ADMIN: &str = "admin-solana-3f9e2a61";
 
 fn solana_section(rpc: &str, pay_to: &str, commitment: &str) -> String {
     format!(
@@ -44,14 +46,16 @@ async fn gateway(
     let mut config = config_text(chain, &db, &Options::default());
     config = config.replace(
         "[auth]\n",
-        &format!("[auth]\nauditor_token_env = \"{AUDITOR_ENV}\"\n"),
+        &format!(
+            "[auth]\nauditor_token_env = \"{AUDITOR_ENV}\"\nadmin_token_env = \"{ADMIN_ENV}\"\n"
+        ),
     );
     config.push_str(&solana_section(rpc, pay_to, commitment));
     Gateway::start_with_env(
         config,
         db,
         Arc::new(AtomicI64::new(T0)),
-        &[(AUDITOR_ENV, AUDITOR)],
+        &[(AUDITOR_ENV, AUDITOR), (ADMIN_ENV, ADMIN)],
     )
     .await
 }
@@ -235,6 +239,56 @@ async fn spl_payments_claimed_by_signature_with_an_ed25519_proof() {
         .map(|r| r["tokenValue"].as_str().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(total, 32_000_000);
+
+    // The operator's console: the Solana network with its payments and its indexer, in the JSON and on the page.
+    let summary: Value = gw
+        .http
+        .get(format!("{}/api/admin/summary?range=30d", gw.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let on_solana = summary["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["network"] == SVM_DEVNET)
+        .unwrap_or_else(|| panic!("{summary}"))
+        .clone();
+    // (The range is the gateway's clock, set to T0 here, while the index stamps rows with the real time: the
+    // claims are in the range, the transfers are listed among the recent ones.)
+    assert_eq!(on_solana["claims"], 3, "{on_solana}");
+    assert_eq!(on_solana["claimedUsdc"], "32.00", "{on_solana}");
+    assert_eq!(
+        on_solana["recentTransfers"].as_array().unwrap().len(),
+        3,
+        "{on_solana}"
+    );
+    assert!(
+        summary["health"]["networks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["network"] == SVM_DEVNET && n["state"] == "running"),
+        "{summary}"
+    );
+    let page = gw
+        .http
+        .get(format!("{}/admin?refresh=0", gw.base))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(SVM_DEVNET) && page.contains(&pay_to),
+        "the console names the Solana network"
+    );
 
     // `audit verify` re-reads every confirmed Solana transfer from the cluster: clean.
     let report =

@@ -22,7 +22,9 @@ pub fn spawn(
     tokio::task::JoinHandle<Result<(), crate::chain::IndexerError>>,
     crate::chain::IndexerError,
 > {
-    let rpc = std::sync::Arc::new(SvmRpc::new(&settings.rpc_http, settings.rpc_timeout)?);
+    let rpc = std::sync::Arc::new(
+        SvmRpc::new(&settings.rpc_http, settings.rpc_timeout)?.for_network(settings.caip2.clone()),
+    );
     let indexer = SvmIndexer::new(settings, rpc, store, status);
     Ok(tokio::spawn(indexer.run(shutdown)))
 }

@@ -33,6 +33,8 @@ pub struct SvmRpc {
     secrets: Arc<UrlSecrets>,
     preferred: AtomicUsize,
     retries: usize,
+    /// CAIP-2 id of the network the endpoints serve, for the per-network failover count.
+    network: Option<String>,
 }
 
 /// One entry of `getSignaturesForAddress` (newest first).
@@ -91,7 +93,14 @@ impl SvmRpc {
             secrets: Arc::new(UrlSecrets::new(urls.iter().map(String::as_str))),
             preferred: AtomicUsize::new(0),
             retries: 4,
+            network: None,
         })
+    }
+
+    /// Names the network (CAIP-2) these endpoints serve: failovers are counted per network.
+    pub fn for_network(mut self, network: String) -> SvmRpc {
+        self.network = Some(network);
+        self
     }
 
     /// Sets how many times a round over all endpoints is retried after transport faults.
@@ -185,7 +194,7 @@ impl SvmRpc {
                     Ok(v) => {
                         if i != start {
                             tracing::warn!(endpoint = %ep.label, "Solana RPC failover: now using this endpoint");
-                            crate::metrics::record_rpc_failover();
+                            crate::metrics::record_rpc_failover(self.network.as_deref());
                         }
                         self.preferred.store(i, Ordering::Relaxed);
                         return serde_json::from_value::<T>(v).map_err(|e| {
