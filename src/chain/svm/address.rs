@@ -201,6 +201,58 @@ mod tests {
         assert!("1".repeat(100).parse::<Pubkey>().is_err());
     }
 
+    fn pk(s: &str) -> Pubkey {
+        s.parse().unwrap()
+    }
+
+    /// solana.com/docs/core/pda: seed "helloWorld" under the System program gives
+    /// 46GZzzetjCURsdFPb7rcnspbEMnCBXe9kpjrsZAkKb6X with bump 254 (255 falls on the curve); 253 gives GBNWBG….
+    #[test]
+    fn pda_matches_the_solana_docs_example() {
+        let (pda, bump) = find_program_address(&[b"helloWorld"], &SYSTEM_PROGRAM).unwrap();
+        assert_eq!(pda, pk("46GZzzetjCURsdFPb7rcnspbEMnCBXe9kpjrsZAkKb6X"));
+        assert_eq!(bump, 254);
+        assert_eq!(
+            create_program_address(&[b"helloWorld", &[255]], &SYSTEM_PROGRAM),
+            None
+        );
+        assert_eq!(
+            create_program_address(&[b"helloWorld", &[253]], &SYSTEM_PROGRAM),
+            Some(pk("GBNWBGxKmdcd7JrMnBdZke9Fumj9sir4rpbruwEGmR4y"))
+        );
+        assert_eq!(create_program_address(&[&[0u8; 33]], &SYSTEM_PROGRAM), None);
+    }
+
+    /// External vectors: metaplex-foundation/Solana.Swift's associated token test (the USDC account of wallet
+    /// 3h1zGm…), and trustwallet/wallet-core's Solana address tests (an SPL Token and a Token-2022 account).
+    #[test]
+    fn associated_token_addresses_match_external_vectors() {
+        assert_eq!(
+            associated_token_address(
+                &pk("3h1zGmCwsRJnVk5BuRNMLsPaQu1y2aqXqXDWYCgrp5UG"),
+                &USDC_MAINNET_MINT,
+                &TOKEN_PROGRAM
+            ),
+            pk("3uetDDizgTtadDHZzyy9BqxrjQcozMEkxzbKhfZF4tG3")
+        );
+        assert_eq!(
+            associated_token_address(
+                &pk("B1iGmDJdvmxyUiYM8UEo2Uw2D58EmUrw4KyLYMmrhf8V"),
+                &pk("SRMuApVNdxXokk5GT7XD5cUUgXMBCoAz2LHeuAoKWRt"),
+                &TOKEN_PROGRAM
+            ),
+            pk("EDNd1ycsydWYwVmrYZvqYazFqwk1QjBgAUKFjBoz1jKP")
+        );
+        assert_eq!(
+            associated_token_address(
+                &pk("68dzdXkni9BrAwU1asAwurMEdQhXUJq6MNY8niDAny8t"),
+                &pk("7atgF8KQo4wJrD5ATGX7t1V2zVvykPJbFfNeVf1icFv1"),
+                &TOKEN_2022_PROGRAM
+            ),
+            pk("3PaFQnebQMHBgthRScup2B932cMxA1GBP7m9roCkomHq")
+        );
+    }
+
     /// Every derivation is off the curve and depends on the token program. (That it is the address the real
     /// programs use is checked against a real cluster in the integration tests: surfnet's `surfnet_setTokenAccount`
     /// creates the account at its own derivation, and its balance is read at ours.)

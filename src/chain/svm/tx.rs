@@ -607,6 +607,46 @@ mod tests {
         }
     }
 
+    /// A real mainnet transaction (a USDT `transferChecked` behind a durable-nonce advance), as quoted with its
+    /// parse in paulmillr/micro-sol-signer's examples; its id is the explorer's 5Nnhjv….
+    #[test]
+    fn a_real_mainnet_transaction_decodes_verifies_and_parses() {
+        use crate::chain::svm::instructions::{ParsedInstruction, parse};
+        const TX: &str = "Atrba9P4rJ4tA3fMXioF+LBR5Y397TCaCC7o/JsViIFxDQ+FOpW2/I+DGMtapWPmrRJ3KDEaYa21YbpUcXaygQPKXDfudpRNZKsMsjhhH018U2YKTAJoqu6Jr1jASfnV98/65boYyPzPujo4YMKnIaCjrt1EsvnPNCuoBMXUEzYAAgEECc20MANIMI92j1eVfOiH5WQ691HznE9ZeQfjeXpDNm0eH5z5eohWokD+6H+jjnZ/KFqkCmlEdPrk6HCx+mOgjTAJUM/3r5vR1DjJnZhT6PQK3Z32pIe8MzDmPxe8Ttzy2CTxiTfFaNQeAkRJCefcB5JJGeb/Qxrj4dpxv8Kv9gClJ544V5wdVgmhBbCFO1kSIv6OaEUizyYdqhTUiO8w8XsGp9UXGSxWjuCKhF9z0peIzwNcMUWyGrNE2AYuqUAAAM4BDmCv7bInF71jGS9UFFo/llozu4LSxwKess4eIIJkAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAG3fbh12Whk9nL4UbO63msHLSF7V9bN5E6jPWFfv8AqYUpqsC9KfFD7lsris1C7YZkNRdSH5qix9nMo2igoP0yAgcDAgUBBAQAAAAIBAMGBAAKDJSDxgMPAAAABg==";
+        let pk = |s: &str| s.parse::<Pubkey>().unwrap();
+        let tx = Transaction::from_base64(TX).unwrap();
+        assert_eq!(tx.to_base64(), TX);
+        assert_eq!(
+            tx.signature_id(),
+            "5Nnhjv1GVB8T1k8MguUGHQw5zQQQsWET1f1zzj8azRhnVoYQPoZPtkscPCKy6FisP2eVWehjU1EYV8zywqKm5if4"
+        );
+        tx.verify_all_signatures().unwrap();
+        let m = &tx.message;
+        assert_eq!(m.version, MessageVersion::Legacy);
+        assert_eq!(
+            m.account_keys[0],
+            pk("EqywLUZcm73PSWri93X3M5TN62iFMsUPMjvWYUq89dKB")
+        );
+        assert_eq!(
+            Pubkey(m.recent_blockhash),
+            pk("9xp5Jz2v7ZsE3Xn5SVGkRisjo7h16vzF1ducwhWnc5n9")
+        );
+        assert_eq!(
+            parse(m, &m.instructions[1]).unwrap(),
+            ParsedInstruction::TransferChecked {
+                token_program: crate::chain::svm::address::TOKEN_PROGRAM,
+                source: pk("3VDHywae15vgbG2euNPpwoHTEr2eyGLuS6EoF74kDkp4"),
+                mint: pk("Es9vMFrzaCERmJfrF4H2FYD4KCoNkY11McCe8BenwNYB"),
+                destination: pk("3feqC1fmo5YHMh2iw7X9kGE9F8P147hiiDQqC5xtSbpN"),
+                authority: pk("EqywLUZcm73PSWri93X3M5TN62iFMsUPMjvWYUq89dKB"),
+                amount: 64_487_850_900,
+                decimals: 6,
+            }
+        );
+        let i = m.instructions[1].accounts[2];
+        assert!(m.is_writable(i) && !m.is_signer(i));
+    }
+
     #[test]
     fn account_flags_follow_the_header() {
         let tx = sample(MessageVersion::Legacy);

@@ -6,8 +6,9 @@
 //!    valid (ours is added at settlement);
 //! 3. 3 to 7 instructions: `SetComputeUnitLimit`, `SetComputeUnitPrice` (at most the cap, 5 lamports per compute
 //!    unit by default), `TransferChecked` of the Token or Token-2022 program, then only Memo or Lighthouse
-//!    instructions (the official client adds a memo with a random nonce, which makes every payment a distinct
-//!    transaction);
+//!    instructions, with exactly one memo of 1 to 256 bytes (the official client's random nonce: it makes every
+//!    payment a distinct transaction; stricter than the reference facilitator, which needs a memo only when the
+//!    offer names one);
 //! 4. the transfer: the mint is the asset, the destination is payTo's associated token account for it under that
 //!    token program, the amount is exactly the required amount, and its authority is not the fee payer;
 //! 5. the fee payer appears in no instruction's accounts at all (it signs only to pay the fee: it must not be made
@@ -34,6 +35,9 @@ pub const LIGHTHOUSE_PROGRAM: Pubkey = Pubkey([
 
 /// The reference facilitator's default cap on the compute-unit price (micro-lamports).
 pub const MAX_COMPUTE_UNIT_PRICE: u64 = 5_000_000;
+
+/// The longest memo the reference client writes.
+pub const MAX_MEMO_BYTES: usize = 256;
 
 /// What a payment must satisfy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +102,8 @@ pub enum SvmPaymentError {
     UnknownInstruction(usize),
     #[error("address lookup tables are not accepted")]
     LookupTables,
+    #[error("the transaction must carry exactly one memo (the payment's nonce, 1 to 256 bytes)")]
+    MemoCount,
 }
 
 impl SvmPaymentError {
@@ -144,6 +150,7 @@ impl SvmPaymentError {
                 "invalid_exact_svm_payload_unknown_optional_instruction"
             }
             SvmPaymentError::LookupTables => "invalid_exact_svm_payload_transaction",
+            SvmPaymentError::MemoCount => "invalid_exact_svm_payload_memo_count",
         }
     }
 }
@@ -247,11 +254,23 @@ pub fn verify_exact(
             required: req.amount,
         });
     }
+    let mut memos = 0;
     for i in 3..n {
         let program = m.account(m.instructions[i].program_id_index).copied();
-        if program != Some(MEMO_PROGRAM) && program != Some(LIGHTHOUSE_PROGRAM) {
+        if program == Some(MEMO_PROGRAM) {
+            let len = m.instructions[i].data.len();
+            if len == 0 || len > MAX_MEMO_BYTES {
+                return Err(SvmPaymentError::MemoCount);
+            }
+            memos += 1;
+        } else if program != Some(LIGHTHOUSE_PROGRAM) {
             return Err(SvmPaymentError::UnknownInstruction(i));
         }
+    }
+    // Exactly one memo (the client's nonce): two payments of one amount within one blockhash's life are then two
+    // transactions, not one that the cluster (and this gateway) would take once.
+    if memos != 1 {
+        return Err(SvmPaymentError::MemoCount);
     }
     Ok(VerifiedSvmPayment {
         payer: authority,
@@ -374,10 +393,16 @@ mod tests {
             cosign(&mut tx.clone(), &key(9)),
             Err(SvmPaymentError::FeePayerMismatch(pk(&key(2))))
         );
-        // Without the memo it is still the layout (3 instructions).
+        // Without its memo nonce, or with two, or an empty one: refused (this gateway asks for exactly one).
         let mut three = good();
         three.pop();
-        assert_eq!(reason(three), "ok");
+        assert_eq!(reason(three), "invalid_exact_svm_payload_memo_count");
+        let mut two = good();
+        two.push(memo(b"again"));
+        assert_eq!(reason(two), "invalid_exact_svm_payload_memo_count");
+        let mut empty = good();
+        empty[3] = memo(b"");
+        assert_eq!(reason(empty), "invalid_exact_svm_payload_memo_count");
     }
 
     #[test]
