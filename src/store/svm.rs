@@ -121,6 +121,23 @@ impl Store {
         .await
     }
 
+    /// The confirmed transfers of `network` in slots above `slot` (at `confirmed` commitment: not rooted yet).
+    pub async fn confirmed_since(
+        &self,
+        network: &str,
+        slot: u64,
+    ) -> Result<Vec<Transfer>, StoreError> {
+        let network = network.to_string();
+        self.read(move |c| {
+            select_transfers(
+                c,
+                "network = ?1 AND status = 'confirmed' AND block_number > ?2 ORDER BY block_number, log_index",
+                params![network, slot as i64],
+            )
+        })
+        .await
+    }
+
     /// The `seen` transfers of `network` (found, not yet at the configured commitment).
     pub async fn seen_transfers(&self, network: &str) -> Result<Vec<Transfer>, StoreError> {
         let network = network.to_string();

@@ -33,6 +33,10 @@ use crate::usdc::Usdc;
 /// Most signatures read per poll (then the checkpoint is written and the next poll goes on at once).
 const MAX_PER_POLL: usize = 1_000;
 
+/// After a restart at `confirmed` commitment, the confirmed transfers of the last this many slots below the
+/// checkpoint are watched again until rooted (rooting takes about 32 slots; 300 is two minutes).
+const UNROOTED_WINDOW_SLOTS: u64 = 300;
+
 /// Longest wait between failed polls.
 const MAX_STEP_DELAY: Duration = Duration::from_secs(30);
 
@@ -90,6 +94,8 @@ pub struct SvmIndexer {
     status: StatusHandle,
     account: Option<PayToAccount>,
     wake: Arc<Notify>,
+    /// At `confirmed` commitment: confirmed transfers from this slot up are not rooted yet and are still watched.
+    watched_from: Option<u64>,
 }
 
 impl SvmIndexer {
@@ -106,6 +112,7 @@ impl SvmIndexer {
             status,
             account: None,
             wake: Arc::new(Notify::new()),
+            watched_from: None,
         }
     }
 
@@ -297,6 +304,43 @@ impl SvmIndexer {
                     None => {}
                 }
             }
+        }
+
+        // At `confirmed` commitment a payment counts before its slot is rooted: until it is, it is watched, and
+        // orphaned (its claim reversed, as after an EVM reorg) if the cluster drops it.
+        if commitment == Commitment::Confirmed {
+            let rooted = self.rpc.slot("finalized").await?;
+            let from = self.watched_from.unwrap_or_else(|| {
+                checkpoint
+                    .as_ref()
+                    .map_or(0, |c| c.number.saturating_sub(UNROOTED_WINDOW_SLOTS))
+            });
+            let unrooted = self.store.confirmed_since(&network, from).await?;
+            let mut sigs: Vec<String> = unrooted.iter().map(|t| t.tx_hash.clone()).collect();
+            sigs.dedup();
+            if !sigs.is_empty() {
+                let statuses = self.rpc.signature_statuses(&sigs).await?;
+                for (sig, status) in sigs.iter().zip(statuses) {
+                    let slot = unrooted
+                        .iter()
+                        .find(|t| &t.tx_hash == sig)
+                        .map_or(0, |t| t.block_number);
+                    match status {
+                        Some(st) if st.err.is_some() => batch
+                            .orphan
+                            .push((sig.clone(), "the transaction failed".into())),
+                        None if slot <= rooted => batch.orphan.push((
+                            sig.clone(),
+                            format!(
+                                "the cluster dropped the transaction before its slot was rooted (slot {rooted} is)"
+                            ),
+                        )),
+                        _ => {}
+                    }
+                }
+            }
+            // Everything at or below the rooted slot has been checked once after rooting: never again.
+            self.watched_from = Some(rooted.min(head));
         }
 
         let outcome = self.store.apply_svm_batch(batch).await?;
