@@ -400,7 +400,7 @@ async fn main() -> Result<()> {
                     json,
                 },
         } => {
-            let store = Store::open_database(&load(&config)?.database).await?;
+            let store = Store::open_existing(&load(&config)?.database, false).await?;
             let view = billing::account_view(&store, address).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
@@ -491,7 +491,7 @@ async fn keys_command(command: KeysCommand) -> Result<()> {
             account,
             json,
         } => {
-            let store = Store::open_database(&load(&config)?.database).await?;
+            let store = Store::open_existing(&load(&config)?.database, false).await?;
             let keys = billing::list_keys(&store, account.map(|a| format!("{a:#x}"))).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&keys)?);
@@ -503,7 +503,7 @@ async fn keys_command(command: KeysCommand) -> Result<()> {
             Ok(())
         }
         KeysCommand::Revoke { config, public_id } => {
-            let store = Store::open_database(&load(&config)?.database).await?;
+            let store = Store::open_existing(&load(&config)?.database, true).await?;
             let id = public_id
                 .trim_start_matches("sk-")
                 .split('-')
@@ -524,7 +524,7 @@ async fn keys_command(command: KeysCommand) -> Result<()> {
             note,
         } => {
             anyhow::ensure!(amount > Usdc::ZERO, "the amount must be positive");
-            let store = Store::open_database(&load(&config)?.database).await?;
+            let store = Store::open_existing(&load(&config)?.database, true).await?;
             let (balance, key) = billing::grant(&store, address, amount, note, now_unix()).await?;
             println!("granted {amount} USDC to {address:#x}; balance {balance} USDC");
             if let Some(key) = key {
@@ -539,7 +539,7 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
     match command {
         AuditCommand::Verify { config, json } => {
             let settings = load(&config)?;
-            let store = Store::open_database(&settings.database).await?;
+            let store = Store::open_existing(&settings.database, false).await?;
             eprintln!(
                 "audit verify: database {}, chain {}, payTo {:#x}",
                 store.path().display(),
@@ -613,7 +613,7 @@ async fn audit_command(command: AuditCommand) -> Result<()> {
                     .transpose()
             };
             let (from, to) = (time("from", &from)?, time("to", &to)?);
-            let store = Store::open_database(&load(&config)?.database).await?;
+            let store = Store::open_existing(&load(&config)?.database, false).await?;
             let mut w: Box<dyn Write> = match &out {
                 Some(path) => Box::new(std::io::BufWriter::new(
                     std::fs::File::create(path)
@@ -706,7 +706,7 @@ async fn serve(settings: Settings, shutdown: CancellationToken) -> Result<()> {
 }
 
 async fn payments(settings: &Settings, status: Option<TransferStatus>, json: bool) -> Result<()> {
-    let store = Store::open_database(&settings.database).await?;
+    let store = Store::open_existing(&settings.database, false).await?;
     let mut heads = std::collections::HashMap::new();
     for chain in settings.networks() {
         let network = chain.network.caip2();

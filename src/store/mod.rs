@@ -404,6 +404,67 @@ impl Store {
         })
     }
 
+    /// Opens an existing SQLite file for reading only (operator commands: `payments`, `keys list`, `accounts show`,
+    /// `audit`): a path that does not exist is refused (a mistyped `[database] path` must not read as an empty
+    /// database), so is a file whose schema is not exactly this binary's (`migrate` brings it there); nothing is
+    /// created, migrated or written, and writes through this store fail with [`StoreError::WriterGone`].
+    pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Open {
+                path: path.to_path_buf(),
+                message: "no database file here; check `[database] path` in the config (`serve` or `migrate` \
+                          creates it)"
+                    .into(),
+            });
+        }
+        let conn = open_reader(path)?;
+        let known = migrations(SCHEMA_SQL)?.len() as u32;
+        let found: u32 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        if found > known {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found,
+                known,
+            });
+        }
+        if found < known {
+            return Err(StoreError::Behind {
+                target: path.display().to_string(),
+                found,
+                known,
+            });
+        }
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                _checkpointer: None,
+                metering_full: std::sync::atomic::AtomicBool::new(false),
+                writer: None,
+                readers: Mutex::new(vec![conn]),
+                replica: None,
+            }),
+            engine: Arc::new(EngineHandle::Sqlite),
+        })
+    }
+
+    /// Opens the database the config names for an operator command: [`Store::open_read_only`] for SQLite (or, with
+    /// `write`, the existing file for writing, still never creating one); PostgreSQL as [`Store::open_postgres`]
+    /// (which creates nothing and refuses a schema behind this binary's).
+    pub async fn open_existing(
+        database: &crate::config::Database,
+        write: bool,
+    ) -> Result<Store, StoreError> {
+        match database {
+            crate::config::Database::Sqlite { path } if write => {
+                // Refused the same way when missing; the read-only open also checks the schema is this binary's.
+                drop(Store::open_read_only(path)?);
+                Store::open(path)
+            }
+            crate::config::Database::Sqlite { path } => Store::open_read_only(path),
+            crate::config::Database::Postgres { url } => Store::open_postgres(url).await,
+        }
+    }
+
     /// Opens the database the config names: a SQLite file (created and migrated if needed) or PostgreSQL.
     pub async fn open_database(database: &crate::config::Database) -> Result<Store, StoreError> {
         match database {

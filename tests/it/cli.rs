@@ -187,3 +187,92 @@ fn bad_config_names_the_key_and_exits_non_zero() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("confirmatoins"), "{err}");
 }
+
+/// Operator commands that cannot lie: a mistyped database path is refused (non-zero, naming the path) and no file
+/// appears there; on a real database they read without writing (the file and its journal are unchanged).
+#[tokio::test]
+async fn operator_commands_refuse_a_missing_database_and_only_read_an_existing_one() {
+    let chain = TestChain::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &chain, &chain.rpc_url());
+    let db = dir.path().join("gateway.db");
+    let commands: [&[&str]; 5] = [
+        &["payments", "--json"],
+        &["keys", "list"],
+        &[
+            "accounts",
+            "show",
+            "0x1111111111111111111111111111111111111111",
+        ],
+        &["audit", "export", "--what", "payments"],
+        &["audit", "verify"],
+    ];
+    for args in commands {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{args:?} on a missing database: {stderr}"
+        );
+        assert!(
+            stderr.contains("gateway.db") && stderr.contains("no database file"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!db.exists(), "{args:?} created the database file");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "",
+            "{args:?} printed a result"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["keys", "revoke", "key_nonexistent", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        !db.exists(),
+        "a write command does not create the file either"
+    );
+
+    // `migrate` makes it; then the read commands answer, and the file is byte for byte what it was.
+    let out = Command::new(BIN)
+        .args(["migrate", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = std::fs::read(&db).unwrap();
+    for args in [
+        &["payments", "--json"][..],
+        &["keys", "list"][..],
+        &["audit", "export", "--what", "payments"][..],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        before,
+        "read commands wrote to the database"
+    );
+}
