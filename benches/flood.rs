@@ -370,6 +370,14 @@ async fn main() -> anyhow::Result<()> {
         &unlimited,
         config_text(&chain, &upstream_url, "[limits]\nrate_limits = false"),
     )?;
+    // `keys grant` writes to an existing database only: `migrate` creates it.
+    let migrated = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
+        .args(["migrate", "--config"])
+        .arg(&limited)
+        .status()
+        .await
+        .map(|s| s.success());
+    assert!(matches!(migrated, Ok(true)), "migrate failed");
     let granted = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
         .args(["keys", "grant", "--config"])
         .arg(&limited)

@@ -377,6 +377,14 @@ async fn start_litellm(
 /// Opens `n` SSE streams to the slow model and waits until each has received its first chunk.
 /// `x402-gateway keys grant` for the benchmark's credit account; returns the key it prints.
 async fn grant_key(config: &std::path::Path, envs: &[(&str, &str)]) -> anyhow::Result<String> {
+    // `keys grant` writes to an existing database only: `migrate` creates it.
+    let migrated = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
+        .args(["migrate", "--config"])
+        .arg(config)
+        .status()
+        .await
+        .map(|s| s.success());
+    assert!(matches!(migrated, Ok(true)), "migrate failed");
     let granted = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
         .args(["keys", "grant", "--config"])
         .arg(config)

@@ -2268,6 +2268,13 @@ async fn a_second_gateway_on_the_database_refuses_to_start_while_the_first_runs(
     let db = dir.path().join("gateway.db");
     let account = "0x1111111111111111111111111111111111111111";
     let granted = usdc("5.00");
+    // `keys grant` writes to an existing database only: `migrate` creates it.
+    let migrated = Command::new(bin())
+        .args(["migrate", "--config"])
+        .arg(config)
+        .status()
+        .map(|s| s.success());
+    assert!(matches!(migrated, Ok(true)), "migrate failed");
     let out = Command::new(bin())
         .args(["keys", "grant", "--config"])
         .arg(config)
