@@ -754,25 +754,7 @@ impl ChainConfig {
             }
         };
 
-        if chain.rpc_http.is_empty() {
-            return Err(invalid(
-                &format!("{key}.rpc_http"),
-                "needs at least one JSON-RPC URL",
-            ));
-        }
-        let rpc_http = chain
-            .rpc_http
-            .iter()
-            .enumerate()
-            .map(|(i, url)| {
-                resolve_url(
-                    &format!("{key}.rpc_http[{i}]"),
-                    url,
-                    &["http://", "https://"],
-                    env,
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let rpc_http = resolve_rpc_http(key, &chain.rpc_http, env)?;
         let rpc_ws = match chain.rpc_ws.as_deref() {
             None | Some("") => None,
             Some(url) => Some(resolve_url(
@@ -2170,6 +2152,31 @@ fn parse_address(key: &str, raw: &str) -> Result<Address, ConfigError> {
             format!("`{raw}` is not an address (0x + 40 hex digits): {e}"),
         )
     })
+}
+
+/// A network's `rpc_http` list: at least one URL, each http(s), `$NAME` read from the environment.
+fn resolve_rpc_http(
+    key: &str,
+    urls: &[String],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<String>, ConfigError> {
+    if urls.is_empty() {
+        return Err(invalid(
+            &format!("{key}.rpc_http"),
+            "needs at least one JSON-RPC URL",
+        ));
+    }
+    urls.iter()
+        .enumerate()
+        .map(|(i, url)| {
+            resolve_url(
+                &format!("{key}.rpc_http[{i}]"),
+                url,
+                &["http://", "https://"],
+                env,
+            )
+        })
+        .collect()
 }
 
 fn resolve_url(

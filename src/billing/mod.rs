@@ -61,6 +61,20 @@ pub struct ClaimRequest {
     pub signature: Option<Vec<u8>>,
 }
 
+/// The one account that paid `live` (confirmed transfers of one transaction) and what it paid in all; a
+/// transaction paid by several is refused (who would the claim belong to?).
+pub(crate) fn single_payer(
+    live: &[crate::store::transfers::Transfer],
+) -> Result<(String, Usdc), ClaimError> {
+    let mut payers: Vec<&str> = live.iter().map(|t| t.from.as_str()).collect();
+    payers.sort_unstable();
+    payers.dedup();
+    match payers.as_slice() {
+        [one] => Ok((one.to_string(), Usdc(live.iter().map(|t| t.value.0).sum()))),
+        _ => Err(ClaimError::MultiplePayers(payers.join(", "))),
+    }
+}
+
 /// A transaction's id as claims are keyed: an EVM hash in lower-case hex; a Solana signature as written (base58
 /// is case-sensitive).
 fn canonical_tx(tx: &str) -> String {
@@ -478,28 +492,9 @@ impl Billing {
         }
 
         // What the index knows about the transaction.
-        let rows = self
-            .store
-            .transfers_of_tx(&network, req.tx_hash.clone())
+        let live = self
+            .live_transfers(&network, &req.tx_hash, &status, "indexed up to block")
             .await?;
-        if rows.is_empty() {
-            let head = status.snapshot().indexed_head;
-            return Err(ClaimError::NotIndexed {
-                tx_hash: req.tx_hash,
-                head: format!(
-                    " on {network}{}",
-                    head.map(|h| format!(" (indexed up to block {h})"))
-                        .unwrap_or_default()
-                ),
-            });
-        }
-        let live: Vec<_> = rows
-            .iter()
-            .filter(|t| t.status != TransferStatus::Orphaned)
-            .collect();
-        if live.is_empty() {
-            return Err(ClaimError::Orphaned);
-        }
         if live.iter().any(|t| t.status == TransferStatus::Seen) {
             let head = status.snapshot().indexed_head.or(self
                 .store
@@ -517,14 +512,7 @@ impl Billing {
                 required,
             });
         }
-        let mut payers: Vec<&str> = live.iter().map(|t| t.from.as_str()).collect();
-        payers.sort_unstable();
-        payers.dedup();
-        if payers.len() > 1 {
-            return Err(ClaimError::MultiplePayers(payers.join(", ")));
-        }
-        let payer = payers[0].to_string();
-        let paid = Usdc(live.iter().map(|t| t.value.0).sum());
+        let (payer, paid) = single_payer(&live)?;
 
         // Only the payer can claim.
         if let Some(sig) = &req.signature
@@ -545,6 +533,40 @@ impl Billing {
         }
 
         self.redeem_claim(req, network, payer, paid).await
+    }
+
+    /// The transfers of `tx_hash` on `network` that still count (not orphaned): `NotIndexed` when the index has
+    /// none (saying how far it has read: `read_up_to` + the indexer's head), `Orphaned` when every one left the chain.
+    pub(crate) async fn live_transfers(
+        &self,
+        network: &str,
+        tx_hash: &str,
+        status: &crate::chain::StatusHandle,
+        read_up_to: &str,
+    ) -> Result<Vec<crate::store::transfers::Transfer>, ClaimError> {
+        let rows = self
+            .store
+            .transfers_of_tx(network, tx_hash.to_string())
+            .await?;
+        if rows.is_empty() {
+            let head = status.snapshot().indexed_head;
+            return Err(ClaimError::NotIndexed {
+                tx_hash: tx_hash.to_string(),
+                head: format!(
+                    " on {network}{}",
+                    head.map(|h| format!(" ({read_up_to} {h})"))
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        let live: Vec<_> = rows
+            .into_iter()
+            .filter(|t| t.status != TransferStatus::Orphaned)
+            .collect();
+        if live.is_empty() {
+            return Err(ClaimError::Orphaned);
+        }
+        Ok(live)
     }
 
     /// The rest of a claim once the payment is found confirmed, paid by `payer` (proven): the product's price

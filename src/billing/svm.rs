@@ -9,7 +9,6 @@ use crate::chain::svm::offchain::verify_message_signature;
 use crate::config::SvmSettings;
 use crate::store::StoreError;
 use crate::store::transfers::TransferStatus;
-use crate::usdc::Usdc;
 
 impl Billing {
     /// Claims a payment on the Solana network `s` (see the module documentation).
@@ -26,41 +25,15 @@ impl Billing {
         if self.settings.auth.claims_require_signature && req.signature.is_none() {
             return Err(ClaimError::SignatureRequired { text });
         }
-        let rows = self
-            .store
-            .transfers_of_tx(&network, req.tx_hash.clone())
+        let live = self
+            .live_transfers(&network, &req.tx_hash, &status, "read up to slot")
             .await?;
-        if rows.is_empty() {
-            let head = status.snapshot().indexed_head;
-            return Err(ClaimError::NotIndexed {
-                tx_hash: req.tx_hash,
-                head: format!(
-                    " on {network}{}",
-                    head.map(|h| format!(" (read up to slot {h})"))
-                        .unwrap_or_default()
-                ),
-            });
-        }
-        let live: Vec<_> = rows
-            .iter()
-            .filter(|t| t.status != TransferStatus::Orphaned)
-            .collect();
-        if live.is_empty() {
-            return Err(ClaimError::Orphaned);
-        }
         if live.iter().any(|t| t.status == TransferStatus::Seen) {
             return Err(ClaimError::PendingCommitment {
                 commitment: s.commitment.as_str(),
             });
         }
-        let mut payers: Vec<&str> = live.iter().map(|t| t.from.as_str()).collect();
-        payers.sort_unstable();
-        payers.dedup();
-        if payers.len() > 1 {
-            return Err(ClaimError::MultiplePayers(payers.join(", ")));
-        }
-        let payer = payers[0].to_string();
-        let paid = Usdc(live.iter().map(|t| t.value.0).sum());
+        let (payer, paid) = super::single_payer(&live)?;
 
         // Only the payer can claim: the wallet that signed the transfer signs the claim text.
         if let Some(sig) = &req.signature

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use super::{ChainConfig, ConfigError, ServerConfig, invalid, redact_url, resolve_url};
+use super::{ChainConfig, ConfigError, ServerConfig, invalid, redact_url, resolve_rpc_http};
 use crate::chain::svm::address::Pubkey;
 
 /// A Solana cluster preset.
@@ -175,25 +175,7 @@ impl ChainConfig {
                 )
             }
         };
-        if self.rpc_http.is_empty() {
-            return Err(invalid(
-                &format!("{key}.rpc_http"),
-                "needs at least one JSON-RPC URL",
-            ));
-        }
-        let rpc_http = self
-            .rpc_http
-            .iter()
-            .enumerate()
-            .map(|(i, url)| {
-                resolve_url(
-                    &format!("{key}.rpc_http[{i}]"),
-                    url,
-                    &["http://", "https://"],
-                    env,
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let rpc_http = resolve_rpc_http(key, &self.rpc_http, env)?;
         let pay_to = parse_pubkey(&format!("{key}.pay_to"), &self.pay_to)?;
         let commitment = match self.commitment.as_deref() {
             None | Some("finalized") => Commitment::Finalized,
