@@ -808,21 +808,8 @@ async fn pay_and_redeem(
         record,
     };
     match state.billing.claim_settled(paid).await {
-        Ok((claimed, fallback)) => {
-            let mut data = claimed_data(claimed);
-            data["payment"] = payment_view(&settlement);
-            match fallback {
-                None => Answer::new(StatusCode::OK, json!({"success": true, "data": data})),
-                Some(why) => Answer::new(
-                    StatusCode::CONFLICT,
-                    json!({"success": false, "error": {
-                        "code": "sold_out",
-                        "message": format!("{why}; the payment was credited to the payer instead"),
-                    }, "data": data}),
-                ),
-            }
-            .header(response_header, ok_header)
-        }
+        Ok((claimed, fallback)) => redeemed(claimed, fallback, payment_view(&settlement))
+            .header(response_header, ok_header),
         Err(e) => {
             // The money moved; the record did not. The transfer stays claimable by txHash.
             tracing::error!(error = %e, tx = %settlement.transaction, "settled x402 payment not recorded");
@@ -843,6 +830,23 @@ async fn pay_and_redeem(
             a.final_answer = false;
             a
         }
+    }
+}
+
+/// The answer to a settled and redeemed payment: 200 with the purchase (and `payment`), or 409 `sold_out` when a
+/// subscription could not be sold any more and the payment became credits instead.
+fn redeemed(claimed: Claimed, fallback: Option<ClaimError>, payment: Value) -> Answer {
+    let mut data = claimed_data(claimed);
+    data["payment"] = payment;
+    match fallback {
+        None => Answer::new(StatusCode::OK, json!({"success": true, "data": data})),
+        Some(why) => Answer::new(
+            StatusCode::CONFLICT,
+            json!({"success": false, "error": {
+                "code": "sold_out",
+                "message": format!("{why}; the payment was credited to the payer instead"),
+            }, "data": data}),
+        ),
     }
 }
 

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use base64::Engine;
 use serde_json::{Value, json};
 
-use super::{Answer, challenge, claimed_data};
+use super::{Answer, challenge};
 use crate::api::AppState;
 use crate::billing::{ClaimError, Product, SettledPayment, X402Record};
 use crate::usdc::Usdc;
@@ -80,78 +80,34 @@ pub(super) async fn pay_and_redeem(
         a.final_answer = false;
         a
     };
-    // The client must echo one of our offers exactly.
-    let Some(offer) = offered.svm_accepts.iter().find(|o| {
-        ["scheme", "network", "amount", "asset", "payTo"]
-            .iter()
-            .all(|k| o.get(k) == accepted.get(k))
-    }) else {
-        return refuse(
-            "invalid_exact_svm_payload_accepted_mismatch",
-            "`accepted` is not one of the offered Solana payment requirements (scheme, network, amount, asset, \
-             payTo)"
-                .into(),
-            None,
-        );
-    };
-    let Some(exact) = state.svm_x402.iter().find(|s| s.settings.caip2 == network) else {
-        return refuse(
-            "invalid_network",
-            format!("no Solana settlement on {network}"),
-            None,
-        );
-    };
-    let amount: u64 = offer["amount"]
-        .as_str()
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(0);
-    let Some(transaction) = payment
-        .pointer("/payload/transaction")
-        .and_then(Value::as_str)
-    else {
-        return refuse(
-            "invalid_exact_svm_payload_transaction",
-            "payload.transaction (the base64 of the partially signed transaction) is missing"
-                .into(),
-            None,
-        );
-    };
-    let req = exact.requirements(amount);
-    let verified = match exact.verify(transaction, &req) {
-        Ok(v) => v,
-        Err(e) => return refuse(e.code(), e.to_string(), None),
-    };
-    let payer = verified.payer.to_string();
-    let signature = verified.signature_id.clone();
-    let Some(_held) = exact.hold(&signature) else {
-        return refuse(
-            "duplicate_settlement",
-            format!("transaction {signature} is being settled by another request"),
-            Some(payer),
-        );
-    };
-    // Stored, not only cached: a transaction already credited (by this process before a restart, another replica,
-    // or a claim of the same signature) is refused before anything is sent.
-    match state.billing.claim_record(&signature).await {
-        Ok(Some(_)) => {
-            return refuse(
-                "duplicate_settlement",
-                format!("transaction {signature} was already settled and credited"),
-                Some(payer),
-            );
+    // Verified, held in flight, refused if already credited, co-signed and simulated: the per-request path's
+    // first half, then sent here at once.
+    let paid = match authorize(state, payment, offered).await {
+        Ok(p) => p,
+        Err((StatusCode::PAYMENT_REQUIRED, code, message, payer)) => {
+            return refuse(code, message, payer);
         }
-        Ok(None) => {}
-        Err(e) => return super::internal(e),
-    }
-    let record = X402Record {
-        x402_version: 2,
-        nonce: signature.clone(),
-        authorization: transaction.to_string(),
-        signature: signature.clone(),
-        requirements: offer.to_string(),
-        resource: offered.resource.url.clone(),
+        Err((status, code, message, payer)) => {
+            let mut a = Answer::error(
+                status,
+                code,
+                format!("{message}; nothing was charged, retry"),
+            )
+            .header(xh::PAYMENT_RESPONSE, failure_header(code, &network, payer))
+            .header("Retry-After", "5");
+            a.final_answer = false;
+            return a;
+        }
     };
-    let settlement: SvmSettlement = match exact.settle(verified).await {
+    let PaidSvm {
+        exact,
+        prepared,
+        record,
+        _held,
+    } = paid;
+    let payer = prepared.verified.payer.to_string();
+    let signature = prepared.verified.signature_id.clone();
+    let settlement: SvmSettlement = match exact.submit(prepared).await {
         Ok(s) => s,
         Err(
             e @ (SvmSettleError::Rejected(_)
@@ -207,24 +163,13 @@ pub(super) async fn pay_and_redeem(
     };
     match state.billing.claim_settled(paid).await {
         Ok((claimed, fallback)) => {
-            let mut data = claimed_data(claimed);
-            data["payment"] = json!({
+            let payment = json!({
                 "transaction": settlement.signature,
                 "network": settlement.network,
                 "payer": settlement.payer.to_string(),
                 "amount": super::usdc_number(Usdc(i64::try_from(settlement.amount).unwrap_or(i64::MAX))),
             });
-            match fallback {
-                None => Answer::new(StatusCode::OK, json!({"success": true, "data": data})),
-                Some(why) => Answer::new(
-                    StatusCode::CONFLICT,
-                    json!({"success": false, "error": {
-                        "code": "sold_out",
-                        "message": format!("{why}; the payment was credited to the payer instead"),
-                    }, "data": data}),
-                ),
-            }
-            .header(xh::PAYMENT_RESPONSE, ok_header)
+            super::redeemed(claimed, fallback, payment).header(xh::PAYMENT_RESPONSE, ok_header)
         }
         Err(ClaimError::AlreadyClaimed(_)) => {
             // A concurrent copy of the same transaction was credited first: this one moved nothing more (the
