@@ -853,7 +853,8 @@ pub struct DatabaseConfig {
     pub url: Option<String>,
     /// Sync every per-request metering commit (credit reservations, settlements, pool usage rows) to disk before
     /// answering. Default false: they survive a crash of the process; a power cut can drop the last few, always in
-    /// the customer's favour (see README "Durability"). Payments, claims, keys and grants are always synced.
+    /// the customer's favour (see docs/api.md, "Durability" under "What a request can cost"). Payments, claims, keys
+    /// and grants are always synced.
     #[serde(default)]
     pub fsync_metering: bool,
 }

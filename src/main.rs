@@ -71,7 +71,7 @@ enum Command {
         /// Only transfers with this status.
         #[arg(long, value_enum)]
         status: Option<StatusArg>,
-        /// Print one JSON array instead of a table (fields documented in README.md).
+        /// Print one JSON array instead of a table (fields documented in docs/operations.md, "payments --json").
         #[arg(long)]
         json: bool,
     },
