@@ -1,9 +1,10 @@
 //! x402-gateway: a self-hosted payment gateway for AI inference.
 //!
-//! Agents pay USDC on Base to the operator's `payTo` address; the indexer ([`chain`]) records those transfers in
-//! SQLite ([`store`]) with reorg-aware confirmation depth; the HTTP API ([`api`]) turns confirmed payments into API
-//! keys and serves inference. [`config`] reads the operator's TOML file and [`dev`] runs the whole thing locally on
-//! a real anvil chain.
+//! Agents pay USDC (on Base, other EVM networks or Solana) to the operator's `payTo`; one indexer per network
+//! ([`chain`]) records those transfers in SQLite or PostgreSQL ([`store`]) with reorg-aware confirmation; the HTTP
+//! API ([`api`]) turns payments (claimed, or standard x402) into API keys through [`billing`] and serves inference
+//! through the metering [`proxy`]; [`audit`] reconciles it all. [`config`] reads the operator's TOML file and [`dev`]
+//! runs the whole thing locally on a real anvil chain. docs/architecture.md maps every module.
 
 pub mod api;
 pub mod audit;

@@ -1,7 +1,8 @@
 //! The HTTP surface: one axum router per audience, assembled here, and `run(listener, shutdown)`.
 //!
-//! It serves operations (`/healthz`) and the agent checkout (`/api/agent/*`, the keyless `/v1/*` 402); the x402
-//! and audit routers join it as they are built. Every route passes the [`limits`] middleware (rate limits, body
+//! It serves operations (`/healthz`, `/readyz`, `/metrics`, `/openapi.json`), the agent checkout (`/api/agent/*`),
+//! standard x402 purchases (`/x402/*`), the inference routes (`/v1/*`), the audit API (`/api/audit/*`) and the
+//! operator's console (`/admin`). Every route passes the [`limits`] middleware (rate limits, body
 //! limits, timeouts), and [`run`] serves HTTP with a header read timeout and the client's address for the limits.
 
 mod admin;

@@ -365,7 +365,7 @@ async fn race_credit_requests(s: &Stack, key: &str, bodies: &[Value]) -> (usize,
                 served += 1;
             }
             // The documented answer to a balance below the worst case: 402 with the top-up catalog and a message
-            // naming the shortfall (README, "Credit keys").
+            // naming the shortfall (docs/api.md, "Credit keys").
             StatusCode::PAYMENT_REQUIRED => {
                 let v: Value = serde_json::from_str(text).unwrap();
                 assert!(v["message"].as_str().unwrap().contains("worst-case"), "{v}");

@@ -1,4 +1,4 @@
-//! PostgreSQL, the second engine (issue 14, in progress): the real `migrate` on a real PostgreSQL (scripts/test
+//! PostgreSQL, the second engine: the real `migrate` on a real PostgreSQL (scripts/test
 //! starts a throwaway cluster and exports `X402_TEST_POSTGRES_URL`), the schema twin compared with SQLite's,
 //! idempotence, concurrent migrators, a database ahead of the binary, the ledger rules in PL/pgSQL, and the
 //! refusals of a PostgreSQL config by `serve` and of a literal URL in the file. Then the product's own money and
