@@ -17,6 +17,7 @@
 //! `cargo bench --bench claims` (env: `CLAIMS=20000`, `CONCURRENCY=64`, `ENGINES=sqlite,postgres1,postgres2`).
 //! Client, servers and PostgreSQL share the machine; the CPU figure is this process's (client and gateways), not
 //! PostgreSQL's.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 #[path = "support/postgres.rs"]
 mod postgres;

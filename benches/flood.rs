@@ -17,6 +17,7 @@
 //! The flood runs on its own thread and runtime; the load generators, the upstream and the gateway share the
 //! machine's cores, so the flood's own CPU use is part of what the key holders feel. The gateway's CPU time per
 //! phase is read from `/proc`. Everything is loopback; every phase is bounded in time.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 #[path = "support/gateway.rs"]
 mod gateway;

@@ -20,6 +20,7 @@
 //! Environment: `BENCH_BLOCKS` (default 1000) and `BENCH_PER_BLOCK` (default 10) change each chain's size;
 //! `BENCH_LOG=x402_gateway=debug` shows the indexer's per-range timings (on stderr: the binary's in 2b, the
 //! in-process indexers' in 2c).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::time::{Duration, Instant};
 

@@ -39,6 +39,7 @@
 //! Under `cargo bench` (which passes `--bench`) the CPU phases default to 40 s after 20 s idle, and callgrind runs
 //! (500 requests per key) when installed. Under `cargo test --all-targets` (CI) they default to 2 s after 1 s idle,
 //! and callgrind is skipped unless `INSTRUCTIONS=1` (`INSTRUCTIONS=0` skips it under `cargo bench`).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 #[path = "support/gateway.rs"]
 mod gateway;

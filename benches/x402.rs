@@ -10,6 +10,7 @@
 //! 4. a paid purchase through the real HTTP server (verify + settle + key minted + recorded), sequential.
 //!
 //! Signing happens before timing starts. Environment: `BENCH_PAYMENTS` (default 300) payments per phase.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

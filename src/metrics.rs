@@ -136,15 +136,18 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// process (tests run several): they share one registry.
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
+        // The bucket lists are non-empty constants, so setting them cannot fail; if it ever did, the histograms
+        // would fall back to summaries rather than the process stopping.
         let builder = || {
-            PrometheusBuilder::new()
+            let with_buckets = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Full(PROXY_OVERHEAD.to_string()), OVERHEAD_BUCKETS)
-                .expect("non-empty buckets")
-                .set_buckets_for_metric(
-                    Matcher::Full(DEPLOYMENT_LATENCY.to_string()),
-                    LATENCY_BUCKETS,
-                )
-                .expect("non-empty buckets")
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(DEPLOYMENT_LATENCY.to_string()),
+                        LATENCY_BUCKETS,
+                    )
+                });
+            with_buckets.unwrap_or_else(|_| PrometheusBuilder::new())
         };
         let handle = match builder().install_recorder() {
             Ok(h) => h,

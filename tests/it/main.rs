@@ -1,6 +1,7 @@
 //! The one integration-test binary (one link instead of one per file). Every test runs against a real anvil
 //! chain from the project's npm install and a real SQLite file (the `postgres` tests also on a real PostgreSQL, see
 //! scripts/postgres-test-cluster); servers bind 127.0.0.1:0.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
 mod audit;
 mod checkout;
