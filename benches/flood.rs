@@ -19,6 +19,11 @@
 //! phase is read from `/proc`. Everything is loopback; every phase is bounded in time.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+#[path = "support/figures.rs"]
+#[allow(dead_code)]
+mod figures;
+use figures::{env_u64, ms, percentile};
+
 #[path = "support/gateway.rs"]
 mod gateway;
 
@@ -32,25 +37,6 @@ use serde_json::json;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use x402_gateway::dev::{self, upstream};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 /// Key holders' latencies in one phase.
 struct Phase {

@@ -22,6 +22,11 @@
 //! in-process indexers' in 2c).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+#[path = "support/figures.rs"]
+#[allow(dead_code)]
+mod figures;
+use figures::{env_u64, ms};
+
 use std::time::{Duration, Instant};
 
 use alloy::network::EthereumWallet;
@@ -43,13 +48,6 @@ type BenchError = Box<dyn std::error::Error>;
 
 /// Chain id of the second network (the dev chain is [`dev::DEV_CHAIN_ID`]).
 const SECOND_CHAIN_ID: u64 = 31_338;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The blocks a chain's history occupies.
 struct History {
@@ -375,10 +373,6 @@ async fn two_networks(
 async fn timed<T>(start: Instant, fut: impl Future<Output = T>) -> (T, Duration) {
     let out = fut.await;
     (out, start.elapsed())
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// Peak resident set of the waited-for children, in KiB (Linux reports ru_maxrss in KiB).

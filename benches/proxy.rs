@@ -41,6 +41,11 @@
 //! and callgrind is skipped unless `INSTRUCTIONS=1` (`INSTRUCTIONS=0` skips it under `cargo bench`).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+#[path = "support/figures.rs"]
+#[allow(dead_code)]
+mod figures;
+use figures::{env_u64, ms, percentile};
+
 #[path = "support/gateway.rs"]
 mod gateway;
 #[path = "support/postgres.rs"]
@@ -61,25 +66,6 @@ use tokio_util::sync::CancellationToken;
 use x402_gateway::billing::catalog::claim_text;
 use x402_gateway::dev::contracts::TestUSDC;
 use x402_gateway::dev::{self, upstream};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
 
 /// Where requests go (one URL, or several replicas taken in turn), and how to authenticate.
 #[derive(Clone)]

@@ -12,6 +12,11 @@
 //! Signing happens before timing starts. Environment: `BENCH_PAYMENTS` (default 300) payments per phase.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
 
+#[path = "support/figures.rs"]
+#[allow(dead_code)]
+mod figures;
+use figures::{env_u64, percentile};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,18 +34,6 @@ use x402_gateway::x402::{
     AnyPaymentPayload, ManualClock, PaymentPayload, PaymentRequired, ResourceInfo, SelfSettler,
     X402, eip3009, requirements,
 };
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
 
 fn report(what: &str, mut samples: Vec<Duration>, total: Duration) {
     samples.sort();
