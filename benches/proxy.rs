@@ -368,6 +368,8 @@ async fn grant_key(config: &std::path::Path, envs: &[(&str, &str)]) -> anyhow::R
     let migrated = Command::new(env!("CARGO_BIN_EXE_x402-gateway"))
         .args(["migrate", "--config"])
         .arg(config)
+        .env("DEMO_UPSTREAM_KEY", "upstream-secret")
+        .envs(envs.iter().copied())
         .status()
         .await
         .map(|s| s.success());
