@@ -74,8 +74,9 @@ fn svm_networks(
 async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let s = state.indexer.snapshot();
     let all = networks(&state);
-    let healthy = all.iter().all(|(_, s)| s.fatal.is_none())
-        && svm_networks(&state).iter().all(|(_, s)| s.fatal.is_none());
+    let svm = svm_networks(&state);
+    let healthy =
+        all.iter().all(|(_, s)| s.fatal.is_none()) && svm.iter().all(|(_, s)| s.fatal.is_none());
     let body = json!({
         "status": if healthy { "ok" } else { "unhealthy" },
         "indexer": {
@@ -99,7 +100,7 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
             "payTo": format!("{:#x}", chain.pay_to),
             "asset": format!("{:#x}", chain.network.token),
             "indexer": indexer_view(s, chain.confirmations),
-        })).chain(svm_networks(&state).iter().map(|(n, s)| json!({
+        })).chain(svm.iter().map(|(n, s)| json!({
             "network": n.caip2,
             "name": n.name,
             "kind": "svm",

@@ -15,12 +15,9 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use serde_json::Value;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::address::{
-    ASSOCIATED_TOKEN_PROGRAM, Pubkey, TOKEN_2022_PROGRAM, TOKEN_PROGRAM, associated_token_address,
-};
+use super::address::{Pubkey, TOKEN_2022_PROGRAM, TOKEN_PROGRAM, associated_token_address};
 use super::rpc::SvmRpc;
 use crate::chain::status::StatusHandle;
 use crate::chain::{IndexerError, RpcError};
@@ -79,7 +76,6 @@ pub async fn pay_to_account(rpc: &SvmRpc, s: &SvmSettings) -> Result<PayToAccoun
             s.mint
         )));
     }
-    let _ = ASSOCIATED_TOKEN_PROGRAM;
     Ok(PayToAccount {
         token_account: associated_token_address(&s.pay_to, &s.mint, &token_program),
         token_program,
@@ -93,7 +89,6 @@ pub struct SvmIndexer {
     store: Store,
     status: StatusHandle,
     account: Option<PayToAccount>,
-    wake: Arc<Notify>,
     /// At `confirmed` commitment: confirmed transfers from this slot up are not rooted yet and are still watched.
     watched_from: Option<u64>,
 }
@@ -111,14 +106,8 @@ impl SvmIndexer {
             store,
             status,
             account: None,
-            wake: Arc::new(Notify::new()),
             watched_from: None,
         }
-    }
-
-    /// Wakes the indexer for an immediate poll (a claim of a signature it has not read yet).
-    pub fn waker(&self) -> Arc<Notify> {
-        self.wake.clone()
     }
 
     /// Polls until `shutdown` fires or a fatal error.
@@ -162,7 +151,6 @@ impl SvmIndexer {
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                        _ = self.wake.notified() => {}
                     }
                 }
                 Err(e) if e.is_fatal() => return Err(e),
@@ -269,11 +257,16 @@ impl SvmIndexer {
         // Transfers found below the commitment: promoted once there, orphaned once their slot is rooted without
         // them.
         let seen = self.store.seen_transfers(&network).await?;
+        // The rooted slot, read once per poll when either check below needs it.
+        let rooted = if !seen.is_empty() || commitment == Commitment::Confirmed {
+            self.rpc.slot("finalized").await?
+        } else {
+            0
+        };
         if !seen.is_empty() {
             let mut sigs: Vec<String> = seen.iter().map(|t| t.tx_hash.clone()).collect();
             sigs.dedup();
             let statuses = self.rpc.signature_statuses(&sigs).await?;
-            let rooted = self.rpc.slot("finalized").await?;
             for (sig, status) in sigs.iter().zip(statuses) {
                 let slot = seen
                     .iter()
@@ -309,7 +302,6 @@ impl SvmIndexer {
         // At `confirmed` commitment a payment counts before its slot is rooted: until it is, it is watched, and
         // orphaned (its claim reversed, as after an EVM reorg) if the cluster drops it.
         if commitment == Commitment::Confirmed {
-            let rooted = self.rpc.slot("finalized").await?;
             let from = self.watched_from.unwrap_or_else(|| {
                 checkpoint
                     .as_ref()
@@ -413,10 +405,11 @@ pub fn transfers_into(
     positioned.sort_by_key(|(p, _)| *p);
     let token_account = account.token_account.to_string();
     let mint = s.mint.to_string();
+    let token_programs = [TOKEN_PROGRAM.to_string(), TOKEN_2022_PROGRAM.to_string()];
     let mut out = Vec::new();
     for (position, ix) in positioned {
         let program = ix.get("programId").and_then(Value::as_str).unwrap_or("");
-        if program != TOKEN_PROGRAM.to_string() && program != TOKEN_2022_PROGRAM.to_string() {
+        if !token_programs.iter().any(|p| p == program) {
             continue;
         }
         let kind = ix

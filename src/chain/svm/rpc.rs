@@ -103,12 +103,6 @@ impl SvmRpc {
         self
     }
 
-    /// Sets how many times a round over all endpoints is retried after transport faults.
-    pub fn with_retries(mut self, retries: usize) -> SvmRpc {
-        self.retries = retries;
-        self
-    }
-
     async fn call_once(
         &self,
         ep: &Endpoint,
@@ -231,11 +225,6 @@ impl SvmRpc {
             .await
     }
 
-    /// The cluster's genesis hash (base58).
-    pub async fn genesis_hash(&self) -> Result<String, RpcError> {
-        self.request("getGenesisHash", json!([])).await
-    }
-
     /// The slot the node has reached at `commitment`.
     pub async fn slot(&self, commitment: &str) -> Result<u64, RpcError> {
         self.request("getSlot", json!([{"commitment": commitment}]))
@@ -336,24 +325,6 @@ impl SvmRpc {
                 })
             })
             .transpose()
-    }
-
-    /// The latest blockhash at `commitment` and the last block height at which it is valid.
-    pub async fn latest_blockhash(&self, commitment: &str) -> Result<(String, u64), RpcError> {
-        #[derive(Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct Value_ {
-            blockhash: String,
-            last_valid_block_height: u64,
-        }
-        #[derive(Deserialize)]
-        struct Answer {
-            value: Value_,
-        }
-        let a: Answer = self
-            .request("getLatestBlockhash", json!([{"commitment": commitment}]))
-            .await?;
-        Ok((a.value.blockhash, a.value.last_valid_block_height))
     }
 
     /// Simulates a signed transaction (base64); the node's `err` (None: it would succeed) and its logs.

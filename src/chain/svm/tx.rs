@@ -12,7 +12,7 @@
 //! The signed bytes are the message's bytes; a transaction's id is its first signature (the fee payer's).
 
 use base64::Engine;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use super::address::Pubkey;
 
@@ -534,8 +534,6 @@ pub(super) fn verify(key: &Pubkey, message: &[u8], signature: &[u8; 64]) -> Resu
     let vk = VerifyingKey::from_bytes(&key.0).map_err(|_| ())?;
     let sig = Signature::from_bytes(signature);
     vk.verify_strict(message, &sig).map_err(|_| ())?;
-    // `verify_strict` is what `Verifier::verify` is not; keep the trait in scope for readers comparing the two.
-    let _ = <VerifyingKey as Verifier<Signature>>::verify;
     Ok(())
 }
 

@@ -62,10 +62,10 @@ pub struct VerifiedSvmPayment {
     pub destination: Pubkey,
     pub amount: u64,
     pub token_program: Pubkey,
-    /// The client's transaction (the fee payer's slot still empty until co-signed).
+    /// The client's transaction (the fee payer's slot empty until [`cosign`] fills it).
     pub transaction: Transaction,
     /// The transaction's id once co-signed by the fee payer (ed25519 is deterministic: the fee payer's signature
-    /// of this message, base58); set by [`cosign`] or by the caller that knows the fee payer.
+    /// of this message, base58); set by the settler once it has co-signed.
     pub signature_id: String,
 }
 

@@ -16,7 +16,7 @@ use ed25519_dalek::SigningKey;
 use super::exact::{SvmPaymentError, SvmRequirements, VerifiedSvmPayment, cosign, verify_exact};
 use crate::chain::RpcError;
 use crate::chain::svm::SvmRpc;
-use crate::chain::svm::address::{Pubkey, TOKEN_PROGRAM, associated_token_address};
+use crate::chain::svm::address::Pubkey;
 use crate::config::SvmSettings;
 
 /// How long a sent payment may take to be confirmed before its outcome is reported unknown.
@@ -186,11 +186,6 @@ impl SvmExact {
         }
     }
 
-    /// payTo's token account (under the Token program; USDC's).
-    pub fn pay_to_token_account(&self) -> Pubkey {
-        associated_token_address(&self.settings.pay_to, &self.settings.mint, &TOKEN_PROGRAM)
-    }
-
     /// Verifies the client's transaction against `req` (the spec's checks, no RPC).
     pub fn verify(
         &self,
@@ -198,31 +193,20 @@ impl SvmExact {
         req: &SvmRequirements,
     ) -> Result<VerifiedSvmPayment, SvmSettleError> {
         let mut verified = verify_exact(transaction_base64, req)?;
-        // The transaction's id is the fee payer's signature, which is deterministic (ed25519): known before sending.
-        let mut signed = verified.transaction.clone();
-        cosign(&mut signed, &self.fee_payer)?;
-        verified.signature_id = signed.signature_id();
+        // Co-signed here, once: the transaction's id is the fee payer's signature, deterministic (ed25519), so it is
+        // known (and held, and looked up in the store) before anything is sent.
+        cosign(&mut verified.transaction, &self.fee_payer)?;
+        verified.signature_id = verified.transaction.signature_id();
         Ok(verified)
     }
 
-    /// Co-signs, simulates, sends and waits for confirmation of a verified payment.
-    pub async fn settle(
-        &self,
-        verified: VerifiedSvmPayment,
-    ) -> Result<SvmSettlement, SvmSettleError> {
-        let prepared = self.prepare(verified).await?;
-        self.submit(prepared).await
-    }
-
-    /// Co-signs a verified payment and has the cluster simulate it (every signature, the payer's balance, the
+    /// Has the cluster simulate a verified (co-signed) payment (every signature, the payer's balance, the
     /// blockhash's age): a payment that would fail is refused before any work is done for it.
     pub async fn prepare(
         &self,
         verified: VerifiedSvmPayment,
     ) -> Result<PreparedSvm, SvmSettleError> {
-        let mut tx = verified.transaction.clone();
-        cosign(&mut tx, &self.fee_payer)?;
-        let wire = tx.to_base64();
+        let wire = verified.transaction.to_base64();
         let (err, logs) = self
             .rpc
             .simulate(&wire)
